@@ -1,0 +1,128 @@
+"""The auth hook contract shared by agent and dispatcher (spec 8.1).
+
+The hook runs with no arguments, the context as JSON on stdin, ``ENVEXEC_*`` variables
+added to the caller's environment, stdout/stderr to /dev/null. Exit 0 allows; 1, 2, 3 deny
+with fixed reasons; anything else denies as ``hook exited N``; a timeout kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+REASONS = {1: "denied", 2: "bad credentials", 3: "insufficient privilege"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str = ""
+    code: int = 0
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def build_context(
+    action: str,
+    script: str = "",
+    hosts: list[str] | None = None,
+    args: list[str] | None = None,
+    username: str = "",
+    token: str = "",
+    source_ip: str = "",
+    dispatcher: str = "",
+    dispatcher_serial: str = "",
+    reqid: str = "",
+    submitter: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "script": script,
+        "hosts": list(hosts or []),
+        "args": list(args or []),
+        "username": username,
+        "token": token,
+        "source_ip": source_ip,
+        "dispatcher": dispatcher,
+        "dispatcher_serial": dispatcher_serial,
+        "reqid": reqid,
+        "submitter": submitter,
+        "timestamp": utc_now(),
+    }
+
+
+def build_env(ctx: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    sub = ctx.get("submitter") or {}
+    env.update(
+        {
+            "ENVEXEC_ACTION": ctx["action"],
+            "ENVEXEC_SCRIPT": ctx["script"],
+            "ENVEXEC_HOSTS": ",".join(ctx["hosts"]),
+            "ENVEXEC_ARGS": " ".join(ctx["args"]),
+            "ENVEXEC_ARGS_JSON": json.dumps(ctx["args"]),
+            "ENVEXEC_USERNAME": ctx["username"],
+            "ENVEXEC_TOKEN": ctx["token"],
+            "ENVEXEC_SOURCE_IP": ctx["source_ip"],
+            "ENVEXEC_DISPATCHER": ctx["dispatcher"],
+            "ENVEXEC_DISPATCHER_SERIAL": ctx["dispatcher_serial"],
+            "ENVEXEC_REQID": ctx["reqid"],
+            "ENVEXEC_SUBMITTER": sub.get("username", ""),
+            "ENVEXEC_SUBMITTER_IP": sub.get("source_ip", ""),
+            "ENVEXEC_TIMESTAMP": ctx["timestamp"],
+        }
+    )
+    return env
+
+
+def decide(returncode: int | None) -> Decision:
+    if returncode == 0:
+        return Decision(True)
+    if returncode is None:
+        return Decision(False, "denied", 1)
+    if returncode in REASONS:
+        return Decision(False, REASONS[returncode], returncode)
+    return Decision(False, f"hook exited {returncode}", 1)
+
+
+async def call(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision:
+    """Run ``hook``; a missing/non-executable hook, exec failure or timeout denies."""
+    if not (os.path.isfile(hook) and os.access(hook, os.X_OK)):
+        return Decision(False, f"auth hook not found or not executable: {hook}", 1)
+    data = json.dumps(ctx).encode()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            hook,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=build_env(ctx),
+            start_new_session=True,
+        )
+    except OSError:
+        return Decision(False, "denied", 1)
+    try:
+        async with asyncio.timeout(timeout):
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+                proc.stdin.close()
+            rc = await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        return Decision(False, "auth hook timed out", 1)
+    return decide(rc)
+
+
+def call_sync(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision:
+    return asyncio.run(call(hook, ctx, timeout))

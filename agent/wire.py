@@ -1,0 +1,159 @@
+"""Upstream's HTTP/1.0 framing: one request per connection, JSON bodies, exact headers.
+
+Server side: :func:`read_request` (limits: 32 header lines, 1 MiB body) and
+:func:`response_bytes`. Client side: :func:`request_bytes` and :func:`parse_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_HEADERS = 32
+MAX_BODY = 1_048_576
+MAX_LINE = 16_384
+
+PHRASES = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, as upstream's encoder writes it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def response_bytes(code: int, obj: Any) -> bytes:
+    body = dumps(obj)
+    head = (
+        f"HTTP/1.0 {code} {PHRASES.get(code, 'Unknown')}\r\n"
+        f"Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class RequestError(Exception):
+    """The request cannot be served; answer ``code`` with ``body`` and close."""
+
+    def __init__(self, code: int, body: dict[str, Any]):
+        super().__init__(f"{code} {body}")
+        self.code = code
+        self.body = body
+
+
+async def _readline(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+    except asyncio.LimitOverrunError:
+        raise RequestError(431, {"error": "header line too long"}) from None
+
+
+async def read_request(
+    reader: asyncio.StreamReader, max_headers: int = MAX_HEADERS, max_body: int = MAX_BODY
+) -> Request:
+    """Read one request; raises :class:`RequestError` for anything upstream refuses."""
+    line = await _readline(reader)
+    if not line.strip():
+        raise RequestError(400, {"error": "empty request"})
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise RequestError(400, {"error": "bad request"})
+    method, path, version = parts
+    headers: dict[str, str] = {}
+    count = 0
+    while True:
+        hl = await _readline(reader)
+        if hl in (b"\r\n", b"\n", b""):
+            break
+        count += 1
+        if count > max_headers:
+            raise RequestError(431, {"error": "too many headers"})
+        name, sep, value = hl.decode("latin-1").partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    length = 0
+    if "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            raise RequestError(400, {"error": "bad content-length"}) from None
+        if length < 0:
+            raise RequestError(400, {"error": "bad content-length"})
+    if length > max_body:
+        raise RequestError(413, {"error": "request too large"})
+    body = b""
+    if length:
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise RequestError(400, {"error": "incomplete body"}) from None
+    return Request(method, path, version, headers, body)
+
+
+def request_bytes(method: str, path: str, obj: Any | None, host: str = "") -> bytes:
+    """A request as our dispatcher sends it: HTTP/1.1 line, ``Connection: close``."""
+    body = b"" if obj is None else dumps(obj)
+    lines = [f"{method} {path} HTTP/1.1"]
+    if host:
+        lines.append(f"Host: {host}")
+    lines.append("Connection: close")
+    if obj is not None:
+        lines.append("Content-Type: application/json")
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+
+@dataclass
+class Response:
+    code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(None, 2)
+    if len(status) < 2 or not status[0].startswith("HTTP/"):
+        raise ValueError(f"bad status line: {lines[0]!r}")
+    headers = {}
+    for hl in lines[1:]:
+        name, sep, value = hl.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(status[1]), headers
+
+
+def parse_response(data: bytes) -> Response:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("truncated response head")
+    code, headers = parse_head(head)
+    if "content-length" in headers:
+        body = body[: int(headers["content-length"])]
+    return Response(code, headers, body)

@@ -1,0 +1,1 @@
+"""ctrl-exec cluster: leader lease, fencing, membership and config sync."""

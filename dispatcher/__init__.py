@@ -1,0 +1,1 @@
+"""ctrl-exec dispatcher: CA, pairing, registry, fan-out and the HTTP API."""

@@ -1,0 +1,144 @@
+"""Start a real ``ctrl-exec-agent serve`` process and talk raw TLS to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.tlsconf import client_context
+from agent.wire import Response, parse_response, request_bytes
+from tests.support.pki import Issued, TestCA
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(
+    host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+@dataclass
+class AgentProc:
+    root: Path
+    ca: TestCA
+    host: str
+    port: int
+    agent_cert: Issued
+    config: Path
+    allowlist: Path
+    state_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def trust_map(self) -> Path:
+        return self.state_dir / "ctrl-exec-dispatchers"
+
+    def start(self, wait: bool = True) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config),
+             "--allowlist", str(self.allowlist)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env,  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+        if wait:
+            wait_listening(self.host, self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def hup(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def client_ctx(self, who: Issued | None) -> ssl.SSLContext:
+        return client_context(str(self.ca.cert_path), str(who.cert) if who else None,
+                              str(who.key) if who else None)  # fmt: skip
+
+    def raw(self, data: bytes, who: Issued | None, timeout: float = 30) -> bytes:
+        ctx = self.client_ctx(who)
+        with (
+            socket.create_connection((self.host, self.port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw) as s,
+        ):
+            s.sendall(data)
+            out = b""
+            try:
+                while chunk := s.recv(65536):
+                    out += chunk
+            except (ssl.SSLError, ConnectionResetError):
+                pass
+        return out
+
+    def call(self, method: str, path: str, body: Any, who: Issued | None,
+             timeout: float = 30) -> Response:  # fmt: skip
+        data = self.raw(request_bytes(method, path, body, host=self.host), who, timeout)
+        return parse_response(data)
+
+
+def make_agent(tmp: Path, ca: TestCA, dispatchers: dict[str, Issued], scripts: dict[str, str],
+               host: str = "127.0.0.1", extra: dict[str, str] | None = None,
+               allowlist_extra: str = "") -> AgentProc:  # fmt: skip
+    """Config, allowlist, trust map and certs for one agent under ``tmp``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
+    agent_cert = ca.issue(f"agent-{port}", cn="agent.test")
+    state = tmp / "state"
+    state.mkdir(exist_ok=True)
+    lines = ["# ctrl-exec trusted dispatchers"]
+    lines += [f"{who.serial_hex} {ident}" for ident, who in dispatchers.items()]
+    (state / "ctrl-exec-dispatchers").write_text("\n".join(lines) + "\n")
+    conf = {
+        "port": str(port), "bind": host, "cert": str(agent_cert.cert), "key": str(agent_cert.key),
+        "ca": str(ca.cert_path), "state_dir": str(state), "revoked_serials": str(tmp / "revoked"),
+        "rate_limit_disable": "1", "log_target": "stderr", "hostname": "agent.test",
+    }  # fmt: skip
+    conf.update(extra or {})
+    config = tmp / "agent.conf"
+    config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+    allow = tmp / "scripts.conf"
+    allow.write_text("".join(f"{n} = {p}\n" for n, p in scripts.items()) + allowlist_extra)
+    return AgentProc(tmp, ca, host, port, agent_cert, config, allow, state, tmp / "agent.log")
+
+
+def body(resp: Response) -> dict[str, Any]:
+    obj = json.loads(resp.body)
+    assert isinstance(obj, dict)
+    return obj
