@@ -1,0 +1,197 @@
+"""Per host:script run locks ``<locks_dir>/<host>--<script>.lock`` (spec 7.2).
+
+Unlike upstream, which only probes, the lock is held for the whole run: take it with
+``with acquire_all(locks_dir, pairs):``. All pairs or none; a conflict raises
+:class:`LockConflict` listing every conflicting ``host:script``. Lock files are never
+deleted (removing one would let two processes lock different inodes). The holder writes
+``host`` and ``script`` into the file so :func:`list_held` reports the real names.
+
+:class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from agent.errors import CtrlExecError
+
+LOCK_MODE = 0o660
+_UNSAFE = re.compile(r"[^\w.-]", re.ASCII)
+_LOCK_FILE = re.compile(r"(.+)--(.+)\.lock")
+
+
+class LockConflict(CtrlExecError):
+    """Some host:script pairs are already running; ``conflicts`` lists them."""
+
+    def __init__(self, conflicts: list[str]) -> None:
+        self.conflicts = conflicts
+        super().__init__(f"already running: {', '.join(conflicts)}")
+
+
+class RunLockHandle(Protocol):
+    """Locks held for one run; released by ``release()`` or leaving the ``with``."""
+
+    pairs: list[tuple[str, str]]
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> RunLockHandle: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class RunLocks(Protocol):
+    """A run-lock backend: local flock (:class:`LocalRunLocks`) or cluster-wide."""
+
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> RunLockHandle: ...
+
+    def list_held(self) -> list[tuple[str, str]]: ...
+
+
+def lock_path(locks_dir: str | Path, host: str, script: str) -> Path:
+    """``<locks_dir>/<host>--<script>.lock`` with characters outside ``[\\w.-]`` as ``_``."""
+    return Path(locks_dir) / f"{_UNSAFE.sub('_', host)}--{_UNSAFE.sub('_', script)}.lock"
+
+
+def _open(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, LOCK_MODE)
+    with contextlib.suppress(OSError):  # only the creator may chmod; umask may have cut bits
+        if os.fstat(fd).st_mode & 0o777 != LOCK_MODE:
+            os.fchmod(fd, LOCK_MODE)
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class HeldLocks:
+    """Locks held by this process (flock on open descriptors) until released."""
+
+    def __init__(self, pairs: list[tuple[str, str]], fds: list[int]) -> None:
+        self.pairs = pairs
+        self._fds = fds
+
+    @property
+    def held(self) -> bool:
+        return bool(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> HeldLocks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def acquire_all(locks_dir: str | Path, pairs: list[tuple[str, str]]) -> HeldLocks:
+    """Take every host:script lock without blocking, or none (LockConflict)."""
+    Path(locks_dir).mkdir(mode=0o770, parents=True, exist_ok=True)
+    fds: list[int] = []
+    taken: list[tuple[str, str]] = []
+    conflicts: list[str] = []
+    seen: set[Path] = set()
+    try:
+        for host, script in pairs:
+            path = lock_path(locks_dir, host, script)
+            if path in seen:  # same file twice would conflict with ourselves
+                continue
+            seen.add(path)
+            fd = _open(path)
+            if _try_lock(fd):
+                fds.append(fd)
+                taken.append((host, script))
+            else:
+                os.close(fd)
+                conflicts.append(f"{host}:{script}")
+        if conflicts:
+            raise LockConflict(conflicts)
+        for fd, (host, script) in zip(fds, taken, strict=True):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{host}\n{script}\n".encode(), 0)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return HeldLocks(taken, fds)
+
+
+def _names_of(fd: int, filename: str) -> tuple[str, str] | None:
+    """Host and script written by the holder, else parsed from the file name."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        lines = os.pread(fd, 4096, 0).decode().split("\n")
+        if len(lines) == 3 and lines[0] and lines[1] and not lines[2]:
+            return lines[0], lines[1]
+    m = _LOCK_FILE.fullmatch(filename)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def list_held(locks_dir: str | Path) -> list[tuple[str, str]]:
+    """Sorted (host, script) of every lock file someone currently holds.
+
+    Probing takes each free lock for an instant, as upstream does.
+    """
+    try:
+        entries = sorted(os.listdir(locks_dir))
+    except FileNotFoundError:
+        return []
+    held: list[tuple[str, str]] = []
+    for name in entries:
+        if not _LOCK_FILE.fullmatch(name):
+            continue
+        try:
+            fd = os.open(Path(locks_dir) / name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd):
+                continue
+            names = _names_of(fd, name)
+            if names is not None:
+                held.append(names)
+        finally:
+            os.close(fd)
+    return sorted(held, key=lambda p: f"{p[0]}:{p[1]}")
+
+
+class LocalRunLocks:
+    """:class:`RunLocks` on local ``flock`` files in one directory."""
+
+    def __init__(self, locks_dir: str | Path) -> None:
+        self.locks_dir = Path(locks_dir)
+
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> HeldLocks:
+        return acquire_all(self.locks_dir, pairs)
+
+    def list_held(self) -> list[tuple[str, str]]:
+        return list_held(self.locks_dir)
