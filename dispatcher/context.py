@@ -1,0 +1,47 @@
+"""One dispatcher instance's handles: config, state writer, registry, TLS client context.
+
+CLI verbs, the API daemon and the cluster code all start from :func:`open_dispatcher`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
+from dispatcher.locks import LocalRunLocks, RunLocks
+from dispatcher.registry import Registry
+from dispatcher.runstore import RunStore
+from dispatcher.statewrite import StateWriter, default_writer
+
+
+@dataclass
+class Dispatcher:
+    cfg: DispatcherConfig
+    writer: StateWriter = field(default_factory=default_writer)
+    run_locks: RunLocks | None = None
+
+    @cached_property
+    def registry(self) -> Registry:
+        return Registry(self.cfg.registry_dir, self.writer)
+
+    @cached_property
+    def runstore(self) -> RunStore:
+        return RunStore(self.cfg.runs_dir)
+
+    @property
+    def locks(self) -> RunLocks:
+        if self.run_locks is None:
+            self.run_locks = LocalRunLocks(self.cfg.locks_dir)
+        return self.run_locks
+
+    def client_ctx(self) -> ssl.SSLContext:
+        """mTLS client context presenting the dispatcher cert (read from disk each call)."""
+        from agent.tlsconf import client_context
+
+        return client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+
+
+def open_dispatcher(path: str = DEFAULT_CONFIG, required: bool = True) -> Dispatcher:
+    return Dispatcher(load(path, required=required))
