@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from agent.datefmt import openssl_date, parse_openssl_date
 from agent.fsutil import atomic_write
 
-MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+__all__ = ["openssl_date", "parse_openssl_date"]
 
 
 def pairing_code(csr_pem: str | bytes) -> str:
@@ -27,18 +28,6 @@ def pairing_code(csr_pem: str | bytes) -> str:
     data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
     n = int.from_bytes(hashlib.sha256(data).digest()[:4], "big")
     return f"{n % 1_000_000:06d}"
-
-
-def openssl_date(when: dt.datetime) -> str:
-    """``notAfter`` as ``openssl x509 -enddate`` prints it: ``Jun  7 16:28:00 2027 GMT``."""
-    w = when.astimezone(dt.UTC)
-    return f"{MONTHS[w.month - 1]} {w.day:2d} {w:%H:%M:%S} {w.year} GMT"
-
-
-def parse_openssl_date(text: str) -> dt.datetime:
-    return dt.datetime.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y GMT").replace(
-        tzinfo=dt.UTC
-    )
 
 
 def load_cert(path: str | Path) -> x509.Certificate:

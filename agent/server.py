@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import allowlist, authhook, logfmt, revocation, trustmap
+from agent import allowlist, authhook, certinfo, logfmt, revocation, trustmap
 from agent.config import AgentConfig
+from agent.datefmt import openssl_date
 from agent.errors import ConfigError
 from agent.fsutil import atomic_write_json
 from agent.ratelimit import RateLimiter
@@ -117,16 +118,22 @@ class AgentServer:
         self.revoked = revoked
 
     def _load_cert(self) -> None:
-        from agent import certs  # cryptography only here, off the request path
+        result = "absent"
+        if os.path.exists(self.cfg.cert_staging_path):
+            from agent import certs  # cryptography (~8 MB RSS) only when a cert is staged
 
-        result = certs.promote(self.cfg.cert_staging_path, self.cfg.cert, self.cfg.ca, self.cfg.key)
-        if result != "absent":
+            result = certs.promote(
+                self.cfg.cert_staging_path, self.cfg.cert, self.cfg.ca, self.cfg.key
+            )
             ev("cert-promote", status=result)
         if self.ssl_ctx is None:
             self.ssl_ctx = server_context(self.cfg.cert, self.cfg.key, self.cfg.ca)
         elif result == "promoted":
             self.ssl_ctx.load_cert_chain(self.cfg.cert, self.cfg.key)
-        self.expiry = certs.cert_expiry(self.cfg.cert)
+        try:
+            self.expiry = openssl_date(certinfo.not_after(self.cfg.cert))
+        except (OSError, ValueError, IndexError):
+            self.expiry = "unknown"
 
     def reload(self) -> None:
         """SIGHUP: allowlist, trust map, revocation list, rate-limit state, staged cert."""

@@ -1,0 +1,51 @@
+"""Read a certificate's notAfter with the standard library only.
+
+The serve loop needs the expiry for ``/ping`` but must not load ``cryptography`` (about
+8 MB of RSS) for it; a certificate's validity is a fixed place in its DER encoding.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from pathlib import Path
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """Return (tag, start of value, end of value) of the DER element at ``pos``."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(data[pos : pos + n], "big")
+        pos += n
+    return tag, pos, pos + length
+
+
+def _time(tag: int, raw: bytes) -> dt.datetime:
+    text = raw.decode("ascii")
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
+        year = int(text[:2])
+        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+    return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.UTC)
+
+
+def not_after_der(der: bytes) -> dt.datetime:
+    _, cert_start, _ = _tlv(der, 0)  # Certificate
+    _, tbs, _ = _tlv(der, cert_start)  # TBSCertificate
+    pos = tbs
+    tag, _, end = _tlv(der, pos)
+    if tag == 0xA0:  # explicit version
+        pos = end
+    for _ in range(3):  # serialNumber, signature, issuer
+        _, _, pos = _tlv(der, pos)
+    _, vstart, _ = _tlv(der, pos)  # validity
+    _, _, nb_end = _tlv(der, vstart)
+    tag, start, end = _tlv(der, nb_end)
+    return _time(tag, der[start:end])
+
+
+def not_after(path: str | Path) -> dt.datetime:
+    pem = Path(path).read_text()
+    return not_after_der(ssl.PEM_cert_to_DER_cert(pem))
