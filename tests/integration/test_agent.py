@@ -604,3 +604,26 @@ def test_config_errors_exit_78(tmp_path: Path) -> None:
     assert r.returncode == 78 and "not been paired" in r.stderr
     assert _cli("--config", str(unpaired), "paired").returncode == 1
     assert _cli("--config", str(unpaired), "pairing-status").returncode == 1
+
+
+def test_promote_cert_cli(tmp_path: Path, pki: TestCA, dispatcher_cert: Issued) -> None:
+    a = make_agent(tmp_path / "a", pki, {"d": dispatcher_cert}, {})
+    conf = ["--config", str(a.config)]
+    staged = a.state_dir / "agent.crt.staged"
+    # An invalid staged cert (another key) is deleted and the live cert is untouched.
+    staged.write_text(pki.issue("other-key").cert.read_text())
+    before = a.agent_cert.cert.read_bytes()
+    assert _cli(*conf, "promote-cert").returncode == 0
+    assert not staged.exists() and a.agent_cert.cert.read_bytes() == before
+    # A valid one (same key, our CA) replaces the live cert.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(a.agent_cert.key.read_bytes(), None)
+    new = pki.sign_public_key(key.public_key(), "agent.test", days=500)
+    staged.write_bytes(new.public_bytes(serialization.Encoding.PEM))
+    assert _cli(*conf, "cert-staged").returncode == 0
+    assert _cli(*conf, "promote-cert").returncode == 0
+    assert not staged.exists()
+    live = x509.load_pem_x509_certificate(a.agent_cert.cert.read_bytes())
+    assert live.serial_number == new.serial_number
