@@ -1,0 +1,143 @@
+"""Text and command parsing for ``ced pairing-mode`` (spec 5.4) and ``list-requests``.
+
+Pure functions over queue records (the dicts :mod:`dispatcher.pairing_queue` writes), so
+the interactive loop itself stays a thin shell around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Action = Literal["approve", "deny", "skip", "list", "quit", "invalid"]
+
+SINGLE_PROMPT = "Accept, Deny, or Skip? [a/d/s]: "
+
+
+@dataclass(frozen=True)
+class Command:
+    action: Action
+    index: int | None = None  # 0-based position in the pending list (approve/deny)
+    error: str = ""
+
+
+def _s(record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    return "" if value is None else str(value)
+
+
+def recommendation(record: dict[str, Any]) -> str:
+    """Which ``lookup_by`` to use, judged from the reverse DNS of the source address."""
+    name = _s(record, "hostname").rstrip(".").lower()
+    rdns = _s(record, "reverse_dns").rstrip(".").lower()
+    confirmed = bool(record.get("reverse_confirmed"))
+    if rdns and confirmed and rdns == name:
+        return "Recommendation: name and address agree - lookup_by=hostname is safe."
+    if rdns and confirmed:
+        return (
+            f"Recommendation: the address belongs to '{rdns}', not the reported name - "
+            "check the code carefully; consider --lookup-by ip."
+        )
+    return (
+        "Recommendation: the name could not be confirmed by DNS - compare the code, and "
+        "consider --lookup-by ip."
+    )
+
+
+def format_request(record: dict[str, Any]) -> list[str]:
+    """The announcement of one request, one string per line."""
+    host, ip, src = _s(record, "hostname"), _s(record, "ip"), _s(record, "source_ip")
+    lines = [
+        f"Pairing request from {host} ({ip or src}) - ID: {_s(record, 'id')}",
+        f"  Code: {_s(record, 'code')}",
+        f"  Received: {_s(record, 'received')}",
+        f"  Reported name: {host}",
+        f"  Source IP: {src}",
+    ]
+    if ip and ip != src:
+        lines.append(f"  Reported IP: {ip}")
+    rdns = _s(record, "reverse_dns")
+    if rdns:
+        state = "forward-confirmed" if record.get("reverse_confirmed") else "NOT forward-confirmed"
+        lines.append(f"  Reverse DNS: {rdns} ({state})")
+    else:
+        lines.append("  Reverse DNS: (none)")
+    hints = []
+    if record.get("lookup_by"):
+        hints.append(f"lookup_by={_s(record, 'lookup_by')}")
+    if record.get("port"):
+        hints.append(f"port={_s(record, 'port')}")
+    if hints:
+        lines.append(f"  Agent hints: {' '.join(hints)}")
+    lines.append(f"  {recommendation(record)}")
+    return lines
+
+
+def format_list(records: list[dict[str, Any]]) -> list[str]:
+    """Numbered list of pending requests (numbers are what ``aN``/``dN`` take)."""
+    if not records:
+        return ["No pending pairing requests."]
+    out = ["Pending pairing requests:"]
+    for n, r in enumerate(records, 1):
+        out.append(
+            f"  {n}. {_s(r, 'hostname')} ({_s(r, 'ip') or _s(r, 'source_ip')})  "
+            f"code {_s(r, 'code')}  ID: {_s(r, 'id')}"
+        )
+    return out
+
+
+def prompt(pending: int) -> str:
+    """The prompt for ``pending`` undecided requests."""
+    if pending <= 1:
+        return SINGLE_PROMPT
+    cmds = "/".join(f"a{n}/d{n}" for n in range(1, pending + 1))
+    return f"Command ({cmds}/list/quit): "
+
+
+def parse_command(line: str, pending: int) -> Command:
+    """Parse one typed command against ``pending`` undecided requests."""
+    text = line.strip().lower()
+    if text in ("s", "skip"):
+        return Command("skip")
+    if text in ("l", "list"):
+        return Command("list")
+    if text in ("q", "quit"):
+        return Command("quit")
+    if not text:
+        return Command("invalid", error="no command given")
+    verb, num = text[0], text[1:]
+    if verb not in ("a", "d"):
+        return Command("invalid", error=f"unknown command '{line.strip()}'")
+    action: Action = "approve" if verb == "a" else "deny"
+    if pending < 1:
+        return Command("invalid", error="no pending requests")
+    if not num:
+        if pending == 1:
+            return Command(action, 0)
+        return Command(
+            "invalid", error=f"{pending} requests pending - say which: {verb}1..{verb}{pending}"
+        )
+    if not num.isdigit():
+        return Command("invalid", error=f"unknown command '{line.strip()}'")
+    n = int(num)
+    if not 1 <= n <= pending:
+        return Command("invalid", error=f"no request number {n} (1..{pending})")
+    return Command(action, n - 1)
+
+
+def format_table(records: list[dict[str, Any]]) -> list[str]:
+    """``list-requests``: ``ID HOSTNAME SOURCE IP REVERSE DNS CODE`` (widths 10/24/16/28)."""
+    if not records:
+        return ["No pending pairing requests."]
+    fmt = "{:<10} {:<24} {:<16} {:<28} {}"
+    out = [fmt.format("ID", "HOSTNAME", "SOURCE IP", "REVERSE DNS", "CODE"), "-" * 86]
+    for r in records:
+        rdns = _s(r, "reverse_dns")
+        if rdns and not r.get("reverse_confirmed"):
+            rdns += " *"
+        out.append(fmt.format(_s(r, "id"), _s(r, "hostname"), _s(r, "source_ip"),
+                              rdns or "-", _s(r, "code")))  # fmt: skip
+    out.append("")
+    out.append("* reverse DNS not forward-confirmed. Compare the CODE with the agent's output,")
+    out.append("  then: ctrl-exec-dispatcher approve <ID>   or   ctrl-exec-dispatcher deny <ID>")
+    return out

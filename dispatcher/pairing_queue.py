@@ -1,0 +1,395 @@
+"""The pairing queue in ``<pairing_dir>`` (spec 5.2 step 7, 5.3).
+
+Files, all written atomically (temp + rename, 0644):
+
+* ``<reqid>.json``     a pending request, written by the pairing listener;
+* ``<reqid>.approved`` the approval (cert, CA, echoed nonce, dispatcher serial and id);
+* ``<reqid>.denied``   the denial.
+
+Any process on the same directory may approve or deny; the listener that holds the
+agent's connection polls for the decision and delivers it verbatim. Approval and denial
+are leader-only effects: every decision file and registry write goes through a
+:class:`~dispatcher.statewrite.StateWriter`.
+
+Deviation from upstream (on purpose): :func:`approve` registers the agent *before* it
+writes ``<reqid>.approved``. If the registry write fails, no certificate has left the
+dispatcher; upstream's order can hand out a certificate for an agent that is then
+missing from the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.certs import pairing_code
+from agent.errors import CtrlExecError
+from agent.logfmt import event
+from agent.wire import dumps
+from dispatcher import pki
+from dispatcher.config import DispatcherConfig
+from dispatcher.registry import Registry, RegistryError
+from dispatcher.statewrite import StateWriter, default_writer
+
+STALE_AFTER = 600.0
+DEFAULT_AGENT_PORT = 7443
+NEW_REQID_RE = re.compile(r"^[a-f0-9]{16}$")
+REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+LOOKUP_BY = ("ip", "hostname")
+FILE_MODE = 0o644
+LOCK_NAME = ".queue.lock"
+
+
+class PairingQueueError(CtrlExecError):
+    """A queue operation failed; the message is fit for an operator."""
+
+
+class QueueFull(PairingQueueError):
+    def __init__(self) -> None:
+        super().__init__("pairing queue full")
+
+
+class NoSuchRequest(PairingQueueError):
+    def __init__(self, reqid: str) -> None:
+        super().__init__(f"No pending request '{reqid}'")
+        self.reqid = reqid
+
+
+@dataclass
+class ApprovalResult:
+    reqid: str
+    name: str
+    lookup_by: str
+    ip: str
+    port: int
+    cert: str
+    expiry: str
+    dispatcher_serial: str
+    dispatcher_id: str
+    record: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        """The address dispatch will connect to (``lookup_by`` decides which)."""
+        return self.ip if self.lookup_by == "ip" else self.name
+
+
+# ----- helpers -------------------------------------------------------------------------
+
+
+def new_reqid() -> str:
+    """16 lowercase hex characters from 8 random bytes (spec 10.1)."""
+    return secrets.token_hex(8)
+
+
+def valid_reqid(reqid: str) -> bool:
+    return bool(REQID_RE.match(reqid)) and len(reqid) <= 64
+
+
+def valid_hostname(name: str) -> bool:
+    return bool(HOSTNAME_RE.match(name)) and len(name) <= 253
+
+
+def valid_ip(value: object) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def valid_port(value: object) -> int | None:
+    """The port as an int when it is 1..65535 (int or digit string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and 1 <= value <= 65535:
+        return value
+    return None
+
+
+def iso_now(now: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+
+
+def _dir(pairing_dir: str | Path) -> Path:
+    d = Path(pairing_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o770)
+    return d
+
+
+def _check(reqid: str) -> str:
+    if not isinstance(reqid, str) or not valid_reqid(reqid):
+        raise PairingQueueError(f"invalid request id '{reqid}'")
+    return reqid
+
+
+def paths(pairing_dir: str | Path, reqid: str) -> tuple[Path, Path, Path]:
+    """``(<reqid>.json, <reqid>.approved, <reqid>.denied)``."""
+    d = Path(pairing_dir)
+    _check(reqid)
+    return d / f"{reqid}.json", d / f"{reqid}.approved", d / f"{reqid}.denied"
+
+
+@contextlib.contextmanager
+def _locked(pairing_dir: str | Path) -> Iterator[None]:
+    """Serialise queue changes between processes (submit, approve, deny)."""
+    d = _dir(pairing_dir)
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ----- queue ---------------------------------------------------------------------------
+
+
+def expire_stale(
+    pairing_dir: str | Path,
+    max_age: float = STALE_AFTER,
+    now: float | None = None,
+    writer: StateWriter | None = None,
+) -> list[str]:
+    """Delete ``*.json`` older than ``max_age`` (mtime) with no decision; returns reqids."""
+    d = Path(pairing_dir)
+    if not d.is_dir():
+        return []
+    w = writer or default_writer()
+    t = time.time() if now is None else now
+    gone = []
+    for p in sorted(d.glob("*.json")):
+        reqid = p.stem
+        if (d / f"{reqid}.approved").exists() or (d / f"{reqid}.denied").exists():
+            continue
+        try:
+            age = t - p.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age and w.delete(p):
+            gone.append(reqid)
+    return gone
+
+
+def count(pairing_dir: str | Path) -> int:
+    d = Path(pairing_dir)
+    return len(list(d.glob("*.json"))) if d.is_dir() else 0
+
+
+def submit(
+    pairing_dir: str | Path,
+    *,
+    hostname: str,
+    csr: str,
+    nonce: Any,
+    source_ip: str,
+    ip: str | None = None,
+    lookup_by: str | None = None,
+    port: int | None = None,
+    reverse_dns: str = "",
+    reverse_confirmed: bool = False,
+    max_queue: int = 10,
+    reqid: str | None = None,
+    writer: StateWriter | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Queue one request; returns the record written. Raises :class:`QueueFull`.
+
+    ``ip`` is the agent-reported address (used when it is a valid literal, else the
+    source address); ``lookup_by`` and ``port`` are the agent's hints (None when absent
+    or invalid).
+    """
+    if not valid_hostname(hostname):
+        raise PairingQueueError("invalid hostname")
+    rid = _check(reqid or new_reqid())
+    w = writer or default_writer()
+    record = {
+        "id": rid,
+        "hostname": hostname,
+        "ip": ip if ip and valid_ip(ip) else source_ip,
+        "source_ip": source_ip,
+        "csr": csr,
+        "nonce": nonce,
+        "lookup_by": lookup_by if lookup_by in LOOKUP_BY else None,
+        "port": valid_port(port),
+        "received": iso_now(now),
+        "code": pairing_code(csr),
+        "reverse_dns": reverse_dns or "",
+        "reverse_confirmed": 1 if reverse_confirmed else 0,
+    }
+    with _locked(pairing_dir):
+        expire_stale(pairing_dir, writer=w)
+        if count(pairing_dir) >= max_queue:
+            raise QueueFull()
+        qpath = paths(pairing_dir, rid)[0]
+        if qpath.exists():
+            raise PairingQueueError(f"request '{rid}' already queued")
+        w.write(qpath, dumps(record), FILE_MODE)
+    return record
+
+
+def get_request(pairing_dir: str | Path, reqid: str) -> dict[str, Any] | None:
+    return _read_json(paths(pairing_dir, reqid)[0])
+
+
+def list_pending(
+    pairing_dir: str | Path, writer: StateWriter | None = None
+) -> list[dict[str, Any]]:
+    """Undecided requests, oldest first; stale ones are expired first."""
+    d = Path(pairing_dir)
+    if not d.is_dir():
+        return []
+    expire_stale(d, writer=writer)
+    out = []
+    for p in d.glob("*.json"):
+        rid = p.stem
+        if not valid_reqid(rid):
+            continue
+        if (d / f"{rid}.approved").exists() or (d / f"{rid}.denied").exists():
+            continue
+        rec = _read_json(p)
+        if rec is not None:
+            out.append(rec)
+    out.sort(key=lambda r: (str(r.get("received", "")), str(r.get("id", ""))))
+    return out
+
+
+def outcome(pairing_dir: str | Path, reqid: str) -> tuple[str, bytes] | None:
+    """The decision for ``reqid`` as ``("approved"|"denied", raw file bytes)``, or None."""
+    _, approved, denied = paths(pairing_dir, reqid)
+    for status, p in (("approved", approved), ("denied", denied)):
+        try:
+            return status, p.read_bytes()
+        except FileNotFoundError:
+            continue
+    return None
+
+
+# ----- decisions -----------------------------------------------------------------------
+
+
+def _dispatcher_serial(cfg: DispatcherConfig, warnings: list[str]) -> str:
+    try:
+        serial = pki.cert_serial_hex(cfg.cert)
+    except (OSError, ValueError) as exc:
+        serial = ""
+        warnings.append(f"cannot read the dispatcher serial from {cfg.cert}: {exc}")
+    if not serial:
+        warnings.append(
+            "WARNING: dispatcher serial is EMPTY - the agent will not trust this dispatcher "
+            "(run setup-ctrl-exec, then re-pair)"
+        )
+    return serial
+
+
+def approve(
+    cfg: DispatcherConfig,
+    reqid: str,
+    lookup_by: str | None = None,
+    ip: str | None = None,
+    agent_port: int | None = None,
+    writer: StateWriter | None = None,
+) -> ApprovalResult:
+    """Sign the queued CSR, register the agent and write ``<reqid>.approved`` (spec 5.3).
+
+    Effective values: ``lookup_by`` operator > agent hint > ``hostname``; port operator >
+    reported > 7443; ip operator > queued ip.
+    """
+    if lookup_by is not None and lookup_by not in LOOKUP_BY:
+        raise PairingQueueError(f"--lookup-by must be ip or hostname, got '{lookup_by}'")
+    if ip is not None and not valid_ip(ip):
+        raise PairingQueueError(f"--ip '{ip}' is not an IP address")
+    if agent_port is not None and valid_port(agent_port) is None:
+        raise PairingQueueError(f"--agent-port must be 1..65535, got '{agent_port}'")
+    w = writer or default_writer()
+    d = cfg.pairing_dir
+    qpath, apath, dpath = paths(d, _check(reqid))
+    with _locked(d):
+        rec = _read_json(qpath)
+        if rec is None:
+            raise NoSuchRequest(reqid)
+        if apath.exists() or dpath.exists():
+            raise PairingQueueError(f"Request '{reqid}' has already been decided")
+        name = str(rec.get("hostname", ""))
+        if not valid_hostname(name):
+            raise PairingQueueError(f"request '{reqid}' has an invalid hostname")
+        eff_lookup = lookup_by or (rec.get("lookup_by") if rec.get("lookup_by") in LOOKUP_BY
+                                   else None) or "hostname"  # fmt: skip
+        eff_port = valid_port(agent_port) or valid_port(rec.get("port")) or DEFAULT_AGENT_PORT
+        eff_ip = ip or str(rec.get("ip") or rec.get("source_ip") or "")
+        try:
+            ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
+            cert = pki.sign_csr(ca, str(rec.get("csr", "")), days=825)
+        except pki.PKIError as exc:
+            raise PairingQueueError(f"cannot sign request '{reqid}': {exc}") from None
+        warnings: list[str] = []
+        serial = _dispatcher_serial(cfg, warnings)
+        expiry = pki.cert_not_after(cert)
+        try:
+            record = Registry(cfg.registry_dir, w).register(
+                name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
+                expiry=expiry, dispatcher_serial=serial,
+            )  # fmt: skip
+        except RegistryError as exc:
+            raise PairingQueueError(f"cannot register '{name}': {exc}") from None
+        approval = {
+            "status": "approved",
+            "cert": cert,
+            "ca": ca.pem,
+            "nonce": rec.get("nonce", ""),
+            "dispatcher_serial": serial,
+            "dispatcher_id": cfg.dispatcher_id,
+        }
+        w.write(apath, dumps(approval), FILE_MODE)
+    for msg in warnings:
+        event("pair-warn", logging.WARNING, reqid=reqid, reason=msg)
+    event("pair-approve", agent=name, ip=eff_ip, lookup_by=eff_lookup, port=eff_port,
+          reqid=reqid, serial=serial)  # fmt: skip
+    return ApprovalResult(reqid, name, eff_lookup, eff_ip, eff_port, cert, expiry, serial,
+                          cfg.dispatcher_id, record, warnings)  # fmt: skip
+
+
+def deny(
+    cfg: DispatcherConfig,
+    reqid: str,
+    writer: StateWriter | None = None,
+    reason: str = "rejected by operator",
+) -> None:
+    """Write ``<reqid>.denied`` and delete the request (spec 5.3)."""
+    w = writer or default_writer()
+    d = cfg.pairing_dir
+    qpath, apath, dpath = paths(d, _check(reqid))
+    with _locked(d):
+        rec = _read_json(qpath)
+        if rec is None:
+            raise NoSuchRequest(reqid)
+        if apath.exists() or dpath.exists():
+            raise PairingQueueError(f"Request '{reqid}' has already been decided")
+        w.write(dpath, dumps({"status": "denied", "reason": reason}), FILE_MODE)
+        w.delete(qpath)
+    event("pair-deny", agent=rec.get("hostname", ""), ip=rec.get("ip", ""), reqid=reqid)

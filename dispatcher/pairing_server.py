@@ -1,0 +1,380 @@
+"""The pairing listener on port 7444 (spec 5.2): server-auth TLS, two responses.
+
+One asyncio task per connection, so a slow or silent client never holds up another:
+the TLS handshake and the request read have deadlines, and waiting for an operator's
+decision is a poll of the queue directory (every ``poll_interval`` seconds; upstream
+polls every 2 s).
+
+Per connection: per-IP volume limit (before the handshake), TLS handshake (no client
+certificate requested), head up to ``\\r\\n\\r\\n`` (method and path are not checked), body
+up to 64 KiB, JSON with ``csr`` and ``hostname``, hint validation, queue, response #1
+``{"status":"pending","reqid":...}``, then the decision file verbatim as response #2, or
+``{"status":"denied","reason":"approval timeout"}``. Every response is HTTP 200.
+
+Beyond upstream: when the agent closes its connection before a decision, its request is
+withdrawn from the queue (nobody could receive the certificate); when the listener is
+stopped, waiting agents get ``{"status":"denied","reason":"pairing mode stopped"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import RateSpec
+from agent.logfmt import event
+from agent.ratelimit import RateLimiter
+from agent.tlsconf import server_context
+from agent.wire import response_bytes
+from dispatcher import pairing_queue as pq
+from dispatcher.config import DispatcherConfig
+from dispatcher.statewrite import StateWriter, default_writer
+
+MAX_BODY = 65_536
+MAX_HEAD = 65_536
+DEFAULT_VOLUME = RateSpec(10, 60, 300)
+
+OnRequest = Callable[[dict[str, Any]], None]
+
+
+def parse_rate(value: str) -> RateSpec:
+    """``limit/window/block`` (seconds); raises ValueError when malformed."""
+    parts = [p.strip() for p in value.split("/")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"rate limit must be limit/window/block, got {value!r}")
+    a, b, c = (int(p) for p in parts)
+    return RateSpec(a, b, c)
+
+
+def frame(body: bytes) -> bytes:
+    """HTTP/1.0 200 framing around raw JSON bytes, as :func:`agent.wire.response_bytes`."""
+    head = (
+        f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _clean_ip(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return ip
+
+
+def _reverse_dns(ip: str) -> tuple[str, bool]:
+    """Forward-confirmed reverse DNS: ``(name, confirmed)``; ``("", False)`` when none."""
+    try:
+        name = socket.gethostbyaddr(ip)[0]
+    except (OSError, UnicodeError):
+        return "", False
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except (OSError, UnicodeError):
+        return name, False
+    return name, any(_clean_ip(str(i[4][0])) == ip for i in infos)
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, log_reason: str = "", unread: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_reason = log_reason
+        self.unread = unread
+
+
+class PairingServer:
+    """The 7444 listener. ``await start()``, later ``await stop()``.
+
+    ``on_request(record)`` is called (in the event loop) with each newly queued record
+    after the agent has its ``pending`` answer, so an interactive CLI can prompt.
+    """
+
+    def __init__(
+        self,
+        cfg: DispatcherConfig,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        approval_timeout: float = 600.0,
+        poll_interval: float = 0.5,
+        handshake_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        reverse_dns_timeout: float = 2.0,
+        reverse_dns: bool = True,
+        on_request: OnRequest | None = None,
+        writer: StateWriter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.host = host if host is not None else cfg.pairing_bind
+        self.port = port if port is not None else cfg.pairing_port
+        self.approval_timeout = approval_timeout
+        self.poll_interval = poll_interval
+        self.handshake_timeout = handshake_timeout
+        self.read_timeout = read_timeout
+        self.reverse_dns_timeout = reverse_dns_timeout
+        self.reverse_dns = reverse_dns
+        self.on_request = on_request
+        self.writer = writer or default_writer()
+        self.pairing_dir = cfg.pairing_dir
+        try:
+            volume = parse_rate(cfg.pairing_rate_limit_volume)
+        except ValueError as exc:
+            event("config-warn", logging.WARNING, reason=f"pairing_rate_limit_volume: {exc}")
+            volume = DEFAULT_VOLUME
+        self.limiter = RateLimiter(
+            volume, RateSpec(0, 0, 0), disabled=cfg.pairing_rate_limit_disable,
+            on_event=lambda action, ip, reason: event(action, logging.WARNING, ip=ip,
+                                                      reason=reason),
+        )  # fmt: skip
+        self.ssl_ctx: ssl.SSLContext | None = None
+        self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping: asyncio.Event | None = None
+
+    @property
+    def live(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Load the dispatcher cert/key, expire stale requests and listen."""
+        self.ssl_ctx = server_context(self.cfg.cert, self.cfg.key)
+        self._stopping = asyncio.Event()
+        pq._dir(self.pairing_dir)
+        pq.expire_stale(self.pairing_dir, writer=self.writer)
+        self.server = await asyncio.start_server(
+            self._on_connect, host=self.host, port=self.port, backlog=128,
+            limit=MAX_HEAD + 1024,
+        )  # fmt: skip
+        sock = self.server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        event("pairing-mode-start", port=self.port, bind=self.host)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop listening; waiting agents get a final answer, then connections close."""
+        if self.server is None:
+            return
+        assert self._stopping is not None
+        self._stopping.set()
+        self.server.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+        self.server = None
+        event("pairing-mode-stop", port=self.port)
+
+    # ----- connections ------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peername = writer.get_extra_info("peername") or ("", 0)
+        ip = _clean_ip(str(peername[0]))
+        try:
+            if self.limiter.blocked(ip) or self.limiter.record_connection(ip):
+                return
+            await self._connection(reader, writer, ip)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one connection never takes the listener down
+            event("pair-error", logging.ERROR, ip=ip, reason=f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> bool:
+        writer.write(data)
+        try:
+            await asyncio.wait_for(writer.drain(), 30)
+        except (ConnectionError, TimeoutError, ssl.SSLError, OSError):
+            return False
+        return True
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader, n: int, limit: int = 4 << 20) -> None:
+        """Read what the client is still sending, so closing does not reset the answer."""
+        left = min(n, limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        with contextlib.suppress(Exception):
+            while left > 0 and loop.time() < deadline:
+                chunk = await asyncio.wait_for(reader.read(min(left, 65536)), 2.0)
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str
+    ) -> None:
+        assert self.ssl_ctx is not None
+        try:
+            await writer.start_tls(self.ssl_ctx, ssl_handshake_timeout=self.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            event("tls-failure", logging.WARNING, peer=ip, reason=reason)
+            return
+        try:
+            record = await asyncio.wait_for(self._read_and_queue(reader, ip), self.read_timeout)
+        except _Reject as rej:
+            event("pair-reject", logging.WARNING, ip=ip,
+                  reason=rej.log_reason or rej.reason.replace(" ", "-"))  # fmt: skip
+            await self._send(writer, response_bytes(200, {"status": "error",
+                                                          "reason": rej.reason}))  # fmt: skip
+            await self._discard(reader, rej.unread)
+            return
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return
+        reqid = str(record["id"])
+        fields: dict[str, Any] = {"agent": record["hostname"], "ip": ip, "reqid": reqid,
+                                  "status": "pending"}  # fmt: skip
+        if record["ip"] != ip:
+            fields["reported_ip"] = record["ip"]
+        event("pair-request", **fields)
+        if not await self._send(writer, response_bytes(200, {"status": "pending",
+                                                              "reqid": reqid})):  # fmt: skip
+            self._withdraw(reqid, "disconnected")
+            return
+        if self.on_request is not None:
+            try:
+                self.on_request(dict(record))
+            except Exception as exc:
+                event("pair-error", logging.ERROR, reqid=reqid, reason=f"on_request: {exc}")
+        await self._await_decision(reader, writer, reqid)
+
+    async def _read_and_queue(self, reader: asyncio.StreamReader, ip: str) -> dict[str, Any]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise _Reject("request too large", "header-too-large", unread=MAX_HEAD) from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise
+            raise _Reject("invalid request", "invalid-request") from None
+        length: int | None = None
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep and name.strip().lower() == "content-length":
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    raise _Reject("invalid request", "invalid-request") from None
+        if length is not None and length > MAX_BODY:
+            raise _Reject("request too large", "body-too-large", unread=length)
+        if not length or length < 0:
+            raise _Reject("invalid request", "invalid-request")
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise _Reject("invalid request", "invalid-request") from None
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _Reject("invalid request", "invalid-request") from None
+        if not isinstance(obj, dict) or not obj.get("csr") or not obj.get("hostname"):
+            raise _Reject("invalid request", "invalid-request")
+        csr, hostname = obj["csr"], obj["hostname"]
+        if not isinstance(csr, str):
+            raise _Reject("invalid request", "invalid-request")
+        if not isinstance(hostname, str) or not pq.valid_hostname(hostname):
+            raise _Reject("invalid hostname", "invalid-hostname")
+        nonce = obj.get("nonce", "")
+        if isinstance(nonce, dict | list):
+            nonce = ""
+        reported_ip = obj.get("ip") if pq.valid_ip(obj.get("ip")) else None
+        lookup_by = obj.get("lookup_by") if obj.get("lookup_by") in pq.LOOKUP_BY else None
+        rdns, confirmed = await self._rdns(ip)
+        try:
+            return pq.submit(
+                self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
+                ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
+                reverse_dns=rdns, reverse_confirmed=confirmed,
+                max_queue=self.cfg.pairing_max_queue, writer=self.writer,
+            )  # fmt: skip
+        except pq.QueueFull:
+            raise _Reject("pairing queue full", "queue-full") from None
+
+    async def _rdns(self, ip: str) -> tuple[str, bool]:
+        if not self.reverse_dns:
+            return "", False
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, _reverse_dns, ip), self.reverse_dns_timeout
+            )
+        except (TimeoutError, OSError):
+            return "", False
+
+    def _withdraw(self, reqid: str, reason: str) -> None:
+        """Drop an undecided request whose agent is gone."""
+        qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
+        decided = apath.exists() or dpath.exists()
+        for p in (qpath, apath, dpath):
+            self.writer.delete(p)
+        event("pair-abandon", logging.WARNING, reqid=reqid, reason=reason,
+              decided=int(decided))  # fmt: skip
+
+    async def _await_decision(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reqid: str
+    ) -> None:
+        assert self._stopping is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.approval_timeout
+        eof = asyncio.ensure_future(reader.read(1))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
+        try:
+            while True:
+                found = pq.outcome(self.pairing_dir, reqid)
+                if found is not None:
+                    status, raw = found
+                    sent = await self._send(writer, frame(raw.strip()))
+                    if status == "approved":
+                        self.writer.delete(apath)
+                        self.writer.delete(qpath)
+                    else:
+                        self.writer.delete(dpath)
+                    event("pair-deliver", logging.INFO if sent else logging.WARNING,
+                          reqid=reqid, status=status, sent=int(sent))  # fmt: skip
+                    return
+                if eof.done() and (eof.exception() is not None or eof.result() == b""):
+                    self._withdraw(reqid, "disconnected")
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0 or stop.done():
+                    reason = "approval timeout" if remaining <= 0 else "pairing mode stopped"
+                    self.writer.delete(qpath)
+                    event("pair-timeout" if remaining <= 0 else "pair-abandon",
+                          logging.WARNING, reqid=reqid, reason=reason)  # fmt: skip
+                    await self._send(writer, response_bytes(200, {"status": "denied",
+                                                                  "reason": reason}))  # fmt: skip
+                    return
+                waiters: set[asyncio.Future[Any]] = {stop}
+                if not eof.done():
+                    waiters.add(eof)
+                await asyncio.wait(
+                    waiters, timeout=min(self.poll_interval, remaining),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+        finally:
+            for f in (eof, stop):
+                if not f.done():
+                    f.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(eof, stop, return_exceptions=True)
