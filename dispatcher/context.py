@@ -37,10 +37,23 @@ class Dispatcher:
         return self.run_locks
 
     def client_ctx(self) -> ssl.SSLContext:
-        """mTLS client context presenting the dispatcher cert (read from disk each call)."""
+        """mTLS client context presenting the dispatcher cert (read from disk each call).
+
+        Rotation installs the new key and cert as two atomic writes; a reader caught
+        between them sees a mismatched pair, so try again briefly before giving up.
+        """
+        import time
+
         from agent.tlsconf import client_context
 
-        return client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+        for attempt in range(5):
+            try:
+                return client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+            except ssl.SSLError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
 
 
 def open_dispatcher(path: str = DEFAULT_CONFIG, required: bool = True) -> Dispatcher:

@@ -1,0 +1,551 @@
+"""Dispatcher certificate rotation (spec 6), in the order that keeps every agent trusting us.
+
+Upstream overwrites the dispatcher cert before broadcasting, so its ``/rotate-serial``
+broadcast presents a serial no agent trusts yet (spec 6.4), and its retirement step is
+practically never reached (spec 6.3). Here:
+
+1. the old cert/key are kept as ``<cert>.prev`` / ``<key>.prev`` and the new pair is
+   staged as ``<cert>.next`` / ``<key>.next`` (so a crash never loses the new key);
+2. ``rotation.json`` is written and every registry agent marked ``pending`` (one batch);
+3. ``{"serial": <new>, "action": "add"}`` goes to every pending/unknown agent **with the
+   old credentials** (still trusted); successes become ``current``;
+4. only then is the new pair installed at ``cert`` / ``key``;
+5. :func:`broadcast` retries stragglers while the overlap lasts (old credentials first,
+   then the installed ones if an agent refuses the old serial);
+6. :func:`retire` removes the old serial, with the new cert, from every ``current`` agent
+   once the overlap is over, or earlier once every registered agent acknowledged the new
+   serial; then ``previous_serial`` is dropped and the kept old key deleted;
+7. :func:`expire_stale` marks agents still ``pending`` after the overlap ``stale``.
+
+Every write (``rotation.json``, registry records, cert and key files) goes through
+``d.writer``, the seam the HA work fences. Serials are sent as plain lower-case hex of the
+certificate serial: the agent canonicalises them exactly as it canonicalises the serial of
+the certificate we present, so both sides agree even for upstream's all-digit serials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent import logfmt
+from agent.errors import CtrlExecError
+from agent.serial import serial_to_hex
+from dispatcher import rotation_state as rs
+from dispatcher.agentclient import AgentReply, call
+from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
+from dispatcher.rotation_state import RotationState, format_iso
+
+if TYPE_CHECKING:
+    from dispatcher.context import Dispatcher
+
+DAY = 86400
+KEY_MODE = 0o600
+CERT_MODE = 0o644
+BROADCAST_STATUSES = ("pending", "unknown")
+ev = logfmt.event
+
+
+class RotationError(CtrlExecError):
+    """Rotation cannot proceed (no cert, no CA, unreadable material)."""
+
+
+# ----- pure decision logic -------------------------------------------------------------
+
+
+def days_left(not_after: float, now: float | None = None) -> int:
+    """Whole days until ``not_after`` (truncated toward zero, as upstream's ``int``)."""
+    now = time.time() if now is None else now
+    return int((not_after - now) / DAY)
+
+
+def rotation_due(left: int, renewal_days: int) -> bool:
+    """Upstream rotates when ``days_left <= cert_renewal_days``."""
+    return left <= renewal_days
+
+
+def acknowledged(record: dict[str, Any], current_serial: str) -> bool:
+    """The agent confirmed ``current_serial`` (status ``current`` with that serial)."""
+    return record.get("serial_status") == "current" and serial_to_hex(
+        str(record.get("dispatcher_serial") or "")
+    ) == serial_to_hex(current_serial)
+
+
+def all_acknowledged(records: Iterable[dict[str, Any]], current_serial: str) -> bool:
+    return all(acknowledged(r, current_serial) for r in records)
+
+
+def retirement_reason(
+    state: RotationState | None,
+    records: Sequence[dict[str, Any]],
+    now: float | None = None,
+    force: bool = False,
+) -> str | None:
+    """Why the previous serial may be retired now, or None if it must stay trusted.
+
+    ``forced``; ``overlap-expired`` once ``overlap_expires`` has passed; or
+    ``all-acknowledged`` (early) once every registered agent is ``current`` on the new
+    serial.
+    """
+    if state is None or not state.previous_serial:
+        return None
+    if force:
+        return "forced"
+    if state.overlap_over(now):
+        return "overlap-expired"
+    if all_acknowledged(records, state.current_serial):
+        return "all-acknowledged"
+    return None
+
+
+def stale_candidates(
+    state: RotationState | None, records: Iterable[dict[str, Any]], now: float | None = None
+) -> list[str]:
+    """Agents still ``pending`` once the overlap window of ``state`` has passed."""
+    if state is None or not state.overlap_over(now):
+        return []
+    return [str(r.get("hostname")) for r in records if r.get("serial_status") == "pending"]
+
+
+# ----- credentials -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Paths:
+    cert: Path
+    key: Path
+
+    @classmethod
+    def of(cls, d: Dispatcher, suffix: str) -> _Paths:
+        return cls(Path(f"{d.cfg.cert}{suffix}"), Path(f"{d.cfg.key}{suffix}"))
+
+
+def prev_paths(d: Dispatcher) -> tuple[Path, Path]:
+    """Where the pre-rotation cert and key are kept until retirement."""
+    p = _Paths.of(d, ".prev")
+    return p.cert, p.key
+
+
+def next_paths(d: Dispatcher) -> tuple[Path, Path]:
+    """Where a new pair waits between generation and installation."""
+    p = _Paths.of(d, ".next")
+    return p.cert, p.key
+
+
+def _serial_of(path: Path | str) -> str | None:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return format(cert.serial_number, "x")
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and serial_to_hex(a) == serial_to_hex(b)
+
+
+def installed_serial(d: Dispatcher) -> str | None:
+    return _serial_of(d.cfg.cert)
+
+
+def _ctx(d: Dispatcher, cert: Path | str, key: Path | str) -> ssl.SSLContext | None:
+    from agent.tlsconf import client_context
+
+    try:
+        return client_context(d.cfg.ca, str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        ev("serial-broadcast-error", logging.WARNING, error=f"credentials {cert}: {exc}")
+        return None
+
+
+def _prev_ctx(d: Dispatcher, state: RotationState) -> ssl.SSLContext | None:
+    """Client context presenting the previous serial, if it is still kept."""
+    cert, key = prev_paths(d)
+    if not state.previous_serial or not _same(_serial_of(cert), state.previous_serial):
+        return None
+    return _ctx(d, cert, key)
+
+
+def _current_ctx(d: Dispatcher, serial: str) -> ssl.SSLContext | None:
+    """Client context from ``cert``/``key`` if the installed cert presents ``serial``."""
+    if not _same(installed_serial(d), serial):
+        return None
+    return _ctx(d, d.cfg.cert, d.cfg.key)
+
+
+def _write_pair(d: Dispatcher, dest: _Paths, cert_pem: bytes, key_pem: bytes,
+                like: _Paths | None = None) -> None:  # fmt: skip
+    """Key first, then cert, through the writer; ownership copied from ``like``."""
+    for path, data, mode, ref in (
+        (dest.key, key_pem, KEY_MODE, like.key if like else None),
+        (dest.cert, cert_pem, CERT_MODE, like.cert if like else None),
+    ):
+        if ref is not None:
+            with contextlib.suppress(OSError):
+                mode = os.stat(ref).st_mode & 0o777
+        d.writer.write(path, data, mode)
+        if ref is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(ref)
+                os.chown(path, st.st_uid, st.st_gid)
+
+
+def _new_pair(d: Dispatcher) -> tuple[bytes, bytes, str]:
+    """A new EC P-256 dispatcher key and CA-signed cert (PEM), and its hex serial."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from dispatcher import pki
+
+    ca = pki.load_ca(d.cfg.ca_dir, d.cfg.ca)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki._leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, format(cert.serial_number, "x")
+
+
+def _install(d: Dispatcher, cert_pem: bytes, key_pem: bytes) -> None:
+    live = _Paths(Path(d.cfg.cert), Path(d.cfg.key))
+    _write_pair(d, live, cert_pem, key_pem, like=live)
+    nxt = _Paths.of(d, ".next")
+    d.writer.delete(nxt.cert)
+    d.writer.delete(nxt.key)
+
+
+def _recover_install(d: Dispatcher, state: RotationState | None) -> bool:
+    """Finish an installation interrupted by a crash (``.next`` holds the current serial)."""
+    if state is None or _same(installed_serial(d), state.current_serial):
+        return False
+    nxt = _Paths.of(d, ".next")
+    if not _same(_serial_of(nxt.cert), state.current_serial):
+        return False
+    try:
+        cert_pem, key_pem = nxt.cert.read_bytes(), nxt.key.read_bytes()
+    except OSError:
+        return False
+    _install(d, cert_pem, key_pem)
+    ev("cert-install", serial=state.current_serial, reason="completing interrupted rotation")
+    return True
+
+
+# ----- agent calls -----------------------------------------------------------------------
+
+
+def _targets(d: Dispatcher, names: Iterable[str]) -> list[Target]:
+    out: list[Target] = []
+    for name in names:
+        try:
+            out.extend(resolve(d.registry, [name], DEFAULT_PORT))
+        except RegistryError as exc:
+            ev("serial-broadcast-error", logging.WARNING, agent=name, error=exc)
+    return out
+
+
+def _reply_error(reply: AgentReply) -> str:
+    if reply.error:
+        return reply.error
+    if reply.body is None:
+        return "invalid JSON response"
+    if reply.body.get("status") != "ok":
+        return str(reply.body.get("error") or f"status {reply.body.get('status')}")
+    return ""
+
+
+async def _send_serial(
+    d: Dispatcher, targets: Sequence[Target], serial: str, action: str,
+    ctxs: Sequence[ssl.SSLContext],
+) -> dict[str, str]:  # fmt: skip
+    """``/rotate-serial`` to every target in parallel; ``{name: error}`` ("" = success).
+
+    Each context in ``ctxs`` is tried in turn while the agent answers 403 (it does not
+    trust that serial); any other failure is final for this attempt.
+    """
+    from dispatcher.fanout import fan_out
+
+    body = {"serial": serial, "action": action}
+
+    async def one(t: Target) -> tuple[str, str]:
+        err = "no credentials"
+        for ctx in ctxs:
+            reply = await call(t.address, t.port, "POST", "/rotate-serial", body, ctx,
+                               d.cfg.read_timeout, t.name)  # fmt: skip
+            err = _reply_error(reply)
+            if not err or reply.code != 403:
+                break
+        return t.name, err
+
+    def on_error(t: Target, exc: Exception) -> tuple[str, str]:
+        return t.name, f"internal error: {exc}"
+
+    results = await fan_out(targets, one, d.cfg.max_parallel, on_error)  # type: ignore[arg-type]
+    return dict(results)
+
+
+async def _broadcast(d: Dispatcher, state: RotationState, now: float) -> dict[str, Any]:
+    records = d.registry.all()
+    names = [
+        str(r["hostname"]) for r in records
+        if (r.get("serial_status") or "unknown") in BROADCAST_STATUSES and r.get("hostname")
+    ]  # fmt: skip
+    targets = _targets(d, names)
+    if not targets:
+        return {"serial": state.current_serial, "updated": [], "failed": []}
+    serial = state.current_serial
+    ev("serial-broadcast", hosts=",".join(t.name for t in targets), serial=serial,
+       dispatcher=d.cfg.dispatcher_id)  # fmt: skip
+    ctxs = [c for c in (_prev_ctx(d, state), _current_ctx(d, serial)) if c is not None]
+    outcome = await _send_serial(d, targets, serial, "add", ctxs)
+    updated = [n for n, err in outcome.items() if not err]
+    failed = [{"host": n, "error": err} for n, err in outcome.items() if err]
+    if updated:
+        d.registry.update_many(updated, serial_status="current", dispatcher_serial=serial,
+                               serial_confirmed=format_iso(now))  # fmt: skip
+    for name in updated:
+        ev("serial-confirmed", agent=name)
+    for f in failed:
+        ev("serial-broadcast-fail", logging.WARNING, agent=f["host"], error=f["error"])
+    return {"serial": serial, "updated": updated, "failed": failed}
+
+
+# ----- public operations -------------------------------------------------------------------
+
+
+async def rotate(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+    """Rotate the dispatcher certificate; see the module docstring for the order.
+
+    Raises RotationError (logged ``cert-rotation-fail``) if nothing was changed.
+    """
+    now = time.time() if now is None else now
+    cfg = d.cfg
+    state = rs.load(cfg.rotation_file)
+    _recover_install(d, state)
+    if state is not None and state.previous_serial:
+        # A second rotation while the first one's old serial is still trusted: retire
+        # that one first, or it would stay trusted on agents for good.
+        ev("cert-rotation-warn", logging.WARNING, serial=state.previous_serial,
+           reason="previous serial not yet retired; retiring it before rotating")  # fmt: skip
+        await retire(d, now, force=True)
+    live = _Paths(Path(cfg.cert), Path(cfg.key))
+    try:
+        old_cert_pem, old_key_pem = live.cert.read_bytes(), live.key.read_bytes()
+        old_serial = _serial_of(live.cert)
+        if old_serial is None:
+            raise RotationError(f"cannot read the dispatcher certificate {cfg.cert}")
+        new_cert_pem, new_key_pem, new_serial = _new_pair(d)
+    except (OSError, ValueError, CtrlExecError) as exc:
+        error = f"{exc}" if isinstance(exc, CtrlExecError) else f"{exc.__class__.__name__}: {exc}"
+        ev("cert-rotation-fail", logging.ERROR, error=error)
+        raise RotationError(f"rotation failed: {error}") from None
+
+    # Keep the old credentials (they authorise the broadcast) and stage the new pair.
+    _write_pair(d, _Paths.of(d, ".prev"), old_cert_pem, old_key_pem, like=live)
+    _write_pair(d, _Paths.of(d, ".next"), new_cert_pem, new_key_pem, like=live)
+    state = RotationState.new(new_serial, old_serial, cfg.cert_overlap_days, now)
+    rs.save(state, cfg.rotation_file, d.writer)
+    names = d.registry.names()
+    pending = d.registry.update_many(names, serial_status="pending",
+                                     serial_broadcast=format_iso(now))  # fmt: skip
+    ev("cert-rotated", old_serial=old_serial, new_serial=new_serial,
+       overlap_expires=state.overlap_expires, agents=pending)  # fmt: skip
+
+    try:
+        report = await _broadcast(d, state, now)
+    finally:  # every agent still trusts the old serial too, so installing is always safe
+        _install(d, new_cert_pem, new_key_pem)
+    ev("cert-install", serial=new_serial, updated=len(report["updated"]),
+       failed=len(report["failed"]))  # fmt: skip
+    return {
+        "rotated": 1,
+        "new_serial": new_serial,
+        "old_serial": old_serial,
+        "overlap_expires": state.overlap_expires,
+        "agents_pending": pending,
+        "updated": report["updated"],
+        "failed": report["failed"],
+    }
+
+
+async def broadcast(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+    """Retry the ``add`` for agents still pending/unknown; ``{serial, updated, failed}``.
+
+    Uses the kept previous credentials first (what those agents still trust), then the
+    installed ones. Without any rotation state the installed serial is broadcast.
+    """
+    now = time.time() if now is None else now
+    state = rs.load(d.cfg.rotation_file)
+    _recover_install(d, state)
+    if state is None or not state.current_serial:
+        serial = installed_serial(d)
+        if serial is None:
+            return {"serial": None, "updated": [], "failed": []}
+        state = RotationState(serial, None, format_iso(now), format_iso(now), 0)
+    return await _broadcast(d, state, now)
+
+
+async def retire(d: Dispatcher, now: float | None = None, force: bool = False) -> dict[str, Any]:
+    """Remove the previous serial from every ``current`` agent, with the new cert.
+
+    Runs once the overlap is over, early once every registered agent acknowledged the new
+    serial, or at once with ``force``. After an early retirement in which some agent
+    could not be told, the state keeps ``previous_serial`` so the next call retries.
+    """
+    now = time.time() if now is None else now
+    cfg = d.cfg
+    state = rs.load(cfg.rotation_file)
+    if state is None or not state.previous_serial:
+        return {"retired": False, "reason": "no previous serial to retire"}
+    records = d.registry.all()
+    reason = retirement_reason(state, records, now, force)
+    if reason is None:
+        waiting = [str(r.get("hostname")) for r in records
+                   if not acknowledged(r, state.current_serial)]  # fmt: skip
+        return {"retired": False, "reason": "overlap running", "waiting": waiting,
+                "overlap_expires": state.overlap_expires}  # fmt: skip
+    _recover_install(d, state)
+    if not _same(installed_serial(d), state.current_serial):
+        error = (f"installed certificate {cfg.cert} does not present the current serial "
+                 f"{state.current_serial}; refusing to retire {state.previous_serial}")  # fmt: skip
+        ev("serial-retire-error", logging.ERROR, error=error)
+        return {"retired": False, "reason": reason, "error": error}
+    old = state.previous_serial
+    current = [str(r["hostname"]) for r in records
+               if r.get("serial_status") == "current" and r.get("hostname")]  # fmt: skip
+    failed: list[dict[str, str]] = []
+    if current:
+        ev("serial-retire", hosts=",".join(current), serial=old, reason=reason)
+        ctx = _current_ctx(d, state.current_serial)
+        outcome = await _send_serial(d, _targets(d, current), old, "remove",
+                                     [ctx] if ctx is not None else [])  # fmt: skip
+        failed = [{"host": n, "error": e} for n, e in outcome.items() if e]
+        for f in failed:
+            ev("serial-retire-error", logging.WARNING, agent=f["host"], error=f["error"])
+    removed = [n for n in current if n not in {f["host"] for f in failed}]
+    if failed and reason == "all-acknowledged":
+        return {"retired": False, "reason": reason, "serial": old, "removed": removed,
+                "failed": failed}  # fmt: skip
+    rs.save(state.retired(now), cfg.rotation_file, d.writer)
+    prev = _Paths.of(d, ".prev")
+    d.writer.delete(prev.key)
+    d.writer.delete(prev.cert)
+    return {"retired": True, "reason": reason, "serial": old, "removed": removed,
+            "failed": failed}  # fmt: skip
+
+
+def expire_stale(d: Dispatcher, now: float | None = None) -> list[str]:
+    """Mark agents still ``pending`` after the overlap ``stale``; their names."""
+    state = rs.load(d.cfg.rotation_file)
+    stale = stale_candidates(state, d.registry.all(), now)
+    if stale:
+        d.registry.update_many(stale, serial_status="stale")
+    for name in stale:
+        ev("serial-stale", logging.WARNING, agent=name,
+           reason="overlap window expired without confirmation")  # fmt: skip
+    return stale
+
+
+def cert_not_after(path: str | Path) -> float:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
+async def check_and_rotate(d: Dispatcher, now: float | None = None) -> dict[str, Any] | None:
+    """Rotate when ``days_left <= cert_renewal_days``; the rotate() report, else None."""
+    now = time.time() if now is None else now
+    cfg = d.cfg
+    try:
+        left = days_left(cert_not_after(cfg.cert), now)
+    except (OSError, ValueError) as exc:
+        ev("cert-check-warn", logging.WARNING, error=f"cannot read {cfg.cert}: {exc}")
+        return None
+    ev("cert-check", days_left=left, threshold=cfg.cert_renewal_days)
+    if not rotation_due(left, cfg.cert_renewal_days):
+        return None
+    state = rs.load(cfg.rotation_file)
+    if state is not None and state.previous_serial and not state.overlap_over(now):
+        ev("cert-check-warn", logging.WARNING, days_left=left,
+           error="rotation due but the previous rotation's overlap is still running")  # fmt: skip
+        return None
+    ev("cert-renewal-start", days_left=left)
+    return await rotate(d, now)
+
+
+def serial_status(d: Dispatcher) -> dict[str, Any]:
+    """rotation.json and each agent's rotation fields (for ``ced serial-status``)."""
+    state = rs.load(d.cfg.rotation_file)
+    agents = [
+        {k: r.get(k, "") for k in
+         ("hostname", "serial_status", "serial_confirmed", "dispatcher_serial")}
+        for r in d.registry.all()
+    ]  # fmt: skip
+    return {"state": state.to_json() if state is not None else None, "agents": agents}
+
+
+async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+    """Upstream's ``maintain`` phases, each isolated, plus retirement.
+
+    ping (with agent cert renewal) -> check_and_rotate -> broadcast -> expire_stale ->
+    retire -> run-store purge. A failing phase is logged and recorded under ``errors``.
+    """
+    from dispatcher import fanout
+    from dispatcher.renewal import maybe_renew
+    from dispatcher.reqid import new_reqid
+
+    out: dict[str, Any] = {"ok": 1, "agents": 0, "pinged": 0, "errors": {}}
+
+    def failed(phase: str, action: str, exc: Exception) -> None:
+        ev(action, logging.WARNING, phase=phase, error=f"{exc.__class__.__name__}: {exc}")
+        out["errors"][phase] = str(exc)
+
+    try:
+        targets = _targets(d, d.registry.names())
+        out["agents"] = len(targets)
+        results = await fanout.ping_all(
+            targets, new_reqid(), d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
+            max_hosts=max(d.cfg.max_hosts, len(targets)),
+        )  # fmt: skip
+        out["pinged"] = sum(1 for r in results if r.get("status") == "ok")
+        renewed: list[str] = []
+        by_name = {t.name: t for t in targets}
+        for res in results:
+            t = by_name.get(str(res.get("host")))
+            if t is not None and res.get("status") == "ok" and await maybe_renew(d, t, res, now):
+                renewed.append(t.name)
+        out["renewed"] = renewed
+    except Exception as exc:
+        failed("ping", "maintain-error", exc)
+    try:
+        out["rotation"] = await check_and_rotate(d, now)
+    except Exception as exc:
+        failed("check_and_rotate", "cert-check-error", exc)
+    try:
+        out["broadcast"] = await broadcast(d, now)
+    except Exception as exc:
+        failed("broadcast", "broadcast-error", exc)
+    try:
+        out["stale"] = expire_stale(d, now)
+    except Exception as exc:
+        failed("expire_stale", "expire-stale-error", exc)
+    try:
+        out["retire"] = await retire(d, now)
+    except Exception as exc:
+        failed("retire", "serial-retire-loop-error", exc)
+    try:
+        out["purged"] = d.runstore.purge()
+    except Exception as exc:
+        failed("purge", "maintain-error", exc)
+    ev("maintain", agents=out["agents"], pinged=out["pinged"], errors=len(out["errors"]))
+    return out
