@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import allowlist, authhook, certinfo, logfmt, revocation, trustmap
+from agent.childwatch import use_pidfd_watcher
 from agent.config import AgentConfig
 from agent.datefmt import openssl_date
 from agent.errors import ConfigError
@@ -152,6 +153,7 @@ class AgentServer:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
+        use_pidfd_watcher()
         self._stopping = asyncio.Event()
         self.server = await asyncio.start_server(
             self._on_connect, host=self.cfg.bind, port=self.cfg.port, backlog=512,

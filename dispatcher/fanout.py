@@ -1,0 +1,281 @@
+"""Parallel fan-out of one operation to many agents (upstream's engine, on asyncio).
+
+At most ``max_parallel`` requests are in flight; every host has its own deadline that
+starts when its request starts, so a dead or slow agent costs only its own timeout.
+Results come back in target order, each keyed by the registry name, with upstream's
+per-host result objects (spec 3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from agent import logfmt
+from dispatcher.agentclient import AgentReply, SessionCache, call
+
+MAX_HOSTS = 500
+DEFAULT_MAX_PARALLEL = 64
+
+Result = dict[str, Any]
+R = TypeVar("R")
+ev = logfmt.event
+
+
+class TargetLike(Protocol):
+    """What the fan-out connects to: ``dispatcher.registry.Target`` fits."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+def _check_hosts(targets: Sequence[TargetLike], max_hosts: int) -> None:
+    if len(targets) > max_hosts:
+        raise ValueError(f"too many hosts (max {max_hosts})")
+
+
+async def fan_out(
+    targets: Sequence[TargetLike],
+    fn: Callable[[TargetLike], Awaitable[R]],
+    max_parallel: int,
+    on_error: Callable[[TargetLike, Exception], R] | None = None,
+) -> list[R]:
+    """``fn`` for every target, ``max_parallel`` at a time; results in target order.
+
+    An exception from ``fn`` becomes ``on_error(target, exc)``; without ``on_error`` the
+    first one is raised once every target has finished.
+    """
+    sem = asyncio.Semaphore(max(1, int(max_parallel)))
+
+    async def one(t: TargetLike) -> R:
+        async with sem:
+            return await fn(t)
+
+    done = await asyncio.gather(*(one(t) for t in targets), return_exceptions=True)
+    out: list[R] = []
+    for t, r in zip(targets, done, strict=True):
+        if isinstance(r, BaseException):
+            if on_error is None or not isinstance(r, Exception):
+                raise r
+            out.append(on_error(t, r))
+        else:
+            out.append(r)
+    return out
+
+
+def canonicalise(result: Result, name: str) -> Result:
+    """Key the result by the registry name; keep ``reported_hostname`` only if it differs."""
+    result["host"] = name
+    reported = result.get("reported_hostname")
+    if reported is not None and (reported == "" or reported == name):
+        del result["reported_hostname"]
+    return result
+
+
+def _from_body(name: str, reply: AgentReply, fallback: Result) -> Result:
+    res: Result = {"host": name}
+    res.update(reply.body if reply.body is not None else fallback)
+    return res
+
+
+def _reported(res: Result, reply: AgentReply) -> None:
+    if reply.body is not None:
+        h = reply.body.get("host")
+        if h is not None and h != "":
+            res["reported_hostname"] = h
+
+
+def _target(t: TargetLike) -> str:
+    return f"{t.address}:{t.port}"
+
+
+# ----- /run ------------------------------------------------------------------------------
+
+
+async def run_one(
+    t: TargetLike,
+    script: str,
+    args: Sequence[str],
+    reqid: str,
+    username: str,
+    token: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    async_: bool = False,
+    sessions: SessionCache | None = None,
+) -> Result:
+    body: dict[str, Any] = {
+        "script": script, "args": list(args), "reqid": reqid, "username": username,
+        "token": token,
+    }  # fmt: skip
+    if async_:
+        body["async"] = True
+    r = await call(t.address, t.port, "POST", "/run", body, ctx, timeout, t.name,
+                   sessions=sessions)  # fmt: skip
+    action = "run-async" if async_ else "run"
+    if async_ and r.code == 409:
+        err = r.body.get("error") if r.body is not None else None
+        ev(action, logging.WARNING, script=script, target=_target(t), status="busy", rtt=r.rtt,
+           reqid=reqid)  # fmt: skip
+        return {"host": t.name, "script": script, "status": "busy",
+                "error": err if err is not None else "script already running",
+                "rtt": r.rtt, "reqid": reqid}  # fmt: skip
+    if r.error:
+        ev(action, logging.ERROR, script=script, target=_target(t), error=r.error, rtt=r.rtt,
+           reqid=reqid)  # fmt: skip
+        res: Result = {"host": t.name, "script": script}
+        if async_:
+            res["status"] = "error"
+        else:
+            res["exit"] = -1
+        res.update({"error": r.error, "rtt": r.rtt, "reqid": reqid})
+        return res
+    if async_:
+        res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON response"})
+        ev(action, script=script, target=_target(t), status=res.get("status", "accepted"),
+           rtt=r.rtt, reqid=reqid)  # fmt: skip
+    else:
+        res = _from_body(t.name, r, {"exit": -1, "error": "invalid JSON response"})
+        _reported(res, r)
+        ev(action, script=script, target=_target(t), exit=res.get("exit"), rtt=r.rtt,
+           reqid=reqid)  # fmt: skip
+    res["rtt"] = r.rtt
+    if res.get("reqid") is None:
+        res["reqid"] = reqid
+    return canonicalise(res, t.name)
+
+
+async def run_all(
+    targets: Sequence[TargetLike],
+    script: str,
+    args: Sequence[str],
+    reqid: str,
+    username: str,
+    token: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    async_: bool = False,
+    *,
+    sessions: SessionCache | None = None,
+    max_hosts: int = MAX_HOSTS,
+) -> list[Result]:
+    """``POST /run`` on every target (``async_``: submit detached, collect acceptance)."""
+    _check_hosts(targets, max_hosts)
+    ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
+       mode="async" if async_ else "sync")  # fmt: skip
+
+    async def fn(t: TargetLike) -> Result:
+        return await run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
+                             sessions)  # fmt: skip
+
+    def on_error(t: TargetLike, exc: Exception) -> Result:
+        res: Result = {"host": t.name, "script": script}
+        res.update({"status": "error"} if async_ else {"exit": -1})
+        res.update({"error": f"internal error: {exc}", "rtt": "0ms", "reqid": reqid})
+        return res
+
+    return await fan_out(targets, fn, max_parallel, on_error)
+
+
+# ----- /ping -----------------------------------------------------------------------------
+
+
+async def ping_one(
+    t: TargetLike,
+    reqid: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    sessions: SessionCache | None = None,
+) -> Result:
+    r = await call(t.address, t.port, "POST", "/ping", {"reqid": reqid}, ctx, timeout, t.name,
+                   sessions=sessions)  # fmt: skip
+    if r.error:
+        ev("ping", logging.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
+        return {"host": t.name, "status": "error", "error": r.error, "rtt": r.rtt}
+    res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
+    _reported(res, r)
+    res["rtt"] = r.rtt
+    ev("ping", target=_target(t), result="ok", rtt=r.rtt, reqid=reqid)
+    return canonicalise(res, t.name)
+
+
+async def ping_all(
+    targets: Sequence[TargetLike],
+    reqid: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    *,
+    sessions: SessionCache | None = None,
+    max_hosts: int = MAX_HOSTS,
+) -> list[Result]:
+    """``POST /ping`` on every target."""
+    _check_hosts(targets, max_hosts)
+
+    async def fn(t: TargetLike) -> Result:
+        return await ping_one(t, reqid, ctx, timeout, sessions)
+
+    def on_error(t: TargetLike, exc: Exception) -> Result:
+        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
+                "rtt": "0ms"}  # fmt: skip
+
+    return await fan_out(targets, fn, max_parallel, on_error)
+
+
+# ----- GET /result/<reqid> -----------------------------------------------------------------
+
+
+async def result_one(
+    t: TargetLike,
+    reqid: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    sessions: SessionCache | None = None,
+) -> Result:
+    r = await call(t.address, t.port, "GET", f"/result/{reqid}", None, ctx, timeout, t.name,
+                   sessions=sessions)  # fmt: skip
+    if r.code == 404:
+        return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
+    if r.error:
+        ev("result", logging.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
+        return {"host": t.name, "status": "error", "error": r.error, "reqid": reqid,
+                "rtt": r.rtt}  # fmt: skip
+    res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
+    res["rtt"] = r.rtt
+    if res.get("reqid") is None:
+        res["reqid"] = reqid
+    ev("result", target=_target(t), status=res.get("status", "unknown"), rtt=r.rtt, reqid=reqid)
+    return canonicalise(res, t.name)
+
+
+async def result_all(
+    targets: Sequence[TargetLike],
+    reqid: str,
+    ctx: ssl.SSLContext,
+    timeout: float,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    *,
+    sessions: SessionCache | None = None,
+    max_hosts: int = MAX_HOSTS,
+) -> list[Result]:
+    """``GET /result/<reqid>`` on every target (async run progress)."""
+    _check_hosts(targets, max_hosts)
+
+    async def fn(t: TargetLike) -> Result:
+        return await result_one(t, reqid, ctx, timeout, sessions)
+
+    def on_error(t: TargetLike, exc: Exception) -> Result:
+        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
+                "reqid": reqid, "rtt": "0ms"}  # fmt: skip
+
+    return await fan_out(targets, fn, max_parallel, on_error)
