@@ -1,0 +1,128 @@
+"""Wall time of ``ced run`` and ``ced ping`` against one real local agent.
+
+Usage: ``bench/ced_bench.py [-n 25]``
+
+Starts one ``ctrl-exec-agent serve`` on 127.0.0.2 with a throwaway CA, registers it as
+``bench1`` in a throwaway dispatcher state, then times ``n`` subprocess invocations of
+each command and prints the median (and min/p90). Upstream 0.12.3 measured 235 ms
+(``run``) and 265 ms (``ping``); the target here is under 80 ms.
+
+Two interpreter settings are measured, because this machine exports
+``PYTHONDONTWRITEBYTECODE=1``: ``cached`` (project bytecode in ``__pycache__``, as in an
+installed package; the run writes it, it is git-ignored) and ``no-pyc`` (every project
+module compiled from source on each start). A bare ``python -c pass`` is the floor.
+Besides wall time the child's CPU time (user+sys) is shown: on a busy 2-core machine
+wall time mostly measures the neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dispatcher.registry import Registry  # noqa: E402
+from tests.support.agentproc import make_agent, wait_listening  # noqa: E402
+from tests.support.pki import TestCA  # noqa: E402
+
+
+def ced_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "ced"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.cli"]
+
+
+def timeit(cmd: list[str], env: dict[str, str], n: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user+sys of the child) milliseconds of ``n`` runs."""
+    subprocess.run(cmd, env=env, capture_output=True, check=True)  # warm-up (and pyc)
+    wall, cpu = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert p.stderr is not None
+        errtext = p.stderr.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall.append((time.perf_counter() - t0) * 1000)
+        cpu.append((ru.ru_utime + ru.ru_stime) * 1000)
+        if p.returncode != 0:
+            raise SystemExit(f"{cmd} failed ({p.returncode}): {errtext.decode()}")
+    return wall, cpu
+
+
+def summary(label: str, result: tuple[list[float], list[float]]) -> str:
+    s, c = sorted(result[0]), result[1]
+    p90 = s[min(len(s) - 1, int(len(s) * 0.9))]
+    return (f"{label:<24} wall median {statistics.median(s):6.1f} ms  min {s[0]:6.1f}  "
+            f"p90 {p90:6.1f}   cpu median {statistics.median(c):6.1f} ms  (n={len(s)})")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=25)
+    ap.add_argument("--importtime", action="store_true", help="show what one `ced run` imports")
+    ap.add_argument("--hold", action="store_true", help="keep the agent up; print the config")
+    opts = ap.parse_args()
+    n = opts.n
+    with tempfile.TemporaryDirectory(prefix="ced-bench-") as t:
+        tmp = Path(t)
+        ca = TestCA(tmp / "pki")
+        disp = ca.issue("dispatcher", cn="ctrl-exec-dispatcher")
+        script = tmp / "hello.sh"
+        script.write_text("#!/bin/sh\necho hello\n")
+        script.chmod(0o755)
+        agent = make_agent(tmp / "agent", ca, {"bench": disp}, {"hello": str(script)},
+                           host="127.0.0.2")  # fmt: skip
+        state = tmp / "state"
+        Registry(state / "agents").register("bench1", ip=agent.host, port=agent.port,
+                                            lookup_by="ip")  # fmt: skip
+        conf = tmp / "ctrl-exec.conf"
+        conf.write_text(f"ca_dir = {ca.dir}\nstate_dir = {state}\n")
+        agent.start(wait=False)
+        try:
+            wait_listening(agent.host, agent.port, agent.proc)
+            base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            base["PYTHONPATH"] = str(ROOT)
+            cached = base
+            nopyc = dict(base, PYTHONDONTWRITEBYTECODE="1")
+            cmd = [*ced_cmd(), "--config", str(conf)]
+            if opts.hold:
+                print(f"config: {conf}  (ced --config {conf} run bench1 hello); Ctrl-C ends")
+                sys.stdout.flush()
+                try:
+                    time.sleep(3600)
+                except KeyboardInterrupt:
+                    return 0
+            if opts.importtime:
+                for verb in (["run", "bench1", "hello"], ["ping", "bench1"]):
+                    p = subprocess.run([sys.executable, "-X", "importtime", *cmd, *verb],
+                                       env=base, capture_output=True, text=True)  # fmt: skip
+                    rows = [r.split("|") for r in p.stderr.splitlines() if "|" in r]
+                    rows = [r for r in rows if r[1].strip().isdigit()]
+                    rows.sort(key=lambda r: -int(r[1]))
+                    print(f"--- ced {verb[0]}: top cumulative imports (us)")
+                    for r in rows[:15]:
+                        print(f"{int(r[1]):>8}  {r[2].rstrip()}")
+            print(f"ced: {' '.join(cmd[:1])}; agent 127.0.0.2:{agent.port}; {os.cpu_count()} CPUs")
+            print(summary("python -c pass", timeit([sys.executable, "-c", "pass"], cached, n)))
+            print(summary("ced --version (cached)", timeit([*cmd, "--version"], cached, n)))
+            for label, env in (("cached", cached), ("no-pyc", nopyc)):
+                print(
+                    summary(f"ced run ({label})", timeit([*cmd, "run", "bench1", "hello"], env, n))
+                )
+                print(summary(f"ced ping ({label})", timeit([*cmd, "ping", "bench1"], env, n)))
+        finally:
+            agent.stop()
+    print("upstream 0.12.3: run 235 ms, ping 265 ms; target < 80 ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

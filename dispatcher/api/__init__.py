@@ -1,0 +1,1 @@
+"""The ``ctrl-exec-api`` instance daemon: HTTP API (:mod:`.app`), health port (:mod:`.health`)."""

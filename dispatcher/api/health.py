@@ -1,0 +1,219 @@
+"""The plain-HTTP health port of an instance (DESIGN.md sections 3 and 6).
+
+``GET /health``, ``/ready``, ``/leader`` answer 200 or 503 with a small JSON body saying
+why; ``GET /status`` is one JSON object with at least ``instance_id``, ``role``,
+``leader_id``, ``epoch``, ``lease_ttl``, ``lease_time_left``, ``generation``,
+``cert_serial``, ``etcd`` and ``last_tick_at``. No secrets, no auth: HAProxy and runbooks
+read it.
+
+* ``/health``: the instance can serve run/ping: the API listener is up, the instance is
+  not draining, and the event loop ticked recently.
+* ``/ready``: ``/health`` plus the dispatcher certificate and key are readable (without
+  them no agent call can succeed).
+* ``/leader``: 200 only while this instance holds the lease with time to spare.
+
+Who leads comes from a :class:`RoleProvider`. Until the cluster layer plugs in its etcd
+implementation, :class:`LocalRole` is the embedded single-host backend: always the
+leader, epoch 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from dispatcher.config import DispatcherConfig
+
+TICK_INTERVAL = 1.0
+STALE_TICKS = 5  # /health fails when the loop has not ticked for this many intervals
+LEADER_SPARE = 0.25  # /leader needs more than this fraction of the TTL left
+
+
+def iso_utc(t: float) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` (ISO 8601, UTC) of a Unix time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@dataclass(frozen=True)
+class RoleSnapshot:
+    """What the coordination backend knows right now."""
+
+    instance_id: str
+    role: str  # "leader", "follower" or "unknown"
+    leader_id: str | None
+    epoch: int | None  # newest epoch seen; None before any
+    lease_ttl: float | None  # None when not leading
+    lease_time_left: float | None  # None when not leading
+    generation: int
+    etcd: str  # "ok" or "unreachable"
+    backend: str  # "local" or "etcd"
+
+
+class RoleProvider(Protocol):
+    """The coordination backend as the health port sees it (local or etcd)."""
+
+    def snapshot(self) -> RoleSnapshot: ...
+
+    def tick(self) -> None:
+        """Called every :data:`TICK_INTERVAL` by the daemon's loop."""
+        ...
+
+    def resign(self) -> None:
+        """Give up leadership (SIGTERM): a peer takes over at once."""
+        ...
+
+
+class LocalRole:
+    """Embedded single-host backend: always the leader, epoch 1, lease never expires."""
+
+    def __init__(self, instance_id: str, lease_ttl: float) -> None:
+        self.instance_id = instance_id
+        self.lease_ttl = lease_ttl
+        self.resigned = False
+
+    def snapshot(self) -> RoleSnapshot:
+        leading = not self.resigned
+        return RoleSnapshot(
+            instance_id=self.instance_id,
+            role="leader" if leading else "unknown",
+            leader_id=self.instance_id if leading else None,
+            epoch=1,
+            lease_ttl=self.lease_ttl if leading else None,
+            lease_time_left=self.lease_ttl if leading else None,
+            generation=0,
+            etcd="ok",
+            backend="local",
+        )
+
+    def tick(self) -> None:
+        return None
+
+    def resign(self) -> None:
+        self.resigned = True
+
+
+@dataclass
+class InstanceState:
+    """Lifecycle of this instance, set by the daemon."""
+
+    serving: bool = False  # the API listener is up
+    draining: bool = False  # SIGTERM received: finishing in-flight requests
+    last_tick: float | None = None  # time.time() of the last loop tick
+    _serial_cache: dict[str, Any] = field(default_factory=dict)
+
+    def ticked(self) -> None:
+        self.last_tick = time.time()
+
+
+def cert_serial(path: str, cache: dict[str, Any] | None = None) -> str | None:
+    """Lower-case hex serial of the certificate at ``path`` (cached by mtime and size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if cache is not None and cache.get("key") == key:
+        return cache.get("serial")
+    from dispatcher.pki import cert_serial_hex
+
+    try:
+        serial: str | None = cert_serial_hex(path)
+    except (OSError, ValueError):
+        serial = None
+    if cache is not None:
+        cache.update(key=key, serial=serial)
+    return serial
+
+
+def _readable(*paths: str) -> str | None:
+    """The first path that cannot be opened for reading, else None."""
+    for p in paths:
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError:
+            return p
+    return None
+
+
+def status_document(
+    cfg: DispatcherConfig, role: RoleProvider, state: InstanceState
+) -> dict[str, Any]:
+    snap = role.snapshot()
+    return {
+        "instance_id": snap.instance_id,
+        "role": snap.role,
+        "leader_id": snap.leader_id,
+        "epoch": snap.epoch,
+        "lease_ttl": snap.lease_ttl,
+        "lease_time_left": snap.lease_time_left,
+        "generation": snap.generation,
+        "cert_serial": cert_serial(cfg.cert, state._serial_cache),
+        "etcd": snap.etcd,
+        "last_tick_at": iso_utc(state.last_tick) if state.last_tick is not None else None,
+        "backend": snap.backend,
+        "serving": state.serving,
+        "draining": state.draining,
+    }
+
+
+def _health_problem(state: InstanceState, now: float) -> str | None:
+    if state.draining:
+        return "draining"
+    if not state.serving:
+        return "starting"
+    if state.last_tick is None or now - state.last_tick > STALE_TICKS * TICK_INTERVAL:
+        return "event loop stalled"
+    return None
+
+
+def _answer(problem: str | None, ok_status: str, **extra: Any) -> JSONResponse:
+    if problem is None:
+        return JSONResponse({"ok": True, "status": ok_status, **extra})
+    return JSONResponse({"ok": False, "status": "unavailable", "reason": problem, **extra}, 503)
+
+
+def create_health_app(cfg: DispatcherConfig, role: RoleProvider, state: InstanceState) -> FastAPI:
+    """The health-port application (no OpenAPI document, no auth)."""
+    app = FastAPI(title="ctrl-exec-health", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return _answer(_health_problem(state, time.time()), "serving")
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        problem = _health_problem(state, time.time())
+        if problem is None:
+            missing = _readable(cfg.cert, cfg.key)
+            if missing is not None:
+                problem = f"cannot read {missing}"
+        return _answer(problem, "ready")
+
+    @app.get("/leader")
+    async def leader() -> JSONResponse:
+        snap = role.snapshot()
+        extra = {"role": snap.role, "epoch": snap.epoch, "lease_time_left": snap.lease_time_left}
+        problem: str | None = None
+        if state.draining:
+            problem = "draining"
+        elif snap.role != "leader":
+            problem = f"role is {snap.role}"
+        elif (
+            snap.lease_ttl is not None
+            and snap.lease_time_left is not None
+            and snap.lease_time_left <= snap.lease_ttl * LEADER_SPARE
+        ):
+            problem = "lease about to expire"
+        return _answer(problem, "leader", **extra)
+
+    @app.get("/status")
+    async def status() -> JSONResponse:
+        return JSONResponse(status_document(cfg, role, state))
+
+    return app

@@ -1,0 +1,168 @@
+"""Request and response models of the HTTP API (upstream's OpenAPI component names).
+
+Request models validate bodies; response models only document them (handlers answer
+with the dicts the operations return, so extra keys from agents pass through). Results
+carry whatever the agent sent, hence ``extra="allow"`` on the per-host models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCRIPT_PATTERN = r"^[\w-]+$"
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: ``error`` is a short class, ``detail`` explains."""
+
+    ok: Literal[False] = False
+    error: str
+    detail: str | None = None
+    code: Literal[1, 2, 3, 4] | None = Field(
+        None, description="1 denied, 2 bad credentials, 3 insufficient privilege, 4 locked"
+    )
+    conflicts: list[str] | None = Field(None, description="host:script pairs already running")
+
+
+class Endpoint(BaseModel):
+    method: str
+    path: str
+
+
+class IndexResponse(BaseModel):
+    name: str = "ctrl-exec-api"
+    version: str
+    spec: str = "/openapi.json"
+    live_spec: str = "/openapi-live.json"
+    endpoints: list[Endpoint]
+
+
+class HealthResponse(BaseModel):
+    ok: bool
+    version: str
+
+
+class PingRequest(BaseModel):
+    hosts: list[str] = Field(min_length=1, description="registered agent names (name or name:port)")
+    username: str = ""
+    token: str = ""
+
+
+class PingResult(_Open):
+    host: str
+    status: str = Field(description="ok, or error with an error string")
+    version: str | None = None
+    reported_hostname: str | None = None
+    error: str | None = None
+    rtt: str | None = None
+    reqid: str | None = None
+
+
+class PingResponse(BaseModel):
+    ok: bool
+    results: list[PingResult]
+
+
+class RunRequest(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    hosts: list[str] = Field(min_length=1)
+    script: str = Field(pattern=SCRIPT_PATTERN, description="allowlisted script name")
+    args: list[str] = Field(default_factory=list)
+    username: str = ""
+    token: str = ""
+    async_: bool = Field(False, alias="async", description="submit and return at once (202)")
+
+
+class RunResult(_Open):
+    host: str
+    script: str | None = None
+    exit: int = Field(description="script exit status; -1 when it did not run")
+    stdout: str | None = None
+    stderr: str | None = None
+    error: str | None = None
+    reqid: str | None = None
+    rtt: str | None = None
+    reported_hostname: str | None = None
+
+
+class RunResponse(BaseModel):
+    ok: bool
+    reqid: str
+    results: list[RunResult]
+
+
+class AsyncSubmitResult(_Open):
+    host: str
+    status: Literal["accepted", "busy", "error"]
+    error: str | None = None
+    reqid: str | None = None
+    rtt: str | None = None
+
+
+class AsyncSubmitResponse(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    ok: bool
+    reqid: str
+    async_: Literal[True] = Field(True, alias="async")
+    results: list[AsyncSubmitResult]
+
+
+class HostStatus(_Open):
+    status: Literal["accepted", "running", "done", "expired", "busy", "error"]
+    exit: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    error: str | None = None
+    fetch_error: str | None = None
+
+
+class StatusResponse(_Open):
+    ok: bool
+    reqid: str
+    script: str | None = None
+    mode: Literal["sync", "async"]
+    hosts: dict[str, HostStatus] | list[str] = Field(
+        description="async: per-host status map; sync: the host names"
+    )
+    results: list[RunResult] | None = Field(None, description="sync runs only")
+    pending: list[str] | None = None
+    complete: bool
+    created: int | None = None
+    completed: int | None = None
+
+
+class DiscoveryRequest(BaseModel):
+    hosts: list[str] | None = Field(None, description="omit for every registered agent")
+    username: str = ""
+    token: str = ""
+
+
+class ScriptEntry(_Open):
+    name: str
+    profile: str | None = None
+    path: str | None = None
+    executable: bool | None = None
+
+
+class HostCapabilities(_Open):
+    host: str | None = None
+    status: str | None = None
+    version: str | None = None
+    reported_hostname: str | None = None
+    tags: dict[str, Any] | None = None
+    scripts: list[ScriptEntry] | None = None
+    error: str | None = None
+    rtt: str | None = None
+
+
+class DiscoveryResponse(BaseModel):
+    ok: bool
+    hosts: dict[str, HostCapabilities]

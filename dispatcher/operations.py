@@ -1,0 +1,383 @@
+"""Operations shared by ``ced`` and the HTTP API: authorise, run, ping, status, discovery.
+
+Every operation takes the :class:`~dispatcher.context.Dispatcher` and a :class:`Caller`
+(who asks, from where). Errors propagate as exceptions the front-ends map to their own
+output: :class:`~dispatcher.registry.RegistryError` (unknown agents), :class:`Denied`
+(auth hook), :class:`~dispatcher.locks.LockConflict` (host:script already running).
+
+Unlike upstream, which only probes the per host:script locks, :func:`do_run` holds them
+for the whole synchronous run (or for the whole submission of an async run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent import authhook, logfmt
+from agent.errors import CtrlExecError
+from dispatcher import fanout
+from dispatcher.context import Dispatcher
+from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
+from dispatcher.reqid import new_reqid
+from dispatcher.runstore import FetchOutcome, aggregate, async_record, pending_hosts, sync_record
+
+Result = dict[str, Any]
+
+
+@dataclass
+class Caller:
+    """Who asks: ``kind`` is ``cli`` or ``api``."""
+
+    kind: str
+    username: str = ""
+    token: str = ""
+    source_ip: str = "127.0.0.1"
+    identity: str = ""  # operator identity from an API client certificate, "" otherwise
+
+    @property
+    def submitter(self) -> dict[str, str]:
+        return {"username": self.username, "source_ip": self.source_ip}
+
+
+class Denied(CtrlExecError):
+    """The auth hook (or the API default without a hook) refused the request."""
+
+    def __init__(self, reason: str, code: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# ----- authorisation ---------------------------------------------------------------------
+
+
+def _dispatcher_serial(d: Dispatcher) -> str:
+    """Serial of the dispatcher cert for the hook context; "" when unreadable."""
+    try:
+        from dispatcher.pki import cert_serial_hex  # cryptography: only when a hook runs
+
+        return cert_serial_hex(d.cfg.cert)
+    except Exception:
+        return ""
+
+
+async def authorise(
+    d: Dispatcher,
+    caller: Caller,
+    action: str,
+    *,
+    script: str = "",
+    hosts: list[str] | None = None,
+    args: list[str] | None = None,
+    reqid: str = "",
+    submitter: dict[str, Any] | None = None,
+) -> None:
+    """Spec 8.1/8.2: ask the auth hook; raise :class:`Denied` when it refuses.
+
+    Without a hook the CLI passes and the API follows ``api_auth_default``.
+    """
+    user = caller.username or "(none)"
+    log: dict[str, Any] = {"authaction": action, "user": user, "ip": caller.source_ip}
+    if caller.identity:
+        log["identity"] = caller.identity
+    hook = d.cfg.auth_hook
+    if not hook:
+        if caller.kind == "cli":
+            logfmt.event("auth", result="pass", reason="no-hook-cli", **log)
+            return
+        if d.cfg.api_auth_default == "allow":
+            logfmt.event("auth", result="pass", reason="no-hook-allow", **log)
+            return
+        logfmt.event("auth", logging.WARNING, result="deny", reason="no-hook-deny", **log)
+        raise Denied("no auth hook configured", 1)
+    ctx = authhook.build_context(
+        action, script=script, hosts=hosts, args=args, username=caller.username,
+        token=caller.token, source_ip=caller.source_ip, dispatcher=d.cfg.dispatcher_id,
+        dispatcher_serial=_dispatcher_serial(d), reqid=reqid,
+        submitter=dict(submitter) if submitter else None,
+    )  # fmt: skip
+    decision = await authhook.call(hook, ctx, d.cfg.auth_hook_timeout)
+    if decision.allowed:
+        logfmt.event("auth", result="pass", **log)
+        return
+    if decision.reason == "auth hook timed out":
+        logfmt.event("auth-hook-timeout", logging.WARNING, hook=hook,
+                     timeout=d.cfg.auth_hook_timeout)  # fmt: skip
+    result = "error" if decision.reason.startswith("auth hook not found") else "deny"
+    logfmt.event("auth", logging.WARNING, result=result, reason=decision.reason, **log)
+    raise Denied(decision.reason, decision.code or 1)
+
+
+# ----- helpers ---------------------------------------------------------------------------
+
+
+def _timeout(d: Dispatcher) -> float:
+    return float(d.cfg.read_timeout)
+
+
+def _fan_kw(d: Dispatcher) -> dict[str, Any]:
+    return {"max_parallel": d.cfg.max_parallel, "max_hosts": d.cfg.max_hosts}
+
+
+def _names(targets: Sequence[Target]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        if t.name not in out:
+            out.append(t.name)
+    return out
+
+
+# ----- run -------------------------------------------------------------------------------
+
+
+async def do_run(
+    d: Dispatcher,
+    caller: Caller,
+    hosts: list[str],
+    script: str,
+    args: list[str],
+    *,
+    async_: bool = False,
+    reqid: str | None = None,
+    record_sync: bool = False,
+    default_port: int = DEFAULT_PORT,
+) -> dict[str, Any]:
+    """Run ``script`` on ``hosts``; returns ``{"reqid", "results"}``.
+
+    Order: resolve (RegistryError), authorise ``run`` (Denied), take every host:script
+    lock (LockConflict), fan out. The locks are held until the run returns (sync) or
+    until every agent has answered the submission (async). An async run is recorded in
+    the run store; a sync run only with ``record_sync`` (the API records, the CLI not).
+    """
+    targets = resolve(d.registry, hosts, default_port)
+    rid = reqid or new_reqid()
+    await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
+                    reqid=rid)  # fmt: skip
+    pairs = [(name, script) for name in _names(targets)]
+    ctx = d.client_ctx()
+    with d.locks.acquire_all(pairs):
+        results = await fanout.run_all(
+            targets, script, args, rid, caller.username, caller.token, ctx, _timeout(d),
+            async_=async_, **_fan_kw(d),
+        )  # fmt: skip
+    submitter = caller.submitter if caller.kind == "api" else None
+    if async_:
+        d.runstore.save(async_record(rid, script, results, submitter))
+    elif record_sync:
+        d.runstore.save(sync_record(rid, script, _names(targets), results, submitter))
+    return {"reqid": rid, "results": results}
+
+
+# ----- ping ------------------------------------------------------------------------------
+
+
+def _may_need_renewal(res: Result, cert_days: int, now: float) -> bool:
+    """Cheap pre-check of spec 4.5's trigger, so a ping loads no crypto when none is due.
+
+    Anything unparsable is left to ``dispatcher.renewal`` to judge.
+    """
+    if res.get("status") != "ok":
+        return False
+    staged = res.get("staged")
+    if staged is True or (isinstance(staged, str) and staged.strip().lower() in ("1", "true")):
+        return False
+    expiry = res.get("expiry")
+    if not isinstance(expiry, str) or not expiry.strip():
+        return False
+    from agent.datefmt import parse_openssl_date
+
+    try:
+        left = parse_openssl_date(expiry).timestamp() - now
+    except ValueError:
+        return True
+    return left < (cert_days / 2) * 86400
+
+
+async def _maybe_renew(d: Dispatcher, targets: Sequence[Target], results: list[Result]) -> None:
+    now = time.time()
+    due = [r for r in results if _may_need_renewal(r, d.cfg.cert_days, now)]
+    if not due:
+        return
+    try:
+        renewal = importlib.import_module("dispatcher.renewal")
+    except ImportError:
+        return
+    fn = getattr(renewal, "maybe_renew", None)
+    if fn is None:
+        return
+    by_name = {t.name: t for t in targets}
+    for res in due:
+        t = by_name.get(str(res.get("host")))
+        if t is None:
+            continue
+        try:
+            out = fn(d, t, res)
+            if inspect.isawaitable(out):
+                await out
+        except Exception as exc:  # renewal never changes the ping result
+            logfmt.event("renew", logging.ERROR, agent=t.name, error=exc)
+
+
+async def do_ping(
+    d: Dispatcher,
+    caller: Caller,
+    hosts: list[str],
+    *,
+    renew: bool = False,
+    default_port: int = DEFAULT_PORT,
+) -> dict[str, Any]:
+    """``POST /ping`` on every host; returns ``{"reqid", "results"}``.
+
+    With ``renew`` each ``ok`` result is handed to ``dispatcher.renewal.maybe_renew``
+    (when that module exists).
+    """
+    targets = resolve(d.registry, hosts, default_port)
+    rid = new_reqid()
+    await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid)
+    results = await fanout.ping_all(targets, rid, d.client_ctx(), _timeout(d), **_fan_kw(d))
+    if renew:
+        await _maybe_renew(d, targets, results)
+    return {"reqid": rid, "results": results}
+
+
+# ----- async status ----------------------------------------------------------------------
+
+
+def _outcome(res: Result) -> FetchOutcome:
+    status = res.get("status")
+    if status == "done":
+        code = res.get("exit")
+        return FetchOutcome.done(code if isinstance(code, int) else None,
+                                 str(res.get("stdout") or ""), str(res.get("stderr") or ""))  # fmt: skip
+    if status == "running":
+        return FetchOutcome.running()
+    if status == "unknown":
+        return FetchOutcome.not_found()
+    return FetchOutcome.failed(str(res.get("error") or f"unexpected status {status!r}"))
+
+
+async def _refresh(d: Dispatcher, reqid: str, default_port: int) -> dict[str, Any] | None:
+    record = d.runstore.load(reqid)
+    if record is None:
+        return None
+    pending = pending_hosts(record)
+    if not pending:
+        return record
+    fetched: dict[str, FetchOutcome] = {}
+    targets: list[Target] = []
+    for name in pending:
+        try:
+            targets.extend(resolve(d.registry, [name], default_port))
+        except RegistryError:
+            fetched[name] = FetchOutcome.failed(f"unknown agent: {name}")
+    if targets:
+        results = await fanout.result_all(targets, reqid, d.client_ctx(), _timeout(d),
+                                          **_fan_kw(d))  # fmt: skip
+        for t, res in zip(targets, results, strict=True):
+            fetched[t.name] = _outcome(res)
+    new = aggregate(record, fetched)
+    d.runstore.save(new)
+    return new
+
+
+async def do_status(
+    d: Dispatcher, caller: Caller, reqid: str, *, default_port: int = DEFAULT_PORT
+) -> dict[str, Any] | None:
+    """The run record of ``reqid`` with pending async hosts fetched; None if unknown.
+
+    API callers are authorised with action ``status`` (reqid and the record's submitter).
+    """
+    if caller.kind == "api":
+        known = d.runstore.load(reqid)
+        if known is None:
+            return None
+        await authorise(d, caller, "status", reqid=reqid, submitter=known.get("submitter"))
+    return await _refresh(d, reqid, default_port)
+
+
+async def do_wait(
+    d: Dispatcher,
+    caller: Caller,
+    reqid: str,
+    timeout: float = 300,
+    interval: float = 2.0,
+    *,
+    default_port: int = DEFAULT_PORT,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Poll :func:`do_status` until complete; returns ``(record, timed_out)``."""
+    deadline = time.monotonic() + timeout
+    record = await do_status(d, caller, reqid, default_port=default_port)
+    while record is not None and not record.get("complete"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return record, True
+        await asyncio.sleep(min(interval, left))
+        record = await _refresh(d, reqid, default_port)
+    return record, False
+
+
+# ----- discovery -------------------------------------------------------------------------
+
+
+async def do_discovery(
+    d: Dispatcher,
+    caller: Caller,
+    hosts: list[str] | None,
+    *,
+    default_port: int = DEFAULT_PORT,
+) -> dict[str, Any]:
+    """``GET /capabilities`` on ``hosts`` (all registered agents if None).
+
+    Returns ``{"hosts": {name: result}}``; each result is the agent's body plus ``rtt``
+    (and ``reported_hostname`` when it differs) or ``{"host","status":"error","error",
+    "rtt"}``. Tags from successful answers are cached in the registry.
+    """
+    from dispatcher.agentclient import call
+
+    names = list(hosts) if hosts is not None else d.registry.names()
+    if not names:
+        return {"hosts": {}}
+    targets = resolve(d.registry, names, default_port)
+    rid = new_reqid()
+    await authorise(d, caller, "ping", hosts=names, reqid=rid)
+    ctx = d.client_ctx()
+    timeout = _timeout(d)
+
+    async def one(t: fanout.TargetLike) -> Result:
+        r = await call(t.address, t.port, "GET", "/capabilities", None, ctx, timeout, t.name)
+        if r.error or r.body is None:
+            err = r.error or "invalid JSON"
+            logfmt.event("discovery", logging.ERROR, agent=t.name, error=err, rtt=r.rtt)
+            return {"host": t.name, "status": "error", "error": err, "rtt": r.rtt}
+        res: Result = dict(r.body)
+        reported = res.get("host")
+        res["rtt"] = r.rtt
+        if reported:
+            res["reported_hostname"] = reported
+        logfmt.event("discovery", agent=t.name, rtt=r.rtt)
+        return fanout.canonicalise(res, t.name)
+
+    def on_error(t: fanout.TargetLike, exc: Exception) -> Result:
+        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
+                "rtt": "0ms"}  # fmt: skip
+
+    results = await fanout.fan_out(targets, one, d.cfg.max_parallel, on_error)
+    out: dict[str, Result] = {}
+    for res in results:
+        name = str(res["host"])
+        out[name] = res
+        tags = res.get("tags")
+        if res.get("status") == "ok" and isinstance(tags, dict):
+            clean = {str(k): str(v) for k, v in tags.items()}
+            try:
+                d.registry.update(name, tags=clean)
+            except RegistryError as exc:
+                logfmt.event("discovery-tags", logging.WARNING, agent=name, error=exc)
+    return {"hosts": out}

@@ -1,0 +1,545 @@
+"""The real ``ctrl-exec-api`` daemon (subprocess) in front of real agents.
+
+One dispatcher CA (``dispatcher.pki``) signs everything: the dispatcher cert, the agents'
+CSRs, the API server cert and the operators' client certs. Daemons:
+
+* ``tls``: TLS with operator client certs, ``api_auth_default = allow``;
+* ``deny``: plain HTTP, no hook, ``api_auth_default = deny``;
+* ``generic``: as ``deny`` with ``auth_deny_generic``;
+* ``hook``: plain HTTP with an auth hook that refuses some things.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.version import __version__
+from dispatcher import pki as dpki
+from dispatcher.api.openapi_dump import SPEC_PATH
+from dispatcher.registry import Registry
+from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
+from tests.support.pki import Issued, TestCA
+
+pytestmark = pytest.mark.integration
+
+AGENT_HOSTS = {"web1": "127.0.0.2", "web2": "127.0.0.3"}
+STATUS_KEYS = {"instance_id", "role", "leader_id", "epoch", "lease_ttl", "lease_time_left",
+               "generation", "cert_serial", "etcd", "last_tick_at"}  # fmt: skip
+HOOK = """#!/bin/sh
+case "$ENVEXEC_ACTION" in
+  api) [ "$ENVEXEC_TOKEN" = "bad" ] && exit 2; exit 0 ;;
+  run) [ "$ENVEXEC_SCRIPT" = "exit3" ] && exit 3; exit 0 ;;
+  status) [ -n "$ENVEXEC_SUBMITTER" ] && [ "$ENVEXEC_TOKEN" = "tok-$ENVEXEC_SUBMITTER" ] && exit 0
+          exit 1 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+class DispatcherCA(TestCA):
+    """The dispatcher's own CA (dispatcher.pki) behind TestCA's interface.
+
+    ``issue`` goes through a CSR signed by ``dispatcher.pki.sign_csr``, as pairing does.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ca = dpki.create_ca(directory)
+        self.key = self.ca.key  # type: ignore[assignment]
+        self.cert = self.ca.cert
+        self.cert_path = self.ca.cert_path
+
+    def issue(self, name: str, cn: str | None = None, serial: int | None = None,
+              rsa_bits: int = 0, days: int = 825) -> Issued:  # fmt: skip
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or name)]))
+            .sign(key, hashes.SHA256())
+        )
+        pem = dpki.sign_csr(self.ca, csr.public_bytes(serialization.Encoding.PEM).decode(), days)
+        cp, kp = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        cp.write_text(pem)
+        kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))  # fmt: skip
+        kp.chmod(0o600)
+        return Issued(cp, kp, x509.load_pem_x509_certificate(pem.encode()).serial_number)
+
+
+@dataclass
+class Daemon:
+    name: str
+    config: Path
+    log: Path
+    api_port: int
+    health_port: int
+    tls: bool
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.api_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env,  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_healthy(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(trust_env=False, timeout=1) as c:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited {self.proc.returncode}: {self.logtext()}"
+                    )
+                try:
+                    if c.get(f"{self.health_url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not healthy: {self.logtext()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Env:
+    tmp: Path
+    ca: DispatcherCA
+    dispatcher_cert: Issued
+    api_cert: Path
+    api_key: Path
+    agents: list[AgentProc]
+    daemons: dict[str, Daemon]
+    registry_dir: Path
+
+    def operator(self, name: str) -> Issued:
+        return self.ca.issue(f"op-{name}", cn=name)
+
+    def client(self, daemon: str, who: Issued | None = None) -> httpx.Client:
+        d = self.daemons[daemon]
+        if not d.tls:
+            return httpx.Client(base_url=d.url, trust_env=False, timeout=30)
+        ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
+        ctx.check_hostname = False
+        if who is not None:
+            ctx.load_cert_chain(str(who.cert), str(who.key))
+        return httpx.Client(base_url=d.url, verify=ctx, trust_env=False, timeout=30)
+
+
+def make_daemon(tmp: Path, name: str, ca_dir: Path, registry_dir: Path,
+                extra: dict[str, str]) -> Daemon:  # fmt: skip
+    state = tmp / f"state-{name}"
+    state.mkdir()
+    api_port, health_port = free_port(), free_port()
+    conf = {
+        "ca_dir": str(ca_dir), "state_dir": str(state), "registry_dir": str(registry_dir),
+        "api_bind": "127.0.0.1", "api_port": str(api_port), "health_bind": "127.0.0.1",
+        "health_port": str(health_port), "log_target": "stderr", "instance_id": f"inst-{name}",
+        "lease_ttl": "7", "read_timeout": "20",
+    }  # fmt: skip
+    conf.update(extra)
+    config = tmp / f"{name}.conf"
+    config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+    return Daemon(name, config, tmp / f"{name}.log", api_port, health_port, "api_cert" in extra)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("api")
+    ca_dir = tmp / "ca"
+    ca = DispatcherCA(ca_dir)
+    dcert = dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
+    dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
+    api_cert, api_key = tmp / "api.crt", tmp / "api.key"
+    dpki.issue_dispatcher_cert(ca.ca, api_cert, api_key)
+    hook = tmp / "auth-hook"
+    hook.write_text(HOOK)
+    hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+    scripts = {n: str(script_dir / f"{n}.sh") for n in ("echo-args", "exit3", "sleep1")}
+    agents = [
+        make_agent(tmp / name, ca, {"disp": dispatcher}, scripts, host=addr)
+        for name, addr in AGENT_HOSTS.items()
+    ]
+    registry_dir = tmp / "agents"
+    reg = Registry(registry_dir)
+    for (name, addr), agent in zip(AGENT_HOSTS.items(), agents, strict=True):
+        reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
+    tls = {"api_cert": str(api_cert), "api_key": str(api_key),
+           "api_client_ca": str(ca.cert_path), "api_auth_default": "allow"}  # fmt: skip
+    daemons = {
+        "tls": make_daemon(tmp, "tls", ca_dir, registry_dir, tls),
+        "deny": make_daemon(tmp, "deny", ca_dir, registry_dir, {"api_auth_default": "deny"}),
+        "generic": make_daemon(tmp, "generic", ca_dir, registry_dir,
+                               {"api_auth_default": "deny", "auth_deny_generic": "1"}),
+        "hook": make_daemon(tmp, "hook", ca_dir, registry_dir, {"auth_hook": str(hook)}),
+    }  # fmt: skip
+    try:
+        for a in agents:
+            a.start(wait=False)
+        for d in daemons.values():
+            d.start()
+        for d in daemons.values():
+            d.wait_healthy()
+        yield Env(tmp, ca, dispatcher, api_cert, api_key, agents, daemons, registry_dir)
+    finally:
+        codes = {name: d.stop() for name, d in daemons.items()}
+        for a in agents:
+            a.stop()
+    assert codes == dict.fromkeys(daemons, 0), codes  # SIGTERM is a clean exit
+
+
+def _wait_status(c: httpx.Client, reqid: str, headers: dict[str, str] | None = None,
+                 timeout: float = 15) -> dict[str, Any]:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        r = c.get(f"/status/{reqid}", headers=headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["complete"] or time.monotonic() > deadline:
+            return body
+        time.sleep(0.3)
+
+
+# ----- every endpoint over TLS, with and without an operator certificate -----------------
+
+
+def test_index_health_and_openapi(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.get("/")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["name"] == "ctrl-exec-api" and body["version"] == __version__
+        assert body["spec"] == "/openapi.json" and body["live_spec"] == "/openapi-live.json"
+        assert {"method": "POST", "path": "/run"} in body["endpoints"]
+        assert {"method": "GET", "path": "/status/{reqid}"} in body["endpoints"]
+        r = c.get("/health")
+        assert (r.status_code, r.json()) == (200, {"ok": True, "version": __version__})
+        r = c.get("/openapi.json")
+        assert r.status_code == 200
+        assert r.json() == json.loads(SPEC_PATH.read_text())
+        live = c.get("/openapi-live.json").json()
+        items = live["components"]["schemas"]["PingRequest"]["properties"]["hosts"]["items"]
+        assert items["enum"] == ["web1", "web2"]
+
+
+def test_operator_identity_from_client_cert(env: Env) -> None:
+    alice = env.operator("alice")
+    with env.client("tls", alice) as c:
+        assert c.post("/ping", json={"hosts": ["web1"]}).status_code == 200
+    log = env.daemons["tls"].logtext()
+    assert any("ACTION=api-request" in ln and "IDENTITY=alice" in ln and "PATH=/ping" in ln
+               for ln in log.splitlines())  # fmt: skip
+    assert any("ACTION=auth" in ln and "IDENTITY=alice" in ln for ln in log.splitlines())
+    # A certificate from another CA is refused at the handshake.
+    stranger = TestCA(env.tmp / "stranger").issue("mallory", cn="mallory")
+    ctx = ssl.create_default_context(cafile=str(env.ca.cert_path))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(stranger.cert), str(stranger.key))
+    with (
+        httpx.Client(base_url=env.daemons["tls"].url, verify=ctx, trust_env=False) as c,
+        pytest.raises(httpx.TransportError),
+    ):
+        c.get("/health")
+
+
+def test_ping(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/ping", json={"hosts": ["web1", "web2"], "username": "ops"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ok"] is True
+    assert [x["host"] for x in body["results"]] == ["web1", "web2"]
+    assert all(x["status"] == "ok" and x["rtt"].endswith("ms") for x in body["results"])
+
+
+def test_sync_run_and_its_status(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/run", json={"hosts": ["web1", "web2"], "script": "echo-args",
+                                 "args": ["hello world", "x"], "username": "ops"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["ok"] is True and len(body["reqid"]) == 16
+        assert [x["host"] for x in body["results"]] == ["web1", "web2"]
+        for res in body["results"]:
+            assert res["exit"] == 0 and "arg1=[hello world]" in res["stdout"]
+        st = c.get(f"/status/{body['reqid']}")
+    assert st.status_code == 200
+    rec = st.json()
+    assert rec["ok"] is True and rec["mode"] == "sync" and rec["complete"] is True
+    assert rec["hosts"] == ["web1", "web2"] and "submitter" not in rec
+
+
+def test_async_run_and_status(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/run", json={"hosts": ["web1", "web2"], "script": "sleep1", "async": True})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body["ok"] is True and body["async"] is True
+        assert [x["status"] for x in body["results"]] == ["accepted", "accepted"]
+        rec = _wait_status(c, body["reqid"])
+    assert rec["mode"] == "async" and rec["complete"] is True and rec["pending"] == []
+    for host in ("web1", "web2"):
+        assert rec["hosts"][host]["status"] == "done"
+        assert rec["hosts"][host]["exit"] == 0 and "slept" in rec["hosts"][host]["stdout"]
+
+
+def test_discovery(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.get("/discovery")
+        assert r.status_code == 200
+        hosts = r.json()["hosts"]
+        assert sorted(hosts) == ["web1", "web2"]
+        names = {s["name"] for s in hosts["web1"]["scripts"]}
+        assert {"echo-args", "sleep1", "exit3"} <= names
+        r = c.post("/discovery", json={"hosts": ["web2"]})
+        assert r.status_code == 200 and list(r.json()["hosts"]) == ["web2"]
+
+
+def test_lock_conflict_is_409(env: Env) -> None:
+    first: dict[str, Any] = {}
+
+    def slow() -> None:
+        with env.client("tls") as c:
+            first["r"] = c.post("/run", json={"hosts": ["web2"], "script": "sleep1"})
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        time.sleep(0.4)
+        with env.client("tls") as c:
+            r = c.post("/run", json={"hosts": ["web1", "web2"], "script": "sleep1"})
+    finally:
+        t.join(15)
+    assert r.status_code == 409, r.text
+    assert r.json() == {"ok": False, "error": "locked", "code": 4, "conflicts": ["web2:sleep1"]}
+    assert first["r"].status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"content": b"{not json"}, "invalid JSON body"),
+        ({"content": b"[1, 2]"}, "invalid JSON body"),
+        ({}, "request body required"),
+        ({"json": {"hosts": []}}, "hosts must be a non-empty array"),
+        ({"json": {"hosts": "web1"}}, "hosts must be a non-empty array"),
+    ],
+)
+def test_bad_ping_bodies_are_400(env: Env, kwargs: dict[str, Any], error: str) -> None:
+    with env.client("tls") as c:
+        r = c.post("/ping", **kwargs)
+    assert r.status_code == 400
+    assert r.json()["ok"] is False and r.json()["error"] == error
+
+
+def test_bad_run_bodies_are_400(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/run", json={"hosts": ["web1"], "script": "../etc/passwd"})
+        assert (r.status_code, r.json()["error"]) == (
+            400, "script name required (alphanumeric and hyphens only)")  # fmt: skip
+        r = c.post("/run", json={"hosts": ["web1"], "script": "echo-args", "args": "x"})
+        assert (r.status_code, r.json()["error"]) == (400, "args must be an array")
+
+
+def test_unknown_agent_route_and_reqid_are_404(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/ping", json={"hosts": ["web1", "nope"]})
+        assert r.status_code == 404
+        assert r.json() == {"ok": False, "error": "unknown agent",
+                            "detail": "not a registered agent: nope"}  # fmt: skip
+        r = c.post("/run", json={"hosts": ["ghost"], "script": "echo-args"})
+        assert r.status_code == 404 and r.json()["error"] == "unknown agent"
+        r = c.get("/nowhere")
+        assert r.status_code == 404
+        assert r.json() == {"ok": False, "error": "not found",
+                            "detail": "no route for GET /nowhere"}  # fmt: skip
+        r = c.get("/status/0123456789abcdef")
+        assert r.json() == {"ok": False, "error": "not found",
+                            "detail": "no result for reqid 0123456789abcdef"}  # fmt: skip
+
+
+def test_size_limits(env: Env) -> None:
+    with env.client("tls") as c:
+        r = c.post("/ping", content=b"{" + b" " * (1024 * 1024) + b"}")
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload too large"
+        headers = {f"x-extra-{i}": "1" for i in range(40)}
+        r = c.get("/", headers=headers)
+        assert r.status_code == 431
+        assert r.json()["error"] == "request header fields too large"
+        # Just under both limits still works.
+        r = c.post("/ping", content=b'{"hosts":["web1"]}' + b" " * (1024 * 1024 - 100))
+        assert r.status_code == 200
+
+
+def test_metrics_count_requests_by_outcome(env: Env) -> None:
+    with env.client("tls") as c:
+        c.post("/ping", json={"hosts": ["nope"]})
+        text = c.get("/metrics").text
+    assert 'ctrl_exec_api_requests_total{outcome="ok",route="/ping"}' in text
+    assert 'ctrl_exec_api_requests_total{outcome="not_found",route="/ping"}' in text
+
+
+def test_health_port(env: Env) -> None:
+    d = env.daemons["tls"]
+    with httpx.Client(base_url=d.health_url, trust_env=False, timeout=5) as c:
+        for path in ("/health", "/ready", "/leader"):
+            r = c.get(path)
+            assert r.status_code == 200 and r.json()["ok"] is True, (path, r.text)
+        st = c.get("/status").json()
+    assert set(st) >= STATUS_KEYS
+    assert st["instance_id"] == "inst-tls"
+    assert st["role"] == "leader" and st["leader_id"] == "inst-tls"
+    assert st["epoch"] == 1 and isinstance(st["epoch"], int)
+    assert st["lease_ttl"] == 7 and st["lease_time_left"] == 7
+    assert st["generation"] == 0 and isinstance(st["generation"], int)
+    assert st["cert_serial"] == env.dispatcher_cert.serial_hex
+    assert st["cert_serial"] == st["cert_serial"].lower() and ":" not in st["cert_serial"]
+    assert st["etcd"] == "ok"
+    tick = datetime.strptime(st["last_tick_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - tick).total_seconds()) < 10
+
+
+def _served_serial(port: int, ca: Path) -> int:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), 5) as raw, ctx.wrap_socket(raw) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_reloads_the_api_certificate(env: Env) -> None:
+    d = env.daemons["tls"]
+    before = _served_serial(d.api_port, env.ca.cert_path)
+    new = dpki.issue_dispatcher_cert(env.ca.ca, env.tmp / "api2.crt", env.tmp / "api2.key")
+    os.replace(env.tmp / "api2.key", env.api_key)
+    os.replace(env.tmp / "api2.crt", env.api_cert)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while _served_serial(d.api_port, env.ca.cert_path) == before:
+        assert time.monotonic() < deadline, "new certificate not served after SIGHUP"
+        time.sleep(0.05)
+    assert _served_serial(d.api_port, env.ca.cert_path) == new.serial_number
+    assert d.proc.poll() is None
+    with env.client("tls") as c:
+        assert c.get("/health").status_code == 200
+
+
+# ----- authorisation ----------------------------------------------------------------------
+
+
+def test_deny_default_gates_everything_but_health(env: Env) -> None:
+    with env.client("deny") as c:
+        r = c.get("/health")
+        assert (r.status_code, r.json()) == (200, {"ok": True, "version": __version__})
+        denied = {"ok": False, "error": "no auth hook configured", "code": 1}
+        r = c.post("/ping", json={"hosts": ["web1"]})
+        assert (r.status_code, r.json()) == (403, denied)
+        for path in ("/", "/openapi.json", "/status/abc", "/nowhere"):
+            r = c.get(path)
+            assert (r.status_code, r.json()) == (403, denied), path
+        assert c.get("/metrics").status_code == 200
+    with env.client("generic") as c:
+        r = c.post("/ping", json={"hosts": ["web1"]})
+        assert (r.status_code, r.json()) == (403, {"ok": False, "error": "forbidden"})
+        assert c.get("/health").status_code == 200
+
+
+def test_auth_hook_codes_and_status_owner(env: Env) -> None:
+    with env.client("hook") as c:
+        r = c.post("/ping", json={"hosts": ["web1"], "token": "bad"})
+        assert (r.status_code, r.json()) == (
+            403, {"ok": False, "error": "bad credentials", "code": 2})  # fmt: skip
+        r = c.post("/run", json={"hosts": ["web1"], "script": "exit3"})
+        assert (r.status_code, r.json()) == (
+            403, {"ok": False, "error": "insufficient privilege", "code": 3})  # fmt: skip
+        r = c.post("/run", json={"hosts": ["web1"], "script": "echo-args", "async": True,
+                                 "username": "carol", "token": "tok-carol"})  # fmt: skip
+        assert r.status_code == 202, r.text
+        reqid = r.json()["reqid"]
+        rec = _wait_status(c, reqid, {"Authorization": "Bearer tok-carol"})
+        assert rec["reqid"] == reqid and rec["hosts"]["web1"]["status"] == "done"
+        assert "submitter" not in rec
+        hidden = {"ok": False, "error": "not found", "detail": f"no result for reqid {reqid}"}
+        for headers in ({"Authorization": "Bearer tok-mallory"}, {}):
+            r = c.get(f"/status/{reqid}", headers=headers)
+            assert (r.status_code, r.json()) == (404, hidden)
+
+
+# ----- shutdown ---------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_runs(env: Env) -> None:
+    d = make_daemon(env.tmp, "drain", env.tmp / "ca", env.registry_dir,
+                    {"api_auth_default": "allow"})  # fmt: skip
+    d.start()
+    try:
+        d.wait_healthy()
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            with httpx.Client(base_url=d.url, trust_env=False, timeout=30) as c:
+                result["r"] = c.post("/run", json={"hosts": ["web1"], "script": "sleep1"})
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.4)
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with httpx.Client(base_url=d.health_url, trust_env=False, timeout=5) as c:
+            r = c.get("/health")
+        assert r.status_code == 503 and r.json()["reason"] == "draining"
+        t.join(15)
+        assert result["r"].status_code == 200 and result["r"].json()["results"][0]["exit"] == 0
+        assert d.proc.wait(15) == 0
+        assert "ACTION=api-stop" in d.logtext()
+    finally:
+        d.stop()

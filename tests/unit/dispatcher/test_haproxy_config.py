@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dispatcher.haproxy import Member, render
+
+MEMBERS = [
+    Member("d1", "127.0.0.1", 17445, 17446, 17444, 17447),
+    Member("node two", "127.0.0.2", 17445, 17446, 17444, 17447),
+]
+
+
+def test_render_shape() -> None:
+    text = render(MEMBERS, bind="127.0.0.1", stats_socket="/tmp/x.sock")
+    assert "mode tcp" in text and "option redispatch" in text and "retries 2" in text
+    assert "server d1 127.0.0.1:17445 check port 17446" in text
+    assert "server node_two 127.0.0.2:17444 check port 17446" in text
+    assert text.count("GET /leader") == 1 and text.count("GET /ready") == 1
+    assert "on-marked-down shutdown-sessions" in text
+    proxied = render(MEMBERS, proxy_protocol=True)
+    assert "server d1 127.0.0.1:17447 send-proxy-v2 check port 17446" in proxied
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+def test_haproxy_accepts_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render(MEMBERS, bind="127.0.0.1", stats_socket=str(tmp_path / "s.sock"),
+                          proxy_protocol=True))  # fmt: skip
+    r = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
