@@ -1,0 +1,376 @@
+"""Coordination backends: the :class:`Backend` protocol, on etcd or on the local state dir.
+
+Both implementations are the same logic (:class:`KVBackend`) over a :class:`Store`:
+:class:`EtcdBackend` over :class:`cluster.etcd.EtcdClient` when ``etcd_endpoints`` is set,
+:class:`LocalBackend` over :class:`cluster.store.LocalStore` (``flock`` in the state
+directory) when it is empty. Keys, under ``/<cluster_name>/``::
+
+    leader                  instance id; bound to the leader's lease; create_revision = epoch
+    members/<instance_id>   MemberInfo JSON, bound to the member's lease
+    locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
+    generation              the published config generation (leader-only, fenced)
+    effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
+
+Leader-only writes go through :meth:`Backend.fenced_commit`, a transaction that applies
+only while the leader key's create revision is still the epoch the work started under.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from cluster.store import LocalStore, Store
+
+log = logging.getLogger("ctrl-exec.cluster")
+
+MemberState = Literal["serving", "draining"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: int
+    ttl: int
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    instance_id: str
+    epoch: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    won: bool
+    leader: LeaderInfo | None
+    revision: int  # mod revision of the leader key seen; watch from revision + 1 (0: none)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    instance_id: str
+    advertise_url: str = ""
+    version: str = ""
+    cert_serial: str = ""
+    generation: int = 0
+    state: MemberState = "serving"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> MemberInfo:
+        d = json.loads(raw)
+        return cls(
+            instance_id=str(d["instance_id"]),
+            advertise_url=str(d.get("advertise_url", "")),
+            version=str(d.get("version", "")),
+            cert_serial=str(d.get("cert_serial", "")),
+            generation=int(d.get("generation", 0)),
+            state="draining" if d.get("state") == "draining" else "serving",
+        )
+
+
+@dataclass(frozen=True)
+class EffectRecord:
+    key: str
+    effect: str
+    epoch: int
+    instance_id: str
+    revision: int  # the store revision at which it was committed
+    at: float  # wall-clock time.time() of the commit request
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ClusterKeys:
+    """Key layout of one cluster (see the module docstring)."""
+
+    def __init__(self, cluster_name: str) -> None:
+        if not cluster_name or "/" in cluster_name:
+            raise ValueError(f"bad cluster name {cluster_name!r}")
+        self.prefix = f"/{cluster_name}/"
+        self.leader = f"{self.prefix}leader"
+        self.members = f"{self.prefix}members/"
+        self.locks = f"{self.prefix}locks/"
+        self.generation = f"{self.prefix}generation"
+        self.effects = f"{self.prefix}effects/"
+
+    def member(self, instance_id: str) -> str:
+        return f"{self.members}{instance_id}"
+
+    def lock(self, host: str, script: str) -> str:
+        return f"{self.locks}{host}--{script}"
+
+    def effect(self, epoch: int) -> str:
+        return f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
+
+
+class Backend(Protocol):
+    """What the election, membership and run locks need from a coordination store."""
+
+    kind: str  # "etcd" or "local"
+    keys: ClusterKeys
+
+    def lease_grant(self, ttl: int) -> Lease: ...
+
+    def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; the TTL it now has, ``<= 0`` when it is gone."""
+        ...
+
+    def resign(self, lease_id: int) -> None:
+        """Revoke the lease: leadership, membership and locks bound to it end at once."""
+        ...
+
+    def campaign(self, lease_id: int, instance_id: str) -> CampaignResult: ...
+
+    def leader(self) -> LeaderInfo | None: ...
+
+    def wait_leader_change(self, since_revision: int, timeout: float) -> bool:
+        """True as soon as the leader key changes at or after ``since_revision``."""
+        ...
+
+    def fenced_commit(
+        self, epoch: int, puts: Mapping[str, str | bytes], deletes: Sequence[str] = ()
+    ) -> bool: ...
+
+    def record_effect(
+        self,
+        epoch: int,
+        effect: str,
+        instance_id: str,
+        detail: Mapping[str, Any] | None = None,
+        puts: Mapping[str, str | bytes] | None = None,
+        deletes: Sequence[str] = (),
+    ) -> EffectRecord | None:
+        """Commit ``puts``/``deletes`` plus an effect record under ``epoch``; None if fenced."""
+        ...
+
+    def effects(self) -> list[EffectRecord]: ...
+
+    def register_member(self, lease_id: int, member: MemberInfo) -> None: ...
+
+    def members(self) -> list[MemberInfo]: ...
+
+    def run_lock_acquire(
+        self, pairs: Sequence[tuple[str, str]], token: str, owner: str, lease_id: int
+    ) -> list[str]:
+        """Take every host:script lock or none; returns the conflicting ``host:script``."""
+        ...
+
+    def run_lock_release(
+        self, pairs: Sequence[tuple[str, str]], token: str, owner: str
+    ) -> None: ...
+
+    def run_locks_held(self) -> list[tuple[str, str]]: ...
+
+    def close(self) -> None: ...
+
+
+def _lock_value(host: str, script: str, token: str, owner: str) -> str:
+    return json.dumps({"host": host, "script": script, "token": token, "owner": owner})
+
+
+class KVBackend:
+    """:class:`Backend` logic over any :class:`Store`."""
+
+    kind = "kv"
+    LOCK_CHUNK = 100  # keys per transaction (etcd allows 128 operations by default)
+
+    def __init__(self, store: Store, cluster_name: str = "ctrl-exec") -> None:
+        self.store = store
+        self.keys = ClusterKeys(cluster_name)
+
+    # -- leases and leadership ---------------------------------------------------------------
+
+    def lease_grant(self, ttl: int) -> Lease:
+        lease_id, granted = self.store.lease_grant(ttl)
+        return Lease(lease_id, granted)
+
+    def keepalive(self, lease_id: int) -> int:
+        return self.store.lease_keepalive(lease_id)
+
+    def resign(self, lease_id: int) -> None:
+        self.store.lease_revoke(lease_id)
+
+    def campaign(self, lease_id: int, instance_id: str) -> CampaignResult:
+        won, create_rev = self.store.txn_create_if_absent(self.keys.leader, instance_id, lease_id)
+        if won:
+            return CampaignResult(True, LeaderInfo(instance_id, create_rev, lease_id), create_rev)
+        kv = self.store.get(self.keys.leader)
+        if kv is None:  # gone again already: the caller campaigns once more
+            return CampaignResult(False, None, 0)
+        info = LeaderInfo(kv.value.decode(), kv.create_rev, kv.lease)
+        return CampaignResult(False, info, kv.mod_rev)
+
+    def leader(self) -> LeaderInfo | None:
+        kv = self.store.get(self.keys.leader)
+        return None if kv is None else LeaderInfo(kv.value.decode(), kv.create_rev, kv.lease)
+
+    def wait_leader_change(self, since_revision: int, timeout: float) -> bool:
+        return self.store.watch_once(self.keys.leader, timeout, since_revision) is not None
+
+    # -- fencing -------------------------------------------------------------------------------
+
+    def fenced_commit(
+        self, epoch: int, puts: Mapping[str, str | bytes], deletes: Sequence[str] = ()
+    ) -> bool:
+        ok, _rev = self.store.txn_put_if_epoch(self.keys.leader, epoch, puts, deletes)
+        return ok
+
+    def record_effect(
+        self,
+        epoch: int,
+        effect: str,
+        instance_id: str,
+        detail: Mapping[str, Any] | None = None,
+        puts: Mapping[str, str | bytes] | None = None,
+        deletes: Sequence[str] = (),
+    ) -> EffectRecord | None:
+        key = self.keys.effect(epoch)
+        at = time.time()
+        body = {
+            "effect": effect,
+            "epoch": epoch,
+            "instance_id": instance_id,
+            "at": at,
+            "detail": dict(detail or {}),
+        }
+        writes: dict[str, str | bytes] = dict(puts or {})
+        writes[key] = json.dumps(body, sort_keys=True)
+        ok, rev = self.store.txn_put_if_epoch(self.keys.leader, epoch, writes, deletes)
+        if not ok:
+            return None
+        return EffectRecord(key, effect, epoch, instance_id, rev, at, dict(detail or {}))
+
+    def effects(self) -> list[EffectRecord]:
+        out: list[EffectRecord] = []
+        for kv in self.store.get_prefix(self.keys.effects):
+            d = json.loads(kv.value)
+            out.append(
+                EffectRecord(
+                    key=kv.key,
+                    effect=str(d["effect"]),
+                    epoch=int(d["epoch"]),
+                    instance_id=str(d["instance_id"]),
+                    revision=kv.mod_rev,
+                    at=float(d.get("at", 0.0)),
+                    detail=dict(d.get("detail") or {}),
+                )
+            )
+        return sorted(out, key=lambda e: e.revision)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def register_member(self, lease_id: int, member: MemberInfo) -> None:
+        self.store.put(self.keys.member(member.instance_id), member.to_json(), lease=lease_id)
+
+    def members(self) -> list[MemberInfo]:
+        return [MemberInfo.from_json(kv.value) for kv in self.store.get_prefix(self.keys.members)]
+
+    # -- run locks -----------------------------------------------------------------------------
+
+    def run_lock_acquire(
+        self, pairs: Sequence[tuple[str, str]], token: str, owner: str, lease_id: int
+    ) -> list[str]:
+        items = {self.keys.lock(h, s): _lock_value(h, s, token, owner) for h, s in pairs}
+        names = {self.keys.lock(h, s): f"{h}:{s}" for h, s in pairs}
+        keys = list(items)
+        taken: dict[str, str | bytes] = {}
+        for i in range(0, len(keys), self.LOCK_CHUNK):
+            chunk = {k: items[k] for k in keys[i : i + self.LOCK_CHUNK]}
+            conflicts = self.store.txn_create_all_if_absent(chunk, lease_id)
+            if conflicts:
+                # all or none: give back earlier chunks, then list every conflict
+                if taken:
+                    self.store.txn_delete_if_value(taken)
+                rest = {k: items[k] for k in keys[i + self.LOCK_CHUNK :]}
+                more = [k for k in rest if self.store.get(k) is not None]
+                return [names[k] for k in conflicts + more]
+            taken.update(chunk)
+        return []
+
+    def run_lock_release(self, pairs: Sequence[tuple[str, str]], token: str, owner: str) -> None:
+        items: dict[str, str | bytes] = {
+            self.keys.lock(h, s): _lock_value(h, s, token, owner) for h, s in pairs
+        }
+        self.store.txn_delete_if_value(items)
+
+    def run_locks_held(self) -> list[tuple[str, str]]:
+        held = []
+        for kv in self.store.get_prefix(self.keys.locks):
+            d = json.loads(kv.value)
+            held.append((str(d["host"]), str(d["script"])))
+        return sorted(held, key=lambda p: f"{p[0]}:{p[1]}")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class EtcdBackend(KVBackend):
+    """The backend on an etcd v3 cluster."""
+
+    kind = "etcd"
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        cluster_name: str = "ctrl-exec",
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        timeout: float = 1.0,
+    ) -> None:
+        from cluster.etcd import EtcdClient  # only here: the local backend needs no client library
+
+        super().__init__(
+            EtcdClient(endpoints, ca=ca, cert=cert, key=key, timeout=timeout), cluster_name
+        )
+
+
+class LocalBackend(KVBackend):
+    """The embedded backend: ``flock`` and a small revisioned store in ``<state_dir>/cluster``.
+
+    Alone on a host it is always the leader; two instances sharing a state dir elect one.
+    """
+
+    kind = "local"
+
+    def __init__(self, state_dir: str | Path, *, cluster_name: str = "ctrl-exec") -> None:
+        self.state_dir = Path(state_dir)
+        super().__init__(LocalStore(self.state_dir / "cluster"), cluster_name)
+
+
+def make_backend(
+    *,
+    etcd_endpoints: Sequence[str] | str,
+    state_dir: str | Path,
+    cluster_name: str = "ctrl-exec",
+    etcd_cacert: str | None = None,
+    etcd_cert: str | None = None,
+    etcd_key: str | None = None,
+    timeout: float = 1.0,
+) -> KVBackend:
+    """:class:`EtcdBackend` when endpoints are configured, else :class:`LocalBackend`.
+
+    ``etcd_endpoints`` may be the comma-separated config value.
+    """
+    if isinstance(etcd_endpoints, str):
+        etcd_endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
+    if etcd_endpoints:
+        return EtcdBackend(
+            etcd_endpoints,
+            cluster_name=cluster_name,
+            ca=etcd_cacert,
+            cert=etcd_cert,
+            key=etcd_key,
+            timeout=timeout,
+        )
+    return LocalBackend(state_dir, cluster_name=cluster_name)

@@ -1,0 +1,33 @@
+"""Exceptions of the coordination library (no dependency on any client library)."""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """Base class of every ``cluster`` error."""
+
+
+class BackendUnavailable(ClusterError):
+    """The coordination store (etcd, or the local state directory) did not answer."""
+
+
+class NotLeader(ClusterError):
+    """A leader-only action was asked of an instance that does not hold the lease."""
+
+
+class Fenced(ClusterError):
+    """A leader-only effect was refused: the epoch it started under is no longer current."""
+
+    def __init__(self, effect: str, epoch: int) -> None:
+        self.effect = effect
+        self.epoch = epoch
+        super().__init__(f"effect {effect!r} fenced: epoch {epoch} is no longer current")
+
+
+class StaleEpoch(ClusterError):
+    """A peer saw a generation or order from an epoch older than the newest it knows."""
+
+    def __init__(self, epoch: int, newest: int) -> None:
+        self.epoch = epoch
+        self.newest = newest
+        super().__init__(f"epoch {epoch} is older than the newest seen ({newest})")

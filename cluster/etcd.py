@@ -1,0 +1,401 @@
+"""etcd v3 client wrapper: the only module that imports ``etcd3gw`` and ``requests``.
+
+It talks to the etcd grpc-gateway JSON API (``/v3/``, etcd >= 3.4) through ``etcd3gw``,
+with its own :class:`requests.Session` (``trust_env = False``: an environment
+``REQUESTS_CA_BUNDLE`` would otherwise silently replace the etcd CA), TLS client
+certificates, short timeouts, and failover across every configured member: a call that
+cannot reach one member is tried on the next one, once around the list. Repeating a call
+over time is the caller's business (``cluster.retry``).
+
+Every failure surfaces as :class:`EtcdUnavailable`. Writes are made safe to repeat on
+another member: create-if-absent recognises its own lease, puts are idempotent, and
+fenced transactions compare the epoch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import etcd3gw
+import requests
+from etcd3gw import exceptions as gw_exc
+
+from cluster.errors import BackendUnavailable
+from cluster.store import KeyValue, WatchEvent
+
+log = logging.getLogger("ctrl-exec.cluster")
+
+T = TypeVar("T")
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+
+
+class EtcdUnavailable(BackendUnavailable):
+    """etcd could not be reached, timed out or refused the request."""
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _raw(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _unb64(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+def _prefix_end(prefix: str) -> str:
+    """The range end covering every key that starts with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return _b64(bytes(raw))
+        raw.pop()
+    return _b64(b"\0")
+
+
+def _kv(item: Mapping[str, Any]) -> KeyValue:
+    return KeyValue(
+        key=_unb64(item["key"]).decode(),
+        value=_unb64(item.get("value", "")),
+        create_rev=int(item.get("create_revision", 0)),
+        mod_rev=int(item.get("mod_revision", 0)),
+        lease=int(item.get("lease", 0)),
+    )
+
+
+def _compare_create(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": revision}
+
+
+def _put_op(key: str, value: str | bytes, lease: int | None = None) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return {"request_put": req}
+
+
+def _range_op(key: str) -> dict[str, Any]:
+    return {"request_range": {"key": _b64(key)}}
+
+
+def _delete_op(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def _header_rev(resp: Mapping[str, Any]) -> int:
+    return int(resp.get("header", {}).get("revision", 0))
+
+
+class EtcdClient:
+    """A small typed client over several etcd members (see the module docstring).
+
+    ``endpoints`` are URLs such as ``https://10.0.0.1:2379``; with ``https``, ``ca`` is the
+    etcd CA file and ``cert``/``key`` the client certificate. ``timeout`` bounds every
+    request (connect and read), so one dead member costs at most that much per call.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        timeout: float = 1.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is required")
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.trust_env = False  # never let REQUESTS_CA_BUNDLE & co. replace the CA
+        self._session.verify = ca if ca else True
+        if cert and key:
+            self._session.cert = (cert, key)
+        elif cert or key:
+            raise ValueError("etcd client cert and key go together")
+        self._clients: list[etcd3gw.Etcd3Client] = []
+        for url in endpoints:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"bad etcd endpoint {url!r}")
+            self._clients.append(
+                etcd3gw.Etcd3Client(
+                    host=parts.hostname,
+                    port=parts.port or 2379,
+                    protocol=parts.scheme,
+                    timeout=timeout,
+                    api_path="/v3/",
+                    session=self._session,
+                )
+            )
+        self.endpoints = [c.base_url for c in self._clients]
+        self._current = 0
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
+        """Run ``fn`` on the current member, failing over once around the member list."""
+        with self._lock:
+            start = self._current
+        n = len(self._clients)
+        last: Exception | None = None
+        for i in range(n):
+            idx = (start + i) % n
+            client = self._clients[idx]
+            try:
+                result = fn(client)
+            except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError) as exc:
+                last = exc
+                log.debug("etcd %s on %s failed: %r", what, client.base_url, exc)
+                continue
+            except gw_exc.Etcd3Exception as exc:
+                raise EtcdUnavailable(f"etcd {what}: {exc.detail_text or exc!r}") from exc
+            except (requests.RequestException, ValueError, KeyError) as exc:
+                last = exc
+                log.debug("etcd %s on %s failed: %r", what, client.base_url, exc)
+                continue
+            if idx != start:
+                with self._lock:
+                    self._current = idx
+                log.info("etcd: failed over to %s", client.base_url)
+            return result
+        raise EtcdUnavailable(f"etcd {what}: no member answered ({last!r})")
+
+    def _post(self, what: str, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        def go(c: etcd3gw.Etcd3Client) -> dict[str, Any]:
+            resp = c.post(c.get_url(path), json=payload)
+            if not isinstance(resp, dict):
+                raise ValueError(f"unexpected etcd answer {resp!r}")
+            return resp
+
+        return self._call(what, go)
+
+    def _txn(
+        self,
+        what: str,
+        compare: list[dict[str, Any]],
+        success: list[dict[str, Any]],
+        failure: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        if len(success) > MAX_TXN_OPS or len(failure or []) > MAX_TXN_OPS:
+            raise ValueError(f"transaction larger than {MAX_TXN_OPS} operations")
+        return self._post(
+            what, "/kv/txn", {"compare": compare, "success": success, "failure": failure or []}
+        )
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def lease_grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease; returns ``(lease_id, granted_ttl)``."""
+        resp = self._post("lease grant", "/lease/grant", {"TTL": int(ttl), "ID": 0})
+        return int(resp["ID"]), int(resp["TTL"])
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns the TTL it now has, ``<= 0`` when the lease is gone."""
+        resp = self._post("lease keepalive", "/lease/keepalive", {"ID": lease_id})
+        return int(resp.get("result", {}).get("TTL", -1))
+
+    def lease_revoke(self, lease_id: int) -> None:
+        """Revoke a lease (its keys go at once); a lease already gone is not an error."""
+        try:
+            self._post("lease revoke", "/kv/lease/revoke", {"ID": lease_id})
+        except EtcdUnavailable as exc:
+            if "lease not found" in str(exc):
+                return
+            raise
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        resp = self._post("get", "/kv/range", {"key": _b64(key)})
+        kvs = resp.get("kvs") or []
+        return _kv(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: str) -> list[KeyValue]:
+        """Every key under ``prefix``, sorted by key."""
+        resp = self._post(
+            "get prefix", "/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
+        )
+        return sorted((_kv(i) for i in resp.get("kvs") or []), key=lambda kv: kv.key)
+
+    def put(self, key: str, value: str | bytes, lease: int | None = None) -> int:
+        """Write a key; returns the store revision of the write."""
+        payload: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            payload["lease"] = lease
+        return _header_rev(self._post("put", "/kv/put", payload))
+
+    def delete(self, key: str) -> bool:
+        resp = self._post("delete", "/kv/deleterange", {"key": _b64(key)})
+        return int(resp.get("deleted", 0)) > 0
+
+    def delete_prefix(self, prefix: str) -> int:
+        resp = self._post(
+            "delete prefix",
+            "/kv/deleterange",
+            {"key": _b64(prefix), "range_end": _prefix_end(prefix)},
+        )
+        return int(resp.get("deleted", 0))
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def txn_create_if_absent(self, key: str, value: str | bytes, lease: int) -> tuple[bool, int]:
+        """Create ``key`` bound to ``lease`` unless it exists.
+
+        Returns ``(created, create_revision)``: the new key's create revision, or the
+        existing key's. A key already bound to this very lease counts as created by us
+        (a repeat after a lost answer).
+        """
+        resp = self._txn(
+            "create-if-absent",
+            [_compare_create(key, 0)],
+            [_put_op(key, value, lease)],
+            [_range_op(key)],
+        )
+        if resp.get("succeeded"):
+            return True, _header_rev(resp)
+        kvs = self._range_kvs(resp)
+        if not kvs:  # deleted in between: report "not created", the caller tries again
+            return False, 0
+        existing = kvs[0]
+        return existing.lease == lease and lease != 0, existing.create_rev
+
+    def txn_create_all_if_absent(self, items: Mapping[str, str | bytes], lease: int) -> list[str]:
+        """Create every key bound to ``lease``, or none; returns the keys already present."""
+        if not items:
+            return []
+        keys = list(items)
+        resp = self._txn(
+            "create-all-if-absent",
+            [_compare_create(k, 0) for k in keys],
+            [_put_op(k, items[k], lease) for k in keys],
+            [_range_op(k) for k in keys],
+        )
+        if resp.get("succeeded"):
+            return []
+        # The ranges ran atomically with the failed compare. Keys that hold our lease and
+        # value are ours from a repeat after a lost answer (then all of them are).
+        return [
+            kv.key
+            for kv in self._range_kvs(resp)
+            if not (kv.lease == lease and kv.value == _raw(items[kv.key]))
+        ]
+
+    def txn_delete_if_value(self, items: Mapping[str, str | bytes]) -> None:
+        """Delete each key whose value is still the given one (others are left alone)."""
+        for key, value in items.items():
+            self._txn(
+                "delete-if-value",
+                [{"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}],
+                [_delete_op(key)],
+            )
+
+    def txn_put_if_epoch(
+        self,
+        leader_key: str,
+        epoch: int,
+        puts: Mapping[str, str | bytes],
+        deletes: Sequence[str] = (),
+    ) -> tuple[bool, int]:
+        """Apply ``puts`` and ``deletes`` only while ``leader_key``'s create revision is ``epoch``.
+
+        Returns ``(applied, revision)``.
+        """
+        if epoch <= 0:
+            return False, 0
+        ops = [_put_op(k, v) for k, v in puts.items()] + [_delete_op(k) for k in deletes]
+        resp = self._txn("fenced put", [_compare_create(leader_key, epoch)], ops)
+        return bool(resp.get("succeeded")), _header_rev(resp)
+
+    @staticmethod
+    def _range_kvs(resp: Mapping[str, Any]) -> list[KeyValue]:
+        out: list[KeyValue] = []
+        for r in resp.get("responses") or []:
+            for item in (r.get("response_range") or {}).get("kvs") or []:
+                out.append(_kv(item))
+        return out
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def revision(self) -> int:
+        """The store's current revision."""
+        return _header_rev(self._post("revision", "/kv/range", {"key": _b64("\0"), "limit": 1}))
+
+    def watch_once(
+        self, key: str, timeout: float, start_revision: int | None = None
+    ) -> WatchEvent | None:
+        """The first change of ``key`` (from ``start_revision`` on), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        create: dict[str, Any] = {"key": _b64(key)}
+        if start_revision:
+            create["start_revision"] = start_revision
+        with self._lock:
+            start = self._current
+        n = len(self._clients)
+        last: Exception | None = None
+        for i in range(n):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            client = self._clients[(start + i) % n]
+            try:
+                return self._watch_on(client, {"create_request": create}, deadline)
+            except (requests.RequestException, ValueError, KeyError) as exc:
+                if time.monotonic() >= deadline - 0.01:
+                    return None  # the read timeout is how a quiet watch ends
+                last = exc
+                log.debug("etcd watch on %s failed: %r", client.base_url, exc)
+        raise EtcdUnavailable(f"etcd watch: no member answered ({last!r})")
+
+    def _watch_on(
+        self, client: etcd3gw.Etcd3Client, request: Mapping[str, Any], deadline: float
+    ) -> WatchEvent | None:
+        left = max(deadline - time.monotonic(), 0.01)
+        resp = self._session.post(
+            client.get_url("/watch"),
+            json=request,
+            stream=True,
+            timeout=(min(self.timeout, left), left),
+        )
+        try:
+            if resp.status_code != 200:
+                raise ValueError(f"watch answered HTTP {resp.status_code}")
+            buf = b""
+            for chunk in resp.iter_content(chunk_size=None):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("canceled"):
+                        raise ValueError(f"watch canceled: {result.get('cancel_reason')}")
+                    for ev in result.get("events") or []:
+                        kv = _kv(ev["kv"])
+                        return WatchEvent(
+                            kind="DELETE" if ev.get("type") == "DELETE" else "PUT",
+                            key=kv.key,
+                            value=kv.value,
+                            mod_rev=kv.mod_rev,
+                        )
+                if time.monotonic() >= deadline:
+                    return None
+            return None
+        finally:
+            resp.close()

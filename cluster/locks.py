@@ -1,0 +1,99 @@
+"""Cluster-wide host:script run locks, the same shape as ``dispatcher/locks.py``.
+
+``acquire_all(pairs)`` takes every lock or none, and a conflict raises
+:class:`LockConflict` listing every ``host:script`` already running. With etcd the locks
+are keys ``/<cluster>/locks/<host>--<script>`` bound to the instance's session lease, so a
+crashed instance's locks vanish after the TTL; with the local backend they live in the
+state directory and are bound to a ``flock`` held by this process. Each handle has a
+random token in its keys' values, so a release never deletes another holder's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from types import TracebackType
+
+from cluster.backend import Backend
+from cluster.errors import ClusterError
+from cluster.session import Session
+
+log = logging.getLogger("ctrl-exec.cluster")
+
+
+class LockConflict(ClusterError):
+    """Some host:script pairs are already running; ``conflicts`` lists them."""
+
+    def __init__(self, conflicts: list[str]) -> None:
+        self.conflicts = conflicts
+        super().__init__(f"already running: {', '.join(conflicts)}")
+
+
+class ClusterHeldLocks:
+    """Locks held for one run; released by :meth:`release` or leaving the ``with``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        session: Session,
+        pairs: list[tuple[str, str]],
+        token: str,
+        owner: str,
+        lease_id: int,
+    ) -> None:
+        self.pairs = pairs
+        self._backend = backend
+        self._session = session
+        self._token = token
+        self._owner = owner
+        self._lease_id = lease_id
+        self._held = bool(pairs)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    @property
+    def lost(self) -> bool:
+        """True when the session lease these locks were bound to is gone."""
+        return self._held and not self._session.is_current(self._lease_id)
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self._backend.run_lock_release(self.pairs, self._token, self._owner)
+
+    def __enter__(self) -> ClusterHeldLocks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class ClusterRunLocks:
+    """Run locks for every instance of the cluster (the ``RunLocks`` interface)."""
+
+    def __init__(self, backend: Backend, session: Session, owner: str) -> None:
+        self.backend = backend
+        self.session = session
+        self.owner = owner
+
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> ClusterHeldLocks:
+        """Take every host:script lock without blocking, or none (:class:`LockConflict`)."""
+        unique = list(dict.fromkeys(pairs))
+        token = secrets.token_hex(8)
+        lease_id = self.session.lease_id()
+        conflicts = self.backend.run_lock_acquire(unique, token, self.owner, lease_id)
+        if conflicts:
+            raise LockConflict(conflicts)
+        return ClusterHeldLocks(self.backend, self.session, unique, token, self.owner, lease_id)
+
+    def list_held(self) -> list[tuple[str, str]]:
+        """Sorted (host, script) of every lock held anywhere in the cluster."""
+        return self.backend.run_locks_held()

@@ -1,0 +1,337 @@
+"""One contract for both coordination backends: embedded (local state dir) and etcd.
+
+Every test runs twice: against :class:`LocalBackend` in a temp dir, and against
+:class:`EtcdBackend` on a real one-member etcd (skipped, with the reason, when etcd is
+not installed). "Two clients" are two backend objects, as two instances would have.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.backend import EtcdBackend, KVBackend, LocalBackend, MemberInfo
+from cluster.election import Elector, EpochGuard
+from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
+from cluster.locks import ClusterRunLocks, LockConflict
+from cluster.session import Session
+from tests.support.etcdcluster import ETCD, SKIP_REASON, EtcdCluster, TLSFiles
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+Factory = Callable[[], KVBackend]
+
+
+@pytest.fixture(scope="module")
+def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd1"), size=1)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["local", "etcd"])
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
+    name = f"t{secrets.token_hex(4)}"  # one cluster namespace per test
+    made: list[KVBackend] = []
+    if request.param == "etcd":
+        etcd: EtcdCluster = request.getfixturevalue("etcd1")
+
+        def factory() -> KVBackend:
+            b = EtcdBackend(etcd.endpoints, cluster_name=name, timeout=1.0)
+            made.append(b)
+            return b
+    else:
+
+        def factory() -> KVBackend:
+            b = LocalBackend(tmp_path / "state", cluster_name=name)
+            made.append(b)
+            return b
+
+    yield factory
+    for b in made:
+        b.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.01) -> float:
+    """Seconds until ``cond()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def test_campaign_leader_and_epochs_grow(make_backend: Factory) -> None:
+    a, b = make_backend(), make_backend()
+    la, lb = a.lease_grant(5), b.lease_grant(5)
+    ra = a.campaign(la.id, "a")
+    assert ra.won and ra.leader is not None
+    e1 = ra.leader.epoch
+    assert e1 > 0
+    assert a.campaign(la.id, "a").won  # repeating our own campaign keeps the same epoch
+    assert a.leader() == ra.leader
+    rb = b.campaign(lb.id, "b")
+    assert not rb.won
+    assert rb.leader is not None and rb.leader.instance_id == "a" and rb.leader.epoch == e1
+    assert rb.revision >= e1
+    assert b.leader() is not None and b.leader().instance_id == "a"  # type: ignore[union-attr]
+
+    a.resign(la.id)
+    assert b.leader() is None
+    assert b.keepalive(la.id) <= 0
+    rb = b.campaign(lb.id, "b")
+    assert rb.won and rb.leader is not None and rb.leader.epoch > e1
+    e2 = rb.leader.epoch
+    la2 = a.lease_grant(5)
+    b.resign(lb.id)
+    ra = a.campaign(la2.id, "a")
+    assert ra.won and ra.leader is not None and ra.leader.epoch > e2
+    a.resign(la2.id)
+
+
+def test_wait_leader_change_wakes_on_resign(make_backend: Factory) -> None:
+    a, b = make_backend(), make_backend()
+    la, lb = a.lease_grant(5), b.lease_grant(5)
+    assert a.campaign(la.id, "a").won
+    res = b.campaign(lb.id, "b")
+    t0 = time.monotonic()
+    assert not b.wait_leader_change(res.revision + 1, 0.3)  # nothing happens: times out
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    a.resign(la.id)
+    t0 = time.monotonic()
+    assert b.wait_leader_change(res.revision + 1, 2.0)  # the delete already happened
+    assert time.monotonic() - t0 < 0.5
+    b.resign(lb.id)
+
+
+def test_resign_hands_over_fast(make_backend: Factory) -> None:
+    elected: list[tuple[str, int]] = []
+    ea = Elector(make_backend(), "a", ttl=2, on_elected=lambda e: elected.append(("a", e)))
+    eb = Elector(make_backend(), "b", ttl=2, on_elected=lambda e: elected.append(("b", e)))
+    ea.start()
+    wait_for(ea.is_leader, 5)
+    eb.start()
+    time.sleep(0.3)  # b is following (watching) now
+    assert not eb.is_leader()
+    t0 = time.monotonic()
+    ea.resign()
+    assert not ea.is_leader()
+    took = wait_for(eb.is_leader, 2)
+    print(f"\n[{type(ea.backend).__name__}] resign -> peer leads after {took * 1000:.0f} ms")
+    assert took < 1.0, took
+    assert [n for n, _ in elected] == ["a", "b"]
+    assert elected[1][1] > elected[0][1]
+    assert eb.epoch == elected[1][1]
+    assert 0 < (eb.lease_time_left() or 0) <= 2
+    eb.stop()
+    ea.stop()
+    assert time.monotonic() - t0 < 10
+
+
+def test_stale_epoch_is_fenced(make_backend: Factory) -> None:
+    a, b = make_backend(), make_backend()
+    la, lb = a.lease_grant(5), b.lease_grant(5)
+    e1 = a.campaign(la.id, "a").leader.epoch  # type: ignore[union-attr]
+    gen = a.keys.generation
+    assert a.fenced_commit(e1, {gen: "1"})
+    r1 = a.record_effect(e1, "publish", "a", {"generation": 1})
+    assert r1 is not None and r1.epoch == e1
+    a.resign(la.id)
+    e2 = b.campaign(lb.id, "b").leader.epoch  # type: ignore[union-attr]
+    assert e2 > e1
+    # the old leader's writes are refused from now on
+    assert not a.fenced_commit(e1, {gen: "stale"})
+    assert a.record_effect(e1, "publish", "a", {"generation": 2}) is None
+    assert not a.fenced_commit(0, {gen: "zero"})
+    r2 = b.record_effect(e2, "publish", "b", {"generation": 2}, puts={gen: "2"})
+    assert r2 is not None and r2.revision > r1.revision
+    kv = b.store.get(gen)
+    assert kv is not None and kv.value == b"2"
+    history = b.effects()
+    assert [(h.instance_id, h.epoch) for h in history] == [("a", e1), ("b", e2)]
+    b.resign(lb.id)
+
+
+def test_elector_fenced_helper(make_backend: Factory) -> None:
+    other = make_backend()
+    el = Elector(make_backend(), "a", ttl=6).start()
+    try:
+        wait_for(el.is_leader, 5)
+        e1 = el.epoch
+        assert e1 is not None
+        assert el.fenced("sign-cert", lambda epoch: epoch * 2, detail={"cn": "h1"}) == 2 * e1
+        rec = el.commit("publish-generation", puts={other.keys.generation: "7"})
+        assert rec.epoch == e1
+
+        def usurp(epoch: int) -> None:
+            # a peer takes over while the effect runs: revoke a's lease, win a new epoch
+            leader = other.leader()
+            assert leader is not None and leader.epoch == epoch
+            other.resign(leader.lease)
+            lb = other.lease_grant(5)
+            assert other.campaign(lb.id, "b").won
+
+        with pytest.raises(Fenced) as info:
+            el.fenced("approve-pairing", usurp)
+        assert info.value.epoch == e1
+        effects = other.effects()
+        assert [e.effect for e in effects] == ["sign-cert", "publish-generation"]
+        assert all(e.epoch == e1 for e in effects)
+        wait_for(lambda: not el.is_leader(), 15)  # its next keep-alive notices
+        with pytest.raises(NotLeader):
+            el.fenced("anything", lambda epoch: None)
+    finally:
+        el.stop()
+
+
+def test_epoch_guard_refuses_older() -> None:
+    g = EpochGuard()
+    g.check(5)
+    g.check(5)
+    g.check(9)
+    with pytest.raises(StaleEpoch):
+        g.check(7)
+    assert g.newest == 9
+
+
+def test_run_locks_conflict_across_clients(make_backend: Factory) -> None:
+    ba, bb = make_backend(), make_backend()
+    sa = Session(ba, ttl=5).start()
+    sb = Session(bb, ttl=5).start()
+    try:
+        la = ClusterRunLocks(ba, sa, owner="a")
+        lb = ClusterRunLocks(bb, sb, owner="b")
+        held = la.acquire_all([("h1", "s1"), ("h2", "s1"), ("h1", "s1")])
+        assert held.pairs == [("h1", "s1"), ("h2", "s1")]
+        with pytest.raises(LockConflict) as info:
+            lb.acquire_all([("h3", "s1"), ("h2", "s1"), ("h1", "s1")])
+        assert sorted(info.value.conflicts) == ["h1:s1", "h2:s1"]
+        assert lb.list_held() == [("h1", "s1"), ("h2", "s1")]  # all or none: no h3
+        with lb.acquire_all([("h3", "s1"), ("h1", "s2")]) as other:
+            assert other.held and not other.lost
+            assert la.list_held() == [("h1", "s1"), ("h1", "s2"), ("h2", "s1"), ("h3", "s1")]
+        held.release()
+        held.release()  # twice is harmless
+        assert la.list_held() == []
+        again = lb.acquire_all([("h1", "s1")])
+        # a lost session frees the locks for everyone
+        sb.close(revoke=True)
+        assert la.list_held() == []
+        assert again.lost
+        la.acquire_all([("h1", "s1")]).release()
+    finally:
+        sa.close()
+        sb.close()
+
+
+def test_many_locks_all_or_none(make_backend: Factory) -> None:
+    ba, bb = make_backend(), make_backend()
+    sa, sb = Session(ba, ttl=5), Session(bb, ttl=5)
+    try:
+        la = ClusterRunLocks(ba, sa, owner="a")
+        lb = ClusterRunLocks(bb, sb, owner="b")
+        blocker = lb.acquire_all([("h250", "s")])
+        pairs = [(f"h{i}", "s") for i in range(260)]  # more than one transaction's worth
+        with pytest.raises(LockConflict) as info:
+            la.acquire_all(pairs)
+        assert info.value.conflicts == ["h250:s"]
+        assert la.list_held() == [("h250", "s")]
+        blocker.release()
+        with la.acquire_all(pairs):
+            assert len(lb.list_held()) == 260
+        assert lb.list_held() == []
+    finally:
+        sa.close()
+        sb.close()
+
+
+def test_members_registered_and_gone_with_lease(make_backend: Factory) -> None:
+    ba, bb = make_backend(), make_backend()
+    ma = MemberInfo("a", advertise_url="https://127.0.0.1:7445", version="1.0", cert_serial="0a")
+    sa = Session(ba, ttl=5, member=ma).start()
+    sb = Session(bb, ttl=5, member=MemberInfo("b", generation=3)).start()
+    try:
+        sa.lease_id()
+        sb.lease_id()
+        assert [m.instance_id for m in bb.members()] == ["a", "b"]
+        assert ba.members()[0] == ma
+        sa.update_member(state="draining", generation=4)
+        got = {m.instance_id: m for m in bb.members()}
+        assert got["a"].state == "draining" and got["a"].generation == 4
+        assert got["b"].generation == 3 and got["b"].state == "serving"
+        sa.close(revoke=True)
+        assert [m.instance_id for m in bb.members()] == ["b"]
+    finally:
+        sa.close()
+        sb.close()
+
+
+def test_etcd_over_tls_ignores_requests_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mTLS to etcd works although REQUESTS_CA_BUNDLE names another CA (own session)."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("ctrl-exec-dispatcher")
+    files = {
+        "ca": tmp_path / "ca.crt",
+        "server_cert": tmp_path / "server.crt",
+        "server_key": tmp_path / "server.key",
+        "client_cert": tmp_path / "client.crt",
+        "client_key": tmp_path / "client.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server_cert"]))
+    server.private_key_pem.write_to_path(str(files["server_key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(tmp_path / "other-ca.crt"))
+
+    cluster = EtcdCluster(tmp_path / "etcd", size=1, tls=TLSFiles(**files))
+    cluster.start()
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "other-ca.crt"))
+        monkeypatch.setenv("CURL_CA_BUNDLE", str(tmp_path / "other-ca.crt"))
+        assert cluster.endpoints[0].startswith("https://")
+        b = EtcdBackend(
+            cluster.endpoints,
+            cluster_name="tls",
+            ca=str(files["ca"]),
+            cert=str(files["client_cert"]),
+            key=str(files["client_key"]),
+        )
+        lease = b.lease_grant(5)
+        assert b.campaign(lease.id, "a").won
+        b.resign(lease.id)
+        b.close()
+        # without a client certificate etcd refuses us, and we say so with one error type
+        nocert = EtcdBackend(cluster.endpoints, cluster_name="tls", ca=str(files["ca"]))
+        with pytest.raises(BackendUnavailable):
+            nocert.leader()
+        nocert.close()
+        # a wrong CA is refused too (the env bundle did not sneak in either way)
+        wrong = EtcdBackend(
+            cluster.endpoints,
+            cluster_name="tls",
+            ca=str(tmp_path / "other-ca.crt"),
+            cert=str(files["client_cert"]),
+            key=str(files["client_key"]),
+        )
+        with pytest.raises(BackendUnavailable):
+            wrong.leader()
+        wrong.close()
+    finally:
+        cluster.close()
