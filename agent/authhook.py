@@ -7,18 +7,18 @@ with fixed reasons; anything else denies as ``hook exited N``; a timeout kills i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
+
+from agent.records import record
 
 REASONS = {1: "denied", 2: "bad credentials", 3: "insufficient privilege"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Decision:
     allowed: bool
     reason: str = ""
@@ -92,10 +92,18 @@ def decide(returncode: int | None) -> Decision:
     return Decision(False, f"hook exited {returncode}", 1)
 
 
-async def call(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision:
-    """Run ``hook``; a missing/non-executable hook, exec failure or timeout denies."""
+def _not_runnable(hook: str) -> Decision | None:
     if not (os.path.isfile(hook) and os.access(hook, os.X_OK)):
         return Decision(False, f"auth hook not found or not executable: {hook}", 1)
+    return None
+
+
+async def call(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision:
+    """Run ``hook``; a missing/non-executable hook, exec failure or timeout denies."""
+    import asyncio  # here, not at the top: ``call_sync`` users must not pay for asyncio
+
+    if (refused := _not_runnable(hook)) is not None:
+        return refused
     data = json.dumps(ctx).encode()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -125,4 +133,32 @@ async def call(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decisio
 
 
 def call_sync(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision:
-    return asyncio.run(call(hook, ctx, timeout))
+    """:func:`call` without an event loop (blocks the calling thread)."""
+    import subprocess
+
+    if (refused := _not_runnable(hook)) is not None:
+        return refused
+    data = json.dumps(ctx).encode()
+    try:
+        proc = subprocess.Popen(
+            [hook],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=build_env(ctx),
+            start_new_session=True,
+        )
+    except OSError:
+        return Decision(False, "denied", 1)
+    try:
+        proc.communicate(data, timeout=timeout)  # a hook that ignores stdin is fine
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait()
+        return Decision(False, "auth hook timed out", 1)
+    finally:
+        if proc.stdin is not None and not proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+    return decide(proc.returncode)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never a part."""
+    import tempfile  # here: readers of this module (the ced run path) write nothing
+
     p = Path(path)
     if isinstance(data, str):
         data = data.encode()

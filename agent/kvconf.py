@@ -11,16 +11,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
+from agent.records import record
 
 _KV = re.compile(r"^(\w+)\s*=\s*(.*?)\s*$")
 _SECTION = re.compile(r"^\[\s*([A-Za-z]+)(?:\s+([\w.-]+))?\s*\]$")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     line: int
     section: str  # "" for the top level, "tags", "profile NAME", or another name

@@ -6,10 +6,13 @@ Server side: :func:`read_request` (limits: 32 header lines, 1 MiB body) and
 
 from __future__ import annotations
 
-import asyncio
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from agent.records import field, record
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_HEADERS = 32
 MAX_BODY = 1_048_576
@@ -44,7 +47,7 @@ def response_bytes(code: int, obj: Any) -> bytes:
     return head.encode("ascii") + body
 
 
-@dataclass
+@record
 class Request:
     method: str
     path: str
@@ -63,6 +66,8 @@ class RequestError(Exception):
 
 
 async def _readline(reader: asyncio.StreamReader) -> bytes:
+    import asyncio  # not at module level: the dispatcher's blocking client imports this module
+
     try:
         return await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as exc:
@@ -106,6 +111,8 @@ async def read_request(
         raise RequestError(413, {"error": "request too large"})
     body = b""
     if length:
+        import asyncio
+
         try:
             body = await reader.readexactly(length)
         except asyncio.IncompleteReadError:
@@ -126,7 +133,7 @@ def request_bytes(method: str, path: str, obj: Any | None, host: str = "") -> by
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
-@dataclass
+@record
 class Response:
     code: int
     headers: dict[str, str]

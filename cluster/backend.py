@@ -10,6 +10,8 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
     generation              the published config generation (leader-only, fenced)
     effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
+    runs/<reqid>            metadata of an async run (any instance), bound to a day-long lease
+    switchover              a request that the leader of a given epoch resign, short lease
 
 Leader-only writes go through :meth:`Backend.fenced_commit`, a transaction that applies
 only while the leader key's create revision is still the epoch the work started under.
@@ -61,6 +63,9 @@ class MemberInfo:
     cert_serial: str = ""
     generation: int = 0
     state: MemberState = "serving"
+    health_port: int = 0  # where load balancers check this instance (0: unknown)
+    pairing_port: int = 0  # where it listens for pairing while it leads (0: unknown)
+    proxy_port: int = 0  # API port expecting a PROXY v2 header from the load balancer (0: none)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -75,6 +80,9 @@ class MemberInfo:
             cert_serial=str(d.get("cert_serial", "")),
             generation=int(d.get("generation", 0)),
             state="draining" if d.get("state") == "draining" else "serving",
+            health_port=int(d.get("health_port", 0)),
+            pairing_port=int(d.get("pairing_port", 0)),
+            proxy_port=int(d.get("proxy_port", 0)),
         )
 
 
@@ -101,6 +109,8 @@ class ClusterKeys:
         self.locks = f"{self.prefix}locks/"
         self.generation = f"{self.prefix}generation"
         self.effects = f"{self.prefix}effects/"
+        self.runs = f"{self.prefix}runs/"
+        self.switchover = f"{self.prefix}switchover"
 
     def member(self, instance_id: str) -> str:
         return f"{self.members}{instance_id}"
@@ -110,6 +120,11 @@ class ClusterKeys:
 
     def effect(self, epoch: int) -> str:
         return f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
+
+    def run(self, reqid: str) -> str:
+        if not reqid or "/" in reqid:
+            raise ValueError(f"bad run id {reqid!r}")
+        return f"{self.runs}{reqid}"
 
 
 class Backend(Protocol):
@@ -308,6 +323,31 @@ class KVBackend:
             d = json.loads(kv.value)
             held.append((str(d["host"]), str(d["script"])))
         return sorted(held, key=lambda p: f"{p[0]}:{p[1]}")
+
+    # -- plain keys (run metadata, switchover requests, the generation) ----------------------
+
+    def get_value(self, key: str) -> bytes | None:
+        kv = self.store.get(key)
+        return None if kv is None else kv.value
+
+    def put_value(self, key: str, value: str | bytes, lease_id: int = 0) -> int:
+        """Unfenced put (never for leader-only state); returns the revision."""
+        return self.store.put(key, value, lease=lease_id or None)
+
+    def delete_value(self, key: str) -> bool:
+        return self.store.delete(key)
+
+    def generation(self) -> int:
+        """The published config generation (0 before any)."""
+        raw = self.get_value(self.keys.generation)
+        if not raw:
+            return 0
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return 0
+        value = doc.get("generation", 0) if isinstance(doc, dict) else doc
+        return int(value) if isinstance(value, int) else 0
 
     def close(self) -> None:
         self.store.close()

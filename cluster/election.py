@@ -169,9 +169,18 @@ class Elector:
         puts: Mapping[str, str | bytes] | None = None,
         deletes: Sequence[str] = (),
         detail: Mapping[str, Any] | None = None,
+        *,
+        epoch: int | None = None,
     ) -> EffectRecord:
-        """Commit leader-only writes plus their effect record under the current epoch."""
-        return self._commit(effect, self._require_leader(effect), puts, deletes, detail)
+        """Commit leader-only writes plus their effect record under the current epoch.
+
+        With ``epoch`` (the epoch an operation began under) the commit is refused with
+        :class:`NotLeader` unless this instance still leads under exactly that epoch, and
+        with :class:`Fenced` if the store knows a newer one.
+        """
+        if epoch is None:
+            epoch = self._require_leader(effect)
+        return self._commit(effect, epoch, puts, deletes, detail)
 
     def _require_leader(self, effect: str) -> int:
         epoch = self.epoch

@@ -54,6 +54,15 @@ class ClusterHeldLocks:
         return self._held
 
     @property
+    def token(self) -> str:
+        """The random token in this handle's lock values (a release names it)."""
+        return self._token
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
     def lost(self) -> bool:
         """True when the session lease these locks were bound to is gone."""
         return self._held and not self._session.is_current(self._lease_id)

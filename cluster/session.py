@@ -53,14 +53,19 @@ class Session:
         """The current lease (granting one now if the thread has not yet)."""
         with self._lock:
             lease = self._lease
+        # set but not yet granted: the thread is registering the member key under it
+        if (lease is None or not self._granted.is_set()) and self._thread.is_alive():
+            self._granted.wait(self.ttl if timeout is None else timeout)
+            with self._lock:
+                lease = self._lease
         if lease is None:
-            if self._thread.is_alive():
-                self._granted.wait(self.ttl if timeout is None else timeout)
-                with self._lock:
-                    lease = self._lease
-            if lease is None:
-                lease = self._grant()
+            lease = self._grant()
         return lease.id
+
+    def current_lease_id(self) -> int | None:
+        """The lease held right now, without waiting or granting (None while there is none)."""
+        with self._lock:
+            return None if self._lease is None else self._lease.id
 
     def is_current(self, lease_id: int) -> bool:
         with self._lock:

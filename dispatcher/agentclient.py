@@ -1,263 +1,67 @@
-"""One mTLS request to one agent (spec 3.4), as upstream's LWP client makes it.
+"""One mTLS request to one agent over asyncio, as upstream's LWP client makes it.
 
-The request is an HTTP/1.1 line with ``Host``, ``Connection: close`` and, with a body,
-``Content-Type: application/json`` plus ``Content-Length`` (never chunked). The reply is
-read as a head plus exactly ``Content-Length`` bytes; a body that ends at EOF is accepted.
-One deadline (``timeout``) covers connect, handshake, request and response.
-
-TLS runs over memory BIOs on a plain asyncio TCP stream, so the client can offer a cached
-``ssl.SSLSession`` per agent address (TLS 1.3 ticket resumption): the agent then skips
-its certificate signature and both sides skip chain verification. Sessions belong to
-the ``SSLContext`` that made them; :func:`sessions_for` keeps one cache per context.
-
-Transport failures are rewritten to upstream's strings (``_transport_error`` in
-upstream's engine): the ``<h>`` in them is the connect address, as upstream's is.
+The request, the TLS client (memory BIOs, so a cached session can be offered), reply
+parsing and upstream's error strings live in :mod:`dispatcher.agentwire`; this module
+connects with asyncio and moves the bytes. :data:`ASYNCIO` is the
+:class:`~dispatcher.agentio.AgentIO` the operations use by default (the API daemon,
+``ced`` verbs that fan out widely); :mod:`dispatcher.blockingclient` is the same over
+plain sockets and threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
-import logging
-import socket
 import ssl
-import time
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from agent.wire import parse_head, request_bytes
+from agent import authhook
+from dispatcher.agentwire import (
+    MAX_RESPONSE,
+    NO_DATA,
+    READ_CHUNK,
+    TRANSPORT_ERRORS,
+    AgentReply,
+    Attempt,
+    Exchange,
+    SessionCache,
+    fmt_seconds,
+    sessions_for,
+)
 
-MAX_RESPONSE = 128 * 1024 * 1024
-READ_CHUNK = 256 * 1024
-NO_DATA = "500 Server closed connection without sending any data back"
+__all__ = [
+    "ASYNCIO",
+    "MAX_RESPONSE",
+    "NO_DATA",
+    "AgentReply",
+    "AsyncioIO",
+    "SessionCache",
+    "call",
+    "fmt_seconds",
+    "sessions_for",
+]
 
-log = logging.getLogger("ctrl-exec.agentclient")
-
-
-@dataclass
-class AgentReply:
-    """``code`` is None when no HTTP response arrived; ``error`` is "" on 2xx."""
-
-    code: int | None
-    body: dict[str, Any] | None
-    rtt_ms: int
-    error: str = ""
-    status_line: str = ""
-    resumed: bool = False
-
-    @property
-    def rtt(self) -> str:
-        return f"{self.rtt_ms}ms"
-
-
-class SessionCache:
-    """TLS sessions by ``(address, port)``, least recently used dropped first."""
-
-    def __init__(self, max_entries: int = 4096) -> None:
-        self.max_entries = max_entries
-        self._items: OrderedDict[tuple[str, int], ssl.SSLSession] = OrderedDict()
-        self.offered = 0
-        self.resumed = 0
-
-    def get(self, address: str, port: int) -> ssl.SSLSession | None:
-        key = (address, port)
-        s = self._items.get(key)
-        if s is not None:
-            self._items.move_to_end(key)
-        return s
-
-    def put(self, address: str, port: int, session: ssl.SSLSession) -> None:
-        key = (address, port)
-        self._items[key] = session
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
-
-    def drop(self, address: str, port: int) -> None:
-        self._items.pop((address, port), None)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
+R = TypeVar("R")
 
 
-_caches: weakref.WeakKeyDictionary[ssl.SSLContext, SessionCache] = weakref.WeakKeyDictionary()
-
-
-def sessions_for(ctx: ssl.SSLContext) -> SessionCache:
-    """The session cache that belongs to ``ctx`` (created on first use)."""
-    cache = _caches.get(ctx)
-    if cache is None:
-        cache = _caches[ctx] = SessionCache()
-    return cache
-
-
-def fmt_seconds(t: float) -> str:
-    """``60`` for 60.0, ``2.5`` for 2.5: how upstream interpolates its config value."""
-    return f"{t:g}"
-
-
-class _ResponseTooLarge(Exception):
-    pass
-
-
-class _HandshakeRefused(Exception):
-    pass
-
-
-@dataclass
-class _State:
-    phase: str = "connect"  # connect -> tls -> request -> response
-    resumed: bool = False
-    got_data: bool = False
-
-
-def _host_header(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-async def _exchange(
-    st: _State,
-    address: str,
-    port: int,
-    payload: bytes,
-    ctx: ssl.SSLContext,
-    sessions: SessionCache | None,
-) -> bytes:
-    """Connect, handshake, send ``payload``, return the raw response bytes."""
+async def _drive(steps: Exchange, address: str, port: int) -> bytes:
+    """Connect, then move the bytes :func:`dispatcher.agentwire.exchange` asks for."""
     reader, writer = await asyncio.open_connection(address, port)
     try:
-        st.phase = "tls"
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        session = sessions.get(address, port) if sessions is not None else None
-        try:
-            sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, session=session)
-        except ValueError:  # a session from another context
-            if sessions is not None:
-                sessions.drop(address, port)
-            session = None
-            sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False)
-        if session is not None and sessions is not None:
-            sessions.offered += 1
-
-        async def flush() -> None:
-            data = outgoing.read()
-            if data:
-                writer.write(data)
-                await writer.drain()
-
-        async def feed() -> None:
-            data = await reader.read(READ_CHUNK)
-            if data:
-                incoming.write(data)
+        want = next(steps)
+        while True:
+            if want is None:
+                data = await reader.read(READ_CHUNK)
             else:
-                incoming.write_eof()
-
-        while True:
-            try:
-                sslobj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await flush()
-                await feed()
-        st.resumed = sslobj.session_reused
-        version = sslobj.version()
-        if st.resumed and sessions is not None:
-            sessions.resumed += 1
-
-        st.phase = "request"
-        sslobj.write(payload)
-        await flush()
-
-        st.phase = "response"
-        buf = bytearray()
-        head_end = -1
-        length: int | None = None
-        while True:
-            try:
-                chunk = sslobj.read(READ_CHUNK)
-            except ssl.SSLWantReadError:
-                await flush()  # post-handshake messages may want an answer
-                await feed()
-                continue
-            except ssl.SSLEOFError:  # TCP EOF without close_notify: the body ends here
-                break
-            if not chunk:  # close_notify
-                break
-            buf += chunk
-            st.got_data = True
-            if len(buf) > MAX_RESPONSE:
-                raise _ResponseTooLarge
-            if head_end < 0:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end >= 0:
-                    _, headers = parse_head(bytes(buf[:head_end]))
-                    if "content-length" in headers:
-                        length = int(headers["content-length"])
-            if length is not None and len(buf) - head_end - 4 >= length:
-                break
-        if not buf and version == "TLSv1.3" and not st.resumed:
-            s = sslobj.session
-            if s is None or not s.has_ticket:
-                # A TLS 1.3 client finishes its handshake before the server has checked
-                # the client certificate; a server that then hangs up without a session
-                # ticket has refused the handshake (usually our certificate).
-                raise _HandshakeRefused
-        if sessions is not None and not st.resumed:
-            # A resumed session stays cached: reading ``sslobj.session`` copies it (about
-            # 0.25 ms), and the agent issues a fresh one whenever it refuses the old one.
-            s = sslobj.session
-            if s is not None and (s.has_ticket or version == "TLSv1.2"):
-                sessions.put(address, port, s)
-        return bytes(buf)
+                writer.write(want)
+                await writer.drain()
+                data = b""
+            want = steps.send(data)
+    except StopIteration as done:
+        raw: bytes = done.value
+        return raw
     finally:
         writer.close()
-
-
-def _transport_error(
-    exc: BaseException, st: _State, address: str, port: int, path: str, timeout: float
-) -> str:
-    h = address
-    timed_out = f"host '{h}' did not respond - connection timed out"
-    tls = f"TLS handshake with '{h}' failed - certificate or trust mismatch"
-    if isinstance(exc, TimeoutError):
-        # LWP reports a read timeout once connected; only the run path names it as such.
-        if st.phase in ("request", "response") and path == "/run":
-            return f"read timeout after {fmt_seconds(timeout)}s"
-        return timed_out
-    if isinstance(exc, socket.gaierror):
-        return f"host '{h}' did not resolve - check the name or use an IP address"
-    if isinstance(exc, ConnectionRefusedError):
-        return (
-            f"host '{h}' did not respond on port {port} - connection refused "
-            "(agent not running, or wrong port?)"
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return f"host '{h}' is unreachable - no route to host or network down"
-    if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
-        return timed_out
-    if isinstance(exc, ssl.SSLError):
-        if isinstance(exc, ssl.SSLEOFError) and st.phase == "response":
-            return NO_DATA
-        return tls
-    if isinstance(exc, _HandshakeRefused):
-        return tls
-    if isinstance(exc, _ResponseTooLarge):
-        return "500 response too large"
-    if isinstance(exc, OSError):
-        if st.phase == "tls":
-            return tls  # LWP: "SSL connect attempt failed"
-        if not st.got_data:
-            return NO_DATA
-        return f"500 {exc.strerror or exc}"
-    if isinstance(exc, ValueError):
-        return f"500 bad response from agent: {exc}"
-    return f"500 {exc.__class__.__name__}: {exc}"
 
 
 async def call(
@@ -278,62 +82,36 @@ async def call(
     ``sessions`` defaults to the cache of ``ctx``; ``use_sessions=False`` forces a full
     handshake and stores nothing. ``name`` (the registry name) only labels debug logs.
     """
-    if sessions is None and use_sessions:
-        sessions = sessions_for(ctx)
-    if not use_sessions:
-        sessions = None
-    payload = request_bytes(method, path, body, host=_host_header(address, port))
-    st = _State()
-    t0 = time.monotonic()
+    a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
     try:
         async with asyncio.timeout(timeout):
-            raw = await _exchange(st, address, port, payload, ctx, sessions)
-    except (
-        OSError,
-        ssl.SSLError,
-        TimeoutError,
-        ValueError,
-        _ResponseTooLarge,
-        _HandshakeRefused,
-    ) as exc:
-        rtt = round((time.monotonic() - t0) * 1000)
-        if isinstance(exc, ssl.SSLError | _HandshakeRefused) and sessions is not None:
-            sessions.drop(address, port)
-        err = _transport_error(exc, st, address, port, path, timeout)
-        log.debug("%s %s to %s (%s:%s) failed in %s: %r", method, path, name, address, port,
-                  st.phase, exc)  # fmt: skip
-        return AgentReply(None, None, rtt, err, resumed=st.resumed)
-    rtt = round((time.monotonic() - t0) * 1000)
-    return _reply(raw, rtt, st.resumed)
+            raw = await _drive(a.exchange(), address, port)
+    except TRANSPORT_ERRORS as exc:
+        return a.failed(exc)
+    return a.done(raw)
 
 
-def _reply(raw: bytes, rtt: int, resumed: bool) -> AgentReply:
-    head_end = raw.find(b"\r\n\r\n")
-    if head_end < 0:
-        return AgentReply(None, None, rtt, NO_DATA if not raw else "500 truncated response head",
-                          resumed=resumed)  # fmt: skip
-    try:
-        code, headers = parse_head(raw[:head_end])
-    except ValueError as exc:
-        return AgentReply(None, None, rtt, f"500 bad response from agent: {exc}", resumed=resumed)
-    first = raw[:head_end].split(b"\r\n", 1)[0].decode("latin-1").split(None, 2)
-    status_line = f"{code} {first[2] if len(first) > 2 else ''}".rstrip()
-    data = raw[head_end + 4 :]
-    if "content-length" in headers:
-        data = data[: int(headers["content-length"])]
-    parsed: dict[str, Any] | None = None
-    try:
-        obj = json.loads(data)
-        if isinstance(obj, dict):
-            parsed = obj
-    except (ValueError, UnicodeDecodeError):
-        parsed = None
-    error = ""
-    if code == 403:
-        agent_err = parsed.get("error") if parsed is not None else None
-        error = f"forbidden: {agent_err if agent_err is not None else status_line}"
-    elif code == 413:
-        error = "request too large"
-    elif not 200 <= code < 300:
-        error = status_line
-    return AgentReply(code, parsed, rtt, error, status_line, resumed)
+class AsyncioIO:
+    """:class:`~dispatcher.agentio.AgentIO` on the running event loop."""
+
+    call = staticmethod(call)
+
+    async def gather(
+        self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int
+    ) -> list[R | BaseException]:
+        sem = asyncio.Semaphore(max(1, limit))
+
+        async def one(job: Callable[[], Awaitable[R]]) -> R:
+            async with sem:
+                return await job()
+
+        return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+
+    async def hook(self, hook: str, ctx: dict[str, Any], timeout: float) -> authhook.Decision:
+        return await authhook.call(hook, ctx, timeout)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+ASYNCIO = AsyncioIO()

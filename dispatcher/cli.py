@@ -10,9 +10,13 @@ upstream's ``die`` gives 255); ``wait`` gives 2 when it timed out with hosts pen
 130 interrupted.
 
 The module imports only the standard library at start; each verb imports what it needs
-(no ``cryptography`` on ``run``/``ping``, never FastAPI, uvicorn or the etcd client).
+(never FastAPI, uvicorn or the etcd client). ``run``, ``ping``, ``status`` and ``wait``
+run the shared operations over the blocking client (:func:`dispatch`): no asyncio, no
+``cryptography`` (unless an agent certificate is due for renewal), no ``dataclasses``
+and no ``logging`` module, for a fast start (``bench/ced_bench.py``).
 Logs go to syslog (ident ``ctrl-exec-dispatcher``); without a syslog socket they go to
 stderr, warnings and errors only unless ``log_target = stderr`` asks for everything.
+Each line is written at once (``logfmt.setup(queued=False)``): no logging thread.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
+    from dispatcher.agentio import AgentIO
     from dispatcher.context import Dispatcher
     from dispatcher.operations import Caller
 
@@ -103,8 +108,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Never printed (``USAGE`` is); a fixed width spares the terminal probe (``shutil``)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ced", add_help=False, allow_abbrev=False)
+    p = _Parser(prog="ced", add_help=False, allow_abbrev=False, formatter_class=_Formatter)
     p.add_argument("words", nargs="*")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
@@ -305,7 +317,7 @@ def open_dispatcher(path: str | None) -> Dispatcher:
     target = cfg.log_target
     syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
     level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING
-    logfmt.setup(PROG, "syslog" if syslog else "stderr", level)
+    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
     for w in cfg.warnings:
         err(f"Warning: {w}")
     return Dispatcher(cfg)
@@ -315,6 +327,19 @@ def arun(coro: Coroutine[Any, Any, T]) -> T:
     import asyncio
 
     return asyncio.run(coro)
+
+
+def dispatch(op: Callable[[AgentIO], Coroutine[Any, Any, T]]) -> T:
+    """Run an operation over the blocking client: no asyncio in a one-shot ``ced``.
+
+    The operation code is the API daemon's; requests run on at most ``max_parallel``
+    threads (as fast as asyncio up to hundreds of hosts, and ``import asyncio`` alone
+    costs more than a small run).
+    """
+    from dispatcher.agentio import run_blocking
+    from dispatcher.blockingclient import BLOCKING
+
+    return run_blocking(op(BLOCKING))
 
 
 def _need(ctx: Ctx, n: int, usage: str) -> None:
@@ -339,8 +364,9 @@ def cmd_run(ctx: Ctx) -> int:
 
     _need(ctx, 2, "run <host>[:<port>] [<host>...] <script> [-- <arg>...]")
     hosts, script = ctx.words[:-1], ctx.words[-1]
-    res = arun(do_run(ctx.d, ctx.caller(), hosts, script, ctx.script_args,
-                      async_=ctx.ns.async_, default_port=ctx.default_port))  # fmt: skip
+    d, caller = ctx.d, ctx.caller()
+    res = dispatch(lambda io: do_run(d, caller, hosts, script, ctx.script_args,
+                                     async_=ctx.ns.async_, default_port=ctx.default_port, io=io))  # fmt: skip
     results: list[dict[str, Any]] = res["results"]
     if ctx.ns.async_:
         if ctx.json:
@@ -359,8 +385,9 @@ def cmd_ping(ctx: Ctx) -> int:
     from dispatcher.operations import do_ping
 
     _need(ctx, 1, "ping <host>[:<port>] [<host>...]")
-    res = arun(do_ping(ctx.d, ctx.caller(), ctx.words, renew=True,
-                       default_port=ctx.default_port))  # fmt: skip
+    d, caller = ctx.d, ctx.caller()
+    res = dispatch(lambda io: do_ping(d, caller, ctx.words, renew=True,
+                                      default_port=ctx.default_port, io=io))  # fmt: skip
     if ctx.json:
         out_json({"ok": 1, "results": res["results"]})
     else:
@@ -388,7 +415,9 @@ def cmd_status(ctx: Ctx) -> int:
 
     _need(ctx, 1, "status <reqid>")
     reqid = ctx.words[0]
-    record = arun(do_status(ctx.d, ctx.caller(), reqid, default_port=ctx.default_port))
+    d, caller = ctx.d, ctx.caller()
+    record = dispatch(lambda io: do_status(d, caller, reqid, default_port=ctx.default_port,
+                                           io=io))  # fmt: skip
     if record is None:
         return _not_found(ctx, reqid)
     _show_record(ctx, record)
@@ -402,8 +431,9 @@ def cmd_wait(ctx: Ctx) -> int:
     reqid = ctx.words[0]
     timeout = ctx.ns.timeout if ctx.ns.timeout is not None else 300
     interval = float(os.environ.get("CED_WAIT_INTERVAL", "2") or 2)
-    record, timed_out = arun(do_wait(ctx.d, ctx.caller(), reqid, timeout, interval,
-                                     default_port=ctx.default_port))  # fmt: skip
+    d, caller = ctx.d, ctx.caller()
+    record, timed_out = dispatch(lambda io: do_wait(d, caller, reqid, timeout, interval,
+                                                    default_port=ctx.default_port, io=io))  # fmt: skip
     if record is None:
         return _not_found(ctx, reqid)
     _show_record(ctx, record)

@@ -6,14 +6,13 @@ Errors name ``file:line``. ``state_dir`` only sets defaults: upstream's explicit
 
 from __future__ import annotations
 
-import difflib
 import re
 import socket
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from agent import kvconf
 from agent.errors import ConfigError
+from agent.records import field, fields, record
 
 DEFAULT_CONFIG = "/etc/ctrl-exec/ctrl-exec.conf"
 
@@ -25,7 +24,7 @@ def sanitise_id(name: str) -> str:
     return s or "dispatcher"
 
 
-@dataclass
+@record
 class DispatcherConfig:
     path: str = DEFAULT_CONFIG
     ca_dir: str = "/etc/ctrl-exec"
@@ -44,6 +43,8 @@ class DispatcherConfig:
     api_cert: str = ""
     api_key: str = ""
     api_client_ca: str = ""
+    api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
+    api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64
     read_timeout: float = 60.0
     max_parallel: int = 256
@@ -135,6 +136,8 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
     for key, (line, value) in kvconf.parse_flat(text, path).items():
         key = _ALIASES.get(key, key)
         if key not in _FIELDS:
+            import difflib  # only for a typo: ``ced`` starts without it
+
             hint = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
             cfg.warnings.append(f"{path}:{line}: unknown key '{key}' ignored{extra}")

@@ -6,17 +6,20 @@ CLI verbs, the API daemon and the cluster code all start from :func:`open_dispat
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
+from agent.records import field, record
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
-from dispatcher.locks import LocalRunLocks, RunLocks
 from dispatcher.registry import Registry
-from dispatcher.runstore import RunStore
 from dispatcher.statewrite import StateWriter, default_writer
 
+if TYPE_CHECKING:  # imported where used: ``ced ping`` needs neither
+    from dispatcher.locks import RunLocks
+    from dispatcher.runstore import RunStore
 
-@dataclass
+
+@record
 class Dispatcher:
     cfg: DispatcherConfig
     writer: StateWriter = field(default_factory=default_writer)
@@ -28,11 +31,15 @@ class Dispatcher:
 
     @cached_property
     def runstore(self) -> RunStore:
+        from dispatcher.runstore import RunStore
+
         return RunStore(self.cfg.runs_dir)
 
     @property
     def locks(self) -> RunLocks:
         if self.run_locks is None:
+            from dispatcher.locks import LocalRunLocks
+
             self.run_locks = LocalRunLocks(self.cfg.locks_dir)
         return self.run_locks
 

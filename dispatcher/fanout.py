@@ -1,21 +1,27 @@
-"""Parallel fan-out of one operation to many agents (upstream's engine, on asyncio).
+"""Parallel fan-out of one operation to many agents (upstream's engine).
 
 At most ``max_parallel`` requests are in flight; every host has its own deadline that
 starts when its request starts, so a dead or slow agent costs only its own timeout.
 Results come back in target order, each keyed by the registry name, with upstream's
 per-host result objects (spec 3.4).
+
+The I/O is an :class:`~dispatcher.agentio.AgentIO` (``io``): asyncio by default, or the
+blocking client of the one-shot ``ced``; the result objects are built here for both.
+This module imports neither.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent import logfmt
-from dispatcher.agentclient import AgentReply, SessionCache, call
+from dispatcher.agentio import AgentIO, resolve_io
+
+if TYPE_CHECKING:
+    import ssl
+
+    from dispatcher.agentwire import AgentReply, SessionCache
 
 MAX_HOSTS = 500
 DEFAULT_MAX_PARALLEL = 64
@@ -48,19 +54,19 @@ async def fan_out(
     fn: Callable[[TargetLike], Awaitable[R]],
     max_parallel: int,
     on_error: Callable[[TargetLike, Exception], R] | None = None,
+    *,
+    io: AgentIO | None = None,
 ) -> list[R]:
     """``fn`` for every target, ``max_parallel`` at a time; results in target order.
 
     An exception from ``fn`` becomes ``on_error(target, exc)``; without ``on_error`` the
     first one is raised once every target has finished.
     """
-    sem = asyncio.Semaphore(max(1, int(max_parallel)))
 
-    async def one(t: TargetLike) -> R:
-        async with sem:
-            return await fn(t)
+    def job(t: TargetLike) -> Callable[[], Awaitable[R]]:
+        return lambda: fn(t)
 
-    done = await asyncio.gather(*(one(t) for t in targets), return_exceptions=True)
+    done = await resolve_io(io).gather([job(t) for t in targets], max(1, int(max_parallel)))
     out: list[R] = []
     for t, r in zip(targets, done, strict=True):
         if isinstance(r, BaseException):
@@ -112,6 +118,7 @@ async def run_one(
     timeout: float,
     async_: bool = False,
     sessions: SessionCache | None = None,
+    io: AgentIO | None = None,
 ) -> Result:
     body: dict[str, Any] = {
         "script": script, "args": list(args), "reqid": reqid, "username": username,
@@ -119,18 +126,18 @@ async def run_one(
     }  # fmt: skip
     if async_:
         body["async"] = True
-    r = await call(t.address, t.port, "POST", "/run", body, ctx, timeout, t.name,
-                   sessions=sessions)  # fmt: skip
+    r = await resolve_io(io).call(t.address, t.port, "POST", "/run", body, ctx, timeout, t.name,
+                                  sessions=sessions)  # fmt: skip
     action = "run-async" if async_ else "run"
     if async_ and r.code == 409:
         err = r.body.get("error") if r.body is not None else None
-        ev(action, logging.WARNING, script=script, target=_target(t), status="busy", rtt=r.rtt,
+        ev(action, logfmt.WARNING, script=script, target=_target(t), status="busy", rtt=r.rtt,
            reqid=reqid)  # fmt: skip
         return {"host": t.name, "script": script, "status": "busy",
                 "error": err if err is not None else "script already running",
                 "rtt": r.rtt, "reqid": reqid}  # fmt: skip
     if r.error:
-        ev(action, logging.ERROR, script=script, target=_target(t), error=r.error, rtt=r.rtt,
+        ev(action, logfmt.ERROR, script=script, target=_target(t), error=r.error, rtt=r.rtt,
            reqid=reqid)  # fmt: skip
         res: Result = {"host": t.name, "script": script}
         if async_:
@@ -168,6 +175,7 @@ async def run_all(
     *,
     sessions: SessionCache | None = None,
     max_hosts: int = MAX_HOSTS,
+    io: AgentIO | None = None,
 ) -> list[Result]:
     """``POST /run`` on every target (``async_``: submit detached, collect acceptance)."""
     _check_hosts(targets, max_hosts)
@@ -176,7 +184,7 @@ async def run_all(
 
     async def fn(t: TargetLike) -> Result:
         return await run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
-                             sessions)  # fmt: skip
+                             sessions, io)  # fmt: skip
 
     def on_error(t: TargetLike, exc: Exception) -> Result:
         res: Result = {"host": t.name, "script": script}
@@ -184,7 +192,7 @@ async def run_all(
         res.update({"error": f"internal error: {exc}", "rtt": "0ms", "reqid": reqid})
         return res
 
-    return await fan_out(targets, fn, max_parallel, on_error)
+    return await fan_out(targets, fn, max_parallel, on_error, io=io)
 
 
 # ----- /ping -----------------------------------------------------------------------------
@@ -196,11 +204,12 @@ async def ping_one(
     ctx: ssl.SSLContext,
     timeout: float,
     sessions: SessionCache | None = None,
+    io: AgentIO | None = None,
 ) -> Result:
-    r = await call(t.address, t.port, "POST", "/ping", {"reqid": reqid}, ctx, timeout, t.name,
-                   sessions=sessions)  # fmt: skip
+    r = await resolve_io(io).call(t.address, t.port, "POST", "/ping", {"reqid": reqid}, ctx,
+                                  timeout, t.name, sessions=sessions)  # fmt: skip
     if r.error:
-        ev("ping", logging.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
+        ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
         return {"host": t.name, "status": "error", "error": r.error, "rtt": r.rtt}
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     _reported(res, r)
@@ -218,18 +227,19 @@ async def ping_all(
     *,
     sessions: SessionCache | None = None,
     max_hosts: int = MAX_HOSTS,
+    io: AgentIO | None = None,
 ) -> list[Result]:
     """``POST /ping`` on every target."""
     _check_hosts(targets, max_hosts)
 
     async def fn(t: TargetLike) -> Result:
-        return await ping_one(t, reqid, ctx, timeout, sessions)
+        return await ping_one(t, reqid, ctx, timeout, sessions, io)
 
     def on_error(t: TargetLike, exc: Exception) -> Result:
         return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
                 "rtt": "0ms"}  # fmt: skip
 
-    return await fan_out(targets, fn, max_parallel, on_error)
+    return await fan_out(targets, fn, max_parallel, on_error, io=io)
 
 
 # ----- GET /result/<reqid> -----------------------------------------------------------------
@@ -241,13 +251,14 @@ async def result_one(
     ctx: ssl.SSLContext,
     timeout: float,
     sessions: SessionCache | None = None,
+    io: AgentIO | None = None,
 ) -> Result:
-    r = await call(t.address, t.port, "GET", f"/result/{reqid}", None, ctx, timeout, t.name,
-                   sessions=sessions)  # fmt: skip
+    r = await resolve_io(io).call(t.address, t.port, "GET", f"/result/{reqid}", None, ctx,
+                                  timeout, t.name, sessions=sessions)  # fmt: skip
     if r.code == 404:
         return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
     if r.error:
-        ev("result", logging.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
+        ev("result", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
         return {"host": t.name, "status": "error", "error": r.error, "reqid": reqid,
                 "rtt": r.rtt}  # fmt: skip
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
@@ -267,15 +278,16 @@ async def result_all(
     *,
     sessions: SessionCache | None = None,
     max_hosts: int = MAX_HOSTS,
+    io: AgentIO | None = None,
 ) -> list[Result]:
     """``GET /result/<reqid>`` on every target (async run progress)."""
     _check_hosts(targets, max_hosts)
 
     async def fn(t: TargetLike) -> Result:
-        return await result_one(t, reqid, ctx, timeout, sessions)
+        return await result_one(t, reqid, ctx, timeout, sessions, io)
 
     def on_error(t: TargetLike, exc: Exception) -> Result:
         return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
                 "reqid": reqid, "rtt": "0ms"}  # fmt: skip
 
-    return await fan_out(targets, fn, max_parallel, on_error)
+    return await fan_out(targets, fn, max_parallel, on_error, io=io)

@@ -7,31 +7,35 @@ output: :class:`~dispatcher.registry.RegistryError` (unknown agents), :class:`De
 
 Unlike upstream, which only probes the per host:script locks, :func:`do_run` holds them
 for the whole synchronous run (or for the whole submission of an async run).
+
+Every operation talks to agents (and runs the auth hook) through ``io``, an
+:class:`~dispatcher.agentio.AgentIO`: asyncio when None, or
+:data:`dispatcher.blockingclient.BLOCKING` for the one-shot ``ced``, which then runs the
+coroutine with :func:`dispatcher.agentio.run_blocking` and never imports asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import inspect
-import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import authhook, logfmt
+from agent import logfmt
 from agent.errors import CtrlExecError
+from agent.records import record
 from dispatcher import fanout
+from dispatcher.agentio import AgentIO, resolve_io
 from dispatcher.context import Dispatcher
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
-from dispatcher.runstore import FetchOutcome, aggregate, async_record, pending_hosts, sync_record
+
+if TYPE_CHECKING:
+    from dispatcher.runstore import FetchOutcome
 
 Result = dict[str, Any]
 
 
-@dataclass
+@record
 class Caller:
     """Who asks: ``kind`` is ``cli`` or ``api``."""
 
@@ -78,6 +82,7 @@ async def authorise(
     args: list[str] | None = None,
     reqid: str = "",
     submitter: dict[str, Any] | None = None,
+    io: AgentIO | None = None,
 ) -> None:
     """Spec 8.1/8.2: ask the auth hook; raise :class:`Denied` when it refuses.
 
@@ -95,23 +100,25 @@ async def authorise(
         if d.cfg.api_auth_default == "allow":
             logfmt.event("auth", result="pass", reason="no-hook-allow", **log)
             return
-        logfmt.event("auth", logging.WARNING, result="deny", reason="no-hook-deny", **log)
+        logfmt.event("auth", logfmt.WARNING, result="deny", reason="no-hook-deny", **log)
         raise Denied("no auth hook configured", 1)
+    from agent import authhook
+
     ctx = authhook.build_context(
         action, script=script, hosts=hosts, args=args, username=caller.username,
         token=caller.token, source_ip=caller.source_ip, dispatcher=d.cfg.dispatcher_id,
         dispatcher_serial=_dispatcher_serial(d), reqid=reqid,
         submitter=dict(submitter) if submitter else None,
     )  # fmt: skip
-    decision = await authhook.call(hook, ctx, d.cfg.auth_hook_timeout)
+    decision = await resolve_io(io).hook(hook, ctx, d.cfg.auth_hook_timeout)
     if decision.allowed:
         logfmt.event("auth", result="pass", **log)
         return
     if decision.reason == "auth hook timed out":
-        logfmt.event("auth-hook-timeout", logging.WARNING, hook=hook,
+        logfmt.event("auth-hook-timeout", logfmt.WARNING, hook=hook,
                      timeout=d.cfg.auth_hook_timeout)  # fmt: skip
     result = "error" if decision.reason.startswith("auth hook not found") else "deny"
-    logfmt.event("auth", logging.WARNING, result=result, reason=decision.reason, **log)
+    logfmt.event("auth", logfmt.WARNING, result=result, reason=decision.reason, **log)
     raise Denied(decision.reason, decision.code or 1)
 
 
@@ -148,6 +155,7 @@ async def do_run(
     reqid: str | None = None,
     record_sync: bool = False,
     default_port: int = DEFAULT_PORT,
+    io: AgentIO | None = None,
 ) -> dict[str, Any]:
     """Run ``script`` on ``hosts``; returns ``{"reqid", "results"}``.
 
@@ -159,18 +167,22 @@ async def do_run(
     targets = resolve(d.registry, hosts, default_port)
     rid = reqid or new_reqid()
     await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
-                    reqid=rid)  # fmt: skip
+                    reqid=rid, io=io)  # fmt: skip
     pairs = [(name, script) for name in _names(targets)]
     ctx = d.client_ctx()
     with d.locks.acquire_all(pairs):
         results = await fanout.run_all(
             targets, script, args, rid, caller.username, caller.token, ctx, _timeout(d),
-            async_=async_, **_fan_kw(d),
+            async_=async_, io=io, **_fan_kw(d),
         )  # fmt: skip
     submitter = caller.submitter if caller.kind == "api" else None
     if async_:
+        from dispatcher.runstore import async_record
+
         d.runstore.save(async_record(rid, script, results, submitter))
     elif record_sync:
+        from dispatcher.runstore import sync_record
+
         d.runstore.save(sync_record(rid, script, _names(targets), results, submitter))
     return {"reqid": rid, "results": results}
 
@@ -200,29 +212,24 @@ def _may_need_renewal(res: Result, cert_days: int, now: float) -> bool:
     return left < (cert_days / 2) * 86400
 
 
-async def _maybe_renew(d: Dispatcher, targets: Sequence[Target], results: list[Result]) -> None:
+async def _maybe_renew(
+    d: Dispatcher, targets: Sequence[Target], results: list[Result], io: AgentIO | None
+) -> None:
     now = time.time()
     due = [r for r in results if _may_need_renewal(r, d.cfg.cert_days, now)]
     if not due:
         return
-    try:
-        renewal = importlib.import_module("dispatcher.renewal")
-    except ImportError:
-        return
-    fn = getattr(renewal, "maybe_renew", None)
-    if fn is None:
-        return
+    from dispatcher import renewal
+
     by_name = {t.name: t for t in targets}
     for res in due:
         t = by_name.get(str(res.get("host")))
         if t is None:
             continue
         try:
-            out = fn(d, t, res)
-            if inspect.isawaitable(out):
-                await out
+            await renewal.maybe_renew(d, t, res, io=io)
         except Exception as exc:  # renewal never changes the ping result
-            logfmt.event("renew", logging.ERROR, agent=t.name, error=exc)
+            logfmt.event("renew", logfmt.ERROR, agent=t.name, error=exc)
 
 
 async def do_ping(
@@ -232,18 +239,19 @@ async def do_ping(
     *,
     renew: bool = False,
     default_port: int = DEFAULT_PORT,
+    io: AgentIO | None = None,
 ) -> dict[str, Any]:
     """``POST /ping`` on every host; returns ``{"reqid", "results"}``.
 
-    With ``renew`` each ``ok`` result is handed to ``dispatcher.renewal.maybe_renew``
-    (when that module exists).
+    With ``renew`` each ``ok`` result is handed to ``dispatcher.renewal.maybe_renew``.
     """
     targets = resolve(d.registry, hosts, default_port)
     rid = new_reqid()
-    await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid)
-    results = await fanout.ping_all(targets, rid, d.client_ctx(), _timeout(d), **_fan_kw(d))
+    await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
+    results = await fanout.ping_all(targets, rid, d.client_ctx(), _timeout(d), io=io,
+                                    **_fan_kw(d))  # fmt: skip
     if renew:
-        await _maybe_renew(d, targets, results)
+        await _maybe_renew(d, targets, results, io)
     return {"reqid": rid, "results": results}
 
 
@@ -251,6 +259,8 @@ async def do_ping(
 
 
 def _outcome(res: Result) -> FetchOutcome:
+    from dispatcher.runstore import FetchOutcome
+
     status = res.get("status")
     if status == "done":
         code = res.get("exit")
@@ -263,7 +273,11 @@ def _outcome(res: Result) -> FetchOutcome:
     return FetchOutcome.failed(str(res.get("error") or f"unexpected status {status!r}"))
 
 
-async def _refresh(d: Dispatcher, reqid: str, default_port: int) -> dict[str, Any] | None:
+async def _refresh(
+    d: Dispatcher, reqid: str, default_port: int, io: AgentIO | None
+) -> dict[str, Any] | None:
+    from dispatcher.runstore import FetchOutcome, aggregate, pending_hosts
+
     record = d.runstore.load(reqid)
     if record is None:
         return None
@@ -278,7 +292,7 @@ async def _refresh(d: Dispatcher, reqid: str, default_port: int) -> dict[str, An
         except RegistryError:
             fetched[name] = FetchOutcome.failed(f"unknown agent: {name}")
     if targets:
-        results = await fanout.result_all(targets, reqid, d.client_ctx(), _timeout(d),
+        results = await fanout.result_all(targets, reqid, d.client_ctx(), _timeout(d), io=io,
                                           **_fan_kw(d))  # fmt: skip
         for t, res in zip(targets, results, strict=True):
             fetched[t.name] = _outcome(res)
@@ -288,7 +302,12 @@ async def _refresh(d: Dispatcher, reqid: str, default_port: int) -> dict[str, An
 
 
 async def do_status(
-    d: Dispatcher, caller: Caller, reqid: str, *, default_port: int = DEFAULT_PORT
+    d: Dispatcher,
+    caller: Caller,
+    reqid: str,
+    *,
+    default_port: int = DEFAULT_PORT,
+    io: AgentIO | None = None,
 ) -> dict[str, Any] | None:
     """The run record of ``reqid`` with pending async hosts fetched; None if unknown.
 
@@ -298,8 +317,9 @@ async def do_status(
         known = d.runstore.load(reqid)
         if known is None:
             return None
-        await authorise(d, caller, "status", reqid=reqid, submitter=known.get("submitter"))
-    return await _refresh(d, reqid, default_port)
+        await authorise(d, caller, "status", reqid=reqid, submitter=known.get("submitter"),
+                        io=io)  # fmt: skip
+    return await _refresh(d, reqid, default_port, io)
 
 
 async def do_wait(
@@ -310,16 +330,17 @@ async def do_wait(
     interval: float = 2.0,
     *,
     default_port: int = DEFAULT_PORT,
+    io: AgentIO | None = None,
 ) -> tuple[dict[str, Any] | None, bool]:
     """Poll :func:`do_status` until complete; returns ``(record, timed_out)``."""
     deadline = time.monotonic() + timeout
-    record = await do_status(d, caller, reqid, default_port=default_port)
+    record = await do_status(d, caller, reqid, default_port=default_port, io=io)
     while record is not None and not record.get("complete"):
         left = deadline - time.monotonic()
         if left <= 0:
             return record, True
-        await asyncio.sleep(min(interval, left))
-        record = await _refresh(d, reqid, default_port)
+        await resolve_io(io).sleep(min(interval, left))
+        record = await _refresh(d, reqid, default_port, io)
     return record, False
 
 
@@ -332,6 +353,7 @@ async def do_discovery(
     hosts: list[str] | None,
     *,
     default_port: int = DEFAULT_PORT,
+    io: AgentIO | None = None,
 ) -> dict[str, Any]:
     """``GET /capabilities`` on ``hosts`` (all registered agents if None).
 
@@ -339,22 +361,21 @@ async def do_discovery(
     (and ``reported_hostname`` when it differs) or ``{"host","status":"error","error",
     "rtt"}``. Tags from successful answers are cached in the registry.
     """
-    from dispatcher.agentclient import call
-
     names = list(hosts) if hosts is not None else d.registry.names()
     if not names:
         return {"hosts": {}}
     targets = resolve(d.registry, names, default_port)
     rid = new_reqid()
-    await authorise(d, caller, "ping", hosts=names, reqid=rid)
+    await authorise(d, caller, "ping", hosts=names, reqid=rid, io=io)
     ctx = d.client_ctx()
     timeout = _timeout(d)
+    call = resolve_io(io).call
 
     async def one(t: fanout.TargetLike) -> Result:
         r = await call(t.address, t.port, "GET", "/capabilities", None, ctx, timeout, t.name)
         if r.error or r.body is None:
             err = r.error or "invalid JSON"
-            logfmt.event("discovery", logging.ERROR, agent=t.name, error=err, rtt=r.rtt)
+            logfmt.event("discovery", logfmt.ERROR, agent=t.name, error=err, rtt=r.rtt)
             return {"host": t.name, "status": "error", "error": err, "rtt": r.rtt}
         res: Result = dict(r.body)
         reported = res.get("host")
@@ -368,7 +389,7 @@ async def do_discovery(
         return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
                 "rtt": "0ms"}  # fmt: skip
 
-    results = await fanout.fan_out(targets, one, d.cfg.max_parallel, on_error)
+    results = await fanout.fan_out(targets, one, d.cfg.max_parallel, on_error, io=io)
     out: dict[str, Result] = {}
     for res in results:
         name = str(res["host"])
@@ -379,5 +400,5 @@ async def do_discovery(
             try:
                 d.registry.update(name, tags=clean)
             except RegistryError as exc:
-                logfmt.event("discovery-tags", logging.WARNING, agent=name, error=exc)
+                logfmt.event("discovery-tags", logfmt.WARNING, agent=name, error=exc)
     return {"hosts": out}

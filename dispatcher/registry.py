@@ -11,18 +11,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from agent import logfmt
 from agent.errors import CtrlExecError
+from agent.records import record
 from dispatcher.statewrite import StateWriter, default_writer, write_json
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -123,7 +122,7 @@ class _FileLock:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o660)
         except OSError as exc:  # upstream: best effort, proceed unlocked
-            logfmt.event("registry-lock-fail", logging.WARNING, path=self.path, error=exc)
+            logfmt.event("registry-lock-fail", logfmt.WARNING, path=self.path, error=exc)
             return None
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
@@ -176,7 +175,7 @@ class Registry:
         except RegistryError as exc:
             if not valid_name(name):
                 raise
-            logfmt.event("registry-read-fail", logging.WARNING, agent=name, error=exc)
+            logfmt.event("registry-read-fail", logfmt.WARNING, agent=name, error=exc)
             return None
 
     def all(self) -> list[dict[str, Any]]:
@@ -279,7 +278,7 @@ class Registry:
             return record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Target:
     """What the fan-out connects to."""
 

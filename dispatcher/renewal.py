@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent import logfmt
 from agent.errors import CtrlExecError
-from dispatcher.agentclient import AgentReply, call
+from dispatcher.agentio import AgentIO, resolve_io
 from dispatcher.reqid import new_reqid
 
 if TYPE_CHECKING:
+    from dispatcher.agentwire import AgentReply
     from dispatcher.context import Dispatcher
     from dispatcher.fanout import TargetLike
 
@@ -81,7 +82,7 @@ def _ok_body(reply: AgentReply, step: str) -> dict[str, Any]:
     return body
 
 
-async def renew(d: Dispatcher, target: TargetLike) -> dict[str, Any]:
+async def renew(d: Dispatcher, target: TargetLike, *, io: AgentIO | None = None) -> dict[str, Any]:
     """Renew ``target``'s certificate now (no due check); never raises.
 
     Returns ``{"host", "status": "ok", "expiry", "reqid"}`` or
@@ -90,6 +91,7 @@ async def renew(d: Dispatcher, target: TargetLike) -> dict[str, Any]:
     from dispatcher import pki
 
     cfg = d.cfg
+    call = resolve_io(io).call
     reqid = new_reqid()
     where = _target(target)
     ev("renew", target=where, reqid=reqid, status="starting")
@@ -123,7 +125,12 @@ async def renew(d: Dispatcher, target: TargetLike) -> dict[str, Any]:
 
 
 async def maybe_renew(
-    d: Dispatcher, target: TargetLike, ping_result: dict[str, Any], now: float | None = None
+    d: Dispatcher,
+    target: TargetLike,
+    ping_result: dict[str, Any],
+    now: float | None = None,
+    *,
+    io: AgentIO | None = None,
 ) -> str | None:
     """Renew if the ping says it is due; the new expiry on success, else None."""
     try:
@@ -132,6 +139,6 @@ async def maybe_renew(
     except Exception as exc:  # a malformed ping answer must not break ping_all
         ev("renew", logging.ERROR, target=_target(target), error=f"bad ping result: {exc}")
         return None
-    result = await renew(d, target)
+    result = await renew(d, target, io=io)
     expiry = result.get("expiry")
     return expiry if result.get("status") == "ok" and isinstance(expiry, str) else None

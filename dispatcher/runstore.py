@@ -10,18 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from agent import logfmt
 from agent.errors import CtrlExecError
 from agent.fsutil import atomic_write_json
+from agent.records import record
 
 REQID_RE = re.compile(r"[A-Za-z0-9_-]+")
 RECORD_MODE = 0o640
@@ -38,7 +37,7 @@ def valid_reqid(reqid: object) -> bool:
     return isinstance(reqid, str) and REQID_RE.fullmatch(reqid) is not None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FetchOutcome:
     """What ``GET /result/<reqid>`` on one agent gave."""
 
@@ -192,7 +191,7 @@ class RunStore:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            logfmt.event("run-store-corrupt", logging.WARNING, reqid=reqid, error=exc)
+            logfmt.event("run-store-corrupt", logfmt.WARNING, reqid=reqid, error=exc)
             return None
         return data if isinstance(data, dict) else None
 

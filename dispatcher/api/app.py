@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import logfmt
 from agent.version import __version__
+from dispatcher.api import cluster_routes
 from dispatcher.api import models as m
 from dispatcher.api.peercert import state_of
 from dispatcher.context import Dispatcher
@@ -46,6 +47,9 @@ from dispatcher.operations import (
 )
 from dispatcher.registry import RegistryError
 from dispatcher.runstore import RunStoreError
+
+if TYPE_CHECKING:
+    from dispatcher.ha.node import HANode
 
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
@@ -65,6 +69,7 @@ ENDPOINTS: list[dict[str, str]] = [
     {"method": "GET", "path": "/status/{reqid}"},
     {"method": "GET", "path": "/openapi.json"},
     {"method": "GET", "path": "/openapi-live.json"},
+    *cluster_routes.ENDPOINTS,
 ]
 _ROUTES = {e["path"] for e in ENDPOINTS} | {"/metrics"}
 
@@ -97,7 +102,7 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/status/"):
         return "/status/{reqid}"
-    return "other"
+    return cluster_routes.route_label(path) or "other"
 
 
 def outcome_label(status: int) -> str:
@@ -176,9 +181,11 @@ class ApiGate:
         state = scope.setdefault("state", {})
         peer = state_of(state)
         length_hdr = _header(scope, b"content-length")
+        via = state.get("proxy_peer")  # the load balancer, on the PROXY v2 port only
         logfmt.event(
             "api-request", method=method, path=path, peer=_peer_ip(scope),
             len=length_hdr or 0, identity=peer["peer_identity"] or "",
+            **({"via": via} if via else {}),
         )  # fmt: skip
         if len(scope["headers"]) > MAX_HEADERS:
             detail = f"more than {MAX_HEADERS} header lines"
@@ -321,8 +328,8 @@ def _live_spec(base: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
     return spec
 
 
-def create_app(d: Dispatcher) -> FastAPI:
-    """The API application of dispatcher ``d``."""
+def create_app(d: Dispatcher, ha: HANode | None = None) -> FastAPI:
+    """The API application of dispatcher ``d`` (``ha``: the instance's cluster node)."""
     app = FastAPI(
         title="ctrl-exec-api",
         version=__version__,
@@ -345,6 +352,10 @@ def create_app(d: Dispatcher) -> FastAPI:
         registry=registry,
     )
     app.add_middleware(ApiGate, d=d, requests=requests)
+    if ha is not None:
+        from dispatcher.ha.metrics import ClusterCollector
+
+        registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -525,6 +536,8 @@ def create_app(d: Dispatcher) -> FastAPI:
     async def openapi_live() -> JSONResponse:
         return JSONResponse(_live_spec(app.openapi(), d.registry.names()))
 
+    cluster_routes.install(app, d, ha)
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -537,4 +550,8 @@ _TAGS = [
     {"name": TAG_API, "description": "Service description, health and specification"},
     {"name": TAG_RUN, "description": "Run, ping and discovery on agents"},
     {"name": TAG_STATUS, "description": "Results of recorded runs"},
+    {
+        "name": cluster_routes.TAG_CLUSTER,
+        "description": "Leader-only actions (pairing decisions, switchover) from any instance",
+    },
 ]

@@ -5,8 +5,15 @@ Two ``uvicorn.Server`` objects share one event loop: the API on ``api_bind:api_p
 against ``api_client_ca`` when that is set; plain HTTP otherwise, as upstream) and the
 plain-HTTP health port on ``health_bind:health_port``.
 
+Cluster (``dispatcher.ha``): the instance joins the cluster of its config (etcd, or the
+embedded local backend): campaigns for the lease, registers its member record, serves
+``/leader`` and ``/status`` from the elector, runs the pairing listener only while it
+leads, and writes shared state only through the fenced writer.
+
 Signals are ours, not uvicorn's: SIGTERM/SIGINT drain (health turns 503 at once, the
-role is resigned, in-flight requests finish up to ``read_timeout`` + 5 s) and exit 0;
+election lease is revoked so a peer takes over at once, the pairing listener stops,
+in-flight requests finish up to ``read_timeout`` + 5 s, then the session lease with the
+member key and run locks is revoked) and exit 0;
 SIGHUP reloads the API certificate into the live ``SSLContext`` (the next handshake
 presents it; no listener is dropped) and keeps the old one if the new pair is bad.
 """
@@ -21,12 +28,14 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from agent import logfmt
 from agent.errors import ConfigError
 from agent.version import __version__
+from dispatcher.api import proxyproto
 from dispatcher.api.health import (
     TICK_INTERVAL,
     InstanceState,
@@ -36,6 +45,10 @@ from dispatcher.api.health import (
 )
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig
 from dispatcher.context import Dispatcher, open_dispatcher
+
+if TYPE_CHECKING:
+    from dispatcher.ha.node import HANode
+    from dispatcher.ha.pairing import PairingSupervisor
 
 IDENT = "ctrl-exec-api"
 
@@ -104,7 +117,22 @@ class Instance:
         cfg = d.cfg
         self.d = d
         self.ctx = build_ssl(cfg)
-        self.role: RoleProvider = role or LocalRole(cfg.instance_id, cfg.lease_ttl)
+        proxyproto.check_config(cfg)  # PROXY v2 hook (see _start_proxy)
+        self.proxy: proxyproto.ProxyListener | None = None
+        self.ha: HANode | None = None
+        self.pairing: PairingSupervisor | None = None
+        if role is None:  # the cluster node: role, fenced writer, run locks, run records
+            from dispatcher.ha.node import HANode
+            from dispatcher.ha.pairing import PairingSupervisor
+
+            self.ha = HANode(cfg).attach(d)
+            self.pairing = PairingSupervisor(
+                cfg, self.ha.is_leader, self.ha.writer, self.ha.writer.epoch
+            )
+            self.ha.add_listener(self.pairing.kick)
+        self.role: RoleProvider = role or (
+            self.ha.role if self.ha else LocalRole(cfg.instance_id, cfg.lease_ttl)
+        )
         self.state = InstanceState()
         ctx = self.ctx
         tls: dict[str, object] = {}
@@ -112,7 +140,7 @@ class Instance:
             tls["ssl_context_factory"] = lambda _config, _default: ctx
         self.api = uvicorn.Server(
             _server_config(
-                create_app(d), cfg.api_bind, cfg.api_port, http=protocol_class(),
+                create_app(d, self.ha), cfg.api_bind, cfg.api_port, http=protocol_class(),
                 timeout_graceful_shutdown=int(cfg.read_timeout) + 5, **tls,
             )
         )  # fmt: skip
@@ -135,9 +163,54 @@ class Instance:
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_cert, self.d.cfg, self.ctx)
 
+    # ----- PROXY v2 API listener (api_proxy_port; dispatcher/api/proxyproto.py) ---------
+
+    async def _start_proxy(self) -> bool:
+        """Start the PROXY v2 listener when configured; False when it cannot listen."""
+        try:
+            self.proxy = await proxyproto.start_for(self.api, self.d.cfg, self.ctx)
+        except OSError as exc:
+            logfmt.event("api-proxy-error", logging.ERROR, port=self.d.cfg.api_proxy_port,
+                         error=exc)  # fmt: skip
+            return False
+        return True
+
+    async def _stop_proxy(self) -> None:
+        """Stop accepting on the PROXY port; its connections drain with the API's."""
+        if self.proxy is not None:
+            await self.proxy.close()
+            self.proxy = None
+
+    # -----------------------------------------------------------------------------------
+
+    async def _join_cluster(self) -> asyncio.Task[None] | None:
+        """Start the cluster node and the pairing supervisor; wait (at most 2 s) until a
+        leader is known, so the first ``/status`` already names one."""
+        if self.ha is None or self.pairing is None:
+            return None
+        ha = self.ha
+        await asyncio.to_thread(ha.start)
+        task = asyncio.create_task(self.pairing.run())
+        deadline = asyncio.get_running_loop().time() + min(2.0, ha.ttl)
+        while ha.health.ok and ha.role.snapshot().leader_id is None:
+            if asyncio.get_running_loop().time() > deadline or self.stop.is_set():
+                break
+            await asyncio.sleep(0.02)
+        return task
+
+    async def _leave_cluster(self, pairing_task: asyncio.Task[None] | None) -> None:
+        """After the drain: stop the pairing supervisor, revoke the session lease."""
+        if pairing_task is not None:
+            pairing_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pairing_task
+        if self.ha is not None:
+            await asyncio.to_thread(self.ha.close)
+
     async def run(self) -> int:
         cfg = self.d.cfg
         self._signals(asyncio.get_running_loop())
+        pairing_task = await self._join_cluster()
         ticker = asyncio.create_task(self._ticker())
         health_task = asyncio.create_task(self.health._serve())
         api_task = asyncio.create_task(self.api._serve())
@@ -145,7 +218,7 @@ class Instance:
         while not self.api.started and not api_task.done() and not self.stop.is_set():
             await asyncio.sleep(0.02)
         rc = 0
-        if self.api.started:
+        if self.api.started and await self._start_proxy():
             self.state.serving = True
             logfmt.event(
                 "api-start", port=cfg.api_port, bind=cfg.api_bind,
@@ -161,8 +234,14 @@ class Instance:
         else:
             rc = 1
         self.state.draining = True
-        self.role.resign()
+        await asyncio.to_thread(self.role.resign)  # a peer takes over at once
+        if self.pairing is not None:
+            self.pairing.enabled = False
+            await self.pairing.stop()
+        if self.ha is not None:
+            await asyncio.to_thread(self.ha.set_draining)
         logfmt.event("api-stop", port=cfg.api_port, reason="signal" if rc == 0 else "error")
+        await self._stop_proxy()
         self.api.should_exit = True
         await asyncio.gather(api_task, return_exceptions=True)
         self.health.should_exit = True
@@ -171,6 +250,7 @@ class Instance:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._leave_cluster(pairing_task)
         return rc
 
 

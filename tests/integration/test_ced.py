@@ -486,3 +486,31 @@ def test_serial_status_and_maintain(env: Env, tmp_path: Path, pki: TestCA) -> No
     assert (doc["ok"], doc["agents"], doc["pinged"]) == (1, 0, 0)
     mt = ced("maintain", conf=empty)
     assert mt.stdout == "Maintenance run: 0/0 agents pinged, dispatcher cert checked.\n"
+
+
+@pytest.mark.parametrize("hosts", [["web1"], ["web1", "web2"]])
+def test_interrupt_exits_130_and_frees_the_locks(env: Env, hosts: list[str]) -> None:
+    # One host runs on the main thread, several on worker threads (dispatcher.blockingclient).
+    import signal
+
+    run = subprocess.Popen(
+        [str(CED), "--config", str(env.conf), "run", *hosts, "sleep-script"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if len(one_json(ced("--json", "list-locks", conf=env.conf))["locks"]) == len(hosts):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # the requests are out
+        t0 = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=10)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130 and "Interrupted." in err
+    assert time.monotonic() - t0 < 2  # not after the 3 s script
+    assert ced("list-locks", conf=env.conf).stdout == "No locks currently held.\n"

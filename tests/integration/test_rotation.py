@@ -323,6 +323,22 @@ def test_renewal_stages_cert_bound_to_registry_name(
     assert "ACTION=renew-complete" in caplog.text
 
 
+def test_ping_renews_over_the_blocking_client(env: DispatcherEnv) -> None:
+    # What `ced ping` runs: the ping operation (renewal included) without an event loop.
+    from dispatcher.agentio import run_blocking
+    from dispatcher.blockingclient import BLOCKING
+    from dispatcher.operations import Caller, do_ping
+
+    agent = env.add_agent("blocking.test", days=30)
+    wait_listening(agent.host, agent.port, agent.proc)
+    out = run_blocking(do_ping(env.d, Caller("cli"), ["blocking.test"], renew=True, io=BLOCKING))
+    res = out["results"][0]
+    assert res["status"] == "ok" and res["staged"] is False
+    assert ping_body(agent, env.installed)["staged"] is True
+    expiry = records(env)["blocking.test"]["expiry"]
+    assert expiry != res["expiry"] and renewal.expiry_epoch(expiry) is not None
+
+
 def test_renewal_of_renamed_agent_fails_cleanly(
     env: DispatcherEnv, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from agent import logfmt
+from tests.support.agentproc import ROOT
 
 
 def test_action_first_then_sorted_and_quoted() -> None:
@@ -26,3 +31,69 @@ def test_stderr_sink(capfd: pytest.CaptureFixture[str]) -> None:
     err = capfd.readouterr().err
     assert "ctrl-exec-agent[" in err
     assert err.rstrip().endswith("ACTION=serial-reject PEER=1.2.3.4 PEER_SERIAL= REQID=(none)")
+
+
+# ----- queued=False: the one-shot sink (no logging module) ---------------------------------
+
+
+@pytest.fixture
+def restore_logfmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logfmt, "_direct", None)  # restored after the test
+
+
+def _emit_both_ways(ident: str, target: str) -> None:
+    """The same three events through the logging handlers, then through the direct sink."""
+    for queued in (True, False):
+        logfmt.setup(ident, target, logfmt.INFO, queued=queued)
+        try:
+            logfmt.event("run", script="s", reason="two words")
+            logfmt.event("debugging", logfmt.DEBUG)  # below the level: dropped
+            with logfmt.context(epoch=7):
+                logfmt.event("serial-reject", logfmt.WARNING, peer="1.2.3.4")
+        finally:
+            logfmt.shutdown()
+
+
+@pytest.mark.usefixtures("restore_logfmt")
+def test_direct_stderr_sink_writes_what_the_handler_writes(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    _emit_both_ways("ced-test", "stderr")
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 4 and lines[:2] == lines[2:]
+    assert lines[1].endswith("]: ACTION=serial-reject EPOCH=7 PEER=1.2.3.4")
+    assert lines[0].startswith("ced-test[")
+
+
+@pytest.mark.usefixtures("restore_logfmt")
+def test_direct_syslog_sink_sends_what_sysloghandler_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    monkeypatch.setattr(logfmt, "SYSLOG_SOCKET", str(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(path))
+        srv.settimeout(5)
+        _emit_both_ways("ced-test", "syslog")
+        got = [srv.recv(4096) for _ in range(4)]
+    assert got[:2] == got[2:]
+    assert got[0].startswith(b"<30>ced-test[") and got[0].endswith(b'REASON="two words" SCRIPT=s\0')
+    assert got[1].startswith(b"<28>ced-test[")  # daemon.warning
+
+
+@pytest.mark.usefixtures("restore_logfmt")
+def test_direct_sink_falls_back_to_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(logfmt, "SYSLOG_SOCKET", str(tmp_path / "none"))
+    logfmt.setup("ced-test", "syslog", queued=False)
+    logfmt.event("run", script="s")
+    assert capfd.readouterr().err.endswith("]: ACTION=run SCRIPT=s\n")
+
+
+def test_direct_sink_does_not_import_logging() -> None:
+    code = ("import sys; from agent import logfmt; logfmt.setup('x', 'stderr', queued=False); "
+            "logfmt.event('a', logfmt.WARNING); print('logging' in sys.modules)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=ROOT)  # fmt: skip
+    assert p.stdout.strip() == "False" and p.stderr.endswith("]: ACTION=a\n")

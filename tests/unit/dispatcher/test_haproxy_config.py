@@ -32,3 +32,10 @@ def test_haproxy_accepts_it(tmp_path: Path) -> None:
                           proxy_protocol=True))  # fmt: skip
     r = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_log_to_stdout_is_optional() -> None:
+    assert "log " not in render(MEMBERS)
+    text = render(MEMBERS, log_stdout=True)
+    assert "    log stdout format raw local0 info" in text
+    assert "    log global" in text and "    option tcplog" in text

@@ -30,6 +30,11 @@ def test_spec_documents_every_upstream_operation() -> None:
         ("POST", "/discovery"): "discovery",
         ("GET", "/status/{reqid}"): "status",
         ("GET", "/openapi-live.json"): "openapi_live",
+        # leader-only cluster actions, callable on every instance (dispatcher/api/cluster_routes.py)
+        ("GET", "/pairing"): "pairing_list",
+        ("POST", "/pairing/{reqid}/approve"): "pairing_approve",
+        ("POST", "/pairing/{reqid}/deny"): "pairing_deny",
+        ("POST", "/cluster/switchover"): "cluster_switchover",
     }
     assert all(op.get("tags") for item in spec["paths"].values() for op in item.values())
     schemas = spec["components"]["schemas"]

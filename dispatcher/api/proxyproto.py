@@ -1,0 +1,412 @@
+"""PROXY protocol v2 in front of the API: the real client address behind HAProxy.
+
+In TCP passthrough HAProxy connects to the instance from its own address, so without
+help every request would be logged and authorised as coming from the load balancer. With
+``api_proxy_port`` set, the instance opens a second API listener on
+``api_bind:api_proxy_port`` that expects HAProxy's ``send-proxy-v2`` header:
+
+* only peers in ``api_proxy_sources`` (addresses or networks of the load balancers,
+  default ``127.0.0.1``) may connect; anyone else is closed before a byte is read, so a
+  client that reaches the port directly can never choose its own address;
+* the header is read **before TLS**, from the raw socket, and exactly: the 16-byte prefix,
+  then the announced length (at most :data:`MAX_PAYLOAD`), never a byte more, so the TLS
+  ClientHello stays in the kernel for the TLS layer; a bad signature, a wrong version or
+  command, an unknown family, a truncated or oversized header, or a silent peer
+  (``header_timeout``) closes the connection;
+* the socket is then handed to asyncio with ``loop.connect_accepted_socket`` and the API
+  ``SSLContext``, under uvicorn's own HTTP protocol class (the peer-certificate subclass
+  of :mod:`dispatcher.api.peercert` included), created the way ``uvicorn.Server`` creates
+  it, sharing the server's state, so shutdown and draining treat these connections like
+  any other. After ``connection_made`` the protocol's ``client`` (uvicorn's source of
+  ``scope["client"]``) is the address from the header; the ``api-request`` log line and
+  the auth hook's ``ENVEXEC_SOURCE_IP`` carry it, and ``scope["state"]["proxy_peer"]``
+  names the load balancer it came through.
+
+A ``LOCAL`` header (HAProxy's own health checks with ``check-send-proxy``) and the
+address-less families (``UNSPEC``, ``UNIX``) keep the real TCP peer as the client, as the
+specification asks (haproxy ``doc/proxy-protocol.txt``, section 2.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import logfmt
+from agent.errors import ConfigError
+from dispatcher.config import DispatcherConfig
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PREFIX_LEN = 16
+MAX_PAYLOAD = 1024  # addresses (at most 216 bytes, AF_UNIX) plus TLVs
+VERSION = 2
+CMD_LOCAL, CMD_PROXY = 0, 1
+AF_UNSPEC, AF_INET, AF_INET6, AF_UNIX = 0, 1, 2, 3
+PROTO_UNSPEC, PROTO_STREAM, PROTO_DGRAM = 0, 1, 2
+_ADDR_LEN = {AF_UNSPEC: 0, AF_INET: 12, AF_INET6: 36, AF_UNIX: 216}
+
+Address = tuple[str, int]
+
+
+class ProxyProtocolError(ValueError):
+    """The bytes are not an acceptable PROXY v2 header."""
+
+
+@dataclass(frozen=True)
+class ProxyHeader:
+    """A parsed PROXY v2 header."""
+
+    command: str  # "PROXY" or "LOCAL"
+    family: str  # "TCP4", "TCP6", "UNSPEC" or "UNIX"
+    source: Address | None  # the client as the proxy saw it (TCP4/TCP6 PROXY only)
+    destination: Address | None  # the address the client connected to
+    tlvs: list[tuple[int, bytes]] = field(default_factory=list)
+    length: int = PREFIX_LEN  # bytes the header occupied on the wire
+
+    @property
+    def client(self) -> Address | None:
+        """The address to use for the client, or None to keep the TCP peer."""
+        return self.source if self.command == "PROXY" else None
+
+
+def payload_length(prefix: bytes, max_payload: int = MAX_PAYLOAD) -> int:
+    """Check the 16-byte prefix; return how many header bytes follow it."""
+    if len(prefix) != PREFIX_LEN:
+        raise ProxyProtocolError(f"prefix must be {PREFIX_LEN} bytes, got {len(prefix)}")
+    if prefix[:12] != SIGNATURE:
+        if prefix.startswith(b"PROXY "):
+            raise ProxyProtocolError("PROXY v1 (text) header; only v2 is accepted")
+        raise ProxyProtocolError("bad signature")
+    ver_cmd, fam_proto, length = prefix[12], prefix[13], struct.unpack("!H", prefix[14:16])[0]
+    if ver_cmd >> 4 != VERSION:
+        raise ProxyProtocolError(f"unsupported version {ver_cmd >> 4}")
+    if ver_cmd & 0x0F not in (CMD_LOCAL, CMD_PROXY):
+        raise ProxyProtocolError(f"unknown command {ver_cmd & 0x0F}")
+    family, proto = fam_proto >> 4, fam_proto & 0x0F
+    if family not in _ADDR_LEN:
+        raise ProxyProtocolError(f"unknown address family {family}")
+    if proto not in (PROTO_UNSPEC, PROTO_STREAM, PROTO_DGRAM):
+        raise ProxyProtocolError(f"unknown transport protocol {proto}")
+    if length > max_payload:
+        raise ProxyProtocolError(f"header too large: {length} bytes (limit {max_payload})")
+    if ver_cmd & 0x0F == CMD_PROXY and length < _ADDR_LEN[family]:
+        raise ProxyProtocolError(f"address block too short: {length} < {_ADDR_LEN[family]}")
+    return int(length)
+
+
+def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    i = 0
+    while i < len(data):
+        if len(data) - i < 3:
+            raise ProxyProtocolError("truncated TLV")
+        kind, size = data[i], struct.unpack("!H", data[i + 1 : i + 3])[0]
+        if i + 3 + size > len(data):
+            raise ProxyProtocolError("truncated TLV")
+        out.append((kind, data[i + 3 : i + 3 + size]))
+        i += 3 + size
+    return out
+
+
+def parse(data: bytes, max_payload: int = MAX_PAYLOAD) -> ProxyHeader:
+    """Parse one complete header (``data`` is exactly the header's bytes)."""
+    length = payload_length(data[:PREFIX_LEN], max_payload)
+    if len(data) != PREFIX_LEN + length:
+        raise ProxyProtocolError(
+            f"header is {PREFIX_LEN + length} bytes, got {len(data)}"
+            + (" (truncated)" if len(data) < PREFIX_LEN + length else "")
+        )
+    command = "PROXY" if data[12] & 0x0F == CMD_PROXY else "LOCAL"
+    family, proto = data[13] >> 4, data[13] & 0x0F
+    body = data[PREFIX_LEN:]
+    src: Address | None = None
+    dst: Address | None = None
+    name = {AF_UNSPEC: "UNSPEC", AF_UNIX: "UNIX"}.get(family, "")
+    if command == "LOCAL":
+        # LOCAL: the addresses (if any) are to be ignored, the rest may be TLVs
+        name = name or ("TCP4" if family == AF_INET else "TCP6")
+        return ProxyHeader(command, name, None, None, [], PREFIX_LEN + length)
+    skip = _ADDR_LEN[family]
+    if family in (AF_INET, AF_INET6):
+        if proto != PROTO_STREAM:
+            raise ProxyProtocolError("not a stream (TCP) connection")
+        n = 4 if family == AF_INET else 16
+        src_ip = ipaddress.ip_address(body[:n])
+        dst_ip = ipaddress.ip_address(body[n : 2 * n])
+        src_port, dst_port = struct.unpack("!HH", body[2 * n : 2 * n + 4])
+        src, dst = (str(src_ip), src_port), (str(dst_ip), dst_port)
+        name = "TCP4" if family == AF_INET else "TCP6"
+    return ProxyHeader(command, name, src, dst, _tlvs(body[skip:]), PREFIX_LEN + length)
+
+
+def build(
+    source: Address | None,
+    destination: Address | None = None,
+    *,
+    local: bool = False,
+    tlvs: Iterable[tuple[int, bytes]] = (),
+) -> bytes:
+    """A PROXY v2 header (for tests and tools): TCP4/TCP6 from the addresses, else UNSPEC."""
+    extra = b"".join(bytes([k]) + struct.pack("!H", len(v)) + v for k, v in tlvs)
+    if local or source is None:
+        cmd, fam, body = CMD_LOCAL if local else CMD_PROXY, AF_UNSPEC, b""
+    else:
+        dst = destination or (("0.0.0.0" if ":" not in source[0] else "::"), 0)
+        s_ip, d_ip = ipaddress.ip_address(source[0]), ipaddress.ip_address(dst[0])
+        if s_ip.version != d_ip.version:
+            raise ValueError("source and destination must be the same IP version")
+        fam = AF_INET if s_ip.version == 4 else AF_INET6
+        cmd = CMD_PROXY
+        body = s_ip.packed + d_ip.packed + struct.pack("!HH", source[1], dst[1])
+    body += extra
+    proto = PROTO_STREAM if fam else PROTO_UNSPEC
+    head = bytes([VERSION << 4 | cmd, fam << 4 | proto]) + struct.pack("!H", len(body))
+    return SIGNATURE + head + body
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ProxyProtocolError(f"truncated header: connection closed after {len(buf)} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_header(sock: socket.socket, max_payload: int = MAX_PAYLOAD) -> ProxyHeader:
+    """Read exactly one PROXY v2 header from the non-blocking ``sock`` (nothing after it)."""
+    loop = asyncio.get_running_loop()
+    prefix = await _recv_exactly(loop, sock, PREFIX_LEN)
+    length = payload_length(prefix, max_payload)
+    rest = await _recv_exactly(loop, sock, length) if length else b""
+    return parse(prefix + rest, max_payload)
+
+
+# ----- trusted sources --------------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_sources(values: Iterable[str]) -> list[Network]:
+    """``api_proxy_sources`` entries (addresses or CIDR networks); ValueError when bad."""
+    nets: list[Network] = []
+    for v in values:
+        try:
+            nets.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"api_proxy_sources: '{v}' is not an address or network") from None
+    return nets
+
+
+def plain_ip(ip: str) -> str:
+    """``ip`` without a zone, and IPv4-mapped IPv6 as IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def trusted(ip: str, networks: Iterable[Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(plain_ip(ip))
+    except ValueError:
+        return False
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+# ----- uvicorn glue -----------------------------------------------------------------------
+
+_PROXIED: dict[type[Any], type[Any]] = {}
+
+
+def proxied_protocol_class(base: type[Any]) -> type[Any]:
+    """``base`` (a uvicorn HTTP protocol class) whose client address comes from the header.
+
+    Instances get ``proxy_client`` (the address to report, or None to keep the TCP peer)
+    and ``proxy_peer`` (the load balancer's address) before ``connection_made``.
+    """
+    cls = _PROXIED.get(base)
+    if cls is not None:
+        return cls
+
+    def connection_made(self: Any, transport: asyncio.BaseTransport) -> None:
+        base.connection_made(self, transport)
+        if self.proxy_client is not None:
+            self.client = self.proxy_client
+        self.app_state = {**self.app_state, "proxy_peer": self.proxy_peer}
+
+    cls = type(
+        f"Proxied{base.__name__}",
+        (base,),
+        {"connection_made": connection_made, "proxy_client": None, "proxy_peer": None},
+    )
+    _PROXIED[base] = cls
+    return cls
+
+
+class ProxyListener:
+    """The PROXY v2 API listener, feeding connections to a started ``uvicorn.Server``."""
+
+    def __init__(
+        self,
+        server: Any,  # uvicorn.Server (started: config loaded, lifespan state present)
+        *,
+        host: str,
+        port: int,
+        sources: Iterable[str],
+        ssl_ctx: ssl.SSLContext | None,
+        header_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.networks = parse_sources(sources)
+        self.ssl_ctx = ssl_ctx
+        self.header_timeout = header_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_payload = max_payload
+        self.sock: socket.socket | None = None
+        self._accept: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind and listen (raises OSError when the port is taken)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self.server.config.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.port = int(sock.getsockname()[1])
+        self._accept = asyncio.create_task(self._accept_loop())
+        logfmt.event("api-proxy-start", bind=self.host, port=self.port,
+                     sources=",".join(str(n) for n in self.networks) or "none")  # fmt: skip
+
+    async def close(self) -> None:
+        """Stop accepting; connections already handed to uvicorn are uvicorn's to drain."""
+        if self._accept is not None:
+            self._accept.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept
+            self._accept = None
+        for t in list(self._pending):
+            t.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            logfmt.event("api-proxy-stop", port=self.port)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and friends: do not spin
+                logfmt.event("api-proxy-error", logging.ERROR, error=exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = plain_ip(str(addr[0]))
+            if not trusted(peer, self.networks):
+                logfmt.event("api-proxy-refuse", logging.WARNING, peer=peer,
+                             reason="not-a-trusted-proxy")  # fmt: skip
+                _abort(conn)
+                continue
+            task = asyncio.create_task(self._handle(conn, (peer, int(addr[1]))))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _handle(self, conn: socket.socket, peer: Address) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            header = await asyncio.wait_for(
+                read_header(conn, self.max_payload), self.header_timeout
+            )
+        except (ProxyProtocolError, TimeoutError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            logfmt.event("api-proxy-reject", logging.WARNING, peer=peer[0], reason=reason)
+            _abort(conn)
+            return
+        except asyncio.CancelledError:  # the listener is closing
+            _abort(conn)
+            raise
+        client = header.client
+
+        def factory() -> asyncio.Protocol:
+            cfg = self.server.config
+            cls = proxied_protocol_class(cfg.http_protocol_class)
+            proto: Any = cls(config=cfg, server_state=self.server.server_state,
+                             app_state=self.server.lifespan.state)  # fmt: skip
+            proto.proxy_client = client
+            proto.proxy_peer = peer[0]
+            result: asyncio.Protocol = proto
+            return result
+
+        try:
+            await loop.connect_accepted_socket(
+                factory, conn, ssl=self.ssl_ctx,
+                ssl_handshake_timeout=self.handshake_timeout if self.ssl_ctx else None,
+            )  # fmt: skip
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            # a refused certificate is worth a warning; a peer that hung up (HAProxy passing
+            # on a port probe) or stalled is not
+            level = logging.WARNING if isinstance(exc, ssl.SSLError) else logging.DEBUG
+            logfmt.event("tls-failure", level, peer=(client or peer)[0], via=peer[0],
+                         reason=getattr(exc, "reason", None) or type(exc).__name__)  # fmt: skip
+            _abort(conn)
+
+
+def _abort(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
+def check_config(cfg: DispatcherConfig) -> None:
+    """Raise ConfigError when ``api_proxy_port``/``api_proxy_sources`` are unusable."""
+    if not cfg.api_proxy_port:
+        return
+    if not 0 < cfg.api_proxy_port < 65536 or cfg.api_proxy_port == cfg.api_port:
+        raise ConfigError(f"api_proxy_port {cfg.api_proxy_port} is not a free port number",
+                          cfg.path)  # fmt: skip
+    try:
+        nets = parse_sources(cfg.api_proxy_sources)
+    except ValueError as exc:
+        raise ConfigError(str(exc), cfg.path) from None
+    if not nets:
+        raise ConfigError("api_proxy_port is set but api_proxy_sources is empty", cfg.path)
+
+
+async def start_for(
+    server: Any, cfg: DispatcherConfig, ssl_ctx: ssl.SSLContext | None
+) -> ProxyListener | None:
+    """The daemon's hook: a started listener when ``cfg.api_proxy_port`` is set, else None."""
+    if not cfg.api_proxy_port:
+        return None
+    listener = ProxyListener(
+        server, host=cfg.api_bind, port=cfg.api_proxy_port, sources=cfg.api_proxy_sources,
+        ssl_ctx=ssl_ctx,
+    )  # fmt: skip
+    await listener.start()
+    return listener

@@ -1,0 +1,143 @@
+"""Run locks for an HA instance: cluster-wide with etcd, never dependent on it.
+
+:class:`HARunLocks` is a :class:`~dispatcher.locks.RunLocks`. Each run takes the local
+``flock`` locks (``<locks_dir>``) first, then the cluster-wide keys through
+:class:`cluster.locks.ClusterRunLocks` (bound to the instance's session lease). A
+cluster conflict becomes :class:`dispatcher.locks.LockConflict`, so the CLI and the API
+answer it as upstream does (code 4).
+
+While the store is unreachable (or the session has no lease yet) runs go on with the local
+locks alone and a warning: losing etcd costs pairing and rotation, never run and ping.
+The same host:script can then run through two instances at once; the local lock still
+serialises runs on each instance (and across instances sharing ``locks_dir``).
+
+A release that cannot reach the store is queued and retried by the monitor thread; until
+then the key stays bound to the session lease (it goes with the lease at the latest).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import TracebackType
+
+from agent import logfmt
+from cluster.errors import BackendUnavailable
+from cluster.locks import ClusterHeldLocks, ClusterRunLocks
+from cluster.locks import LockConflict as ClusterLockConflict
+from dispatcher.ha.health import ClusterHealth
+from dispatcher.locks import LockConflict, RunLockHandle, RunLocks
+
+PendingRelease = tuple[list[tuple[str, str]], str, str]  # pairs, token, owner
+
+
+class HAHeldLocks:
+    """Local locks plus (when the store answered) the cluster-wide keys of one run."""
+
+    def __init__(
+        self,
+        pairs: list[tuple[str, str]],
+        local: RunLockHandle,
+        cluster: ClusterHeldLocks | None,
+        owner: HARunLocks,
+    ) -> None:
+        self.pairs = pairs
+        self.local = local
+        self.cluster = cluster
+        self._owner = owner
+
+    @property
+    def cluster_wide(self) -> bool:
+        return self.cluster is not None
+
+    def release(self) -> None:
+        cluster, self.cluster = self.cluster, None
+        try:
+            if cluster is not None and cluster.held:
+                try:
+                    cluster.release()
+                except BackendUnavailable as exc:
+                    self._owner.release_failed(cluster, exc)
+        finally:
+            self.local.release()
+
+    def __enter__(self) -> HAHeldLocks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class HARunLocks:
+    """:class:`RunLocks`: local ``flock`` plus cluster-wide keys while the store answers."""
+
+    def __init__(self, cluster: ClusterRunLocks, local: RunLocks, health: ClusterHealth) -> None:
+        self.cluster = cluster
+        self.local = local
+        self.health = health
+        self._pending: list[PendingRelease] = []
+        self._lock = threading.Lock()
+
+    def _fallback(self, reason: str) -> None:
+        logfmt.event("run-lock-fallback", logging.WARNING, scope="local", reason=reason)
+
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> HAHeldLocks:
+        unique = list(dict.fromkeys(pairs))
+        local = self.local.acquire_all(unique)  # LockConflict propagates as it is
+        try:
+            if not self.health.ok:
+                self._fallback(f"cluster unavailable: {self.health.error}")
+                return HAHeldLocks(unique, local, None, self)
+            if self.cluster.session.current_lease_id() is None:
+                self._fallback("no session lease yet")
+                return HAHeldLocks(unique, local, None, self)
+            try:
+                held = self.cluster.acquire_all(unique)
+            except ClusterLockConflict as exc:
+                raise LockConflict(list(exc.conflicts)) from None
+            except BackendUnavailable as exc:
+                self.health.mark_failed(exc)
+                self._fallback(f"cluster unavailable: {exc}")
+                return HAHeldLocks(unique, local, None, self)
+            return HAHeldLocks(unique, local, held, self)
+        except BaseException:
+            local.release()
+            raise
+
+    def list_held(self) -> list[tuple[str, str]]:
+        held = set(self.local.list_held())
+        if self.health.ok:
+            try:
+                held.update(self.cluster.list_held())
+            except BackendUnavailable as exc:
+                self.health.mark_failed(exc)
+        return sorted(held, key=lambda p: f"{p[0]}:{p[1]}")
+
+    # -- releases that could not reach the store -------------------------------------------
+
+    def release_failed(self, held: ClusterHeldLocks, exc: BaseException) -> None:
+        self.health.mark_failed(exc)
+        logfmt.event("run-lock-release", logging.WARNING, result="deferred", error=exc,
+                     locks=",".join(f"{h}:{s}" for h, s in held.pairs))  # fmt: skip
+        with self._lock:
+            self._pending.append((list(held.pairs), held.token, held.owner))
+
+    def retry_releases(self) -> int:
+        """Retry deferred releases (monitor thread); returns how many are still pending."""
+        with self._lock:
+            todo, self._pending = self._pending, []
+        left: list[PendingRelease] = []
+        for i, (pairs, token, owner) in enumerate(todo):
+            try:
+                self.cluster.backend.run_lock_release(pairs, token, owner)
+            except BackendUnavailable:
+                left.extend(todo[i:])
+                break
+        with self._lock:
+            self._pending[:0] = left
+            return len(self._pending)

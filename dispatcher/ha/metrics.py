@@ -1,0 +1,60 @@
+"""Prometheus view of an instance's cluster state, read at scrape time.
+
+* ``ctrl_exec_cluster_is_leader`` (gauge): 1 while this instance leads with time to spare;
+* ``ctrl_exec_leader_changes_total`` (counter): new epochs this instance has seen;
+* ``ctrl_exec_lease_time_left_seconds`` (gauge): 0 when not leading;
+* ``ctrl_exec_sync_generation`` (gauge): the config generation this instance runs;
+* ``ctrl_exec_cluster_epoch`` (gauge) and ``ctrl_exec_cluster_store_up`` (gauge: 1 while
+  etcd, or the local store, answers).
+
+Requests by route and outcome are ``ctrl_exec_api_requests_total`` of the API app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dispatcher.api.health import RoleSnapshot
+
+
+class ClusterCollector(Collector):
+    def __init__(self, snapshot: Callable[[], RoleSnapshot], changes: Callable[[], int]) -> None:
+        self._snapshot = snapshot
+        self._changes = changes
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield GaugeMetricFamily(
+            "ctrl_exec_cluster_is_leader",
+            "1 while this instance leads the cluster with time to spare on its lease",
+            value=1 if snap.role == "leader" else 0,
+        )
+        yield CounterMetricFamily(
+            "ctrl_exec_leader_changes",
+            "Leadership changes (new epochs) this instance has seen",
+            value=self._changes(),
+        )
+        yield GaugeMetricFamily(
+            "ctrl_exec_lease_time_left_seconds",
+            "Seconds until the leader lease can expire (0 when not leading)",
+            value=snap.lease_time_left or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "ctrl_exec_sync_generation",
+            "Config generation this instance has applied",
+            value=snap.generation,
+        )
+        yield GaugeMetricFamily(
+            "ctrl_exec_cluster_epoch", "Newest epoch this instance has seen", value=snap.epoch or 0
+        )
+        yield GaugeMetricFamily(
+            "ctrl_exec_cluster_store_up",
+            "1 while the coordination store (etcd or local) answers",
+            value=1 if snap.etcd == "ok" else 0,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

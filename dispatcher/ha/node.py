@@ -1,0 +1,321 @@
+""":class:`HANode`: one instance's membership in the cluster, built from its config.
+
+It owns the coordination backend (etcd when ``etcd_endpoints`` is set, else the embedded
+local backend in ``state_dir``), the :class:`~cluster.election.Elector`, the member
+:class:`~cluster.session.Session`, and what the dispatcher plugs in: the health-port
+:class:`~dispatcher.ha.role.ClusterRole`, the :class:`~dispatcher.ha.writer.FencedWriter`,
+the :class:`~dispatcher.ha.locks.HARunLocks` and (with etcd) the
+:class:`~dispatcher.ha.runs.ClusterRunStore`.
+
+Threads: the elector's (campaign, keep-alive), the session's (member key, run locks) and
+a monitor that reads the leader key every half second: it keeps ``etcd ok/unreachable``
+and the leader seen current, acts on switchover requests while leading, retries deferred
+lock releases and republishes the member record when the dispatcher cert changes.
+
+Lifecycle (the daemon's): :meth:`start`; on SIGTERM :meth:`set_draining`, then
+:meth:`step_down` (revoke the election lease at once, a peer takes over), then, once
+in-flight requests are done, :meth:`close` (revoke the session lease: member key and run
+locks go).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import logfmt
+from agent.errors import ConfigError
+from agent.version import __version__
+from cluster.backend import LeaderInfo, MemberInfo
+from cluster.election import Elector
+from cluster.errors import BackendUnavailable
+from cluster.locks import ClusterRunLocks
+from cluster.session import Session
+from dispatcher.config import DispatcherConfig
+from dispatcher.context import Dispatcher
+from dispatcher.ha import switchover
+from dispatcher.ha.backend import advertise_url, backend_from_config, lease_ttl
+from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.locks import HARunLocks
+from dispatcher.ha.role import ClusterRole
+from dispatcher.ha.runs import ClusterRunStore
+from dispatcher.ha.writer import FencedWriter
+from dispatcher.locks import LocalRunLocks
+from dispatcher.runstore import RunStore
+from dispatcher.statewrite import set_default_writer
+
+Listener = Callable[[bool], None]
+
+
+def _cert_serial(path: str) -> str:
+    try:
+        from dispatcher.pki import cert_serial_hex
+
+        return cert_serial_hex(path)
+    except (OSError, ValueError):
+        return ""
+
+
+def _under(path: Path, root: str) -> bool:
+    if not root:
+        return False
+    p, r = os.path.abspath(path), os.path.abspath(root)
+    return p == r or p.startswith(r.rstrip("/") + "/")
+
+
+class HANode:
+    """See the module docstring."""
+
+    MONITOR_PERIOD = 0.5
+
+    def __init__(self, cfg: DispatcherConfig) -> None:
+        self.cfg = cfg
+        self.instance_id = cfg.instance_id
+        self.ttl = lease_ttl(cfg)
+        try:
+            self.data = backend_from_config(cfg)
+            # etcd: the election gets its own client, so a busy data path never delays it
+            self.coord = backend_from_config(cfg) if self.data.kind == "etcd" else self.data
+        except ValueError as exc:  # bad endpoint URL, cert without key, bad cluster name
+            raise ConfigError(f"cluster: {exc}", cfg.path) from None
+        self.kind = self.data.kind
+        self.health = ClusterHealth()
+        self._listeners: list[Listener] = []
+        self.elector = Elector(
+            self.coord, self.instance_id, ttl=self.ttl,
+            on_elected=self._elected, on_demoted=self._demoted,
+        )  # fmt: skip
+        self.session = Session(self.data, ttl=self.ttl, member=self._member_info())
+        self.role = ClusterRole(
+            self.elector, backend_kind=self.kind, health=self.health,
+            generation=self._generation, on_resign=self.step_down,
+        )  # fmt: skip
+        self.writer = FencedWriter(
+            self.elector, health=self.health, effect_for=self._effect_for,
+            leader_hint=self.leader_hint,
+            # the local store rewrites one JSON file per change: keep its history short
+            keep_effects=2000 if self.kind == "etcd" else 200,
+            prune_every=200 if self.kind == "etcd" else 50,
+        )  # fmt: skip
+        self.run_locks = HARunLocks(
+            ClusterRunLocks(self.data, self.session, owner=self.instance_id),
+            LocalRunLocks(cfg.locks_dir), self.health,
+        )  # fmt: skip
+        self.runs: RunStore = (
+            ClusterRunStore(cfg.runs_dir, self.data, self.health)
+            if self.kind == "etcd"
+            else RunStore(cfg.runs_dir)
+        )
+        self._members: list[MemberInfo] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="ha-monitor", daemon=True)
+        self._closed = False
+
+    # -- identity --------------------------------------------------------------------------
+
+    def _member_info(self) -> MemberInfo:
+        cfg = self.cfg
+        return MemberInfo(
+            instance_id=self.instance_id, advertise_url=advertise_url(cfg), version=__version__,
+            cert_serial=_cert_serial(cfg.cert), generation=0, state="serving",
+            health_port=cfg.health_port, pairing_port=cfg.pairing_port,
+            proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
+        )  # fmt: skip
+
+    def _generation(self) -> int:
+        member = self.session.member
+        return member.generation if member is not None else 0
+
+    def _effect_for(self, path: Path) -> str:
+        cfg = self.cfg
+        if _under(path, cfg.registry_dir):
+            return "registry-write"
+        if os.path.abspath(path) == os.path.abspath(cfg.rotation_file):
+            return "rotation-write"
+        if _under(path, cfg.pairing_dir):
+            return "pairing-write"
+        if _under(path, cfg.ca_dir) or path.name in (Path(cfg.cert).name, Path(cfg.key).name):
+            return "ca-write"
+        return "state-write"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def attach(self, d: Dispatcher) -> HANode:
+        """Plug into a dispatcher: fenced writer (also the process default), run locks,
+        run records."""
+        d.writer = self.writer
+        d.run_locks = self.run_locks
+        d.__dict__.pop("registry", None)  # built lazily with the writer it saw first
+        d.__dict__["runstore"] = self.runs
+        set_default_writer(self.writer)
+        return self
+
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(leading)`` on every gain or loss of leadership (on the elector's thread)."""
+        self._listeners.append(fn)
+
+    def start(self) -> HANode:
+        self._probe(0)
+        self.session.start()
+        self.elector.start()
+        self._monitor.start()
+        logfmt.event("cluster-start", instance=self.instance_id, backend=self.kind,
+                     cluster=self.cfg.cluster_name, ttl=self.ttl,
+                     etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
+        return self
+
+    def is_leader(self) -> bool:
+        return self.elector.is_leader()
+
+    def set_draining(self) -> None:
+        """Mark the member record ``draining`` (best effort)."""
+        try:
+            self.session.update_member(state="draining")
+        except BackendUnavailable as exc:
+            self.health.mark_failed(exc)
+
+    def step_down(self) -> None:
+        """Revoke the election lease now and stop campaigning (SIGTERM)."""
+        was = self.elector.epoch
+        if was is not None:
+            logfmt.event("leader-resign", instance=self.instance_id, epoch=was, reason="shutdown")
+        self.elector.stop(resign=True)
+
+    def close(self) -> None:
+        """Stop every thread; revoke the session lease (member key and run locks go)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.elector.stop(resign=True)
+        self._stop.set()
+        if self._monitor.is_alive():
+            self._monitor.join(5)
+        self.session.close(revoke=True)
+        self.data.close()
+        if self.coord is not self.data:
+            self.coord.close()
+
+    # -- elector callbacks -------------------------------------------------------------------
+
+    def _notify(self, leading: bool) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(leading)
+            except Exception as exc:
+                logfmt.event("cluster-listener", logging.ERROR, error=exc)
+
+    def _elected(self, epoch: int) -> None:
+        self.role.observe(LeaderInfo(self.instance_id, epoch, 0))
+        logfmt.event("leader-elected", instance=self.instance_id, epoch=epoch, ttl=self.ttl)
+        self._notify(True)
+
+    def _demoted(self) -> None:
+        self.role.forget_self()
+        logfmt.event("leader-demoted", logging.WARNING, instance=self.instance_id,
+                     epoch=self.role.snapshot().epoch)  # fmt: skip
+        self._notify(False)
+
+    # -- the leader and the members ----------------------------------------------------------
+
+    def members(self, fresh: bool = False) -> list[MemberInfo]:
+        if fresh:
+            members = self.data.members()
+            with self._lock:
+                self._members = members
+        with self._lock:
+            return list(self._members)
+
+    def leader_hint(self) -> tuple[str | None, str | None]:
+        """Leader id and advertise URL as last seen (no store call)."""
+        info = self.role.observed()
+        if info is None:
+            return None, None
+        for m in self.members():
+            if m.instance_id == info.instance_id:
+                return info.instance_id, m.advertise_url or None
+        return info.instance_id, None
+
+    def leader_endpoint(self) -> tuple[LeaderInfo, str | None] | None:
+        """The current leader (read now) and its advertise URL; None without a leader."""
+        info = self.data.leader()
+        self.role.observe(info)
+        if info is None:
+            return None
+        for m in self.members(fresh=True):
+            if m.instance_id == info.instance_id:
+                return info, m.advertise_url or None
+        return info, None
+
+    def request_switchover(self, requested_by: str = "") -> dict[str, Any]:
+        """Resign if leading, else ask the leader through the store. Raises on no leader."""
+        epoch = self.elector.epoch
+        if epoch is not None:
+            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
+                         reason="switchover", requested_by=requested_by)  # fmt: skip
+            self.elector.resign()
+            return {"leader": self.instance_id, "epoch": epoch, "action": "resigned"}
+        info = self.data.leader()
+        if info is None:
+            raise LookupError("no leader to switch over from")
+        switchover.post_request(self.data, info, requested_by or self.instance_id)
+        return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested"}
+
+    # -- the monitor -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        period = min(self.MONITOR_PERIOD, self.ttl / 4)
+        cycle = 1
+        while not self._stop.wait(period):
+            self._probe(cycle)
+            cycle += 1
+
+    def _probe(self, cycle: int) -> None:
+        try:
+            before = self.role.observed()
+            info = self.data.leader()
+            if self.health.mark_ok():
+                logfmt.event("cluster-store", instance=self.instance_id, status="ok",
+                             backend=self.kind)  # fmt: skip
+            self.role.observe(info)
+            changed = (before is None) != (info is None) or (
+                before is not None and info is not None and before.epoch != info.epoch
+            )
+            if changed or cycle % 20 == 0:
+                self.members(fresh=True)
+            if self.elector.is_leader():
+                self._check_switchover()
+            self.run_locks.retry_releases()
+            if cycle % 10 == 0:
+                self._refresh_member()
+        except BackendUnavailable as exc:
+            if self.health.mark_failed(exc):
+                logfmt.event("cluster-store", logging.WARNING, instance=self.instance_id,
+                             status="unreachable", error=exc)  # fmt: skip
+        except Exception as exc:  # the monitor never dies
+            logfmt.event("cluster-monitor", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _check_switchover(self) -> None:
+        req = switchover.read_request(self.data)
+        if req is None:
+            return
+        epoch = self.elector.epoch
+        wanted = req.get("epoch")
+        if epoch is not None and wanted == epoch:
+            self.data.delete_value(self.data.keys.switchover)
+            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
+                         reason="switchover", requested_by=req.get("requested_by", ""))  # fmt: skip
+            self.elector.resign()
+        elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
+            self.data.delete_value(self.data.keys.switchover)  # stale request
+
+    def _refresh_member(self) -> None:
+        member = self.session.member
+        serial = _cert_serial(self.cfg.cert)
+        if member is not None and serial and serial != member.cert_serial:
+            self.session.update_member(cert_serial=serial)
+            logfmt.event("member-update", instance=self.instance_id, cert_serial=serial)

@@ -1,0 +1,214 @@
+"""The fenced :class:`~dispatcher.statewrite.StateWriter`: leader-only writes, epoch first.
+
+Every write or delete of shared state (registry records, ``rotation.json``, pairing
+decisions, CA material) goes through :class:`FencedWriter`. It refuses with
+:class:`~dispatcher.ha.errors.NotLeaderError` unless this instance leads, then commits an
+effect record (effect name, path, sha256, epoch) through :meth:`Elector.commit` under the
+epoch the operation began with, and only after that commit succeeded performs the atomic
+local write. A paused or partitioned ex-leader therefore changes nothing: its commit
+compares the leader key's create revision against its old epoch and is refused.
+
+An *operation* groups writes under one epoch::
+
+    with writer.operation("pairing-approve") as epoch:
+        pairing_queue.approve(cfg, reqid, writer=writer)
+
+The epoch is captured (and checked live against the store) when the operation begins;
+a write inside it commits under exactly that epoch, so a leadership change in the middle
+stops the rest of the operation. A write outside any operation is its own operation.
+The current operation lives in a :class:`contextvars.ContextVar`, so it follows
+``asyncio.to_thread`` into worker threads.
+
+Residual window (documented, bounded): between a successful commit and the local rename
+the instance could lose the lease; the elector stops leading ``margin`` seconds before
+the lease can expire, and a commit is only attempted while leading, so a newer leader
+cannot exist yet at that point unless the process stalls for longer than that margin
+between the commit and the rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from agent import logfmt
+from cluster.election import Elector
+from cluster.errors import BackendUnavailable, Fenced, NotLeader
+from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.ha.health import ClusterHealth
+from dispatcher.statewrite import LocalWriter, StateWriter
+
+_current: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "ctrl_exec_fenced_operation", default=None
+)
+
+LeaderHint = Callable[[], tuple[str | None, str | None]]
+
+
+def _no_hint() -> tuple[str | None, str | None]:
+    return None, None
+
+
+class FencedWriter:
+    """:class:`StateWriter` that commits every change as a fenced effect first."""
+
+    PRUNE_EVERY = 200  # commits between two prunings of the effect history
+    KEEP_EFFECTS = 2000  # newest effect records kept in the store
+
+    def __init__(
+        self,
+        elector: Elector,
+        *,
+        health: ClusterHealth | None = None,
+        local: StateWriter | None = None,
+        effect_for: Callable[[Path], str] | None = None,
+        leader_hint: LeaderHint | None = None,
+        keep_effects: int | None = None,
+        prune_every: int | None = None,
+    ) -> None:
+        self.elector = elector
+        self.keep_effects = self.KEEP_EFFECTS if keep_effects is None else keep_effects
+        self.prune_every = self.PRUNE_EVERY if prune_every is None else prune_every
+        self.health = health
+        self.local = local or LocalWriter()
+        self.effect_for = effect_for or (lambda _p: "state-write")
+        self.leader_hint = leader_hint or _no_hint
+        self._commits = 0
+        self._count_lock = threading.Lock()
+
+    # -- leadership ----------------------------------------------------------------------
+
+    def epoch(self) -> int | None:
+        """The epoch this instance leads under now (None when it does not lead)."""
+        return self.elector.epoch
+
+    def current_operation(self) -> tuple[str, int] | None:
+        """``(name, epoch)`` of the operation this context runs in, if any."""
+        return _current.get()
+
+    def _unavailable(self, what: str, exc: BaseException | str) -> ClusterUnavailableError:
+        if self.health is not None:
+            self.health.mark_failed(exc)
+        return ClusterUnavailableError(f"{what}: cluster unavailable ({exc})")
+
+    def _not_leader(self, what: str, detail: str = "") -> NotLeaderError:
+        leader_id, url = self.leader_hint()
+        me = self.elector.instance_id
+        msg = f"{what}: this instance ({me}) is not the leader"
+        if detail:
+            msg += f" ({detail})"
+        if leader_id and leader_id != me:
+            msg += f"; the leader is {leader_id}" + (f" at {url}" if url else "")
+        if leader_id == me:
+            leader_id, url = None, None
+        return NotLeaderError(msg, leader_id, url)
+
+    def require(self, what: str) -> int:
+        """The current epoch, or raise a clear error (cluster down, or not the leader)."""
+        epoch = self.elector.epoch
+        if epoch is not None:
+            return epoch
+        if self.health is not None and not self.health.ok:
+            raise self._unavailable(what, self.health.error or "store unreachable")
+        raise self._not_leader(what)
+
+    @contextlib.contextmanager
+    def operation(self, name: str, *, verify: bool = True) -> Iterator[int]:
+        """Run a leader-only operation under the epoch current now (yielded).
+
+        With ``verify`` the leader key is read from the store first, so an instance cut
+        off from etcd (or already replaced) fails before it starts any work.
+        """
+        epoch = self.require(name)
+        if verify:
+            try:
+                info = self.elector.backend.leader()
+            except BackendUnavailable as exc:
+                raise self._unavailable(name, exc) from exc
+            if info is None or info.epoch != epoch:
+                raise self._not_leader(name, f"epoch {epoch} is no longer current")
+        token = _current.set((name, epoch))
+        log_token = logfmt.push_context(epoch=epoch)  # every line of the action names it
+        logfmt.event("leader-op", op=name, phase="begin", instance=self.elector.instance_id)
+        ok = False
+        try:
+            yield epoch
+            ok = True
+        finally:
+            _current.reset(token)
+            logfmt.pop_context(log_token)
+            logfmt.event("leader-op", logging.INFO if ok else logging.WARNING, op=name,
+                         phase="end" if ok else "failed", epoch=epoch,
+                         instance=self.elector.instance_id)  # fmt: skip
+
+    # -- StateWriter ---------------------------------------------------------------------
+
+    def _effect(self, path: Path) -> tuple[str, int, str]:
+        """``(effect, epoch, kind)`` for a write of ``path`` in the current context."""
+        kind = self.effect_for(path)
+        op = _current.get()
+        if op is not None:
+            return op[0], op[1], kind
+        return kind, self.require(kind), kind
+
+    def _commit(self, effect: str, epoch: int, detail: dict[str, Any]) -> None:
+        try:
+            rec = self.elector.commit(effect, detail=detail, epoch=epoch)
+        except Fenced as exc:
+            raise self._not_leader(effect, f"fenced: epoch {epoch} is no longer current") from exc
+        except NotLeader as exc:
+            raise self._not_leader(effect, f"leadership of epoch {epoch} ended") from exc
+        except BackendUnavailable as exc:
+            raise self._unavailable(effect, exc) from exc
+        logfmt.event("leader-effect", effect=effect, epoch=epoch, revision=rec.revision,
+                     **{k: v for k, v in detail.items() if k != "mode"})  # fmt: skip
+        self._maybe_prune(epoch)
+
+    def write(self, path: str | Path, data: bytes | str, mode: int = 0o644) -> None:
+        p = Path(path)
+        raw = data.encode() if isinstance(data, str) else data
+        effect, epoch, kind = self._effect(p)
+        detail = {"op": "write", "kind": kind, "path": str(p),
+                  "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw),
+                  "mode": f"{mode:o}"}  # fmt: skip
+        self._commit(effect, epoch, detail)
+        self.local.write(p, data, mode)
+
+    def delete(self, path: str | Path) -> bool:
+        p = Path(path)
+        effect, epoch, kind = self._effect(p)  # refuses on a follower even for absent files
+        if not os.path.lexists(p):
+            return False
+        self._commit(effect, epoch, {"op": "delete", "kind": kind, "path": str(p)})
+        return self.local.delete(p)
+
+    # -- history housekeeping --------------------------------------------------------------
+
+    def _maybe_prune(self, epoch: int) -> None:
+        with self._count_lock:
+            self._commits += 1
+            due = self._commits % self.prune_every == 0
+        if due:
+            self.prune(epoch)
+
+    def prune(self, epoch: int, keep: int | None = None) -> int:
+        """Delete the oldest effect records beyond ``keep``, fenced; returns how many."""
+        keep = self.keep_effects if keep is None else keep
+        try:
+            effects = self.elector.backend.effects()
+            old = [e.key for e in effects[: max(0, len(effects) - keep)]]
+            for i in range(0, len(old), 100):
+                self.elector.commit("effects-prune", deletes=old[i : i + 100],
+                                    detail={"deleted": len(old[i : i + 100])},
+                                    epoch=epoch)  # fmt: skip
+        except (BackendUnavailable, NotLeader, Fenced) as exc:
+            logfmt.event("effects-prune", logging.WARNING, epoch=epoch, error=exc)
+            return 0
+        return len(old)

@@ -1,0 +1,1 @@
+"""Operations tooling of the repository (set-up, demo, local lab, runbooks); not installed."""

@@ -1,0 +1,611 @@
+"""Three real ``ctrl-exec-api`` instances on one real etcd (lease TTL 2 s), real agents.
+
+The instances share the CA dir, the registry and ``rotation.json`` (as on a shared
+filesystem); each has its own state dir (run records, locks, pairing queue), so async
+status on another instance can only come through etcd. Measured (printed with ``-s``):
+failover after kill -9 of the leader, and after SIGTERM (resign).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cluster.backend import EtcdBackend
+from cluster.election import Elector
+from dispatcher import pairing_queue as pq
+from dispatcher import pki
+from dispatcher.ha.errors import NotLeaderError
+from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.writer import FencedWriter
+from dispatcher.registry import Registry
+from dispatcher.statewrite import LocalWriter
+from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
+from tests.support.dispatcherenv import DispatcherCA
+from tests.support.etcdcluster import ETCD, SKIP_REASON, EtcdCluster
+from tests.support.pki import Issued
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+TTL = 2
+NAMES = ("a", "b", "c")
+AGENTS = {"web1": "127.0.0.2", "web2": "127.0.0.3"}
+STATUS_KEYS = {"instance_id", "role", "leader_id", "epoch", "lease_ttl", "lease_time_left",
+               "generation", "cert_serial", "etcd", "last_tick_at"}  # fmt: skip
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+MEASURED: dict[str, float] = {}
+
+
+@dataclass
+class Inst:
+    name: str
+    config: Path
+    log: Path
+    api_port: int
+    health_port: int
+    pairing_port: int
+    state: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"inst-{self.name}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=ENV,  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_healthy(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.logtext()}")
+            if get(f"{self.health_url}/health", 0.5)[0] == 200:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not healthy: {self.logtext()[-3000:]}")
+
+    def signal(self, sig: int) -> float:
+        assert self.proc is not None
+        t = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        return t
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def status(self) -> dict[str, Any]:
+        code, body = get(f"{self.health_url}/status", 2)
+        assert code == 200, (self.name, code, body)
+        return body
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with httpx.Client(trust_env=False, timeout=timeout) as c:
+            r = c.get(url)
+    except httpx.TransportError:
+        return 0, None
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    etcd: EtcdCluster
+    name: str
+    insts: dict[str, Inst]
+    agents: list[AgentProc]
+    dispatcher: Issued
+    registry_dir: Path
+
+    def running(self) -> list[Inst]:
+        return [i for i in self.insts.values() if i.alive]
+
+    def leaders(self, among: list[Inst] | None = None) -> list[Inst]:
+        return [i for i in (among or self.running()) if get(f"{i.health_url}/leader", 1)[0] == 200]
+
+    def one_leader(self, timeout: float = 10.0) -> Inst:
+        """Exactly one instance answers /leader 200 (checked twice, 100 ms apart)."""
+
+        def check() -> Inst | None:
+            first = self.leaders()
+            if len(first) != 1:
+                return None
+            time.sleep(0.1)
+            second = self.leaders()
+            return first[0] if [i.name for i in second] == [first[0].name] else None
+
+        leader: Inst = wait_until(check, timeout, "exactly one leader", 0.05)
+        return leader
+
+    def followers(self) -> list[Inst]:
+        leader = self.one_leader()
+        return [i for i in self.running() if i is not leader]
+
+    def ensure_all_running(self) -> None:
+        for i in self.insts.values():
+            if not i.alive:
+                i.start()
+        for i in self.insts.values():
+            i.wait_healthy()
+
+    def backend(self) -> EtcdBackend:
+        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=1.0)
+
+    def client(self, inst: Inst) -> httpx.Client:
+        return httpx.Client(base_url=inst.url, trust_env=False, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[Cluster]:
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    tmp = tmp_path_factory.mktemp("ha")
+    etcd = EtcdCluster(tmp / "etcd", size=1).start()
+    ca_dir = tmp / "ca"
+    ca = pki.create_ca(ca_dir)
+    dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
+    dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
+    agent_ca = DispatcherCA(ca, tmp / "agent-certs")
+    scripts = {n: str(script_dir / f"{n}.sh") for n in ("echo-args", "sleep1")}
+    agents = [make_agent(tmp / name, agent_ca, {"disp": dispatcher}, scripts, host=addr)
+              for name, addr in AGENTS.items()]  # fmt: skip
+    registry_dir = tmp / "agents"
+    reg = Registry(registry_dir, LocalWriter())
+    for (name, addr), agent in zip(AGENTS.items(), agents, strict=True):
+        reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
+    name = f"ha{secrets.token_hex(4)}"
+    insts: dict[str, Inst] = {}
+    for n in NAMES:
+        state = tmp / f"state-{n}"
+        state.mkdir()
+        inst = Inst(n, tmp / f"{n}.conf", tmp / f"{n}.log", free_port(), free_port(),
+                    free_port(), state)  # fmt: skip
+        conf = {
+            "ca_dir": str(ca_dir), "state_dir": str(state), "registry_dir": str(registry_dir),
+            "rotation_file": str(tmp / "rotation.json"), "api_bind": "127.0.0.1",
+            "api_port": str(inst.api_port), "health_bind": "127.0.0.1",
+            "health_port": str(inst.health_port), "pairing_bind": "127.0.0.1",
+            "pairing_port": str(inst.pairing_port), "instance_id": inst.id,
+            "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
+            "lease_ttl": str(TTL), "api_auth_default": "allow", "log_target": "stderr",
+            "read_timeout": "10", "sync_mode": "shared-fs",
+        }  # fmt: skip
+        inst.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+        insts[n] = inst
+    c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir)
+    try:
+        for a in agents:
+            a.start(wait=False)
+        c.ensure_all_running()
+        yield c
+    finally:
+        codes = {i.name: i.stop() for i in insts.values()}
+        for a in agents:
+            a.stop()
+        etcd.close()
+        if MEASURED:
+            print("\nHA measurements:", json.dumps(MEASURED))
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def cluster_cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    cfg = c.insts["a"].config
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher.cluster_cli", *args, "--config", str(cfg)],
+        capture_output=True, text=True, env=ENV, timeout=30,
+    )  # fmt: skip
+
+
+# ----- election, status, members ----------------------------------------------------------
+
+
+def test_one_leader_and_consistent_status(cluster: Cluster) -> None:
+    leader = cluster.one_leader()
+    docs = {i.name: i.status() for i in cluster.insts.values()}
+    epoch = docs[leader.name]["epoch"]
+    for name, st in docs.items():
+        inst = cluster.insts[name]
+        assert set(st) >= STATUS_KEYS, (name, st)
+        assert st["instance_id"] == inst.id
+        assert st["leader_id"] == leader.id and st["epoch"] == epoch, (name, st)
+        assert isinstance(st["epoch"], int) and st["epoch"] > 0
+        assert st["generation"] == 0 and st["etcd"] == "ok" and st["backend"] == "etcd"
+        assert st["cert_serial"] == cluster.dispatcher.serial_hex
+        tick = datetime.strptime(st["last_tick_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert abs((datetime.now(UTC) - tick).total_seconds()) < 5
+        if inst is leader:
+            assert st["role"] == "leader" and st["lease_ttl"] == TTL
+            assert 0 < st["lease_time_left"] <= TTL
+        else:
+            assert st["role"] == "follower"
+            assert st["lease_ttl"] is None and st["lease_time_left"] is None
+            assert get(f"{inst.health_url}/leader")[0] == 503
+        # the pairing listener runs on the leader only
+        assert pairing_listening(inst) == (inst is leader), inst.name
+
+    p = cluster_cli(cluster, "status", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ok"] == 1 and doc["leader"] == leader.id and doc["epoch"] == epoch
+    assert [m["instance_id"] for m in doc["members"]] == ["inst-a", "inst-b", "inst-c"]
+    for m in doc["members"]:
+        inst = cluster.insts[m["instance_id"][-1]]
+        assert m["role"] == ("leader" if inst is leader else "follower")
+        assert m["state"] == "serving" and m["cert_serial"] == cluster.dispatcher.serial_hex
+        assert m["advertise_url"] == inst.url and m["health_port"] == inst.health_port
+    text = cluster_cli(cluster, "status")
+    assert text.returncode == 0 and f"leader {leader.id}, epoch {epoch}" in text.stdout
+
+    with cluster.client(leader) as c:
+        metrics = c.get("/metrics").text
+    assert "ctrl_exec_cluster_is_leader 1.0" in metrics
+    assert "ctrl_exec_leader_changes_total" in metrics
+    assert "ctrl_exec_sync_generation 0.0" in metrics
+    lease_left = [ln for ln in metrics.splitlines()
+                  if ln.startswith("ctrl_exec_lease_time_left_seconds ")]  # fmt: skip
+    assert lease_left and 0 < float(lease_left[0].split()[1]) <= TTL
+    with cluster.client(cluster.followers()[0]) as c:
+        assert "ctrl_exec_cluster_is_leader 0.0" in c.get("/metrics").text
+
+
+def test_haproxy_config_for_the_members(cluster: Cluster) -> None:
+    p = cluster_cli(cluster, "haproxy-config")
+    assert p.returncode == 0, p.stderr
+    for inst in cluster.insts.values():
+        assert (
+            f"server {inst.id} 127.0.0.1:{inst.api_port} check port {inst.health_port}" in p.stdout
+        )
+        assert (
+            f"server {inst.id} 127.0.0.1:{inst.pairing_port} check port {inst.health_port}"
+            in p.stdout
+        )
+    haproxy = subprocess.run(["sh", "-c", "command -v haproxy"], capture_output=True, text=True)
+    if haproxy.returncode == 0:
+        cfg = cluster.tmp / "haproxy.cfg"
+        cfg.write_text(p.stdout.replace("/run/haproxy/ctrl-exec.sock",
+                                        str(cluster.tmp / "haproxy.sock")))  # fmt: skip
+        check = subprocess.run([haproxy.stdout.strip(), "-c", "-f", str(cfg)],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ----- fencing and leader-only work ---------------------------------------------------------
+
+
+def test_fenced_writer_on_a_follower_refuses(cluster: Cluster) -> None:
+    leader = cluster.one_leader()
+    backend = cluster.backend()
+    probe = Elector(backend, "probe", ttl=TTL).start()
+    try:
+        wait_until(lambda: probe.last_leader is not None, 5, "the probe to see the leader")
+        health = ClusterHealth()
+        health.mark_ok()
+        writer = FencedWriter(probe, health=health)
+        target = cluster.registry_dir / "web1.json"
+        before = target.read_bytes()
+        n_effects = len(backend.effects())
+        with pytest.raises(NotLeaderError, match="not the leader"):
+            writer.write(target, b"{}")
+        with pytest.raises(NotLeaderError):
+            writer.delete(target)
+        assert target.read_bytes() == before
+        assert len(backend.effects()) == n_effects
+        assert not probe.is_leader() and leader.alive
+    finally:
+        probe.stop(resign=True)
+        backend.close()
+
+    # a real follower: discovery runs, but caching agent tags (a registry write) is refused
+    follower = cluster.followers()[0]
+    with cluster.client(follower) as c:
+        r = c.get("/discovery")
+    assert r.status_code == 200 and sorted(r.json()["hosts"]) == ["web1", "web2"]
+    assert any("ACTION=discovery-tags" in ln and "not the leader" in ln
+               for ln in follower.logtext().splitlines())  # fmt: skip
+
+
+def _csr(cn: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))  # fmt: skip
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _read_framed(fh: Any) -> dict[str, Any]:
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = fh.readline()
+        assert line, f"connection closed after {head!r}"
+        head += line
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    body: dict[str, Any] = json.loads(fh.read(length))
+    return body
+
+
+def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) -> None:
+    leader = cluster.one_leader()
+    epoch = leader.status()["epoch"]
+    follower = cluster.followers()[0]
+    queue = leader.state / "pairing"
+    # an agent asks the leader's 7444 listener (what HAProxy routes to /leader = 200)
+    ctx = ssl.create_default_context(cafile=str(cluster.tmp / "ca" / "ca.crt"))
+    ctx.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", leader.pairing_port), timeout=15)
+    with ctx.wrap_socket(raw) as agent:
+        body = json.dumps({"hostname": "paired-1", "csr": _csr("paired-1"), "nonce": "n-1",
+                           "ip": "127.0.0.9"}).encode()  # fmt: skip
+        agent.sendall(b"POST /pair HTTP/1.0\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        fh = agent.makefile("rb")
+        first = _read_framed(fh)
+        assert first["status"] == "pending"
+        reqid = first["reqid"]
+        other = pq.submit(queue, hostname="paired-2", csr=_csr("paired-2"), nonce="n-2",
+                          source_ip="127.0.0.9", writer=LocalWriter())  # fmt: skip
+        with cluster.client(follower) as c:
+            r = c.get("/pairing")
+            assert r.status_code == 200, r.text
+            listed = r.json()
+            assert listed["leader"] == leader.id and listed["epoch"] == epoch
+            assert {q["id"] for q in listed["requests"]} >= {reqid, other["id"]}
+            assert all("csr" not in q and "nonce" not in q for q in listed["requests"])
+
+            r = c.post(f"/pairing/{reqid}/approve", json={"lookup_by": "ip"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-ctrl-exec-served-by"] == leader.id
+            got = r.json()
+            assert (got["status"], got["leader"], got["epoch"]) == ("approved", leader.id, epoch)
+            assert got["agent"] == "paired-1" and got["lookup_by"] == "ip"
+            second = _read_framed(fh)  # the leader's listener delivers the decision
+            assert second["status"] == "approved" and second["nonce"] == "n-1"
+            assert "BEGIN CERTIFICATE" in second["cert"]
+
+            r = c.post(f"/pairing/{other['id']}/deny", json={"reason": "not ours"})
+            assert r.status_code == 200 and r.json()["status"] == "denied", r.text
+            r = c.post(f"/pairing/{other['id']}/deny", json={})
+            assert r.status_code == 404, r.text  # a denial removes the request
+            r = c.post("/pairing/x/approve", json={})
+            assert (r.status_code, r.json()["error"]) == (404, "no such request")
+
+    assert json.loads((queue / f"{other['id']}.denied").read_text())["reason"] == "not ours"
+    record = cluster.registry_dir / "paired-1.json"
+    assert json.loads(record.read_text())["ip"] == "127.0.0.9"
+    # every write was committed in etcd under the leader's epoch before it happened
+    backend = cluster.backend()
+    try:
+        effects = [e for e in backend.effects() if e.detail.get("path", "").startswith(
+            (str(queue), str(cluster.registry_dir)))]  # fmt: skip
+    finally:
+        backend.close()
+    assert effects and all(e.epoch == epoch and e.instance_id == leader.id for e in effects)
+    approve = {e.detail["path"]: e.detail for e in effects if e.effect == "pairing-approve"}
+    assert approve[str(record)]["sha256"] == hashlib.sha256(record.read_bytes()).hexdigest()
+    kinds = {(e.effect, e.detail["op"], Path(e.detail["path"]).name) for e in effects}
+    assert ("pairing-write", "write", f"{reqid}.json") in kinds  # queued by the listener
+    assert ("pairing-write", "delete", f"{reqid}.approved") in kinds  # delivered
+    assert f"EPOCH={epoch}" in leader.logtext()
+
+
+# ----- data plane --------------------------------------------------------------------------
+
+
+def test_async_run_status_is_the_same_on_every_instance(cluster: Cluster) -> None:
+    a, b, c = cluster.insts["a"], cluster.insts["b"], cluster.insts["c"]
+    with cluster.client(a) as ca:
+        r = ca.post("/run", json={"hosts": ["web1", "web2"], "script": "sleep1", "async": True})
+    assert r.status_code == 202, r.text
+    reqid = r.json()["reqid"]
+    assert not (b.state / "runs" / f"{reqid}.json").exists()
+
+    def done_on(inst: Inst) -> dict[str, Any] | None:
+        with cluster.client(inst) as cl:
+            st = cl.get(f"/status/{reqid}")
+        assert st.status_code == 200, (inst.name, st.text)
+        body: dict[str, Any] = st.json()
+        return body if body["complete"] else None
+
+    rec_b = wait_until(lambda: done_on(b), 15, "the run to complete (seen on b)", 0.3)
+    rec_c = wait_until(lambda: done_on(c), 5, "the same on c", 0.3)
+    rec_a = wait_until(lambda: done_on(a), 5, "the same on a", 0.3)
+    for rec in (rec_a, rec_b, rec_c):
+        assert rec["reqid"] == reqid and rec["mode"] == "async" and rec["pending"] == []
+        for host in ("web1", "web2"):
+            assert rec["hosts"][host]["status"] == "done" and rec["hosts"][host]["exit"] == 0
+            assert "slept" in rec["hosts"][host]["stdout"]
+    assert rec_a["hosts"] == rec_b["hosts"] == rec_c["hosts"]
+
+
+def test_run_lock_is_cluster_wide(cluster: Cluster) -> None:
+    a, b = cluster.insts["a"], cluster.insts["b"]
+    first: dict[str, httpx.Response] = {}
+
+    def slow() -> None:
+        with cluster.client(a) as c:
+            first["r"] = c.post("/run", json={"hosts": ["web2"], "script": "sleep1"})
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        time.sleep(0.4)
+        with cluster.client(b) as c:
+            r = c.post("/run", json={"hosts": ["web1", "web2"], "script": "sleep1"})
+    finally:
+        t.join(15)
+    assert r.status_code == 409, r.text
+    assert r.json() == {"ok": False, "error": "locked", "code": 4, "conflicts": ["web2:sleep1"]}
+    assert first["r"].status_code == 200
+
+
+# ----- failover ----------------------------------------------------------------------------
+
+
+def _new_leader(cluster: Cluster, old: Inst, t0: float, timeout: float) -> tuple[Inst, float]:
+    """The instance that answers /leader 200 after ``old`` went, and how long it took."""
+    others = [i for i in cluster.insts.values() if i is not old and i.alive]
+    new: list[Inst] = wait_until(lambda: cluster.leaders(others), timeout, "a new leader", 0.01)
+    took = time.monotonic() - t0
+    assert len(new) == 1, [i.name for i in new]
+    return new[0], took
+
+
+def pairing_listening(inst: Inst) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", inst.pairing_port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_sigterm_of_the_leader_hands_over_at_once(cluster: Cluster) -> None:
+    cluster.ensure_all_running()
+    old = cluster.one_leader()
+    old_epoch = old.status()["epoch"]
+    t0 = old.signal(signal.SIGTERM)
+    new, took = _new_leader(cluster, old, t0, 5)
+    MEASURED["sigterm_failover_ms"] = round(took * 1000)
+    assert took < 1.0, took
+    assert old.proc is not None and old.proc.wait(15) == 0
+    assert new.status()["epoch"] > old_epoch
+    assert "ACTION=leader-resign" in old.logtext()
+    wait_until(lambda: pairing_listening(new), 2, "the pairing listener on the new leader")
+    assert not pairing_listening(old)
+    old.start()
+    old.wait_healthy()
+    assert cluster.one_leader() is new
+
+
+def test_kill9_of_the_leader_fails_over_within_the_ttl(cluster: Cluster) -> None:
+    cluster.ensure_all_running()
+    old = cluster.one_leader()
+    old_epoch = old.status()["epoch"]
+    t0 = old.signal(signal.SIGKILL)
+    new, took = _new_leader(cluster, old, t0, TTL + 3)
+    MEASURED["kill9_failover_ms"] = round(took * 1000)
+    assert took < TTL + 1, took
+    assert new.status()["epoch"] > old_epoch
+    assert old.proc is not None and old.proc.wait(5) == -signal.SIGKILL
+    old.start()
+    old.wait_healthy()
+    assert cluster.one_leader() is new
+
+
+def test_cli_switchover(cluster: Cluster) -> None:
+    cluster.ensure_all_running()
+    old = cluster.one_leader()
+    p = cluster_cli(cluster, "switchover", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ok"] == 1 and doc["old_leader"] == old.id and doc["forced"] is False
+    assert doc["leader"] != old.id and doc["epoch"] > doc["old_epoch"]
+    MEASURED["cli_switchover_ms"] = round(doc["seconds"] * 1000)
+    new = cluster.one_leader()
+    assert new.id == doc["leader"]
+
+
+# ----- etcd down: the data plane goes on, leader-only work fails fast ----------------------
+
+
+def test_etcd_down_keeps_run_and_ping_and_fails_pairing_fast(cluster: Cluster) -> None:
+    cluster.ensure_all_running()
+    cluster.one_leader()
+    cluster.etcd.stop_member(0)
+    try:
+        wait_until(lambda: all(i.status()["etcd"] == "unreachable" for i in cluster.running()),
+                   5, "every instance to see etcd unreachable")  # fmt: skip
+        for inst in cluster.running():
+            with cluster.client(inst) as c:
+                r = c.post("/ping", json={"hosts": ["web1", "web2"]})
+                assert r.status_code == 200, (inst.name, r.text)
+                assert [x["status"] for x in r.json()["results"]] == ["ok", "ok"]
+                r = c.post("/run", json={"hosts": ["web1"], "script": "echo-args",
+                                         "args": [inst.name]})  # fmt: skip
+                assert r.status_code == 200, (inst.name, r.text)
+                assert f"arg1=[{inst.name}]" in r.json()["results"][0]["stdout"]
+                t = time.monotonic()
+                r = c.post("/pairing/x/approve", json={})
+                took = time.monotonic() - t
+                assert r.status_code == 503, (inst.name, r.text)
+                assert r.json()["error"] == "cluster unavailable"
+                assert took < 1.0, took
+        # nobody may act as leader once its lease could have expired (/leader turns 503 a
+        # little earlier, while less than a quarter of the TTL is left)
+        wait_until(lambda: all(i.status()["role"] == "unknown" for i in cluster.running()),
+                   TTL + 1, "every instance to stop leading")  # fmt: skip
+        assert not cluster.leaders()
+        for inst in cluster.running():
+            st = inst.status()
+            assert st["leader_id"] is None and st["epoch"] > 0 and st["lease_time_left"] is None
+        p = cluster_cli(cluster, "status", "--json")
+        assert p.returncode == 1 and json.loads(p.stdout)["error"] == "cluster unavailable"
+    finally:
+        cluster.etcd.start_member(0)
+    leader = cluster.one_leader(timeout=15)
+    for inst in cluster.running():  # each instance's view follows within a monitor period
+        wait_until(lambda i=inst: (s := i.status())["etcd"] == "ok" and s["leader_id"] == leader.id,
+                   2, f"{inst.name} to see etcd ok and {leader.id} leading")  # fmt: skip
