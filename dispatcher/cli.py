@@ -66,6 +66,9 @@ Modes:
   rotate-cert                rotate the dispatcher certificate and broadcast it
   serial-status              show the dispatcher serial and per-agent state
   maintain                   ping all agents (renewals), rotation checks, purge
+  cluster status [--json]    members, leader, epoch, generation, cert serial of each
+  cluster switchover         the leader resigns; a peer takes over
+  cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
 
 Options:
   --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
@@ -84,7 +87,7 @@ Examples:
 MODES = (
     "run", "status", "wait", "ping", "pairing-mode", "list-requests", "approve", "deny",
     "setup-ca", "setup-ctrl-exec", "list-agents", "edit-agent", "list-locks", "rotate-cert",
-    "serial-status", "unpair", "maintain",
+    "serial-status", "unpair", "maintain", "cluster",
 )  # fmt: skip
 
 
@@ -1051,6 +1054,21 @@ def cmd_maintain(ctx: Ctx) -> int:
     return 0
 
 
+def cmd_cluster(ctx: Ctx) -> int:
+    """``ced cluster status [--json] | switchover | haproxy-config``."""
+    from dispatcher import cluster_cli
+
+    verb = ctx.words[0] if ctx.words else ""
+    cfg = ctx.d.cfg
+    if verb == "status":
+        return cluster_cli.cluster_status(cfg, ctx.json)
+    if verb == "switchover":
+        return cluster_cli.cluster_switchover(cfg, ctx.json)
+    if verb == "haproxy-config":
+        return cluster_cli.cluster_haproxy_config(cfg)
+    raise UsageError("usage: ced cluster status [--json] | switchover | haproxy-config")
+
+
 # ----- main ------------------------------------------------------------------------------
 
 HANDLERS: dict[str, Callable[[Ctx], int]] = {
@@ -1060,7 +1078,7 @@ HANDLERS: dict[str, Callable[[Ctx], int]] = {
     "setup-ctrl-exec": cmd_setup_dispatcher, "list-agents": cmd_list_agents,
     "edit-agent": cmd_edit_agent, "list-locks": cmd_list_locks,
     "rotate-cert": cmd_rotate_cert, "serial-status": cmd_serial_status,
-    "unpair": cmd_unpair, "maintain": cmd_maintain,
+    "unpair": cmd_unpair, "maintain": cmd_maintain, "cluster": cmd_cluster,
 }  # fmt: skip
 
 

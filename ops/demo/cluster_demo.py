@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib.util
 import json
 import os
 import shutil
@@ -448,27 +447,12 @@ class Demo:
         self.ced("ping", *[a.name for a in self.agents])
 
     def cluster_status(self) -> None:
-        conf = ["--config", str(self.base_conf)]
-        tries = [[*CED, "cluster", "status", *conf]]
-        if importlib.util.find_spec("dispatcher.cluster_cli") is not None:
-            tries.append([sys.executable, "-m", "dispatcher.cluster_cli", "status", *conf])
-        notes = []
-        for argv in tries:  # `ced cluster status`, or the module behind it while ced lacks it
-            r = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=30)
-            if r.returncode == 0:
-                say("$ ced cluster status")
-                indent(r.stdout)
-                return
-            first = (r.stderr.strip().splitlines() or ["?"])[0]
-            notes.append(f"  ({' '.join(argv[-4:-2])}: exit {r.returncode}: {first})")
-        for note in notes:
-            say(note)
-        say("cluster status (each instance's /status on its health port):")
-        keys = ("role", "leader_id", "epoch", "lease_time_left", "generation", "cert_serial",
-                "etcd", "backend")  # fmt: skip
-        for name, doc in self.statuses().items():
-            fields = " ".join(f"{k}={doc.get(k)}" for k in keys if k in doc)
-            print(f"    {name}: {fields}", flush=True)
+        argv = [*CED, "cluster", "status", "--config", str(self.base_conf)]
+        r = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=30)
+        if r.returncode != 0:
+            raise DemoError(f"ced cluster status failed ({r.returncode}): {r.stderr.strip()}")
+        say("$ ced cluster status")
+        indent(r.stdout)
 
     # ----- teardown ----------------------------------------------------------------
 

@@ -256,7 +256,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Itera
 def cluster_cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     cfg = c.insts["a"].config
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cluster_cli", *args, "--config", str(cfg)],
+        [sys.executable, "-m", "dispatcher.cli", "cluster", *args, "--config", str(cfg)],
         capture_output=True, text=True, env=ENV, timeout=30,
     )  # fmt: skip
 
