@@ -12,6 +12,9 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
     runs/<reqid>            metadata of an async run (any instance), bound to a day-long lease
     switchover              a request that the leader of a given epoch resign, short lease
+    orders/<instance_id>    an order of the leader to one member (restart), fenced, with its epoch
+    requests/<id>           a request for the leader (from ``ced``), bound to a short lease
+    results/<id>            the leader's answer to a request (fenced), deleted by the requester
 
 Leader-only writes go through :meth:`Backend.fenced_commit`, a transaction that applies
 only while the leader key's create revision is still the epoch the work started under.
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from cluster.store import LocalStore, Store
+from cluster.store import KeyValue, LocalStore, Store, WatchEvent
 
 log = logging.getLogger("ctrl-exec.cluster")
 
@@ -66,6 +69,7 @@ class MemberInfo:
     health_port: int = 0  # where load balancers check this instance (0: unknown)
     pairing_port: int = 0  # where it listens for pairing while it leads (0: unknown)
     proxy_port: int = 0  # API port expecting a PROXY v2 header from the load balancer (0: none)
+    restart_pending: bool = False  # its certificates changed on disk since it loaded them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -83,6 +87,7 @@ class MemberInfo:
             health_port=int(d.get("health_port", 0)),
             pairing_port=int(d.get("pairing_port", 0)),
             proxy_port=int(d.get("proxy_port", 0)),
+            restart_pending=bool(d.get("restart_pending", False)),
         )
 
 
@@ -111,6 +116,9 @@ class ClusterKeys:
         self.effects = f"{self.prefix}effects/"
         self.runs = f"{self.prefix}runs/"
         self.switchover = f"{self.prefix}switchover"
+        self.orders = f"{self.prefix}orders/"
+        self.requests = f"{self.prefix}requests/"
+        self.results = f"{self.prefix}results/"
 
     def member(self, instance_id: str) -> str:
         return f"{self.members}{instance_id}"
@@ -120,6 +128,19 @@ class ClusterKeys:
 
     def effect(self, epoch: int) -> str:
         return f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
+
+    def order(self, instance_id: str) -> str:
+        return f"{self.orders}{instance_id}"
+
+    def request(self, request_id: str) -> str:
+        if not request_id or "/" in request_id:
+            raise ValueError(f"bad request id {request_id!r}")
+        return f"{self.requests}{request_id}"
+
+    def result(self, request_id: str) -> str:
+        if not request_id or "/" in request_id:
+            raise ValueError(f"bad request id {request_id!r}")
+        return f"{self.results}{request_id}"
 
     def run(self, reqid: str) -> str:
         if not reqid or "/" in reqid:
@@ -329,6 +350,23 @@ class KVBackend:
     def get_value(self, key: str) -> bytes | None:
         kv = self.store.get(key)
         return None if kv is None else kv.value
+
+    def get_kv(self, key: str) -> KeyValue | None:
+        """The key with its revisions (None when absent)."""
+        return self.store.get(key)
+
+    def get_prefix(self, prefix: str) -> list[KeyValue]:
+        return self.store.get_prefix(prefix)
+
+    def revision(self) -> int:
+        """The store's current revision (watch from ``revision() + 1`` to miss nothing)."""
+        return self.store.revision()
+
+    def watch_key(
+        self, key: str, timeout: float, start_revision: int | None = None
+    ) -> WatchEvent | None:
+        """The first change of ``key`` from ``start_revision`` on, or None after ``timeout``."""
+        return self.store.watch_once(key, timeout, start_revision)
 
     def put_value(self, key: str, value: str | bytes, lease_id: int = 0) -> int:
         """Unfenced put (never for leader-only state); returns the revision."""

@@ -290,6 +290,7 @@ class Ctx:
         self.json: bool = bool(ns.json)
         self.words: list[str] = list(ns.words[1:])
         self._d: Dispatcher | None = None
+        self.leader: tuple[str, int] = ("", 0)  # who carried out a leader-only verb
 
     @property
     def d(self) -> Dispatcher:
@@ -323,7 +324,14 @@ def open_dispatcher(path: str | None) -> Dispatcher:
     logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
     for w in cfg.warnings:
         err(f"Warning: {w}")
-    return Dispatcher(cfg)
+    d = Dispatcher(cfg)
+    if cfg.etcd_endpoints:  # in a cluster only the leader signs (renewals included)
+        d.sign_guard = _leader_signs
+    return d
+
+
+def _leader_signs() -> str:
+    return "in a cluster only the leader signs (its maintenance renews agent certificates)"
 
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
@@ -646,10 +654,106 @@ def cmd_setup_dispatcher(ctx: Ctx) -> int:
 # ----- verbs: pairing --------------------------------------------------------------------
 
 
+# ----- cluster: leader-only verbs go to the leader through the store ---------------------
+
+
+def _in_cluster(ctx: Ctx) -> bool:
+    return bool(ctx.d.cfg.etcd_endpoints)
+
+
+def _via_leader(ctx: Ctx, kind: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
+    """Have the cluster leader carry out ``kind`` (:mod:`dispatcher.ha.requests`).
+
+    Returns the leader's result; raises Fail with the leader's error (or why no leader
+    answered). Exit status 1 on failure, as the local verb.
+    """
+    import socket
+
+    from cluster.errors import BackendUnavailable
+    from dispatcher.ha import requests as hareq
+    from dispatcher.ha.backend import backend_from_config
+
+    user = ctx.ns.username or os.environ.get("USER", "")
+    backend = backend_from_config(ctx.d.cfg, timeout=2.0)
+    try:
+        if backend.leader() is None:
+            raise Fail("Error: the cluster has no leader right now; try again shortly")
+        rid = hareq.post(backend, kind, args, f"ced:{user}@{socket.gethostname()}")
+        doc = hareq.wait(backend, rid, timeout)
+    except BackendUnavailable as exc:
+        raise Fail(f"Error: cluster unavailable: {exc}") from None
+    except (hareq.RequestFailed, TimeoutError) as exc:
+        raise Fail(f"Error: {exc}") from None
+    finally:
+        backend.close()
+    if not doc.get("ok"):
+        raise Fail(str(doc.get("error") or "the leader refused the request"))
+    ctx.leader = (str(doc.get("leader") or ""), int(doc.get("epoch") or 0))
+    return doc.get("result")
+
+
+def _members(ctx: Ctx) -> list[str]:
+    """The instance ids registered in the cluster right now ([] when unreachable)."""
+    from cluster.errors import BackendUnavailable
+    from dispatcher.ha.backend import backend_from_config
+
+    backend = backend_from_config(ctx.d.cfg, timeout=2.0)
+    try:
+        return sorted(m.instance_id for m in backend.members())
+    except BackendUnavailable:
+        return []
+    finally:
+        backend.close()
+
+
+def _wait_converged(
+    ctx: Ctx, serial: str, generation: int, timeout: float, expected: list[str]
+) -> dict[str, Any]:
+    """Wait until every member (at least the ``expected`` ones, which were there when the
+    rotation began) presents ``serial`` (restarted) on ``generation`` or later."""
+    import time
+
+    from agent.serial import serial_to_hex
+    from cluster.errors import BackendUnavailable
+    from dispatcher.ha.backend import backend_from_config
+
+    want = serial_to_hex(serial)
+    t0 = time.monotonic()
+    last = ""
+    backend = backend_from_config(ctx.d.cfg, timeout=2.0)
+    try:
+        while True:
+            try:
+                members = backend.members()
+            except BackendUnavailable:
+                members = []
+            behind = sorted(m.instance_id for m in members
+                            if serial_to_hex(m.cert_serial) != want or m.restart_pending
+                            or m.generation < generation or m.state != "serving")  # fmt: skip
+            present = {m.instance_id for m in members}
+            behind += sorted(f"{i} (absent)" for i in expected if i not in present)
+            if members and not behind:
+                return {"converged": True, "seconds": round(time.monotonic() - t0, 2),
+                        "members": sorted(m.instance_id for m in members)}  # fmt: skip
+            text = f"waiting for {', '.join(behind) or 'the members'} to present {serial}"
+            if text != last and not ctx.json:
+                err(f"  {text}")
+                last = text
+            if time.monotonic() - t0 > timeout:
+                return {"converged": False, "seconds": round(time.monotonic() - t0, 2),
+                        "waiting": behind}  # fmt: skip
+            time.sleep(0.2)
+    finally:
+        backend.close()
+
+
 def cmd_list_requests(ctx: Ctx) -> int:
     from dispatcher import pairing_prompt, pairing_queue
 
-    records = pairing_queue.list_pending(ctx.d.cfg.pairing_dir, writer=ctx.d.writer)
+    if _in_cluster(ctx):
+        records = _via_leader(ctx, "list-requests", {}) or []
+    else:
+        records = pairing_queue.list_pending(ctx.d.cfg.pairing_dir, writer=ctx.d.writer)
     if ctx.json:
         out_json({"ok": 1, "requests": [{k: v for k, v in r.items() if k != "csr"}
                                         for r in records]})  # fmt: skip
@@ -674,6 +778,20 @@ def cmd_approve(ctx: Ctx) -> int:
 
     _need(ctx, 1, "approve <reqid> [--lookup-by ip|hostname] [--ip addr] [--agent-port n]")
     ns = ctx.ns
+    if _in_cluster(ctx):
+        import types
+
+        doc = _via_leader(ctx, "approve", {"reqid": ctx.words[0], "lookup_by": ns.lookup_by,
+                                           "ip": ns.ip, "agent_port": ns.agent_port})  # fmt: skip
+        leader, epoch = ctx.leader
+        if ctx.json:
+            out_json({"ok": 1, "reqid": doc["reqid"], "hostname": doc["hostname"],
+                      "record": doc["record"], "warnings": doc["warnings"],
+                      "leader": leader, "epoch": epoch})  # fmt: skip
+        else:
+            _print_approval(types.SimpleNamespace(name=doc["hostname"], **doc))
+            out(f"  (carried out by the cluster leader {leader}, epoch {epoch})")
+        return 0
     try:
         res = pq.approve(ctx.d.cfg, ctx.words[0], lookup_by=ns.lookup_by, ip=ns.ip,
                          agent_port=ns.agent_port, writer=ctx.d.writer)  # fmt: skip
@@ -692,6 +810,13 @@ def cmd_deny(ctx: Ctx) -> int:
 
     _need(ctx, 1, "deny <reqid>")
     reqid = ctx.words[0]
+    if _in_cluster(ctx):
+        _via_leader(ctx, "deny", {"reqid": reqid})
+        if ctx.json:
+            out_json({"ok": 1, "reqid": reqid, "leader": ctx.leader[0], "epoch": ctx.leader[1]})
+        else:
+            out(f"Denied request '{reqid}' (by the cluster leader {ctx.leader[0]}).")
+        return 0
     try:
         pq.deny(ctx.d.cfg, reqid, writer=ctx.d.writer)
     except pq.PairingQueueError as exc:
@@ -973,6 +1098,8 @@ def cmd_rotate_cert(ctx: Ctx) -> int:
     ):
         out("Aborted.")
         return 0
+    if _in_cluster(ctx):
+        return _rotate_in_cluster(ctx)
     if not ctx.json:
         out("Rotating dispatcher certificate...")
     try:
@@ -1011,6 +1138,37 @@ def cmd_rotate_cert(ctx: Ctx) -> int:
     return 0
 
 
+def _rotate_in_cluster(ctx: Ctx) -> int:
+    """The leader rotates, publishes the generation and restarts every member in turn;
+    wait (``--timeout``, default 300 s) until every member presents the new serial."""
+    if not ctx.json:
+        out("Rotating dispatcher certificate (carried out by the cluster leader)...")
+    expected = _members(ctx)
+    res = _via_leader(ctx, "rotate-cert", {}, timeout=180.0)
+    leader, epoch = ctx.leader
+    serial = str(res.get("new_serial") or "")
+    if not ctx.json:
+        out(f"New serial:      {serial}")
+        out(f"Old serial:      {res.get('old_serial') or '(none)'}")
+        out(f"Overlap expires: {res.get('overlap_expires') or '?'}")
+        out(f"Agents updated:  {len(res.get('updated') or [])}, "
+            f"failed: {len(res.get('failed') or [])}")  # fmt: skip
+        out(f"Leader:          {leader} (epoch {epoch}), generation {res.get('generation')}")
+        out("Rolling restart: every member restarts in turn to present the new serial...")
+    timeout = float(ctx.ns.timeout) if ctx.ns.timeout else 300.0
+    conv = _wait_converged(ctx, serial, int(res.get("generation") or 0), timeout, expected)
+    if ctx.json:
+        out_json({"ok": 1 if conv["converged"] else 0, **res, "leader": leader, "epoch": epoch,
+                  "cluster": conv})  # fmt: skip
+    elif conv["converged"]:
+        out(f"Every member presents {serial} ({', '.join(conv['members'])}) "
+            f"after {conv['seconds']} s.")  # fmt: skip
+        out("The old serial is retired once every agent acknowledged the new one.")
+    else:
+        err(f"Not converged after {conv['seconds']} s: {', '.join(conv['waiting'])}")
+    return 0 if conv["converged"] else 1
+
+
 def cmd_serial_status(ctx: Ctx) -> int:
     res = _call(_rotation_fn("serial_status"), ctx.d)
     if not isinstance(res, dict):
@@ -1043,7 +1201,10 @@ def cmd_serial_status(ctx: Ctx) -> int:
 
 
 def cmd_maintain(ctx: Ctx) -> int:
-    res = _call(_rotation_fn("maintain"), ctx.d)
+    if _in_cluster(ctx):
+        res = _via_leader(ctx, "maintain", {}, timeout=600.0)
+    else:
+        res = _call(_rotation_fn("maintain"), ctx.d)
     if not isinstance(res, dict):
         res = {}
     if ctx.json:

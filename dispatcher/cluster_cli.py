@@ -62,6 +62,7 @@ def _member_doc(m: MemberInfo, leader: LeaderInfo | None) -> dict[str, Any]:
         "version": m.version,
         "cert_serial": m.cert_serial,
         "generation": m.generation,
+        "restart_pending": m.restart_pending,
         "health_port": m.health_port,
         "pairing_port": m.pairing_port,
     }  # fmt: skip

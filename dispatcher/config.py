@@ -65,6 +65,7 @@ class DispatcherConfig:
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
     sync_mode: str = "push"
+    drain_wait: float = 2.0  # seconds a draining instance keeps serving before it restarts
     etcd_endpoints: list[str] = field(default_factory=list)
     etcd_cacert: str = ""
     etcd_cert: str = ""
@@ -147,4 +148,6 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
         raise ConfigError("api_auth_default must be deny or allow", path)
     if cfg.sync_mode not in ("push", "shared-fs"):
         raise ConfigError("sync_mode must be push or shared-fs", path)
+    if not 0 <= cfg.drain_wait <= 300:
+        raise ConfigError("drain_wait must be between 0 and 300 seconds", path)
     return cfg.finish()

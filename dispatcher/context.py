@@ -6,6 +6,7 @@ CLI verbs, the API daemon and the cluster code all start from :func:`open_dispat
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,14 @@ class Dispatcher:
     cfg: DispatcherConfig
     writer: StateWriter = field(default_factory=default_writer)
     run_locks: RunLocks | None = None
+    # In a cluster: why this process must not sign now (only the leader signs), or None.
+    sign_guard: Callable[[], str | None] | None = None
+    # In a cluster: why the previous serial cannot be retired early yet (a member still
+    # presents it), given the current serial; None when it can.
+    retire_blocker: Callable[[str], str | None] | None = None
+
+    def signing_refused(self) -> str | None:
+        return self.sign_guard() if self.sign_guard is not None else None
 
     @cached_property
     def registry(self) -> Registry:

@@ -2,6 +2,9 @@
 
 * the API port goes to every instance that answers ``/ready`` with 200 on its plain
   health port (TLS passes through untouched: the client certificate reaches the instance);
+  a draining instance answers ``/ready?drain=404`` with 404, which ``http-check
+  disable-on-404`` turns into a soft stop: no new connections, established ones finish
+  (a rolling restart loses no request in flight);
 * the pairing port goes only to the instance whose ``/leader`` answers 200;
 * fast checks (``inter 500 fall 2 rise 1``; ``fall 1`` for the leader-only backend, so a
   demoted leader leaves the pool within one check), ``retries`` + ``option redispatch``,
@@ -74,7 +77,8 @@ def render(
         "",
         "backend be_ctrl_exec_api",
         "    balance leastconn",
-        "    option httpchk GET /ready",
+        "    option httpchk GET /ready?drain=404",
+        "    http-check disable-on-404",
         "    http-check expect status 200",
         "    default-server inter 500 fall 2 rise 1 on-marked-down shutdown-sessions",
     ]

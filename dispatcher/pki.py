@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,16 @@ WEAK_HASHES = {"md2", "md4", "md5", "sha1"}
 
 class PKIError(CtrlExecError):
     """A CA operation failed; the message is fit for an operator or the wire."""
+
+
+# In a cluster instance: called before every signature with what is signed; it raises
+# (only the leader signs) or records the signature. None on a single host and in ``ced``.
+_sign_guard: Callable[[str], None] | None = None
+
+
+def set_sign_guard(guard: Callable[[str], None] | None) -> None:
+    global _sign_guard
+    _sign_guard = guard
 
 
 @dataclass
@@ -115,6 +126,8 @@ def load_ca(ca_dir: str | Path, cert_path: str | Path | None = None) -> CA:
 def _leaf(
     ca: CA, public_key: object, cn: str, days: int, serial: int | None = None
 ) -> x509.Certificate:
+    if _sign_guard is not None:
+        _sign_guard(f"certificate for CN={cn}")
     now = _now()
     return (
         x509.CertificateBuilder()

@@ -10,6 +10,10 @@ After a successful ping the dispatcher renews an agent whose certificate has les
    (its live cert is untouched until it is restarted or sent SIGHUP);
 4. the registry ``expiry`` is updated through the dispatcher's state writer.
 
+In a cluster only the leader renews: a follower (or ``ced`` with ``etcd_endpoints``)
+that sees a renewal due logs ``renew-deferred`` and leaves it to the leader's
+maintenance.
+
 Every failure is logged as ``renew`` (ERR) and never raised: the ping result stands.
 """
 
@@ -138,6 +142,10 @@ async def maybe_renew(
             return None
     except Exception as exc:  # a malformed ping answer must not break ping_all
         ev("renew", logging.ERROR, target=_target(target), error=f"bad ping result: {exc}")
+        return None
+    refused = d.signing_refused()
+    if refused is not None:  # a follower (or ``ced`` in a cluster) leaves it to the leader
+        ev("renew-deferred", target=_target(target), agent=target.name, reason=refused)
         return None
     result = await renew(d, target, io=io)
     expiry = result.get("expiry")

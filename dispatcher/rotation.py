@@ -413,6 +413,11 @@ async def retire(d: Dispatcher, now: float | None = None, force: bool = False) -
                    if not acknowledged(r, state.current_serial)]  # fmt: skip
         return {"retired": False, "reason": "overlap running", "waiting": waiting,
                 "overlap_expires": state.overlap_expires}  # fmt: skip
+    if reason == "all-acknowledged" and d.retire_blocker is not None:
+        blocked = d.retire_blocker(state.current_serial)
+        if blocked:  # a cluster member still presents the previous serial
+            return {"retired": False, "reason": "cluster members not converged",
+                    "detail": blocked}  # fmt: skip
     _recover_install(d, state)
     if not _same(installed_serial(d), state.current_serial):
         error = (f"installed certificate {cfg.cert} does not present the current serial "

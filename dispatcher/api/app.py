@@ -33,7 +33,7 @@ from agent import logfmt
 from agent.version import __version__
 from dispatcher.api import cluster_routes
 from dispatcher.api import models as m
-from dispatcher.api.peercert import state_of
+from dispatcher.api.peercert import operator_identity, state_of
 from dispatcher.context import Dispatcher
 from dispatcher.locks import LockConflict
 from dispatcher.operations import (
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
 UNGATED = frozenset({"/health", "/metrics"})
+PEER_PREFIX = cluster_routes.PEER_PREFIX  # peer routes: dispatcher certificate, no auth hook
 REQID_RE = re.compile(r"[a-f0-9]+")
 TAG_API = "api"
 TAG_RUN = "run"
@@ -154,10 +155,15 @@ def _peer_ip(scope: Scope) -> str:
 class ApiGate:
     """Pre-route checks of every request: limits, ``api-request`` log, ``api`` auth."""
 
-    def __init__(self, app: ASGIApp, d: Dispatcher, requests: Counter) -> None:
+    def __init__(
+        self, app: ASGIApp, d: Dispatcher, requests: Counter,
+        draining: Callable[[], bool] | None = None, issuers: frozenset[str] | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.d = d
         self.requests = requests
+        self.draining = draining or (lambda: False)
+        self.issuers = issuers
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,6 +175,12 @@ class ApiGate:
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+                if self.draining():  # the client reconnects, through the balancer, elsewhere
+                    message = dict(message)
+                    message["headers"] = [
+                        *(h for h in message.get("headers", []) if h[0].lower() != b"connection"),
+                        (b"connection", b"close"),
+                    ]
             await send(message)
 
         try:
@@ -182,9 +194,10 @@ class ApiGate:
         peer = state_of(state)
         length_hdr = _header(scope, b"content-length")
         via = state.get("proxy_peer")  # the load balancer, on the PROXY v2 port only
+        identity = operator_identity(peer, self.issuers)
         logfmt.event(
             "api-request", method=method, path=path, peer=_peer_ip(scope),
-            len=length_hdr or 0, identity=peer["peer_identity"] or "",
+            len=length_hdr or 0, identity=identity,
             **({"via": via} if via else {}),
         )  # fmt: skip
         if len(scope["headers"]) > MAX_HEADERS:
@@ -211,7 +224,8 @@ class ApiGate:
                 await self._too_large(scope, receive, send)
                 return
         data = bytes(body)
-        gated = path not in UNGATED
+        # peer routes authenticate the dispatcher certificate themselves, never the hook
+        gated = path not in UNGATED and not path.startswith(PEER_PREFIX)
         if gated and self.inflight >= max(1, self.d.cfg.api_max_children):
             await error(503, "busy", "too many concurrent API requests")(scope, receive, send)
             return
@@ -223,7 +237,7 @@ class ApiGate:
                 caller = Caller(
                     kind="api", username=user,
                     token=token or bearer_token(_header(scope, b"authorization")),
-                    source_ip=_peer_ip(scope), identity=peer["peer_identity"] or "",
+                    source_ip=_peer_ip(scope), identity=identity,
                 )  # fmt: skip
                 try:
                     await authorise(self.d, caller, "api")
@@ -254,14 +268,17 @@ class ApiGate:
         await error(413, "payload too large", detail)(scope, receive, send)
 
 
-def caller_of(request: Request, username: str = "", token: str = "") -> Caller:
+def _caller_of(
+    request: Request, username: str = "", token: str = "",
+    issuers: frozenset[str] | None = None,
+) -> Caller:  # fmt: skip
     peer = state_of(request.scope.get("state"))
     return Caller(
         kind="api",
         username=username,
         token=token,
         source_ip=_peer_ip(request.scope),
-        identity=peer["peer_identity"] or "",
+        identity=operator_identity(peer, issuers),
     )
 
 
@@ -328,8 +345,13 @@ def _live_spec(base: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
     return spec
 
 
-def create_app(d: Dispatcher, ha: HANode | None = None) -> FastAPI:
-    """The API application of dispatcher ``d`` (``ha``: the instance's cluster node)."""
+def create_app(
+    d: Dispatcher, ha: HANode | None = None, *, draining: Callable[[], bool] | None = None,
+    operator_issuers: frozenset[str] | None = None,
+) -> FastAPI:  # fmt: skip
+    """The API application of dispatcher ``d`` (``ha``: the instance's cluster node;
+    ``draining``: while true every response closes its connection; ``operator_issuers``:
+    see :func:`dispatcher.api.peercert.operator_identity`)."""
     app = FastAPI(
         title="ctrl-exec-api",
         version=__version__,
@@ -351,7 +373,12 @@ def create_app(d: Dispatcher, ha: HANode | None = None) -> FastAPI:
         ["route", "outcome"],
         registry=registry,
     )
-    app.add_middleware(ApiGate, d=d, requests=requests)
+    app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
+                       issuers=operator_issuers)  # fmt: skip
+
+    def caller_of(request: Request, username: str = "", token: str = "") -> Caller:
+        return _caller_of(request, username, token, operator_issuers)
+
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 
@@ -536,7 +563,7 @@ def create_app(d: Dispatcher, ha: HANode | None = None) -> FastAPI:
     async def openapi_live() -> JSONResponse:
         return JSONResponse(_live_spec(app.openapi(), d.registry.names()))
 
-    cluster_routes.install(app, d, ha)
+    cluster_routes.install(app, d, ha, operator_issuers)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -3,7 +3,13 @@
 * ``GET /pairing``: the pending pairing requests (no CSR, no nonce);
 * ``POST /pairing/{reqid}/approve`` (``lookup_by``, ``ip``, ``agent_port`` optional) and
   ``POST /pairing/{reqid}/deny`` (``reason`` optional);
-* ``POST /cluster/switchover``: the leader resigns and a peer takes over.
+* ``POST /cluster/switchover``: the leader resigns and a peer takes over;
+* ``GET /cluster/files/{path}?generation=N`` (peers only, not in the OpenAPI document):
+  one file of config generation N, for followers that sync (:mod:`dispatcher.ha.sync`).
+  Allowed only for a client certificate presenting the cluster's current or previous
+  dispatcher serial, verified by the TLS handshake against the dispatcher CA; never
+  through the auth hook, never on plain HTTP. 409 when this instance does not run
+  generation N (or the file changed since), 404 when the file is not part of it.
 
 The leader does the work itself, every write through the fenced writer under the epoch
 captured when the request began (the epoch is in the answer and in every log line). A
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
 
 TAG_CLUSTER = "cluster"
+PEER_PREFIX = "/cluster/files/"
 FORWARDED_BY = "x-ctrl-exec-forwarded-by"
 EPOCH_HEADER = "x-ctrl-exec-epoch"
 FORWARD_TIMEOUT = 30.0
@@ -56,6 +63,8 @@ def route_label(path: str) -> str | None:
     """The route template of a cluster path (for metrics), or None."""
     if path in ROUTES:
         return path
+    if path.startswith(PEER_PREFIX):
+        return "/cluster/files/{path}"
     if path.startswith("/pairing/"):
         for verb in ("approve", "deny"):
             if path.endswith(f"/{verb}"):
@@ -131,19 +140,10 @@ def _peer(request: Request) -> str:
 
 
 def _forward_ctx(d: Dispatcher) -> ssl.SSLContext:
-    """Client context towards a peer's API: the dispatcher CA (and the operator CA), the
-    dispatcher's own certificate as client certificate. Instances are told apart by the
-    chain, not the name: the API certificate names the service, not each instance."""
-    cfg = d.cfg
-    ctx = ssl.create_default_context(cafile=cfg.ca)
-    if cfg.api_client_ca and cfg.api_client_ca != cfg.ca:
-        ctx.load_verify_locations(cfg.api_client_ca)
-    ctx.check_hostname = False
-    try:
-        ctx.load_cert_chain(cfg.cert, cfg.key)
-    except (OSError, ssl.SSLError):
-        pass
-    return ctx
+    """Client context towards a peer's API (:func:`dispatcher.ha.peer.client_ctx`)."""
+    from dispatcher.ha.peer import client_ctx
+
+    return client_ctx(d.cfg)
 
 
 def forward(
@@ -170,11 +170,13 @@ def forward(
         conn.close()
 
 
-def install(app: FastAPI, d: Dispatcher, ha: HANode | None) -> None:
+def install(
+    app: FastAPI, d: Dispatcher, ha: HANode | None, issuers: frozenset[str] | None = None
+) -> None:
     """Add the cluster routes to the API app (present even without a node, for the spec)."""
 
     def caller(request: Request, creds: Credentials | None) -> Caller:
-        from dispatcher.api.peercert import state_of
+        from dispatcher.api.peercert import operator_identity, state_of
 
         peer = state_of(request.scope.get("state"))
         auth = request.headers.get("authorization") or ""
@@ -183,7 +185,7 @@ def install(app: FastAPI, d: Dispatcher, ha: HANode | None) -> None:
             token = auth[7:].strip()
         return Caller(kind="api", username=creds.username if creds else "", token=token,
                       source_ip=_peer(request),
-                      identity=peer["peer_identity"] or "")  # fmt: skip
+                      identity=operator_identity(peer, issuers))  # fmt: skip
 
     def unavailable(detail: str) -> JSONResponse:
         return _error(503, "cluster unavailable", detail)
@@ -378,3 +380,29 @@ def install(app: FastAPI, d: Dispatcher, ha: HANode | None) -> None:
         except LookupError as exc:
             return not_leader(str(exc))
         return JSONResponse({"ok": True, **out})
+
+    @app.get("/cluster/files/{path:path}", include_in_schema=False)
+    async def cluster_file(path: str, request: Request, generation: int = -1) -> Response:
+        from agent.serial import serial_to_hex
+        from dispatcher.api.peercert import state_of
+
+        sync = ha.sync if ha is not None else None
+        if sync is None:
+            return _error(404, "not found", "this instance publishes no generations")
+        peer = state_of(request.scope.get("state"))
+        if not peer["tls_version"]:
+            return _error(403, "forbidden", "peer routes need TLS")
+        serial = serial_to_hex(peer["peer_serial"] or "")
+        allowed = await asyncio.to_thread(sync.peer_serials)
+        if not serial or serial not in allowed:
+            logfmt.event("peer-denied", path=request.url.path, peer=_peer(request),
+                         serial=serial or "-", reason="not a dispatcher serial of the cluster")  # fmt: skip
+            return _error(403, "forbidden", "a dispatcher certificate of this cluster is required")
+        status, data, entry = await asyncio.to_thread(sync.serve, path, generation)
+        if status != 200 or entry is None or not isinstance(data, bytes):
+            err = "conflict" if status == 409 else "not found"
+            return _error(status, err, str(data))
+        return Response(data, media_type="application/octet-stream", headers={
+            "X-Ctrl-Exec-Sha256": entry.sha256, "X-Ctrl-Exec-Mode": format(entry.mode, "o"),
+            "X-Ctrl-Exec-Generation": str(generation),
+        })  # fmt: skip

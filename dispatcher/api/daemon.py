@@ -16,6 +16,19 @@ in-flight requests finish up to ``read_timeout`` + 5 s, then the session lease w
 member key and run locks is revoked) and exit 0;
 SIGHUP reloads the API certificate into the live ``SSLContext`` (the next handshake
 presents it; no listener is dropped) and keeps the old one if the new pair is bad.
+
+Restart ordered by the leader (after a generation that changed certificates, see
+:mod:`dispatcher.ha.restart`): the instance drains (``/ready`` 503, or 404 for
+``?drain=404``; every API response says ``Connection: close``), keeps serving for
+``drain_wait`` seconds so the load balancer stops sending new connections, then shuts
+down as on SIGTERM (in-flight requests finish, leases revoked) and re-executes itself
+with the same command line, so it loads the new certificates and CA.
+
+Peers: with etcd and ``sync_mode = push`` the API also verifies client certificates
+issued by the dispatcher CA (``ca``), so followers can fetch generation files with the
+dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
+by the auth hook). When ``api_client_ca`` is another CA, only its certificates give an
+operator identity.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -57,11 +71,17 @@ def api_tls_enabled(cfg: DispatcherConfig) -> bool:
     return bool(cfg.api_cert and cfg.api_key)
 
 
+def peer_sync(cfg: DispatcherConfig) -> bool:
+    """Followers fetch generation files from this instance's API (etcd, push mode)."""
+    return bool(cfg.etcd_endpoints) and cfg.sync_mode == "push"
+
+
 def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     """The API server context (None for plain HTTP); raises ConfigError if unusable.
 
     With ``api_client_ca`` a client certificate is verified when presented
     (``CERT_OPTIONAL``): its CN becomes the operator identity given to the auth hook.
+    With peer sync the dispatcher CA verifies too (peers present the dispatcher cert).
     """
     if not api_tls_enabled(cfg):
         return None
@@ -71,16 +91,51 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
         path = getattr(cfg, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"{key} {path} does not exist", cfg.path)
+    cas = [cfg.api_client_ca] if cfg.api_client_ca else []
+    if peer_sync(cfg) and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
+        cas.append(cfg.ca)
     try:
-        return server_context(
-            cfg.api_cert, cfg.api_key, ca=cfg.api_client_ca or None, require_client_cert=False
+        ctx = server_context(
+            cfg.api_cert, cfg.api_key, ca=cas[0] if cas else None, require_client_cert=False
         )
+        for extra in cas[1:]:
+            ctx.load_verify_locations(cafile=extra)
+        return ctx
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the API certificate: {exc}", cfg.path) from None
 
 
-def reload_cert(cfg: DispatcherConfig, ctx: ssl.SSLContext | None) -> bool:
+def operator_issuers(cfg: DispatcherConfig) -> frozenset[str] | None:
+    """Issuers whose client certificates carry an operator identity; None: any verified.
+
+    Only when the API verifies peers with the dispatcher CA besides a different operator
+    CA: then a certificate from the dispatcher CA (an agent's, a peer's) is no operator.
+    """
+    if not (api_tls_enabled(cfg) and peer_sync(cfg) and cfg.api_client_ca):
+        return None
+    if os.path.abspath(cfg.api_client_ca) == os.path.abspath(cfg.ca):
+        return None
+    from cryptography import x509
+
+    try:
+        data = Path(cfg.api_client_ca).read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read api_client_ca: {exc}", cfg.path) from None
+    return frozenset(c.subject.rfc4514_string() for c in certs)
+
+
+def reload_cert(
+    cfg: DispatcherConfig, ctx: ssl.SSLContext | None, ha: HANode | None = None
+) -> bool:
     """SIGHUP: load ``api_cert``/``api_key`` into the live context; False keeps the old."""
+    ok = _reload_cert(cfg, ctx)
+    if ok and ha is not None and ha.sync is not None:
+        ha.sync.reloaded()
+    return ok
+
+
+def _reload_cert(cfg: DispatcherConfig, ctx: ssl.SSLContext | None) -> bool:
     if ctx is None:
         logfmt.event("reload", result="skip", reason="plain HTTP, no certificate")
         return False
@@ -130,17 +185,29 @@ class Instance:
                 cfg, self.ha.is_leader, self.ha.writer, self.ha.writer.epoch
             )
             self.ha.add_listener(self.pairing.kick)
+            self.ha.on_restart = self._restart_from_thread
         self.role: RoleProvider = role or (
             self.ha.role if self.ha else LocalRole(cfg.instance_id, cfg.lease_ttl)
         )
         self.state = InstanceState()
+        sync = self.ha.sync if self.ha is not None else None
+        if sync is not None:
+            self.state.presented_serial = lambda: sync.loaded_serial
+            self.state.restart_pending = sync.restart_pending
+            self.state.not_ready = sync.ready_problem
+        self.restart_requested = False
+        self.restart_reason = ""
+        self._restart_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         ctx = self.ctx
         tls: dict[str, object] = {}
         if ctx is not None:
             tls["ssl_context_factory"] = lambda _config, _default: ctx
         self.api = uvicorn.Server(
             _server_config(
-                create_app(d, self.ha), cfg.api_bind, cfg.api_port, http=protocol_class(),
+                create_app(d, self.ha, draining=lambda: self.state.draining,
+                           operator_issuers=operator_issuers(cfg)),
+                cfg.api_bind, cfg.api_port, http=protocol_class(),
                 timeout_graceful_shutdown=int(cfg.read_timeout) + 5, **tls,
             )
         )  # fmt: skip
@@ -161,7 +228,33 @@ class Instance:
     def _signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload_cert, self.d.cfg, self.ctx)
+        loop.add_signal_handler(signal.SIGHUP, reload_cert, self.d.cfg, self.ctx, self.ha)
+
+    # ----- restart ordered by the leader ------------------------------------------------
+
+    def _restart_from_thread(self, reason: str) -> None:
+        """Called on the HA monitor thread: drain, then restart (once)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._begin_restart, reason)
+
+    def _begin_restart(self, reason: str) -> None:
+        if self._restart_task is None and not self.stop.is_set():
+            self._restart_task = asyncio.create_task(self._drain_then_restart(reason))
+
+    async def _drain_then_restart(self, reason: str) -> None:
+        wait = float(self.d.cfg.drain_wait)
+        logfmt.event("restart-drain", instance=self.d.cfg.instance_id, reason=reason,
+                     drain_wait=wait)  # fmt: skip
+        self.state.draining = True
+        if self.ha is not None:
+            await asyncio.to_thread(self.ha.set_draining)
+        await asyncio.sleep(wait)
+        self.restart_requested = True
+        self.restart_reason = reason
+        self.stop.set()
 
     # ----- PROXY v2 API listener (api_proxy_port; dispatcher/api/proxyproto.py) ---------
 
@@ -209,7 +302,8 @@ class Instance:
 
     async def run(self) -> int:
         cfg = self.d.cfg
-        self._signals(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._signals(self._loop)
         pairing_task = await self._join_cluster()
         ticker = asyncio.create_task(self._ticker())
         health_task = asyncio.create_task(self.health._serve())
@@ -240,7 +334,8 @@ class Instance:
             await self.pairing.stop()
         if self.ha is not None:
             await asyncio.to_thread(self.ha.set_draining)
-        logfmt.event("api-stop", port=cfg.api_port, reason="signal" if rc == 0 else "error")
+        why = "restart" if self.restart_requested else ("signal" if rc == 0 else "error")
+        logfmt.event("api-stop", port=cfg.api_port, reason=why)
         await self._stop_proxy()
         self.api.should_exit = True
         await asyncio.gather(api_task, return_exceptions=True)
@@ -270,9 +365,24 @@ def main(argv: list[str] | None = None) -> int:
         logfmt.shutdown()
         return 2
     try:
-        return asyncio.run(instance.run())
-    finally:
+        rc = asyncio.run(instance.run())
+    except BaseException:
         logfmt.shutdown()
+        raise
+    if rc == 0 and instance.restart_requested:
+        reexec(instance.restart_reason)  # does not return
+    logfmt.shutdown()
+    return rc
+
+
+def reexec(reason: str) -> None:
+    """Replace this process by a fresh one with the same command line (same PID)."""
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    logfmt.event("restart-exec", reason=reason, argv=" ".join(argv[1:]))
+    logfmt.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ read it.
 * ``/health``: the instance can serve run/ping: the API listener is up, the instance is
   not draining, and the event loop ticked recently.
 * ``/ready``: ``/health`` plus the dispatcher certificate and key are readable (without
-  them no agent call can succeed).
+  them no agent call can succeed) and, in a cluster, the first sync with the published
+  generation after start is done. ``/ready?drain=404`` answers 404 instead of 503 while
+  the instance drains: with HAProxy's ``http-check disable-on-404`` the server then
+  takes no new connections while established ones finish (a 503 would mark it down and
+  ``on-marked-down shutdown-sessions`` would cut requests in flight).
 * ``/leader``: 200 only while this instance holds the lease with time to spare.
 
 Who leads comes from a :class:`RoleProvider`. Until the cluster layer plugs in its etcd
@@ -21,10 +25,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from dispatcher.config import DispatcherConfig
@@ -104,6 +109,11 @@ class InstanceState:
     serving: bool = False  # the API listener is up
     draining: bool = False  # SIGTERM received: finishing in-flight requests
     last_tick: float | None = None  # time.time() of the last loop tick
+    # in a cluster: the serial this process presents (it loaded), whether its certificate
+    # files changed since, and why it is not ready yet (first sync)
+    presented_serial: Callable[[], str] | None = None
+    restart_pending: Callable[[], bool] | None = None
+    not_ready: Callable[[], str | None] | None = None
     _serial_cache: dict[str, Any] = field(default_factory=dict)
 
     def ticked(self) -> None:
@@ -145,6 +155,7 @@ def status_document(
     cfg: DispatcherConfig, role: RoleProvider, state: InstanceState
 ) -> dict[str, Any]:
     snap = role.snapshot()
+    serial = state.presented_serial() if state.presented_serial is not None else None
     return {
         "instance_id": snap.instance_id,
         "role": snap.role,
@@ -153,12 +164,14 @@ def status_document(
         "lease_ttl": snap.lease_ttl,
         "lease_time_left": snap.lease_time_left,
         "generation": snap.generation,
-        "cert_serial": cert_serial(cfg.cert, state._serial_cache),
+        "cert_serial": serial or cert_serial(cfg.cert, state._serial_cache),
         "etcd": snap.etcd,
         "last_tick_at": iso_utc(state.last_tick) if state.last_tick is not None else None,
         "backend": snap.backend,
         "serving": state.serving,
         "draining": state.draining,
+        "restart_pending": bool(state.restart_pending()) if state.restart_pending else False,
+        "sync_mode": cfg.sync_mode if snap.backend == "etcd" else "local",
     }
 
 
@@ -187,13 +200,18 @@ def create_health_app(cfg: DispatcherConfig, role: RoleProvider, state: Instance
         return _answer(_health_problem(state, time.time()), "serving")
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
         problem = _health_problem(state, time.time())
         if problem is None:
             missing = _readable(cfg.cert, cfg.key)
             if missing is not None:
                 problem = f"cannot read {missing}"
-        return _answer(problem, "ready")
+        if problem is None and state.not_ready is not None:
+            problem = state.not_ready()
+        answer = _answer(problem, "ready")
+        if problem == "draining" and request.query_params.get("drain") == "404":
+            answer.status_code = 404  # HAProxy disable-on-404: soft stop, sessions finish
+        return answer
 
     @app.get("/leader")
     async def leader() -> JSONResponse:

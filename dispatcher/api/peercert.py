@@ -8,7 +8,8 @@ each connection its own ``app_state`` (a new dict, never the shared lifespan one
 * ``peer_cert_der``: the DER bytes of the verified client certificate, or None;
 * ``peer_identity``: the operator identity (the subject CN, else the whole subject);
 * ``peer_serial``: the certificate serial as lower-case hex;
-* ``tls_version``: e.g. ``TLSv1.3``, or None on plain HTTP.
+* ``tls_version``: e.g. ``TLSv1.3``, or None on plain HTTP;
+* ``peer_issuer``: the issuer of the client certificate (RFC 4514), or None.
 
 Request handlers read them as ``request.state.peer_identity`` and so on. This relies on
 uvicorn internals (``app_state`` in ``httptools_impl`` and ``h11_impl``); the
@@ -28,7 +29,7 @@ try:  # httptools is optional in uvicorn; fall back to h11 without it
 except ImportError:  # pragma: no cover - httptools is installed with uvicorn[standard]
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
-STATE_KEYS = ("peer_cert_der", "peer_identity", "peer_serial", "tls_version")
+STATE_KEYS = ("peer_cert_der", "peer_identity", "peer_serial", "tls_version", "peer_issuer")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PeerIdentity:
 
     identity: str
     serial: str
+    issuer: str = ""
 
 
 def identity_of(der: bytes | None) -> PeerIdentity | None:
@@ -53,7 +55,8 @@ def identity_of(der: bytes | None) -> PeerIdentity | None:
         ident = value.decode(errors="replace") if isinstance(value, bytes) else value
     else:
         ident = cert.subject.rfc4514_string()
-    return PeerIdentity(identity=ident, serial=format(cert.serial_number, "x"))
+    return PeerIdentity(identity=ident, serial=format(cert.serial_number, "x"),
+                        issuer=cert.issuer.rfc4514_string())  # fmt: skip
 
 
 def peer_state(transport: asyncio.BaseTransport) -> dict[str, Any]:
@@ -73,7 +76,20 @@ def peer_state(transport: asyncio.BaseTransport) -> dict[str, Any]:
         "peer_identity": who.identity if who else None,
         "peer_serial": who.serial if who else None,
         "tls_version": version,
+        "peer_issuer": who.issuer if who else None,
     }
+
+
+def operator_identity(peer: dict[str, Any], issuers: frozenset[str] | None) -> str:
+    """The operator identity of a connection's certificate ("" for none).
+
+    ``issuers`` (when the API also verifies peers' dispatcher certificates against another
+    CA than the operators'): only certificates from these issuers name an operator.
+    """
+    ident = peer.get("peer_identity") or ""
+    if ident and issuers is not None and peer.get("peer_issuer") not in issuers:
+        return ""
+    return str(ident)
 
 
 def state_of(scope_state: object) -> dict[str, Any]:

@@ -9,8 +9,15 @@ the :class:`~dispatcher.ha.locks.HARunLocks` and (with etcd) the
 
 Threads: the elector's (campaign, keep-alive), the session's (member key, run locks) and
 a monitor that reads the leader key every half second: it keeps ``etcd ok/unreachable``
-and the leader seen current, acts on switchover requests while leading, retries deferred
-lock releases and republishes the member record when the dispatcher cert changes.
+and the leader seen current, acts on switchover requests while leading, on restart
+orders while following, retries deferred lock releases and republishes the member record
+(generation, ``restart_pending``, the serial it presents) when they change.
+
+With etcd there are three more (:meth:`attach` builds them): the
+:class:`~dispatcher.ha.sync.Syncer` (generations: published while leading, applied while
+following), the :class:`~dispatcher.ha.restart.RestartCoordinator` (rolling restarts,
+leader only) and :class:`~dispatcher.ha.leaderwork.LeaderWork` (requests from ``ced``,
+retirement, periodic ``maintain``; leader only).
 
 Lifecycle (the daemon's): :meth:`start`; on SIGTERM :meth:`set_draining`, then
 :meth:`step_down` (revoke the election lease at once, a peer takes over), then, once
@@ -39,10 +46,14 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.context import Dispatcher
 from dispatcher.ha import switchover
 from dispatcher.ha.backend import advertise_url, backend_from_config, lease_ttl
+from dispatcher.ha.errors import NotLeaderError
 from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.leaderwork import LeaderWork
 from dispatcher.ha.locks import HARunLocks
+from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
 from dispatcher.ha.runs import ClusterRunStore
+from dispatcher.ha.sync import Syncer
 from dispatcher.ha.writer import FencedWriter
 from dispatcher.locks import LocalRunLocks
 from dispatcher.runstore import RunStore
@@ -115,6 +126,37 @@ class HANode:
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="ha-monitor", daemon=True)
         self._closed = False
+        # generations, restarts and leader work: etcd only (the embedded backend is one
+        # host, whose instances share every file)
+        self.sync: Syncer | None = None
+        self.restarts: RestartCoordinator | None = None
+        self.orders: OrderWatcher | None = None
+        self.work: LeaderWork | None = None
+        self.on_restart: Callable[[str], None] | None = None
+        if self.kind == "etcd":
+            if cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
+                raise ConfigError(
+                    "sync_mode = push needs api_cert and api_key: followers fetch the "
+                    "generation files from the leader over mTLS (use sync_mode = shared-fs "
+                    "when the state paths are on a shared filesystem)", cfg.path,
+                )  # fmt: skip
+            self.sync = Syncer(
+                cfg, self.data, self.elector, self.session, self.role.guard, self.health,
+                lambda fresh: self.members(fresh=fresh),
+                active_operations=self.writer.active_operations,
+            )  # fmt: skip
+            self.writer.on_change = self.sync.mark_dirty
+            self.writer.gate = self.sync.gate_reason
+            self.session.update_member(cert_serial=self.sync.loaded_serial,
+                                       generation=self.sync.generation)  # fmt: skip
+            self.restarts = RestartCoordinator(
+                self.data, self.elector, self.sync, lambda fresh: self.members(fresh=fresh),
+                self._restart, settle=max(0.5, float(cfg.drain_wait)),
+                busy=lambda: self.work is not None and self.work.busy,
+            )  # fmt: skip
+            self.orders = OrderWatcher(self.data, self.instance_id, self.role.guard, self.sync,
+                                       self.is_leader)  # fmt: skip
+            self.orders.on_restart = self._restart
 
     # -- identity --------------------------------------------------------------------------
 
@@ -147,13 +189,42 @@ class HANode:
 
     def attach(self, d: Dispatcher) -> HANode:
         """Plug into a dispatcher: fenced writer (also the process default), run locks,
-        run records."""
+        run records, the signing guard (only the leader signs) and the leader's work."""
+        from dispatcher import pki
+
         d.writer = self.writer
         d.run_locks = self.run_locks
         d.__dict__.pop("registry", None)  # built lazily with the writer it saw first
         d.__dict__["runstore"] = self.runs
         set_default_writer(self.writer)
+        d.sign_guard = self.signing_refused
+        pki.set_sign_guard(self._sign_check)
+        if self.kind == "etcd":
+            self.work = LeaderWork(self, d)
+            d.retire_blocker = self.work.converged
         return self
+
+    def signing_refused(self) -> str | None:
+        """Why this instance must not sign now (None: it leads)."""
+        if self.elector.epoch is None:
+            leader_id, _ = self.leader_hint()
+            return f"only the leader signs ({leader_id or 'no leader right now'})"
+        return None
+
+    def _sign_check(self, what: str) -> None:
+        reason = self.signing_refused()
+        if reason is not None:
+            logfmt.event("ca-sign-refused", logging.WARNING, instance=self.instance_id,
+                         what=what, reason=reason)  # fmt: skip
+            raise NotLeaderError(f"{what}: {reason}")
+        logfmt.event("ca-sign", instance=self.instance_id, what=what, epoch=self.elector.epoch)
+
+    def _restart(self, reason: str) -> None:
+        if self.on_restart is not None:
+            self.on_restart(reason)
+        else:
+            logfmt.event("restart-ordered", logging.WARNING, instance=self.instance_id,
+                         result="ignored", reason="no daemon to restart")  # fmt: skip
 
     def add_listener(self, fn: Listener) -> None:
         """``fn(leading)`` on every gain or loss of leadership (on the elector's thread)."""
@@ -164,6 +235,9 @@ class HANode:
         self.session.start()
         self.elector.start()
         self._monitor.start()
+        for part in (self.sync, self.restarts, self.work):
+            if part is not None:
+                part.start()
         logfmt.event("cluster-start", instance=self.instance_id, backend=self.kind,
                      cluster=self.cfg.cluster_name, ttl=self.ttl,
                      etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
@@ -193,9 +267,16 @@ class HANode:
         self._closed = True
         self.elector.stop(resign=True)
         self._stop.set()
+        for part in (self.work, self.restarts, self.sync):
+            if part is not None:
+                part.stop()
         if self._monitor.is_alive():
             self._monitor.join(5)
         self.session.close(revoke=True)
+        from dispatcher import pki
+
+        if pki._sign_guard == self._sign_check:
+            pki.set_sign_guard(None)
         self.data.close()
         if self.coord is not self.data:
             self.coord.close()
@@ -289,8 +370,12 @@ class HANode:
                 self.members(fresh=True)
             if self.elector.is_leader():
                 self._check_switchover()
+            elif self.orders is not None:
+                self.orders.check()
             self.run_locks.retry_releases()
-            if cycle % 10 == 0:
+            if self.sync is not None:
+                self.sync.refresh_member()
+            elif cycle % 10 == 0:
                 self._refresh_member()
         except BackendUnavailable as exc:
             if self.health.mark_failed(exc):

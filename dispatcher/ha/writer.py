@@ -72,6 +72,8 @@ class FencedWriter:
         leader_hint: LeaderHint | None = None,
         keep_effects: int | None = None,
         prune_every: int | None = None,
+        on_change: Callable[[Path], None] | None = None,
+        gate: Callable[[], str | None] | None = None,
     ) -> None:
         self.elector = elector
         self.keep_effects = self.KEEP_EFFECTS if keep_effects is None else keep_effects
@@ -80,8 +82,11 @@ class FencedWriter:
         self.local = local or LocalWriter()
         self.effect_for = effect_for or (lambda _p: "state-write")
         self.leader_hint = leader_hint or _no_hint
+        self.on_change = on_change  # after every local write or delete (generation publish)
+        self.gate = gate  # a reason to refuse leader-only work for now (catching up), or None
         self._commits = 0
         self._count_lock = threading.Lock()
+        self._active = 0
 
     # -- leadership ----------------------------------------------------------------------
 
@@ -110,10 +115,18 @@ class FencedWriter:
             leader_id, url = None, None
         return NotLeaderError(msg, leader_id, url)
 
+    def active_operations(self) -> int:
+        """Operations running right now (the generation publisher waits for none)."""
+        with self._count_lock:
+            return self._active
+
     def require(self, what: str) -> int:
         """The current epoch, or raise a clear error (cluster down, or not the leader)."""
         epoch = self.elector.epoch
         if epoch is not None:
+            reason = self.gate() if self.gate is not None else None
+            if reason:  # e.g. a new leader still catching up with the published generation
+                raise ClusterUnavailableError(f"{what}: {reason}")
             return epoch
         if self.health is not None and not self.health.ok:
             raise self._unavailable(what, self.health.error or "store unreachable")
@@ -138,10 +151,14 @@ class FencedWriter:
         log_token = logfmt.push_context(epoch=epoch)  # every line of the action names it
         logfmt.event("leader-op", op=name, phase="begin", instance=self.elector.instance_id)
         ok = False
+        with self._count_lock:
+            self._active += 1
         try:
             yield epoch
             ok = True
         finally:
+            with self._count_lock:
+                self._active -= 1
             _current.reset(token)
             logfmt.pop_context(log_token)
             logfmt.event("leader-op", logging.INFO if ok else logging.WARNING, op=name,
@@ -180,6 +197,7 @@ class FencedWriter:
                   "mode": f"{mode:o}"}  # fmt: skip
         self._commit(effect, epoch, detail)
         self.local.write(p, data, mode)
+        self._changed(p)
 
     def delete(self, path: str | Path) -> bool:
         p = Path(path)
@@ -187,7 +205,16 @@ class FencedWriter:
         if not os.path.lexists(p):
             return False
         self._commit(effect, epoch, {"op": "delete", "kind": kind, "path": str(p)})
-        return self.local.delete(p)
+        done = self.local.delete(p)
+        self._changed(p)
+        return done
+
+    def _changed(self, path: Path) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(path)
+            except Exception as exc:  # the write is done; a publish problem is logged
+                logfmt.event("generation-mark", logging.WARNING, path=path, error=exc)
 
     # -- history housekeeping --------------------------------------------------------------
 

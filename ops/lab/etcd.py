@@ -4,7 +4,8 @@ Every member gets its own data dir under ``root``, ``--pre-vote``, ``--logger=za
 fresh ``--initial-cluster-token``. Members are stopped with SIGKILL by PID (a SIGTERM of a
 whole cluster can take ~7 s), and :meth:`EtcdCluster.stop_member` /
 :meth:`EtcdCluster.start_member` let a test take one member down and bring it back on its
-data dir.
+data dir; :meth:`EtcdCluster.pause` / :meth:`EtcdCluster.resume` freeze and thaw every
+member at once (SIGSTOP/SIGCONT: the whole store stops answering, clients time out).
 """
 
 from __future__ import annotations
@@ -158,6 +159,19 @@ class EtcdCluster:
         m = self.members[index]
         self._spawn(m, state="existing")
         self.wait_healthy([m], timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP every member: etcd stops answering (connections hang until a timeout)."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                os.kill(m.proc.pid, signal.SIGSTOP)
+
+    def resume(self, timeout: float = 20.0) -> None:
+        """SIGCONT every member paused by :meth:`pause`; wait until each is healthy."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                os.kill(m.proc.pid, signal.SIGCONT)
+        self.wait_healthy(self.members, timeout)
 
     def close(self) -> None:
         for i in range(len(self.members)):

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import secrets
 import signal
 import socket
 import ssl
@@ -20,32 +17,34 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from cluster.backend import EtcdBackend
 from cluster.election import Elector
 from dispatcher import pairing_queue as pq
-from dispatcher import pki
 from dispatcher.ha.errors import NotLeaderError
 from dispatcher.ha.health import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
-from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
-from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
-from tests.support.dispatcherenv import DispatcherCA
-from tests.support.etcdcluster import ETCD, SKIP_REASON, EtcdCluster
-from tests.support.pki import Issued
+from tests.support.etcdcluster import ETCD, SKIP_REASON
+from tests.support.hacluster import (
+    ENV,
+    Cluster,
+    ClusterSpec,
+    Inst,
+    get,
+    make_csr,
+    new_leader,
+    pairing_listening,
+    read_framed,
+    running_cluster,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -54,203 +53,23 @@ NAMES = ("a", "b", "c")
 AGENTS = {"web1": "127.0.0.2", "web2": "127.0.0.3"}
 STATUS_KEYS = {"instance_id", "role", "leader_id", "epoch", "lease_ttl", "lease_time_left",
                "generation", "cert_serial", "etcd", "last_tick_at"}  # fmt: skip
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 MEASURED: dict[str, float] = {}
-
-
-@dataclass
-class Inst:
-    name: str
-    config: Path
-    log: Path
-    api_port: int
-    health_port: int
-    pairing_port: int
-    state: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def id(self) -> str:
-        return f"inst-{self.name}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    @property
-    def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.health_port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=ENV,  # noqa: SIM115
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_healthy(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.logtext()}")
-            if get(f"{self.health_url}/health", 0.5)[0] == 200:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not healthy: {self.logtext()[-3000:]}")
-
-    def signal(self, sig: int) -> float:
-        assert self.proc is not None
-        t = time.monotonic()
-        os.kill(self.proc.pid, sig)
-        return t
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-    def status(self) -> dict[str, Any]:
-        code, body = get(f"{self.health_url}/status", 2)
-        assert code == 200, (self.name, code, body)
-        return body
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    try:
-        with httpx.Client(trust_env=False, timeout=timeout) as c:
-            r = c.get(url)
-    except httpx.TransportError:
-        return 0, None
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, r.text
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
-@dataclass
-class Cluster:
-    tmp: Path
-    etcd: EtcdCluster
-    name: str
-    insts: dict[str, Inst]
-    agents: list[AgentProc]
-    dispatcher: Issued
-    registry_dir: Path
-
-    def running(self) -> list[Inst]:
-        return [i for i in self.insts.values() if i.alive]
-
-    def leaders(self, among: list[Inst] | None = None) -> list[Inst]:
-        return [i for i in (among or self.running()) if get(f"{i.health_url}/leader", 1)[0] == 200]
-
-    def one_leader(self, timeout: float = 10.0) -> Inst:
-        """Exactly one instance answers /leader 200 (checked twice, 100 ms apart)."""
-
-        def check() -> Inst | None:
-            first = self.leaders()
-            if len(first) != 1:
-                return None
-            time.sleep(0.1)
-            second = self.leaders()
-            return first[0] if [i.name for i in second] == [first[0].name] else None
-
-        leader: Inst = wait_until(check, timeout, "exactly one leader", 0.05)
-        return leader
-
-    def followers(self) -> list[Inst]:
-        leader = self.one_leader()
-        return [i for i in self.running() if i is not leader]
-
-    def ensure_all_running(self) -> None:
-        for i in self.insts.values():
-            if not i.alive:
-                i.start()
-        for i in self.insts.values():
-            i.wait_healthy()
-
-    def backend(self) -> EtcdBackend:
-        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=1.0)
-
-    def client(self, inst: Inst) -> httpx.Client:
-        return httpx.Client(base_url=inst.url, trust_env=False, timeout=30)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[Cluster]:
     if ETCD is None:
         pytest.skip(SKIP_REASON)
-    tmp = tmp_path_factory.mktemp("ha")
-    etcd = EtcdCluster(tmp / "etcd", size=1).start()
-    ca_dir = tmp / "ca"
-    ca = pki.create_ca(ca_dir)
-    dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
-    dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
-    agent_ca = DispatcherCA(ca, tmp / "agent-certs")
     scripts = {n: str(script_dir / f"{n}.sh") for n in ("echo-args", "sleep1")}
-    agents = [make_agent(tmp / name, agent_ca, {"disp": dispatcher}, scripts, host=addr)
-              for name, addr in AGENTS.items()]  # fmt: skip
-    registry_dir = tmp / "agents"
-    reg = Registry(registry_dir, LocalWriter())
-    for (name, addr), agent in zip(AGENTS.items(), agents, strict=True):
-        reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
-    name = f"ha{secrets.token_hex(4)}"
-    insts: dict[str, Inst] = {}
-    for n in NAMES:
-        state = tmp / f"state-{n}"
-        state.mkdir()
-        inst = Inst(n, tmp / f"{n}.conf", tmp / f"{n}.log", free_port(), free_port(),
-                    free_port(), state)  # fmt: skip
-        conf = {
-            "ca_dir": str(ca_dir), "state_dir": str(state), "registry_dir": str(registry_dir),
-            "rotation_file": str(tmp / "rotation.json"), "api_bind": "127.0.0.1",
-            "api_port": str(inst.api_port), "health_bind": "127.0.0.1",
-            "health_port": str(inst.health_port), "pairing_bind": "127.0.0.1",
-            "pairing_port": str(inst.pairing_port), "instance_id": inst.id,
-            "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
-            "lease_ttl": str(TTL), "api_auth_default": "allow", "log_target": "stderr",
-            "read_timeout": "10", "sync_mode": "shared-fs",
-        }  # fmt: skip
-        inst.config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
-        insts[n] = inst
-    c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir)
+    spec = ClusterSpec(agents=AGENTS, scripts=scripts, ttl=TTL, etcd_size=1, names=NAMES)
+    c: Cluster | None = None
     try:
-        for a in agents:
-            a.start(wait=False)
-        c.ensure_all_running()
-        yield c
+        with running_cluster(tmp_path_factory.mktemp("ha"), spec) as c:
+            yield c
     finally:
-        codes = {i.name: i.stop() for i in insts.values()}
-        for a in agents:
-            a.stop()
-        etcd.close()
         if MEASURED:
             print("\nHA measurements:", json.dumps(MEASURED))
-    assert all(code == 0 for code in codes.values()), codes
+    assert c is not None and all(code == 0 for code in c.exit_codes.values()), c and c.exit_codes
 
 
 def cluster_cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -274,7 +93,10 @@ def test_one_leader_and_consistent_status(cluster: Cluster) -> None:
         assert st["instance_id"] == inst.id
         assert st["leader_id"] == leader.id and st["epoch"] == epoch, (name, st)
         assert isinstance(st["epoch"], int) and st["epoch"] > 0
-        assert st["generation"] == 0 and st["etcd"] == "ok" and st["backend"] == "etcd"
+        # the first leader publishes generation 1 (or more); every member applies it
+        gen = docs[leader.name]["generation"]
+        assert gen >= 1 and st["etcd"] == "ok" and st["backend"] == "etcd"
+        assert wait_until(lambda i=inst, g=gen: i.status()["generation"] >= g, 5, "sync")
         assert st["cert_serial"] == cluster.dispatcher.serial_hex
         tick = datetime.strptime(st["last_tick_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         assert abs((datetime.now(UTC) - tick).total_seconds()) < 5
@@ -305,7 +127,8 @@ def test_one_leader_and_consistent_status(cluster: Cluster) -> None:
         metrics = c.get("/metrics").text
     assert "ctrl_exec_cluster_is_leader 1.0" in metrics
     assert "ctrl_exec_leader_changes_total" in metrics
-    assert "ctrl_exec_sync_generation 0.0" in metrics
+    assert "ctrl_exec_sync_generation " in metrics  # the generation applied (1 or more)
+    assert "ctrl_exec_sync_generation 0.0" not in metrics
     lease_left = [ln for ln in metrics.splitlines()
                   if ln.startswith("ctrl_exec_lease_time_left_seconds ")]  # fmt: skip
     assert lease_left and 0 < float(lease_left[0].split()[1]) <= TTL
@@ -369,25 +192,6 @@ def test_fenced_writer_on_a_follower_refuses(cluster: Cluster) -> None:
                for ln in follower.logtext().splitlines())  # fmt: skip
 
 
-def _csr(cn: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-           .sign(key, hashes.SHA256()))  # fmt: skip
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _read_framed(fh: Any) -> dict[str, Any]:
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        line = fh.readline()
-        assert line, f"connection closed after {head!r}"
-        head += line
-    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-    body: dict[str, Any] = json.loads(fh.read(length))
-    return body
-
-
 def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) -> None:
     leader = cluster.one_leader()
     epoch = leader.status()["epoch"]
@@ -398,15 +202,15 @@ def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) ->
     ctx.check_hostname = False
     raw = socket.create_connection(("127.0.0.1", leader.pairing_port), timeout=15)
     with ctx.wrap_socket(raw) as agent:
-        body = json.dumps({"hostname": "paired-1", "csr": _csr("paired-1"), "nonce": "n-1",
+        body = json.dumps({"hostname": "paired-1", "csr": make_csr("paired-1"), "nonce": "n-1",
                            "ip": "127.0.0.9"}).encode()  # fmt: skip
         agent.sendall(b"POST /pair HTTP/1.0\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         fh = agent.makefile("rb")
-        first = _read_framed(fh)
+        first = read_framed(fh)
         assert first["status"] == "pending"
         reqid = first["reqid"]
-        other = pq.submit(queue, hostname="paired-2", csr=_csr("paired-2"), nonce="n-2",
+        other = pq.submit(queue, hostname="paired-2", csr=make_csr("paired-2"), nonce="n-2",
                           source_ip="127.0.0.9", writer=LocalWriter())  # fmt: skip
         with cluster.client(follower) as c:
             r = c.get("/pairing")
@@ -422,7 +226,7 @@ def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) ->
             got = r.json()
             assert (got["status"], got["leader"], got["epoch"]) == ("approved", leader.id, epoch)
             assert got["agent"] == "paired-1" and got["lookup_by"] == "ip"
-            second = _read_framed(fh)  # the leader's listener delivers the decision
+            second = read_framed(fh)  # the leader's listener delivers the decision
             assert second["status"] == "approved" and second["nonce"] == "n-1"
             assert "BEGIN CERTIFICATE" in second["cert"]
 
@@ -505,29 +309,12 @@ def test_run_lock_is_cluster_wide(cluster: Cluster) -> None:
 # ----- failover ----------------------------------------------------------------------------
 
 
-def _new_leader(cluster: Cluster, old: Inst, t0: float, timeout: float) -> tuple[Inst, float]:
-    """The instance that answers /leader 200 after ``old`` went, and how long it took."""
-    others = [i for i in cluster.insts.values() if i is not old and i.alive]
-    new: list[Inst] = wait_until(lambda: cluster.leaders(others), timeout, "a new leader", 0.01)
-    took = time.monotonic() - t0
-    assert len(new) == 1, [i.name for i in new]
-    return new[0], took
-
-
-def pairing_listening(inst: Inst) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", inst.pairing_port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def test_sigterm_of_the_leader_hands_over_at_once(cluster: Cluster) -> None:
     cluster.ensure_all_running()
     old = cluster.one_leader()
     old_epoch = old.status()["epoch"]
     t0 = old.signal(signal.SIGTERM)
-    new, took = _new_leader(cluster, old, t0, 5)
+    new, took = new_leader(cluster, old, t0, 5)
     MEASURED["sigterm_failover_ms"] = round(took * 1000)
     assert took < 1.0, took
     assert old.proc is not None and old.proc.wait(15) == 0
@@ -545,7 +332,7 @@ def test_kill9_of_the_leader_fails_over_within_the_ttl(cluster: Cluster) -> None
     old = cluster.one_leader()
     old_epoch = old.status()["epoch"]
     t0 = old.signal(signal.SIGKILL)
-    new, took = _new_leader(cluster, old, t0, TTL + 3)
+    new, took = new_leader(cluster, old, t0, TTL + 3)
     MEASURED["kill9_failover_ms"] = round(took * 1000)
     assert took < TTL + 1, took
     assert new.status()["epoch"] > old_epoch
@@ -607,5 +394,9 @@ def test_etcd_down_keeps_run_and_ping_and_fails_pairing_fast(cluster: Cluster) -
         cluster.etcd.start_member(0)
     leader = cluster.one_leader(timeout=15)
     for inst in cluster.running():  # each instance's view follows within a monitor period
-        wait_until(lambda i=inst: (s := i.status())["etcd"] == "ok" and s["leader_id"] == leader.id,
-                   2, f"{inst.name} to see etcd ok and {leader.id} leading")  # fmt: skip
+
+        def sees_leader(i: Inst = inst) -> bool:
+            s = i.status()
+            return bool(s["etcd"] == "ok" and s["leader_id"] == leader.id)
+
+        wait_until(sees_leader, 2, f"{inst.name} to see etcd ok and {leader.id} leading")

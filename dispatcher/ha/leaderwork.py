@@ -1,0 +1,258 @@
+"""Leader-only background work of an instance: requests, retirement, maintenance.
+
+One thread, active only while this instance leads:
+
+* requests from ``ced`` (:mod:`dispatcher.ha.requests`): pairing decisions, the pending
+  list, certificate rotation and ``maintain``, each under a fenced operation;
+* after a rotation, retirement of the previous serial (:func:`dispatcher.rotation.retire`)
+  as soon as every live member presents the new serial (and every agent acknowledged it,
+  or the overlap is over): every second for ten minutes after the rotation, then every
+  minute;
+* ``maintain`` (ping with agent renewals, rotation check, broadcast, stale expiry,
+  retirement, run purge) every ``cert_check_interval`` seconds (0: never).
+
+Followers never sign: signing happens in these operations, the pairing approvals and the
+renewals, all of which run on the leader only (and ``dispatcher.pki`` refuses to sign on
+an instance that does not lead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from agent import logfmt
+from cluster.errors import BackendUnavailable, Fenced, NotLeader
+from dispatcher.ha import requests as hareq
+
+if TYPE_CHECKING:
+    from dispatcher.context import Dispatcher
+    from dispatcher.ha.node import HANode
+
+ev = logfmt.event
+
+
+class LeaderWork:
+    PERIOD = 0.1
+
+    def __init__(self, node: HANode, d: Dispatcher,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.node = node
+        self.d = d
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ha-leader-work", daemon=True)
+        self._epoch: int | None = None
+        self._next_retire = 0.0
+        self._next_maintain = 0.0
+        self._next_prune = 0.0
+        self.busy = False  # carrying out a request or a maintenance run right now
+
+    def start(self) -> LeaderWork:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.PERIOD):
+            epoch = self.node.elector.epoch
+            if epoch is None:
+                self._epoch = None
+                continue
+            now = self._clock()
+            if epoch != self._epoch:
+                self._epoch = epoch
+                interval = self.d.cfg.cert_check_interval
+                self._next_maintain = now + interval if interval > 0 else float("inf")
+                self._next_retire = now + 1.0
+            sync = self.node.sync
+            if sync is not None and sync.gate_reason() is not None:
+                continue  # catching up: no leader-only work yet
+            try:
+                self._requests(epoch)
+                if now >= self._next_retire:
+                    self._retire_check(now)
+                if now >= self._next_maintain:
+                    self._next_maintain = now + max(60, self.d.cfg.cert_check_interval)
+                    self._operation("maintain", self._maintain)
+                if now >= self._next_prune:
+                    self._next_prune = now + 60
+                    self._prune_results(epoch)
+            except BackendUnavailable as exc:
+                self.node.health.mark_failed(exc)
+            except (NotLeader, Fenced) as exc:
+                ev("leader-work", logging.WARNING, epoch=epoch, error=exc)
+            except Exception as exc:
+                ev("leader-work", logging.ERROR, epoch=epoch, error=f"{type(exc).__name__}: {exc}")
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _requests(self, epoch: int) -> None:
+        backend = self.node.data
+        keys = backend.keys
+        for kv in backend.get_prefix(keys.requests):
+            rid = kv.key[len(keys.requests) :]
+            try:
+                doc = json.loads(kv.value)
+                kind, args = str(doc["kind"]), dict(doc.get("args") or {})
+            except (ValueError, KeyError, TypeError):
+                self.node.elector.commit("request-drop", deletes=[kv.key], epoch=epoch,
+                                         detail={"id": rid, "reason": "malformed"})  # fmt: skip
+                continue
+            running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
+                       "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
+            self.node.elector.commit(
+                "request-claim", puts={keys.result(rid): json.dumps(running)},
+                deletes=[kv.key], epoch=epoch, detail={"id": rid, "kind": kind},
+            )  # fmt: skip
+            ev("leader-request", id=rid, kind=kind, epoch=epoch,
+               requested_by=doc.get("requested_by", ""))  # fmt: skip
+            t0 = self._clock()
+            done: dict[str, Any] = {**running, "state": "done"}
+            self.busy = True
+            try:
+                try:
+                    done.update(ok=True, result=self.execute(kind, args))
+                except Exception as exc:
+                    done.update(ok=False, error=str(exc) or type(exc).__name__,
+                                error_type=type(exc).__name__)  # fmt: skip
+                done["seconds"] = round(self._clock() - t0, 3)
+                self.node.elector.commit(
+                    "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
+                    epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
+                )  # fmt: skip
+            finally:
+                self.busy = False
+
+    def _operation(self, name: str, fn: Callable[[], Any]) -> Any:
+        was, self.busy = self.busy, True
+        try:
+            with self.node.writer.operation(name):
+                return fn()
+        finally:
+            self.busy = was
+
+    def execute(self, kind: str, args: dict[str, Any]) -> Any:
+        from dispatcher import pairing_queue as pq
+
+        cfg, writer = self.d.cfg, self.node.writer
+        if kind == "approve":
+
+            def approve() -> dict[str, Any]:
+                port = args.get("agent_port")
+                res = pq.approve(cfg, str(args.get("reqid", "")), lookup_by=args.get("lookup_by"),
+                                 ip=args.get("ip"), agent_port=int(port) if port else None,
+                                 writer=writer)  # fmt: skip
+                return {"reqid": res.reqid, "hostname": res.name, "lookup_by": res.lookup_by,
+                        "ip": res.ip, "port": res.port, "addr": res.addr, "expiry": res.expiry,
+                        "dispatcher_serial": res.dispatcher_serial, "record": res.record,
+                        "warnings": res.warnings}  # fmt: skip
+
+            return self._operation("pairing-approve", approve)
+        if kind == "deny":
+
+            def deny() -> dict[str, Any]:
+                reqid = str(args.get("reqid", ""))
+                pq.deny(cfg, reqid, writer=writer,
+                        reason=str(args.get("reason") or "rejected by operator"))  # fmt: skip
+                return {"reqid": reqid}
+
+            return self._operation("pairing-deny", deny)
+        if kind == "list-requests":
+
+            def listing() -> list[dict[str, Any]]:
+                pending = pq.list_pending(cfg.pairing_dir, writer=writer)
+                return [{k: v for k, v in r.items() if k not in ("csr", "nonce")}
+                        for r in pending]  # fmt: skip
+
+            return self._operation("pairing-list", listing)
+        if kind == "rotate-cert":
+            return self._rotate()
+        if kind == "maintain":
+            return self._operation("maintain", self._maintain)
+        raise ValueError(f"unknown request kind {kind!r}")
+
+    def _rotate(self) -> dict[str, Any]:
+        from dispatcher import rotation
+
+        sync = self.node.sync
+        before = sync.generation if sync is not None else 0
+        with self.node.writer.operation("cert-rotate") as epoch:
+            report = asyncio.run(rotation.rotate(self.d))
+        generation = before
+        if sync is not None:  # the publisher runs once the operation is over
+            deadline = self._clock() + 10
+            while sync.generation <= before and self._clock() < deadline:
+                time.sleep(0.02)
+            generation = sync.generation
+        self._next_retire = self._clock() + 1.0
+        ev("cert-rotate-ha", new_serial=report.get("new_serial"), epoch=epoch,
+           generation=generation, instance=self.node.instance_id)  # fmt: skip
+        return {**report, "generation": generation, "leader": self.node.instance_id,
+                "epoch": epoch}  # fmt: skip
+
+    def _maintain(self) -> dict[str, Any]:
+        from dispatcher import rotation
+
+        out: dict[str, Any] = asyncio.run(rotation.maintain(self.d))
+        return out
+
+    # -- retirement ----------------------------------------------------------------------
+
+    def converged(self, serial: str) -> str | None:
+        """None when every live member presents ``serial``, else who does not yet."""
+        from agent.serial import serial_to_hex
+
+        want = serial_to_hex(serial)
+        restarts = self.node.restarts
+        if restarts is not None and restarts.target is not None:
+            return f"the restart of {restarts.target} is in progress"
+        sync = self.node.sync
+        gen = sync.generation if sync is not None else 0
+        behind = [m.instance_id for m in self.node.members(fresh=True)
+                  if serial_to_hex(m.cert_serial) != want or m.restart_pending
+                  or m.generation < gen or m.state != "serving"]  # fmt: skip
+        if behind:
+            return f"members not yet presenting {serial}: {', '.join(sorted(behind))}"
+        return None
+
+    def _retire_check(self, now: float) -> None:
+        from dispatcher import rotation
+        from dispatcher import rotation_state as rs
+
+        state = rs.load(self.d.cfg.rotation_file)
+        if state is None or not state.previous_serial:
+            self._next_retire = now + 5.0
+            return
+        rotated = rs.parse_iso(state.rotated_at) or 0.0
+        recent = time.time() - rotated < 600
+        self._next_retire = now + (1.0 if recent else 60.0)
+        if self.converged(state.current_serial) is not None:
+            return
+        res = self._operation("serial-retire", lambda: asyncio.run(rotation.retire(self.d)))
+        if res.get("retired"):
+            ev("serial-retired-ha", serial=res.get("serial"), reason=res.get("reason"),
+               removed=len(res.get("removed") or []), instance=self.node.instance_id)  # fmt: skip
+
+    def _prune_results(self, epoch: int) -> None:
+        backend = self.node.data
+        old = []
+        for kv in backend.get_prefix(backend.keys.results):
+            try:
+                at = float(json.loads(kv.value).get("at", 0))
+            except (ValueError, TypeError, AttributeError):
+                at = 0.0
+            if time.time() - at > hareq.RESULT_KEEP:
+                old.append(kv.key)
+        if old:
+            self.node.elector.commit("results-prune", deletes=old[:100], epoch=epoch,
+                                     detail={"deleted": len(old[:100])})  # fmt: skip

@@ -1,0 +1,711 @@
+"""A real HA cluster on one machine: etcd, three ``ctrl-exec-api`` instances, agents, HAProxy.
+
+Shared by ``tests/integration/test_ha_instances.py``, ``tests/integration/test_ha_chaos.py``
+and ``bench/failover_bench.py``; free of pytest so the benchmark can use it as well.
+
+:func:`running_cluster` brings up, under one directory:
+
+* a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`);
+* a dispatcher CA and certificate (``dispatcher.pki``), and real agents (one per entry
+  of ``agents``, each on its own loopback address) that trust it and are registered;
+* ``ctrl-exec-api`` instances sharing the CA dir, the registry and ``rotation.json`` (as
+  on a shared filesystem), each with its own state dir (run records, locks, pairing
+  queue), all in one etcd cluster with the given lease TTL;
+* with ``tls``: the API over TLS (the dispatcher certificate; operator client
+  certificates checked against the CA) plus a PROXY v2 API port per instance;
+* with ``haproxy``: HAProxy configured by ``dispatcher.haproxy.render`` (what ``ced cluster
+  haproxy-config`` prints) through :mod:`ops.lab.haproxy`, TCP passthrough, PROXY v2 to
+  the instances when ``tls`` is on.
+
+Everything is stopped by PID at the end; :attr:`Cluster.exit_codes` then holds each
+instance's exit status (0 after its SIGTERM drain).
+
+:class:`Load` is a client thread sending ``POST /ping`` and ``POST /run`` through the
+HAProxy API frontend at a steady pace, one retry allowed, and recording every outcome;
+:func:`history_violations` checks a recorded history of leader-only effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cluster.backend import EffectRecord, EtcdBackend
+from dispatcher import pki
+from dispatcher.haproxy import Member
+from dispatcher.registry import Registry
+from dispatcher.statewrite import LocalWriter
+from ops.lab.etcd import EtcdCluster
+from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
+from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
+from tests.support.dispatcherenv import DispatcherCA
+from tests.support.pki import Issued
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+__all__ = ["API_BACKEND", "ENV", "PAIRING_BACKEND", "Cluster", "ClusterSpec", "Inst", "Load",
+           "LoadReport", "Outcome", "WaitTimeout", "get", "history_violations", "make_csr",
+           "new_leader", "pair_request", "pairing_listening", "read_framed", "running_cluster",
+           "wait_until"]  # fmt: skip
+
+
+class WaitTimeout(AssertionError):
+    """A condition did not come true in time (an assertion failure in a test)."""
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """``GET url``: (status, JSON body or text); (0, None) when nothing answered."""
+    try:
+        with httpx.Client(trust_env=False, timeout=timeout) as c:
+            r = c.get(url)
+    except httpx.TransportError:
+        return 0, None
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something true (returned), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+# ----- instances ---------------------------------------------------------------------------
+
+
+@dataclass
+class Inst:
+    name: str
+    config: Path
+    log: Path
+    api_port: int
+    health_port: int
+    pairing_port: int
+    state: Path
+    proxy_port: int = 0
+    scheme: str = "http"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"inst-{self.name}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.api_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def member(self) -> Member:
+        """This instance as HAProxy's configuration generator sees it."""
+        return Member(self.id, "127.0.0.1", self.api_port, self.health_port, self.pairing_port,
+                      self.proxy_port)  # fmt: skip
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=log, env=ENV, start_new_session=True,
+            )  # fmt: skip
+
+    def wait_healthy(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.logtext()}")
+            if get(f"{self.health_url}/health", 0.5)[0] == 200:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not healthy: {self.logtext()[-3000:]}")
+
+    def signal(self, sig: int) -> float:
+        """Send ``sig`` to the instance; the monotonic time it was sent."""
+        assert self.proc is not None
+        t = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        return t
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGCONT)  # a test may have left it stopped
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def status(self) -> dict[str, Any]:
+        code, body = get(f"{self.health_url}/status", 2)
+        assert code == 200, (self.name, code, body)
+        return dict(body)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+# ----- the cluster ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    agents: Mapping[str, str]  # registered name -> loopback address of a real agent
+    scripts: Mapping[str, str]  # the agents' allowlist: name -> script path
+    ttl: int = 2
+    etcd_size: int = 1
+    names: tuple[str, ...] = ("a", "b", "c")
+    tls: bool = False  # API over TLS (operator client certs, PROXY v2 port)
+    haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
+    extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    etcd: EtcdCluster
+    name: str
+    insts: dict[str, Inst]
+    agents: list[AgentProc]
+    dispatcher: Issued
+    registry_dir: Path
+    ttl: int = 2
+    agent_names: list[str] = field(default_factory=list)
+    operator: Issued | None = None  # an operator client certificate (with tls)
+    haproxy: HAProxy | None = None
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.tmp / "ca" / "ca.crt"
+
+    def running(self) -> list[Inst]:
+        return [i for i in self.insts.values() if i.alive]
+
+    def leaders(self, among: list[Inst] | None = None) -> list[Inst]:
+        return [i for i in (among or self.running()) if get(f"{i.health_url}/leader", 1)[0] == 200]
+
+    def one_leader(self, timeout: float = 10.0) -> Inst:
+        """Exactly one instance answers /leader 200 (checked twice, 100 ms apart)."""
+
+        def check() -> Inst | None:
+            first = self.leaders()
+            if len(first) != 1:
+                return None
+            time.sleep(0.1)
+            second = self.leaders()
+            return first[0] if [i.name for i in second] == [first[0].name] else None
+
+        leader: Inst = wait_until(check, timeout, "exactly one leader", 0.05)
+        return leader
+
+    def followers(self) -> list[Inst]:
+        leader = self.one_leader()
+        return [i for i in self.running() if i is not leader]
+
+    def ensure_all_running(self) -> None:
+        """Start every instance that is not running; wait until each is healthy (and, with
+        HAProxy, until HAProxy sends it traffic again)."""
+        for i in self.insts.values():
+            if not i.alive:
+                i.start()
+        for i in self.insts.values():
+            i.wait_healthy()
+        if self.haproxy is not None:
+            self.haproxy.wait_status(API_BACKEND, {i.id: "UP" for i in self.insts.values()})
+
+    def restart(self, inst: Inst) -> None:
+        """Start a stopped instance again and wait until it serves (through HAProxy too)."""
+        assert not inst.alive, f"{inst.name} is still running"
+        inst.start()
+        inst.wait_healthy()
+        if self.haproxy is not None:
+            self.haproxy.wait_status(API_BACKEND, {inst.id: "UP"})
+
+    def backend(self) -> EtcdBackend:
+        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=1.0)
+
+    def effects(self) -> list[EffectRecord]:
+        backend = self.backend()
+        try:
+            return backend.effects()
+        finally:
+            backend.close()
+
+    def verify(self) -> ssl.SSLContext:
+        """Client context towards the API: the CA, the operator certificate if any."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        ctx.check_hostname = False  # the dispatcher certificate names no host
+        if self.operator is not None:
+            ctx.load_cert_chain(str(self.operator.cert), str(self.operator.key))
+        return ctx
+
+    def client(self, inst: Inst, timeout: float = 30) -> httpx.Client:
+        """A client of one instance's API port."""
+        if inst.scheme == "https":
+            return httpx.Client(base_url=inst.url, verify=self.verify(), trust_env=False,
+                                timeout=timeout)  # fmt: skip
+        return httpx.Client(base_url=inst.url, trust_env=False, timeout=timeout)
+
+    @property
+    def api_url(self) -> str:
+        """HAProxy's API frontend."""
+        assert self.haproxy is not None, "this cluster runs no HAProxy"
+        scheme = "https" if next(iter(self.insts.values())).scheme == "https" else "http"
+        return f"{scheme}://127.0.0.1:{self.haproxy.api_port}"
+
+    def api_client(self, timeout: float = 30) -> httpx.Client:
+        """A client of HAProxy's API frontend (any instance answers)."""
+        verify: ssl.SSLContext | bool = self.verify() if self.api_url.startswith("https") else True
+        return httpx.Client(base_url=self.api_url, verify=verify, trust_env=False,
+                            timeout=timeout)  # fmt: skip
+
+    def load(self, **kw: Any) -> Load:
+        """A :class:`Load` through HAProxy over every agent (not started)."""
+        verify: ssl.SSLContext | bool = self.verify() if self.api_url.startswith("https") else True
+        return Load(self.api_url, verify, list(self.agent_names), **kw)
+
+
+def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> str:
+    conf = {
+        **shared, "state_dir": str(inst.state), "api_port": str(inst.api_port),
+        "health_port": str(inst.health_port), "pairing_port": str(inst.pairing_port),
+        "instance_id": inst.id,
+    }  # fmt: skip
+    if spec.tls:
+        conf["api_proxy_port"] = str(inst.proxy_port)
+        conf["api_proxy_sources"] = "127.0.0.1"
+    conf.update(spec.extra)
+    return "".join(f"{k} = {v}\n" for k, v in conf.items())
+
+
+@contextlib.contextmanager
+def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
+    """Bring the cluster of ``spec`` up under ``tmp``; stop everything on the way out."""
+    etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
+    ca_dir = tmp / "ca"
+    ca = pki.create_ca(ca_dir)
+    dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
+    dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
+    agent_ca = DispatcherCA(ca, tmp / "agent-certs")
+    operator = agent_ca.issue("operator", cn="chaos-operator") if spec.tls else None
+    agents = [make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts), host=addr)
+              for name, addr in spec.agents.items()]  # fmt: skip
+    registry_dir = tmp / "agents"
+    reg = Registry(registry_dir, LocalWriter())
+    for (name, addr), agent in zip(spec.agents.items(), agents, strict=True):
+        reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
+    name = f"ha{secrets.token_hex(4)}"
+    shared = {
+        "ca_dir": str(ca_dir), "registry_dir": str(registry_dir),
+        "rotation_file": str(tmp / "rotation.json"), "api_bind": "127.0.0.1",
+        "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
+        "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
+        "lease_ttl": str(spec.ttl), "api_auth_default": "allow", "log_target": "stderr",
+        "read_timeout": "10", "sync_mode": "shared-fs",
+    }  # fmt: skip
+    if spec.tls:
+        shared.update(api_cert=str(dispatcher.cert), api_key=str(dispatcher.key),
+                      api_client_ca=str(ca_dir / "ca.crt"))  # fmt: skip
+    insts: dict[str, Inst] = {}
+    for n in spec.names:
+        state = tmp / f"state-{n}"
+        state.mkdir()
+        inst = Inst(n, tmp / f"{n}.conf", tmp / f"{n}.log", free_port(), free_port(),
+                    free_port(), state, proxy_port=free_port() if spec.tls else 0,
+                    scheme="https" if spec.tls else "http")  # fmt: skip
+        inst.config.write_text(_instance_conf(spec, inst, shared))
+        insts[n] = inst
+    c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
+                agent_names=list(spec.agents), operator=operator)  # fmt: skip
+    try:
+        for a in agents:
+            a.start(wait=False)
+        if spec.haproxy:
+            members = [i.member for i in insts.values()]
+            c.haproxy = HAProxy(tmp / "haproxy", members, proxy_protocol=spec.tls).start()
+        c.ensure_all_running()
+        yield c
+    finally:
+        c.exit_codes = {i.name: i.stop() for i in insts.values()}
+        if c.haproxy is not None:
+            c.haproxy.stop()
+        for a in agents:
+            a.stop()
+        etcd.close()
+
+
+# ----- failover helpers ------------------------------------------------------------------------
+
+
+def new_leader(cluster: Cluster, old: Inst, t0: float, timeout: float) -> tuple[Inst, float]:
+    """The instance that answers /leader 200 after ``old`` went, and how long it took."""
+    others = [i for i in cluster.insts.values() if i is not old and i.alive]
+    new: list[Inst] = wait_until(lambda: cluster.leaders(others), timeout, "a new leader", 0.01)
+    took = time.monotonic() - t0
+    assert len(new) == 1, [i.name for i in new]
+    return new[0], took
+
+
+def pairing_listening(inst: Inst) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", inst.pairing_port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def history_violations(
+    effects: Sequence[EffectRecord], leaders: Mapping[int, str] | None = None
+) -> list[str]:
+    """What is wrong with a recorded history of leader-only effects (empty: nothing).
+
+    Epochs are create revisions of the leader key, so epoch ``E`` lasts from revision ``E``
+    until the next epoch begins. Every effect must have been committed within its epoch
+    (never before it, never at or after the revision where a newer epoch began), all
+    effects of one epoch by one instance, and that instance the leader of the epoch when
+    ``leaders`` (epoch -> instance id, as observed) names it.
+    """
+    epochs = sorted({e.epoch for e in effects} | set(leaders or {}))
+    problems: list[str] = []
+    actors: dict[int, set[str]] = {}
+    for e in effects:
+        actors.setdefault(e.epoch, set()).add(e.instance_id)
+        what = f"{e.effect} by {e.instance_id} under epoch {e.epoch} at revision {e.revision}"
+        if e.revision < e.epoch:
+            problems.append(f"{what}: before its epoch began")
+        later = [x for x in epochs if x > e.epoch]
+        if later and e.revision >= later[0]:
+            problems.append(f"{what}: after epoch {later[0]} began")
+        if leaders and e.epoch in leaders and leaders[e.epoch] != e.instance_id:
+            problems.append(f"{what}: epoch {e.epoch} was led by {leaders[e.epoch]}")
+    for epoch, who in sorted(actors.items()):
+        if len(who) > 1:
+            problems.append(f"epoch {epoch}: effects by {sorted(who)}")
+    return problems
+
+
+# ----- pairing requests (what an agent sends to 7444) ----------------------------------------
+
+
+def make_csr(cn: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))  # fmt: skip
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def read_framed(fh: Any) -> dict[str, Any]:
+    """One framed response of the pairing protocol (HTTP head, then a JSON body)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = fh.readline()
+        assert line, f"connection closed after {head!r}"
+        head += line
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    body: dict[str, Any] = json.loads(fh.read(length))
+    return body
+
+
+def pair_request(
+    port: int, ca: Path, hostname: str, timeout: float = 5.0, csr: str | None = None
+) -> dict[str, Any]:
+    """Send one pairing request to ``127.0.0.1:port``; the first answer, then hang up
+    (the listener withdraws the request). Raises ``OSError``/``AssertionError`` on failure."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    body = json.dumps({"hostname": hostname, "csr": csr or make_csr(hostname),
+                       "nonce": secrets.token_hex(4), "ip": "127.0.0.9"}).encode()  # fmt: skip
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    with ctx.wrap_socket(raw) as s:
+        s.sendall(b"POST /pair HTTP/1.0\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        with s.makefile("rb") as fh:
+            return read_framed(fh)
+
+
+# ----- client load through HAProxy --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One logical request of the load: its first attempt and, if needed, the one retry."""
+
+    n: int
+    kind: str  # "ping" or "run"
+    target: str  # the agent of a run ("" for a ping: every agent)
+    started: float  # monotonic time the first attempt began
+    latency: float  # seconds until the final answer (both attempts)
+    first_error: str | None  # None: the first attempt was served
+    final_error: str | None  # None: served (first attempt or retry)
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.latency
+
+    @property
+    def cut(self) -> bool:
+        """The first attempt got no HTTP answer at all (connection cut or refused)."""
+        return self.first_error is not None and not self.first_error.startswith("HTTP ")
+
+    @property
+    def refused_locked(self) -> bool:
+        """Failed after the retry with an explicit 409 ``locked``: the host:script lock of
+        a run still held (by a crashed instance: until its session lease expires)."""
+        err = self.final_error or ""
+        return err.startswith("HTTP 409") and '"error":"locked"' in err
+
+    def conflicts(self) -> list[str]:
+        """The ``host:script`` pairs a 409 ``locked`` answer named."""
+        if not self.refused_locked:
+            return []
+        try:
+            return list(json.loads((self.final_error or "").split(": ", 1)[1])["conflicts"])
+        except (ValueError, KeyError, IndexError):
+            return []
+
+
+@dataclass
+class LoadReport:
+    outcomes: list[Outcome]
+
+    @property
+    def requests(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def first_failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.first_error is not None]
+
+    @property
+    def failures(self) -> list[Outcome]:
+        """Requests that failed even after the retry."""
+        return [o for o in self.outcomes if o.final_error is not None]
+
+    @property
+    def lost(self) -> list[Outcome]:
+        """Failures after the retry other than an explicit 409 ``locked`` refusal."""
+        return [o for o in self.failures if not o.refused_locked]
+
+    @property
+    def locked(self) -> list[Outcome]:
+        """Failures after the retry that were explicit 409 ``locked`` refusals."""
+        return [o for o in self.failures if o.refused_locked]
+
+    def unexplained(self, crash: float, ttl: float, script: str = "echo-args") -> list[Outcome]:
+        """Failures after the retry, except what a crash at ``crash`` (monotonic) explains.
+
+        An instance killed during a run leaves that host:script lock in etcd until its
+        session lease expires (at most ``ttl`` after its last keep-alive, plus etcd's
+        half-second expiry check): the retry of the cut run, and new runs of the same
+        host:script, are refused with an explicit 409 ``locked`` meanwhile. Those are
+        explained when their pair is one of a run whose first attempt was cut and they
+        began before ``crash + ttl + 1``; any other failure is not.
+        """
+        cut = {f"{o.target}:{script}" for o in self.outcomes if o.kind == "run" and o.cut}
+        return [o for o in self.failures
+                if not (o.refused_locked and o.started < crash + ttl + 1
+                        and set(o.conflicts()) <= cut)]  # fmt: skip
+
+    def errors(self) -> Counter[str]:
+        """First-attempt errors by kind (the status or exception, without details)."""
+        return Counter(_error_class(o.first_error) for o in self.first_failures)
+
+    def latency(self, q: float) -> float:
+        lat = sorted(o.latency for o in self.outcomes)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "first_attempt_failures": len(self.first_failures),
+            "failures_after_retry": len(self.failures),
+            "of_which_409_locked": len(self.locked),
+            "first_attempt_errors": dict(self.errors()),
+            "latency_p50_ms": round(self.latency(0.5) * 1000, 1),
+            "latency_max_ms": round(self.latency(1.0) * 1000, 1),
+        }
+
+    def describe(self, limit: int = 10) -> str:
+        """The failed requests, for an assertion message."""
+        bad = self.failures or self.first_failures
+        return "; ".join(f"#{o.n} {o.kind} {o.target}: first={o.first_error!r} "
+                         f"final={o.final_error!r}" for o in bad[:limit])  # fmt: skip
+
+
+def _error_class(err: str | None) -> str:
+    if err is None:
+        return ""
+    return err.split(":", 1)[0]
+
+
+class Load:
+    """A client thread: ``POST /ping`` (every agent) and ``POST /run`` (one agent, in turn)
+    alternately through HAProxy, one new TLS connection per attempt, one retry allowed.
+
+    Bounded: at most ``max_requests`` requests and ``max_seconds`` s, each attempt at most
+    ``timeout`` s. ``interval`` is the pause between the end of one request and the next.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        verify: ssl.SSLContext | bool,
+        hosts: list[str],
+        *,
+        script: str = "echo-args",
+        interval: float = 0.02,
+        timeout: float = 10.0,
+        retry_delay: float = 0.05,
+        max_requests: int = 5000,
+        max_seconds: float = 120.0,
+    ) -> None:
+        self.url = url
+        self.hosts = hosts
+        self.script = script
+        self.interval = interval
+        self.retry_delay = retry_delay
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        # "Connection: close": every attempt is a new connection, balanced anew by HAProxy
+        self._client = httpx.Client(base_url=url, verify=verify, trust_env=False,
+                                    timeout=timeout, headers={"Connection": "close"})  # fmt: skip
+        self._outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ha-load", daemon=True)
+        self.crashed: BaseException | None = None
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> LoadReport:
+        self._stop.set()
+        self._thread.join(30)
+        self._client.close()
+        return self.report()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def report(self, start: float | None = None, end: float | None = None) -> LoadReport:
+        """Outcomes of the requests under way at some time in ``[start, end)`` (monotonic
+        times): a request in flight when ``start`` came counts."""
+        with self._lock:
+            out = list(self._outcomes)
+        return LoadReport([o for o in out if (start is None or o.ended >= start)
+                           and (end is None or o.started < end)])  # fmt: skip
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._outcomes)
+
+    def wait_requests(self, n: int, timeout: float) -> None:
+        """Wait until ``n`` more requests have been answered."""
+        want = self.count() + n
+        wait_until(lambda: self.count() >= want or not self.running, timeout,
+                   f"{n} load requests")  # fmt: skip
+        if self.crashed is not None:
+            raise RuntimeError(f"the load thread crashed: {self.crashed!r}")
+        assert self.count() >= want, "the load stopped early (its bounds)"
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _attempt(self, n: int, kind: str, host: str) -> str | None:
+        """One attempt; None when it was served correctly, else what went wrong."""
+        if kind == "ping":
+            body: dict[str, Any] = {"hosts": self.hosts}
+        else:
+            body = {"hosts": [host], "script": self.script, "args": [f"r{n}"]}
+        try:
+            r = self._client.post(f"/{kind}", json=body)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:300]}"
+        try:
+            results = r.json()["results"]
+        except (ValueError, KeyError, TypeError):
+            return f"bad answer: {r.text[:300]}"
+        if kind == "ping":
+            bad = [x for x in results if x.get("status") != "ok"]
+            if bad or len(results) != len(self.hosts):
+                return f"ping error: {bad or results}"[:300]
+        else:
+            res = results[0] if len(results) == 1 else {}
+            if res.get("exit") != 0 or f"arg1=[r{n}]" not in str(res.get("stdout", "")):
+                return f"run error: {res or results}"[:300]
+        return None
+
+    def _one(self, n: int) -> Outcome:
+        kind = "ping" if n % 2 else "run"
+        host = "" if kind == "ping" else self.hosts[(n // 2) % len(self.hosts)]
+        t0 = time.monotonic()
+        first = final = self._attempt(n, kind, host)
+        if first is not None:
+            self._stop.wait(self.retry_delay)
+            final = self._attempt(n, kind, host)
+        return Outcome(n, kind, host, t0, time.monotonic() - t0, first, final)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        n = 0
+        try:
+            while not self._stop.is_set() and n < self.max_requests:
+                if time.monotonic() - started > self.max_seconds:
+                    break
+                n += 1
+                outcome = self._one(n)
+                with self._lock:
+                    self._outcomes.append(outcome)
+                self._stop.wait(self.interval)
+        except BaseException as exc:  # reported by wait_requests
+            self.crashed = exc

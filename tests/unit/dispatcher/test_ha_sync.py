@@ -1,0 +1,313 @@
+"""Generations without a cluster: manifests, applying one (and crashing midway), refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.backend import LocalBackend, MemberInfo
+from cluster.election import Elector, EpochGuard
+from cluster.session import Session
+from dispatcher import pki
+from dispatcher.config import DispatcherConfig
+from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.manifest import (
+    Entry,
+    Generation,
+    Layout,
+    ManifestError,
+    Scanner,
+    check_logical,
+    manifest_hash,
+)
+from dispatcher.ha.restart import OrderWatcher
+from dispatcher.ha.sync import Syncer, SyncError
+
+
+def make_cfg(root: Path, **kw: Any) -> DispatcherConfig:
+    cfg = DispatcherConfig(path=str(root / "etc" / "ctrl-exec.conf"), ca_dir=str(root / "etc"),
+                           state_dir=str(root / "state"), registry_dir=str(root / "agents"),
+                           instance_id=root.name, sync_mode="push")  # fmt: skip
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg.finish()
+
+
+def populate(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def generation_of(cfg: DispatcherConfig, number: int = 1, epoch: int = 5) -> Generation:
+    files = Scanner(Layout(cfg)).scan()
+    return Generation(number, epoch, "leader", manifest_hash(files), files, 1.0)
+
+
+# ----- manifests -----------------------------------------------------------------------------
+
+
+def test_layout_maps_logical_paths_and_skips_what_is_not_shared(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    populate(tmp_path, {
+        "etc/ca.crt": b"ca", "etc/ca.key": b"secret", "etc/sub/hook": b"#!/bin/sh\n",
+        "etc/ctrl-exec.conf": b"instance_id = x\n", "etc/.tmp.part": b"half",
+        "agents/web1.json": b"{}", "agents/.registry.lock": b"", "state/rotation.json": b"{}",
+        "state/runs/r.json": b"{}",
+    })  # fmt: skip
+    (tmp_path / "etc" / "sub" / "hook").chmod(0o755)
+    got = Scanner(Layout(cfg)).scan()
+    assert sorted(got) == ["ca/ca.crt", "ca/ca.key", "ca/sub/hook", "registry/web1.json",
+                           "rotation.json"]  # fmt: skip
+    assert got["ca/sub/hook"].mode == 0o755 and got["ca/ca.key"].size == 6
+    layout = Layout(cfg)
+    assert layout.local("ca/sub/hook") == tmp_path / "etc" / "sub" / "hook"
+    assert layout.local("rotation.json") == tmp_path / "state" / "rotation.json"
+    with pytest.raises(ManifestError):
+        layout.local("ca/ctrl-exec.conf")  # the instance's own config is never synced
+    with pytest.raises(ManifestError):
+        layout.local("pki/cert")  # the cert lives in ca_dir here
+
+
+def test_cert_outside_ca_dir_is_a_pki_path(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path, cert=str(tmp_path / "tls" / "d.crt"), key=str(tmp_path / "tls" / "d.key")
+    )
+    populate(tmp_path, {"tls/d.crt": b"c", "tls/d.key": b"k", "tls/d.crt.prev": b"p"})
+    got = Scanner(Layout(cfg)).scan()
+    assert {"pki/cert", "pki/key", "pki/cert.prev"} <= set(got)
+
+
+@pytest.mark.parametrize("bad", ["", "/etc/passwd", "ca/../x", "ca/.hidden", "ca", "x/y",
+                                 "registry/a/./b", "ca//x", "ca/a\\b"])  # fmt: skip
+def test_bad_logical_paths(bad: str) -> None:
+    with pytest.raises(ManifestError):
+        check_logical(bad)
+
+
+def test_generation_document_round_trip_and_tampering(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    populate(tmp_path, {"etc/ca.crt": b"ca", "agents/a.json": b"{}"})
+    g = generation_of(cfg, 7, 3)
+    back = Generation.from_json(g.to_json())
+    assert (back.number, back.epoch, back.files) == (7, 3, g.files)
+    doc = json.loads(g.to_json())
+    doc["files"][0]["sha256"] = "0" * 64  # a file swapped, the hash left as it was
+    with pytest.raises(ManifestError, match="does not match"):
+        Generation.from_json(json.dumps(doc))
+    doc = json.loads(g.to_json())
+    doc["files"].append({"path": "ca/../../x", "mode": 420, "size": 1, "sha256": "0" * 64})
+    with pytest.raises(ManifestError):
+        Generation.from_json(json.dumps(doc))
+    assert "secret" not in g.to_json()
+
+
+# ----- applying a generation -------------------------------------------------------------------
+
+
+class Rig:
+    """A follower :class:`Syncer` whose "leader" is a directory on the same machine."""
+
+    def __init__(self, tmp: Path, fail_after: int | None = None) -> None:
+        self.leader_cfg = make_cfg(tmp / "leader")
+        self.cfg = make_cfg(tmp / "follower")
+        self.backend = LocalBackend(tmp / "store")
+        self.fail_after = fail_after
+        self.fetched = 0
+        self.syncer = self.make()
+
+    def make(self) -> Syncer:
+        elector = Elector(self.backend, "follower", ttl=5)
+        session = Session(self.backend, ttl=5, member=MemberInfo("follower"))
+        guard = EpochGuard()
+        health = ClusterHealth()
+        health.mark_ok()
+        leader = MemberInfo("leader", advertise_url="https://127.0.0.1:1", generation=1)
+        s = Syncer(self.cfg, self.backend, elector, session, guard, health,
+                   lambda _fresh: [leader])  # fmt: skip
+        leader_layout = Layout(self.leader_cfg)
+
+        def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
+            if self.fail_after is not None and self.fetched >= self.fail_after:
+                raise SyncError("the leader went away")
+            self.fetched += 1
+            return leader_layout.local(e.path).read_bytes(), "leader"
+
+        s._fetch = fetch  # type: ignore[method-assign]
+        return s
+
+
+def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {
+        "etc/ca.crt": b"ca-new", "etc/ca.key": b"key", "etc/bundle/a": b"A",
+        "agents/web1.json": b'{"n":1}', "state/rotation.json": b"{}",
+    })  # fmt: skip
+    (tmp_path / "leader" / "etc" / "ca.key").chmod(0o600)
+    populate(tmp_path / "follower", {
+        "etc/ca.crt": b"ca-old", "etc/ca.key": b"key", "etc/old/gone": b"x",
+        "agents/web1.json": b'{"n":1}', "agents/web9.json": b"{}",
+    })  # fmt: skip
+    g = generation_of(rig.leader_cfg)
+    assert rig.syncer._handle(g.to_json().encode())
+    f = tmp_path / "follower"
+    assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
+    assert (f / "etc" / "bundle" / "a").read_bytes() == b"A"
+    assert not (f / "agents" / "web9.json").exists() and not (f / "etc" / "old").exists()
+    assert os.stat(f / "etc" / "ca.key").st_mode & 0o777 == 0o600
+    assert rig.fetched == 3  # ca.crt, bundle/a, rotation.json: equal files are not fetched
+    assert rig.syncer.generation == 1
+    assert json.loads((f / "state" / "sync" / "applied.json").read_text())["generation"] == 1
+    assert not list(rig.syncer.layout.stage_dirs())
+    # a restarted follower trusts its record only while the files still match it
+    assert rig.make().generation == 1
+    (f / "etc" / "ca.crt").write_bytes(b"edited by hand")
+    assert rig.make().generation == 0
+
+
+def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, fail_after=2)
+    populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
+    populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
+    g = generation_of(rig.leader_cfg)
+    assert not rig.syncer._handle(g.to_json().encode())  # fetch 3 fails: retried later
+    f = tmp_path / "follower" / "etc"
+    assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"old-{i}".encode()
+                                                              for i in range(5)]  # fmt: skip
+    assert rig.syncer.generation == 0 and rig.syncer._retry_at is not None
+    # as if killed here: two files staged next to their targets
+    stage = f / ".ctrl-exec-sync"
+    assert sorted(os.listdir(stage)) == ["f0", "f1"]
+    fresh = rig.make()  # a restart removes the leftovers, then converges
+    assert not stage.exists()
+    rig.fail_after = None
+    assert fresh._handle(g.to_json().encode())
+    assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
+                                                              for i in range(5)]  # fmt: skip
+
+
+def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
+    assert rig.syncer._handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
+    populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
+    stale = generation_of(rig.leader_cfg, 2, epoch=4)
+    assert not rig.syncer._handle(stale.to_json().encode(), rev=77)
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
+    assert rig.syncer.generation == 1
+    rig.syncer.leader_guard.check(12)  # a newer leader was seen: its epoch counts too
+    newer = generation_of(rig.leader_cfg, 3, epoch=10)
+    assert not rig.syncer._handle(newer.to_json().encode(), rev=78)
+    assert rig.syncer._handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
+
+
+def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    guard = EpochGuard(10)
+    restarts: list[str] = []
+    watcher = OrderWatcher(rig.backend, "follower", guard, rig.syncer, lambda: False)
+    watcher.on_restart = restarts.append
+    key = rig.backend.keys.order("follower")
+    rig.backend.put_value(key, json.dumps({"id": "o1", "epoch": 3, "generation": 0}))
+    watcher.check()
+    assert restarts == [] and rig.backend.get_value(key) is None
+    # current epoch, but nothing changed on disk since this process loaded it: nothing to do
+    rig.backend.put_value(key, json.dumps({"id": "o2", "epoch": 10, "generation": 0}))
+    watcher.check()
+    assert restarts == []
+    populate(tmp_path / "follower", {"etc/dispatcher.crt": b"rotated"})
+    rig.backend.put_value(key, json.dumps({"id": "o3", "epoch": 11, "generation": 0}))
+    watcher.check()
+    watcher.check()  # an order is carried out once
+    assert len(restarts) == 1 and "epoch 11" in restarts[0]
+
+
+# ----- only the leader signs -------------------------------------------------------------------
+
+
+def test_sign_guard_refuses_before_any_signature(tmp_path: Path) -> None:
+    ca = pki.create_ca(tmp_path / "ca")
+    seen: list[str] = []
+
+    def guard(what: str) -> None:
+        seen.append(what)
+        raise pki.PKIError("only the leader signs")
+
+    pki.set_sign_guard(guard)
+    try:
+        with pytest.raises(pki.PKIError, match="only the leader"):
+            pki.issue_dispatcher_cert(ca, tmp_path / "d.crt", tmp_path / "d.key")
+    finally:
+        pki.set_sign_guard(None)
+    assert seen == ["certificate for CN=ctrl-exec-dispatcher"]
+    assert not (tmp_path / "d.crt").exists()
+    pki.issue_dispatcher_cert(ca, tmp_path / "d.crt", tmp_path / "d.key")
+
+
+def test_a_follower_leaves_renewals_to_the_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from dispatcher import renewal
+    from dispatcher.context import Dispatcher
+
+    calls: list[str] = []
+
+    async def renew(d: Any, target: Any, **kw: Any) -> dict[str, Any]:
+        calls.append(target.name)
+        return {"host": target.name, "status": "ok", "expiry": "later"}
+
+    monkeypatch.setattr(renewal, "renew", renew)
+    d = Dispatcher(make_cfg(tmp_path))
+
+    class Target:
+        name, address, port = "web1", "127.0.0.1", 1
+
+    ping = {"status": "ok", "expiry": "Jan  1 00:00:00 2000 GMT", "staged": False}
+    assert asyncio.run(renewal.maybe_renew(d, Target(), ping)) == "later"  # the leader renews
+    d.sign_guard = lambda: "only the leader signs"
+    assert asyncio.run(renewal.maybe_renew(d, Target(), ping)) is None  # a follower does not
+    assert calls == ["web1"]
+
+
+# ----- draining: HAProxy soft stop ---------------------------------------------------------------
+
+
+def test_ready_while_draining_is_404_for_the_balancer_and_503_otherwise(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    import httpx
+
+    from dispatcher.api.health import InstanceState, LocalRole, create_health_app
+
+    cfg = make_cfg(tmp_path)
+    populate(tmp_path, {"etc/dispatcher.crt": b"c", "etc/dispatcher.key": b"k"})
+    state = InstanceState(serving=True, last_tick=time.time())
+    syncing: list[str | None] = ["initial sync with the published generation"]
+    state.not_ready = lambda: syncing[0]
+    app = create_health_app(cfg, LocalRole("i", 5), state)
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://h") as c:
+            return await c.get(path)
+
+    def code(path: str) -> int:
+        return asyncio.run(get(path)).status_code
+
+    r = asyncio.run(get("/ready"))
+    assert r.status_code == 503 and r.json()["reason"].startswith("initial sync")
+    syncing[0] = None
+    assert code("/ready") == 200 and code("/ready?drain=404") == 200
+    state.draining = True
+    assert code("/ready") == 503
+    r = asyncio.run(get("/ready?drain=404"))
+    assert r.status_code == 404 and r.json()["reason"] == "draining"
+    assert asyncio.run(get("/status")).json()["draining"] is True
