@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ from agent.version import __version__
 from agent.wire import RequestError, read_request, response_bytes
 
 REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-ASYNC_REQID_RE = REQID_RE
 ev = logfmt.event
 
 Reply = tuple[int, dict[str, Any]]
@@ -176,8 +176,6 @@ class AgentServer:
     def _ip_allowed(self, ip: str) -> bool:
         if self.cfg.allowed_ips is None:
             return True
-        import ipaddress
-
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -391,7 +389,7 @@ class AgentServer:
         self, entry: allowlist.Script, argv: list[str], stdin: bytes, reqid: str, peer: Peer
     ) -> Reply:
         script = entry.name
-        if not ASYNC_REQID_RE.match(reqid):
+        if not REQID_RE.match(reqid):
             return 200, {"script": script, "exit": -1, "reqid": reqid,
                          "error": "async run requires a valid reqid"}  # fmt: skip
         assert peer.dispatcher is not None

@@ -170,6 +170,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # ----- queue ---------------------------------------------------------------------------
 
 
+def _undecided(pairing_dir: str | Path, reqid: str) -> dict[str, Any]:
+    """The queued request, if it has no decision yet (call under :func:`_locked`)."""
+    qpath, apath, dpath = paths(pairing_dir, reqid)
+    rec = _read_json(qpath)
+    if rec is None:
+        raise NoSuchRequest(reqid)
+    if apath.exists() or dpath.exists():
+        raise PairingQueueError(f"Request '{reqid}' has already been decided")
+    return rec
+
+
 def expire_stale(
     pairing_dir: str | Path,
     max_age: float = STALE_AFTER,
@@ -328,13 +339,9 @@ def approve(
         raise PairingQueueError(f"--agent-port must be 1..65535, got '{agent_port}'")
     w = writer or default_writer()
     d = cfg.pairing_dir
-    qpath, apath, dpath = paths(d, _check(reqid))
+    _, apath, _ = paths(d, _check(reqid))
     with _locked(d):
-        rec = _read_json(qpath)
-        if rec is None:
-            raise NoSuchRequest(reqid)
-        if apath.exists() or dpath.exists():
-            raise PairingQueueError(f"Request '{reqid}' has already been decided")
+        rec = _undecided(d, reqid)
         name = str(rec.get("hostname", ""))
         if not valid_hostname(name):
             raise PairingQueueError(f"request '{reqid}' has an invalid hostname")
@@ -383,13 +390,9 @@ def deny(
     """Write ``<reqid>.denied`` and delete the request (spec 5.3)."""
     w = writer or default_writer()
     d = cfg.pairing_dir
-    qpath, apath, dpath = paths(d, _check(reqid))
+    qpath, _, dpath = paths(d, _check(reqid))
     with _locked(d):
-        rec = _read_json(qpath)
-        if rec is None:
-            raise NoSuchRequest(reqid)
-        if apath.exists() or dpath.exists():
-            raise PairingQueueError(f"Request '{reqid}' has already been decided")
+        rec = _undecided(d, reqid)
         w.write(dpath, dumps({"status": "denied", "reason": reason}), FILE_MODE)
         w.delete(qpath)
     event("pair-deny", agent=rec.get("hostname", ""), ip=rec.get("ip", ""), reqid=reqid)
