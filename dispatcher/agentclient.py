@@ -17,13 +17,11 @@ from typing import Any, TypeVar
 
 from agent import authhook
 from dispatcher.agentwire import (
-    MAX_RESPONSE,
     NO_DATA,
     READ_CHUNK,
     TRANSPORT_ERRORS,
     AgentReply,
     Attempt,
-    Exchange,
     SessionCache,
     fmt_seconds,
     sessions_for,
@@ -31,7 +29,6 @@ from dispatcher.agentwire import (
 
 __all__ = [
     "ASYNCIO",
-    "MAX_RESPONSE",
     "NO_DATA",
     "AgentReply",
     "AsyncioIO",
@@ -44,10 +41,11 @@ __all__ = [
 R = TypeVar("R")
 
 
-async def _drive(steps: Exchange, address: str, port: int) -> bytes:
-    """Connect, then move the bytes :func:`dispatcher.agentwire.exchange` asks for."""
-    reader, writer = await asyncio.open_connection(address, port)
+async def _drive(a: Attempt) -> bytes:
+    """Connect, then move the bytes :meth:`~dispatcher.agentwire.Attempt.exchange` asks for."""
+    reader, writer = await asyncio.open_connection(a.address, a.port)
     try:
+        steps = a.exchange()
         want = next(steps)
         while True:
             if want is None:
@@ -79,13 +77,12 @@ async def call(
 ) -> AgentReply:
     """One request to one agent; never raises for transport or HTTP failures.
 
-    ``sessions`` defaults to the cache of ``ctx``; ``use_sessions=False`` forces a full
-    handshake and stores nothing. ``name`` (the registry name) only labels debug logs.
+    The arguments are :class:`~dispatcher.agentwire.Attempt`'s.
     """
     a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
     try:
         async with asyncio.timeout(timeout):
-            raw = await _drive(a.exchange(), address, port)
+            raw = await _drive(a)
     except TRANSPORT_ERRORS as exc:
         return a.failed(exc)
     return a.done(raw)

@@ -6,20 +6,22 @@ and move bytes; everything else is here and imports neither asyncio nor threads:
 
 * the request: an HTTP/1.1 line with ``Host``, ``Connection: close`` and, with a body,
   ``Content-Type: application/json`` plus ``Content-Length`` (never chunked);
-* the TLS client over memory BIOs (:func:`exchange`, a generator the driver feeds), so
-  a cached ``ssl.SSLSession`` per agent address can be offered (TLS 1.3 ticket
-  resumption): the agent then skips its certificate signature and both sides skip
-  chain verification. Sessions belong to the ``SSLContext`` that made them;
+* the TLS client over memory BIOs (:meth:`Attempt.exchange`, a generator the driver
+  feeds), so a cached ``ssl.SSLSession`` per agent address can be offered (TLS 1.3
+  ticket resumption): the agent then skips its certificate signature and both sides
+  skip chain verification. Sessions belong to the ``SSLContext`` that made them;
   :func:`sessions_for` keeps one cache per context;
 * the reply: a head plus exactly ``Content-Length`` bytes (a body that ends at EOF is
   accepted), parsed into an :class:`AgentReply`;
-* transport failures rewritten to upstream's strings (``_transport_error`` in upstream's
-  engine): the ``<h>`` in them is the connect address, as upstream's is.
+* transport failures rewritten to upstream's strings (:meth:`Attempt.transport_error`,
+  ``_transport_error`` in upstream's engine): the ``<h>`` in them is the connect address,
+  as upstream's is.
 
-A driver connects (phase ``connect``), then runs :meth:`Attempt.exchange`: it yields
-``bytes`` to send (send back ``b""``) or ``None`` to ask for input (send back what was
-read, ``b""`` at EOF), and returns the raw response. One deadline (``timeout``) covers
-connect, handshake, request and response; its expiry is a ``TimeoutError``.
+A driver makes an :class:`Attempt`, connects (phase ``connect``), then runs
+:meth:`Attempt.exchange`: it yields ``bytes`` to send (send back ``b""``) or ``None`` to
+ask for input (send back what was read, ``b""`` at EOF), and returns the raw response.
+One deadline (``timeout``) covers connect, handshake, request and response; its expiry
+is a ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ READ_CHUNK = 256 * 1024
 NO_DATA = "500 Server closed connection without sending any data back"
 
 
-#: What :func:`exchange` yields: bytes to send, or None to ask for input.
+#: What :meth:`Attempt.exchange` yields: bytes to send, or None to ask for input.
 Exchange = Generator[bytes | None, bytes, bytes]
 
 
@@ -96,9 +98,6 @@ class SessionCache:
     def drop(self, address: str, port: int) -> None:
         self._items.pop((address, port), None)
 
-    def clear(self) -> None:
-        self._items.clear()
-
     def __len__(self) -> int:
         return len(self._items)
 
@@ -132,154 +131,17 @@ TRANSPORT_ERRORS = (OSError, ssl.SSLError, TimeoutError, ValueError, ResponseToo
                     HandshakeRefused)  # fmt: skip
 
 
-@record
-class ExchangeState:
-    phase: str = "connect"  # connect -> tls -> request -> response
-    resumed: bool = False
-    got_data: bool = False
-
-
 def host_header(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def exchange(
-    st: ExchangeState,
-    address: str,
-    port: int,
-    payload: bytes,
-    ctx: ssl.SSLContext,
-    sessions: SessionCache | None,
-) -> Exchange:
-    """Handshake, send ``payload``, return the raw response bytes (see the module doc)."""
-    st.phase = "tls"
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    session = sessions.get(address, port) if sessions is not None else None
-    try:
-        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, session=session)
-    except ValueError:  # a session from another context
-        if sessions is not None:
-            sessions.drop(address, port)
-        session = None
-        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False)
-    if session is not None and sessions is not None:
-        sessions.offered += 1
-
-    while True:
-        try:
-            sslobj.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if data := outgoing.read():
-                yield data
-            _feed(incoming, (yield None))
-    st.resumed = sslobj.session_reused
-    version = sslobj.version()
-    if st.resumed and sessions is not None:
-        sessions.resumed += 1
-
-    st.phase = "request"
-    sslobj.write(payload)
-    if data := outgoing.read():
-        yield data
-
-    st.phase = "response"
-    buf = bytearray()
-    head_end = -1
-    length: int | None = None
-    while True:
-        try:
-            chunk = sslobj.read(READ_CHUNK)
-        except ssl.SSLWantReadError:
-            if data := outgoing.read():  # post-handshake messages may want an answer
-                yield data
-            _feed(incoming, (yield None))
-            continue
-        except ssl.SSLEOFError:  # TCP EOF without close_notify: the body ends here
-            break
-        if not chunk:  # close_notify
-            break
-        buf += chunk
-        st.got_data = True
-        if len(buf) > MAX_RESPONSE:
-            raise ResponseTooLarge
-        if head_end < 0:
-            head_end = buf.find(b"\r\n\r\n")
-            if head_end >= 0:
-                _, headers = parse_head(bytes(buf[:head_end]))
-                if "content-length" in headers:
-                    length = int(headers["content-length"])
-        if length is not None and len(buf) - head_end - 4 >= length:
-            break
-    if not buf and version == "TLSv1.3" and not st.resumed:
-        s = sslobj.session
-        if s is None or not s.has_ticket:
-            # A TLS 1.3 client finishes its handshake before the server has checked the
-            # client certificate; a server that then hangs up without a session ticket
-            # has refused the handshake (usually our certificate).
-            raise HandshakeRefused
-    if sessions is not None and not st.resumed:
-        # A resumed session stays cached: reading ``sslobj.session`` copies it (about
-        # 0.25 ms), and the agent issues a fresh one whenever it refuses the old one.
-        s = sslobj.session
-        if s is not None and (s.has_ticket or version == "TLSv1.2"):
-            sessions.put(address, port, s)
-    return bytes(buf)
-
-
-def _feed(incoming: ssl.MemoryBIO, data: bytes) -> None:
-    if data:
-        incoming.write(data)
-    else:
-        incoming.write_eof()
-
-
-def transport_error(
-    exc: BaseException, st: ExchangeState, address: str, port: int, path: str, timeout: float
-) -> str:
-    h = address
-    timed_out = f"host '{h}' did not respond - connection timed out"
-    tls = f"TLS handshake with '{h}' failed - certificate or trust mismatch"
-    if isinstance(exc, TimeoutError):
-        # LWP reports a read timeout once connected; only the run path names it as such.
-        if st.phase in ("request", "response") and path == "/run":
-            return f"read timeout after {fmt_seconds(timeout)}s"
-        return timed_out
-    if isinstance(exc, socket.gaierror):
-        return f"host '{h}' did not resolve - check the name or use an IP address"
-    if isinstance(exc, ConnectionRefusedError):
-        return (
-            f"host '{h}' did not respond on port {port} - connection refused "
-            "(agent not running, or wrong port?)"
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return f"host '{h}' is unreachable - no route to host or network down"
-    if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
-        return timed_out
-    if isinstance(exc, ssl.SSLError):
-        if isinstance(exc, ssl.SSLEOFError) and st.phase == "response":
-            return NO_DATA
-        return tls
-    if isinstance(exc, HandshakeRefused):
-        return tls
-    if isinstance(exc, ResponseTooLarge):
-        return "500 response too large"
-    if isinstance(exc, OSError):
-        if st.phase == "tls":
-            return tls  # LWP: "SSL connect attempt failed"
-        if not st.got_data:
-            return NO_DATA
-        return f"500 {exc.strerror or exc}"
-    if isinstance(exc, ValueError):
-        return f"500 bad response from agent: {exc}"
-    return f"500 {exc.__class__.__name__}: {exc}"
-
-
 class Attempt:
-    """The bookkeeping of one request, around a driver's connect and byte moving.
+    """One request: what :meth:`exchange` needs, how far it got, and the reply.
 
     ``sessions`` defaults to the cache of ``ctx``; ``use_sessions=False`` forces a full
     handshake and stores nothing. ``name`` (the registry name) only labels debug logs.
+    A driver connects, runs :meth:`exchange`, and ends with :meth:`done` or, on one of
+    :data:`TRANSPORT_ERRORS`, :meth:`failed`.
     """
 
     def __init__(
@@ -301,12 +163,87 @@ class Attempt:
         self.address, self.port, self.method, self.path = address, port, method, path
         self.ctx, self.timeout, self.name = ctx, timeout, name
         self.payload = request_bytes(method, path, body, host=host_header(address, port))
-        self.state = ExchangeState()
+        self.phase = "connect"  # connect -> tls -> request -> response
+        self.resumed = False
+        self.got_data = False
         self.t0 = time.monotonic()
 
     def exchange(self) -> Exchange:
-        return exchange(self.state, self.address, self.port, self.payload, self.ctx,
-                        self.sessions)  # fmt: skip
+        """Handshake, send the request, return the raw response bytes (see the module doc)."""
+        address, port, sessions, ctx = self.address, self.port, self.sessions, self.ctx
+        self.phase = "tls"
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        session = sessions.get(address, port) if sessions is not None else None
+        try:
+            sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, session=session)
+        except ValueError:  # a session from another context
+            if sessions is not None:
+                sessions.drop(address, port)
+            session = None
+            sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+        if session is not None and sessions is not None:
+            sessions.offered += 1
+
+        while True:
+            try:
+                sslobj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():
+                    yield data
+                _feed(incoming, (yield None))
+        self.resumed = resumed = sslobj.session_reused
+        version = sslobj.version()
+        if resumed and sessions is not None:
+            sessions.resumed += 1
+
+        self.phase = "request"
+        sslobj.write(self.payload)
+        if data := outgoing.read():
+            yield data
+
+        self.phase = "response"
+        buf = bytearray()
+        head_end = -1
+        length: int | None = None
+        while True:
+            try:
+                chunk = sslobj.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():  # post-handshake messages may want an answer
+                    yield data
+                _feed(incoming, (yield None))
+                continue
+            except ssl.SSLEOFError:  # TCP EOF without close_notify: the body ends here
+                break
+            if not chunk:  # close_notify
+                break
+            buf += chunk
+            self.got_data = True
+            if len(buf) > MAX_RESPONSE:
+                raise ResponseTooLarge
+            if head_end < 0:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    _, headers = parse_head(bytes(buf[:head_end]))
+                    if "content-length" in headers:
+                        length = int(headers["content-length"])
+            if length is not None and len(buf) - head_end - 4 >= length:
+                break
+        if not buf and version == "TLSv1.3" and not resumed:
+            s = sslobj.session
+            if s is None or not s.has_ticket:
+                # A TLS 1.3 client finishes its handshake before the server has checked
+                # the client certificate; a server that then hangs up without a session
+                # ticket has refused the handshake (usually our certificate).
+                raise HandshakeRefused
+        if sessions is not None and not resumed:
+            # A resumed session stays cached: reading ``sslobj.session`` copies it (about
+            # 0.25 ms), and the agent issues a fresh one whenever it refuses the old one.
+            s = sslobj.session
+            if s is not None and (s.has_ticket or version == "TLSv1.2"):
+                sessions.put(address, port, s)
+        return bytes(buf)
 
     def _rtt(self) -> int:
         return round((time.monotonic() - self.t0) * 1000)
@@ -314,20 +251,65 @@ class Attempt:
     def failed(self, exc: BaseException) -> AgentReply:
         """The reply for a transport failure (one of :data:`TRANSPORT_ERRORS`)."""
         rtt = self._rtt()
-        st = self.state
         if isinstance(exc, ssl.SSLError | HandshakeRefused) and self.sessions is not None:
             self.sessions.drop(self.address, self.port)
-        err = transport_error(exc, st, self.address, self.port, self.path, self.timeout)
+        err = self.transport_error(exc)
         logging = sys.modules.get("logging")  # not imported: nothing can show a debug line
         if logging is not None:
             logging.getLogger("ctrl-exec.agentclient").debug(
                 "%s %s to %s (%s:%s) failed in %s: %r", self.method, self.path, self.name,
-                self.address, self.port, st.phase, exc)  # fmt: skip
-        return AgentReply(None, None, rtt, err, resumed=st.resumed)
+                self.address, self.port, self.phase, exc)  # fmt: skip
+        return AgentReply(None, None, rtt, err, resumed=self.resumed)
+
+    def transport_error(self, exc: BaseException) -> str:
+        """Upstream's string for ``exc``; ``<h>`` in it is the connect address."""
+        h = self.address
+        timed_out = f"host '{h}' did not respond - connection timed out"
+        tls = f"TLS handshake with '{h}' failed - certificate or trust mismatch"
+        if isinstance(exc, TimeoutError):
+            # LWP reports a read timeout once connected; only the run path names it so.
+            if self.phase in ("request", "response") and self.path == "/run":
+                return f"read timeout after {fmt_seconds(self.timeout)}s"
+            return timed_out
+        if isinstance(exc, socket.gaierror):
+            return f"host '{h}' did not resolve - check the name or use an IP address"
+        if isinstance(exc, ConnectionRefusedError):
+            return (
+                f"host '{h}' did not respond on port {self.port} - connection refused "
+                "(agent not running, or wrong port?)"
+            )
+        if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return f"host '{h}' is unreachable - no route to host or network down"
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            return timed_out
+        if isinstance(exc, ssl.SSLError):
+            if isinstance(exc, ssl.SSLEOFError) and self.phase == "response":
+                return NO_DATA
+            return tls
+        if isinstance(exc, HandshakeRefused):
+            return tls
+        if isinstance(exc, ResponseTooLarge):
+            return "500 response too large"
+        if isinstance(exc, OSError):
+            if self.phase == "tls":
+                return tls  # LWP: "SSL connect attempt failed"
+            if not self.got_data:
+                return NO_DATA
+            return f"500 {exc.strerror or exc}"
+        if isinstance(exc, ValueError):
+            return f"500 bad response from agent: {exc}"
+        return f"500 {exc.__class__.__name__}: {exc}"
 
     def done(self, raw: bytes) -> AgentReply:
         """The reply parsed from the raw response bytes."""
-        return parse_reply(raw, self._rtt(), self.state.resumed)
+        return parse_reply(raw, self._rtt(), self.resumed)
+
+
+def _feed(incoming: ssl.MemoryBIO, data: bytes) -> None:
+    if data:
+        incoming.write(data)
+    else:
+        incoming.write_eof()
 
 
 def parse_reply(raw: bytes, rtt: int, resumed: bool) -> AgentReply:

@@ -19,8 +19,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from dispatcher.agentio import run_blocking
 from dispatcher.agentwire import (
@@ -28,7 +28,6 @@ from dispatcher.agentwire import (
     TRANSPORT_ERRORS,
     AgentReply,
     Attempt,
-    Exchange,
     SessionCache,
 )
 
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     from agent.authhook import Decision
 
 R = TypeVar("R")
+P = ParamSpec("P")
 
 
 def _left(deadline: float) -> float:
@@ -83,10 +83,12 @@ def connect(address: str, port: int, deadline: float) -> socket.socket:
     raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
 
 
-def _drive(steps: Exchange, address: str, port: int, deadline: float) -> bytes:
-    """Connect, then move the bytes :func:`dispatcher.agentwire.exchange` asks for."""
-    with connect(address, port, deadline) as sock:
+def _drive(a: Attempt) -> bytes:
+    """Connect, then move the bytes :meth:`~dispatcher.agentwire.Attempt.exchange` asks for."""
+    deadline = a.t0 + a.timeout
+    with connect(a.address, a.port, deadline) as sock:
         try:
+            steps = a.exchange()
             want = next(steps)
             while True:
                 sock.settimeout(_left(deadline))
@@ -120,7 +122,7 @@ def call(
     """
     a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
     try:
-        raw = _drive(a.exchange(), address, port, a.t0 + timeout)
+        raw = _drive(a)
     except TRANSPORT_ERRORS as exc:
         return a.failed(exc)
     return a.done(raw)
@@ -135,11 +137,15 @@ def gather(jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R | B
     them (the main thread only joins).
     """
     contexts = [contextvars.copy_context() for _ in jobs]
-    out: list[R | BaseException] = []
+
+    def run(i: int) -> R:
+        return contexts[i].run(run_blocking, _await(jobs[i]))
+
     if len(jobs) == 1 or limit <= 1:
-        for job, ctx in zip(jobs, contexts, strict=True):
+        out: list[R | BaseException] = []
+        for i in range(len(jobs)):
             try:
-                out.append(ctx.run(run_blocking, _await(job)))
+                out.append(run(i))
             except Exception as exc:
                 out.append(exc)
         return out
@@ -154,7 +160,7 @@ def gather(jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R | B
             if i is None:
                 return
             try:
-                results[i] = contexts[i].run(run_blocking, _await(jobs[i]))
+                results[i] = run(i)
             except BaseException as exc:
                 results[i] = exc
 
@@ -171,30 +177,20 @@ async def _await(job: Callable[[], Awaitable[R]]) -> R:
     return await job()
 
 
+def _nonsuspending(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """``fn`` as a coroutine function whose coroutines complete without suspending."""
+
+    async def co(*args: P.args, **kwargs: P.kwargs) -> R:
+        return fn(*args, **kwargs)
+
+    return co
+
+
 class BlockingIO:
     """:class:`~dispatcher.agentio.AgentIO` whose coroutines never suspend."""
 
-    async def call(
-        self,
-        address: str,
-        port: int,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        ctx: ssl.SSLContext,
-        timeout: float,
-        name: str,
-        *,
-        sessions: SessionCache | None = None,
-        use_sessions: bool = True,
-    ) -> AgentReply:
-        return call(address, port, method, path, body, ctx, timeout, name, sessions=sessions,
-                    use_sessions=use_sessions)  # fmt: skip
-
-    async def gather(
-        self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int
-    ) -> list[R | BaseException]:
-        return gather(jobs, limit)
+    call = staticmethod(_nonsuspending(call))
+    gather = staticmethod(_nonsuspending(gather))
 
     async def hook(self, hook: str, ctx: dict[str, Any], timeout: float) -> Decision:
         from agent.authhook import call_sync

@@ -13,6 +13,7 @@ This module imports neither.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent import logfmt
@@ -62,11 +63,7 @@ async def fan_out(
     An exception from ``fn`` becomes ``on_error(target, exc)``; without ``on_error`` the
     first one is raised once every target has finished.
     """
-
-    def job(t: TargetLike) -> Callable[[], Awaitable[R]]:
-        return lambda: fn(t)
-
-    done = await resolve_io(io).gather([job(t) for t in targets], max(1, int(max_parallel)))
+    done = await resolve_io(io).gather([partial(fn, t) for t in targets], max(1, int(max_parallel)))
     out: list[R] = []
     for t, r in zip(targets, done, strict=True):
         if isinstance(r, BaseException):
@@ -104,7 +101,30 @@ def _target(t: TargetLike) -> str:
     return f"{t.address}:{t.port}"
 
 
+def _internal(
+    failed: Callable[[str, str, str], Result],
+) -> Callable[[TargetLike, Exception], Result]:
+    """The ``on_error`` of :func:`fan_out`: an exception as the operation's failure result.
+
+    ``failed(name, error, rtt)`` is what the operation answers when an agent could not.
+    """
+    return lambda t, exc: failed(t.name, f"internal error: {exc}", "0ms")
+
+
 # ----- /run ------------------------------------------------------------------------------
+
+
+def _run_failed(
+    script: str, reqid: str, async_: bool, name: str, error: str, rtt: str, status: str = "error"
+) -> Result:
+    """A run without an agent's answer: ``status`` when async, else exit -1."""
+    res: Result = {"host": name, "script": script}
+    if async_:
+        res["status"] = status
+    else:
+        res["exit"] = -1
+    res.update({"error": error, "rtt": rtt, "reqid": reqid})
+    return res
 
 
 async def run_one(
@@ -133,19 +153,12 @@ async def run_one(
         err = r.body.get("error") if r.body is not None else None
         ev(action, logfmt.WARNING, script=script, target=_target(t), status="busy", rtt=r.rtt,
            reqid=reqid)  # fmt: skip
-        return {"host": t.name, "script": script, "status": "busy",
-                "error": err if err is not None else "script already running",
-                "rtt": r.rtt, "reqid": reqid}  # fmt: skip
+        busy = err if err is not None else "script already running"
+        return _run_failed(script, reqid, async_, t.name, busy, r.rtt, "busy")
     if r.error:
         ev(action, logfmt.ERROR, script=script, target=_target(t), error=r.error, rtt=r.rtt,
            reqid=reqid)  # fmt: skip
-        res: Result = {"host": t.name, "script": script}
-        if async_:
-            res["status"] = "error"
-        else:
-            res["exit"] = -1
-        res.update({"error": r.error, "rtt": r.rtt, "reqid": reqid})
-        return res
+        return _run_failed(script, reqid, async_, t.name, r.error, r.rtt)
     if async_:
         res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON response"})
         ev(action, script=script, target=_target(t), status=res.get("status", "accepted"),
@@ -181,21 +194,19 @@ async def run_all(
     _check_hosts(targets, max_hosts)
     ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
        mode="async" if async_ else "sync")  # fmt: skip
-
-    async def fn(t: TargetLike) -> Result:
-        return await run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
-                             sessions, io)  # fmt: skip
-
-    def on_error(t: TargetLike, exc: Exception) -> Result:
-        res: Result = {"host": t.name, "script": script}
-        res.update({"status": "error"} if async_ else {"exit": -1})
-        res.update({"error": f"internal error: {exc}", "rtt": "0ms", "reqid": reqid})
-        return res
-
-    return await fan_out(targets, fn, max_parallel, on_error, io=io)
+    failed = _internal(partial(_run_failed, script, reqid, async_))
+    return await fan_out(
+        targets,
+        lambda t: run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
+                          sessions, io),
+        max_parallel, failed, io=io)  # fmt: skip
 
 
 # ----- /ping -----------------------------------------------------------------------------
+
+
+def _ping_failed(name: str, error: str, rtt: str) -> Result:
+    return {"host": name, "status": "error", "error": error, "rtt": rtt}
 
 
 async def ping_one(
@@ -210,7 +221,7 @@ async def ping_one(
                                   timeout, t.name, sessions=sessions)  # fmt: skip
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
-        return {"host": t.name, "status": "error", "error": r.error, "rtt": r.rtt}
+        return _ping_failed(t.name, r.error, r.rtt)
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     _reported(res, r)
     res["rtt"] = r.rtt
@@ -231,18 +242,15 @@ async def ping_all(
 ) -> list[Result]:
     """``POST /ping`` on every target."""
     _check_hosts(targets, max_hosts)
-
-    async def fn(t: TargetLike) -> Result:
-        return await ping_one(t, reqid, ctx, timeout, sessions, io)
-
-    def on_error(t: TargetLike, exc: Exception) -> Result:
-        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
-                "rtt": "0ms"}  # fmt: skip
-
-    return await fan_out(targets, fn, max_parallel, on_error, io=io)
+    return await fan_out(targets, lambda t: ping_one(t, reqid, ctx, timeout, sessions, io),
+                         max_parallel, _internal(_ping_failed), io=io)  # fmt: skip
 
 
 # ----- GET /result/<reqid> -----------------------------------------------------------------
+
+
+def _result_failed(reqid: str, name: str, error: str, rtt: str) -> Result:
+    return {"host": name, "status": "error", "error": error, "reqid": reqid, "rtt": rtt}
 
 
 async def result_one(
@@ -259,8 +267,7 @@ async def result_one(
         return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
     if r.error:
         ev("result", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
-        return {"host": t.name, "status": "error", "error": r.error, "reqid": reqid,
-                "rtt": r.rtt}  # fmt: skip
+        return _result_failed(reqid, t.name, r.error, r.rtt)
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     res["rtt"] = r.rtt
     if res.get("reqid") is None:
@@ -282,12 +289,6 @@ async def result_all(
 ) -> list[Result]:
     """``GET /result/<reqid>`` on every target (async run progress)."""
     _check_hosts(targets, max_hosts)
-
-    async def fn(t: TargetLike) -> Result:
-        return await result_one(t, reqid, ctx, timeout, sessions, io)
-
-    def on_error(t: TargetLike, exc: Exception) -> Result:
-        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
-                "reqid": reqid, "rtt": "0ms"}  # fmt: skip
-
-    return await fan_out(targets, fn, max_parallel, on_error, io=io)
+    failed = _internal(partial(_result_failed, reqid))
+    return await fan_out(targets, lambda t: result_one(t, reqid, ctx, timeout, sessions, io),
+                         max_parallel, failed, io=io)  # fmt: skip
