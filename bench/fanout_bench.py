@@ -41,18 +41,13 @@ sys.path.insert(0, str(ROOT))
 from agent.tlsconf import client_context  # noqa: E402
 from dispatcher import fanout  # noqa: E402
 from dispatcher.agentclient import SessionCache  # noqa: E402
+from dispatcher.registry import Target  # noqa: E402
 from dispatcher.reqid import new_reqid  # noqa: E402
+from ops.lab.proc import terminate  # noqa: E402
 from tests.support.pki import TestCA  # noqa: E402
 
 FIRST = "127.0.1.1"
 KEY_BITS = {"ec-p256": 0, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    address: str
-    port: int
 
 
 @dataclass
@@ -110,16 +105,6 @@ def start_sim(s: Setup, count: int, port: int, log: Path, wait: float,
                 return proc
     proc.kill()
     raise TimeoutError("agentsim did not become ready")
-
-
-def stop_sim(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def proc_cpu(pid: int) -> float:
@@ -258,7 +243,7 @@ def main() -> int:
     finally:
         signal.alarm(0)
         if proc is not None:
-            stop_sim(proc)
+            terminate(proc, 15)
             errs = (tmp / "agentsim.log").read_text(errors="replace").strip().splitlines()
             if errs:
                 print(f"agentsim log ({len(errs)} lines), last: {errs[-3:]}")

@@ -33,12 +33,11 @@ import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +48,11 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from dispatcher.haproxy import Member  # noqa: E402
+from ops.lab.agent import PairingAgent  # noqa: E402
 from ops.lab.etcd import ETCD, EtcdCluster  # noqa: E402
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy  # noqa: E402
-from ops.lab.net import free_port, port_free, wait_listening  # noqa: E402
+from ops.lab.net import client_ssl, free_port, port_free, wait_listening  # noqa: E402
+from ops.lab.proc import ApiProcess, processes, terminate  # noqa: E402
 
 AGENT_ADDRS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 AGENT_PORT = 17443
@@ -96,42 +97,20 @@ AGENT = tool("ctrl-exec-agent", "agent.cli")
 
 
 @dataclass
-class Instance:
-    n: int
-    api: int
-    health: int
-    pairing: int
-    proxy: int
-    conf: Path
+class Instance(ApiProcess):
+    name: str
+    api_port: int
+    health_port: int
+    pairing_port: int
+    proxy_port: int
+    config: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def name(self) -> str:
-        return f"i{self.n}"
-
-    @property
     def member(self) -> Member:
-        return Member(self.name, "127.0.0.1", self.api, self.health, self.pairing, self.proxy)
-
-
-@dataclass
-class Agent:
-    n: int
-    addr: str
-    port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    reqid: str = ""
-    code: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"agent{self.n}.demo"
-
-    @property
-    def conf(self) -> Path:
-        return self.dir / "agent.conf"
+        return Member(self.name, "127.0.0.1", self.api_port, self.health_port,
+                      self.pairing_port, self.proxy_port)  # fmt: skip
 
 
 @dataclass
@@ -140,7 +119,7 @@ class Demo:
     free_ports: bool
     env: dict[str, str] = field(default_factory=dict)
     instances: list[Instance] = field(default_factory=list)
-    agents: list[Agent] = field(default_factory=list)
+    agents: list[PairingAgent] = field(default_factory=list)
     etcd: EtcdCluster | None = None
     haproxy: HAProxy | None = None
     pairing_fallback: Instance | None = None
@@ -232,27 +211,18 @@ class Demo:
                 f"health_port = {health}\npairing_port = {pairing}\napi_proxy_port = {proxy}\n"
                 f"advertise_url = https://127.0.0.1:{api}\n"
             )
-            inst = Instance(n, api, health, pairing, proxy, conf, self.work / "logs" / f"i{n}.log")
-            self.instances.append(inst)
+            log = self.work / "logs" / f"i{n}.log"
+            self.instances.append(Instance(f"i{n}", api, health, pairing, proxy, conf, log))
         for inst in self.instances:
-            say(f"$ ctrl-exec-api --config {inst.conf}   "
-                f"(api {inst.api}, proxy {inst.proxy}, health {inst.health}, "
-                f"pairing {inst.pairing})")  # fmt: skip
-            inst.proc = self.spawn([*API, "--config", str(inst.conf)], inst.log)
-        with httpx.Client(trust_env=False, timeout=1) as c:
-            for inst in self.instances:
-                deadline = time.monotonic() + 30
-                while True:
-                    assert inst.proc is not None
-                    if inst.proc.poll() is not None:
-                        raise DemoError(f"{inst.name} exited {inst.proc.returncode}:\n"
-                                        f"{inst.log.read_text()[-3000:]}")  # fmt: skip
-                    with contextlib.suppress(httpx.TransportError):
-                        if c.get(f"http://127.0.0.1:{inst.health}/health").status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise DemoError(f"{inst.name} not healthy: {inst.log.read_text()[-3000:]}")
-                    time.sleep(0.05)
+            say(f"$ ctrl-exec-api --config {inst.config}   "
+                f"(api {inst.api_port}, proxy {inst.proxy_port}, health {inst.health_port}, "
+                f"pairing {inst.pairing_port})")  # fmt: skip
+            inst.start(API, self.env)
+        for inst in self.instances:
+            try:
+                inst.wait_healthy(30)
+            except (RuntimeError, TimeoutError) as exc:
+                raise DemoError(str(exc)) from exc
         say("  all three instances healthy")
 
     def start_haproxy(self) -> None:
@@ -272,7 +242,7 @@ class Demo:
         out: dict[str, dict[str, Any]] = {}
         with httpx.Client(trust_env=False, timeout=2) as c:
             for inst in self.instances:
-                out[inst.name] = c.get(f"http://127.0.0.1:{inst.health}/status").json()
+                out[inst.name] = c.get(f"{inst.health_url}/status").json()
         return out
 
     def leader(self) -> Instance:
@@ -308,15 +278,15 @@ class Demo:
     def pairing_listener(self, lead: Instance) -> None:
         """The leader's pairing port; started with ``ced pairing-mode`` if it has none."""
         try:
-            wait_listening("127.0.0.1", lead.pairing, None, timeout=3)
-            say(f"  {lead.name} listens for pairing on {lead.pairing}")
+            wait_listening("127.0.0.1", lead.pairing_port, None, timeout=3)
+            say(f"  {lead.name} listens for pairing on {lead.pairing_port}")
             return
         except TimeoutError:
             pass
         say(f"  {lead.name} does not serve pairing itself: starting `ced pairing-mode` "
             f"on its pairing port (shared state paths)")  # fmt: skip
-        self.ced("pairing-mode", "start", "--port", str(lead.pairing), "--timeout", "120",
-                 conf=lead.conf)  # fmt: skip
+        self.ced("pairing-mode", "start", "--port", str(lead.pairing_port), "--timeout", "120",
+                 conf=lead.config)  # fmt: skip
         self.pairing_fallback = lead
 
     def request_pairing(self) -> None:
@@ -326,43 +296,17 @@ class Demo:
         script.chmod(0o755)
         for n, addr in enumerate(AGENT_ADDRS, 1):
             (port,) = self.ports([AGENT_PORT], addr)
-            d = self.work / "agents" / f"agent{n}"
-            (d / "state").mkdir(parents=True)
-            a = Agent(n, addr, port, d)
-            a.conf.write_text(
-                f"port = {port}\nbind = {addr}\ncert = {d}/agent.crt\nkey = {d}/agent.key\n"
-                f"ca = {d}/ca.crt\nstate_dir = {d}/state\nhostname = {a.name}\n"
-                f"log_target = stderr\nkey_type = ec-p256\nrevoked_serials = {d}/revoked\n"
-                f"[tags]\nrole = demo\n"
-            )
-            (d / "scripts.conf").write_text(f"hello = {script}\n")
-            self.agents.append(a)
+            a = PairingAgent(f"agent{n}.demo", addr, port, self.work / "agents" / f"agent{n}")
+            self.agents.append(a.write(f"hello = {script}\n", "[tags]\nrole = demo\n"))
         procs = []
         for a in self.agents:
-            args = [
-                "request-pairing",
-                "--config",
-                str(a.conf),
-                "--dispatcher",
-                "127.0.0.1",
-                "--port",
-                str(self.haproxy.pairing_port),
-                "--background",
-                "--timeout",
-                "60",
-            ]
-            say(f"$ ctrl-exec-agent {' '.join(args)}")  # fmt: skip
-            procs.append(self.spawn([*AGENT, *args], a.dir / "pairing.log", a.dir / "pairing.out"))
+            args = a.request_pairing_args(self.haproxy.pairing_port)
+            say(f"$ ctrl-exec-agent {' '.join(args)}")
+            procs.append(self.spawn([*AGENT, *args], a.dir / "pairing.log", a.pairing_out))
         for a, p in zip(self.agents, procs, strict=True):
-            rc = p.wait(60)  # the foreground part: queued, reqid printed, then it forks
-            out = (a.dir / "pairing.out").read_text()
-            if rc != 0:
-                raise DemoError(f"{a.name}: request-pairing exited {rc}: {out}"
-                                f"{(a.dir / 'pairing.log').read_text()}")  # fmt: skip
-            lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-            a.reqid = lines[-1]
-            a.code = next((ln.split(":", 1)[1].strip() for ln in lines
-                           if ln.startswith("Pairing code:")), "")  # fmt: skip
+            failed = a.read_pairing(p.wait(60))  # the foreground part: reqid printed, it forks
+            if failed:
+                raise DemoError(failed)
             say(f"  {a.name} ({a.addr}): pairing code {a.code}, request {a.reqid}")
 
     def approve(self) -> None:
@@ -376,9 +320,8 @@ class Demo:
             # the agent reached us through HAProxy from 127.0.0.1: say where it lives
             self.ced("approve", a.reqid, "--ip", a.addr, "--lookup-by", "ip")
         for a in self.agents:
-            cert, trust = a.dir / "agent.crt", a.dir / "state" / "ctrl-exec-dispatchers"
             deadline = time.monotonic() + 20
-            while not (cert.exists() and trust.exists() and (a.dir / "ca.crt").exists()):
+            while not a.paired:
                 if time.monotonic() > deadline:
                     raise DemoError(f"{a.name} never stored its certificate: "
                                     f"{(a.dir / 'pairing.log').read_text()}")  # fmt: skip
@@ -388,8 +331,7 @@ class Demo:
     def start_agents(self) -> None:
         for a in self.agents:
             say(f"$ ctrl-exec-agent serve --config {a.conf}   ({a.addr}:{a.port})")
-            a.proc = self.spawn([*AGENT, "serve", "--config", str(a.conf), "--allowlist",
-                                 str(a.dir / "scripts.conf")], a.dir / "agent.log")  # fmt: skip
+            a.proc = self.spawn([*AGENT, *a.serve_args()], a.dir / "agent.log")
         for a in self.agents:
             try:
                 wait_listening(a.addr, a.port, a.proc, 20)
@@ -398,8 +340,7 @@ class Demo:
 
     def run_through_haproxy(self) -> None:
         assert self.haproxy is not None
-        ctx = ssl.create_default_context(cafile=str(self.work / "etc" / "ca.crt"))
-        ctx.check_hostname = False  # the dispatcher certificate names no host
+        ctx = client_ssl(self.work / "etc" / "ca.crt")
         transport = httpx.HTTPTransport(verify=ctx, local_address=CLIENT_ADDR)
         url = self.haproxy.api_url
         body = {"hosts": [a.name for a in self.agents], "script": "hello",
@@ -458,31 +399,20 @@ class Demo:
 
     def stop(self) -> None:
         for a in self.agents:
-            _terminate(a.proc)
+            terminate(a.proc)
         if self.pairing_fallback is not None:
             with contextlib.suppress(Exception):
                 self.ced("pairing-mode", "stop", check=False, quiet=True,
-                         conf=self.pairing_fallback.conf)  # fmt: skip
+                         conf=self.pairing_fallback.config)  # fmt: skip
         if self.haproxy is not None:  # first: waiting pairing clients see the end at once
             self.haproxy.stop()
         for inst in self.instances:
-            _terminate(inst.proc)
+            inst.stop(10)
         for p in self.started:
-            _terminate(p)
+            terminate(p)
         if self.etcd is not None:
             self.etcd.close()
         _reap_orphans({p.pid for p in self.started})
-
-
-def _terminate(p: subprocess.Popen[bytes] | None, grace: float = 10) -> None:
-    if p is None or p.poll() is not None:
-        return
-    os.kill(p.pid, signal.SIGTERM)
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(5)
 
 
 def _become_subreaper() -> None:
@@ -493,22 +423,10 @@ def _become_subreaper() -> None:
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
-def _children(known: set[int]) -> Iterator[int]:
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in known:
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == me:
-            yield int(entry.name)
-
-
 def _reap_orphans(known: set[int]) -> None:
-    pids = list(_children(known))
+    """Stop our children that we did not start ourselves (orphans we adopted)."""
+    me = str(os.getpid())
+    pids = [pid for pid, f in processes() if pid not in known and len(f) > 1 and f[1] == me]
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)

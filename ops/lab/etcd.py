@@ -57,6 +57,17 @@ class Member:
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
 
+    def settings(self, initial_cluster: str, token: str, state: str) -> dict[str, str]:
+        """This member's etcd settings (``--KEY VALUE`` on the command line, ``KEY: VALUE``
+        in a config file), besides pre-vote and logging."""
+        return {
+            "name": self.name, "data-dir": str(self.data_dir),
+            "listen-client-urls": self.client_url, "advertise-client-urls": self.client_url,
+            "listen-peer-urls": self.peer_url, "initial-advertise-peer-urls": self.peer_url,
+            "initial-cluster": initial_cluster, "initial-cluster-token": token,
+            "initial-cluster-state": state,
+        }  # fmt: skip
+
 
 class EtcdCluster:
     def __init__(self, root: Path, size: int = 1, tls: TLSFiles | None = None) -> None:
@@ -91,21 +102,10 @@ class EtcdCluster:
 
     def _spawn(self, m: Member, state: str) -> None:
         assert ETCD is not None
-        argv = [
-            ETCD,
-            "--name", m.name,
-            "--data-dir", str(m.data_dir),
-            "--listen-client-urls", m.client_url,
-            "--advertise-client-urls", m.client_url,
-            "--listen-peer-urls", m.peer_url,
-            "--initial-advertise-peer-urls", m.peer_url,
-            "--initial-cluster", self.initial_cluster,
-            "--initial-cluster-token", self.token,
-            "--initial-cluster-state", state,
-            "--pre-vote",
-            "--logger=zap",
-            "--log-outputs=stderr",
-        ]  # fmt: skip
+        argv = [ETCD]
+        for key, value in m.settings(self.initial_cluster, self.token, state).items():
+            argv += [f"--{key}", value]
+        argv += ["--pre-vote", "--logger=zap", "--log-outputs=stderr"]
         if self.tls is not None:
             argv += [
                 "--cert-file", str(self.tls.server_cert),

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from dispatcher.haproxy import Member, render
 from ops.lab.net import free_port, wait_listening
+from ops.lab.proc import terminate
 
 HAPROXY = shutil.which("haproxy")
 SKIP_REASON = "haproxy is not installed (apt-get install haproxy); CI installs it"
@@ -34,6 +33,15 @@ _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
 
 class HAProxyError(RuntimeError):
     pass
+
+
+def socket_path(path: Path, prefix: str = "hap-") -> tuple[Path, Path | None]:
+    """``path`` for a Unix socket, or one of its name in a new short temporary directory
+    (returned as well: the caller removes it) when ``path`` is too long for one."""
+    if len(str(path)) <= _SUN_PATH_MAX:
+        return path, None
+    short = Path(tempfile.mkdtemp(prefix=prefix))
+    return short / path.name, short
 
 
 @dataclass
@@ -55,11 +63,7 @@ class HAProxy:
         self.root.mkdir(parents=True, exist_ok=True)
         self.api_port = self.api_port or free_port(self.bind)
         self.pairing_port = self.pairing_port or free_port(self.bind)
-        sock = self.root / "admin.sock"
-        if len(str(sock)) > _SUN_PATH_MAX:  # a deep temp dir: put the socket somewhere short
-            self._sock_dir = Path(tempfile.mkdtemp(prefix="hap-"))
-            sock = self._sock_dir / "admin.sock"
-        self.stats_socket = sock
+        self.stats_socket, self._sock_dir = socket_path(self.root / "admin.sock")
 
     @property
     def config(self) -> Path:
@@ -113,17 +117,9 @@ class HAProxy:
         return self
 
     def stop(self) -> int | None:
-        """Stop HAProxy by its PID (SIGTERM: immediate stop in ``-db`` mode; then SIGKILL)."""
-        rc: int | None = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-            rc = self.proc.returncode
+        """Stop HAProxy by its PID (SIGTERM: immediate stop in ``-db`` mode; SIGKILL after
+        5 s): its exit status (None if it had to be killed)."""
+        rc = terminate(self.proc, 5)
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
         return rc

@@ -1,10 +1,29 @@
-"""Loopback ports: pick free ones, wait until something listens."""
+"""Loopback ports and clients: pick free ports, wait until something listens, GET a URL,
+talk TLS to a ctrl-exec port."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class CertKey(Protocol):
+    """A certificate and its key (``tests.support.pki.Issued`` is one)."""
+
+    cert: Path
+    key: Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,3 +58,41 @@ def wait_listening(
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """``GET url`` (never through a proxy): (status, JSON body or text); (0, None) when
+    nothing answered."""
+    try:
+        try:
+            with _NO_PROXY.open(url, timeout=timeout) as r:
+                status, data = r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                status, data = exc.code, exc.read()
+    except (OSError, http.client.HTTPException):
+        return 0, None
+    text = data.decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def client_ssl(ca: Path | str, who: CertKey | None = None) -> ssl.SSLContext:
+    """A TLS client context towards a ctrl-exec API or pairing port: trusts ``ca``, checks
+    no host name (the dispatcher certificate names none), presents ``who`` if given."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    if who is not None:
+        ctx.load_cert_chain(str(who.cert), str(who.key))
+    return ctx
+
+
+def served_serial(port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1") -> int:
+    """The serial number of the certificate the TLS server on ``host:port`` presents."""
+    with socket.create_connection((host, port), 5) as raw, ctx.wrap_socket(raw) as s:
+        der = s.getpeercert(binary_form=True)
+    if der is None:
+        raise ssl.SSLError(f"{host}:{port} presented no certificate")
+    return x509.load_der_x509_certificate(der).serial_number

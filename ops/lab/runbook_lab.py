@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -44,13 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ops.lab.net import free_port, wait_listening
+from ops.lab.agent import PairingAgent
+from ops.lab.etcd import Member
+from ops.lab.haproxy import socket_path
+from ops.lab.net import free_port, http_get, wait_listening
+from ops.lab.proc import processes, terminate, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "ops" / "lab" / "site.sh"
@@ -62,11 +64,13 @@ ETCD_MEMBERS = ("m1", "m2", "m3")
 AGENTS = {"web1": "127.0.0.2", "web2": "127.0.0.3"}
 NEEDS = ("etcd", "etcdctl", "haproxy", "socat", "jq", "curl", "openssl", "setsid")
 SCRIPT = '#!/bin/sh\necho "hello from $(hostname): $*"\n'
-_SUN_PATH_MAX = 100
 
 
 class LabError(RuntimeError):
     pass
+
+
+_wait = functools.partial(wait_until, step=0.1, error=LabError)
 
 
 def missing_tools() -> list[str]:
@@ -89,51 +93,6 @@ class LabInstance:
         return f"http://127.0.0.1:{self.health}"
 
 
-@dataclass
-class LabAgent:
-    name: str
-    addr: str
-    port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-
-@dataclass
-class EtcdMember:
-    name: str
-    client: int
-    peer: int
-
-    @property
-    def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer}"
-
-
-def _get(url: str, timeout: float = 1.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
 class RunbookLab:
     """See the module docstring. ``start()``, then ``stop()``."""
 
@@ -143,19 +102,15 @@ class RunbookLab:
         for d in ("etc/instances", "ca", "state", "etcd", "haproxy", "run", "logs", "agents",
                   "backup", "tmp"):  # fmt: skip
             (root / d).mkdir(parents=True, exist_ok=True)
-        self.etcd = [EtcdMember(n, free_port(), free_port()) for n in ETCD_MEMBERS]
+        self.etcd = [Member(n, free_port(), free_port(), root / "etcd" / f"{n}.data",
+                            root / "logs" / f"etcd-{n}.log") for n in ETCD_MEMBERS]  # fmt: skip
         self.instances = [
             LabInstance(i, free_port(), free_port(), free_port(), free_port()) for i in INSTANCES
         ]
         self.new_instance = LabInstance("i4", free_port(), free_port(), free_port(), free_port())
         self.lb_api, self.lb_pairing = free_port(), free_port()
-        sock = root / "haproxy" / "admin.sock"
-        self._sock_dir: Path | None = None
-        if len(str(sock)) > _SUN_PATH_MAX:
-            self._sock_dir = Path(tempfile.mkdtemp(prefix="rbhap-"))
-            sock = self._sock_dir / "admin.sock"
-        self.haproxy_sock = sock
-        self.agents: list[LabAgent] = []
+        self.haproxy_sock, self._sock_dir = socket_path(root / "haproxy" / "admin.sock", "rbhap-")
+        self.agents: list[PairingAgent] = []
         self._pairing_sessions: list[int] = []
 
     # ----- paths and environment ----------------------------------------------------------
@@ -250,29 +205,20 @@ class RunbookLab:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.etcd)
         token = f"{self.cluster_name}-etcd"
         for m in self.etcd:
+            settings = "".join(f"{k}: {v}\n" for k, v in m.settings(initial, token, "new").items())
             (self.root / "etcd" / f"{m.name}.yml").write_text(
-                f"name: {m.name}\n"
-                f"data-dir: {self.root / 'etcd' / (m.name + '.data')}\n"
-                f"listen-client-urls: {m.client_url}\n"
-                f"advertise-client-urls: {m.client_url}\n"
-                f"listen-peer-urls: {m.peer_url}\n"
-                f"initial-advertise-peer-urls: {m.peer_url}\n"
-                f"initial-cluster: {initial}\n"
-                f"initial-cluster-token: {token}\n"
-                "initial-cluster-state: new\n"
-                "pre-vote: true\n"
-                "enable-grpc-gateway: true\n"
-                "logger: zap\n"
+                settings + "pre-vote: true\nenable-grpc-gateway: true\nlogger: zap\n"
                 "log-outputs: [stderr]\n"
             )
 
     def wait_etcd(self, timeout: float = 30) -> None:
         def healthy() -> bool:
             return all(
-                _get(f"{m.client_url}/health", 0.5) == (200, {"health": "true"}) for m in self.etcd
+                http_get(f"{m.client_url}/health", 0.5) == (200, {"health": "true"})
+                for m in self.etcd
             )
 
-        wait_until(healthy, timeout, "a healthy 3-member etcd")
+        _wait(healthy, timeout, "a healthy 3-member etcd")
 
     def _write_config(self) -> None:
         ca, state = self.ca_dir, self.root / "state"
@@ -333,12 +279,12 @@ class RunbookLab:
     # ----- state checks -------------------------------------------------------------------
 
     def leaders(self) -> list[str]:
-        return [i.id for i in self.instances if _get(f"{i.health_url}/leader")[0] == 200]
+        return [i.id for i in self.instances if http_get(f"{i.health_url}/leader", 1)[0] == 200]
 
     def wait_control_plane(self, timeout: float = 40, haproxy: bool = True) -> str:
         """Every instance healthy, exactly one leader, every member registered; the leader."""
-        wait_until(lambda: all(_get(f"{i.health_url}/health")[0] == 200 for i in self.instances),
-                   timeout, "every instance healthy")  # fmt: skip
+        _wait(lambda: all(http_get(f"{i.health_url}/health", 1)[0] == 200 for i in self.instances),
+              timeout, "every instance healthy")  # fmt: skip
 
         def one() -> str | None:
             first = self.leaders()
@@ -347,7 +293,7 @@ class RunbookLab:
             time.sleep(0.1)
             return first[0] if self.leaders() == first else None
 
-        leader: str = wait_until(one, timeout, "exactly one leader")
+        leader: str = _wait(one, timeout, "exactly one leader")
 
         def members() -> bool:
             try:
@@ -356,7 +302,7 @@ class RunbookLab:
                 return False
             return sorted(m["instance_id"] for m in doc["members"]) == list(INSTANCES)
 
-        wait_until(members, timeout, f"members {INSTANCES} registered", 0.3)
+        _wait(members, timeout, f"members {INSTANCES} registered", step=0.3)
         if haproxy:
             self.wait_haproxy(timeout)
         return leader
@@ -367,10 +313,10 @@ class RunbookLab:
 
     def wait_haproxy(self, timeout: float = 20) -> None:
         want = sorted(INSTANCES)
-        wait_until(lambda: self.haproxy_up("be_ctrl_exec_api") == want, timeout,
-                   f"HAProxy API backend with {want} up")  # fmt: skip
-        wait_until(lambda: self.haproxy_up("be_ctrl_exec_pairing") == self.leaders(), timeout,
-                   "HAProxy pairing backend on the leader only")  # fmt: skip
+        _wait(lambda: self.haproxy_up("be_ctrl_exec_api") == want, timeout,
+              f"HAProxy API backend with {want} up")  # fmt: skip
+        _wait(lambda: self.haproxy_up("be_ctrl_exec_pairing") == self.leaders(), timeout,
+              "HAProxy pairing backend on the leader only")  # fmt: skip
 
     # ----- agents -----------------------------------------------------------------------
 
@@ -379,55 +325,34 @@ class RunbookLab:
         script.write_text(SCRIPT)
         script.chmod(0o755)
         for name, addr in AGENTS.items():
-            d = self.root / "agents" / name
-            (d / "state").mkdir(parents=True)
-            a = LabAgent(name, addr, free_port(addr), d)
-            (d / "agent.conf").write_text(
-                f"port = {a.port}\nbind = {addr}\ncert = {d}/agent.crt\nkey = {d}/agent.key\n"
-                f"ca = {d}/ca.crt\nstate_dir = {d}/state\nhostname = {name}\n"
-                f"log_target = stderr\nkey_type = ec-p256\nrevoked_serials = {d}/revoked\n"
-            )
-            (d / "scripts.conf").write_text(f"hello = {script}\n")
-            self.agents.append(a)
+            a = PairingAgent(name, addr, free_port(addr), self.root / "agents" / name)
+            self.agents.append(a.write(f"hello = {script}\n"))
         env = self.full_env()
-        waiting: list[tuple[LabAgent, subprocess.Popen[bytes]]] = []
+        agent = str(BIN / "ctrl-exec-agent")
+        waiting: list[tuple[PairingAgent, subprocess.Popen[bytes]]] = []
         for a in self.agents:
-            argv = [str(BIN / "ctrl-exec-agent"), "request-pairing", "--config",
-                    str(a.dir / "agent.conf"), "--dispatcher", "127.0.0.1", "--port",
-                    str(self.lb_pairing), "--background", "--timeout", "60"]  # fmt: skip
-            with open(a.dir / "pairing.out", "wb") as out, open(a.dir / "pairing.log", "wb") as lg:
+            argv = [agent, *a.request_pairing_args(self.lb_pairing)]
+            with open(a.pairing_out, "wb") as out, open(a.dir / "pairing.log", "wb") as lg:
                 p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=lg,
                                      env=env, start_new_session=True)  # fmt: skip
             waiting.append((a, p))
             self._pairing_sessions.append(p.pid)  # its --background child stays in it
-        codes: dict[str, tuple[str, str]] = {}
         for a, p in waiting:
-            rc = p.wait(60)  # the foreground part: queued, request id printed, then it forks
-            printed = (a.dir / "pairing.out").read_text()
-            if rc != 0:
-                raise LabError(f"{a.name}: request-pairing exited {rc}: {printed}"
-                               f"{(a.dir / 'pairing.log').read_text()}")  # fmt: skip
-            lines = [ln.strip() for ln in printed.splitlines() if ln.strip()]
-            code = next((ln.split(":", 1)[1].strip() for ln in lines
-                         if ln.startswith("Pairing code:")), "")  # fmt: skip
-            codes[a.name] = (lines[-1], code)
+            failed = a.read_pairing(p.wait(60))  # the foreground part: request id printed, it forks
+            if failed:
+                raise LabError(failed)
         listed = json.loads(self.ced("list-requests", "--json"))
         queue = {r["id"]: r.get("code") for r in listed["requests"]}
         for a in self.agents:
-            reqid, code = codes[a.name]
-            if queue.get(reqid) != code:
-                raise LabError(f"{a.name}: pairing code {code} is not in the queue: {queue}")
-            self.ced("approve", reqid, "--ip", a.addr, "--lookup-by", "ip")
+            if queue.get(a.reqid) != a.code:
+                raise LabError(f"{a.name}: pairing code {a.code} is not in the queue: {queue}")
+            self.ced("approve", a.reqid, "--ip", a.addr, "--lookup-by", "ip")
         for a in self.agents:
-            wait_until(lambda a=a: all((a.dir / f).exists()  # type: ignore[misc]
-                                       for f in ("agent.crt", "ca.crt",
-                                                 "state/ctrl-exec-dispatchers")),
-                       20, f"{a.name} to store its certificate")  # fmt: skip
-            argv = [str(BIN / "ctrl-exec-agent"), "serve", "--config", str(a.dir / "agent.conf"),
-                    "--allowlist", str(a.dir / "scripts.conf")]  # fmt: skip
+            _wait(lambda a=a: a.paired, 20, f"{a.name} to store its certificate")  # type: ignore[misc]
             with open(a.dir / "agent.log", "ab") as lg:
-                a.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lg, stderr=lg,
-                                          env=env, start_new_session=True)  # fmt: skip
+                a.proc = subprocess.Popen([agent, *a.serve_args()], stdin=subprocess.DEVNULL,
+                                          stdout=lg, stderr=lg, env=env,
+                                          start_new_session=True)  # fmt: skip
         for a in self.agents:
             wait_listening(a.addr, a.port, a.proc, 20)
 
@@ -439,7 +364,7 @@ class RunbookLab:
                 return False
             return [r.get("status") for r in doc["results"]] == ["ok"] * len(AGENTS)
 
-        wait_until(answer, timeout, "every agent to answer ced ping", 0.5)
+        _wait(answer, timeout, "every agent to answer ced ping", step=0.5)
 
     # ----- between runbooks ---------------------------------------------------------------
 
@@ -463,7 +388,7 @@ class RunbookLab:
         runs), then etcd (SIGKILL). Only processes whose command line names the lab
         directory are signalled."""
         for a in self.agents:
-            _terminate(a.proc)
+            terminate(a.proc)
         for sid in self._pairing_sessions:
             _kill_session(sid)
         run = self.root / "run"
@@ -480,30 +405,12 @@ class RunbookLab:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
 
 
-def _terminate(p: subprocess.Popen[bytes] | None) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
-
-
 def _kill_session(sid: int) -> None:
     """SIGKILL every process of session ``sid`` (one we created with start_new_session)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
+    for pid, fields in processes():
         if len(fields) > 3 and int(fields[3]) == sid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
 
 def _ours(pid: int, marker: str) -> bool:

@@ -14,11 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,14 +35,16 @@ from agent.version import __version__
 from dispatcher import pki as dpki
 from dispatcher.api.openapi_dump import SPEC_PATH
 from dispatcher.registry import Registry
-from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
+from ops.lab.net import client_ssl, served_serial
+from ops.lab.proc import ApiProcess
+from tests.support import dispatcherenv
+from tests.support.agentproc import AgentProc, free_port, make_agent
+from tests.support.apicalls import STATUS_KEYS, overlapping_runs
 from tests.support.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
 
 AGENT_HOSTS = {"web1": "127.0.0.2", "web2": "127.0.0.3"}
-STATUS_KEYS = {"instance_id", "role", "leader_id", "epoch", "lease_ttl", "lease_time_left",
-               "generation", "cert_serial", "etcd", "last_tick_at"}  # fmt: skip
 HOOK = """#!/bin/sh
 case "$ENVEXEC_ACTION" in
   api) [ "$ENVEXEC_TOKEN" = "bad" ] && exit 2; exit 0 ;;
@@ -57,18 +56,15 @@ esac
 """
 
 
-class DispatcherCA(TestCA):
-    """The dispatcher's own CA (dispatcher.pki) behind TestCA's interface.
+class DispatcherCA(dispatcherenv.DispatcherCA):
+    """A new dispatcher CA (dispatcher.pki) in ``directory``, behind TestCA's interface.
 
     ``issue`` goes through a CSR signed by ``dispatcher.pki.sign_csr``, as pairing does.
     """
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
         self.ca = dpki.create_ca(directory)
-        self.key = self.ca.key  # type: ignore[assignment]
-        self.cert = self.ca.cert
-        self.cert_path = self.ca.cert_path
+        super().__init__(self.ca, directory)
 
     def issue(self, name: str, cn: str | None = None, serial: int | None = None,
               rsa_bits: int = 0, days: int = 825) -> Issued:  # fmt: skip
@@ -89,7 +85,7 @@ class DispatcherCA(TestCA):
 
 
 @dataclass
-class Daemon:
+class Daemon(ApiProcess):
     name: str
     config: Path
     log: Path
@@ -101,49 +97,6 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.api_port}"
-
-    @property
-    def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.health_port}"
-
-    def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env,  # noqa: SIM115
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_healthy(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(trust_env=False, timeout=1) as c:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited {self.proc.returncode}: {self.logtext()}"
-                    )
-                try:
-                    if c.get(f"{self.health_url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not healthy: {self.logtext()}")
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 @dataclass
@@ -164,10 +117,7 @@ class Env:
         d = self.daemons[daemon]
         if not d.tls:
             return httpx.Client(base_url=d.url, trust_env=False, timeout=30)
-        ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
-        ctx.check_hostname = False
-        if who is not None:
-            ctx.load_cert_chain(str(who.cert), str(who.key))
+        ctx = client_ssl(self.ca.cert_path, who)
         return httpx.Client(base_url=d.url, verify=ctx, trust_env=False, timeout=30)
 
 
@@ -277,9 +227,7 @@ def test_operator_identity_from_client_cert(env: Env) -> None:
     assert any("ACTION=auth" in ln and "IDENTITY=alice" in ln for ln in log.splitlines())
     # A certificate from another CA is refused at the handshake.
     stranger = TestCA(env.tmp / "stranger").issue("mallory", cn="mallory")
-    ctx = ssl.create_default_context(cafile=str(env.ca.cert_path))
-    ctx.check_hostname = False
-    ctx.load_cert_chain(str(stranger.cert), str(stranger.key))
+    ctx = client_ssl(env.ca.cert_path, stranger)
     with (
         httpx.Client(base_url=env.daemons["tls"].url, verify=ctx, trust_env=False) as c,
         pytest.raises(httpx.TransportError),
@@ -341,23 +289,10 @@ def test_discovery(env: Env) -> None:
 
 
 def test_lock_conflict_is_409(env: Env) -> None:
-    first: dict[str, Any] = {}
-
-    def slow() -> None:
-        with env.client("tls") as c:
-            first["r"] = c.post("/run", json={"hosts": ["web2"], "script": "sleep1"})
-
-    t = threading.Thread(target=slow)
-    t.start()
-    try:
-        time.sleep(0.4)
-        with env.client("tls") as c:
-            r = c.post("/run", json={"hosts": ["web1", "web2"], "script": "sleep1"})
-    finally:
-        t.join(15)
+    first, r = overlapping_runs(lambda: env.client("tls"), lambda: env.client("tls"))
     assert r.status_code == 409, r.text
     assert r.json() == {"ok": False, "error": "locked", "code": 4, "conflicts": ["web2:sleep1"]}
-    assert first["r"].status_code == 200
+    assert first is not None and first.status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -448,28 +383,20 @@ def test_health_port(env: Env) -> None:
     assert abs((datetime.now(UTC) - tick).total_seconds()) < 10
 
 
-def _served_serial(port: int, ca: Path) -> int:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.check_hostname = False
-    with socket.create_connection(("127.0.0.1", port), 5) as raw, ctx.wrap_socket(raw) as s:
-        der = s.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 def test_sighup_reloads_the_api_certificate(env: Env) -> None:
     d = env.daemons["tls"]
-    before = _served_serial(d.api_port, env.ca.cert_path)
+    ctx = client_ssl(env.ca.cert_path)
+    before = served_serial(d.api_port, ctx)
     new = dpki.issue_dispatcher_cert(env.ca.ca, env.tmp / "api2.crt", env.tmp / "api2.key")
     os.replace(env.tmp / "api2.key", env.api_key)
     os.replace(env.tmp / "api2.crt", env.api_cert)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
-    while _served_serial(d.api_port, env.ca.cert_path) == before:
+    while served_serial(d.api_port, ctx) == before:
         assert time.monotonic() < deadline, "new certificate not served after SIGHUP"
         time.sleep(0.05)
-    assert _served_serial(d.api_port, env.ca.cert_path) == new.serial_number
+    assert served_serial(d.api_port, ctx) == new.serial_number
     assert d.proc.poll() is None
     with env.client("tls") as c:
         assert c.get("/health").status_code == 200

@@ -17,8 +17,9 @@ import pytest
 from agent.tlsconf import client_context
 from dispatcher import fanout
 from dispatcher.agentclient import SessionCache
+from dispatcher.registry import Target
 from dispatcher.reqid import new_reqid
-from tests.support.agentproc import AgentProc, free_port, make_agent
+from tests.support.agentproc import AgentProc, free_port, make_agent, wait_listening
 from tests.support.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
@@ -28,13 +29,6 @@ STOPPED = "127.0.0.5"
 BLACKHOLE = "127.0.0.6"
 RUN_KEYS = {"host", "script", "exit", "stdout", "stderr", "reqid", "rtt"}
 FAIL_KEYS = {"host", "script", "exit", "error", "rtt", "reqid"}
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    address: str
-    port: int
 
 
 @dataclass
@@ -64,7 +58,7 @@ def fleet(
         for a in agents:
             a.start(wait=False)
         for a in agents:
-            _wait(a)
+            wait_listening(a.host, a.port, a.proc)
         yield Fleet(
             agents,
             [Target(f"web{i}", a.host, a.port) for i, a in enumerate(agents)],
@@ -77,12 +71,6 @@ def fleet(
         hole.close()
         for a in agents:
             a.stop()
-
-
-def _wait(a: AgentProc) -> None:
-    from tests.support.agentproc import wait_listening
-
-    wait_listening(a.host, a.port, a.proc)
 
 
 def run(coro: Any) -> Any:

@@ -36,11 +36,12 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.pairing_server import PairingServer
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
-from tests.support.agentproc import ROOT, free_port, wait_listening
+from ops.lab.proc import wait_until
+from tests.support.agentproc import ENV, ROOT, free_port, wait_listening
+from tests.support.pairing import frame, read_response
 
 pytestmark = pytest.mark.integration
 REQID_LINE = re.compile(r"^[a-f0-9]{16}$")
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 # ----- fixtures ------------------------------------------------------------------------
@@ -148,24 +149,6 @@ def connect(port: int, timeout: float = 10) -> ssl.SSLSocket:
     return client_context(None).wrap_socket(raw)
 
 
-def send(s: ssl.SSLSocket, body: bytes, path: str = "/pair") -> None:
-    head = (f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
-    s.sendall(head.encode() + body)
-
-
-def read_response(fh: IO[bytes]) -> tuple[int, bytes, bytes]:
-    """One framed response: ``(code, head, body)``; reads exactly Content-Length bytes."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        line = fh.readline()
-        assert line, f"connection closed after {head!r}"
-        head += line
-    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-    body = fh.read(length)
-    return int(head.split()[1]), head, body
-
-
 def request_body(hostname: str = "raw.test", **extra: Any) -> dict[str, Any]:
     csr = certs.make_csr(certs.new_key("ec-p256"), hostname)
     return {"hostname": hostname, "csr": csr, "nonce": os.urandom(16).hex(), **extra}
@@ -173,7 +156,7 @@ def request_body(hostname: str = "raw.test", **extra: Any) -> dict[str, Any]:
 
 def pair_raw(port: int, body: dict[str, Any]) -> tuple[ssl.SSLSocket, IO[bytes], dict[str, Any]]:
     s = connect(port)
-    send(s, dumps(body))
+    s.sendall(frame(dumps(body)))
     fh = s.makefile("rb")
     code, head, raw = read_response(fh)
     assert code == 200
@@ -274,15 +257,6 @@ def read_until(proc: subprocess.Popen[bytes], pattern: re.Pattern[str],
     raise AssertionError(f"no line matching {pattern.pattern!r} in {lines!r}")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def ping(a: AgentFiles, cfg: DispatcherConfig) -> tuple[int, dict[str, Any]]:
     ctx = client_context(str(a.ca), cfg.cert, cfg.key)
     with (socket.create_connection(("127.0.0.1", a.port), timeout=10) as raw,
@@ -308,13 +282,13 @@ def full_pairing(tmp: Path, cfg: DispatcherConfig, lst: Listener, key_type: str)
         assert printed == [rec["code"]] == [certs.pairing_code(rec["csr"])]
         assert rec["hostname"] == "agent1.test" and rec["port"] == a.port
         assert rec["ip"] == rec["source_ip"] == "127.0.0.1"
-        wait_for(lambda: bool(lst.requests), 5, "on_request")
+        wait_until(lambda: bool(lst.requests), 5, "on_request")
         assert lst.requests[0]["id"] == reqid and lst.requests[0]["code"] == rec["code"]
         assert not a.cert.exists()
 
         res = pq.approve(cfg, reqid)
-        wait_for(lambda: a.trust_map.exists() and a.cert.exists(), 20, "agent to store certs")
-        wait_for(lambda: not Path(cfg.pairing_dir, f"{reqid}.json").exists(), 5, "cleanup")
+        wait_until(lambda: a.trust_map.exists() and a.cert.exists(), 20, "agent to store certs")
+        wait_until(lambda: not Path(cfg.pairing_dir, f"{reqid}.json").exists(), 5, "cleanup")
         assert not Path(cfg.pairing_dir, f"{reqid}.approved").exists()
         serial = pki.cert_serial_hex(cfg.cert)
         assert res.dispatcher_serial == serial
@@ -372,7 +346,7 @@ def test_deny_makes_the_agent_exit_3(
     proc = request_pairing(a, lst.port, background=False)
     try:
         read_until(proc, re.compile(r"^Connecting to ctrl-exec"))
-        wait_for(lambda: bool(pq.list_pending(cfg.pairing_dir)), 15, "queued request")
+        wait_until(lambda: bool(pq.list_pending(cfg.pairing_dir)), 15, "queued request")
         (rec,) = pq.list_pending(cfg.pairing_dir)
         pq.deny(cfg, rec["id"])
         assert proc.wait(15) == 3
@@ -383,7 +357,7 @@ def test_deny_makes_the_agent_exit_3(
             proc.stdout.close()
     assert "rejected by operator" in (a.root / "pair.log").read_text()
     assert not a.cert.exists() and not a.key.exists() and not a.trust_map.exists()
-    wait_for(lambda: not list(Path(cfg.pairing_dir).glob(f"{rec['id']}.*")), 5, "cleanup")
+    wait_until(lambda: not list(Path(cfg.pairing_dir).glob(f"{rec['id']}.*")), 5, "cleanup")
     assert events.has("pair-deny", reqid=rec["id"])
 
 
@@ -433,20 +407,17 @@ def test_invalid_hostname_and_oversized_body(
     cfg: DispatcherConfig, listen: Callable[..., Listener], events: Events
 ) -> None:
     lst = listen(cfg)
-    bad = dumps(request_body("-bad"))
-    head = f"POST /pair HTTP/1.0\r\nContent-Length: {len(bad)}\r\n\r\n".encode()
-    assert one_shot(lst.port, head + bad) == {"status": "error", "reason": "invalid hostname"}
-    big = dumps({**request_body(), "pad": "x" * 70_000})
-    head = f"POST /pair HTTP/1.0\r\nContent-Length: {len(big)}\r\n\r\n".encode()
-    assert one_shot(lst.port, head + big) == {"status": "error", "reason": "request too large"}
+    bad = frame(dumps(request_body("-bad")))
+    assert one_shot(lst.port, bad) == {"status": "error", "reason": "invalid hostname"}
+    big = frame(dumps({**request_body(), "pad": "x" * 70_000}))
+    assert one_shot(lst.port, big) == {"status": "error", "reason": "request too large"}
     huge_head = b"POST /pair HTTP/1.0\r\n" + b"X-Pad: " + b"y" * 70_000 + b"\r\n\r\n"
     assert one_shot(lst.port, huge_head)["reason"] == "request too large"
     # exactly at the cap is still read (and then judged on its content)
     at_cap = b"{" + b" " * (65_536 - 2) + b"}"
-    head = f"POST /pair HTTP/1.0\r\nContent-Length: {len(at_cap)}\r\n\r\n".encode()
-    assert one_shot(lst.port, head + at_cap)["reason"] == "invalid request"
+    assert one_shot(lst.port, frame(at_cap))["reason"] == "invalid request"
     assert pq.count(cfg.pairing_dir) == 0
-    wait_for(lambda: events.has("pair-reject", reason="body-too-large"), 5, "log")
+    wait_until(lambda: events.has("pair-reject", reason="body-too-large"), 5, "log")
     assert events.has("pair-reject", reason="invalid-hostname")
 
 
@@ -458,18 +429,13 @@ def test_queue_full(tmp_path: Path, listen: Callable[..., Listener], events: Eve
     held = [pair_raw(lst.port, request_body(f"h{i}")) for i in range(2)]
     try:
         assert all(r[2]["status"] == "pending" for r in held)
-        assert one_shot(lst.port, _framed(request_body("h3"))) == {
+        assert one_shot(lst.port, frame(dumps(request_body("h3")))) == {
             "status": "error", "reason": "pairing queue full"}  # fmt: skip
         assert events.has("pair-reject", reason="queue-full")
     finally:
         for s, fh, _ in held:
             fh.close()
             s.close()
-
-
-def _framed(body: dict[str, Any]) -> bytes:
-    data = dumps(body)
-    return f"POST /pair HTTP/1.0\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
 
 
 def test_approval_timeout(
@@ -483,7 +449,7 @@ def test_approval_timeout(
         assert code == 200 and 0.2 < time.monotonic() - t0 < 5
         assert json.loads(raw) == {"status": "denied", "reason": "approval timeout"}
     assert pq.get_request(cfg.pairing_dir, first["reqid"]) is None
-    wait_for(lambda: events.has("pair-timeout", reqid=first["reqid"]), 5, "pair-timeout log")
+    wait_until(lambda: events.has("pair-timeout", reqid=first["reqid"]), 5, "pair-timeout log")
 
 
 def test_agent_disconnect_withdraws_and_stop_answers(
@@ -493,7 +459,7 @@ def test_agent_disconnect_withdraws_and_stop_answers(
     s, fh, first = pair_raw(lst.port, request_body("gone.test"))
     fh.close()
     s.close()
-    wait_for(lambda: pq.get_request(cfg.pairing_dir, first["reqid"]) is None, 5, "withdrawal")
+    wait_until(lambda: pq.get_request(cfg.pairing_dir, first["reqid"]) is None, 5, "withdrawal")
     s, fh, first = pair_raw(lst.port, request_body("waiting.test"))
     with s, fh:
         stopping = asyncio.run_coroutine_threadsafe(lst.server.stop(), lst.loop)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import ssl
@@ -16,30 +15,11 @@ from typing import Any
 
 from agent.tlsconf import client_context
 from agent.wire import Response, parse_response, request_bytes
+from ops.lab.net import free_port, wait_listening
+from ops.lab.proc import ENV, ROOT, terminate
 from tests.support.pki import Issued, TestCA
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(
-    host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {host}:{port}")
+__all__ = ["ENV", "ROOT", "AgentProc", "body", "free_port", "make_agent", "wait_listening"]
 
 
 @dataclass
@@ -61,24 +41,17 @@ class AgentProc:
         return self.state_dir / "ctrl-exec-dispatchers"
 
     def start(self, wait: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config),
-             "--allowlist", str(self.allowlist)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env,  # noqa: SIM115
-            start_new_session=True,
-        )  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config),
+                 "--allowlist", str(self.allowlist)],
+                stdout=subprocess.DEVNULL, stderr=log, env=ENV, start_new_session=True,
+            )  # fmt: skip
         if wait:
             wait_listening(self.host, self.port, self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def hup(self) -> None:
         assert self.proc is not None

@@ -1,21 +1,26 @@
 """A real HA cluster on one machine: etcd, three ``ctrl-exec-api`` instances, agents, HAProxy.
 
-Shared by ``tests/integration/test_ha_instances.py``, ``tests/integration/test_ha_chaos.py``
-and ``bench/failover_bench.py``; free of pytest so the benchmark can use it as well.
+Shared by ``tests/integration/test_ha_instances.py``, ``tests/integration/test_ha_sync.py``,
+``tests/integration/test_ha_chaos.py`` and ``bench/failover_bench.py``; free of pytest so
+the benchmark can use it as well.
 
 :func:`running_cluster` brings up, under one directory:
 
 * a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`);
 * a dispatcher CA and certificate (``dispatcher.pki``), and real agents (one per entry
   of ``agents``, each on its own loopback address) that trust it and are registered;
-* ``ctrl-exec-api`` instances sharing the CA dir, the registry and ``rotation.json`` (as
-  on a shared filesystem), each with its own state dir (run records, locks, pairing
-  queue), all in one etcd cluster with the given lease TTL;
+* ``ctrl-exec-api`` instances (:class:`ops.lab.proc.ApiProcess`), each with its own state
+  dir (run records, locks, pairing queue), all in one etcd cluster with the given lease
+  TTL. With ``sync_mode = "shared-fs"`` they share the CA dir, the registry and
+  ``rotation.json`` (as on a shared filesystem); with ``"push"`` each starts from its own
+  copy of the CA dir and the registry and keeps ``rotation.json`` in its state dir (the
+  files travel from the leader over mTLS);
 * with ``tls``: the API over TLS (the dispatcher certificate; operator client
-  certificates checked against the CA) plus a PROXY v2 API port per instance;
+  certificates checked against the CA), plus a PROXY v2 API port per instance unless
+  ``proxy_protocol`` is off;
 * with ``haproxy``: HAProxy configured by ``dispatcher.haproxy.render`` (what ``ced cluster
   haproxy-config`` prints) through :mod:`ops.lab.haproxy`, TCP passthrough, PROXY v2 to
-  the instances when ``tls`` is on.
+  the instances when they have a PROXY port.
 
 Everything is stopped by PID at the end; :attr:`Cluster.exit_codes` then holds each
 instance's exit status (0 after its SIGTERM drain).
@@ -29,10 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import secrets
-import signal
+import shutil
 import socket
 import ssl
 import subprocess
@@ -40,29 +43,28 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cluster.backend import EffectRecord, EtcdBackend
 from dispatcher import pki
+from dispatcher.ha.manifest import Generation
 from dispatcher.haproxy import Member
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 from ops.lab.etcd import EtcdCluster
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
-from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent
+from ops.lab.net import client_ssl, free_port
+from ops.lab.net import http_get as get
+from ops.lab.proc import ENV, ApiProcess, WaitTimeout, wait_until
+from tests.support.agentproc import AgentProc, make_agent
 from tests.support.dispatcherenv import DispatcherCA
+from tests.support.pairing import make_csr, pair_request, read_framed
 from tests.support.pki import Issued
-
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 __all__ = ["API_BACKEND", "ENV", "PAIRING_BACKEND", "Cluster", "ClusterSpec", "Inst", "Load",
            "LoadReport", "Outcome", "WaitTimeout", "get", "history_violations", "make_csr",
@@ -70,40 +72,11 @@ __all__ = ["API_BACKEND", "ENV", "PAIRING_BACKEND", "Cluster", "ClusterSpec", "I
            "wait_until"]  # fmt: skip
 
 
-class WaitTimeout(AssertionError):
-    """A condition did not come true in time (an assertion failure in a test)."""
-
-
-def get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """``GET url``: (status, JSON body or text); (0, None) when nothing answered."""
-    try:
-        with httpx.Client(trust_env=False, timeout=timeout) as c:
-            r = c.get(url)
-    except httpx.TransportError:
-        return 0, None
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, r.text
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something true (returned), at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
 # ----- instances ---------------------------------------------------------------------------
 
 
 @dataclass
-class Inst:
+class Inst(ApiProcess):
     name: str
     config: Path
     log: Path
@@ -111,6 +84,8 @@ class Inst:
     health_port: int
     pairing_port: int
     state: Path
+    ca_dir: Path  # shared by every instance with sync_mode shared-fs, else its own
+    registry_dir: Path  # likewise
     proxy_port: int = 0
     scheme: str = "http"
     proc: subprocess.Popen[bytes] | None = None
@@ -124,64 +99,15 @@ class Inst:
         return f"{self.scheme}://127.0.0.1:{self.api_port}"
 
     @property
-    def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.health_port}"
-
-    @property
     def member(self) -> Member:
         """This instance as HAProxy's configuration generator sees it."""
         return Member(self.id, "127.0.0.1", self.api_port, self.health_port, self.pairing_port,
                       self.proxy_port)  # fmt: skip
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher.api.daemon", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log, env=ENV, start_new_session=True,
-            )  # fmt: skip
-
-    def wait_healthy(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.logtext()}")
-            if get(f"{self.health_url}/health", 0.5)[0] == 200:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not healthy: {self.logtext()[-3000:]}")
-
-    def signal(self, sig: int) -> float:
-        """Send ``sig`` to the instance; the monotonic time it was sent."""
-        assert self.proc is not None
-        t = time.monotonic()
-        os.kill(self.proc.pid, sig)
-        return t
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGCONT)  # a test may have left it stopped
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
     def status(self) -> dict[str, Any]:
         code, body = get(f"{self.health_url}/status", 2)
         assert code == 200, (self.name, code, body)
         return dict(body)
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 # ----- the cluster ---------------------------------------------------------------------------
@@ -194,7 +120,9 @@ class ClusterSpec:
     ttl: int = 2
     etcd_size: int = 1
     names: tuple[str, ...] = ("a", "b", "c")
-    tls: bool = False  # API over TLS (operator client certs, PROXY v2 port)
+    sync_mode: str = "shared-fs"  # or "push": each instance its own CA dir and registry
+    tls: bool = False  # API over TLS (operator client certs)
+    proxy_protocol: bool = True  # with tls: a PROXY v2 API port per instance, used by HAProxy
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
 
@@ -205,11 +133,10 @@ class Cluster:
     etcd: EtcdCluster
     name: str
     insts: dict[str, Inst]
-    agents: list[AgentProc]
-    dispatcher: Issued
-    registry_dir: Path
+    agents: dict[str, AgentProc]  # registered name -> the agent
+    dispatcher: Issued  # the first dispatcher certificate, kept apart (a rotation replaces it)
+    registry_dir: Path  # the registry the cluster started with (shared-fs: every instance's)
     ttl: int = 2
-    agent_names: list[str] = field(default_factory=list)
     operator: Issued | None = None  # an operator client certificate (with tls)
     haproxy: HAProxy | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
@@ -261,8 +188,15 @@ class Cluster:
         if self.haproxy is not None:
             self.haproxy.wait_status(API_BACKEND, {inst.id: "UP"})
 
-    def backend(self) -> EtcdBackend:
-        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=1.0)
+    def ced(self, inst: Inst, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``ced ARGS --config CONFIG`` of ``inst``, as run on its host."""
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher.cli", *args, "--config", str(inst.config)],
+            capture_output=True, text=True, env=ENV, timeout=timeout,
+        )  # fmt: skip
+
+    def backend(self, timeout: float = 1.0) -> EtcdBackend:
+        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=timeout)
 
     def effects(self) -> list[EffectRecord]:
         backend = self.backend()
@@ -271,13 +205,37 @@ class Cluster:
         finally:
             backend.close()
 
+    def _generation(self) -> Generation | None:
+        backend = self.backend(2.0)
+        try:
+            kv = backend.get_kv(backend.keys.generation)
+        finally:
+            backend.close()
+        return None if kv is None else Generation.from_json(kv.value)
+
+    def published(self) -> Generation:
+        """The generation the leader published in etcd."""
+        g = self._generation()
+        assert g is not None, "no generation published"
+        return g
+
+    def converged(self, timeout: float = 30) -> Generation:
+        """Wait until a generation is published and every running instance runs it."""
+
+        def same() -> Generation | None:
+            g = self._generation()
+            if g is None:
+                return None
+            gens = {i.name: get(f"{i.health_url}/status", 2)[1] for i in self.running()}
+            ok = all(isinstance(v, dict) and v["generation"] == g.number for v in gens.values())
+            return g if ok else None
+
+        g: Generation = wait_until(same, timeout, "every instance on the published generation")
+        return g
+
     def verify(self) -> ssl.SSLContext:
         """Client context towards the API: the CA, the operator certificate if any."""
-        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
-        ctx.check_hostname = False  # the dispatcher certificate names no host
-        if self.operator is not None:
-            ctx.load_cert_chain(str(self.operator.cert), str(self.operator.key))
-        return ctx
+        return client_ssl(self.ca_cert, self.operator)
 
     def client(self, inst: Inst, timeout: float = 30) -> httpx.Client:
         """A client of one instance's API port."""
@@ -302,16 +260,21 @@ class Cluster:
     def load(self, **kw: Any) -> Load:
         """A :class:`Load` through HAProxy over every agent (not started)."""
         verify: ssl.SSLContext | bool = self.verify() if self.api_url.startswith("https") else True
-        return Load(self.api_url, verify, list(self.agent_names), **kw)
+        return Load(self.api_url, verify, list(self.agents), **kw)
 
 
 def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> str:
     conf = {
-        **shared, "state_dir": str(inst.state), "api_port": str(inst.api_port),
+        **shared, "ca_dir": str(inst.ca_dir), "registry_dir": str(inst.registry_dir),
+        "state_dir": str(inst.state), "api_port": str(inst.api_port),
         "health_port": str(inst.health_port), "pairing_port": str(inst.pairing_port),
         "instance_id": inst.id,
     }  # fmt: skip
     if spec.tls:
+        conf.update(api_cert=str(inst.ca_dir / "dispatcher.crt"),
+                    api_key=str(inst.ca_dir / "dispatcher.key"),
+                    api_client_ca=str(inst.ca_dir / "ca.crt"))  # fmt: skip
+    if inst.proxy_port:
         conf["api_proxy_port"] = str(inst.proxy_port)
         conf["api_proxy_sources"] = "127.0.0.1"
     conf.update(spec.extra)
@@ -325,51 +288,60 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
-    dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
+    keep = tmp / "original"
+    keep.mkdir()
+    for f in ("dispatcher.crt", "dispatcher.key"):
+        shutil.copy(ca_dir / f, keep / f)
+    dispatcher = Issued(keep / "dispatcher.crt", keep / "dispatcher.key", dcert.serial_number)
     agent_ca = DispatcherCA(ca, tmp / "agent-certs")
     operator = agent_ca.issue("operator", cn="chaos-operator") if spec.tls else None
-    agents = [make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts), host=addr)
-              for name, addr in spec.agents.items()]  # fmt: skip
+    agents = {name: make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts),
+                               host=addr) for name, addr in spec.agents.items()}  # fmt: skip
     registry_dir = tmp / "agents"
     reg = Registry(registry_dir, LocalWriter())
-    for (name, addr), agent in zip(spec.agents.items(), agents, strict=True):
-        reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
+    for name, agent in agents.items():
+        reg.register(name, ip=agent.host, port=agent.port, lookup_by="ip",
+                     dispatcher_serial=dispatcher.serial_hex)  # fmt: skip
     name = f"ha{secrets.token_hex(4)}"
     shared = {
-        "ca_dir": str(ca_dir), "registry_dir": str(registry_dir),
-        "rotation_file": str(tmp / "rotation.json"), "api_bind": "127.0.0.1",
-        "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
+        "api_bind": "127.0.0.1", "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
         "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
         "lease_ttl": str(spec.ttl), "api_auth_default": "allow", "log_target": "stderr",
-        "read_timeout": "10", "sync_mode": "shared-fs",
+        "read_timeout": "10", "sync_mode": spec.sync_mode, "dispatcher_id": "disp",
     }  # fmt: skip
-    if spec.tls:
-        shared.update(api_cert=str(dispatcher.cert), api_key=str(dispatcher.key),
-                      api_client_ca=str(ca_dir / "ca.crt"))  # fmt: skip
+    if spec.sync_mode == "shared-fs":
+        shared["rotation_file"] = str(tmp / "rotation.json")
     insts: dict[str, Inst] = {}
     for n in spec.names:
         state = tmp / f"state-{n}"
         state.mkdir()
+        inst_ca, inst_registry = ca_dir, registry_dir
+        if spec.sync_mode == "push":  # every instance starts from its own copy of the files
+            inst_ca, inst_registry = tmp / f"ca-{n}", tmp / f"agents-{n}"
+            shutil.copytree(ca_dir, inst_ca)
+            shutil.copytree(registry_dir, inst_registry)
         inst = Inst(n, tmp / f"{n}.conf", tmp / f"{n}.log", free_port(), free_port(),
-                    free_port(), state, proxy_port=free_port() if spec.tls else 0,
+                    free_port(), state, inst_ca, inst_registry,
+                    proxy_port=free_port() if spec.tls and spec.proxy_protocol else 0,
                     scheme="https" if spec.tls else "http")  # fmt: skip
         inst.config.write_text(_instance_conf(spec, inst, shared))
         insts[n] = inst
     c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
-                agent_names=list(spec.agents), operator=operator)  # fmt: skip
+                operator=operator)  # fmt: skip
     try:
-        for a in agents:
+        for a in agents.values():
             a.start(wait=False)
         if spec.haproxy:
             members = [i.member for i in insts.values()]
-            c.haproxy = HAProxy(tmp / "haproxy", members, proxy_protocol=spec.tls).start()
+            c.haproxy = HAProxy(tmp / "haproxy", members,
+                                proxy_protocol=spec.tls and spec.proxy_protocol).start()  # fmt: skip
         c.ensure_all_running()
         yield c
     finally:
         c.exit_codes = {i.name: i.stop() for i in insts.values()}
         if c.haproxy is not None:
             c.haproxy.stop()
-        for a in agents:
+        for a in agents.values():
             a.stop()
         etcd.close()
 
@@ -422,46 +394,6 @@ def history_violations(
         if len(who) > 1:
             problems.append(f"epoch {epoch}: effects by {sorted(who)}")
     return problems
-
-
-# ----- pairing requests (what an agent sends to 7444) ----------------------------------------
-
-
-def make_csr(cn: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-           .sign(key, hashes.SHA256()))  # fmt: skip
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def read_framed(fh: Any) -> dict[str, Any]:
-    """One framed response of the pairing protocol (HTTP head, then a JSON body)."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        line = fh.readline()
-        assert line, f"connection closed after {head!r}"
-        head += line
-    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-    body: dict[str, Any] = json.loads(fh.read(length))
-    return body
-
-
-def pair_request(
-    port: int, ca: Path, hostname: str, timeout: float = 5.0, csr: str | None = None
-) -> dict[str, Any]:
-    """Send one pairing request to ``127.0.0.1:port``; the first answer, then hang up
-    (the listener withdraws the request). Raises ``OSError``/``AssertionError`` on failure."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.check_hostname = False
-    body = json.dumps({"hostname": hostname, "csr": csr or make_csr(hostname),
-                       "nonce": secrets.token_hex(4), "ip": "127.0.0.9"}).encode()  # fmt: skip
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    with ctx.wrap_socket(raw) as s:
-        s.sendall(b"POST /pair HTTP/1.0\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-        with s.makefile("rb") as fh:
-            return read_framed(fh)
 
 
 # ----- client load through HAProxy --------------------------------------------------------------
@@ -581,7 +513,8 @@ def _error_class(err: str | None) -> str:
 
 class Load:
     """A client thread: ``POST /ping`` (every agent) and ``POST /run`` (one agent, in turn)
-    alternately through HAProxy, one new TLS connection per attempt, one retry allowed.
+    alternately through HAProxy (only pings with ``kinds=("ping",)``), one new TLS
+    connection per attempt, one retry allowed.
 
     Bounded: at most ``max_requests`` requests and ``max_seconds`` s, each attempt at most
     ``timeout`` s. ``interval`` is the pause between the end of one request and the next.
@@ -594,6 +527,7 @@ class Load:
         hosts: list[str],
         *,
         script: str = "echo-args",
+        kinds: tuple[str, ...] = ("run", "ping"),
         interval: float = 0.02,
         timeout: float = 10.0,
         retry_delay: float = 0.05,
@@ -603,6 +537,7 @@ class Load:
         self.url = url
         self.hosts = hosts
         self.script = script
+        self.kinds = kinds
         self.interval = interval
         self.retry_delay = retry_delay
         self.max_requests = max_requests
@@ -686,7 +621,7 @@ class Load:
         return None
 
     def _one(self, n: int) -> Outcome:
-        kind = "ping" if n % 2 else "run"
+        kind = self.kinds[n % len(self.kinds)]
         host = "" if kind == "ping" else self.hosts[(n // 2) % len(self.hosts)]
         t0 = time.monotonic()
         first = final = self._attempt(n, kind, host)
