@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _LINE = re.compile(r"^([^=\s]+)\s*=\s*(.*?)\s*$")

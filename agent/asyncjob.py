@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from agent.fsutil import atomic_write_json
+from agent.common.fsutil import atomic_write_json
 from agent.runner import run_script
 
 

@@ -9,9 +9,9 @@ import socket
 import ssl
 import sys
 
-from agent import logfmt
+from agent.common import logfmt
+from agent.common.errors import ConfigError
 from agent.config import DEFAULT_ALLOWLIST, DEFAULT_CONFIG, AgentConfig, load
-from agent.errors import ConfigError
 from agent.version import __version__
 
 EX_CONFIG = 78
@@ -178,7 +178,7 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
 
 
 def cmd_pairing_status(args: argparse.Namespace) -> int:
-    from agent import certs
+    from agent.common import certs
 
     try:
         cfg = _config(args)
@@ -201,7 +201,8 @@ def cmd_paired(args: argparse.Namespace) -> int:
 
 
 def cmd_self_check(args: argparse.Namespace) -> int:
-    from agent import allowlist, certs
+    from agent import allowlist
+    from agent.common import certs
 
     print("Checking config...")
     try:
@@ -237,8 +238,8 @@ def cmd_self_ping(args: argparse.Namespace) -> int:
     import json
     import secrets
 
-    from agent.tlsconf import client_context
-    from agent.wire import parse_response, request_bytes
+    from agent.common.tlsconf import client_context
+    from agent.common.wire import parse_response, request_bytes
 
     try:
         cfg = _config(args)
@@ -283,7 +284,7 @@ def cmd_cert_staged(args: argparse.Namespace) -> int:
 
 
 def cmd_promote_cert(args: argparse.Namespace) -> int:
-    from agent import certs
+    from agent.common import certs
 
     try:
         cfg = _config(args)

@@ -12,8 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import kvconf
-from agent.errors import ConfigError
+from agent.common import kvconf
+from agent.common.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/ctrl-exec-agent/agent.conf"
 DEFAULT_ALLOWLIST = "/etc/ctrl-exec-agent/scripts.conf"

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import certs, trustmap
-from agent.errors import CtrlExecError
-from agent.fsutil import atomic_write
-from agent.tlsconf import client_context
-from agent.wire import dumps, parse_head
+from agent import trustmap
+from agent.common import certs
+from agent.common.errors import CtrlExecError
+from agent.common.fsutil import atomic_write
+from agent.common.tlsconf import client_context
+from agent.common.wire import dumps, parse_head
 
 
 class PairingError(CtrlExecError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.serial import serial_to_hex
+from agent.common.errors import ConfigError
+from agent.common.serial import serial_to_hex
 
 
 def parse(text: str, path: str) -> frozenset[str]:

@@ -24,18 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import allowlist, authhook, certinfo, logfmt, revocation, trustmap
+from agent import allowlist, certinfo, revocation, trustmap
 from agent.childwatch import use_pidfd_watcher
+from agent.common import authhook, logfmt
+from agent.common.datefmt import openssl_date
+from agent.common.errors import ConfigError
+from agent.common.fsutil import atomic_write_json
+from agent.common.ratelimit import RateLimiter
+from agent.common.serial import serial_to_hex
+from agent.common.tlsconf import server_context
+from agent.common.wire import RequestError, read_request, response_bytes
 from agent.config import AgentConfig
-from agent.datefmt import openssl_date
-from agent.errors import ConfigError
-from agent.fsutil import atomic_write_json
-from agent.ratelimit import RateLimiter
 from agent.runner import run_script
-from agent.serial import serial_to_hex
-from agent.tlsconf import server_context
 from agent.version import __version__
-from agent.wire import RequestError, read_request, response_bytes
 
 REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 ev = logfmt.event
@@ -121,7 +122,7 @@ class AgentServer:
     def _load_cert(self) -> None:
         result = "absent"
         if os.path.exists(self.cfg.cert_staging_path):
-            from agent import certs  # cryptography (~8 MB RSS) only when a cert is staged
+            from agent.common import certs  # cryptography (~8 MB RSS) only when a cert is staged
 
             result = certs.promote(
                 self.cfg.cert_staging_path, self.cfg.cert, self.cfg.ca, self.cfg.key
@@ -546,7 +547,7 @@ class AgentServer:
                      "dispatcher": peer.dispatcher}  # fmt: skip
 
     def h_renew(self, body: bytes, peer: Peer) -> Reply:
-        from agent import certs
+        from agent.common import certs
 
         reqid = self._reqid_of(self._json(body))
         try:
@@ -563,7 +564,7 @@ class AgentServer:
         return 200, {"status": "ok", "csr": csr, "reqid": reqid}
 
     def h_renew_complete(self, body: bytes, peer: Peer) -> Reply:
-        from agent import certs
+        from agent.common import certs
 
         obj = self._json(body)
         reqid = self._reqid_of(obj)

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.fsutil import atomic_write
-from agent.serial import serial_to_hex
+from agent.common.errors import ConfigError
+from agent.common.fsutil import atomic_write
+from agent.common.serial import serial_to_hex
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEADER = (

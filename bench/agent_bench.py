@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.wire import parse_response, request_bytes  # noqa: E402
+from agent.common.wire import parse_response, request_bytes  # noqa: E402
 from tests.support.agentproc import AgentProc, make_agent  # noqa: E402
 from tests.support.pki import Issued, TestCA  # noqa: E402
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import config as agent_config
 from agent.childwatch import use_pidfd_watcher
+from agent.common.tlsconf import server_context
 from agent.server import AgentServer
-from agent.tlsconf import server_context
 
 FIRST = "127.0.1.1"
 

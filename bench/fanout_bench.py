@@ -1,10 +1,10 @@
-"""Fan-out benchmark: dispatcher.fanout against many real AgentServer instances.
+"""Fan-out benchmark: dispatcher.client.fanout against many real AgentServer instances.
 
 Starts ``bench/agentsim.py`` (500 agents in one process, 127.0.1.1 .. 127.0.2.244, one
 port), then measures and prints:
 
 * one ``/ping`` and one ``/run`` (a script that prints ``ok``) to one agent through
-  ``dispatcher.fanout``: fresh handshake and resumed TLS session, median and p90;
+  ``dispatcher.client.fanout``: fresh handshake and resumed TLS session, median and p90;
 * the wall time of a 1-second script (``exec sleep 1``) fanned out to 100 and to 500
   agents (``max_parallel`` = number of agents), fresh and resumed;
 * a ``/ping`` fan-out to 500 agents, fresh and resumed.
@@ -38,9 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.tlsconf import client_context  # noqa: E402
-from dispatcher import fanout  # noqa: E402
-from dispatcher.agentclient import SessionCache  # noqa: E402
+from agent.common.tlsconf import client_context  # noqa: E402
+from dispatcher.client import fanout  # noqa: E402
+from dispatcher.client.aio import SessionCache  # noqa: E402
 from dispatcher.registry import Target  # noqa: E402
 from dispatcher.reqid import new_reqid  # noqa: E402
 from ops.lab.proc import terminate  # noqa: E402
@@ -199,7 +199,7 @@ async def bench(s: Setup, port: int, count: int, reps: int, rounds: int, sim_pid
     def emit(lines: list[str]) -> None:
         print("\n".join(lines), flush=True)
 
-    emit(["", "single agent through dispatcher.fanout:"])
+    emit(["", "single agent through dispatcher.client.fanout:"])
     emit(await single("ping", ping(one, 1), reps))
     emit(await single("run (echo ok)", run(one, "ok", 1), reps))
     emit(["", "fan-out (max_parallel = number of agents):"])

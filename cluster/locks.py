@@ -1,4 +1,4 @@
-"""Cluster-wide host:script run locks, the same shape as ``dispatcher/locks.py``.
+"""Cluster-wide host:script run locks, the same shape as ``dispatcher/runlocks.py``.
 
 ``acquire_all(pairs)`` takes every lock or none, and a conflict raises
 :class:`LockConflict` listing every ``host:script`` already running. With etcd the locks

@@ -29,8 +29,8 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
-    from dispatcher.agentio import AgentIO
-    from dispatcher.context import Dispatcher
+    from dispatcher.client.io import AgentIO
+    from dispatcher.core import Dispatcher
     from dispatcher.operations import Caller
 
 PROG = "ctrl-exec-dispatcher"
@@ -313,9 +313,9 @@ class Ctx:
 
 def open_dispatcher(path: str | None) -> Dispatcher:
     """Load the config (defaults when the default file is absent) and start logging."""
-    from agent import logfmt
+    from agent.common import logfmt
     from dispatcher.config import load
-    from dispatcher.context import Dispatcher
+    from dispatcher.core import Dispatcher
 
     cfg = load(path or DEFAULT_CONFIG, required=path is not None)
     target = cfg.log_target
@@ -347,8 +347,8 @@ def dispatch(op: Callable[[AgentIO], Coroutine[Any, Any, T]]) -> T:
     threads (as fast as asyncio up to hundreds of hosts, and ``import asyncio`` alone
     costs more than a small run).
     """
-    from dispatcher.agentio import run_blocking
-    from dispatcher.blockingclient import BLOCKING
+    from dispatcher.client.blocking import BLOCKING
+    from dispatcher.client.io import run_blocking
 
     return run_blocking(op(BLOCKING))
 
@@ -504,7 +504,7 @@ def cmd_list_agents(ctx: Ctx) -> int:
 
 
 def cmd_edit_agent(ctx: Ctx) -> int:
-    from agent import logfmt
+    from agent.common import logfmt
     from dispatcher.registry import RegistryError
 
     _need(ctx, 1, "edit-agent <name> [--rename <new>] [--ip <addr>] [--agent-port <n>] "
@@ -554,7 +554,7 @@ def cmd_edit_agent(ctx: Ctx) -> int:
 
 
 def cmd_unpair(ctx: Ctx) -> int:
-    from agent import logfmt
+    from agent.common import logfmt
     from dispatcher.registry import RegistryError
 
     _need(ctx, 1, "unpair <hostname>")
@@ -602,7 +602,7 @@ def cmd_list_locks(ctx: Ctx) -> int:
 def cmd_setup_ca(ctx: Ctx) -> int:
     from pathlib import Path
 
-    from dispatcher import pki
+    from dispatcher.pki import ca as pki
 
     ca_dir = Path(ctx.d.cfg.ca_dir)
     out("Setting up dispatcher CA...")
@@ -620,7 +620,7 @@ def cmd_setup_ca(ctx: Ctx) -> int:
 def cmd_setup_dispatcher(ctx: Ctx) -> int:
     from pathlib import Path
 
-    from dispatcher import pki
+    from dispatcher.pki import ca as pki
 
     cfg = ctx.d.cfg
     if Path(cfg.cert).exists():
@@ -662,7 +662,7 @@ def _in_cluster(ctx: Ctx) -> bool:
 
 
 def _via_leader(ctx: Ctx, kind: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
-    """Have the cluster leader carry out ``kind`` (:mod:`dispatcher.ha.requests`).
+    """Have the cluster leader carry out ``kind`` (:mod:`dispatcher.ha.leader_requests`).
 
     Returns the leader's result; raises Fail with the leader's error (or why no leader
     answered). Exit status 1 on failure, as the local verb.
@@ -670,8 +670,8 @@ def _via_leader(ctx: Ctx, kind: str, args: dict[str, Any], timeout: float = 120.
     import socket
 
     from cluster.errors import BackendUnavailable
-    from dispatcher.ha import requests as hareq
-    from dispatcher.ha.backend import backend_from_config
+    from dispatcher.ha import leader_requests as hareq
+    from dispatcher.ha.coordination import backend_from_config
 
     user = ctx.ns.username or os.environ.get("USER", "")
     backend = backend_from_config(ctx.d.cfg, timeout=2.0)
@@ -695,7 +695,7 @@ def _via_leader(ctx: Ctx, kind: str, args: dict[str, Any], timeout: float = 120.
 def _members(ctx: Ctx) -> list[str]:
     """The instance ids registered in the cluster right now ([] when unreachable)."""
     from cluster.errors import BackendUnavailable
-    from dispatcher.ha.backend import backend_from_config
+    from dispatcher.ha.coordination import backend_from_config
 
     backend = backend_from_config(ctx.d.cfg, timeout=2.0)
     try:
@@ -713,9 +713,9 @@ def _wait_converged(
     rotation began) presents ``serial`` (restarted) on ``generation`` or later."""
     import time
 
-    from agent.serial import serial_to_hex
+    from agent.common.serial import serial_to_hex
     from cluster.errors import BackendUnavailable
-    from dispatcher.ha.backend import backend_from_config
+    from dispatcher.ha.coordination import backend_from_config
 
     want = serial_to_hex(serial)
     t0 = time.monotonic()
@@ -748,7 +748,8 @@ def _wait_converged(
 
 
 def cmd_list_requests(ctx: Ctx) -> int:
-    from dispatcher import pairing_prompt, pairing_queue
+    from dispatcher.pairing import prompt as pairing_prompt
+    from dispatcher.pairing import queue as pairing_queue
 
     if _in_cluster(ctx):
         records = _via_leader(ctx, "list-requests", {}) or []
@@ -774,7 +775,7 @@ def _print_approval(res: Any) -> None:
 
 
 def cmd_approve(ctx: Ctx) -> int:
-    from dispatcher import pairing_queue as pq
+    from dispatcher.pairing import queue as pq
 
     _need(ctx, 1, "approve <reqid> [--lookup-by ip|hostname] [--ip addr] [--agent-port n]")
     ns = ctx.ns
@@ -806,7 +807,7 @@ def cmd_approve(ctx: Ctx) -> int:
 
 
 def cmd_deny(ctx: Ctx) -> int:
-    from dispatcher import pairing_queue as pq
+    from dispatcher.pairing import queue as pq
 
     _need(ctx, 1, "deny <reqid>")
     reqid = ctx.words[0]
@@ -872,7 +873,7 @@ def _pairing_stop(ctx: Ctx) -> int:
 
 def _pairing_start(ctx: Ctx, port: int, timeout: int) -> int:
     """Daemonise a non-interactive listener; the parent waits until it listens."""
-    from agent import logfmt
+    from agent.common import logfmt
 
     pidfile = ctx.d.cfg.pairing_pidfile
     try:
@@ -911,9 +912,9 @@ def _pairing_daemon(ctx: Ctx, port: int, timeout: int, wfd: int) -> int:
     import asyncio
     import signal
 
-    from agent import logfmt
-    from agent.fsutil import atomic_write
-    from dispatcher.pairing_server import PairingServer
+    from agent.common import logfmt
+    from agent.common.fsutil import atomic_write
+    from dispatcher.pairing.server import PairingServer
 
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -959,9 +960,9 @@ async def _pairing_interactive(ctx: Ctx, port: int, timeout: int) -> int:
     import asyncio
     import signal
 
-    from dispatcher import pairing_prompt as pp
-    from dispatcher import pairing_queue as pq
-    from dispatcher.pairing_server import PairingServer
+    from dispatcher.pairing import prompt as pp
+    from dispatcher.pairing import queue as pq
+    from dispatcher.pairing.server import PairingServer
 
     cfg = ctx.d.cfg
     stop = asyncio.Event()
@@ -1035,8 +1036,8 @@ async def _pairing_interactive(ctx: Ctx, port: int, timeout: int) -> int:
 
 
 def _pairing_command(ctx: Ctx, line: str, records: list[dict[str, Any]]) -> None:
-    from dispatcher import pairing_prompt as pp
-    from dispatcher import pairing_queue as pq
+    from dispatcher.pairing import prompt as pp
+    from dispatcher.pairing import queue as pq
 
     cmd = pp.parse_command(line, len(records))
     if cmd.action == "invalid":
@@ -1056,19 +1057,19 @@ def _pairing_command(ctx: Ctx, line: str, records: list[dict[str, Any]]) -> None
             out(f"  Error: {exc}")
 
 
-# ----- verbs: rotation and maintenance (dispatcher.rotation) -----------------------------
+# ----- verbs: rotation and maintenance (dispatcher.pki.rotation) -----------------------------
 
 
 def _rotation_fn(name: str) -> Callable[..., Any]:
     import importlib
 
     try:
-        mod = importlib.import_module("dispatcher.rotation")
+        mod = importlib.import_module("dispatcher.pki.rotation")
     except ImportError as exc:
         raise Fail(f"Error: certificate rotation is not available in this build ({exc})") from None
     fn = getattr(mod, name, None)
     if fn is None:
-        raise Fail(f"Error: dispatcher.rotation has no '{name}'")
+        raise Fail(f"Error: dispatcher.pki.rotation has no '{name}'")
     return fn
 
 
@@ -1087,7 +1088,7 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def cmd_rotate_cert(ctx: Ctx) -> int:
-    from agent.errors import CtrlExecError
+    from agent.common.errors import CtrlExecError
 
     fn = _rotation_fn("rotate")
     d = ctx.d
@@ -1253,7 +1254,7 @@ def _version() -> None:
 
 
 def _dispatch(argv: list[str]) -> int:
-    from agent.errors import ConfigError, CtrlExecError
+    from agent.common.errors import ConfigError, CtrlExecError
 
     ns, script_args = parse(argv)
     if ns.version:
@@ -1281,9 +1282,9 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def _ctrl_error(ctx: Ctx, exc: Exception) -> int:
-    from dispatcher.locks import LockConflict
     from dispatcher.operations import Denied
     from dispatcher.registry import RegistryError
+    from dispatcher.runlocks import LockConflict
 
     if isinstance(exc, Denied):
         if ctx.json:
@@ -1333,8 +1334,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
         except BrokenPipeError:
             pass
-        if "agent.logfmt" in sys.modules:
-            sys.modules["agent.logfmt"].shutdown()
+        if "agent.common.logfmt" in sys.modules:
+            sys.modules["agent.common.logfmt"].shutdown()
     return code
 
 

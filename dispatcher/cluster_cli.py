@@ -26,11 +26,11 @@ import time
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from cluster.backend import KVBackend, LeaderInfo, MemberInfo
 from cluster.errors import BackendUnavailable
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
-from dispatcher.ha.backend import backend_from_config, lease_ttl
+from dispatcher.ha.coordination import backend_from_config, lease_ttl
 
 PROG = "ced cluster"
 CLI_TIMEOUT = 2.0  # per etcd call: an operator would rather wait than see a false alarm

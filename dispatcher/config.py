@@ -10,9 +10,9 @@ import re
 import socket
 from pathlib import Path
 
-from agent import kvconf
-from agent.errors import ConfigError
-from agent.records import field, fields, record
+from agent.common import kvconf
+from agent.common.errors import ConfigError
+from agent.common.records import field, fields, record
 
 DEFAULT_CONFIG = "/etc/ctrl-exec/ctrl-exec.conf"
 

@@ -1,17 +1,17 @@
 """Operations shared by ``ced`` and the HTTP API: authorise, run, ping, status, discovery.
 
-Every operation takes the :class:`~dispatcher.context.Dispatcher` and a :class:`Caller`
+Every operation takes the :class:`~dispatcher.core.Dispatcher` and a :class:`Caller`
 (who asks, from where). Errors propagate as exceptions the front-ends map to their own
 output: :class:`~dispatcher.registry.RegistryError` (unknown agents), :class:`Denied`
-(auth hook), :class:`~dispatcher.locks.LockConflict` (host:script already running).
+(auth hook), :class:`~dispatcher.runlocks.LockConflict` (host:script already running).
 
 Unlike upstream, which only probes the per host:script locks, :func:`do_run` holds them
 for the whole synchronous run (or for the whole submission of an async run).
 
 Every operation talks to agents (and runs the auth hook) through ``io``, an
-:class:`~dispatcher.agentio.AgentIO`: asyncio when None, or
-:data:`dispatcher.blockingclient.BLOCKING` for the one-shot ``ced``, which then runs the
-coroutine with :func:`dispatcher.agentio.run_blocking` and never imports asyncio.
+:class:`~dispatcher.client.io.AgentIO`: asyncio when None, or
+:data:`dispatcher.client.blocking.BLOCKING` for the one-shot ``ced``, which then runs the
+coroutine with :func:`dispatcher.client.io.run_blocking` and never imports asyncio.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent import logfmt
-from agent.errors import CtrlExecError
-from agent.records import record
-from dispatcher import fanout
-from dispatcher.agentio import AgentIO, resolve_io
-from dispatcher.context import Dispatcher
+from agent.common import logfmt
+from agent.common.errors import CtrlExecError
+from agent.common.records import record
+from dispatcher.client import fanout
+from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.core import Dispatcher
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
 
@@ -65,7 +65,7 @@ class Denied(CtrlExecError):
 def _dispatcher_serial(d: Dispatcher) -> str:
     """Serial of the dispatcher cert for the hook context; "" when unreadable."""
     try:
-        from dispatcher.pki import cert_serial_hex  # cryptography: only when a hook runs
+        from dispatcher.pki.ca import cert_serial_hex  # cryptography: only when a hook runs
 
         return cert_serial_hex(d.cfg.cert)
     except Exception:
@@ -102,7 +102,7 @@ async def authorise(
             return
         logfmt.event("auth", logfmt.WARNING, result="deny", reason="no-hook-deny", **log)
         raise Denied("no auth hook configured", 1)
-    from agent import authhook
+    from agent.common import authhook
 
     ctx = authhook.build_context(
         action, script=script, hosts=hosts, args=args, username=caller.username,
@@ -193,7 +193,7 @@ async def do_run(
 def _may_need_renewal(res: Result, cert_days: int, now: float) -> bool:
     """Cheap pre-check of spec 4.5's trigger, so a ping loads no crypto when none is due.
 
-    Anything unparsable is left to ``dispatcher.renewal`` to judge.
+    Anything unparsable is left to ``dispatcher.pki.renewal`` to judge.
     """
     if res.get("status") != "ok":
         return False
@@ -203,7 +203,7 @@ def _may_need_renewal(res: Result, cert_days: int, now: float) -> bool:
     expiry = res.get("expiry")
     if not isinstance(expiry, str) or not expiry.strip():
         return False
-    from agent.datefmt import parse_openssl_date
+    from agent.common.datefmt import parse_openssl_date
 
     try:
         left = parse_openssl_date(expiry).timestamp() - now
@@ -219,7 +219,7 @@ async def _maybe_renew(
     due = [r for r in results if _may_need_renewal(r, d.cfg.cert_days, now)]
     if not due:
         return
-    from dispatcher import renewal
+    from dispatcher.pki import renewal
 
     by_name = {t.name: t for t in targets}
     for res in due:
@@ -243,7 +243,7 @@ async def do_ping(
 ) -> dict[str, Any]:
     """``POST /ping`` on every host; returns ``{"reqid", "results"}``.
 
-    With ``renew`` each ``ok`` result is handed to ``dispatcher.renewal.maybe_renew``.
+    With ``renew`` each ``ok`` result is handed to ``dispatcher.pki.renewal.maybe_renew``.
     """
     targets = resolve(d.registry, hosts, default_port)
     rid = new_reqid()

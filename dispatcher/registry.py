@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from agent import logfmt
-from agent.errors import CtrlExecError
-from agent.records import record
+from agent.common import logfmt
+from agent.common.errors import CtrlExecError
+from agent.common.records import record
 from dispatcher.statewrite import StateWriter, default_writer, write_json
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

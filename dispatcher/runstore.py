@@ -1,7 +1,7 @@
 """Dispatcher run store ``<runs_dir>/<reqid>.json`` (spec 7.3).
 
 Instance-local (not shared state), so records are written with
-:func:`agent.fsutil.atomic_write_json` (0640), not through a StateWriter. Async status
+:func:`agent.common.fsutil.atomic_write_json` (0640), not through a StateWriter. Async status
 aggregation is the pure function :func:`aggregate`; the caller does the fetching.
 """
 
@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from agent import logfmt
-from agent.errors import CtrlExecError
-from agent.fsutil import atomic_write_json
-from agent.records import record
+from agent.common import logfmt
+from agent.common.errors import CtrlExecError
+from agent.common.fsutil import atomic_write_json
+from agent.common.records import record
 
 REQID_RE = re.compile(r"[A-Za-z0-9_-]+")
 RECORD_MODE = 0o640

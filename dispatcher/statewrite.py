@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.fsutil import atomic_write, fsync_dir
+from agent.common.fsutil import atomic_write, fsync_dir
 
 
 class StateWriter(Protocol):

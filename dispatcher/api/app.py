@@ -29,13 +29,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent import logfmt
+from agent.common import logfmt
 from agent.version import __version__
 from dispatcher.api import cluster_routes
 from dispatcher.api import models as m
 from dispatcher.api.peercert import operator_identity, state_of
-from dispatcher.context import Dispatcher
-from dispatcher.locks import LockConflict
+from dispatcher.core import Dispatcher
 from dispatcher.operations import (
     Caller,
     Denied,
@@ -46,6 +45,7 @@ from dispatcher.operations import (
     do_status,
 )
 from dispatcher.registry import RegistryError
+from dispatcher.runlocks import LockConflict
 from dispatcher.runstore import RunStoreError
 
 if TYPE_CHECKING:

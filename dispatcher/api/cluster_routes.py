@@ -33,13 +33,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.errors import BackendUnavailable, NotLeader
-from dispatcher import pairing_queue as pq
 from dispatcher.api.models import ErrorResponse
-from dispatcher.context import Dispatcher
+from dispatcher.core import Dispatcher
 from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.operations import Caller, Denied, authorise
+from dispatcher.pairing import queue as pq
 
 if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
@@ -383,7 +383,7 @@ def install(
 
     @app.get("/cluster/files/{path:path}", include_in_schema=False)
     async def cluster_file(path: str, request: Request, generation: int = -1) -> Response:
-        from agent.serial import serial_to_hex
+        from agent.common.serial import serial_to_hex
         from dispatcher.api.peercert import state_of
 
         sync = ha.sync if ha is not None else None

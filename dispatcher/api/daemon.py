@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from agent import logfmt
-from agent.errors import ConfigError
+from agent.common import logfmt
+from agent.common.errors import ConfigError
 from agent.version import __version__
 from dispatcher.api import proxyproto
 from dispatcher.api.health import (
@@ -58,11 +58,11 @@ from dispatcher.api.health import (
     create_health_app,
 )
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig
-from dispatcher.context import Dispatcher, open_dispatcher
+from dispatcher.core import Dispatcher, open_dispatcher
 
 if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
-    from dispatcher.ha.pairing import PairingSupervisor
+    from dispatcher.pairing.supervisor import PairingSupervisor
 
 IDENT = "ctrl-exec-api"
 
@@ -85,7 +85,7 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     """
     if not api_tls_enabled(cfg):
         return None
-    from agent.tlsconf import server_context
+    from agent.common.tlsconf import server_context
 
     for key in ("api_cert", "api_key", "api_client_ca"):
         path = getattr(cfg, key)
@@ -178,7 +178,7 @@ class Instance:
         self.pairing: PairingSupervisor | None = None
         if role is None:  # the cluster node: role, fenced writer, run locks, run records
             from dispatcher.ha.node import HANode
-            from dispatcher.ha.pairing import PairingSupervisor
+            from dispatcher.pairing.supervisor import PairingSupervisor
 
             self.ha = HANode(cfg).attach(d)
             self.pairing = PairingSupervisor(

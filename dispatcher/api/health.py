@@ -129,7 +129,7 @@ def cert_serial(path: str, cache: dict[str, Any] | None = None) -> str | None:
     key = (path, st.st_mtime_ns, st.st_size)
     if cache is not None and cache.get("key") == key:
         return cache.get("serial")
-    from dispatcher.pki import cert_serial_hex
+    from dispatcher.pki.ca import cert_serial_hex
 
     try:
         serial: str | None = cert_serial_hex(path)

@@ -19,7 +19,7 @@ def generate() -> dict[str, Any]:
     """The document of an app built on a throwaway config (nothing in it is config-bound)."""
     from dispatcher.api.app import create_app
     from dispatcher.config import DispatcherConfig
-    from dispatcher.context import Dispatcher
+    from dispatcher.core import Dispatcher
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DispatcherConfig(path="", ca_dir=tmp, state_dir=tmp).finish()

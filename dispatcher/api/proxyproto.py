@@ -40,8 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import logfmt
-from agent.errors import ConfigError
+from agent.common import logfmt
+from agent.common.errors import ConfigError
 from dispatcher.config import DispatcherConfig
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -6,9 +6,9 @@
   ``/status``);
 * :mod:`dispatcher.ha.writer`: :class:`FencedWriter`, leader-only writes committed under
   the epoch first;
-* :mod:`dispatcher.ha.locks`: cluster-wide run locks that never depend on etcd;
+* :mod:`dispatcher.ha.runlocks`: cluster-wide run locks that never depend on etcd;
 * :mod:`dispatcher.ha.runs`: async run metadata shared through the store;
-* :mod:`dispatcher.ha.pairing`: the pairing listener on the leader only;
-* :mod:`dispatcher.ha.switchover`, :mod:`dispatcher.ha.backend`: light helpers the
+* :mod:`dispatcher.pairing.supervisor`: the pairing listener on the leader only;
+* :mod:`dispatcher.ha.switchover`, :mod:`dispatcher.ha.coordination`: light helpers the
   ``ced cluster`` verbs use too (this package imports nothing heavy on its own).
 """

@@ -2,9 +2,9 @@
 
 One thread, active only while this instance leads:
 
-* requests from ``ced`` (:mod:`dispatcher.ha.requests`): pairing decisions, the pending
+* requests from ``ced`` (:mod:`dispatcher.ha.leader_requests`): pairing decisions, the pending
   list, certificate rotation and ``maintain``, each under a fenced operation;
-* after a rotation, retirement of the previous serial (:func:`dispatcher.rotation.retire`)
+* after a rotation, retirement of the previous serial (:func:`dispatcher.pki.rotation.retire`)
   as soon as every live member presents the new serial (and every agent acknowledged it,
   or the overlap is over): every second for ten minutes after the rotation, then every
   minute;
@@ -12,7 +12,7 @@ One thread, active only while this instance leads:
   retirement, run purge) every ``cert_check_interval`` seconds (0: never).
 
 Followers never sign: signing happens in these operations, the pairing approvals and the
-renewals, all of which run on the leader only (and ``dispatcher.pki`` refuses to sign on
+renewals, all of which run on the leader only (and ``dispatcher.pki.ca`` refuses to sign on
 an instance that does not lead).
 """
 
@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
-from dispatcher.ha import requests as hareq
+from dispatcher.ha import leader_requests as hareq
 
 if TYPE_CHECKING:
-    from dispatcher.context import Dispatcher
+    from dispatcher.core import Dispatcher
     from dispatcher.ha.node import HANode
 
 ev = logfmt.event
@@ -142,7 +142,7 @@ class LeaderWork:
             self.busy = was
 
     def execute(self, kind: str, args: dict[str, Any]) -> Any:
-        from dispatcher import pairing_queue as pq
+        from dispatcher.pairing import queue as pq
 
         cfg, writer = self.d.cfg, self.node.writer
         if kind == "approve":
@@ -182,7 +182,7 @@ class LeaderWork:
         raise ValueError(f"unknown request kind {kind!r}")
 
     def _rotate(self) -> dict[str, Any]:
-        from dispatcher import rotation
+        from dispatcher.pki import rotation
 
         sync = self.node.sync
         before = sync.generation if sync is not None else 0
@@ -201,7 +201,7 @@ class LeaderWork:
                 "epoch": epoch}  # fmt: skip
 
     def _maintain(self) -> dict[str, Any]:
-        from dispatcher import rotation
+        from dispatcher.pki import rotation
 
         out: dict[str, Any] = asyncio.run(rotation.maintain(self.d))
         return out
@@ -210,7 +210,7 @@ class LeaderWork:
 
     def converged(self, serial: str) -> str | None:
         """None when every live member presents ``serial``, else who does not yet."""
-        from agent.serial import serial_to_hex
+        from agent.common.serial import serial_to_hex
 
         want = serial_to_hex(serial)
         restarts = self.node.restarts
@@ -226,8 +226,8 @@ class LeaderWork:
         return None
 
     def _retire_check(self, now: float) -> None:
-        from dispatcher import rotation
-        from dispatcher import rotation_state as rs
+        from dispatcher.pki import rotation
+        from dispatcher.pki import rotation_state as rs
 
         state = rs.load(self.d.cfg.rotation_file)
         if state is None or not state.previous_serial:

@@ -4,7 +4,7 @@ It owns the coordination backend (etcd when ``etcd_endpoints`` is set, else the 
 local backend in ``state_dir``), the :class:`~cluster.election.Elector`, the member
 :class:`~cluster.session.Session`, and what the dispatcher plugs in: the health-port
 :class:`~dispatcher.ha.role.ClusterRole`, the :class:`~dispatcher.ha.writer.FencedWriter`,
-the :class:`~dispatcher.ha.locks.HARunLocks` and (with etcd) the
+the :class:`~dispatcher.ha.runlocks.HARunLocks` and (with etcd) the
 :class:`~dispatcher.ha.runs.ClusterRunStore`.
 
 Threads: the elector's (campaign, keep-alive), the session's (member key, run locks) and
@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import logfmt
-from agent.errors import ConfigError
+from agent.common import logfmt
+from agent.common.errors import ConfigError
 from agent.version import __version__
 from cluster.backend import LeaderInfo, MemberInfo
 from cluster.election import Elector
@@ -43,19 +43,19 @@ from cluster.errors import BackendUnavailable
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
 from dispatcher.config import DispatcherConfig
-from dispatcher.context import Dispatcher
+from dispatcher.core import Dispatcher
 from dispatcher.ha import switchover
-from dispatcher.ha.backend import advertise_url, backend_from_config, lease_ttl
+from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
 from dispatcher.ha.errors import NotLeaderError
-from dispatcher.ha.health import ClusterHealth
 from dispatcher.ha.leaderwork import LeaderWork
-from dispatcher.ha.locks import HARunLocks
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
+from dispatcher.ha.runlocks import HARunLocks
 from dispatcher.ha.runs import ClusterRunStore
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync import Syncer
 from dispatcher.ha.writer import FencedWriter
-from dispatcher.locks import LocalRunLocks
+from dispatcher.runlocks import LocalRunLocks
 from dispatcher.runstore import RunStore
 from dispatcher.statewrite import set_default_writer
 
@@ -64,7 +64,7 @@ Listener = Callable[[bool], None]
 
 def _cert_serial(path: str) -> str:
     try:
-        from dispatcher.pki import cert_serial_hex
+        from dispatcher.pki.ca import cert_serial_hex
 
         return cert_serial_hex(path)
     except (OSError, ValueError):
@@ -190,7 +190,7 @@ class HANode:
     def attach(self, d: Dispatcher) -> HANode:
         """Plug into a dispatcher: fenced writer (also the process default), run locks,
         run records, the signing guard (only the leader signs) and the leader's work."""
-        from dispatcher import pki
+        from dispatcher.pki import ca as pki
 
         d.writer = self.writer
         d.run_locks = self.run_locks
@@ -273,7 +273,7 @@ class HANode:
         if self._monitor.is_alive():
             self._monitor.join(5)
         self.session.close(revoke=True)
-        from dispatcher import pki
+        from dispatcher.pki import ca as pki
 
         if pki._sign_guard == self._sign_check:
             pki.set_sign_guard(None)

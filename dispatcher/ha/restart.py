@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.backend import KVBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.errors import BackendUnavailable, Fenced, NotLeader

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from cluster.backend import LeaderInfo
 from cluster.election import Elector, EpochGuard
 from dispatcher.api.health import RoleSnapshot
-from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.storehealth import ClusterHealth
 
 
 class ClusterRole:

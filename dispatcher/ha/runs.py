@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.errors import BackendUnavailable
-from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.runstore import DEFAULT_TTL, RunStore, valid_reqid
 
 LEASE_SLACK = 3600  # a lease is reused for this long, so records live TTL .. TTL + slack

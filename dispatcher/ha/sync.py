@@ -47,16 +47,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import logfmt
-from agent.fsutil import atomic_write, fsync_dir
-from agent.serial import serial_to_hex
+from agent.common import logfmt
+from agent.common.fsutil import atomic_write, fsync_dir
+from agent.common.serial import serial_to_hex
 from cluster.backend import KVBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
 from cluster.session import Session
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha import peer
-from dispatcher.ha.health import ClusterHealth
 from dispatcher.ha.manifest import (
     MAX_FILE,
     STAGE_DIR,
@@ -68,6 +67,7 @@ from dispatcher.ha.manifest import (
     manifest_hash,
     material,
 )
+from dispatcher.ha.storehealth import ClusterHealth
 
 ev = logfmt.event
 MembersFn = Callable[[bool], list[MemberInfo]]
@@ -79,7 +79,7 @@ class SyncError(Exception):
 
 def cert_serial(path: str) -> str:
     try:
-        from dispatcher.pki import cert_serial_hex
+        from dispatcher.pki.ca import cert_serial_hex
 
         return cert_serial_hex(path)
     except (OSError, ValueError):
@@ -503,7 +503,7 @@ class Syncer:
             if s:
                 out.add(s)
         try:
-            from dispatcher import rotation_state as rs
+            from dispatcher.pki import rotation_state as rs
 
             state = rs.load(self.cfg.rotation_file)
         except Exception:

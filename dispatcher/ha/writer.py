@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.election import Elector
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
-from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.statewrite import LocalWriter, StateWriter
 
 _current: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(

@@ -1,7 +1,7 @@
 """Main job (until the cluster lands): a local fleet of real agents doing real work.
 
-Creates a CA and a dispatcher identity with ``dispatcher.pki``, gives three agents on
-127.0.0.2-4 keys and CSRs made by ``agent.certs`` (signed after the CSR checks), starts
+Creates a CA and a dispatcher identity with ``dispatcher.pki.ca``, gives three agents on
+127.0.0.2-4 keys and CSRs made by ``agent.common.certs`` (signed after the CSR checks), starts
 them as real ``ctrl-exec-agent serve`` processes, then pings every agent and runs an
 allowlisted script on each over mTLS, printing what came back. Stops everything at the end.
 """
@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent import certs, trustmap  # noqa: E402
-from agent.tlsconf import client_context  # noqa: E402
-from agent.wire import parse_response, request_bytes  # noqa: E402
-from dispatcher import pki  # noqa: E402
+from agent import trustmap  # noqa: E402
+from agent.common import certs  # noqa: E402
+from agent.common.tlsconf import client_context  # noqa: E402
+from agent.common.wire import parse_response, request_bytes  # noqa: E402
+from dispatcher.pki import ca as pki  # noqa: E402
 
 AGENTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 PORT = 17443

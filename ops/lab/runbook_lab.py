@@ -254,7 +254,7 @@ class RunbookLab:
 
     def _operator_cert(self) -> None:
         """An operator client certificate from the lab CA (CN runbook-operator)."""
-        from dispatcher import pki
+        from dispatcher.pki import ca as pki
 
         etc = self.root / "etc"
         subprocess.run(

@@ -1,6 +1,6 @@
 """The real ``ctrl-exec-api`` daemon (subprocess) in front of real agents.
 
-One dispatcher CA (``dispatcher.pki``) signs everything: the dispatcher cert, the agents'
+One dispatcher CA (``dispatcher.pki.ca``) signs everything: the dispatcher cert, the agents'
 CSRs, the API server cert and the operators' client certs. Daemons:
 
 * ``tls``: TLS with operator client certs, ``api_auth_default = allow``;
@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.version import __version__
-from dispatcher import pki as dpki
 from dispatcher.api.openapi_dump import SPEC_PATH
+from dispatcher.pki import ca as dpki
 from dispatcher.registry import Registry
 from ops.lab.net import client_ssl, served_serial
 from ops.lab.proc import ApiProcess
@@ -57,9 +57,9 @@ esac
 
 
 class DispatcherCA(dispatcherenv.DispatcherCA):
-    """A new dispatcher CA (dispatcher.pki) in ``directory``, behind TestCA's interface.
+    """A new dispatcher CA (dispatcher.pki.ca) in ``directory``, behind TestCA's interface.
 
-    ``issue`` goes through a CSR signed by ``dispatcher.pki.sign_csr``, as pairing does.
+    ``issue`` goes through a CSR signed by ``dispatcher.pki.ca.sign_csr``, as pairing does.
     """
 
     def __init__(self, directory: Path) -> None:

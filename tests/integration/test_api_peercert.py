@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from agent.tlsconf import server_context
+from agent.common.tlsconf import server_context
 from dispatcher.api.peercert import (
     PeerCertH11Protocol,
     identity_of,

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatcher import pki as dpki
 from dispatcher.api import proxyproto as pp
+from dispatcher.pki import ca as dpki
 from tests.integration.test_api import Daemon, DispatcherCA, make_daemon
 from tests.support.agentproc import free_port
 from tests.support.haproxy import (

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from dispatcher import pairing_queue as pq
+from dispatcher.pairing import queue as pq
 from dispatcher.registry import Registry
 from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent, wait_listening
 from tests.support.pki import Issued, TestCA
@@ -432,7 +432,7 @@ def test_setup_ca_dispatcher_and_pairing_queue(tmp_path: Path) -> None:
     yes = ced("setup-ctrl-exec", "--yes", conf=conf)
     assert yes.returncode == 0 and (ca_dir / "dispatcher.crt").read_bytes() != serial
 
-    # rotate-cert (dispatcher.rotation); the one agent is unreachable, so it stays pending.
+    # rotate-cert (dispatcher.pki.rotation); the one agent is unreachable, so it stays pending.
     Registry(state / "agents").update("host1.example", ip="127.0.0.1", port=free_port())
     before = (ca_dir / "dispatcher.crt").read_bytes()
     rot = ced("rotate-cert", conf=conf)
@@ -469,7 +469,7 @@ def test_pairing_mode_start_stop(tmp_path: Path) -> None:
     assert ced("pairing-mode", "stop", conf=conf).returncode == 1
 
 
-# ----- rotation verbs (dispatcher.rotation) -----------------------------------------------
+# ----- rotation verbs (dispatcher.pki.rotation) -----------------------------------------------
 
 
 def test_serial_status_and_maintain(env: Env, tmp_path: Path, pki: TestCA) -> None:
@@ -490,7 +490,7 @@ def test_serial_status_and_maintain(env: Env, tmp_path: Path, pki: TestCA) -> No
 
 @pytest.mark.parametrize("hosts", [["web1"], ["web1", "web2"]])
 def test_interrupt_exits_130_and_frees_the_locks(env: Env, hosts: list[str]) -> None:
-    # One host runs on the main thread, several on worker threads (dispatcher.blockingclient).
+    # One host runs on the main thread, several on worker threads (dispatcher.client.blocking).
     import signal
 
     run = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""dispatcher.fanout against real agent processes on distinct loopback addresses."""
+"""dispatcher.client.fanout against real agent processes on distinct loopback addresses."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from agent.tlsconf import client_context
-from dispatcher import fanout
-from dispatcher.agentclient import SessionCache
+from agent.common.tlsconf import client_context
+from dispatcher.client import fanout
+from dispatcher.client.aio import SessionCache
 from dispatcher.registry import Target
 from dispatcher.reqid import new_reqid
 from tests.support.agentproc import AgentProc, free_port, make_agent, wait_listening

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from cluster.election import Elector
-from dispatcher import pairing_queue as pq
 from dispatcher.ha.errors import NotLeaderError
-from dispatcher.ha.health import ClusterHealth
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
+from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
 from ops.lab.haproxy import HAPROXY
 from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP

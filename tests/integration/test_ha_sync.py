@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher import pairing_queue as pq
 from dispatcher.config import load as load_config
 from dispatcher.ha.manifest import Generation, Layout, Scanner, manifest_hash
+from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
 from ops.lab.haproxy import HAPROXY
 from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP

@@ -1,7 +1,7 @@
 """End-to-end pairing: the real agent CLI against a real :class:`PairingServer`.
 
 The listener runs in a background event-loop thread on a free loopback port with a CA
-and dispatcher cert made by :mod:`dispatcher.pki`; agents are ``python -m agent.cli``
+and dispatcher cert made by :mod:`dispatcher.pki.ca`; agents are ``python -m agent.cli``
 subprocesses. After approval the freshly paired agent is started for real and pinged
 over mTLS with the dispatcher's certificate.
 """
@@ -26,14 +26,15 @@ from typing import IO, Any
 
 import pytest
 
-from agent import certs, trustmap
-from agent.logfmt import format_fields, logger
-from agent.tlsconf import client_context
-from agent.wire import dumps, parse_response, request_bytes
-from dispatcher import pairing_queue as pq
-from dispatcher import pki
+from agent import trustmap
+from agent.common import certs
+from agent.common.logfmt import format_fields, logger
+from agent.common.tlsconf import client_context
+from agent.common.wire import dumps, parse_response, request_bytes
 from dispatcher.config import DispatcherConfig
-from dispatcher.pairing_server import PairingServer
+from dispatcher.pairing import queue as pq
+from dispatcher.pairing.server import PairingServer
+from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 from ops.lab.proc import wait_until

@@ -23,8 +23,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import trustmap
-from dispatcher import fanout, pki, renewal, rotation
-from dispatcher import rotation_state as rs
+from dispatcher.client import fanout
+from dispatcher.pki import ca as pki
+from dispatcher.pki import renewal, rotation
+from dispatcher.pki import rotation_state as rs
 from dispatcher.registry import Target, resolve
 from tests.support.agentproc import AgentProc, wait_listening
 from tests.support.dispatcherenv import DISPATCHER_ID, DispatcherEnv, make_env
@@ -325,8 +327,8 @@ def test_renewal_stages_cert_bound_to_registry_name(
 
 def test_ping_renews_over_the_blocking_client(env: DispatcherEnv) -> None:
     # What `ced ping` runs: the ping operation (renewal included) without an event loop.
-    from dispatcher.agentio import run_blocking
-    from dispatcher.blockingclient import BLOCKING
+    from dispatcher.client.blocking import BLOCKING
+    from dispatcher.client.io import run_blocking
     from dispatcher.operations import Caller, do_ping
 
     agent = env.add_agent("blocking.test", days=30)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.tlsconf import client_context
-from agent.wire import Response, parse_response, request_bytes
+from agent.common.tlsconf import client_context
+from agent.common.wire import Response, parse_response, request_bytes
 from ops.lab.net import free_port, wait_listening
 from ops.lab.proc import ENV, ROOT, terminate
 from tests.support.pki import Issued, TestCA

@@ -1,6 +1,6 @@
 """A dispatcher instance (CA, cert, config, registry) plus real agents that trust it.
 
-The CA is made by ``dispatcher.pki`` (as ``setup-ca`` would); agent certificates are
+The CA is made by ``dispatcher.pki.ca`` (as ``setup-ca`` would); agent certificates are
 signed by that same CA so the dispatcher and the agents verify each other.
 """
 
@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatcher import pki
 from dispatcher.config import DispatcherConfig
-from dispatcher.context import Dispatcher
+from dispatcher.core import Dispatcher
+from dispatcher.pki import ca as pki
 from dispatcher.statewrite import LocalWriter
 from tests.support.agentproc import AgentProc, make_agent
 from tests.support.pki import Issued, TestCA
@@ -22,7 +22,7 @@ DISPATCHER_ID = "disp-test"
 
 
 class DispatcherCA(TestCA):
-    """A TestCA whose key and cert are the dispatcher CA's (``dispatcher.pki``)."""
+    """A TestCA whose key and cert are the dispatcher CA's (``dispatcher.pki.ca``)."""
 
     def __init__(self, ca: pki.CA, directory: Path) -> None:  # no super(): reuse the CA
         self.dir = directory

@@ -7,7 +7,7 @@ the benchmark can use it as well.
 :func:`running_cluster` brings up, under one directory:
 
 * a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`);
-* a dispatcher CA and certificate (``dispatcher.pki``), and real agents (one per entry
+* a dispatcher CA and certificate (``dispatcher.pki.ca``), and real agents (one per entry
   of ``agents``, each on its own loopback address) that trust it and are registered;
 * ``ctrl-exec-api`` instances (:class:`ops.lab.proc.ApiProcess`), each with its own state
   dir (run records, locks, pairing queue), all in one etcd cluster with the given lease
@@ -51,9 +51,9 @@ from typing import Any
 import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
-from dispatcher import pki
 from dispatcher.ha.manifest import Generation
 from dispatcher.haproxy import Member
+from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 from ops.lab.etcd import EtcdCluster

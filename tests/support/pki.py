@@ -1,6 +1,6 @@
 """A throwaway CA for tests, built directly on ``cryptography``.
 
-Independent of ``dispatcher.pki`` on purpose, so the agent is not tested only against the
+Independent of ``dispatcher.pki.ca`` on purpose, so the agent is not tested only against the
 dispatcher's own signer.
 """
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.serial import new_serial
+from agent.common.serial import new_serial
 
 
 def _name(cn: str) -> x509.Name:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import certinfo
-from agent.datefmt import openssl_date, parse_openssl_date
+from agent.common.datefmt import openssl_date, parse_openssl_date
 from tests.support.pki import TestCA
 
 

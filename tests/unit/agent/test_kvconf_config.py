@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import kvconf
+from agent.common import kvconf
+from agent.common.errors import ConfigError
 from agent.config import load
-from agent.errors import ConfigError
 
 
 def _write(tmp_path: Path, text: str) -> str:

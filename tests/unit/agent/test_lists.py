@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from agent import allowlist, revocation, trustmap
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 
 def test_trustmap_parse_and_canonicalise() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import logfmt
+from agent.common import logfmt
 from tests.support.agentproc import ROOT
 
 
@@ -92,7 +92,7 @@ def test_direct_sink_falls_back_to_stderr(
 
 
 def test_direct_sink_does_not_import_logging() -> None:
-    code = ("import sys; from agent import logfmt; logfmt.setup('x', 'stderr', queued=False); "
+    code = ("import sys; from agent.common import logfmt; logfmt.setup('x', 'stderr', queued=False); "
             "logfmt.event('a', logfmt.WARNING); print('logging' in sys.modules)")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=ROOT)  # fmt: skip

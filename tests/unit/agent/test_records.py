@@ -1,4 +1,4 @@
-"""agent.records behaves as the dataclasses it replaces on the CLI's start-up path."""
+"""agent.common.records behaves as the dataclasses it replaces on the CLI's start-up path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.records import FrozenInstanceError, field, fields, record
+from agent.common.records import FrozenInstanceError, field, fields, record
 from tests.support.agentproc import ROOT
 
 
@@ -123,9 +123,7 @@ def test_inherited_fields() -> None:
 
 
 def test_importing_records_does_not_import_dataclasses() -> None:
-    code = (
-        "import sys, agent.records; print('dataclasses' in sys.modules, 'inspect' in sys.modules)"
-    )
+    code = "import sys, agent.common.records; print('dataclasses' in sys.modules, 'inspect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout  # fmt: skip
     assert out.split() == ["False", "False"]

@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from agent import authhook
+from agent.common import authhook
 from agent.runner import run_script, script_env
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.serial import new_serial, serial_to_hex
+from agent.common.serial import new_serial, serial_to_hex
 
 
 def test_upstream_forms() -> None:

@@ -4,9 +4,15 @@ import asyncio
 
 import pytest
 
+from agent.common.ratelimit import RateLimiter
+from agent.common.wire import (
+    RequestError,
+    parse_response,
+    read_request,
+    request_bytes,
+    response_bytes,
+)
 from agent.config import RateSpec
-from agent.ratelimit import RateLimiter
-from agent.wire import RequestError, parse_response, read_request, request_bytes, response_bytes
 
 
 def _read(data: bytes) -> object:

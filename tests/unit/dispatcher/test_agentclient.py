@@ -1,7 +1,7 @@
-"""dispatcher.agentclient and dispatcher.blockingclient against local asyncio servers.
+"""dispatcher.client.aio and dispatcher.client.blocking against local asyncio servers.
 
 Both clients run every framing, error-string and session test (the ``client`` fixture):
-they share dispatcher.agentwire and must give the same replies.
+they share dispatcher.client.wire and must give the same replies.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from typing import Any
 
 import pytest
 
-from agent.tlsconf import client_context, server_context
-from agent.wire import read_request, response_bytes
-from dispatcher import agentclient, blockingclient, fanout
-from dispatcher.agentclient import NO_DATA, SessionCache, call
-from dispatcher.agentio import AgentIO, run_blocking
-from dispatcher.blockingclient import BLOCKING
+from agent.common.tlsconf import client_context, server_context
+from agent.common.wire import read_request, response_bytes
+from dispatcher.client import aio as agentclient
+from dispatcher.client import blocking as blockingclient
+from dispatcher.client import fanout
+from dispatcher.client.aio import NO_DATA, SessionCache, call
+from dispatcher.client.blocking import BLOCKING
+from dispatcher.client.io import AgentIO, run_blocking
 from dispatcher.reqid import new_reqid
 from tests.support.pki import Issued, TestCA
 

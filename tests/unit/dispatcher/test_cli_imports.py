@@ -1,7 +1,7 @@
 """``ced`` must start fast: no web framework, etcd client or HTTP library on import.
 
 ``ced run``, ``ced ping`` and ``ced status`` run over the blocking client
-(:mod:`dispatcher.blockingclient`): they must not import asyncio (about 50 ms of start-up
+(:mod:`dispatcher.client.blocking`): they must not import asyncio (about 50 ms of start-up
 on a small machine), ``cryptography``, ``dataclasses`` or ``logging`` either. Checked on
 real invocations against an in-process TLS responder, with ``python -X importtime``.
 """
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.tlsconf import server_context
-from agent.wire import response_bytes
+from agent.common.tlsconf import server_context
+from agent.common.wire import response_bytes
 from dispatcher.registry import Registry
 from tests.support.agentproc import ROOT
 from tests.support.pki import Issued, TestCA
 
 HEAVY = ("fastapi", "uvicorn", "etcd3gw", "requests")
-# asyncio: ~50 ms; dataclasses (through inspect): ~15 ms (agent.records stands in);
-# logging: ~6 ms (agent.logfmt writes a one-shot process's lines itself).
+# asyncio: ~50 ms; dataclasses (through inspect): ~15 ms (agent.common.records stands in);
+# logging: ~6 ms (agent.common.logfmt writes a one-shot process's lines itself).
 NOT_ON_RUN_PATH = {*HEAVY, "cryptography", "asyncio", "concurrent", "dataclasses", "inspect",
                    "logging"}  # fmt: skip
 
@@ -61,7 +61,7 @@ def test_cli_import_is_light() -> None:
 
 def test_run_path_imports_are_light() -> None:
     # What `ced run` / `ced ping` import: no cryptography either (DESIGN.md section 7).
-    stmt = "import dispatcher.cli, dispatcher.operations, dispatcher.blockingclient"
+    stmt = "import dispatcher.cli, dispatcher.operations, dispatcher.client.blocking"
     names, total = _importtime(stmt)
     print(f"import dispatcher.cli + operations + blockingclient: {total / 1000:.1f} ms")
     assert not names & NOT_ON_RUN_PATH, names & NOT_ON_RUN_PATH

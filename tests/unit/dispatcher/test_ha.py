@@ -18,13 +18,13 @@ from cluster.election import Elector
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
 from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
-from dispatcher.ha.health import ClusterHealth
-from dispatcher.ha.locks import HARunLocks
 from dispatcher.ha.role import ClusterRole
+from dispatcher.ha.runlocks import HARunLocks
 from dispatcher.ha.runs import ClusterRunStore, metadata
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
-from dispatcher.locks import LocalRunLocks, LockConflict
 from dispatcher.registry import RegistryError
+from dispatcher.runlocks import LocalRunLocks, LockConflict
 from dispatcher.runstore import async_record
 
 TTL = 2

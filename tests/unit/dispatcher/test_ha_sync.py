@@ -12,9 +12,7 @@ import pytest
 from cluster.backend import LocalBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.session import Session
-from dispatcher import pki
 from dispatcher.config import DispatcherConfig
-from dispatcher.ha.health import ClusterHealth
 from dispatcher.ha.manifest import (
     Entry,
     Generation,
@@ -25,7 +23,9 @@ from dispatcher.ha.manifest import (
     manifest_hash,
 )
 from dispatcher.ha.restart import OrderWatcher
+from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync import Syncer, SyncError
+from dispatcher.pki import ca as pki
 
 
 def make_cfg(root: Path, **kw: Any) -> DispatcherConfig:
@@ -254,8 +254,8 @@ def test_a_follower_leaves_renewals_to_the_leader(
 ) -> None:
     import asyncio
 
-    from dispatcher import renewal
-    from dispatcher.context import Dispatcher
+    from dispatcher.core import Dispatcher
+    from dispatcher.pki import renewal
 
     calls: list[str] = []
 

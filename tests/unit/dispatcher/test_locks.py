@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.locks import (
+from dispatcher.runlocks import (
     LocalRunLocks,
     LockConflict,
     RunLocks,
@@ -46,7 +46,7 @@ PROBE = textwrap.dedent(
 ACQUIRER = textwrap.dedent(
     """
     import sys
-    from dispatcher.locks import acquire_all
+    from dispatcher.runlocks import acquire_all
     held = acquire_all(sys.argv[1], [(sys.argv[2], sys.argv[3])])
     print("locked", flush=True)
     sys.stdin.readline()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.pairing_prompt import (
+from dispatcher.pairing.prompt import (
     SINGLE_PROMPT,
     Command,
     format_list,

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from agent import certs
-from agent.serial import serial_to_hex
-from dispatcher import pairing_queue as pq
-from dispatcher import pki
+from agent.common import certs
+from agent.common.serial import serial_to_hex
 from dispatcher.config import DispatcherConfig
+from dispatcher.pairing import queue as pq
+from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from dispatcher import config as dconfig
 from dispatcher.api import proxyproto as pp
 

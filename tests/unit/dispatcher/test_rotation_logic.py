@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from agent.certs import openssl_date
-from dispatcher import pki, rotation
-from dispatcher import rotation_state as rs
-from dispatcher.renewal import expiry_epoch, is_staged, renewal_due
-from dispatcher.rotation import (
+from agent.common.certs import openssl_date
+from dispatcher.pki import ca as pki
+from dispatcher.pki import rotation
+from dispatcher.pki import rotation_state as rs
+from dispatcher.pki.renewal import expiry_epoch, is_staged, renewal_due
+from dispatcher.pki.rotation import (
     acknowledged,
     all_acknowledged,
     days_left,

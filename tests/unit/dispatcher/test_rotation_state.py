@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import rotation_state as rs
-from dispatcher.rotation_state import RotationState
+from dispatcher.pki import rotation_state as rs
+from dispatcher.pki.rotation_state import RotationState
 from dispatcher.statewrite import LocalWriter
 
 T0 = 1_900_000_000.0  # 2030-03-17T17:46:40Z

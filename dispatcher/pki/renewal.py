@@ -23,15 +23,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent import logfmt
-from agent.errors import CtrlExecError
-from dispatcher.agentio import AgentIO, resolve_io
+from agent.common import logfmt
+from agent.common.errors import CtrlExecError
+from dispatcher.client.io import AgentIO, resolve_io
 from dispatcher.reqid import new_reqid
 
 if TYPE_CHECKING:
-    from dispatcher.agentwire import AgentReply
-    from dispatcher.context import Dispatcher
-    from dispatcher.fanout import TargetLike
+    from dispatcher.client.fanout import TargetLike
+    from dispatcher.client.wire import AgentReply
+    from dispatcher.core import Dispatcher
 
 DAY = 86400
 ev = logfmt.event
@@ -45,7 +45,7 @@ def expiry_epoch(expiry: object) -> float | None:
     """Epoch seconds of an openssl-format ``notAfter`` (``Jun  7 16:28:00 2027 GMT``)."""
     if not isinstance(expiry, str) or not expiry.strip():
         return None
-    from agent.certs import parse_openssl_date
+    from agent.common.certs import parse_openssl_date
 
     try:
         return parse_openssl_date(expiry).timestamp()
@@ -92,7 +92,7 @@ async def renew(d: Dispatcher, target: TargetLike, *, io: AgentIO | None = None)
     Returns ``{"host", "status": "ok", "expiry", "reqid"}`` or
     ``{"host", "status": "error", "error", "reqid"}``.
     """
-    from dispatcher import pki
+    from dispatcher.pki import ca as pki
 
     cfg = d.cfg
     call = resolve_io(io).call

@@ -35,16 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import logfmt
-from agent.errors import CtrlExecError
-from agent.serial import serial_to_hex
-from dispatcher import rotation_state as rs
-from dispatcher.agentclient import AgentReply, call
+from agent.common import logfmt
+from agent.common.errors import CtrlExecError
+from agent.common.serial import serial_to_hex
+from dispatcher.client.aio import AgentReply, call
+from dispatcher.pki import rotation_state as rs
+from dispatcher.pki.rotation_state import RotationState, format_iso
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
-from dispatcher.rotation_state import RotationState, format_iso
 
 if TYPE_CHECKING:
-    from dispatcher.context import Dispatcher
+    from dispatcher.core import Dispatcher
 
 DAY = 86400
 KEY_MODE = 0o600
@@ -158,7 +158,7 @@ def installed_serial(d: Dispatcher) -> str | None:
 
 
 def _ctx(d: Dispatcher, cert: Path | str, key: Path | str) -> ssl.SSLContext | None:
-    from agent.tlsconf import client_context
+    from agent.common.tlsconf import client_context
 
     try:
         return client_context(d.cfg.ca, str(cert), str(key))
@@ -204,7 +204,7 @@ def _new_pair(d: Dispatcher) -> tuple[bytes, bytes, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from dispatcher import pki
+    from dispatcher.pki import ca as pki
 
     ca = pki.load_ca(d.cfg.ca_dir, d.cfg.ca)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -272,7 +272,7 @@ async def _send_serial(
     Each context in ``ctxs`` is tried in turn while the agent answers 403 (it does not
     trust that serial); any other failure is final for this attempt.
     """
-    from dispatcher.fanout import fan_out
+    from dispatcher.client.fanout import fan_out
 
     body = {"serial": serial, "action": action}
 
@@ -505,8 +505,8 @@ async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     ping (with agent cert renewal) -> check_and_rotate -> broadcast -> expire_stale ->
     retire -> run-store purge. A failing phase is logged and recorded under ``errors``.
     """
-    from dispatcher import fanout
-    from dispatcher.renewal import maybe_renew
+    from dispatcher.client import fanout
+    from dispatcher.pki.renewal import maybe_renew
     from dispatcher.reqid import new_reqid
 
     out: dict[str, Any] = {"ok": 1, "agents": 0, "pinged": 0, "errors": {}}

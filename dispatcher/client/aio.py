@@ -1,10 +1,10 @@
 """One mTLS request to one agent over asyncio, as upstream's LWP client makes it.
 
 The request, the TLS client (memory BIOs, so a cached session can be offered), reply
-parsing and upstream's error strings live in :mod:`dispatcher.agentwire`; this module
+parsing and upstream's error strings live in :mod:`dispatcher.client.wire`; this module
 connects with asyncio and moves the bytes. :data:`ASYNCIO` is the
-:class:`~dispatcher.agentio.AgentIO` the operations use by default (the API daemon,
-``ced`` verbs that fan out widely); :mod:`dispatcher.blockingclient` is the same over
+:class:`~dispatcher.client.io.AgentIO` the operations use by default (the API daemon,
+``ced`` verbs that fan out widely); :mod:`dispatcher.client.blocking` is the same over
 plain sockets and threads.
 """
 
@@ -15,8 +15,8 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from agent import authhook
-from dispatcher.agentwire import (
+from agent.common import authhook
+from dispatcher.client.wire import (
     NO_DATA,
     READ_CHUNK,
     TRANSPORT_ERRORS,
@@ -42,7 +42,7 @@ R = TypeVar("R")
 
 
 async def _drive(a: Attempt) -> bytes:
-    """Connect, then move the bytes :meth:`~dispatcher.agentwire.Attempt.exchange` asks for."""
+    """Connect, then move the bytes :meth:`~dispatcher.client.wire.Attempt.exchange` asks for."""
     reader, writer = await asyncio.open_connection(a.address, a.port)
     try:
         steps = a.exchange()
@@ -77,7 +77,7 @@ async def call(
 ) -> AgentReply:
     """One request to one agent; never raises for transport or HTTP failures.
 
-    The arguments are :class:`~dispatcher.agentwire.Attempt`'s.
+    The arguments are :class:`~dispatcher.client.wire.Attempt`'s.
     """
     a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
     try:
@@ -89,7 +89,7 @@ async def call(
 
 
 class AsyncioIO:
-    """:class:`~dispatcher.agentio.AgentIO` on the running event loop."""
+    """:class:`~dispatcher.client.io.AgentIO` on the running event loop."""
 
     call = staticmethod(call)
 

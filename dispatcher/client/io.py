@@ -1,11 +1,11 @@
 """How the operations reach agents: on an event loop, or blocking for the one-shot ``ced``.
 
-:mod:`dispatcher.operations`, :mod:`dispatcher.fanout` and :mod:`dispatcher.renewal`
+:mod:`dispatcher.operations`, :mod:`dispatcher.client.fanout` and :mod:`dispatcher.pki.renewal`
 are written once, as coroutines, over an :class:`AgentIO`. Two implementations exist:
 
-* :data:`dispatcher.agentclient.ASYNCIO` (the default): asyncio connections, a
+* :data:`dispatcher.client.aio.ASYNCIO` (the default): asyncio connections, a
   semaphore-bounded ``gather``, the auth hook as an asyncio subprocess;
-* :data:`dispatcher.blockingclient.BLOCKING`: blocking sockets, one thread per parallel
+* :data:`dispatcher.client.blocking.BLOCKING`: blocking sockets, one thread per parallel
   request, the hook through ``subprocess``. None of its coroutines ever suspends, so
   :func:`run_blocking` runs an operation to completion without an event loop, and the
   CLI never imports asyncio (about 50 ms of start-up on a small machine).
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     import ssl
 
-    from agent.authhook import Decision
-    from dispatcher.agentwire import AgentReply, SessionCache
+    from agent.common.authhook import Decision
+    from dispatcher.client.wire import AgentReply, SessionCache
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class AgentIO(Protocol):
         ...
 
     async def hook(self, hook: str, ctx: dict[str, Any], timeout: float) -> Decision:
-        """Run the auth hook (:mod:`agent.authhook`)."""
+        """Run the auth hook (:mod:`agent.common.authhook`)."""
         ...
 
     async def sleep(self, seconds: float) -> None: ...
@@ -61,7 +61,7 @@ def resolve_io(io: AgentIO | None) -> AgentIO:
     """``io``, or the asyncio implementation (imported on first use)."""
     if io is not None:
         return io
-    from dispatcher.agentclient import ASYNCIO
+    from dispatcher.client.aio import ASYNCIO
 
     return ASYNCIO
 
@@ -69,7 +69,7 @@ def resolve_io(io: AgentIO | None) -> AgentIO:
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine that never suspends (every ``await`` in it completes at once).
 
-    That holds for the operations over :data:`dispatcher.blockingclient.BLOCKING`; a
+    That holds for the operations over :data:`dispatcher.client.blocking.BLOCKING`; a
     coroutine that does suspend (it waits for an event loop) is closed and refused.
     """
     try:

@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.certs import openssl_date
-from agent.errors import CtrlExecError
-from agent.fsutil import atomic_write
-from agent.serial import new_serial
+from agent.common.certs import openssl_date
+from agent.common.errors import CtrlExecError
+from agent.common.fsutil import atomic_write
+from agent.common.serial import new_serial
 
 MAX_CSR_PEM = 10_240
 CA_CN = "ctrl-exec CA"

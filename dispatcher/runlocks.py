@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from agent.errors import CtrlExecError
+from agent.common.errors import CtrlExecError
 
 LOCK_MODE = 0o660
 _UNSAFE = re.compile(r"[^\w.-]", re.ASCII)

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from agent.records import field, record
+from agent.common.records import field, record
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
 from dispatcher.registry import Registry
 from dispatcher.statewrite import StateWriter, default_writer
 
 if TYPE_CHECKING:  # imported where used: ``ced ping`` needs neither
-    from dispatcher.locks import RunLocks
+    from dispatcher.runlocks import RunLocks
     from dispatcher.runstore import RunStore
 
 
@@ -47,7 +47,7 @@ class Dispatcher:
     @property
     def locks(self) -> RunLocks:
         if self.run_locks is None:
-            from dispatcher.locks import LocalRunLocks
+            from dispatcher.runlocks import LocalRunLocks
 
             self.run_locks = LocalRunLocks(self.cfg.locks_dir)
         return self.run_locks
@@ -60,7 +60,7 @@ class Dispatcher:
         """
         import time
 
-        from agent.tlsconf import client_context
+        from agent.common.tlsconf import client_context
 
         for attempt in range(5):
             try:

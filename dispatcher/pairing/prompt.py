@@ -1,6 +1,6 @@
 """Text and command parsing for ``ced pairing-mode`` (spec 5.4) and ``list-requests``.
 
-Pure functions over queue records (the dicts :mod:`dispatcher.pairing_queue` writes), so
+Pure functions over queue records (the dicts :mod:`dispatcher.pairing.queue` writes), so
 the interactive loop itself stays a thin shell around them.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from agent.records import field, record
+from agent.common.records import field, record
 
 if TYPE_CHECKING:
     import asyncio

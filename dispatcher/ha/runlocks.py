@@ -1,9 +1,9 @@
 """Run locks for an HA instance: cluster-wide with etcd, never dependent on it.
 
-:class:`HARunLocks` is a :class:`~dispatcher.locks.RunLocks`. Each run takes the local
+:class:`HARunLocks` is a :class:`~dispatcher.runlocks.RunLocks`. Each run takes the local
 ``flock`` locks (``<locks_dir>``) first, then the cluster-wide keys through
 :class:`cluster.locks.ClusterRunLocks` (bound to the instance's session lease). A
-cluster conflict becomes :class:`dispatcher.locks.LockConflict`, so the CLI and the API
+cluster conflict becomes :class:`dispatcher.runlocks.LockConflict`, so the CLI and the API
 answer it as upstream does (code 4).
 
 While the store is unreachable (or the session has no lease yet) runs go on with the local
@@ -21,12 +21,12 @@ import logging
 import threading
 from types import TracebackType
 
-from agent import logfmt
+from agent.common import logfmt
 from cluster.errors import BackendUnavailable
 from cluster.locks import ClusterHeldLocks, ClusterRunLocks
 from cluster.locks import LockConflict as ClusterLockConflict
-from dispatcher.ha.health import ClusterHealth
-from dispatcher.locks import LockConflict, RunLockHandle, RunLocks
+from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.runlocks import LockConflict, RunLockHandle, RunLocks
 
 PendingRelease = tuple[list[tuple[str, str]], str, str]  # pairs, token, owner
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from agent.datefmt import openssl_date, parse_openssl_date
-from agent.fsutil import atomic_write
+from agent.common.datefmt import openssl_date, parse_openssl_date
+from agent.common.fsutil import atomic_write
 
 __all__ = ["openssl_date", "parse_openssl_date"]
 

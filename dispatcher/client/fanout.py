@@ -5,7 +5,7 @@ starts when its request starts, so a dead or slow agent costs only its own timeo
 Results come back in target order, each keyed by the registry name, with upstream's
 per-host result objects (spec 3.4).
 
-The I/O is an :class:`~dispatcher.agentio.AgentIO` (``io``): asyncio by default, or the
+The I/O is an :class:`~dispatcher.client.io.AgentIO` (``io``): asyncio by default, or the
 blocking client of the one-shot ``ced``; the result objects are built here for both.
 This module imports neither.
 """
@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from agent import logfmt
-from dispatcher.agentio import AgentIO, resolve_io
+from agent.common import logfmt
+from dispatcher.client.io import AgentIO, resolve_io
 
 if TYPE_CHECKING:
     import ssl
 
-    from dispatcher.agentwire import AgentReply, SessionCache
+    from dispatcher.client.wire import AgentReply, SessionCache
 
 MAX_HOSTS = 500
 DEFAULT_MAX_PARALLEL = 64

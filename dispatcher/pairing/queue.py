@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.certs import pairing_code
-from agent.errors import CtrlExecError
-from agent.logfmt import event
-from agent.wire import dumps
-from dispatcher import pki
+from agent.common.certs import pairing_code
+from agent.common.errors import CtrlExecError
+from agent.common.logfmt import event
+from agent.common.wire import dumps
 from dispatcher.config import DispatcherConfig
+from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry, RegistryError
 from dispatcher.statewrite import StateWriter, default_writer
 

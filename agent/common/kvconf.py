@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.records import record
+from agent.common.errors import ConfigError
+from agent.common.records import record
 
 _KV = re.compile(r"^(\w+)\s*=\s*(.*?)\s*$")
 _SECTION = re.compile(r"^\[\s*([A-Za-z]+)(?:\s+([\w.-]+))?\s*\]$")

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from agent.records import record
+from agent.common.records import record
 
 REASONS = {1: "denied", 2: "bad credentials", 3: "insufficient privilege"}
 

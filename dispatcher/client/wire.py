@@ -1,7 +1,7 @@
 """One mTLS request to one agent (spec 3.4), without the I/O: shared by both clients.
 
-:mod:`dispatcher.agentclient` (asyncio, for the API daemon and large fan-outs) and
-:mod:`dispatcher.blockingclient` (plain sockets, for the one-shot ``ced``) only connect
+:mod:`dispatcher.client.aio` (asyncio, for the API daemon and large fan-outs) and
+:mod:`dispatcher.client.blocking` (plain sockets, for the one-shot ``ced``) only connect
 and move bytes; everything else is here and imports neither asyncio nor threads:
 
 * the request: an HTTP/1.1 line with ``Host``, ``Connection: close`` and, with a body,
@@ -38,8 +38,8 @@ from collections import OrderedDict
 from collections.abc import Generator
 from typing import Any
 
-from agent.records import record
-from agent.wire import parse_head, request_bytes
+from agent.common.records import record
+from agent.common.wire import parse_head, request_bytes
 
 MAX_RESPONSE = 128 * 1024 * 1024
 READ_CHUNK = 256 * 1024

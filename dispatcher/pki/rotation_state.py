@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent import logfmt
+from agent.common import logfmt
 from dispatcher.statewrite import StateWriter, default_writer, write_json
 
 STATE_MODE = 0o640

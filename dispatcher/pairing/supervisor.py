@@ -1,7 +1,7 @@
 """The pairing listener (7444) runs on the leader only.
 
 :class:`PairingSupervisor` is a task of the daemon's event loop. It starts a
-:class:`~dispatcher.pairing_server.PairingServer` (writing through the fenced writer) as
+:class:`~dispatcher.pairing.server.PairingServer` (writing through the fenced writer) as
 soon as this instance is elected and stops it as soon as it is demoted (the elector calls
 :meth:`kick` from its thread), re-checking once a second so a failed start (port still
 held by a process going away) is retried. Agents waiting on a demoted leader get
@@ -17,9 +17,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent import logfmt
+from agent.common import logfmt
 from dispatcher.config import DispatcherConfig
-from dispatcher.pairing_server import PairingServer
+from dispatcher.pairing.server import PairingServer
 from dispatcher.statewrite import StateWriter
 
 RECHECK = 1.0

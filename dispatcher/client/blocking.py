@@ -1,9 +1,9 @@
 """One mTLS request to one agent over a blocking socket; threads for a fan-out.
 
-The same request as :mod:`dispatcher.agentclient` (the protocol, TLS and error strings
-are :mod:`dispatcher.agentwire`'s), without asyncio: ``ced`` starts tens of milliseconds
-faster. :data:`BLOCKING` is the :class:`~dispatcher.agentio.AgentIO` the CLI runs its
-dispatch verbs on, through :func:`dispatcher.agentio.run_blocking`.
+The same request as :mod:`dispatcher.client.aio` (the protocol, TLS and error strings
+are :mod:`dispatcher.client.wire`'s), without asyncio: ``ced`` starts tens of milliseconds
+faster. :data:`BLOCKING` is the :class:`~dispatcher.client.io.AgentIO` the CLI runs its
+dispatch verbs on, through :func:`dispatcher.client.io.run_blocking`.
 
 Connecting follows ``asyncio.open_connection``: every address ``getaddrinfo`` gives is
 tried in turn, with ``TCP_NODELAY``; when all fail the error is the only one, the first
@@ -22,8 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from dispatcher.agentio import run_blocking
-from dispatcher.agentwire import (
+from dispatcher.client.io import run_blocking
+from dispatcher.client.wire import (
     READ_CHUNK,
     TRANSPORT_ERRORS,
     AgentReply,
@@ -32,7 +32,7 @@ from dispatcher.agentwire import (
 )
 
 if TYPE_CHECKING:
-    from agent.authhook import Decision
+    from agent.common.authhook import Decision
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -84,7 +84,7 @@ def connect(address: str, port: int, deadline: float) -> socket.socket:
 
 
 def _drive(a: Attempt) -> bytes:
-    """Connect, then move the bytes :meth:`~dispatcher.agentwire.Attempt.exchange` asks for."""
+    """Connect, then move the bytes :meth:`~dispatcher.client.wire.Attempt.exchange` asks for."""
     deadline = a.t0 + a.timeout
     with connect(a.address, a.port, deadline) as sock:
         try:
@@ -118,7 +118,7 @@ def call(
 ) -> AgentReply:
     """One request to one agent; never raises for transport or HTTP failures.
 
-    As :func:`dispatcher.agentclient.call`, blocking the calling thread.
+    As :func:`dispatcher.client.aio.call`, blocking the calling thread.
     """
     a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
     try:
@@ -132,7 +132,7 @@ def gather(jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R | B
     """Run every job (a coroutine that never suspends) on up to ``limit`` threads.
 
     As with asyncio tasks, each job runs in a copy of the caller's context (the log
-    context of :mod:`agent.logfmt` included). A single job runs on the calling thread.
+    context of :mod:`agent.common.logfmt` included). A single job runs on the calling thread.
     Worker threads are daemons, so an interrupted ``ced`` exits without waiting for
     them (the main thread only joins).
     """
@@ -187,13 +187,13 @@ def _nonsuspending(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
 
 
 class BlockingIO:
-    """:class:`~dispatcher.agentio.AgentIO` whose coroutines never suspend."""
+    """:class:`~dispatcher.client.io.AgentIO` whose coroutines never suspend."""
 
     call = staticmethod(_nonsuspending(call))
     gather = staticmethod(_nonsuspending(gather))
 
     async def hook(self, hook: str, ctx: dict[str, Any], timeout: float) -> Decision:
-        from agent.authhook import call_sync
+        from agent.common.authhook import call_sync
 
         return call_sync(hook, ctx, timeout)
 

@@ -28,13 +28,13 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from agent.common.logfmt import event
+from agent.common.ratelimit import RateLimiter
+from agent.common.tlsconf import server_context
+from agent.common.wire import response_bytes
 from agent.config import RateSpec
-from agent.logfmt import event
-from agent.ratelimit import RateLimiter
-from agent.tlsconf import server_context
-from agent.wire import response_bytes
-from dispatcher import pairing_queue as pq
 from dispatcher.config import DispatcherConfig
+from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import StateWriter, default_writer
 
 MAX_BODY = 65_536
@@ -54,7 +54,7 @@ def parse_rate(value: str) -> RateSpec:
 
 
 def frame(body: bytes) -> bytes:
-    """HTTP/1.0 200 framing around raw JSON bytes, as :func:`agent.wire.response_bytes`."""
+    """HTTP/1.0 200 framing around raw JSON bytes, as :func:`agent.common.wire.response_bytes`."""
     head = (
         f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
