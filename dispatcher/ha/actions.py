@@ -35,7 +35,6 @@ from typing import Any
 from agent.common.errors import CtrlExecError
 from dispatcher.core import Dispatcher  # at run time: bind() resolves the annotations
 
-
 PUBLISH_WAIT = 10.0  # seconds an action with ``wait_generation`` waits for its generation
 
 
