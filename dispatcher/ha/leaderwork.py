@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from dispatcher.ha import actions
-from dispatcher.ha import leader_requests as hareq
+from dispatcher.ha import leader_requests
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
@@ -199,7 +199,7 @@ class LeaderWork:
                 at = float(json.loads(kv.value).get("at", 0))
             except (ValueError, TypeError, AttributeError):
                 at = 0.0
-            if time.time() - at > hareq.RESULT_KEEP:
+            if time.time() - at > leader_requests.RESULT_KEEP:
                 old.append(kv.key)
         if old:
             self.node.elector.commit("results-prune", deletes=old[:100], epoch=epoch,
