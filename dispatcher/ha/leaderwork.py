@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
-from dispatcher.ha import actions
-from dispatcher.ha import leader_requests
+from dispatcher.ha import actions, leader_requests
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
