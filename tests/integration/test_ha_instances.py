@@ -266,6 +266,39 @@ def test_edit_agent_from_a_follower_host_is_carried_out_by_the_leader(cluster: C
     assert r.returncode == 0, r.stderr
 
 
+def test_malformed_request_records_are_dropped_and_never_stop_the_loop(cluster: Cluster) -> None:
+    """Anyone who can write to etcd can queue junk: each bad record is dropped and logged
+    once, and a genuine request behind it is still carried out."""
+    leader = cluster.one_leader()
+    backend = cluster.backend()
+    prefix = backend.keys.requests
+    junk = {
+        f"{prefix}evil/../x": json.dumps({"kind": "list-requests", "args": {}}),
+        f"{prefix}not-json": "{",
+        f"{prefix}args-list": json.dumps({"kind": "deny", "args": ["a"]}),
+        f"{prefix}no-kind": json.dumps({"args": {}}),
+        f"{prefix}bad-args": json.dumps({"kind": "approve", "args": {"reqid": 1, "sudo": 1}}),
+    }
+    try:
+        for key, value in junk.items():
+            backend.put_value(key, value)
+        r = cluster.ced(cluster.followers()[0], "--json", "list-requests", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ok"] == 1
+        assert wait_until(lambda: not backend.get_prefix(prefix), 10, "junk dropped")
+        result = backend.get_value(backend.keys.result("bad-args"))
+        assert result is not None  # a well-formed record with bad arguments gets an answer
+        doc = json.loads(result)
+        assert doc["ok"] is False and "unknown argument(s) sudo" in doc["error"], doc
+    finally:
+        backend.close()
+    log = leader.logtext()
+    for name in ("evil/../x", "not-json", "args-list", "no-kind"):
+        lines = [ln for ln in log.splitlines()
+                 if "ACTION=request-drop " in ln and f" KEY={prefix}{name} " in ln]  # fmt: skip
+        assert len(lines) == 1, (name, lines)
+
+
 # ----- data plane --------------------------------------------------------------------------
 
 
