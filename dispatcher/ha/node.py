@@ -48,6 +48,7 @@ from dispatcher.ha import switchover
 from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
 from dispatcher.ha.errors import NotLeaderError
 from dispatcher.ha.leaderwork import LeaderWork
+from dispatcher.ha.replication import Replication
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
 from dispatcher.ha.runlocks import HARunLocks
@@ -132,6 +133,7 @@ class HANode:
         self.restarts: RestartCoordinator | None = None
         self.orders: OrderWatcher | None = None
         self.work: LeaderWork | None = None
+        self.replication: Replication | None = None
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
             if cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
@@ -145,7 +147,11 @@ class HANode:
                 lambda fresh: self.members(fresh=fresh),
                 active_operations=self.writer.active_operations,
             )  # fmt: skip
-            self.writer.on_change = self.sync.mark_dirty
+            self.replication = Replication(
+                self.instance_id, self.sync, lambda: self.members(fresh=True),
+                mode=cfg.sync_ack, timeout=cfg.sync_ack_timeout, covers=self.sync.layout.covers,
+            )  # fmt: skip
+            self.writer.on_change = self._changed
             self.writer.gate = self.sync.gate_reason
             self.session.update_member(cert_serial=self.sync.loaded_serial,
                                        generation=self.sync.generation)  # fmt: skip
@@ -168,6 +174,12 @@ class HANode:
             health_port=cfg.health_port, pairing_port=cfg.pairing_port,
             proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
         )  # fmt: skip
+
+    def _changed(self, path: Path) -> None:
+        """A fenced write or delete happened: publish it, count it for ``sync_ack``."""
+        assert self.sync is not None and self.replication is not None
+        self.sync.mark_dirty(path)
+        self.replication.note(path)
 
     def _generation(self) -> int:
         member = self.session.member
@@ -198,7 +210,7 @@ class HANode:
         d.__dict__["runstore"] = self.runs
         set_default_writer(self.writer)
         d.sign_guard = self.signing_refused
-        d.generations = self.sync
+        d.replication = self.replication
         pki.set_sign_guard(self._sign_check)
         if self.kind == "etcd":
             self.work = LeaderWork(self, d)

@@ -253,6 +253,14 @@ def test_edit_agent_from_a_follower_host_is_carried_out_by_the_leader(cluster: C
         r = cluster.ced(follower, "--json", "edit-agent", "web2", "--rename", "web2-moved")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["hostname"] == "web2-moved"
+        # sync_ack = majority: when ced answers, most members run the generation with it
+        g = leader.status()["generation"]
+        backend = cluster.backend()
+        try:
+            applied = [m.instance_id for m in backend.members() if m.generation >= g]
+        finally:
+            backend.close()
+        assert len(applied) >= 2, (g, applied)
         fresh = [e for e in cluster.effects() if e.revision not in before]
         assert {"request-claim", "agent-edit", "request-done"} <= {e.effect for e in fresh}
         assert all(e.epoch == epoch and e.instance_id == leader.id for e in fresh)
