@@ -345,19 +345,31 @@ class HANode:
                 return info, m.advertise_url or None
         return info, None
 
-    def request_switchover(self, requested_by: str = "") -> dict[str, Any]:
-        """Resign if leading, else ask the leader through the store. Raises on no leader."""
+    def request_switchover(self, requested_by: str = "", to: str = "") -> dict[str, Any]:
+        """Resign if leading (in favour of ``to``), else ask the leader through the store.
+        Raises LookupError on no leader, ValueError when ``to`` cannot take over."""
         epoch = self.elector.epoch
         if epoch is not None:
-            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
-                         reason="switchover", requested_by=requested_by)  # fmt: skip
-            self.elector.resign()
-            return {"leader": self.instance_id, "epoch": epoch, "action": "resigned"}
+            self._resign_for_switchover(epoch, to, requested_by)
+            return {"leader": self.instance_id, "epoch": epoch, "action": "resigned", "to": to}
         info = self.data.leader()
         if info is None:
             raise LookupError("no leader to switch over from")
-        switchover.post_request(self.data, info, requested_by or self.instance_id)
-        return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested"}
+        if to == info.instance_id:
+            raise ValueError(f"{to} leads already")
+        switchover.post_request(self.data, info, requested_by or self.instance_id, to)
+        return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested", "to": to}
+
+    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
+        if to:
+            gen = self.sync.generation if self.sync is not None else 0
+            problem = (f"{to} leads already" if to == self.instance_id
+                       else switchover.target_problem(self.members(fresh=True), to, gen))  # fmt: skip
+            if problem is not None:
+                raise ValueError(f"cannot switch over to {to}: {problem}")
+        logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
+                     reason="switchover", to=to, requested_by=requested_by)  # fmt: skip
+        self.elector.resign(reason="switchover", to=to, requested_by=requested_by)
 
     # -- the monitor -------------------------------------------------------------------------
 
@@ -405,9 +417,12 @@ class HANode:
         wanted = req.get("epoch")
         if epoch is not None and wanted == epoch:
             self.data.delete_value(self.data.keys.switchover)
-            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
-                         reason="switchover", requested_by=req.get("requested_by", ""))  # fmt: skip
-            self.elector.resign()
+            try:
+                self._resign_for_switchover(epoch, str(req.get("to") or ""),
+                                            str(req.get("requested_by") or ""))  # fmt: skip
+            except ValueError as exc:
+                logfmt.event("switchover-refused", logging.WARNING, instance=self.instance_id,
+                             epoch=epoch, reason=exc)  # fmt: skip
         elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
             self.data.delete_value(self.data.keys.switchover)  # stale request
 

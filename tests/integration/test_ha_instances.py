@@ -393,6 +393,47 @@ def test_cli_switchover(cluster: Cluster) -> None:
     assert new.id == doc["leader"]
 
 
+def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster) -> None:
+    """``switchover --to X`` lands on X (the others leave the campaign to it), a bad
+    target is refused, and every change of leader is on record with its reason."""
+    from cluster import history
+    from dispatcher.ha import switchover
+
+    cluster.ensure_all_running()
+    backend = cluster.backend()
+    try:
+        start = history.terms(backend)[0]
+        changes: list[tuple[str, str]] = []
+        for _ in range(3):  # each time to the follower listed last: not a lucky race
+            old = cluster.one_leader()
+            target = sorted(i.id for i in cluster.followers())[-1]
+            info = backend.leader()
+            assert info is not None and info.instance_id == old.id
+            switchover.post_request(backend, info, "pytest", to=target)
+            assert wait_until(lambda o=old.id: (n := backend.leader()) is not None
+                              and n.instance_id != o, 10, "a new leader")  # fmt: skip
+            new = backend.leader()
+            assert new is not None and new.instance_id == target
+            changes.append((old.id, target))
+            cluster.one_leader()
+        info = backend.leader()
+        assert info is not None
+        switchover.post_request(backend, info, "pytest", to="no-such-member")
+        assert wait_until(lambda: backend.get_value(backend.keys.switchover) is None, 5, "seen")
+        time.sleep(3 * TTL)
+        assert backend.leader() == info  # refused: the leader stays
+        leader = next(i for i in cluster.insts.values() if i.id == info.instance_id)
+        assert "ACTION=switchover-refused" in leader.logtext()
+        terms = history.terms(backend)
+    finally:
+        backend.close()
+    recent = list(reversed([t for t in terms if t.epoch > start.epoch]))
+    assert [(t.previous, t.leader) for t in recent] == changes
+    assert [t.term for t in recent] == [start.term + 1, start.term + 2, start.term + 3]
+    for t in recent:
+        assert t.reason == f"switchover to {t.leader} (requested by pytest)", t
+
+
 # ----- etcd down: the data plane goes on, leader-only work fails fast ----------------------
 
 
