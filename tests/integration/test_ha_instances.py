@@ -26,11 +26,9 @@ from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
-from ops.lab.haproxy import HAPROXY
-from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
-from tests.support.apicalls import STATUS_KEYS, overlapping_runs
-from tests.support.etcdcluster import ETCD, SKIP_REASON
-from tests.support.hacluster import (
+from ops.lab.apicalls import STATUS_KEYS, overlapping_runs
+from ops.lab.etcd import ETCD, SKIP_REASON
+from ops.lab.hacluster import (
     Cluster,
     ClusterSpec,
     Inst,
@@ -42,7 +40,9 @@ from tests.support.hacluster import (
     running_cluster,
     wait_until,
 )
-from tests.support.pairing import pairing_request
+from ops.lab.haproxy import HAPROXY
+from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
+from ops.lab.pairing import pairing_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
