@@ -304,15 +304,16 @@ class Elector:
         self.backend.wait_leader_change(res.revision + 1, timeout)
 
     def _leave_to_target(self, now: float) -> bool:
-        """A handover note of the last leader's epoch names another member: leave the
-        campaign to it for a while (measured from when this instance first saw the note)."""
+        """A handover note at least as new as the last leader this instance saw names
+        another member: leave the campaign to it for a while (measured from when this
+        instance first saw the note). An ex-leader that resigned defers too."""
         with self._lock:
             last = self._last_leader
-        if last is None or last.instance_id == self.instance_id:
-            return False
         note = history.read_handover(self.backend)
-        if note is None or not note.to or note.to == self.instance_id or note.epoch != last.epoch:
+        if note is None or not note.to or note.to == self.instance_id:
             return False
+        if last is not None and note.epoch < last.epoch:
+            return False  # a stale note from before the leader this instance knows
         first = self._handover_seen.setdefault(note.epoch, now)
         return now - first < history.HANDOVER_WAIT_TTLS * self.ttl
 
