@@ -25,6 +25,7 @@ from agent.common.errors import CtrlExecError
 from agent.common.records import record
 from dispatcher.client import fanout
 from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.client.wire import AgentRequest
 from dispatcher.core import Dispatcher
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
@@ -372,7 +373,7 @@ async def do_discovery(
     call = resolve_io(io).call
 
     async def one(t: fanout.TargetLike) -> Result:
-        r = await call(t.address, t.port, "GET", "/capabilities", None, ctx, timeout, t.name)
+        r = await call(AgentRequest.to(t, "GET", "/capabilities", None, ctx, timeout))
         if r.error or r.body is None:
             err = r.error or "invalid JSON"
             logfmt.event("discovery", logfmt.ERROR, agent=t.name, error=err, rtt=r.rtt)

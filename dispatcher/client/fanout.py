@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
 from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.client.wire import AgentRequest, TargetLike
 
 if TYPE_CHECKING:
     import ssl
@@ -30,19 +31,6 @@ DEFAULT_MAX_PARALLEL = 64
 Result = dict[str, Any]
 R = TypeVar("R")
 ev = logfmt.event
-
-
-class TargetLike(Protocol):
-    """What the fan-out connects to: ``dispatcher.registry.Target`` fits."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def address(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
 
 
 def _check_hosts(targets: Sequence[TargetLike], max_hosts: int) -> None:
@@ -146,8 +134,7 @@ async def run_one(
     }  # fmt: skip
     if async_:
         body["async"] = True
-    r = await resolve_io(io).call(t.address, t.port, "POST", "/run", body, ctx, timeout, t.name,
-                                  sessions=sessions)  # fmt: skip
+    r = await resolve_io(io).call(AgentRequest.to(t, "POST", "/run", body, ctx, timeout, sessions))
     action = "run-async" if async_ else "run"
     if async_ and r.code == 409:
         err = r.body.get("error") if r.body is not None else None
@@ -217,8 +204,8 @@ async def ping_one(
     sessions: SessionCache | None = None,
     io: AgentIO | None = None,
 ) -> Result:
-    r = await resolve_io(io).call(t.address, t.port, "POST", "/ping", {"reqid": reqid}, ctx,
-                                  timeout, t.name, sessions=sessions)  # fmt: skip
+    req = AgentRequest.to(t, "POST", "/ping", {"reqid": reqid}, ctx, timeout, sessions)
+    r = await resolve_io(io).call(req)
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
         return _ping_failed(t.name, r.error, r.rtt)
@@ -261,8 +248,8 @@ async def result_one(
     sessions: SessionCache | None = None,
     io: AgentIO | None = None,
 ) -> Result:
-    r = await resolve_io(io).call(t.address, t.port, "GET", f"/result/{reqid}", None, ctx,
-                                  timeout, t.name, sessions=sessions)  # fmt: skip
+    req = AgentRequest.to(t, "GET", f"/result/{reqid}", None, ctx, timeout, sessions)
+    r = await resolve_io(io).call(req)
     if r.code == 404:
         return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
     if r.error:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from agent.common.serial import serial_to_hex
-from dispatcher.client.aio import AgentReply, call
+from dispatcher.client.aio import AgentReply, AgentRequest, call
 from dispatcher.pki import rotation_state as rs
 from dispatcher.pki.rotation_state import RotationState, format_iso
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
@@ -279,8 +279,8 @@ async def _send_serial(
     async def one(t: Target) -> tuple[str, str]:
         err = "no credentials"
         for ctx in ctxs:
-            reply = await call(t.address, t.port, "POST", "/rotate-serial", body, ctx,
-                               d.cfg.read_timeout, t.name)  # fmt: skip
+            reply = await call(AgentRequest.to(t, "POST", "/rotate-serial", body, ctx,
+                                               d.cfg.read_timeout))  # fmt: skip
             err = _reply_error(reply)
             if not err or reply.code != 403:
                 break
