@@ -377,7 +377,7 @@ async def do_discovery(
         if r.error or r.body is None:
             err = r.error or "invalid JSON"
             logfmt.event("discovery", logfmt.ERROR, agent=t.name, error=err, rtt=r.rtt)
-            return {"host": t.name, "status": "error", "error": err, "rtt": r.rtt}
+            return fanout.host_error(t.name, err, r.rtt)
         res: Result = dict(r.body)
         reported = res.get("host")
         res["rtt"] = r.rtt
@@ -386,11 +386,8 @@ async def do_discovery(
         logfmt.event("discovery", agent=t.name, rtt=r.rtt)
         return fanout.canonicalise(res, t.name)
 
-    def on_error(t: fanout.TargetLike, exc: Exception) -> Result:
-        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
-                "rtt": "0ms"}  # fmt: skip
-
-    results = await fanout.fan_out(targets, one, d.cfg.max_parallel, on_error, io=io)
+    results = await fanout.fan_out_results(targets, one, fanout.host_error, d.cfg.max_parallel,
+                                           io=io)  # fmt: skip
     out: dict[str, Result] = {}
     for res in results:
         name = str(res["host"])

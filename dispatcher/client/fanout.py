@@ -89,14 +89,29 @@ def _target(t: TargetLike) -> str:
     return f"{t.address}:{t.port}"
 
 
-def _internal(
+async def fan_out_results(
+    targets: Sequence[TargetLike],
+    one: Callable[[TargetLike], Awaitable[Result]],
     failed: Callable[[str, str, str], Result],
-) -> Callable[[TargetLike, Exception], Result]:
-    """The ``on_error`` of :func:`fan_out`: an exception as the operation's failure result.
+    max_parallel: int,
+    *,
+    io: AgentIO | None = None,
+) -> list[Result]:
+    """The fan-out of one operation: ``one(target)`` for every target, in target order.
 
-    ``failed(name, error, rtt)`` is what the operation answers when an agent could not.
+    ``failed(name, error, rtt)`` is what the operation answers when an agent could not;
+    an exception from ``one`` becomes ``failed(name, "internal error: <exc>", "0ms")``.
     """
-    return lambda t, exc: failed(t.name, f"internal error: {exc}", "0ms")
+
+    def internal(t: TargetLike, exc: Exception) -> Result:
+        return failed(t.name, f"internal error: {exc}", "0ms")
+
+    return await fan_out(targets, one, max_parallel, internal, io=io)
+
+
+def host_error(name: str, error: str, rtt: str) -> Result:
+    """A ping (or discovery) without an agent's answer."""
+    return {"host": name, "status": "error", "error": error, "rtt": rtt}
 
 
 # ----- /run ------------------------------------------------------------------------------
@@ -181,19 +196,14 @@ async def run_all(
     _check_hosts(targets, max_hosts)
     ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
        mode="async" if async_ else "sync")  # fmt: skip
-    failed = _internal(partial(_run_failed, script, reqid, async_))
-    return await fan_out(
+    return await fan_out_results(
         targets,
         lambda t: run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
                           sessions, io),
-        max_parallel, failed, io=io)  # fmt: skip
+        partial(_run_failed, script, reqid, async_), max_parallel, io=io)  # fmt: skip
 
 
 # ----- /ping -----------------------------------------------------------------------------
-
-
-def _ping_failed(name: str, error: str, rtt: str) -> Result:
-    return {"host": name, "status": "error", "error": error, "rtt": rtt}
 
 
 async def ping_one(
@@ -208,7 +218,7 @@ async def ping_one(
     r = await resolve_io(io).call(req)
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
-        return _ping_failed(t.name, r.error, r.rtt)
+        return host_error(t.name, r.error, r.rtt)
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     _reported(res, r)
     res["rtt"] = r.rtt
@@ -229,8 +239,8 @@ async def ping_all(
 ) -> list[Result]:
     """``POST /ping`` on every target."""
     _check_hosts(targets, max_hosts)
-    return await fan_out(targets, lambda t: ping_one(t, reqid, ctx, timeout, sessions, io),
-                         max_parallel, _internal(_ping_failed), io=io)  # fmt: skip
+    return await fan_out_results(targets, lambda t: ping_one(t, reqid, ctx, timeout, sessions, io),
+                                 host_error, max_parallel, io=io)  # fmt: skip
 
 
 # ----- GET /result/<reqid> -----------------------------------------------------------------
@@ -276,6 +286,6 @@ async def result_all(
 ) -> list[Result]:
     """``GET /result/<reqid>`` on every target (async run progress)."""
     _check_hosts(targets, max_hosts)
-    failed = _internal(partial(_result_failed, reqid))
-    return await fan_out(targets, lambda t: result_one(t, reqid, ctx, timeout, sessions, io),
-                         max_parallel, failed, io=io)  # fmt: skip
+    return await fan_out_results(
+        targets, lambda t: result_one(t, reqid, ctx, timeout, sessions, io),
+        partial(_result_failed, reqid), max_parallel, io=io)  # fmt: skip
