@@ -6,7 +6,9 @@ Unlike upstream, which only probes, the lock is held for the whole run: take it 
 deleted (removing one would let two processes lock different inodes). The holder writes
 ``host`` and ``script`` into the file so :func:`list_held` reports the real names.
 
-:class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well.
+:class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well; the
+conflict (:class:`~cluster.locks.LockConflict`) and the handle base
+(:class:`~cluster.locks.LockHandle`) are the cluster library's, shared by every backend.
 """
 
 from __future__ import annotations
@@ -17,45 +19,30 @@ import fcntl
 import os
 import re
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
-from agent.common.errors import CtrlExecError
+from cluster.locks import LockConflict, LockHandle
+
+__all__ = [
+    "HeldLocks",
+    "LocalRunLocks",
+    "LockConflict",
+    "LockHandle",
+    "RunLocks",
+    "acquire_all",
+    "list_held",
+    "lock_path",
+]
 
 LOCK_MODE = 0o660
 _UNSAFE = re.compile(r"[^\w.-]", re.ASCII)
 _LOCK_FILE = re.compile(r"(.+)--(.+)\.lock")
 
 
-class LockConflict(CtrlExecError):
-    """Some host:script pairs are already running; ``conflicts`` lists them."""
-
-    def __init__(self, conflicts: list[str]) -> None:
-        self.conflicts = conflicts
-        super().__init__(f"already running: {', '.join(conflicts)}")
-
-
-class RunLockHandle(Protocol):
-    """Locks held for one run; released by ``release()`` or leaving the ``with``."""
-
-    pairs: list[tuple[str, str]]
-
-    def release(self) -> None: ...
-
-    def __enter__(self) -> RunLockHandle: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
 class RunLocks(Protocol):
     """A run-lock backend: local flock (:class:`LocalRunLocks`) or cluster-wide."""
 
-    def acquire_all(self, pairs: list[tuple[str, str]]) -> RunLockHandle: ...
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> LockHandle: ...
 
     def list_held(self) -> list[tuple[str, str]]: ...
 
@@ -83,7 +70,7 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-class HeldLocks:
+class HeldLocks(LockHandle):
     """Locks held by this process (flock on open descriptors) until released."""
 
     def __init__(self, pairs: list[tuple[str, str]], fds: list[int]) -> None:
@@ -98,17 +85,6 @@ class HeldLocks:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)  # closing the descriptor drops the flock
-
-    def __enter__(self) -> HeldLocks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __del__(self) -> None:
         self.release()
