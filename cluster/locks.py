@@ -4,7 +4,8 @@
 :class:`LockConflict` listing every ``host:script`` already running. :class:`LockConflict`
 and :class:`LockHandle` (what every ``acquire_all`` returns) are shared with the
 dispatcher's local and HA run locks; this module stays light (``ced run`` loads it), so
-the backend and session types are only annotations. With etcd the locks
+the backend and session types are only annotations. :func:`try_flock` is the one
+non-blocking ``flock`` of the project's local locks and leases. With etcd the locks
 are keys ``/<cluster>/locks/<host>--<script>`` bound to the instance's session lease, so a
 crashed instance's locks vanish after the TTL; with the local backend they live in the
 state directory and are bound to a ``flock`` held by this process. Each handle has a
@@ -13,6 +14,8 @@ random token in its keys' values, so a release never deletes another holder's lo
 
 from __future__ import annotations
 
+import errno
+import fcntl
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -22,6 +25,17 @@ from cluster.errors import ClusterError
 if TYPE_CHECKING:
     from cluster.backend import Backend
     from cluster.session import Session
+
+
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting; False when someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 class LockConflict(ClusterError):

@@ -14,14 +14,12 @@ conflict (:class:`~cluster.locks.LockConflict`) and the handle base
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import re
 from pathlib import Path
 from typing import Protocol
 
-from cluster.locks import LockConflict, LockHandle
+from cluster.locks import LockConflict, LockHandle, try_flock
 
 __all__ = [
     "HeldLocks",
@@ -60,16 +58,6 @@ def _open(path: Path) -> int:
     return fd
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
 class HeldLocks(LockHandle):
     """Locks held by this process (flock on open descriptors) until released."""
 
@@ -104,7 +92,7 @@ def acquire_all(locks_dir: str | Path, pairs: list[tuple[str, str]]) -> HeldLock
                 continue
             seen.add(path)
             fd = _open(path)
-            if _try_lock(fd):
+            if try_flock(fd):
                 fds.append(fd)
                 taken.append((host, script))
             else:
@@ -150,7 +138,7 @@ def list_held(locks_dir: str | Path) -> list[tuple[str, str]]:
         except OSError:
             continue
         try:
-            if _try_lock(fd):
+            if try_flock(fd):
                 continue
             names = _names_of(fd, name)
             if names is not None:
