@@ -518,10 +518,9 @@ async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     try:
         targets = _targets(d, d.registry.names())
         out["agents"] = len(targets)
-        results = await fanout.ping_all(
-            targets, new_reqid(), d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
-            max_hosts=max(d.cfg.max_hosts, len(targets)),
-        )  # fmt: skip
+        reach = fanout.Reach(d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
+                             max(d.cfg.max_hosts, len(targets)))  # fmt: skip
+        results = await fanout.ping_all(targets, new_reqid(), reach)
         out["pinged"] = sum(1 for r in results if r.get("status") == "ok")
         renewed: list[str] = []
         by_name = {t.name: t for t in targets}

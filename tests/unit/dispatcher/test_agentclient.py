@@ -460,7 +460,7 @@ async def _raises() -> None:
 def test_too_many_hosts(cctx: ssl.SSLContext) -> None:
     targets = [T(f"h{i}", "127.0.0.1", 1) for i in range(3)]
     with pytest.raises(ValueError, match=r"too many hosts \(max 2\)"):
-        asyncio.run(fanout.ping_all(targets, "r", cctx, 1, 4, max_hosts=2))
+        asyncio.run(fanout.ping_all(targets, "r", fanout.Reach(cctx, 1, 4, max_hosts=2)))
 
 
 def test_canonicalise() -> None:
