@@ -222,11 +222,7 @@ async def run_all(
 # ----- /ping -----------------------------------------------------------------------------
 
 
-async def ping_one(
-    t: TargetLike,
-    reqid: str,
-    reach: Reach,
-) -> Result:
+async def ping_one(t: TargetLike, reqid: str, reach: Reach) -> Result:
     r = await reach.call(t, "POST", "/ping", {"reqid": reqid})
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
@@ -238,11 +234,7 @@ async def ping_one(
     return canonicalise(res, t.name)
 
 
-async def ping_all(
-    targets: Sequence[TargetLike],
-    reqid: str,
-    reach: Reach,
-) -> list[Result]:
+async def ping_all(targets: Sequence[TargetLike], reqid: str, reach: Reach) -> list[Result]:
     """``POST /ping`` on every target."""
     reach.check_hosts(targets)
     return await fan_out_results(targets, lambda t: ping_one(t, reqid, reach), host_error, reach)
@@ -255,11 +247,7 @@ def _result_failed(reqid: str, name: str, error: str, rtt: str) -> Result:
     return {"host": name, "status": "error", "error": error, "reqid": reqid, "rtt": rtt}
 
 
-async def result_one(
-    t: TargetLike,
-    reqid: str,
-    reach: Reach,
-) -> Result:
+async def result_one(t: TargetLike, reqid: str, reach: Reach) -> Result:
     r = await reach.call(t, "GET", f"/result/{reqid}", None)
     if r.code == 404:
         return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
@@ -274,11 +262,7 @@ async def result_one(
     return canonicalise(res, t.name)
 
 
-async def result_all(
-    targets: Sequence[TargetLike],
-    reqid: str,
-    reach: Reach,
-) -> list[Result]:
+async def result_all(targets: Sequence[TargetLike], reqid: str, reach: Reach) -> list[Result]:
     """``GET /result/<reqid>`` on every target (async run progress)."""
     reach.check_hosts(targets)
     return await fan_out_results(targets, lambda t: result_one(t, reqid, reach),
