@@ -3,7 +3,7 @@
 Every operation takes the :class:`~dispatcher.core.Dispatcher` and a :class:`Caller`
 (who asks, from where). Errors propagate as exceptions the front-ends map to their own
 output: :class:`~dispatcher.registry.RegistryError` (unknown agents), :class:`Denied`
-(auth hook), :class:`~dispatcher.runlocks.LockConflict` (host:script already running).
+(auth hook), :class:`~cluster.locks.LockConflict` (host:script already running).
 
 Unlike upstream, which only probes the per host:script locks, :func:`do_run` holds them
 for the whole synchronous run (or for the whole submission of an async run).
