@@ -188,11 +188,13 @@ async def bench(s: Setup, port: int, count: int, reps: int, rounds: int, sim_pid
     one = targets[:1]
 
     def ping(ts: list[Target], mp: int) -> Op:
-        return lambda cache: fanout.ping_all(ts, new_reqid(), ctx, 30, mp, sessions=cache)
+        return lambda cache: fanout.ping_all(
+            ts, new_reqid(), fanout.Reach(ctx, 30, mp, sessions=cache)
+        )
 
     def run(ts: list[Target], script: str, mp: int) -> Op:
-        return lambda cache: fanout.run_all(ts, script, [], new_reqid(), "", "", ctx, 30, mp,
-                                            sessions=cache)  # fmt: skip
+        return lambda cache: fanout.run_all(ts, script, [], new_reqid(), "", "",
+                                            fanout.Reach(ctx, 30, mp, sessions=cache))  # fmt: skip
 
     await ping(one, 1)(SessionCache())  # warm-up
 

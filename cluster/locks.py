@@ -1,7 +1,11 @@
 """Cluster-wide host:script run locks, the same shape as ``dispatcher/runlocks.py``.
 
 ``acquire_all(pairs)`` takes every lock or none, and a conflict raises
-:class:`LockConflict` listing every ``host:script`` already running. With etcd the locks
+:class:`LockConflict` listing every ``host:script`` already running. :class:`LockConflict`
+and :class:`LockHandle` (what every ``acquire_all`` returns) are shared with the
+dispatcher's local and HA run locks; this module stays light (``ced run`` loads it), so
+the backend and session types are only annotations. :func:`try_flock` is the one
+non-blocking ``flock`` of the project's local locks and leases. With etcd the locks
 are keys ``/<cluster>/locks/<host>--<script>`` bound to the instance's session lease, so a
 crashed instance's locks vanish after the TTL; with the local backend they live in the
 state directory and are bound to a ``flock`` held by this process. Each handle has a
@@ -10,15 +14,28 @@ random token in its keys' values, so a release never deletes another holder's lo
 
 from __future__ import annotations
 
-import logging
-import secrets
+import errno
+import fcntl
+from abc import ABC, abstractmethod
 from types import TracebackType
+from typing import TYPE_CHECKING, Self
 
-from cluster.backend import Backend
 from cluster.errors import ClusterError
-from cluster.session import Session
 
-log = logging.getLogger("ctrl-exec.cluster")
+if TYPE_CHECKING:
+    from cluster.backend import Backend
+    from cluster.session import Session
+
+
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting; False when someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 class LockConflict(ClusterError):
@@ -29,8 +46,31 @@ class LockConflict(ClusterError):
         super().__init__(f"already running: {', '.join(conflicts)}")
 
 
-class ClusterHeldLocks:
-    """Locks held for one run; released by :meth:`release` or leaving the ``with``."""
+class LockHandle(ABC):
+    """Locks held for one run (``pairs``); released by :meth:`release` or leaving the ``with``.
+
+    :meth:`release` may be called more than once; only the first call releases.
+    """
+
+    pairs: list[tuple[str, str]]
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class ClusterHeldLocks(LockHandle):
+    """The cluster-wide keys of one run, bound to the session lease they were taken under."""
 
     def __init__(
         self,
@@ -73,17 +113,6 @@ class ClusterHeldLocks:
         self._held = False
         self._backend.run_lock_release(self.pairs, self._token, self._owner)
 
-    def __enter__(self) -> ClusterHeldLocks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
 
 class ClusterRunLocks:
     """Run locks for every instance of the cluster (the ``RunLocks`` interface)."""
@@ -95,6 +124,8 @@ class ClusterRunLocks:
 
     def acquire_all(self, pairs: list[tuple[str, str]]) -> ClusterHeldLocks:
         """Take every host:script lock without blocking, or none (:class:`LockConflict`)."""
+        import secrets  # not at module level: hashlib and random, for this call only
+
         unique = list(dict.fromkeys(pairs))
         token = secrets.token_hex(8)
         lease_id = self.session.lease_id()

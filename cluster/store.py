@@ -12,7 +12,6 @@ runs under a ``flock`` on ``kv.lock`` and rewrites ``kv.json`` atomically.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cluster.errors import BackendUnavailable
+from cluster.locks import try_flock
 
 
 @dataclass(frozen=True)
@@ -92,16 +92,6 @@ def _raw(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
 class _Data:
     """The decoded ``kv.json``: revision, keys and the last delete revision of each key."""
 
@@ -165,7 +155,7 @@ class LocalStore:
         except FileNotFoundError:
             return False
         try:
-            if _try_flock(fd):  # nobody holds it: the granting process is gone
+            if try_flock(fd):  # nobody holds it: the granting process is gone
                 with contextlib.suppress(FileNotFoundError):
                     self._lease_path(lease_id).unlink()
                 return False

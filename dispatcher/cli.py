@@ -1148,6 +1148,7 @@ def _version() -> None:
 
 def _dispatch(argv: list[str]) -> int:
     from agent.common.errors import ConfigError, CtrlExecError
+    from cluster.locks import LockConflict
 
     ns, script_args = parse(argv)
     if ns.version:
@@ -1170,7 +1171,7 @@ def _dispatch(argv: list[str]) -> int:
     except ConfigError as exc:
         err(f"Error: {exc}")
         return 2
-    except CtrlExecError as exc:
+    except (CtrlExecError, LockConflict) as exc:
         return _ctrl_error(ctx, exc)
 
 

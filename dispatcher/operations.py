@@ -3,7 +3,7 @@
 Every operation takes the :class:`~dispatcher.core.Dispatcher` and a :class:`Caller`
 (who asks, from where). Errors propagate as exceptions the front-ends map to their own
 output: :class:`~dispatcher.registry.RegistryError` (unknown agents), :class:`Denied`
-(auth hook), :class:`~dispatcher.runlocks.LockConflict` (host:script already running).
+(auth hook), :class:`~cluster.locks.LockConflict` (host:script already running).
 
 Unlike upstream, which only probes the per host:script locks, :func:`do_run` holds them
 for the whole synchronous run (or for the whole submission of an async run).
@@ -125,12 +125,10 @@ async def authorise(
 # ----- helpers ---------------------------------------------------------------------------
 
 
-def _timeout(d: Dispatcher) -> float:
-    return float(d.cfg.read_timeout)
-
-
-def _fan_kw(d: Dispatcher) -> dict[str, Any]:
-    return {"max_parallel": d.cfg.max_parallel, "max_hosts": d.cfg.max_hosts}
+def _reach(d: Dispatcher, io: AgentIO | None) -> fanout.Reach:
+    """The dispatcher's client context, ``read_timeout`` per host and fan-out limits."""
+    return fanout.Reach(d.client_ctx(), float(d.cfg.read_timeout), d.cfg.max_parallel,
+                        d.cfg.max_hosts, io=io)  # fmt: skip
 
 
 def _names(targets: Sequence[Target]) -> list[str]:
@@ -169,12 +167,10 @@ async def do_run(
     await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
                     reqid=rid, io=io)  # fmt: skip
     pairs = [(name, script) for name in _names(targets)]
-    ctx = d.client_ctx()
+    reach = _reach(d, io)
     with d.locks.acquire_all(pairs):
-        results = await fanout.run_all(
-            targets, script, args, rid, caller.username, caller.token, ctx, _timeout(d),
-            async_=async_, io=io, **_fan_kw(d),
-        )  # fmt: skip
+        results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
+                                       reach, async_=async_)  # fmt: skip
     submitter = caller.submitter if caller.kind == "api" else None
     if async_:
         from dispatcher.runstore import async_record
@@ -248,8 +244,7 @@ async def do_ping(
     targets = resolve(d.registry, hosts, default_port)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
-    results = await fanout.ping_all(targets, rid, d.client_ctx(), _timeout(d), io=io,
-                                    **_fan_kw(d))  # fmt: skip
+    results = await fanout.ping_all(targets, rid, _reach(d, io))
     if renew:
         await _maybe_renew(d, targets, results, io)
     return {"reqid": rid, "results": results}
@@ -292,8 +287,7 @@ async def _refresh(
         except RegistryError:
             fetched[name] = FetchOutcome.failed(f"unknown agent: {name}")
     if targets:
-        results = await fanout.result_all(targets, reqid, d.client_ctx(), _timeout(d), io=io,
-                                          **_fan_kw(d))  # fmt: skip
+        results = await fanout.result_all(targets, reqid, _reach(d, io))
         for t, res in zip(targets, results, strict=True):
             fetched[t.name] = _outcome(res)
     new = aggregate(record, fetched)
@@ -367,16 +361,14 @@ async def do_discovery(
     targets = resolve(d.registry, names, default_port)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=names, reqid=rid, io=io)
-    ctx = d.client_ctx()
-    timeout = _timeout(d)
-    call = resolve_io(io).call
+    reach = _reach(d, io)
 
     async def one(t: fanout.TargetLike) -> Result:
-        r = await call(t.address, t.port, "GET", "/capabilities", None, ctx, timeout, t.name)
+        r = await reach.call(t, "GET", "/capabilities", None)
         if r.error or r.body is None:
             err = r.error or "invalid JSON"
             logfmt.event("discovery", logfmt.ERROR, agent=t.name, error=err, rtt=r.rtt)
-            return {"host": t.name, "status": "error", "error": err, "rtt": r.rtt}
+            return fanout.host_error(t.name, err, r.rtt)
         res: Result = dict(r.body)
         reported = res.get("host")
         res["rtt"] = r.rtt
@@ -385,11 +377,7 @@ async def do_discovery(
         logfmt.event("discovery", agent=t.name, rtt=r.rtt)
         return fanout.canonicalise(res, t.name)
 
-    def on_error(t: fanout.TargetLike, exc: Exception) -> Result:
-        return {"host": t.name, "status": "error", "error": f"internal error: {exc}",
-                "rtt": "0ms"}  # fmt: skip
-
-    results = await fanout.fan_out(targets, one, d.cfg.max_parallel, on_error, io=io)
+    results = await fanout.fan_out_results(targets, one, fanout.host_error, reach)
     out: dict[str, Result] = {}
     for res in results:
         name = str(res["host"])

@@ -6,56 +6,41 @@ Unlike upstream, which only probes, the lock is held for the whole run: take it 
 deleted (removing one would let two processes lock different inodes). The holder writes
 ``host`` and ``script`` into the file so :func:`list_held` reports the real names.
 
-:class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well.
+:class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well; the
+conflict (:class:`~cluster.locks.LockConflict`) and the handle base
+(:class:`~cluster.locks.LockHandle`) are the cluster library's, shared by every backend.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import re
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
-from agent.common.errors import CtrlExecError
+from cluster.locks import LockConflict, LockHandle, try_flock
+
+__all__ = [
+    "HeldLocks",
+    "LocalRunLocks",
+    "LockConflict",
+    "LockHandle",
+    "RunLocks",
+    "acquire_all",
+    "list_held",
+    "lock_path",
+]
 
 LOCK_MODE = 0o660
 _UNSAFE = re.compile(r"[^\w.-]", re.ASCII)
 _LOCK_FILE = re.compile(r"(.+)--(.+)\.lock")
 
 
-class LockConflict(CtrlExecError):
-    """Some host:script pairs are already running; ``conflicts`` lists them."""
-
-    def __init__(self, conflicts: list[str]) -> None:
-        self.conflicts = conflicts
-        super().__init__(f"already running: {', '.join(conflicts)}")
-
-
-class RunLockHandle(Protocol):
-    """Locks held for one run; released by ``release()`` or leaving the ``with``."""
-
-    pairs: list[tuple[str, str]]
-
-    def release(self) -> None: ...
-
-    def __enter__(self) -> RunLockHandle: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
 class RunLocks(Protocol):
     """A run-lock backend: local flock (:class:`LocalRunLocks`) or cluster-wide."""
 
-    def acquire_all(self, pairs: list[tuple[str, str]]) -> RunLockHandle: ...
+    def acquire_all(self, pairs: list[tuple[str, str]]) -> LockHandle: ...
 
     def list_held(self) -> list[tuple[str, str]]: ...
 
@@ -73,17 +58,7 @@ def _open(path: Path) -> int:
     return fd
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-class HeldLocks:
+class HeldLocks(LockHandle):
     """Locks held by this process (flock on open descriptors) until released."""
 
     def __init__(self, pairs: list[tuple[str, str]], fds: list[int]) -> None:
@@ -98,17 +73,6 @@ class HeldLocks:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)  # closing the descriptor drops the flock
-
-    def __enter__(self) -> HeldLocks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __del__(self) -> None:
         self.release()
@@ -128,7 +92,7 @@ def acquire_all(locks_dir: str | Path, pairs: list[tuple[str, str]]) -> HeldLock
                 continue
             seen.add(path)
             fd = _open(path)
-            if _try_lock(fd):
+            if try_flock(fd):
                 fds.append(fd)
                 taken.append((host, script))
             else:
@@ -174,7 +138,7 @@ def list_held(locks_dir: str | Path) -> list[tuple[str, str]]:
         except OSError:
             continue
         try:
-            if _try_lock(fd):
+            if try_flock(fd):
                 continue
             names = _names_of(fd, name)
             if names is not None:

@@ -43,6 +43,7 @@ from typing import Any
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from dispatcher.config import DispatcherConfig
+from dispatcher.netaddr import plain_ip
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PREFIX_LEN = 16
@@ -205,17 +206,6 @@ def parse_sources(values: Iterable[str]) -> list[Network]:
         except ValueError:
             raise ValueError(f"api_proxy_sources: '{v}' is not an address or network") from None
     return nets
-
-
-def plain_ip(ip: str) -> str:
-    """``ip`` without a zone, and IPv4-mapped IPv6 as IPv4."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 def trusted(ip: str, networks: Iterable[Network]) -> bool:

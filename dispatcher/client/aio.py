@@ -11,7 +11,6 @@ plain sockets and threads.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +20,7 @@ from dispatcher.client.wire import (
     READ_CHUNK,
     TRANSPORT_ERRORS,
     AgentReply,
+    AgentRequest,
     Attempt,
     SessionCache,
     fmt_seconds,
@@ -31,6 +31,7 @@ __all__ = [
     "ASYNCIO",
     "NO_DATA",
     "AgentReply",
+    "AgentRequest",
     "AsyncioIO",
     "SessionCache",
     "call",
@@ -43,7 +44,7 @@ R = TypeVar("R")
 
 async def _drive(a: Attempt) -> bytes:
     """Connect, then move the bytes :meth:`~dispatcher.client.wire.Attempt.exchange` asks for."""
-    reader, writer = await asyncio.open_connection(a.address, a.port)
+    reader, writer = await asyncio.open_connection(a.req.address, a.req.port)
     try:
         steps = a.exchange()
         want = next(steps)
@@ -62,26 +63,11 @@ async def _drive(a: Attempt) -> bytes:
         writer.close()
 
 
-async def call(
-    address: str,
-    port: int,
-    method: str,
-    path: str,
-    body: dict[str, Any] | None,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    name: str,
-    *,
-    sessions: SessionCache | None = None,
-    use_sessions: bool = True,
-) -> AgentReply:
-    """One request to one agent; never raises for transport or HTTP failures.
-
-    The arguments are :class:`~dispatcher.client.wire.Attempt`'s.
-    """
-    a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
+async def call(req: AgentRequest) -> AgentReply:
+    """One request to one agent; never raises for transport or HTTP failures."""
+    a = Attempt(req)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(req.timeout):
             raw = await _drive(a)
     except TRANSPORT_ERRORS as exc:
         return a.failed(exc)

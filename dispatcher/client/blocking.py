@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -27,8 +26,8 @@ from dispatcher.client.wire import (
     READ_CHUNK,
     TRANSPORT_ERRORS,
     AgentReply,
+    AgentRequest,
     Attempt,
-    SessionCache,
 )
 
 if TYPE_CHECKING:
@@ -85,8 +84,8 @@ def connect(address: str, port: int, deadline: float) -> socket.socket:
 
 def _drive(a: Attempt) -> bytes:
     """Connect, then move the bytes :meth:`~dispatcher.client.wire.Attempt.exchange` asks for."""
-    deadline = a.t0 + a.timeout
-    with connect(a.address, a.port, deadline) as sock:
+    deadline = a.t0 + a.req.timeout
+    with connect(a.req.address, a.req.port, deadline) as sock:
         try:
             steps = a.exchange()
             want = next(steps)
@@ -103,24 +102,12 @@ def _drive(a: Attempt) -> bytes:
             return raw
 
 
-def call(
-    address: str,
-    port: int,
-    method: str,
-    path: str,
-    body: dict[str, Any] | None,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    name: str,
-    *,
-    sessions: SessionCache | None = None,
-    use_sessions: bool = True,
-) -> AgentReply:
+def call(req: AgentRequest) -> AgentReply:
     """One request to one agent; never raises for transport or HTTP failures.
 
     As :func:`dispatcher.client.aio.call`, blocking the calling thread.
     """
-    a = Attempt(address, port, method, path, body, ctx, timeout, name, sessions, use_sessions)
+    a = Attempt(req)
     try:
         raw = _drive(a)
     except TRANSPORT_ERRORS as exc:

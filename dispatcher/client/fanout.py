@@ -5,19 +5,22 @@ starts when its request starts, so a dead or slow agent costs only its own timeo
 Results come back in target order, each keyed by the registry name, with upstream's
 per-host result objects (spec 3.4).
 
-The I/O is an :class:`~dispatcher.client.io.AgentIO` (``io``): asyncio by default, or the
-blocking client of the one-shot ``ced``; the result objects are built here for both.
-This module imports neither.
+How an operation reaches its agents is one :class:`Reach` (client context, per-host
+timeout, ``max_parallel``, ``max_hosts``, session cache, I/O). The I/O is an
+:class:`~dispatcher.client.io.AgentIO`: asyncio by default, or the blocking client of the
+one-shot ``ced``; the result objects are built here for both. This module imports neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
+from agent.common.records import record
 from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.client.wire import AgentRequest, TargetLike
 
 if TYPE_CHECKING:
     import ssl
@@ -32,22 +35,33 @@ R = TypeVar("R")
 ev = logfmt.event
 
 
-class TargetLike(Protocol):
-    """What the fan-out connects to: ``dispatcher.registry.Target`` fits."""
+@record(frozen=True)
+class Reach:
+    """How one operation reaches its agents (the same for every host).
 
-    @property
-    def name(self) -> str: ...
+    ``ctx`` and ``timeout`` (per host, from the start of its request) go into every
+    :class:`~dispatcher.client.wire.AgentRequest`; at most ``max_parallel`` requests are in
+    flight; run, ping and result refuse more than ``max_hosts`` targets; ``sessions`` is the
+    TLS session cache (None: the context's own); ``io`` the client (None: asyncio).
+    """
 
-    @property
-    def address(self) -> str: ...
+    ctx: ssl.SSLContext
+    timeout: float
+    max_parallel: int = DEFAULT_MAX_PARALLEL
+    max_hosts: int = MAX_HOSTS
+    sessions: SessionCache | None = None
+    io: AgentIO | None = None
 
-    @property
-    def port(self) -> int: ...
+    async def call(
+        self, t: TargetLike, method: str, path: str, body: dict[str, Any] | None
+    ) -> AgentReply:
+        """One request to ``t``; never raises for transport or HTTP failures."""
+        req = AgentRequest.to(t, method, path, body, self.ctx, self.timeout, self.sessions)
+        return await resolve_io(self.io).call(req)
 
-
-def _check_hosts(targets: Sequence[TargetLike], max_hosts: int) -> None:
-    if len(targets) > max_hosts:
-        raise ValueError(f"too many hosts (max {max_hosts})")
+    def check_hosts(self, targets: Sequence[TargetLike]) -> None:
+        if len(targets) > self.max_hosts:
+            raise ValueError(f"too many hosts (max {self.max_hosts})")
 
 
 async def fan_out(
@@ -101,14 +115,29 @@ def _target(t: TargetLike) -> str:
     return f"{t.address}:{t.port}"
 
 
-def _internal(
+async def fan_out_results(
+    targets: Sequence[TargetLike],
+    one: Callable[[TargetLike], Awaitable[Result]],
     failed: Callable[[str, str, str], Result],
-) -> Callable[[TargetLike, Exception], Result]:
-    """The ``on_error`` of :func:`fan_out`: an exception as the operation's failure result.
+    reach: Reach,
+) -> list[Result]:
+    """The fan-out of one operation: ``one(target)`` for every target, in target order.
 
-    ``failed(name, error, rtt)`` is what the operation answers when an agent could not.
+    ``reach`` gives ``max_parallel`` and the I/O (``max_hosts`` is the caller's to check).
+
+    ``failed(name, error, rtt)`` is what the operation answers when an agent could not;
+    an exception from ``one`` becomes ``failed(name, "internal error: <exc>", "0ms")``.
     """
-    return lambda t, exc: failed(t.name, f"internal error: {exc}", "0ms")
+
+    def internal(t: TargetLike, exc: Exception) -> Result:
+        return failed(t.name, f"internal error: {exc}", "0ms")
+
+    return await fan_out(targets, one, reach.max_parallel, internal, io=reach.io)
+
+
+def host_error(name: str, error: str, rtt: str) -> Result:
+    """A ping (or discovery) without an agent's answer."""
+    return {"host": name, "status": "error", "error": error, "rtt": rtt}
 
 
 # ----- /run ------------------------------------------------------------------------------
@@ -134,11 +163,8 @@ async def run_one(
     reqid: str,
     username: str,
     token: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
+    reach: Reach,
     async_: bool = False,
-    sessions: SessionCache | None = None,
-    io: AgentIO | None = None,
 ) -> Result:
     body: dict[str, Any] = {
         "script": script, "args": list(args), "reqid": reqid, "username": username,
@@ -146,8 +172,7 @@ async def run_one(
     }  # fmt: skip
     if async_:
         body["async"] = True
-    r = await resolve_io(io).call(t.address, t.port, "POST", "/run", body, ctx, timeout, t.name,
-                                  sessions=sessions)  # fmt: skip
+    r = await reach.call(t, "POST", "/run", body)
     action = "run-async" if async_ else "run"
     if async_ and r.code == 409:
         err = r.body.get("error") if r.body is not None else None
@@ -181,47 +206,27 @@ async def run_all(
     reqid: str,
     username: str,
     token: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    reach: Reach,
     async_: bool = False,
-    *,
-    sessions: SessionCache | None = None,
-    max_hosts: int = MAX_HOSTS,
-    io: AgentIO | None = None,
 ) -> list[Result]:
     """``POST /run`` on every target (``async_``: submit detached, collect acceptance)."""
-    _check_hosts(targets, max_hosts)
+    reach.check_hosts(targets)
     ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
        mode="async" if async_ else "sync")  # fmt: skip
-    failed = _internal(partial(_run_failed, script, reqid, async_))
-    return await fan_out(
+    return await fan_out_results(
         targets,
-        lambda t: run_one(t, script, args, reqid, username, token, ctx, timeout, async_,
-                          sessions, io),
-        max_parallel, failed, io=io)  # fmt: skip
+        lambda t: run_one(t, script, args, reqid, username, token, reach, async_),
+        partial(_run_failed, script, reqid, async_), reach)  # fmt: skip
 
 
 # ----- /ping -----------------------------------------------------------------------------
 
 
-def _ping_failed(name: str, error: str, rtt: str) -> Result:
-    return {"host": name, "status": "error", "error": error, "rtt": rtt}
-
-
-async def ping_one(
-    t: TargetLike,
-    reqid: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    sessions: SessionCache | None = None,
-    io: AgentIO | None = None,
-) -> Result:
-    r = await resolve_io(io).call(t.address, t.port, "POST", "/ping", {"reqid": reqid}, ctx,
-                                  timeout, t.name, sessions=sessions)  # fmt: skip
+async def ping_one(t: TargetLike, reqid: str, reach: Reach) -> Result:
+    r = await reach.call(t, "POST", "/ping", {"reqid": reqid})
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
-        return _ping_failed(t.name, r.error, r.rtt)
+        return host_error(t.name, r.error, r.rtt)
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     _reported(res, r)
     res["rtt"] = r.rtt
@@ -229,21 +234,10 @@ async def ping_one(
     return canonicalise(res, t.name)
 
 
-async def ping_all(
-    targets: Sequence[TargetLike],
-    reqid: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    max_parallel: int = DEFAULT_MAX_PARALLEL,
-    *,
-    sessions: SessionCache | None = None,
-    max_hosts: int = MAX_HOSTS,
-    io: AgentIO | None = None,
-) -> list[Result]:
+async def ping_all(targets: Sequence[TargetLike], reqid: str, reach: Reach) -> list[Result]:
     """``POST /ping`` on every target."""
-    _check_hosts(targets, max_hosts)
-    return await fan_out(targets, lambda t: ping_one(t, reqid, ctx, timeout, sessions, io),
-                         max_parallel, _internal(_ping_failed), io=io)  # fmt: skip
+    reach.check_hosts(targets)
+    return await fan_out_results(targets, lambda t: ping_one(t, reqid, reach), host_error, reach)
 
 
 # ----- GET /result/<reqid> -----------------------------------------------------------------
@@ -253,16 +247,8 @@ def _result_failed(reqid: str, name: str, error: str, rtt: str) -> Result:
     return {"host": name, "status": "error", "error": error, "reqid": reqid, "rtt": rtt}
 
 
-async def result_one(
-    t: TargetLike,
-    reqid: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    sessions: SessionCache | None = None,
-    io: AgentIO | None = None,
-) -> Result:
-    r = await resolve_io(io).call(t.address, t.port, "GET", f"/result/{reqid}", None, ctx,
-                                  timeout, t.name, sessions=sessions)  # fmt: skip
+async def result_one(t: TargetLike, reqid: str, reach: Reach) -> Result:
+    r = await reach.call(t, "GET", f"/result/{reqid}", None)
     if r.code == 404:
         return {"host": t.name, "status": "unknown", "reqid": reqid, "rtt": r.rtt}
     if r.error:
@@ -276,19 +262,8 @@ async def result_one(
     return canonicalise(res, t.name)
 
 
-async def result_all(
-    targets: Sequence[TargetLike],
-    reqid: str,
-    ctx: ssl.SSLContext,
-    timeout: float,
-    max_parallel: int = DEFAULT_MAX_PARALLEL,
-    *,
-    sessions: SessionCache | None = None,
-    max_hosts: int = MAX_HOSTS,
-    io: AgentIO | None = None,
-) -> list[Result]:
+async def result_all(targets: Sequence[TargetLike], reqid: str, reach: Reach) -> list[Result]:
     """``GET /result/<reqid>`` on every target (async run progress)."""
-    _check_hosts(targets, max_hosts)
-    failed = _internal(partial(_result_failed, reqid))
-    return await fan_out(targets, lambda t: result_one(t, reqid, ctx, timeout, sessions, io),
-                         max_parallel, failed, io=io)  # fmt: skip
+    reach.check_hosts(targets)
+    return await fan_out_results(targets, lambda t: result_one(t, reqid, reach),
+                                 partial(_result_failed, reqid), reach)  # fmt: skip

@@ -17,30 +17,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    import ssl
-
     from agent.common.authhook import Decision
-    from dispatcher.client.wire import AgentReply, SessionCache
+    from dispatcher.client.wire import AgentReply, AgentRequest
 
 R = TypeVar("R")
 T = TypeVar("T")
 
 
 class AgentIO(Protocol):
-    async def call(
-        self,
-        address: str,
-        port: int,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        ctx: ssl.SSLContext,
-        timeout: float,
-        name: str,
-        *,
-        sessions: SessionCache | None = None,
-        use_sessions: bool = True,
-    ) -> AgentReply:
+    async def call(self, req: AgentRequest) -> AgentReply:
         """One request to one agent; never raises for transport or HTTP failures."""
         ...
 

@@ -17,7 +17,9 @@ and move bytes; everything else is here and imports neither asyncio nor threads:
   ``_transport_error`` in upstream's engine): the ``<h>`` in them is the connect address,
   as upstream's is.
 
-A driver makes an :class:`Attempt`, connects (phase ``connect``), then runs
+What to send where is one :class:`AgentRequest` (address, port, method, path, body,
+client context, timeout, registry name, session cache); every client takes it whole.
+A driver makes an :class:`Attempt` of it, connects (phase ``connect``), then runs
 :meth:`Attempt.exchange`: it yields ``bytes`` to send (send back ``b""``) or ``None`` to
 ask for input (send back what was read, ``b""`` at EOF), and returns the raw response.
 One deadline (``timeout``) covers connect, handshake, request and response; its expiry
@@ -36,7 +38,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 from agent.common.records import record
 from agent.common.wire import parse_head, request_bytes
@@ -48,6 +50,55 @@ NO_DATA = "500 Server closed connection without sending any data back"
 
 #: What :meth:`Attempt.exchange` yields: bytes to send, or None to ask for input.
 Exchange = Generator[bytes | None, bytes, bytes]
+
+
+class TargetLike(Protocol):
+    """An agent to reach: ``dispatcher.registry.Target`` fits."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+@record(frozen=True)
+class AgentRequest:
+    """One request to one agent: what every client (and :class:`Attempt`) takes.
+
+    ``name`` (the registry name) only labels debug logs. ``sessions`` defaults to the
+    cache of ``ctx`` (:func:`sessions_for`); ``use_sessions=False`` forces a full
+    handshake and stores nothing. ``timeout`` covers connect, handshake, request and
+    response.
+    """
+
+    address: str
+    port: int
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    ctx: ssl.SSLContext
+    timeout: float
+    name: str
+    sessions: SessionCache | None = None
+    use_sessions: bool = True
+
+    @classmethod
+    def to(
+        cls,
+        t: TargetLike,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        ctx: ssl.SSLContext,
+        timeout: float,
+        sessions: SessionCache | None = None,
+    ) -> AgentRequest:
+        """The request to target ``t`` (its address, port and registry name)."""
+        return cls(t.address, t.port, method, path, body, ctx, timeout, t.name, sessions)
 
 
 @record
@@ -136,33 +187,20 @@ def host_header(address: str, port: int) -> str:
 
 
 class Attempt:
-    """One request: what :meth:`exchange` needs, how far it got, and the reply.
+    """One request (an :class:`AgentRequest`): how far it got, and the reply.
 
-    ``sessions`` defaults to the cache of ``ctx``; ``use_sessions=False`` forces a full
-    handshake and stores nothing. ``name`` (the registry name) only labels debug logs.
-    A driver connects, runs :meth:`exchange`, and ends with :meth:`done` or, on one of
-    :data:`TRANSPORT_ERRORS`, :meth:`failed`.
+    A driver connects to ``req.address``/``req.port``, runs :meth:`exchange`, and ends
+    with :meth:`done` or, on one of :data:`TRANSPORT_ERRORS`, :meth:`failed`.
     """
 
-    def __init__(
-        self,
-        address: str,
-        port: int,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        ctx: ssl.SSLContext,
-        timeout: float,
-        name: str,
-        sessions: SessionCache | None,
-        use_sessions: bool,
-    ) -> None:
-        if sessions is None and use_sessions:
-            sessions = sessions_for(ctx)
-        self.sessions = sessions if use_sessions else None
-        self.address, self.port, self.method, self.path = address, port, method, path
-        self.ctx, self.timeout, self.name = ctx, timeout, name
-        self.payload = request_bytes(method, path, body, host=host_header(address, port))
+    def __init__(self, req: AgentRequest) -> None:
+        self.req = req
+        sessions = req.sessions
+        if sessions is None and req.use_sessions:
+            sessions = sessions_for(req.ctx)
+        self.sessions = sessions if req.use_sessions else None
+        host = host_header(req.address, req.port)
+        self.payload = request_bytes(req.method, req.path, req.body, host=host)
         self.phase = "connect"  # connect -> tls -> request -> response
         self.resumed = False
         self.got_data = False
@@ -170,7 +208,8 @@ class Attempt:
 
     def exchange(self) -> Exchange:
         """Handshake, send the request, return the raw response bytes (see the module doc)."""
-        address, port, sessions, ctx = self.address, self.port, self.sessions, self.ctx
+        req, sessions = self.req, self.sessions
+        address, port, ctx = req.address, req.port, req.ctx
         self.phase = "tls"
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         session = sessions.get(address, port) if sessions is not None else None
@@ -251,31 +290,33 @@ class Attempt:
     def failed(self, exc: BaseException) -> AgentReply:
         """The reply for a transport failure (one of :data:`TRANSPORT_ERRORS`)."""
         rtt = self._rtt()
+        req = self.req
         if isinstance(exc, ssl.SSLError | HandshakeRefused) and self.sessions is not None:
-            self.sessions.drop(self.address, self.port)
+            self.sessions.drop(req.address, req.port)
         err = self.transport_error(exc)
         logging = sys.modules.get("logging")  # not imported: nothing can show a debug line
         if logging is not None:
             logging.getLogger("ctrl-exec.agentclient").debug(
-                "%s %s to %s (%s:%s) failed in %s: %r", self.method, self.path, self.name,
-                self.address, self.port, self.phase, exc)  # fmt: skip
+                "%s %s to %s (%s:%s) failed in %s: %r", req.method, req.path, req.name,
+                req.address, req.port, self.phase, exc)  # fmt: skip
         return AgentReply(None, None, rtt, err, resumed=self.resumed)
 
     def transport_error(self, exc: BaseException) -> str:
         """Upstream's string for ``exc``; ``<h>`` in it is the connect address."""
-        h = self.address
+        req = self.req
+        h = req.address
         timed_out = f"host '{h}' did not respond - connection timed out"
         tls = f"TLS handshake with '{h}' failed - certificate or trust mismatch"
         if isinstance(exc, TimeoutError):
             # LWP reports a read timeout once connected; only the run path names it so.
-            if self.phase in ("request", "response") and self.path == "/run":
-                return f"read timeout after {fmt_seconds(self.timeout)}s"
+            if self.phase in ("request", "response") and req.path == "/run":
+                return f"read timeout after {fmt_seconds(req.timeout)}s"
             return timed_out
         if isinstance(exc, socket.gaierror):
             return f"host '{h}' did not resolve - check the name or use an IP address"
         if isinstance(exc, ConnectionRefusedError):
             return (
-                f"host '{h}' did not respond on port {self.port} - connection refused "
+                f"host '{h}' did not respond on port {req.port} - connection refused "
                 "(agent not running, or wrong port?)"
             )
         if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):

@@ -2,9 +2,9 @@
 
 :class:`HARunLocks` is a :class:`~dispatcher.runlocks.RunLocks`. Each run takes the local
 ``flock`` locks (``<locks_dir>``) first, then the cluster-wide keys through
-:class:`cluster.locks.ClusterRunLocks` (bound to the instance's session lease). A
-cluster conflict becomes :class:`dispatcher.runlocks.LockConflict`, so the CLI and the API
-answer it as upstream does (code 4).
+:class:`cluster.locks.ClusterRunLocks` (bound to the instance's session lease). Local and
+cluster conflicts are the same :class:`cluster.locks.LockConflict`, which the CLI and the
+API answer as upstream does (code 4).
 
 While the store is unreachable (or the session has no lease yet) runs go on with the local
 locks alone and a warning: losing etcd costs pairing and rotation, never run and ping.
@@ -19,25 +19,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from types import TracebackType
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable
-from cluster.locks import ClusterHeldLocks, ClusterRunLocks
-from cluster.locks import LockConflict as ClusterLockConflict
+from cluster.locks import ClusterHeldLocks, ClusterRunLocks, LockHandle
 from dispatcher.ha.storehealth import ClusterHealth
-from dispatcher.runlocks import LockConflict, RunLockHandle, RunLocks
+from dispatcher.runlocks import RunLocks
 
 PendingRelease = tuple[list[tuple[str, str]], str, str]  # pairs, token, owner
 
 
-class HAHeldLocks:
+class HAHeldLocks(LockHandle):
     """Local locks plus (when the store answered) the cluster-wide keys of one run."""
 
     def __init__(
         self,
         pairs: list[tuple[str, str]],
-        local: RunLockHandle,
+        local: LockHandle,
         cluster: ClusterHeldLocks | None,
         owner: HARunLocks,
     ) -> None:
@@ -61,17 +59,6 @@ class HAHeldLocks:
         finally:
             self.local.release()
 
-    def __enter__(self) -> HAHeldLocks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
 
 class HARunLocks:
     """:class:`RunLocks`: local ``flock`` plus cluster-wide keys while the store answers."""
@@ -88,7 +75,7 @@ class HARunLocks:
 
     def acquire_all(self, pairs: list[tuple[str, str]]) -> HAHeldLocks:
         unique = list(dict.fromkeys(pairs))
-        local = self.local.acquire_all(unique)  # LockConflict propagates as it is
+        local = self.local.acquire_all(unique)  # a LockConflict propagates, as the cluster's
         try:
             if not self.health.ok:
                 self._fallback(f"cluster unavailable: {self.health.error}")
@@ -98,8 +85,6 @@ class HARunLocks:
                 return HAHeldLocks(unique, local, None, self)
             try:
                 held = self.cluster.acquire_all(unique)
-            except ClusterLockConflict as exc:
-                raise LockConflict(list(exc.conflicts)) from None
             except BackendUnavailable as exc:
                 self.health.mark_failed(exc)
                 self._fallback(f"cluster unavailable: {exc}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import socket
@@ -34,6 +33,7 @@ from agent.common.tlsconf import server_context
 from agent.common.wire import response_bytes
 from agent.config import RateSpec
 from dispatcher.config import DispatcherConfig
+from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import StateWriter, default_writer
 
@@ -61,16 +61,6 @@ def frame(body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-def _clean_ip(ip: str) -> str:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return ip
-
-
 def _reverse_dns(ip: str) -> tuple[str, bool]:
     """Forward-confirmed reverse DNS: ``(name, confirmed)``; ``("", False)`` when none."""
     try:
@@ -81,7 +71,7 @@ def _reverse_dns(ip: str) -> tuple[str, bool]:
         infos = socket.getaddrinfo(name, None)
     except (OSError, UnicodeError):
         return name, False
-    return name, any(_clean_ip(str(i[4][0])) == ip for i in infos)
+    return name, any(plain_ip(str(i[4][0]), keep_zone=True) == ip for i in infos)
 
 
 class _Reject(Exception):
@@ -184,7 +174,7 @@ class PairingServer:
         assert task is not None
         self._tasks.add(task)
         peername = writer.get_extra_info("peername") or ("", 0)
-        ip = _clean_ip(str(peername[0]))
+        ip = plain_ip(str(peername[0]), keep_zone=True)
         try:
             if self.limiter.blocked(ip) or self.limiter.record_connection(ip):
                 return

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.client.wire import AgentRequest
 from dispatcher.reqid import new_reqid
 
 if TYPE_CHECKING:
-    from dispatcher.client.fanout import TargetLike
-    from dispatcher.client.wire import AgentReply
+    from dispatcher.client.wire import AgentReply, TargetLike
     from dispatcher.core import Dispatcher
 
 DAY = 86400
@@ -101,8 +101,8 @@ async def renew(d: Dispatcher, target: TargetLike, *, io: AgentIO | None = None)
     ev("renew", target=where, reqid=reqid, status="starting")
     try:
         ctx = d.client_ctx()
-        reply = await call(target.address, target.port, "POST", "/renew", {"reqid": reqid}, ctx,
-                           cfg.read_timeout, target.name)  # fmt: skip
+        reply = await call(AgentRequest.to(target, "POST", "/renew", {"reqid": reqid}, ctx,
+                                           cfg.read_timeout))  # fmt: skip
         csr = _ok_body(reply, "/renew").get("csr")
         if not isinstance(csr, str) or not csr.strip():
             raise RenewError("/renew failed: agent sent no CSR")
@@ -115,8 +115,8 @@ async def renew(d: Dispatcher, target: TargetLike, *, io: AgentIO | None = None)
                 hint = " (agent renamed in the registry? re-pair it under its own name)"
             raise RenewError(f"signing refused: {exc}{hint}") from None
         body = {"cert": cert_pem, "ca": ca.pem, "reqid": reqid}
-        reply = await call(target.address, target.port, "POST", "/renew-complete", body, ctx,
-                           cfg.read_timeout, target.name)  # fmt: skip
+        reply = await call(AgentRequest.to(target, "POST", "/renew-complete", body, ctx,
+                                           cfg.read_timeout))  # fmt: skip
         _ok_body(reply, "/renew-complete")
         expiry = pki.cert_not_after(cert_pem)
         d.registry.update(target.name, expiry=expiry)

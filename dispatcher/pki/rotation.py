@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from agent.common.serial import serial_to_hex
-from dispatcher.client.aio import AgentReply, call
+from dispatcher.client.aio import AgentReply, AgentRequest, call
 from dispatcher.pki import rotation_state as rs
 from dispatcher.pki.rotation_state import RotationState, format_iso
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
@@ -279,8 +279,8 @@ async def _send_serial(
     async def one(t: Target) -> tuple[str, str]:
         err = "no credentials"
         for ctx in ctxs:
-            reply = await call(t.address, t.port, "POST", "/rotate-serial", body, ctx,
-                               d.cfg.read_timeout, t.name)  # fmt: skip
+            reply = await call(AgentRequest.to(t, "POST", "/rotate-serial", body, ctx,
+                                               d.cfg.read_timeout))  # fmt: skip
             err = _reply_error(reply)
             if not err or reply.code != 403:
                 break
@@ -518,10 +518,9 @@ async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     try:
         targets = _targets(d, d.registry.names())
         out["agents"] = len(targets)
-        results = await fanout.ping_all(
-            targets, new_reqid(), d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
-            max_hosts=max(d.cfg.max_hosts, len(targets)),
-        )  # fmt: skip
+        reach = fanout.Reach(d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
+                             max(d.cfg.max_hosts, len(targets)))  # fmt: skip
+        results = await fanout.ping_all(targets, new_reqid(), reach)
         out["pinged"] = sum(1 for r in results if r.get("status") == "ok")
         renewed: list[str] = []
         by_name = {t.name: t for t in targets}

@@ -17,6 +17,7 @@ import pytest
 from agent.common.tlsconf import client_context
 from dispatcher.client import fanout
 from dispatcher.client.aio import SessionCache
+from dispatcher.client.fanout import Reach
 from dispatcher.registry import Target
 from dispatcher.reqid import new_reqid
 from ops.lab.agentproc import AgentProc, make_agent
@@ -83,7 +84,7 @@ def test_parallel_run_with_dead_and_silent_agents(fleet: Fleet) -> None:
     targets = [*fleet.healthy, fleet.stopped, fleet.blackhole]
     timeout = 4.0
     t0 = time.monotonic()
-    res = run(fanout.run_all(targets, "sleep1", [], reqid, "", "", fleet.ctx, timeout, 64))
+    res = run(fanout.run_all(targets, "sleep1", [], reqid, "", "", Reach(fleet.ctx, timeout, 64)))
     wall = time.monotonic() - t0
     # Everything ran at once: three 1 s scripts and one 4 s timeout end soon after 4 s.
     assert timeout <= wall < timeout + 1.5, wall
@@ -107,7 +108,7 @@ def test_parallel_run_with_dead_and_silent_agents(fleet: Fleet) -> None:
 def test_run_carries_args_and_credentials(fleet: Fleet) -> None:
     reqid = new_reqid()
     res = run(fanout.run_all(fleet.healthy[:2], "echo-args", ["hello", "two words"], reqid,
-                             "alice", "s3cret", fleet.ctx, 10, 2))  # fmt: skip
+                             "alice", "s3cret", Reach(fleet.ctx, 10, 2)))  # fmt: skip
     for r in res:
         assert set(r) == RUN_KEYS
         lines = r["stdout"].splitlines()
@@ -120,9 +121,9 @@ def test_run_carries_args_and_credentials(fleet: Fleet) -> None:
 
 def test_script_exit_code_and_unknown_script(fleet: Fleet) -> None:
     t = fleet.healthy[:1]
-    r = run(fanout.run_all(t, "exit3", [], "r-exit3", "", "", fleet.ctx, 10, 1))[0]
+    r = run(fanout.run_all(t, "exit3", [], "r-exit3", "", "", Reach(fleet.ctx, 10, 1)))[0]
     assert (r["exit"], r["stdout"], r["stderr"]) == (3, "about to exit 3\n", "exit3 stderr line\n")
-    r = run(fanout.run_all(t, "not-allowed", [], "r-deny", "", "", fleet.ctx, 10, 1))[0]
+    r = run(fanout.run_all(t, "not-allowed", [], "r-deny", "", "", Reach(fleet.ctx, 10, 1)))[0]
     assert r == {"host": "web0", "script": "not-allowed", "exit": -1, "reqid": "r-deny",
                  "error": "script not permitted", "rtt": r["rtt"]}  # fmt: skip
 
@@ -131,10 +132,10 @@ def test_untrusted_dispatcher_is_forbidden(fleet: Fleet, pki: TestCA) -> None:
     stranger = pki.issue("stranger", cn="ctrl-exec-dispatcher")  # CA-signed, not in the map
     ctx = client_context(str(pki.cert_path), str(stranger.cert), str(stranger.key))
     t = fleet.healthy[:1]
-    r = run(fanout.run_all(t, "echo-args", [], "r-x", "", "", ctx, 10, 1))[0]
+    r = run(fanout.run_all(t, "echo-args", [], "r-x", "", "", Reach(ctx, 10, 1)))[0]
     assert r == {"host": "web0", "script": "echo-args", "exit": -1, "reqid": "r-x",
                  "error": "forbidden: serial mismatch", "rtt": r["rtt"]}  # fmt: skip
-    p = run(fanout.ping_all(t, "r-y", ctx, 10, 1))[0]
+    p = run(fanout.ping_all(t, "r-y", Reach(ctx, 10, 1)))[0]
     assert p == {"host": "web0", "status": "error", "error": "forbidden: serial mismatch",
                  "rtt": p["rtt"]}  # fmt: skip
 
@@ -144,7 +145,7 @@ def test_foreign_ca_certificate_fails_the_handshake(fleet: Fleet, pki: TestCA,
     other = TestCA(tmp_path / "other")
     bad = other.issue("disp")
     ctx = client_context(str(pki.cert_path), str(bad.cert), str(bad.key))
-    p = run(fanout.ping_all(fleet.healthy[:1], "r", ctx, 10, 1))[0]
+    p = run(fanout.ping_all(fleet.healthy[:1], "r", Reach(ctx, 10, 1)))[0]
     assert p["error"] == (
         f"TLS handshake with '{HEALTHY[0]}' failed - certificate or trust mismatch"
     )
@@ -153,7 +154,7 @@ def test_foreign_ca_certificate_fails_the_handshake(fleet: Fleet, pki: TestCA,
 def test_ping_and_reported_hostname(fleet: Fleet) -> None:
     targets = [*fleet.healthy[:2], Target("agent.test", HEALTHY[2], fleet.healthy[2].port),
                fleet.stopped]  # fmt: skip
-    res = run(fanout.ping_all(targets, "r-ping", fleet.ctx, 5, 8))
+    res = run(fanout.ping_all(targets, "r-ping", Reach(fleet.ctx, 5, 8)))
     for r in res[:2]:
         assert r["status"] == "ok" and r["reqid"] == "r-ping"
         assert r["reported_hostname"] == "agent.test"
@@ -167,30 +168,31 @@ def test_ping_and_reported_hostname(fleet: Fleet) -> None:
 def test_async_accept_busy_and_result(fleet: Fleet) -> None:
     t = fleet.healthy[1:2]
     first, second = new_reqid(), new_reqid()
-    a = run(fanout.run_all(t, "sleep1", [], first, "", "", fleet.ctx, 10, 1, async_=True))[0]
+    a = run(fanout.run_all(t, "sleep1", [], first, "", "", Reach(fleet.ctx, 10, 1), async_=True))[0]
     assert a == {"host": "web1", "script": "sleep1", "status": "accepted", "reqid": first,
                  "rtt": a["rtt"]}  # fmt: skip
-    b = run(fanout.run_all(t, "sleep1", [], second, "", "", fleet.ctx, 10, 1, async_=True))[0]
+    b = run(fanout.run_all(t, "sleep1", [], second, "", "", Reach(fleet.ctx, 10, 1),
+                           async_=True))[0]  # fmt: skip
     assert b == {"host": "web1", "script": "sleep1", "status": "busy", "reqid": second,
                  "error": "script already running", "rtt": b["rtt"]}  # fmt: skip
     deadline = time.monotonic() + 10
     while True:
-        r = run(fanout.result_all(t, first, fleet.ctx, 5, 1))[0]
+        r = run(fanout.result_all(t, first, Reach(fleet.ctx, 5, 1)))[0]
         assert r["host"] == "web1" and r["reqid"] == first
         if r.get("status") != "running" or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert r["status"] == "done", r
     assert (r["exit"], r["stdout"]) == (0, "slept\n")
-    u = run(fanout.result_all(t, second, fleet.ctx, 5, 1))[0]
+    u = run(fanout.result_all(t, second, Reach(fleet.ctx, 5, 1)))[0]
     assert u == {"host": "web1", "status": "unknown", "reqid": second, "rtt": u["rtt"]}
-    gone = run(fanout.result_all([fleet.stopped], first, fleet.ctx, 5, 1))[0]
+    gone = run(fanout.result_all([fleet.stopped], first, Reach(fleet.ctx, 5, 1)))[0]
     assert gone["status"] == "error" and "connection refused" in gone["error"]
     assert set(gone) == {"host", "status", "error", "reqid", "rtt"}
 
 
 def test_async_to_dead_agent(fleet: Fleet) -> None:
-    r = run(fanout.run_all([fleet.stopped], "sleep1", [], "r-a", "", "", fleet.ctx, 5, 1,
+    r = run(fanout.run_all([fleet.stopped], "sleep1", [], "r-a", "", "", Reach(fleet.ctx, 5, 1),
                            async_=True))[0]  # fmt: skip
     assert set(r) == {"host", "script", "status", "error", "rtt", "reqid"}
     assert r["status"] == "error" and "exit" not in r
@@ -199,7 +201,7 @@ def test_async_to_dead_agent(fleet: Fleet) -> None:
 def test_sessions_are_resumed_by_real_agents(fleet: Fleet) -> None:
     cache = SessionCache()
     for _ in range(3):
-        res = run(fanout.ping_all(fleet.healthy, "r", fleet.ctx, 5, 8, sessions=cache))
+        res = run(fanout.ping_all(fleet.healthy, "r", Reach(fleet.ctx, 5, 8, sessions=cache)))
         assert all(r["status"] == "ok" for r in res)
     assert len(cache) == 3
     assert cache.resumed == 6

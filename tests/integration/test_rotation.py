@@ -284,7 +284,9 @@ def target(env: DispatcherEnv, name: str) -> Target:
 
 
 def ping(env: DispatcherEnv, name: str) -> dict[str, Any]:
-    res = run(fanout.ping_one(target(env, name), "fedcba9876543210", env.d.client_ctx(), 10))
+    res = run(
+        fanout.ping_one(target(env, name), "fedcba9876543210", fanout.Reach(env.d.client_ctx(), 10))
+    )
     assert isinstance(res, dict)
     return res
 

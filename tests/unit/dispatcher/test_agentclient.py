@@ -27,7 +27,7 @@ from agent.common.wire import read_request, response_bytes
 from dispatcher.client import aio as agentclient
 from dispatcher.client import blocking as blockingclient
 from dispatcher.client import fanout
-from dispatcher.client.aio import NO_DATA, SessionCache, call
+from dispatcher.client.aio import NO_DATA, AgentRequest, SessionCache, call
 from dispatcher.client.blocking import BLOCKING
 from dispatcher.client.io import AgentIO, run_blocking
 from dispatcher.reqid import new_reqid
@@ -44,14 +44,19 @@ class T:
     port: int
 
 
+async def _asyncio_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
+    """The asyncio client; the arguments are :class:`AgentRequest`'s."""
+    return await call(AgentRequest(*args, **kw))
+
+
 async def _blocking_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
     """The blocking client on a worker thread, so the test's asyncio server keeps serving."""
-    return await asyncio.to_thread(blockingclient.call, *args, **kw)
+    return await asyncio.to_thread(blockingclient.call, AgentRequest(*args, **kw))
 
 
 @pytest.fixture(params=["asyncio", "blocking"])
 def client(request: pytest.FixtureRequest) -> Call:
-    return call if request.param == "asyncio" else _blocking_call
+    return _asyncio_call if request.param == "asyncio" else _blocking_call
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +460,7 @@ async def _raises() -> None:
 def test_too_many_hosts(cctx: ssl.SSLContext) -> None:
     targets = [T(f"h{i}", "127.0.0.1", 1) for i in range(3)]
     with pytest.raises(ValueError, match=r"too many hosts \(max 2\)"):
-        asyncio.run(fanout.ping_all(targets, "r", cctx, 1, 4, max_hosts=2))
+        asyncio.run(fanout.ping_all(targets, "r", fanout.Reach(cctx, 1, 4, max_hosts=2)))
 
 
 def test_canonicalise() -> None:

@@ -167,3 +167,17 @@ def test_local_run_locks_protocol(tmp_path: Path) -> None:
         with pytest.raises(LockConflict):
             locks.acquire_all([("h", "s")])
     assert locks.list_held() == []
+
+
+def test_one_conflict_class_and_handle_base_for_every_backend(tmp_path: Path) -> None:
+    import cluster.locks
+    from dispatcher.ha.runlocks import HAHeldLocks
+
+    assert LockConflict is cluster.locks.LockConflict  # local, HA and cluster conflicts alike
+    for handle in (cluster.locks.ClusterHeldLocks, HAHeldLocks):
+        assert issubclass(handle, cluster.locks.LockHandle)
+    held = acquire_all(tmp_path, [("h", "s")])
+    assert isinstance(held, cluster.locks.LockHandle)
+    with held as same:
+        assert same is held and held.held
+    assert not held.held
