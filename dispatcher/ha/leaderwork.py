@@ -84,6 +84,8 @@ class LeaderWork:
                 continue  # catching up: no leader-only work yet
             try:
                 self._requests(epoch)
+                if self.node.paused is not None:
+                    continue  # maintenance mode: operator requests only
                 if now >= self._next_retire:
                     self._retire_check(now)
                 if now >= self._next_maintain:

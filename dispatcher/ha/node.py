@@ -37,6 +37,7 @@ from typing import Any
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.version import __version__
+from cluster import maintenance
 from cluster.backend import LeaderInfo, MemberInfo
 from cluster.election import Elector
 from cluster.errors import BackendUnavailable
@@ -134,6 +135,7 @@ class HANode:
         self.orders: OrderWatcher | None = None
         self.work: LeaderWork | None = None
         self.replication: Replication | None = None
+        self.paused: maintenance.Pause | None = None  # maintenance mode, read by the monitor
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
             if cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
@@ -159,6 +161,7 @@ class HANode:
                 self.data, self.elector, self.sync, lambda fresh: self.members(fresh=fresh),
                 self._restart, settle=max(0.5, float(cfg.drain_wait)),
                 busy=lambda: self.work is not None and self.work.busy,
+                paused=lambda: self.paused is not None,
             )  # fmt: skip
             self.orders = OrderWatcher(self.data, self.instance_id, self.role.guard, self.sync,
                                        self.is_leader)  # fmt: skip
@@ -393,6 +396,7 @@ class HANode:
             )
             if changed or cycle % 20 == 0:
                 self.members(fresh=True)
+            self._check_paused()
             if self.elector.is_leader():
                 self._check_switchover()
             elif self.orders is not None:
@@ -425,6 +429,13 @@ class HANode:
                              epoch=epoch, reason=exc)  # fmt: skip
         elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
             self.data.delete_value(self.data.keys.switchover)  # stale request
+
+    def _check_paused(self) -> None:
+        was, self.paused = self.paused, maintenance.read(self.data)
+        if (was is None) != (self.paused is None):
+            p = self.paused
+            logfmt.event("cluster-paused" if p else "cluster-resumed", instance=self.instance_id,
+                         by=p.by if p else "", reason=p.reason if p else "")  # fmt: skip
 
     def _refresh_member(self) -> None:
         member = self.session.member

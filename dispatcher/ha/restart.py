@@ -55,6 +55,7 @@ class RestartCoordinator:
         restart_self: Callable[[str], None],
         *,
         busy: Callable[[], bool] = lambda: False,
+        paused: Callable[[], bool] = lambda: False,
         settle: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -65,6 +66,7 @@ class RestartCoordinator:
         self.restart_self = restart_self
         self.busy = busy
         self.settle = settle
+        self.paused = paused
         self.me = elector.instance_id
         self._clock = clock
         self._epoch: int | None = None
@@ -109,6 +111,8 @@ class RestartCoordinator:
         if epoch != self._epoch:
             self._epoch, self._target, self._self_ordered = epoch, None, False
             self._clean_orders(epoch)
+        if self._target is None and self.paused():
+            return  # maintenance mode: no new restart (one in progress finishes)
         if not self.syncer.published_current():
             return  # changes not yet published: the followers cannot have them yet
         gen = self.syncer.generation

@@ -1,0 +1,77 @@
+"""Leadership history and maintenance mode on the embedded backend (real flock store)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster import history, maintenance
+from cluster.backend import LocalBackend
+from cluster.election import Elector
+
+TTL = 1
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_terms_count_up_with_the_reason_of_each_change(tmp_path: Path) -> None:
+    ba, bb = LocalBackend(tmp_path / "s"), LocalBackend(tmp_path / "s")
+    a = Elector(ba, "a", ttl=TTL).start()
+    try:
+        wait_for(a.is_leader)
+        wait_for(lambda: len(history.terms(ba)) == 1)
+        first = history.terms(ba)[0]
+        assert (first.term, first.leader, first.previous, first.reason) == (
+            1, "a", "", "first leader on record")  # fmt: skip
+        b = Elector(bb, "b", ttl=TTL).start()
+        wait_for(lambda: b.last_leader is not None)
+        a.resign(reason="switchover", to="b", requested_by="tester")
+        wait_for(b.is_leader)
+        wait_for(lambda: len(history.terms(ba)) == 2)
+        second = history.terms(ba)[0]
+        assert (second.term, second.leader, second.previous) == (2, "b", "a")
+        assert second.previous_epoch == first.epoch < second.epoch
+        assert second.reason == "switchover to b (requested by tester)"
+        assert history.read_handover(ba) is None  # consumed by the new leader
+        b.stop(resign=False)  # b dies without a word: its lease runs out
+        bb.close()
+        wait_for(a.is_leader, timeout=10)
+        wait_for(lambda: len(history.terms(ba)) == 3, timeout=10)
+        third = history.terms(ba)[0]
+        assert (third.term, third.leader, third.previous) == (3, "a", "b")
+        assert third.reason == f"failover: the lease of b (epoch {second.epoch}) ended"
+    finally:
+        a.stop(resign=True, timeout=3)
+        ba.close()
+
+
+def test_unreadable_records_are_skipped_and_dropped(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path / "s")
+    try:
+        b.put_value(b.keys.history + "junk", "{not json")
+        b.put_value(b.keys.handover, "[]")
+        assert history.terms(b) == [] and history.read_handover(b) is None
+        term, puts, deletes = history.takeover(b, "a", 42)
+        assert term.term == 1 and list(puts) == [b.keys.history_term(42)]
+        assert b.keys.history + "junk" in deletes
+    finally:
+        b.close()
+
+
+def test_pause_and_resume(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path / "s")
+    try:
+        assert maintenance.read(b) is None and maintenance.resume(b) is False
+        p = maintenance.pause(b, "ced:alice@h1", "etcd upgrade")
+        assert maintenance.read(b) == p
+        assert maintenance.resume(b) is True and maintenance.read(b) is None
+        b.put_value(b.keys.paused, "garbage")
+        assert maintenance.read(b) == maintenance.Pause("?", "unreadable pause record", 0.0)
+    finally:
+        b.close()
