@@ -88,8 +88,9 @@ def test_hostile_path_and_username_forge_no_line(stack: tuple[Daemon, AgentProc]
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["exit"] == -1, r.text
 
-    wait_until(lambda: agent.logtext().count("ACTION=auth ") >= 2, 10, "the agent's auth lines")
-    wait_until(lambda: daemon.logtext().count("ACTION=auth ") >= 3, 10, "the API's auth lines")
+    # (the hostile values hold "ACTION=auth" too: count the lines that start with it)
+    wait_until(lambda: agent.logtext().count("]: ACTION=auth ") >= 2, 10, "the agent's auth lines")
+    wait_until(lambda: daemon.logtext().count("]: ACTION=auth ") >= 3, 10, "the API's auth lines")
     api, agt = _our_lines(daemon.logtext()), _our_lines(agent.logtext())
     for program, fields in api + agt:
         action = fields[0][1]
