@@ -7,7 +7,7 @@ fingerprint of the CA it accepted so the operator can compare that too.
 With a pinned CA (``request-pairing --ca-fingerprint SHA256:<hex>``, the value ``ced
 pairing-mode`` prints) the agent, before it sends anything, requires the listener's TLS
 chain to hold a CA certificate with that fingerprint which issued the listener's
-certificate (in date); our dispatcher sends its CA after its certificate, an upstream
+certificate (neither expired); our dispatcher sends its CA after its certificate, an upstream
 0.12.x dispatcher sends its certificate alone and cannot be pinned. The approval's CA must
 then be that same CA. Whether pinned or not, the approved certificate must be issued by
 the approval's CA and carry the agent's own public key.
@@ -76,7 +76,7 @@ def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
 
 def check_pinned_chain(chain: list[bytes], pin: str) -> None:
     """PairingError unless ``chain`` holds a CA with fingerprint ``pin`` that issued the
-    leaf (``chain[0]``), both in date."""
+    leaf (``chain[0]``), neither expired."""
     from cryptography import x509
 
     if not chain:
@@ -107,10 +107,12 @@ def _check_issued(cert: Any, ca: Any, what: str) -> None:
     except Exception as exc:  # InvalidSignature is not a ValueError
         raise PairingError(f"{what} is not issued by the dispatcher CA "
                            f"({exc.__class__.__name__})") from None  # fmt: skip
+    # expiry only: upstream issues certificates valid from "now", and the agent's clock
+    # may run a little behind the dispatcher's
     now = dt.datetime.now(dt.UTC)
     for c, name in ((cert, what), (ca, "the dispatcher CA")):
-        if not c.not_valid_before_utc <= now < c.not_valid_after_utc:
-            raise PairingError(f"{name} is not within its validity period")
+        if now >= c.not_valid_after_utc:
+            raise PairingError(f"{name} has expired")
 
 
 def check_approval(result: dict[str, Any], req: PairingRequest, pin: str | None) -> str:
