@@ -73,7 +73,7 @@ FILE_MODE = 0o644
 LOCK_NAME = ".queue.lock"
 SEEN_KEYS = ".seen-keys"  # JSON {sha256: time}; not *.json, which are requests
 SEEN_KEYS_FOR = 30 * 86400.0
-SEEN_KEYS_MAX = 10_000
+SEEN_KEYS_MAX = 5_000
 DEFAULT_MAX_PER_SOURCE = 3
 
 
