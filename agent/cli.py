@@ -22,7 +22,9 @@ USAGE = f"""usage: ctrl-exec-agent [--config PATH] [--allowlist PATH] MODE [opti
 modes:
   serve             run the mTLS agent (port from agent.conf, default 7443)
   request-pairing   --dispatcher HOST [--port 7444] [--background] [--timeout N]
-                    [--lookup-by ip|hostname]: pair with a dispatcher
+                    [--lookup-by ip|hostname] [--ca-fingerprint SHA256:HEX]:
+                    pair with a dispatcher (the fingerprint pins its CA, as
+                    ced pairing-mode prints it)
   pairing-status    is this agent paired? prints the cert expiry
   paired            exit 0 when cert, key and CA exist, else 1
   self-check        check config, allowlist and scripts
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true")
     p.add_argument("--timeout", type=int)
     p.add_argument("--lookup-by", choices=("ip", "hostname"))
+    p.add_argument("--ca-fingerprint")
     p.add_argument("--version", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     return p
@@ -128,6 +131,15 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
     if not 1 <= timeout <= 600:
         print("--timeout must be 1..600 seconds", file=sys.stderr)
         return 2
+    pin = None
+    if args.ca_fingerprint is not None:
+        from agent.common.certs import parse_fingerprint
+
+        try:
+            pin = parse_fingerprint(args.ca_fingerprint)
+        except ValueError as exc:
+            print(f"--ca-fingerprint: {exc}", file=sys.stderr)
+            return 2
     try:
         cfg = _config(args)
     except ConfigError as exc:
@@ -147,7 +159,7 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
         hints: dict[str, object] = {"port": cfg.port}
         if args.lookup_by:
             hints["lookup_by"] = args.lookup_by
-        session = pairing.Session(args.dispatcher, args.port, timeout=timeout + 60)
+        session = pairing.Session(args.dispatcher, args.port, timeout=timeout + 60, ca_pin=pin)
         reqid = session.submit(req, hints)
         if args.background:
             print(reqid, flush=True)
@@ -171,6 +183,11 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
     logfmt.event("pair-complete", status="approved", dispatcher=result.get("dispatcher_id"),
                  dispatcher_host=args.dispatcher)  # fmt: skip
     print("Pairing complete. Certificates stored.")
+    if pin is not None:
+        print(f"Dispatcher CA: {session.ca_fingerprint} (matches --ca-fingerprint)")
+    else:
+        print(f"Dispatcher CA: {session.ca_fingerprint} - not pinned: compare it with the "
+              "fingerprint ced pairing-mode shows")  # fmt: skip
     print(
         "Start or restart the agent: ctrl-exec-agent serve (or systemctl restart ctrl-exec-agent)"
     )

@@ -1,7 +1,16 @@
 """Agent side of pairing (spec 5.1): key + CSR, two responses on one TLS connection.
 
-The pairing port is server-auth TLS that the agent does not verify; trust comes from the
-operator comparing the 6-digit code shown on both sides.
+The pairing port is server-auth TLS that the agent does not verify by default; trust comes
+from the operator comparing the 6-digit code shown on both sides, and the agent prints the
+fingerprint of the CA it accepted so the operator can compare that too.
+
+With a pinned CA (``request-pairing --ca-fingerprint SHA256:<hex>``, the value ``ced
+pairing-mode`` prints) the agent, before it sends anything, requires the listener's TLS
+chain to hold a CA certificate with that fingerprint which issued the listener's
+certificate (neither expired); our dispatcher sends its CA after its certificate, an upstream
+0.12.x dispatcher sends its certificate alone and cannot be pinned. The approval's CA must
+then be that same CA. Whether pinned or not, the approved certificate must be issued by
+the approval's CA and carry the agent's own public key.
 """
 
 from __future__ import annotations
@@ -47,6 +56,88 @@ def prepare(hostname: str, key_type: str) -> PairingRequest:
                           certs.pairing_code(csr))  # fmt: skip
 
 
+def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """The certificates the server sent (DER, leaf first), unverified. Python 3.13 has
+    ``get_unverified_chain``; 3.10-3.12 have it on the internal object; else the leaf."""
+    getter = getattr(sock, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        try:
+            chain = getter() or []
+        except (AttributeError, ValueError, ssl.SSLError):
+            chain = []
+        out = [c if isinstance(c, bytes) else c.public_bytes(2) for c in chain]  # 2: DER
+        if out:
+            return out
+    leaf = sock.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+def check_pinned_chain(chain: list[bytes], pin: str) -> None:
+    """PairingError unless ``chain`` holds a CA with fingerprint ``pin`` that issued the
+    leaf (``chain[0]``), neither expired."""
+    from cryptography import x509
+
+    if not chain:
+        raise PairingError("the pairing listener presented no certificate")
+    by_fp = {certs.fingerprint(der): der for der in chain[1:]}
+    if pin not in by_fp:
+        if len(chain) == 1:
+            raise PairingError(
+                "the pairing listener sent its certificate without its CA, so the pinned CA "
+                "cannot be checked (an upstream 0.12.x dispatcher does this): nothing was sent"
+            )
+        got = ", ".join(by_fp) or "(none)"
+        raise PairingError(f"the dispatcher CA does not match --ca-fingerprint {pin} "
+                           f"(the listener offered {got}): nothing was sent")  # fmt: skip
+    try:
+        leaf = x509.load_der_x509_certificate(chain[0])
+        ca = x509.load_der_x509_certificate(by_fp[pin])
+    except ValueError:
+        raise PairingError("the pairing listener sent an unreadable certificate") from None
+    _check_issued(leaf, ca, "the pairing listener's certificate")
+
+
+def _check_issued(cert: Any, ca: Any, what: str) -> None:
+    import datetime as dt
+
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception as exc:  # InvalidSignature is not a ValueError
+        raise PairingError(f"{what} is not issued by the dispatcher CA "
+                           f"({exc.__class__.__name__})") from None  # fmt: skip
+    # expiry only: upstream issues certificates valid from "now", and the agent's clock
+    # may run a little behind the dispatcher's
+    now = dt.datetime.now(dt.UTC)
+    for c, name in ((cert, what), (ca, "the dispatcher CA")):
+        if now >= c.not_valid_after_utc:
+            raise PairingError(f"{name} has expired")
+
+
+def check_approval(result: dict[str, Any], req: PairingRequest, pin: str | None) -> str:
+    """The approval's CA fingerprint, once the CA matches ``pin`` (when given) and the
+    certificate is issued by that CA for the agent's own key; PairingError otherwise."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        ca = x509.load_pem_x509_certificate(result["ca"].encode())
+        cert = x509.load_pem_x509_certificate(result["cert"].encode())
+    except ValueError:
+        raise PairingError("pairing result holds an unreadable certificate") from None
+    fp = certs.fingerprint(ca)
+    if pin is not None and fp != pin:
+        raise PairingError(f"the approval's CA {fp} does not match --ca-fingerprint {pin}: "
+                           "nothing stored")  # fmt: skip
+    _check_issued(cert, ca, "the approved certificate")
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    key = serialization.load_pem_private_key(req.key_pem, password=None)
+    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise PairingError("the approved certificate is not for this agent's key")
+    return fp
+
+
 def probe(host: str, port: int, timeout: float = 5.0) -> None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -86,11 +177,19 @@ def _read_response(fh: Any) -> dict[str, Any]:
 class Session:
     """One pairing connection: :meth:`submit` returns the reqid, :meth:`wait` the result."""
 
-    def __init__(self, host: str, port: int, timeout: float = 660.0):
+    def __init__(self, host: str, port: int, timeout: float = 660.0, ca_pin: str | None = None):
         self.host, self.port = host, port
+        self.ca_pin = ca_pin
+        self.ca_fingerprint = ""  # of the approval's CA, once :meth:`wait` accepted it
         raw = socket.create_connection((host, port), timeout=30)
         raw.settimeout(timeout)
         self.sock: ssl.SSLSocket = client_context(None).wrap_socket(raw)
+        if ca_pin is not None:
+            try:
+                check_pinned_chain(peer_chain(self.sock), ca_pin)
+            except PairingError:
+                self.sock.close()
+                raise
         self.fh = self.sock.makefile("rb")
 
     def close(self) -> None:
@@ -122,6 +221,7 @@ class Session:
         for k in ("cert", "ca"):
             if not isinstance(second.get(k), str) or "BEGIN CERTIFICATE" not in second[k]:
                 raise PairingError(f"pairing result has no usable '{k}'")
+        self.ca_fingerprint = check_approval(second, req, self.ca_pin)
         return second
 
 

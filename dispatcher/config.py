@@ -56,6 +56,7 @@ class DispatcherConfig:
     dispatcher_id: str = ""
     service_user: str = "ctrl-exec"
     pairing_max_queue: int = 10
+    pairing_max_per_source: int = 3  # pending pairing requests per client address (0: off)
     pairing_timeout: int = 600
     pairing_rate_limit_volume: str = "10/60/300"
     pairing_rate_limit_disable: bool = False

@@ -58,6 +58,9 @@ def build_context(
     }
 
 
+BAD_CONTEXT = "auth hook context holds a character the environment cannot carry"
+
+
 def build_env(ctx: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     sub = ctx.get("submitter") or {}
@@ -116,6 +119,8 @@ async def call(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decisio
         )
     except OSError:
         return Decision(False, "denied", 1)
+    except ValueError:  # a NUL or lone surrogate no environment can carry: fail closed
+        return Decision(False, BAD_CONTEXT, 1)
     try:
         async with asyncio.timeout(timeout):
             assert proc.stdin is not None
@@ -150,6 +155,8 @@ def call_sync(hook: str, ctx: dict[str, Any], timeout: float = 10.0) -> Decision
         )
     except OSError:
         return Decision(False, "denied", 1)
+    except ValueError:  # a NUL or lone surrogate no environment can carry: fail closed
+        return Decision(False, BAD_CONTEXT, 1)
     try:
         proc.communicate(data, timeout=timeout)  # a hook that ignores stdin is fine
     except subprocess.TimeoutExpired:

@@ -30,6 +30,34 @@ def pairing_code(csr_pem: str | bytes) -> str:
     return f"{n % 1_000_000:06d}"
 
 
+FINGERPRINT_PREFIX = "SHA256:"
+
+
+def fingerprint(cert: x509.Certificate | bytes) -> str:
+    """``SHA256:<64 lower-case hex>`` of a certificate's DER encoding (what
+    ``openssl x509 -noout -fingerprint -sha256`` prints, without the colons)."""
+    der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+    return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def ca_fingerprint(path: str | Path) -> str:
+    """The :func:`fingerprint` of the (first) certificate in the PEM file ``path``: what
+    ``ced pairing-mode`` prints and ``request-pairing --ca-fingerprint`` takes."""
+    return fingerprint(load_cert(path))
+
+
+def parse_fingerprint(text: str) -> str:
+    """``text`` as :func:`fingerprint` writes it; accepts any case, colons, and the
+    prefix in any case or not at all. ValueError when it is not a SHA-256 fingerprint."""
+    body = text.strip()
+    if body[: len(FINGERPRINT_PREFIX)].upper() == FINGERPRINT_PREFIX:
+        body = body[len(FINGERPRINT_PREFIX) :]
+    hexdigits = body.replace(":", "").lower()
+    if len(hexdigits) != 64 or any(c not in "0123456789abcdef" for c in hexdigits):
+        raise ValueError(f"not a SHA-256 fingerprint (want {FINGERPRINT_PREFIX}<64 hex>): {text!r}")
+    return FINGERPRINT_PREFIX + hexdigits
+
+
 def load_cert(path: str | Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(Path(path).read_bytes())
 

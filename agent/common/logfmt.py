@@ -1,9 +1,21 @@
-"""Upstream's log line format on stdlib logging.
+r"""Upstream's log line format on stdlib logging.
 
 ``ACTION=<action>`` first, then every other ``KEY=value`` sorted by key; values with
-whitespace are double-quoted; ``None`` is empty. Sent to syslog (facility daemon) with the
-program's ident, or to stderr when there is no syslog socket (or when asked). Records go
+whitespace are double-quoted; ``None`` is empty. Sent to syslog (facility daemon) with
+the program's ident, or to stderr when there is no syslog socket (or when asked). Records go
 through a queue so a slow sink never stalls the event loop. Tokens are never logged.
+
+Beyond upstream (whose quoting does not escape), no value can forge a line or a field
+(DESIGN.md section 3, "Logs"): a value that holds a double quote, a backslash, a control
+character (C0, DEL, C1, so ``\r``, ``\n``, ``\t`` and NUL too), a line or paragraph
+separator, any whitespace other than the plain space, an invisible format character (bidi
+overrides, zero-width) or a lone surrogate is double-quoted with those characters
+escaped: ``\"``, ``\\``, ``\n``, ``\r``, ``\t``, else ``\xNN`` / ``\uNNNN``. Values that
+need none of this are written exactly as upstream writes them, so existing rules match.
+Keys are upper-cased and limited to ``[A-Z][A-Z0-9_]*`` (at most 64): anything else, and
+a field called ``ACTION``, is renamed ``KEY_<sanitised>`` (``_<n>`` appended on a clash).
+:func:`parse_line` reads a line back. Free-text records of other loggers under
+``ctrl-exec`` (the cluster modules) are escaped the same way by the handlers' formatter.
 
 A one-shot process (``ced``) calls :func:`setup` with ``queued=False``: each line is then
 written at once, straight to the syslog socket or stderr, without the ``logging`` module
@@ -20,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -43,20 +56,148 @@ _context: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.Cont
 
 def format_fields(action: str, fields: dict[str, Any]) -> str:
     parts = [f"ACTION={_quote(action)}"]
-    for key in sorted(fields):
-        parts.append(f"{key.upper()}={_quote(fields[key])}")
+    keys = _KEYS
+    if not all(k in keys for k in fields):  # the usual case: keywords seen before
+        keys = _safe_keys(fields)
+    for key in sorted(fields, key=str):
+        parts.append(f"{keys[key]}={_quote(fields[key])}")
     return " ".join(parts)
+
+
+# Characters that make a value need quoting (the space) or escaping (everything else
+# here): C0, DEL, C1, the quote and the backslash, Unicode whitespace and line breaks,
+# invisible format characters that reorder or hide text, and lone surrogates.
+_ESCAPED = (
+    '\x00-\x1f\x7f-\xa0"\\\\\xad\u061c\u1680\u180e\u2000-\u200f\u2028-\u202f'
+    "\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\ud800-\udfff"
+)
+_NEEDS_QUOTES = re.compile(f"[ {_ESCAPED}]")
+_NEEDS_ESCAPES = re.compile(f"[{_ESCAPED}]")
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_KEY_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_KEYS: dict[str, str] = {}  # field name -> rendered key, for names that need no renaming
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    short = _SHORT_ESCAPES.get(c)
+    if short is not None:
+        return short
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
 
 
 def _quote(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool):
-        value = int(value)
-    s = str(value)
-    if any(c.isspace() for c in s):
+    if value is True or value is False:
+        return "1" if value else "0"
+    s = value if type(value) is str else str(value)
+    if _NEEDS_QUOTES.search(s) is None:
+        return s
+    if _NEEDS_ESCAPES.search(s) is None:
         return f'"{s}"'
-    return s
+    return '"' + _NEEDS_ESCAPES.sub(_escape_char, s) + '"'
+
+
+def escape_text(text: str) -> str:
+    """``text`` on one line: what :func:`_quote` escapes, escaped, without the quotes."""
+    if _NEEDS_ESCAPES.search(text) is None:
+        return text
+    return _NEEDS_ESCAPES.sub(_escape_char, text)
+
+
+def _safe_keys(fields: dict[str, Any]) -> dict[Any, str]:
+    """The rendered key of every field: unique, in the safe charset, never ``ACTION``."""
+    out: dict[Any, str] = {}
+    used = {"ACTION"}
+    renamed: list[tuple[str, Any]] = []
+    for key in sorted(fields, key=str):
+        name = str(key).upper()
+        if _KEY_RE.fullmatch(name) and name not in used:
+            out[key] = name
+            used.add(name)
+            # cached only where no other name can map to the same key (lower case)
+            if type(key) is str and key == name.lower() and len(_KEYS) < 4096:
+                _KEYS[key] = name
+        else:
+            renamed.append((name, key))
+    for name, key in renamed:
+        base = "KEY_" + re.sub(r"[^A-Z0-9_]", "_", name)[:48]
+        candidate, n = base, 1
+        while candidate in used:
+            n += 1
+            candidate = f"{base}_{n}"
+        used.add(candidate)
+        out[key] = candidate
+    return out
+
+
+_UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)", re.DOTALL)
+_UNSHORT = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(m: re.Match[str]) -> str:
+    s = m.group(1)
+    if len(s) > 1:
+        return chr(int(s[1:], 16))
+    if s in _UNSHORT:
+        return _UNSHORT[s]
+    raise ValueError(f"unknown escape \\{s}")
+
+
+def parse_line(line: str) -> tuple[str, dict[str, str]]:
+    """``(action, {KEY: value})`` from a line :func:`format_fields` wrote.
+
+    Raises ValueError on anything it could not have written. Values come back as the
+    strings that were logged (``None`` as ``""``, ``True`` as ``"1"``).
+    """
+    if "\n" in line or "\r" in line:
+        raise ValueError("more than one line")
+    out: dict[str, str] = {}
+    pos, first, action = 0, True, ""
+    while pos < len(line):
+        eq = line.find("=", pos)
+        if eq < 0:
+            raise ValueError(f"no '=' after {line[pos:]!r}")
+        key = line[pos:eq]
+        if not (_KEY_RE.fullmatch(key) and (key == "ACTION") == first):
+            raise ValueError(f"bad key {key!r}")
+        pos = eq + 1
+        if line.startswith('"', pos):
+            close = pos + 1
+            while True:
+                close = line.find('"', close)
+                if close < 0:
+                    raise ValueError("unterminated quote")
+                backslashes = len(line[pos + 1 : close]) - len(line[pos + 1 : close].rstrip("\\"))
+                if backslashes % 2 == 0:
+                    break
+                close += 1
+            value = _UNESCAPE.sub(_unescape, line[pos + 1 : close])
+            pos = close + 1
+        else:
+            end = line.find(" ", pos)
+            end = len(line) if end < 0 else end
+            value = line[pos:end]
+            if '"' in value or "\\" in value:
+                raise ValueError(f"unquoted value {value!r} needs quoting")
+            pos = end
+        if pos < len(line):
+            if line[pos] != " ":
+                raise ValueError(f"junk after the value of {key}")
+            pos += 1
+            if pos == len(line):
+                raise ValueError("trailing space")
+        if first:
+            action, first = value, False
+        elif key in out:
+            raise ValueError(f"duplicate key {key}")
+        else:
+            out[key] = value
+    if first:
+        raise ValueError("no ACTION")
+    return action, out
 
 
 def logger() -> logging.Logger:
@@ -130,12 +271,12 @@ def setup(ident: str, target: str = "auto", level: int = INFO, *, queued: bool =
 
         try:
             handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(logging.Formatter(f"{ident}[{os.getpid()}]: %(message)s"))
+            handler.setFormatter(_formatter(ident))
         except OSError:
             use_syslog = False
     if not use_syslog:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{ident}[{os.getpid()}]: %(message)s"))
+        handler.setFormatter(_formatter(ident))
     import queue
     from logging.handlers import QueueHandler, QueueListener
 
@@ -148,6 +289,19 @@ def setup(ident: str, target: str = "auto", level: int = INFO, *, queued: bool =
     log.propagate = False
     _listener = QueueListener(q, handler)
     _listener.start()
+
+
+def _formatter(ident: str) -> logging.Formatter:
+    """``ident[pid]: message``; free text of other loggers (not :func:`event` lines,
+    which are safe already) escaped onto one line."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return text if record.name == _LOGGER_NAME else escape_text(text)
+
+    return OneLine(f"{ident}[{os.getpid()}]: %(message)s")
 
 
 def shutdown() -> None:

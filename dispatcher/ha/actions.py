@@ -86,10 +86,12 @@ def deny(d: Dispatcher, *, reqid: str, reason: str = "rejected by operator") -> 
 
 
 def list_requests(d: Dispatcher) -> list[dict[str, Any]]:
-    """The pending pairing requests, without CSR and nonce."""
+    """The pending pairing requests, without CSR and nonce, with what approval would do
+    (CSR CN, the IP it registers, the source IP, whether the name is already registered:
+    :func:`dispatcher.pairing.queue.describe`)."""
     from dispatcher.pairing import queue as pq
 
-    pending = pq.list_pending(d.cfg.pairing_dir, writer=d.writer)
+    pending = pq.describe(pq.list_pending(d.cfg.pairing_dir, writer=d.writer), d.registry)
     return [{k: v for k, v in r.items() if k not in ("csr", "nonce")} for r in pending]
 
 

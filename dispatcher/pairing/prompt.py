@@ -1,13 +1,18 @@
 """Text and command parsing for ``ced pairing-mode`` (spec 5.4) and ``list-requests``.
 
-Pure functions over queue records (the dicts :mod:`dispatcher.pairing.queue` writes), so
-the interactive loop itself stays a thin shell around them.
+Pure functions over queue records (the dicts :mod:`dispatcher.pairing.queue` writes, plus
+what :func:`dispatcher.pairing.queue.describe` adds: ``csr_cn``, ``approve_ip``,
+``registered``, ``registered_ip``, ``ip_registered_to``), so the interactive loop itself
+stays a thin shell around them. Every value an agent or DNS supplied is shown with control
+and invisible characters escaped, so a request cannot paint over the operator's terminal.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from agent.common.logfmt import escape_text
 
 Action = Literal["approve", "deny", "skip", "list", "quit", "invalid"]
 
@@ -23,7 +28,16 @@ class Command:
 
 def _s(record: dict[str, Any], key: str) -> str:
     value = record.get(key)
-    return "" if value is None else str(value)
+    return "" if value is None else escape_text(str(value))
+
+
+def _registered(record: dict[str, Any]) -> str:
+    """``no``, ``yes (<ip>)``, or empty when the record was not described."""
+    if "registered" not in record:
+        return ""
+    if not record.get("registered"):
+        return "no"
+    return f"yes ({_s(record, 'registered_ip') or '?'})"
 
 
 def recommendation(record: dict[str, Any]) -> str:
@@ -56,6 +70,15 @@ def format_request(record: dict[str, Any]) -> list[str]:
     ]
     if ip and ip != src:
         lines.append(f"  Reported IP: {ip}")
+    if "csr_cn" in record:
+        lines.append(f"  Certificate CN: {_s(record, 'csr_cn') or '(none)'}")
+    if "approve_ip" in record:
+        lines.append(f"  Approval registers IP: {_s(record, 'approve_ip')}")
+    if "registered" in record:
+        lines.append(f"  Already registered: {_registered(record)}")
+    others = [escape_text(str(n)) for n in record.get("ip_registered_to") or []]
+    if others:
+        lines.append(f"  WARNING: {_s(record, 'approve_ip')} is registered to: {', '.join(others)}")
     rdns = _s(record, "reverse_dns")
     if rdns:
         state = "forward-confirmed" if record.get("reverse_confirmed") else "NOT forward-confirmed"
@@ -126,18 +149,32 @@ def parse_command(line: str, pending: int) -> Command:
 
 
 def format_table(records: list[dict[str, Any]]) -> list[str]:
-    """``list-requests``: ``ID HOSTNAME SOURCE IP REVERSE DNS CODE`` (widths 10/24/16/28)."""
+    """``list-requests``: one row per request, what approval will do beside what the
+    agent claims: ``ID CSR CN REGISTER IP SOURCE IP REGISTERED REVERSE DNS CODE``."""
     if not records:
         return ["No pending pairing requests."]
-    fmt = "{:<10} {:<24} {:<16} {:<28} {}"
-    out = [fmt.format("ID", "HOSTNAME", "SOURCE IP", "REVERSE DNS", "CODE"), "-" * 86]
+    fmt = "{:<16} {:<28} {:<16} {:<16} {:<20} {:<24} {}"
+    head = fmt.format("ID", "CSR CN", "REGISTER IP", "SOURCE IP", "REGISTERED", "REVERSE DNS",
+                      "CODE")  # fmt: skip
+    out = [head, "-" * len(head)]
+    warn = False
     for r in records:
         rdns = _s(r, "reverse_dns")
         if rdns and not r.get("reverse_confirmed"):
             rdns += " *"
-        out.append(fmt.format(_s(r, "id"), _s(r, "hostname"), _s(r, "source_ip"),
-                              rdns or "-", _s(r, "code")))  # fmt: skip
+        cn = _s(r, "csr_cn") or _s(r, "hostname")
+        if _s(r, "csr_cn") and _s(r, "csr_cn") != _s(r, "hostname"):
+            cn += " (!=" + _s(r, "hostname") + ")"
+        register_ip = _s(r, "approve_ip") or _s(r, "ip") or _s(r, "source_ip")
+        if r.get("ip_registered_to"):
+            register_ip += " !"
+            warn = True
+        out.append(fmt.format(_s(r, "id"), cn, register_ip, _s(r, "source_ip"),
+                              _registered(r) or "-", rdns or "-", _s(r, "code")))  # fmt: skip
     out.append("")
-    out.append("* reverse DNS not forward-confirmed. Compare the CODE with the agent's output,")
+    out.append("* reverse DNS not forward-confirmed.")
+    if warn:
+        out.append("! that address is already registered to another agent.")
+    out.append("Compare the CODE with the agent's output, check REGISTER IP against SOURCE IP,")
     out.append("  then: ctrl-exec-dispatcher approve <ID>   or   ctrl-exec-dispatcher deny <ID>")
     return out

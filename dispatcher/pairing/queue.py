@@ -11,6 +11,24 @@ agent's connection polls for the decision and delivers it verbatim. Approval and
 are leader-only effects: every decision file and registry write goes through a
 :class:`~dispatcher.statewrite.StateWriter`.
 
+Beyond upstream, :func:`submit` refuses, before anything is written (trust boundaries:
+one host must not be able to fill the queue or pass for another):
+
+* a name that is not an RFC 1123 host name (:func:`valid_agent_name`: dot-separated
+  labels of letters, digits and inner hyphens, 1..63 each, 253 in all, last label not all
+  digits so no IPv4 literal passes for a name; no ``_``, no trailing dot), and a CSR that
+  fails upstream's checks or whose CN is not exactly the requested name
+  (``invalid hostname`` / ``invalid CSR: ...``);
+* more than ``max_per_source`` pending requests from one client address
+  (``pairing_max_per_source``, default 3; ``too many pending requests from this address``);
+* a CSR, or another CSR for the same public key, that is already pending, or whose public
+  key was submitted before (remembered ``SEEN_KEYS_FOR`` seconds in ``.seen-keys``),
+  and a CSR whose code equals a pending request's code. The code stays upstream's
+  (SHA-256 of the CSR PEM, spec 5.5) because an upstream agent prints the code it computes
+  itself: the same CSR always has the same code, so refusing to queue it twice is what
+  keeps a code from ever being shown for two requests. Every agent makes a new key for
+  each ``request-pairing``, so an honest agent never hits this.
+
 Deviation from upstream (on purpose): :func:`approve` registers the agent *before* it
 writes ``<reqid>.approved``. If the registry write fails, no certificate has left the
 dispatcher; upstream's order can hand out a certificate for an agent that is then
@@ -47,9 +65,16 @@ DEFAULT_AGENT_PORT = 7443
 NEW_REQID_RE = re.compile(r"^[a-f0-9]{16}$")
 REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+AGENT_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+SCOPE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 LOOKUP_BY = ("ip", "hostname")
 FILE_MODE = 0o644
 LOCK_NAME = ".queue.lock"
+SEEN_KEYS = ".seen-keys"  # JSON {sha256: time}; not *.json, which are requests
+SEEN_KEYS_FOR = 30 * 86400.0
+SEEN_KEYS_MAX = 5_000
+DEFAULT_MAX_PER_SOURCE = 3
 
 
 class PairingQueueError(CtrlExecError):
@@ -59,6 +84,16 @@ class PairingQueueError(CtrlExecError):
 class QueueFull(PairingQueueError):
     def __init__(self) -> None:
         super().__init__("pairing queue full")
+
+
+class Refused(PairingQueueError):
+    """A request refused before it was queued: ``reason`` goes on the wire (HTTP 200,
+    ``{"status":"error","reason":...}``), ``log_reason`` into ``pair-reject``."""
+
+    def __init__(self, reason: str, log_reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_reason = log_reason
 
 
 class NoSuchRequest(PairingQueueError):
@@ -100,17 +135,58 @@ def valid_reqid(reqid: str) -> bool:
 
 
 def valid_hostname(name: str) -> bool:
+    """Upstream's name check (what a queued or registered name may look like)."""
     return bool(HOSTNAME_RE.match(name)) and len(name) <= 253
+
+
+def valid_agent_name(name: object) -> bool:
+    """What a new pairing request may ask for: an RFC 1123 host name, 253 at most, whose
+    last label is not all digits (no IPv4 literal), no trailing dot."""
+    return (
+        isinstance(name, str)
+        and len(name) <= 253
+        and AGENT_NAME_RE.fullmatch(name) is not None
+        and not name.rsplit(".", 1)[-1].isdigit()
+    )
 
 
 def valid_ip(value: object) -> bool:
     if not isinstance(value, str) or not value:
         return False
+    addr, sep, scope = value.partition("%")
+    if sep and not SCOPE_ID_RE.fullmatch(scope):
+        return False
     try:
-        ipaddress.ip_address(value.split("%", 1)[0])
+        ipaddress.ip_address(addr)
     except ValueError:
         return False
     return True
+
+
+def csr_facts(csr: str, hostname: str) -> tuple[str, str]:
+    """``(CN, SHA-256 of the public key)`` of a CSR that passes upstream's checks and whose
+    CN is ``hostname``; :class:`Refused` otherwise."""
+    try:
+        parsed = pki.validate_csr(csr)
+    except pki.PKIError as exc:
+        raise Refused(f"invalid CSR: {exc}", "invalid-csr") from None
+    cn = pki.csr_common_name(parsed)
+    if cn != hostname:
+        raise Refused("invalid CSR: its common name is not the requested hostname",
+                      "csr-cn-mismatch")  # fmt: skip
+    return cn, pki.public_key_sha256(parsed.public_key())
+
+
+def _key_of(record: dict[str, Any]) -> str:
+    """The public-key hash of a queued record (computed for records written without it)."""
+    known = record.get("key_sha256")
+    if isinstance(known, str) and known:
+        return known
+    try:
+        parsed = pki.validate_csr(str(record.get("csr", "")))
+    except pki.PKIError:
+        return ""
+    return pki.public_key_sha256(parsed.public_key())
 
 
 def valid_port(value: object) -> int | None:
@@ -212,6 +288,38 @@ def count(pairing_dir: str | Path) -> int:
     return len(list(d.glob("*.json"))) if d.is_dir() else 0
 
 
+def _seen_keys(pairing_dir: str | Path, now: float) -> dict[str, float]:
+    """Public keys submitted in the last ``SEEN_KEYS_FOR`` seconds: ``{sha256: time}``."""
+    obj = _read_json(Path(pairing_dir) / SEEN_KEYS) or {}
+    keys = {k: float(v) for k, v in obj.items() if isinstance(v, int | float)}
+    return {k: t for k, t in keys.items() if now - t < SEEN_KEYS_FOR}
+
+
+def _refuse_duplicates(
+    pairing_dir: str | Path, *, source_ip: str, csr: str, key: str, code: str,
+    max_per_source: int, now: float,
+) -> dict[str, float]:  # fmt: skip
+    """Raise :class:`Refused` for a request that must not be queued (call under the
+    lock); returns the seen-keys table to extend."""
+    pending = list_pending(pairing_dir, expire=False)
+    if max_per_source > 0 and sum(r.get("source_ip") == source_ip for r in pending) >= (
+        max_per_source
+    ):
+        raise Refused("too many pending requests from this address", "source-limit")
+    for rec in pending:
+        if rec.get("csr") == csr or _key_of(rec) == key:
+            raise Refused("duplicate request: this key is already waiting for approval",
+                          "duplicate-key")  # fmt: skip
+    seen = _seen_keys(pairing_dir, now)
+    if key in seen:
+        raise Refused("duplicate request: this key was submitted before - run "
+                      "request-pairing again for a new key", "reused-key")  # fmt: skip
+    if any(str(rec.get("code", "")) == code for rec in pending):
+        raise Refused("pairing code collides with a pending request - run request-pairing "
+                      "again for a new key", "code-collision")  # fmt: skip
+    return seen
+
+
 def submit(
     pairing_dir: str | Path,
     *,
@@ -225,20 +333,28 @@ def submit(
     reverse_dns: str = "",
     reverse_confirmed: bool = False,
     max_queue: int = 10,
+    max_per_source: int = DEFAULT_MAX_PER_SOURCE,
     reqid: str | None = None,
     writer: StateWriter | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Queue one request; returns the record written. Raises :class:`QueueFull`.
+    """Queue one request; returns the record written. Raises :class:`QueueFull` or
+    :class:`Refused` (nothing is written then).
 
-    ``ip`` is the agent-reported address (used when it is a valid literal, else the
-    source address); ``lookup_by`` and ``port`` are the agent's hints (None when absent
-    or invalid).
+    ``source_ip`` is the client's real address (the per-source cap counts it); ``ip`` is
+    the agent-reported address (used when it is a valid literal, else the source address);
+    ``lookup_by`` and ``port`` are the agent's hints (None when absent or invalid).
+    ``max_per_source`` 0 means no per-source cap.
     """
-    if not valid_hostname(hostname):
-        raise PairingQueueError("invalid hostname")
+    if not isinstance(hostname, str) or not valid_agent_name(hostname):
+        raise Refused("invalid hostname", "invalid-hostname")
+    if not isinstance(csr, str):
+        raise Refused("invalid CSR: not a string", "invalid-csr")
+    cn, key = csr_facts(csr, hostname)
     rid = _check(reqid or new_reqid())
     w = writer or default_writer()
+    t = time.time() if now is None else now
+    code = pairing_code(csr)
     record = {
         "id": rid,
         "hostname": hostname,
@@ -248,18 +364,26 @@ def submit(
         "nonce": nonce,
         "lookup_by": lookup_by if lookup_by in LOOKUP_BY else None,
         "port": valid_port(port),
-        "received": iso_now(now),
-        "code": pairing_code(csr),
+        "received": iso_now(t),
+        "code": code,
         "reverse_dns": reverse_dns or "",
         "reverse_confirmed": 1 if reverse_confirmed else 0,
+        "csr_cn": cn,
+        "key_sha256": key,
     }
     with _locked(pairing_dir):
         expire_stale(pairing_dir, writer=w)
         if count(pairing_dir) >= max_queue:
             raise QueueFull()
+        seen = _refuse_duplicates(pairing_dir, source_ip=source_ip, csr=csr, key=key,
+                                  code=code, max_per_source=max_per_source, now=t)  # fmt: skip
         qpath = paths(pairing_dir, rid)[0]
         if qpath.exists():
             raise PairingQueueError(f"request '{rid}' already queued")
+        seen[key] = t
+        if len(seen) > SEEN_KEYS_MAX:
+            seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-SEEN_KEYS_MAX:])
+        w.write(Path(pairing_dir) / SEEN_KEYS, dumps(seen), 0o640)
         w.write(qpath, dumps(record), FILE_MODE)
     return record
 
@@ -269,13 +393,14 @@ def get_request(pairing_dir: str | Path, reqid: str) -> dict[str, Any] | None:
 
 
 def list_pending(
-    pairing_dir: str | Path, writer: StateWriter | None = None
+    pairing_dir: str | Path, writer: StateWriter | None = None, *, expire: bool = True
 ) -> list[dict[str, Any]]:
-    """Undecided requests, oldest first; stale ones are expired first."""
+    """Undecided requests, oldest first; stale ones are expired first (``expire``)."""
     d = Path(pairing_dir)
     if not d.is_dir():
         return []
-    expire_stale(d, writer=writer)
+    if expire:
+        expire_stale(d, writer=writer)
     out = []
     for p in d.glob("*.json"):
         rid = p.stem
@@ -287,6 +412,38 @@ def list_pending(
         if rec is not None:
             out.append(rec)
     out.sort(key=lambda r: (str(r.get("received", "")), str(r.get("id", ""))))
+    return out
+
+
+def describe(records: list[dict[str, Any]], registry: Registry) -> list[dict[str, Any]]:
+    """``records`` plus what an operator needs to judge each (``list-requests``, prompts):
+
+    ``csr_cn`` (the name the certificate will carry), ``approve_ip`` (the address approval
+    registers unless ``--ip`` says otherwise), ``source_ip`` (the real client address),
+    ``registered`` (the name is already in the registry), ``registered_ip`` (its address
+    there, or None) and ``ip_registered_to`` (other agents registered with ``approve_ip``).
+    """
+    by_ip: dict[str, list[str]] = {}
+    if records:
+        for r in registry.all():
+            by_ip.setdefault(str(r.get("ip", "")), []).append(str(r.get("hostname", "")))
+    out = []
+    for record in records:
+        rec = dict(record)
+        if not rec.get("csr_cn"):
+            try:
+                rec["csr_cn"] = pki.csr_common_name(pki.validate_csr(str(rec.get("csr", ""))))
+            except pki.PKIError:
+                rec["csr_cn"] = ""
+        name = str(record.get("hostname", ""))
+        approve_ip = str(record.get("ip") or record.get("source_ip") or "")
+        rec["approve_ip"] = approve_ip
+        rec["source_ip"] = str(record.get("source_ip", ""))
+        existing = registry.get(name) if valid_hostname(name) else None
+        rec["registered"] = existing is not None
+        rec["registered_ip"] = str(existing.get("ip", "")) if existing is not None else None
+        rec["ip_registered_to"] = sorted(n for n in by_ip.get(approve_ip, []) if n != name)
+        out.append(rec)
     return out
 
 

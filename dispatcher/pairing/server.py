@@ -14,6 +14,15 @@ up to 64 KiB, JSON with ``csr`` and ``hostname``, hint validation, queue, respon
 Beyond upstream: when the agent closes its connection before a decision, its request is
 withdrawn from the queue (nobody could receive the certificate); when the listener is
 stopped, waiting agents get ``{"status":"denied","reason":"pairing mode stopped"}``.
+
+Trust boundaries (beyond upstream, same framing): the name must be an RFC 1123 host name
+and the CSR's CN exactly that name; one client address holds at most
+``pairing_max_per_source`` pending requests; a key or code already pending is refused
+(:func:`dispatcher.pairing.queue.submit`). The rate limiter and the per-source cap are
+keyed on the *client* address :meth:`PairingServer.handle` is given, which a PROXY-protocol
+front end sets to the address behind the load balancer (default: the TCP peer). The TLS
+certificate message carries the CA after the dispatcher certificate, so an agent that pins
+the CA (``request-pairing --ca-fingerprint``) can check the chain before it sends anything.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agent.common.logfmt import event
@@ -35,6 +45,7 @@ from agent.config import RateSpec
 from dispatcher.config import DispatcherConfig
 from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq
+from dispatcher.registry import Registry
 from dispatcher.statewrite import StateWriter, default_writer
 
 MAX_BODY = 65_536
@@ -59,6 +70,26 @@ def frame(body: bytes) -> bytes:
         f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def _context_with_ca(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    """The pairing listener's TLS context: the dispatcher cert followed by the CA cert in
+    the handshake (an upstream agent ignores the extra certificate; ours can check a
+    pinned CA before it sends its request). Without a readable CA: the cert alone."""
+    import os
+    import tempfile
+
+    try:
+        leaf = Path(cert).read_text()
+        ca_pem = Path(ca).read_text() if ca else ""
+    except (OSError, UnicodeDecodeError):
+        return server_context(cert, key)
+    if not ca_pem.strip() or ca_pem.strip() in leaf:
+        return server_context(cert, key)
+    with tempfile.TemporaryDirectory(prefix="ctrl-exec-pairing-") as tmp:
+        chain = os.path.join(tmp, "chain.pem")  # public certificates only
+        Path(chain).write_text(leaf.rstrip("\n") + "\n" + ca_pem)
+        return server_context(chain, key)
 
 
 def _reverse_dns(ip: str) -> tuple[str, bool]:
@@ -137,7 +168,7 @@ class PairingServer:
 
     async def start(self) -> None:
         """Load the dispatcher cert/key, expire stale requests and listen."""
-        self.ssl_ctx = server_context(self.cfg.cert, self.cfg.key)
+        self.ssl_ctx = _context_with_ca(self.cfg.cert, self.cfg.key, self.cfg.ca)
         self._stopping = asyncio.Event()
         pq._dir(self.pairing_dir)
         pq.expire_stale(self.pairing_dir, writer=self.writer)
@@ -170,11 +201,22 @@ class PairingServer:
     # ----- connections ------------------------------------------------------------------
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.handle(reader, writer)
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        client_ip: str | None = None,
+    ) -> None:  # fmt: skip
+        """Serve one connection. ``client_ip`` is the real client address (a PROXY header's
+        source behind a load balancer); the rate limiter, the per-source cap, the queued
+        ``source_ip`` and the log lines use it. Default: the TCP peer."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        peername = writer.get_extra_info("peername") or ("", 0)
-        ip = plain_ip(str(peername[0]), keep_zone=True)
+        if client_ip is None:
+            peername = writer.get_extra_info("peername") or ("", 0)
+            client_ip = str(peername[0])
+        ip = plain_ip(client_ip, keep_zone=True)
         try:
             if self.limiter.blocked(ip) or self.limiter.record_connection(ip):
                 return
@@ -233,7 +275,7 @@ class PairingServer:
             return
         reqid = str(record["id"])
         fields: dict[str, Any] = {"agent": record["hostname"], "ip": ip, "reqid": reqid,
-                                  "status": "pending"}  # fmt: skip
+                                  "status": "pending", "code": record["code"]}  # fmt: skip
         if record["ip"] != ip:
             fields["reported_ip"] = record["ip"]
         event("pair-request", **fields)
@@ -243,7 +285,9 @@ class PairingServer:
             return
         if self.on_request is not None:
             try:
-                self.on_request(dict(record))
+                registry = Registry(self.cfg.registry_dir)
+                shown = await asyncio.to_thread(pq.describe, [record], registry)
+                self.on_request(shown[0])
             except Exception as exc:
                 event("pair-error", logging.ERROR, reqid=reqid, reason=f"on_request: {exc}")
         await self._await_decision(reader, writer, reqid)
@@ -282,7 +326,7 @@ class PairingServer:
         csr, hostname = obj["csr"], obj["hostname"]
         if not isinstance(csr, str):
             raise _Reject("invalid request", "invalid-request")
-        if not isinstance(hostname, str) or not pq.valid_hostname(hostname):
+        if not pq.valid_agent_name(hostname):
             raise _Reject("invalid hostname", "invalid-hostname")
         nonce = obj.get("nonce", "")
         if isinstance(nonce, dict | list):
@@ -295,10 +339,13 @@ class PairingServer:
                 self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
                 ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
                 reverse_dns=rdns, reverse_confirmed=confirmed,
-                max_queue=self.cfg.pairing_max_queue, writer=self.writer,
+                max_queue=self.cfg.pairing_max_queue,
+                max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
             )  # fmt: skip
         except pq.QueueFull:
             raise _Reject("pairing queue full", "queue-full") from None
+        except pq.Refused as exc:
+            raise _Reject(exc.reason, exc.log_reason) from None
 
     async def _rdns(self, ip: str) -> tuple[str, bool]:
         if not self.reverse_dns:

@@ -7,11 +7,14 @@
   header, self-signature, RSA >= 2048 (or an EC key on P-256/P-384), no MD5/SHA-1,
   optional CN binding.
 * New serials are random (119+ bits) and always contain a hex letter (DESIGN.md 2).
+* :func:`ca_fingerprint` (``SHA256:<hex>`` of the CA cert's DER) is what ``ced
+  pairing-mode`` prints and ``ctrl-exec-agent request-pairing --ca-fingerprint`` pins.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.common.certs import ca_fingerprint as ca_fingerprint  # SHA256:<hex>, for ced
+from agent.common.certs import fingerprint as fingerprint
 from agent.common.certs import openssl_date
 from agent.common.errors import CtrlExecError
 from agent.common.serial import new_serial
@@ -202,6 +207,20 @@ def validate_csr(csr_pem: str, expected_cn: str | None = None) -> x509.Certifica
     if expected_cn is not None and cn_text != expected_cn:
         raise PKIError(f"CSR common name '{cn_text}' does not match '{expected_cn}'")
     return csr
+
+
+def csr_common_name(csr: x509.CertificateSigningRequest) -> str:
+    """The (first) CN of a CSR :func:`validate_csr` accepted."""
+    cn = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    return cn.decode() if isinstance(cn, bytes) else cn
+
+
+def public_key_sha256(public_key: object) -> str:
+    """Hex SHA-256 of a public key's DER SubjectPublicKeyInfo."""
+    der = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
 
 
 def sign_csr(ca: CA, csr_pem: str, days: int = 825, expected_cn: str | None = None) -> str:

@@ -89,7 +89,8 @@ def chaos(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterato
         agents=AGENTS, scripts={"echo-args": str(script_dir / "echo-args.sh")}, ttl=TTL,
         etcd_size=3, tls=True, haproxy=True,
         # the pairing driver below opens many pairing connections from 127.0.0.1
-        extra={"pairing_rate_limit_disable": "1", "pairing_max_queue": "1000"},
+        extra={"pairing_rate_limit_disable": "1", "pairing_max_queue": "1000",
+               "pairing_max_per_source": "0"},
     )  # fmt: skip
     with running_cluster(tmp_path_factory.mktemp("chaos"), spec) as c:
         yield c

@@ -93,3 +93,15 @@ def test_hook_timeout_and_missing(tmp_path: Path) -> None:
     assert not d.allowed and time.monotonic() - t0 < 5
     d = asyncio.run(authhook.call(str(tmp_path / "nope"), authhook.build_context("run"), 1))
     assert not d.allowed and "not found or not executable" in d.reason
+
+
+def test_a_context_no_environment_can_carry_is_denied(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o755)
+    for bad in ("a\x00b", "a\ud800"):
+        ctx = authhook.build_context("run", script="s", username=bad)
+        got = asyncio.run(authhook.call(str(hook), ctx, 5))
+        assert not got.allowed and got.reason == authhook.BAD_CONTEXT
+        got = authhook.call_sync(str(hook), ctx, 5)
+        assert not got.allowed and got.reason == authhook.BAD_CONTEXT

@@ -108,7 +108,32 @@ def test_lists() -> None:
     assert lines[2].startswith("  2. db1 ")
     assert format_list([]) == ["No pending pairing requests."]
     table = format_table(recs)
-    assert table[0].split() == ["ID", "HOSTNAME", "SOURCE", "IP", "REVERSE", "DNS", "CODE"]
-    assert table[0].index("HOSTNAME") == 11 and table[0].index("SOURCE IP") == 36
+    assert table[0].split() == ["ID", "CSR", "CN", "REGISTER", "IP", "SOURCE", "IP",
+                                "REGISTERED", "REVERSE", "DNS", "CODE"]  # fmt: skip
     assert "web1.example.net *" in table[3]
     assert table[2].split()[-1] == "042917"
+
+
+def test_table_and_announcement_show_what_approval_does() -> None:
+    described = _rec(csr_cn="web1.example.net", approve_ip="192.0.2.4", source_ip="10.0.0.5",
+                     registered=True, registered_ip="10.0.0.7",
+                     ip_registered_to=["db1.example.net"])  # fmt: skip
+    row = format_table([described])[2]
+    cols = row.split()
+    assert cols[:6] == ["0123456789abcdef", "web1.example.net", "192.0.2.4", "!", "10.0.0.5",
+                        "yes"]  # fmt: skip
+    assert "(10.0.0.7)" in row
+    lines = format_request(described)
+    assert "  Certificate CN: web1.example.net" in lines
+    assert "  Approval registers IP: 192.0.2.4" in lines
+    assert "  Already registered: yes (10.0.0.7)" in lines
+    assert "  WARNING: 192.0.2.4 is registered to: db1.example.net" in lines
+    fresh = format_table([_rec(csr_cn="web1.example.net", approve_ip="10.0.0.5",
+                               registered=False, registered_ip=None, ip_registered_to=[])])  # fmt: skip
+    assert fresh[2].split()[4] == "no"
+
+
+def test_agent_supplied_text_cannot_paint_the_terminal() -> None:
+    evil = _rec(reverse_dns="x\x1b[2J\nApproved!", hostname="h\u202eevil")
+    for line in [*format_request(evil), *format_table([evil]), *format_list([evil])]:
+        assert "\x1b" not in line and "\n" not in line and "\u202e" not in line

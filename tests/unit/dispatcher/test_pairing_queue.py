@@ -21,7 +21,8 @@ from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 
 QUEUE_FIELDS = {"id", "hostname", "ip", "source_ip", "csr", "nonce", "lookup_by", "port",
-                "received", "code", "reverse_dns", "reverse_confirmed"}  # fmt: skip
+                "received", "code", "reverse_dns", "reverse_confirmed",
+                "csr_cn", "key_sha256"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,14 @@ def cfg(tmp_path: Path) -> DispatcherConfig:
     return c
 
 
+def _fresh(cn: str = "web1.example.net") -> str:
+    """A CSR for a new key (the queue refuses a key it has seen)."""
+    return certs.make_csr(certs.new_key("ec-p256"), cn)
+
+
 def _submit(cfg: DispatcherConfig, csr: str, **kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = {"hostname": "web1.example.net", "csr": csr, "nonce": "ab" * 16,
-                            "source_ip": "10.0.0.9"}  # fmt: skip
+                            "source_ip": "10.0.0.9", "max_per_source": 0}  # fmt: skip
     args.update(kw)
     return pq.submit(cfg.pairing_dir, **args)
 
@@ -80,14 +86,14 @@ def test_submit_rejects_bad_hostname(cfg: DispatcherConfig, csr: str) -> None:
 
 def test_queue_cap(cfg: DispatcherConfig, csr: str) -> None:
     for _ in range(3):
-        _submit(cfg, csr, max_queue=3)
+        _submit(cfg, _fresh(), max_queue=3)
     with pytest.raises(pq.QueueFull, match=r"^pairing queue full$"):
-        _submit(cfg, csr, max_queue=3)
+        _submit(cfg, _fresh(), max_queue=3)
     assert pq.count(cfg.pairing_dir) == 3
 
 
 def test_stale_requests_expire_unless_decided(cfg: DispatcherConfig, csr: str) -> None:
-    old, decided, fresh = (_submit(cfg, csr)["id"] for _ in range(3))
+    old, decided, fresh = (_submit(cfg, _fresh())["id"] for _ in range(3))
     d = Path(cfg.pairing_dir)
     past = time.time() - 601
     for rid in (old, decided):
@@ -99,11 +105,11 @@ def test_stale_requests_expire_unless_decided(cfg: DispatcherConfig, csr: str) -
     assert (d / f"{decided}.json").exists()
     # a full queue makes room by expiring stale requests first
     for _ in range(8):
-        _submit(cfg, csr)
+        _submit(cfg, _fresh())
     assert pq.count(cfg.pairing_dir) == 10
     victim = pq.list_pending(cfg.pairing_dir)[0]["id"]
     os.utime(d / f"{victim}.json", (past, past))
-    _submit(cfg, csr)
+    _submit(cfg, _fresh())
     assert not (d / f"{victim}.json").exists()
 
 
@@ -188,8 +194,12 @@ def test_approve_errors(cfg: DispatcherConfig, csr: str) -> None:
 
 
 def test_approve_bad_csr_changes_nothing(cfg: DispatcherConfig) -> None:
-    rid = pq.submit(cfg.pairing_dir, hostname="h1", csr="garbage", nonce="n",
-                    source_ip="10.0.0.1")["id"]  # fmt: skip
+    # submit() refuses such a CSR; a queue file written by another version may hold one
+    rid = "0123456789abcdef"
+    pq.paths(cfg.pairing_dir, rid)[0].parent.mkdir(parents=True, exist_ok=True)
+    pq.paths(cfg.pairing_dir, rid)[0].write_text(json.dumps(
+        {"id": rid, "hostname": "h1", "csr": "garbage", "nonce": "n", "ip": "10.0.0.1",
+         "source_ip": "10.0.0.1"}))  # fmt: skip
     with pytest.raises(pq.PairingQueueError, match="cannot sign"):
         pq.approve(cfg, rid)
     assert pq.outcome(cfg.pairing_dir, rid) is None
@@ -242,3 +252,57 @@ def test_decisions_go_through_the_writer(cfg: DispatcherConfig, csr: str) -> Non
     w = RecordingWriter()
     pq.approve(cfg, rid, writer=w)
     assert f"{rid}.approved" in w.writes and "web1.example.net.json" in w.writes
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("vm", True), ("web1.example.net", True), ("a-b.c-d", True), ("1host.example", True),
+        ("x" * 63 + ".example", True), (".".join(["a" * 63] * 3) + "." + "b" * 61, True),
+        ("x" * 64 + ".example", False), (".".join(["a" * 63] * 4), False),
+        ("-bad", False), ("bad-", False), ("a..b", False), ("a.", False), (".a", False),
+        ("under_score", False), ("a b", False), ("a\nb", False), ("", False),
+        ("10.0.0.5", False), ("123", False), ("host.123", False), ("h\u00e9", False),
+    ],
+)  # fmt: skip
+def test_agent_name_pattern(name: str, ok: bool) -> None:
+    assert pq.valid_agent_name(name) is ok
+
+
+def test_submit_refusals_write_nothing(cfg: DispatcherConfig) -> None:
+    first = _submit(cfg, _fresh(), max_per_source=2)
+    before = sorted(p.name for p in Path(cfg.pairing_dir).iterdir())
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"csr": _fresh("other.example")}, "csr-cn-mismatch"),
+        ({"csr": "garbage"}, "invalid-csr"),
+        ({"hostname": "bad_name", "csr": _fresh("bad_name")}, "invalid-hostname"),
+        ({"csr": first["csr"]}, "duplicate-key"),
+    ]
+    for kw, why in cases:
+        with pytest.raises(pq.Refused) as info:
+            _submit(cfg, **{"max_per_source": 2, **kw})
+        assert info.value.log_reason == why
+    assert sorted(p.name for p in Path(cfg.pairing_dir).iterdir()) == before
+    _submit(cfg, _fresh(), max_per_source=2)
+    with pytest.raises(pq.Refused, match="too many pending requests from this address"):
+        _submit(cfg, _fresh(), max_per_source=2)
+    _submit(cfg, _fresh(), max_per_source=2, source_ip="10.0.0.10")  # another address is fine
+
+
+def test_a_key_is_never_queued_twice(cfg: DispatcherConfig, csr: str) -> None:
+    rid = _submit(cfg, csr)["id"]
+    pq.deny(cfg, rid)
+    with pytest.raises(pq.Refused, match="submitted before") as info:
+        _submit(cfg, csr)
+    assert info.value.log_reason == "reused-key"
+
+
+def test_describe(cfg: DispatcherConfig) -> None:
+    Registry(cfg.registry_dir).register("web1.example.net", ip="10.0.0.7")
+    Registry(cfg.registry_dir).register("db1.example.net", ip="192.0.2.4")
+    rec = _submit(cfg, _fresh(), ip="192.0.2.4")
+    (got,) = pq.describe([rec], Registry(cfg.registry_dir))
+    assert got["csr_cn"] == "web1.example.net" and got["approve_ip"] == "192.0.2.4"
+    assert got["source_ip"] == "10.0.0.9"
+    assert got["registered"] is True and got["registered_ip"] == "10.0.0.7"
+    assert got["ip_registered_to"] == ["db1.example.net"]

@@ -1,0 +1,1 @@
+"""Attack tests: each one must fail for the attacker and change nothing."""
