@@ -19,10 +19,11 @@ import pytest
 
 from dispatcher.pki import ca as dpki
 from dispatcher.registry import Registry
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.apidaemon import Daemon, make_daemon
+from ops.lab.apidaemon import PairingCA as DispatcherCA
+from ops.lab.pki import Issued
 from ops.lab.proc import wait_until
-from tests.integration.test_api import Daemon, DispatcherCA, make_daemon
-from tests.support.agentproc import AgentProc, make_agent
-from tests.support.pki import Issued
 from tests.unit.agent.test_logfmt_escaping import parse
 
 pytestmark = pytest.mark.integration

@@ -36,6 +36,7 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.pairing import queue as pq
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
+from ops.lab.pairing import frame, read_response
 from ops.lab.proc import wait_until
 from tests.integration.test_pairing import (
     Events,
@@ -43,7 +44,6 @@ from tests.integration.test_pairing import (
     agent_files,
     request_pairing,
 )
-from tests.support.pairing import frame, read_response
 
 pytestmark = pytest.mark.integration
 
