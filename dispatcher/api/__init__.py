@@ -1,1 +1,1 @@
-"""The ``ctrl-exec-api`` instance daemon: HTTP API (:mod:`.app`), health port (:mod:`.health`)."""
+"""The ``ctrl-exec-api`` instance daemon: HTTP API (:mod:`.app`), health port (:mod:`.healthport`)."""

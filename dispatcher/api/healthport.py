@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from dispatcher.config import DispatcherConfig
+from dispatcher.ha.role import RoleSnapshot
 
 TICK_INTERVAL = 1.0
 STALE_TICKS = 5  # /health fails when the loop has not ticked for this many intervals
@@ -42,21 +43,6 @@ LEADER_SPARE = 0.25  # /leader needs more than this fraction of the TTL left
 def iso_utc(t: float) -> str:
     """``YYYY-MM-DDTHH:MM:SSZ`` (ISO 8601, UTC) of a Unix time."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-@dataclass(frozen=True)
-class RoleSnapshot:
-    """What the coordination backend knows right now."""
-
-    instance_id: str
-    role: str  # "leader", "follower" or "unknown"
-    leader_id: str | None
-    epoch: int | None  # newest epoch seen; None before any
-    lease_ttl: float | None  # None when not leading
-    lease_time_left: float | None  # None when not leading
-    generation: int
-    etcd: str  # "ok" or "unreachable"
-    backend: str  # "local" or "etcd"
 
 
 class RoleProvider(Protocol):
