@@ -2,8 +2,8 @@
 
 One thread, active only while this instance leads:
 
-* requests from ``ced`` (:mod:`dispatcher.ha.leader_requests`): pairing decisions, the pending
-  list, certificate rotation and ``maintain``, each under a fenced operation;
+* requests from ``ced`` (:mod:`dispatcher.ha.leader_requests`): every leader-only action
+  of :mod:`dispatcher.ha.actions`, each under a fenced operation;
 * after a rotation, retirement of the previous serial (:func:`dispatcher.pki.rotation.retire`)
   as soon as every live member presents the new serial (and every agent acknowledged it,
   or the overlap is over): every second for ten minutes after the rotation, then every
@@ -24,17 +24,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
-from dispatcher.ha import leader_requests as hareq
+from dispatcher.ha import actions, leader_requests
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
     from dispatcher.ha.node import HANode
 
 ev = logfmt.event
+T = TypeVar("T")
 
 
 class LeaderWork:
@@ -83,7 +84,7 @@ class LeaderWork:
                     self._retire_check(now)
                 if now >= self._next_maintain:
                     self._next_maintain = now + max(60, self.d.cfg.cert_check_interval)
-                    self._operation("maintain", self._maintain)
+                    self._busy(lambda: actions.perform(self.d, "maintain"))
                 if now >= self._next_prune:
                     self._next_prune = now + 60
                     self._prune_results(epoch)
@@ -121,7 +122,7 @@ class LeaderWork:
             self.busy = True
             try:
                 try:
-                    done.update(ok=True, result=self.execute(kind, args))
+                    done.update(ok=True, **self.execute(kind, args))
                 except Exception as exc:
                     done.update(ok=False, error=str(exc) or type(exc).__name__,
                                 error_type=type(exc).__name__)  # fmt: skip
@@ -133,78 +134,19 @@ class LeaderWork:
             finally:
                 self.busy = False
 
-    def _operation(self, name: str, fn: Callable[[], Any]) -> Any:
+    def _busy(self, fn: Callable[[], T]) -> T:
         was, self.busy = self.busy, True
         try:
-            with self.node.writer.operation(name):
-                return fn()
+            return fn()
         finally:
             self.busy = was
 
-    def execute(self, kind: str, args: dict[str, Any]) -> Any:
-        from dispatcher.pairing import queue as pq
-
-        cfg, writer = self.d.cfg, self.node.writer
-        if kind == "approve":
-
-            def approve() -> dict[str, Any]:
-                port = args.get("agent_port")
-                res = pq.approve(cfg, str(args.get("reqid", "")), lookup_by=args.get("lookup_by"),
-                                 ip=args.get("ip"), agent_port=int(port) if port else None,
-                                 writer=writer)  # fmt: skip
-                return {"reqid": res.reqid, "hostname": res.name, "lookup_by": res.lookup_by,
-                        "ip": res.ip, "port": res.port, "addr": res.addr, "expiry": res.expiry,
-                        "dispatcher_serial": res.dispatcher_serial, "record": res.record,
-                        "warnings": res.warnings}  # fmt: skip
-
-            return self._operation("pairing-approve", approve)
-        if kind == "deny":
-
-            def deny() -> dict[str, Any]:
-                reqid = str(args.get("reqid", ""))
-                pq.deny(cfg, reqid, writer=writer,
-                        reason=str(args.get("reason") or "rejected by operator"))  # fmt: skip
-                return {"reqid": reqid}
-
-            return self._operation("pairing-deny", deny)
-        if kind == "list-requests":
-
-            def listing() -> list[dict[str, Any]]:
-                pending = pq.list_pending(cfg.pairing_dir, writer=writer)
-                return [{k: v for k, v in r.items() if k not in ("csr", "nonce")}
-                        for r in pending]  # fmt: skip
-
-            return self._operation("pairing-list", listing)
-        if kind == "rotate-cert":
-            return self._rotate()
-        if kind == "maintain":
-            return self._operation("maintain", self._maintain)
-        raise ValueError(f"unknown request kind {kind!r}")
-
-    def _rotate(self) -> dict[str, Any]:
-        from dispatcher.pki import rotation
-
-        sync = self.node.sync
-        before = sync.generation if sync is not None else 0
-        with self.node.writer.operation("cert-rotate") as epoch:
-            report = asyncio.run(rotation.rotate(self.d))
-        generation = before
-        if sync is not None:  # the publisher runs once the operation is over
-            deadline = self._clock() + 10
-            while sync.generation <= before and self._clock() < deadline:
-                time.sleep(0.02)
-            generation = sync.generation
-        self._next_retire = self._clock() + 1.0
-        ev("cert-rotate-ha", new_serial=report.get("new_serial"), epoch=epoch,
-           generation=generation, instance=self.node.instance_id)  # fmt: skip
-        return {**report, "generation": generation, "leader": self.node.instance_id,
-                "epoch": epoch}  # fmt: skip
-
-    def _maintain(self) -> dict[str, Any]:
-        from dispatcher.pki import rotation
-
-        out: dict[str, Any] = asyncio.run(rotation.maintain(self.d))
-        return out
+    def execute(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request through :func:`dispatcher.ha.actions.perform`: the
+        action's document plus the generation carrying the change."""
+        res = actions.perform(self.d, kind, args)
+        self._next_retire = min(self._next_retire, self._clock() + 1.0)
+        return {"result": res.data, "generation": res.generation}
 
     # -- retirement ----------------------------------------------------------------------
 
@@ -238,10 +180,15 @@ class LeaderWork:
         self._next_retire = now + (1.0 if recent else 60.0)
         if self.converged(state.current_serial) is not None:
             return
-        res = self._operation("serial-retire", lambda: asyncio.run(rotation.retire(self.d)))
+        res = self._busy(lambda: self._retire(rotation))
         if res.get("retired"):
             ev("serial-retired-ha", serial=res.get("serial"), reason=res.get("reason"),
                removed=len(res.get("removed") or []), instance=self.node.instance_id)  # fmt: skip
+
+    def _retire(self, rotation: Any) -> dict[str, Any]:
+        with self.node.writer.operation("serial-retire"):
+            out: dict[str, Any] = asyncio.run(rotation.retire(self.d))
+            return out
 
     def _prune_results(self, epoch: int) -> None:
         backend = self.node.data
@@ -251,7 +198,7 @@ class LeaderWork:
                 at = float(json.loads(kv.value).get("at", 0))
             except (ValueError, TypeError, AttributeError):
                 at = 0.0
-            if time.time() - at > hareq.RESULT_KEEP:
+            if time.time() - at > leader_requests.RESULT_KEEP:
                 old.append(kv.key)
         if old:
             self.node.elector.commit("results-prune", deletes=old[:100], epoch=epoch,

@@ -242,6 +242,30 @@ def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) ->
     assert f"EPOCH={epoch}" in leader.logtext()
 
 
+def test_edit_agent_from_a_follower_host_is_carried_out_by_the_leader(cluster: Cluster) -> None:
+    """``ced edit-agent`` run on a follower's host goes to the leader (one home for
+    leader-only actions): the leader commits the registry writes under its epoch."""
+    leader = cluster.one_leader()
+    epoch = leader.status()["epoch"]
+    follower = cluster.followers()[0]
+    before = {e.revision for e in cluster.effects()}
+    try:
+        r = cluster.ced(follower, "--json", "edit-agent", "web2", "--rename", "web2-moved")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["hostname"] == "web2-moved"
+        fresh = [e for e in cluster.effects() if e.revision not in before]
+        assert {"request-claim", "agent-edit", "request-done"} <= {e.effect for e in fresh}
+        assert all(e.epoch == epoch and e.instance_id == leader.id for e in fresh)
+        new = [e for e in fresh if e.effect == "agent-edit"]
+        assert {(Path(e.detail["path"]).name, e.detail["op"]) for e in new} == {
+            ("web2-moved.json", "write"), ("web2.json", "delete")}  # fmt: skip
+        r = cluster.ced(follower, "edit-agent", "nobody-here", "--agent-port", "7443")
+        assert r.returncode == 1 and "Edit failed: no registry entry for 'nobody-here'" in r.stderr
+    finally:
+        r = cluster.ced(follower, "edit-agent", "web2-moved", "--rename", "web2")
+    assert r.returncode == 0, r.stderr
+
+
 # ----- data plane --------------------------------------------------------------------------
 
 
