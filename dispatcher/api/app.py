@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.version import __version__
-from dispatcher.api import cluster_routes, errors
+from dispatcher.api import errors
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
-from dispatcher.api.routes import runs, service, spec
+from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
 from dispatcher.core import Dispatcher
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, errors.on_http)
     app.add_exception_handler(errors.Answer, errors.on_answer)
     app.add_exception_handler(Exception, errors.on_internal)
-    for router in (service.router, runs.router, spec.router):  # the document's path order
-        app.include_router(router)
-    cluster_routes.install(app, d, ha, operator_issuers)
+    # in this order: the order of the paths in the OpenAPI document
+    for routes in (service, runs, spec, pairing, cluster_control, cluster_files):
+        app.include_router(routes.router)
     return app

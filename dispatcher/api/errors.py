@@ -27,6 +27,9 @@ BAD_REQUEST: Responses = {400: {**ERR, "description": "Bad request"}}
 FORBIDDEN: Responses = {403: {**ERR, "description": "Denied by the auth hook"}}
 NOT_FOUND: Responses = {404: {**ERR, "description": "Unknown agent or run"}}
 CONFLICT: Responses = {409: {**ERR, "description": "host:script already running (code 4)"}}
+UNAVAILABLE: Responses = {
+    503: {**ERR, "description": "not leader (with the leader) or cluster unavailable"}
+}
 
 
 def error(status: int, err: str, detail: str | None = None, **extra: Any) -> JSONResponse:

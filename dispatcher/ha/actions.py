@@ -13,7 +13,7 @@ and returns one :class:`ActionResult`:
   (:class:`~dispatcher.ha.leaderwork.LeaderWork`) looks the name up in :data:`ACTIONS`
   and calls :func:`perform`;
 * the API (``/pairing/...``): the leader calls :func:`perform`; a follower forwards the
-  HTTP request to the leader (:mod:`dispatcher.api.cluster_routes`).
+  HTTP request to the leader (:mod:`dispatcher.api.leadergate`).
 
 Arguments arriving from the store are checked against the function's annotations
 (:func:`bind`) before anything runs: an unknown action, an unknown argument or a value of

@@ -3,8 +3,11 @@
 * :mod:`.service`: ``GET /`` (service description), ``/health``, ``/metrics``;
 * :mod:`.runs`: ``POST /ping``, ``POST /run``, ``GET|POST /discovery``, ``GET /status/{reqid}``;
 * :mod:`.spec`: ``GET /openapi-live.json`` (``/openapi.json`` is FastAPI's own);
-* cluster routes, leader-only actions callable on every instance and the peers' file
-  route: :mod:`dispatcher.api.cluster_routes`.
+* :mod:`.pairing`: ``GET /pairing``, ``POST /pairing/{reqid}/approve|deny``, leader-only
+  and callable on every instance (:mod:`dispatcher.api.leadergate`);
+* :mod:`.cluster_control`: ``POST /cluster/switchover``;
+* :mod:`.cluster_files`: ``GET /cluster/files/{path}``, the peers' file route (not in
+  the OpenAPI document).
 
 :func:`~dispatcher.api.app.create_app` includes the routers in this order, which is the
 order of the paths in the OpenAPI document. This module is the route table the rest of
@@ -16,13 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.api import cluster_routes
-
 TAG_API = "api"
 TAG_RUN = "run"
 TAG_STATUS = "status"
-TAG_CLUSTER = cluster_routes.TAG_CLUSTER
-PEER_PREFIX = cluster_routes.PEER_PREFIX  # peer routes: dispatcher certificate, no auth hook
+TAG_CLUSTER = "cluster"
+PEER_PREFIX = "/cluster/files/"  # peer routes: dispatcher certificate, no auth hook
 
 TAGS: list[dict[str, Any]] = [
     {"name": TAG_API, "description": "Service description, health and specification"},
@@ -44,7 +45,10 @@ ENDPOINTS: list[dict[str, str]] = [
     {"method": "GET", "path": "/status/{reqid}"},
     {"method": "GET", "path": "/openapi.json"},
     {"method": "GET", "path": "/openapi-live.json"},
-    *cluster_routes.ENDPOINTS,
+    {"method": "GET", "path": "/pairing"},
+    {"method": "POST", "path": "/pairing/{reqid}/approve"},
+    {"method": "POST", "path": "/pairing/{reqid}/deny"},
+    {"method": "POST", "path": "/cluster/switchover"},
 ]
 _ROUTES = {e["path"] for e in ENDPOINTS} | {"/metrics"}
 
@@ -55,4 +59,10 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/status/"):
         return "/status/{reqid}"
-    return cluster_routes.route_label(path) or "other"
+    if path.startswith(PEER_PREFIX):
+        return PEER_PREFIX + "{path}"
+    if path.startswith("/pairing/"):
+        for verb in ("approve", "deny"):
+            if path.endswith(f"/{verb}"):
+                return f"/pairing/{{reqid}}/{verb}"
+    return "other"
