@@ -2,14 +2,17 @@
 
 :func:`~dispatcher.api.app.create_app` puts one :class:`ApiState` on ``app.state.api``;
 routes take what they need from it through the ``*Dep`` annotations below instead of
-closing over it. Every dependency is ``async``: FastAPI runs plain ``def`` dependencies
-in a thread pool, which would cost a thread hop per request.
+closing over it. A route that acts for a caller takes one :class:`ApiCall` (state and
+caller together: each dependency FastAPI resolves costs some microseconds per request);
+the cluster routes take its subclass :class:`~dispatcher.api.leadergate.ClusterCall`.
+Every dependency is ``async``: FastAPI runs a plain ``def`` dependency in a thread pool,
+a thread hop per request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Self
 
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
@@ -46,16 +49,30 @@ def peer_ip(scope: Scope) -> str:
 
 
 @dataclass(frozen=True)
-class Origin:
-    """Who calls, as the connection tells: address, certificate identity, Authorization."""
+class ApiCall:
+    """One request to a route: the application's state, and who calls as the connection
+    tells (address, certificate identity, ``Authorization`` header)."""
 
+    request: Request
+    state: ApiState
     source_ip: str
     identity: str  # operator identity of the TLS client certificate, "" for none
-    authorization: str | None  # the Authorization header
+
+    @classmethod
+    def of(cls, request: Request) -> Self:
+        state: ApiState = request.app.state.api
+        peer = state_of(request.scope.get("state"))
+        return cls(request=request, state=state, source_ip=peer_ip(request.scope),
+                   identity=operator_identity(peer, state.issuers))  # fmt: skip
+
+    @property
+    def d(self) -> Dispatcher:
+        return self.state.d
 
     @property
     def bearer(self) -> str:
-        return bearer_token(self.authorization)
+        """The token of an ``Authorization: Bearer`` header ("" for none)."""
+        return bearer_token(self.request.headers.get("authorization"))
 
     def caller(self, username: str = "", token: str = "") -> Caller:
         """The :class:`Caller` the operations authorise, with the body's credentials."""
@@ -73,16 +90,10 @@ async def dispatcher(request: Request) -> Dispatcher:
     return d
 
 
-async def origin(request: Request) -> Origin:
-    issuers: frozenset[str] | None = request.app.state.api.issuers
-    peer = state_of(request.scope.get("state"))
-    return Origin(
-        source_ip=peer_ip(request.scope),
-        identity=operator_identity(peer, issuers),
-        authorization=request.headers.get("authorization"),
-    )
+async def api_call(request: Request) -> ApiCall:
+    return ApiCall.of(request)
 
 
 StateDep = Annotated[ApiState, Depends(api_state)]
 DispatcherDep = Annotated[Dispatcher, Depends(dispatcher)]
-OriginDep = Annotated[Origin, Depends(origin)]
+CallDep = Annotated[ApiCall, Depends(api_call)]

@@ -1,7 +1,8 @@
 """The gates of the cluster routes: store reachable, caller authorised, this instance leads.
 
-A cluster route takes a :class:`ClusterCall` (the dependency :data:`ClusterCallDep`) and
-passes its gates in this order, after FastAPI validated the body:
+A cluster route takes a :class:`ClusterCall` (the dependency :data:`ClusterCallDep`, an
+:class:`~dispatcher.api.deps.ApiCall` with gates) and passes the gates in this order,
+after FastAPI validated the body:
 
 * :meth:`ClusterCall.node`: with the store unreachable (or no cluster node in this
   process) the request fails at once with 503 ``cluster unavailable``;
@@ -35,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable
-from dispatcher.api.deps import Origin, OriginDep, StateDep
+from dispatcher.api.deps import ApiCall
 from dispatcher.api.errors import Answer, denial, error
 from dispatcher.api.models import Credentials
 from dispatcher.core import Dispatcher
@@ -92,26 +93,22 @@ def forward(
 
 
 @dataclass(frozen=True)
-class ClusterCall:
-    """One request to a cluster route, with what its gates need."""
-
-    request: Request
-    d: Dispatcher
-    ha: HANode | None
-    who: Origin
+class ClusterCall(ApiCall):
+    """One request to a cluster route, with its gates."""
 
     def node(self) -> HANode:
         """The cluster node while its store answers; else 503 ``cluster unavailable``."""
-        if self.ha is None:
+        ha = self.state.ha
+        if ha is None:
             raise Answer(unavailable("this process runs no cluster node"))
-        if not self.ha.health.ok:
-            raise Answer(unavailable(self.ha.health.error or "coordination store unreachable"))
-        return self.ha
+        if not ha.health.ok:
+            raise Answer(unavailable(ha.health.error or "coordination store unreachable"))
+        return ha
 
     async def authorise(self, action: str, creds: Credentials | None, reqid: str = "") -> None:
         """``action`` through the auth hook; else 403 (generic with ``auth_deny_generic``)."""
-        token = (creds.token if creds else "") or self.who.bearer
-        caller = self.who.caller(creds.username if creds else "", token)
+        token = (creds.token if creds else "") or self.bearer
+        caller = self.caller(creds.username if creds else "", token)
         try:
             await authorise(self.d, caller, action, reqid=reqid)
         except Denied as exc:
@@ -177,8 +174,8 @@ class ClusterCall:
                         headers={"X-Ctrl-Exec-Served-By": info.instance_id})  # fmt: skip
 
 
-async def cluster_call(request: Request, state: StateDep, who: OriginDep) -> ClusterCall:
-    return ClusterCall(request=request, d=state.d, ha=state.ha, who=who)
+async def cluster_call(request: Request) -> ClusterCall:
+    return ClusterCall.of(request)
 
 
 ClusterCallDep = Annotated[ClusterCall, Depends(cluster_call)]

@@ -29,7 +29,7 @@ router = APIRouter()
 async def cluster_switchover(call: ClusterCallDep, body: Credentials | None = None) -> Response:
     node = call.node()
     await call.authorise("cluster", body)
-    by = f"api:{call.who.source_ip}@{node.instance_id}"
+    by = f"api:{call.source_ip}@{node.instance_id}"
     try:
         out = await asyncio.to_thread(node.request_switchover, by)
     except BackendUnavailable as exc:

@@ -1,6 +1,6 @@
 """``POST /ping``, ``POST /run``, ``GET|POST /discovery``, ``GET /status/{reqid}``.
 
-Each route hands the body and the :class:`~dispatcher.api.deps.Origin` of the request to
+Each route hands the body and the caller (:class:`~dispatcher.api.deps.ApiCall`) to
 :mod:`dispatcher.operations`, which authorises the action (``ping``, ``run``,
 ``discovery``, ``status``) itself, and maps the operations' exceptions to upstream's
 answers (:func:`operation_error`).
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from dispatcher.api import models as m
-from dispatcher.api.deps import DispatcherDep, Origin, OriginDep
+from dispatcher.api.deps import ApiCall, CallDep
 from dispatcher.api.errors import (
     BAD_REQUEST,
     CONFLICT,
@@ -26,7 +26,6 @@ from dispatcher.api.errors import (
     error,
 )
 from dispatcher.api.routes import TAG_RUN, TAG_STATUS
-from dispatcher.core import Dispatcher
 from dispatcher.operations import Denied, do_discovery, do_ping, do_run, do_status
 from dispatcher.registry import RegistryError
 from dispatcher.runlocks import LockConflict
@@ -64,12 +63,12 @@ def _unknown_agent(exc: RegistryError) -> JSONResponse:
     summary="Ping agents",
     responses={200: {"model": m.PingResponse}, **BAD_REQUEST, **FORBIDDEN, **NOT_FOUND},
 )
-async def ping(body: m.PingRequest, d: DispatcherDep, who: OriginDep) -> Response:
+async def ping(body: m.PingRequest, call: CallDep) -> Response:
     try:
-        out = await do_ping(d, who.caller(body.username, body.token), body.hosts)
+        out = await do_ping(call.d, call.caller(body.username, body.token), body.hosts)
         return JSONResponse({"ok": True, "results": out["results"]})
     except OPERATION_ERRORS as exc:
-        return operation_error(exc, d.cfg.auth_deny_generic)
+        return operation_error(exc, call.d.cfg.auth_deny_generic)
 
 
 @router.post(
@@ -86,10 +85,10 @@ async def ping(body: m.PingRequest, d: DispatcherDep, who: OriginDep) -> Respons
         **CONFLICT,
     },
 )
-async def run(body: m.RunRequest, d: DispatcherDep, who: OriginDep) -> Response:
+async def run(body: m.RunRequest, call: CallDep) -> Response:
     try:
         out = await do_run(
-            d, who.caller(body.username, body.token), body.hosts, body.script, body.args,
+            call.d, call.caller(body.username, body.token), body.hosts, body.script, body.args,
             async_=body.async_, record_sync=not body.async_,
         )  # fmt: skip
         if body.async_:
@@ -99,16 +98,16 @@ async def run(body: m.RunRequest, d: DispatcherDep, who: OriginDep) -> Response:
             )
         return JSONResponse({"ok": True, "reqid": out["reqid"], "results": out["results"]})
     except OPERATION_ERRORS as exc:
-        return operation_error(exc, d.cfg.auth_deny_generic)
+        return operation_error(exc, call.d.cfg.auth_deny_generic)
 
 
-async def _discover(d: Dispatcher, who: Origin, body: m.DiscoveryRequest | None) -> Response:
+async def _discover(call: ApiCall, body: m.DiscoveryRequest | None) -> Response:
     try:
-        caller = who.caller(body.username if body else "", body.token if body else "")
-        out = await do_discovery(d, caller, body.hosts if body else None)
+        caller = call.caller(body.username if body else "", body.token if body else "")
+        out = await do_discovery(call.d, caller, body.hosts if body else None)
         return JSONResponse({"ok": True, "hosts": out["hosts"]})
     except OPERATION_ERRORS as exc:
-        return operation_error(exc, d.cfg.auth_deny_generic)
+        return operation_error(exc, call.d.cfg.auth_deny_generic)
 
 
 _DISCOVERY_DOC: dict[str, Any] = {
@@ -119,16 +118,14 @@ _DISCOVERY_DOC: dict[str, Any] = {
 
 @router.get("/discovery", operation_id="discovery_get", summary="Capabilities of every agent",
             **_DISCOVERY_DOC)  # fmt: skip
-async def discovery_get(d: DispatcherDep, who: OriginDep) -> Response:
-    return await _discover(d, who, None)
+async def discovery_get(call: CallDep) -> Response:
+    return await _discover(call, None)
 
 
 @router.post("/discovery", operation_id="discovery", summary="Capabilities of some agents",
              **_DISCOVERY_DOC)  # fmt: skip
-async def discovery_post(
-    d: DispatcherDep, who: OriginDep, body: m.DiscoveryRequest | None = None
-) -> Response:
-    return await _discover(d, who, body)
+async def discovery_post(call: CallDep, body: m.DiscoveryRequest | None = None) -> Response:
+    return await _discover(call, body)
 
 
 @router.get(
@@ -143,13 +140,14 @@ async def discovery_post(
         **FORBIDDEN,
     },
 )
-async def status(reqid: str, request: Request, d: DispatcherDep, who: OriginDep) -> Response:
+async def status(reqid: str, request: Request, call: CallDep) -> Response:
     if not REQID_RE.fullmatch(reqid):
         return error(404, "not found", f"no route for GET {request.url.path}")
+    token = call.bearer
     missing = error(404, "not found", f"no result for reqid {reqid}")
     try:
-        d.runstore.purge()
-        record = await do_status(d, who.caller("", who.bearer), reqid)
+        call.d.runstore.purge()
+        record = await do_status(call.d, call.caller("", token), reqid)
     except Denied:
         return missing  # upstream answers a refused owner check like an unknown reqid
     except (RunStoreError, OSError) as exc:
