@@ -246,5 +246,5 @@ def create_health_app(cfg: DispatcherConfig, role: RoleProvider, state: Instance
     """The health-port application (no OpenAPI document, no auth)."""
     app = FastAPI(title="ctrl-exec-health", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.port = HealthPort(cfg, role, state)
-    app.include_router(router)
+    app.router.routes.extend(router.routes)  # see dispatcher.api.app.add_routes
     return app
