@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
 
 ev = logfmt.event
+REQUEST_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,127}")  # what post() makes, bounded
 T = TypeVar("T")
 
 
@@ -53,6 +55,8 @@ class LeaderWork:
         self._next_maintain = 0.0
         self._next_prune = 0.0
         self.busy = False  # carrying out a request or a maintenance run right now
+        self.rejected = 0  # request records dropped as malformed
+        self._dropped: set[str] = set()  # their keys, each logged once
 
     def start(self) -> LeaderWork:
         self._thread.start()
@@ -98,41 +102,54 @@ class LeaderWork:
     # -- requests ------------------------------------------------------------------------
 
     def _requests(self, epoch: int) -> None:
+        """Carry out every queued request, each on its own: a record that does not parse
+        (or names no valid id) is dropped and logged once, never stops the others."""
         backend = self.node.data
-        keys = backend.keys
-        for kv in backend.get_prefix(keys.requests):
-            rid = kv.key[len(keys.requests) :]
+        for kv in backend.get_prefix(backend.keys.requests):
+            rid = kv.key[len(backend.keys.requests) :]
             try:
                 doc = json.loads(kv.value)
-                kind, args = str(doc["kind"]), dict(doc.get("args") or {})
-            except (ValueError, KeyError, TypeError):
-                self.node.elector.commit("request-drop", deletes=[kv.key], epoch=epoch,
-                                         detail={"id": rid, "reason": "malformed"})  # fmt: skip
+                kind, args = str(doc["kind"]), doc.get("args") or {}
+                if not REQUEST_ID.fullmatch(rid) or not isinstance(args, dict):
+                    raise ValueError("bad request id or arguments")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._drop(kv.key, epoch, f"malformed: {exc}")
                 continue
-            running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
-                       "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
-            self.node.elector.commit(
-                "request-claim", puts={keys.result(rid): json.dumps(running)},
-                deletes=[kv.key], epoch=epoch, detail={"id": rid, "kind": kind},
-            )  # fmt: skip
-            ev("leader-request", id=rid, kind=kind, epoch=epoch,
-               requested_by=doc.get("requested_by", ""))  # fmt: skip
-            t0 = self._clock()
-            done: dict[str, Any] = {**running, "state": "done"}
-            self.busy = True
+            self._request(epoch, rid, kind, args, str(doc.get("requested_by", "")))
+
+    def _drop(self, key: str, epoch: int, reason: str) -> None:
+        self.rejected += 1
+        if key not in self._dropped:
+            self._dropped.add(key)
+            ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
+        self.node.elector.commit("request-drop", deletes=[key], epoch=epoch,
+                                 detail={"key": key, "reason": "malformed"})  # fmt: skip
+
+    def _request(self, epoch: int, rid: str, kind: str, args: dict[str, Any], by: str) -> None:
+        keys = self.node.data.keys
+        running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
+                   "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
+        self.node.elector.commit(
+            "request-claim", puts={keys.result(rid): json.dumps(running)},
+            deletes=[keys.request(rid)], epoch=epoch, detail={"id": rid, "kind": kind},
+        )  # fmt: skip
+        ev("leader-request", id=rid, kind=kind, epoch=epoch, requested_by=by)
+        t0 = self._clock()
+        done: dict[str, Any] = {**running, "state": "done"}
+        self.busy = True
+        try:
             try:
-                try:
-                    done.update(ok=True, **self.execute(kind, args))
-                except Exception as exc:
-                    done.update(ok=False, error=str(exc) or type(exc).__name__,
-                                error_type=type(exc).__name__)  # fmt: skip
-                done["seconds"] = round(self._clock() - t0, 3)
-                self.node.elector.commit(
-                    "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
-                    epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
-                )  # fmt: skip
-            finally:
-                self.busy = False
+                done.update(ok=True, **self.execute(kind, args))
+            except Exception as exc:
+                done.update(ok=False, error=str(exc) or type(exc).__name__,
+                            error_type=type(exc).__name__)  # fmt: skip
+            done["seconds"] = round(self._clock() - t0, 3)
+            self.node.elector.commit(
+                "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
+                epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
+            )  # fmt: skip
+        finally:
+            self.busy = False
 
     def _busy(self, fn: Callable[[], T]) -> T:
         was, self.busy = self.busy, True

@@ -31,6 +31,7 @@ from dispatcher.api.models import (
 from dispatcher.api.routes import TAG_CLUSTER
 from dispatcher.ha import actions
 from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.ha.replication import NotAcknowledged
 from dispatcher.pairing import queue as pq
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ def decision_errors(exc: Exception, node: HANode) -> JSONResponse:
         return unavailable(str(cause))
     if isinstance(cause, NotLeaderError | NotLeader):
         return not_leader(str(cause), *node.leader_hint())
+    if isinstance(exc, NotAcknowledged):
+        return error(503, "not acknowledged", str(exc))
     if isinstance(exc, pq.NoSuchRequest):
         return error(404, "no such request", str(exc))
     if isinstance(exc, pq.PairingQueueError):
@@ -90,7 +93,8 @@ async def pairing_approve(
             "agent_port": b.agent_port}  # fmt: skip
     try:
         res = await asyncio.to_thread(actions.perform, call.d, "approve", args)
-    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+            NotAcknowledged) as exc:  # fmt: skip
         return decision_errors(exc, node)
     doc = res.data
     logfmt.event("pair-approve-api", reqid=reqid, agent=doc["hostname"],
@@ -116,7 +120,8 @@ async def pairing_deny(
     args = {"reqid": reqid, "reason": b.reason}
     try:
         res = await asyncio.to_thread(actions.perform, call.d, "deny", args)
-    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+            NotAcknowledged) as exc:  # fmt: skip
         return decision_errors(exc, node)
     return JSONResponse({"ok": True, "reqid": reqid, "status": "denied",
                          "leader": node.instance_id, "epoch": res.epoch})  # fmt: skip
