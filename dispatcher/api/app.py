@@ -5,8 +5,9 @@ through :class:`~dispatcher.api.gate.ApiGate`, a plain ASGI middleware that does
 upstream's request parser and pre-route check do: at most 32 header lines (431), bodies
 up to 1 MiB (413), one ``api-request`` log line, and the ``api`` auth hook call, which
 covers every route except ``/health`` and ``/metrics`` (upstream also gates ``/health``;
-its own docs say it should not, DESIGN.md section 2). Each route then authorises its own
-action through :mod:`dispatcher.operations`.
+its own docs say it should not, DESIGN.md section 2) and the peers' ``/cluster/files/``
+(authorised by certificate serial). Each route then authorises its own action through
+:mod:`dispatcher.operations`.
 
 The routes are :class:`~fastapi.APIRouter` objects in :mod:`dispatcher.api.routes`; they
 take the application's state (:class:`~dispatcher.api.deps.ApiState` on

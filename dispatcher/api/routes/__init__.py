@@ -9,8 +9,8 @@
 * :mod:`.cluster_files`: ``GET /cluster/files/{path}``, the peers' file route (not in
   the OpenAPI document).
 
-:func:`~dispatcher.api.app.create_app` includes the routers in this order, which is the
-order of the paths in the OpenAPI document. This module is the route table the rest of
+:func:`~dispatcher.api.app.create_app` adds the routers' routes in this order, which is
+the order of the paths in the OpenAPI document. This module is the route table the rest of
 the API shares: the tags, the endpoint list ``GET /`` shows and the metrics label of a
 path. It imports no router.
 """
