@@ -51,7 +51,7 @@ from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.version import __version__
 from dispatcher.api import proxyproto
-from dispatcher.api.health import (
+from dispatcher.api.healthport import (
     TICK_INTERVAL,
     InstanceState,
     LocalRole,

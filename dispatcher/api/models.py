@@ -166,3 +166,54 @@ class HostCapabilities(_Open):
 class DiscoveryResponse(BaseModel):
     ok: bool
     hosts: dict[str, HostCapabilities]
+
+
+# -- cluster routes (dispatcher/api/routes/pairing.py, cluster_control.py) ------------------
+
+
+class Credentials(BaseModel):
+    username: str = ""
+    token: str = ""
+
+
+class ApproveRequest(Credentials):
+    lookup_by: str | None = Field(
+        default=None, description="ip or hostname (default: the agent's hint)"
+    )
+    ip: str | None = Field(default=None, description="address to register (default: queued)")
+    agent_port: int | None = Field(
+        default=None, description="agent port (default: the reported one, or 7443)"
+    )
+
+
+class DenyRequest(Credentials):
+    reason: str = "rejected by operator"
+
+
+class PairingListResponse(BaseModel):
+    ok: bool = True
+    leader: str
+    epoch: int
+    requests: list[dict[str, Any]]
+
+
+class DecisionResponse(BaseModel):
+    ok: bool = True
+    reqid: str
+    status: str = Field(description="approved or denied")
+    leader: str
+    epoch: int = Field(description="the epoch the decision was committed under")
+    agent: str | None = None
+    ip: str | None = None
+    port: int | None = None
+    lookup_by: str | None = None
+    expiry: str | None = None
+    dispatcher_serial: str | None = None
+    warnings: list[str] = []
+
+
+class SwitchoverResponse(BaseModel):
+    ok: bool = True
+    leader: str = Field(description="the leader asked to resign")
+    epoch: int
+    action: str = Field(description="resigned (this instance led) or requested (through etcd)")

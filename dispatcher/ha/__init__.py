@@ -2,8 +2,8 @@
 
 * :mod:`dispatcher.ha.node`: :class:`HANode`, one instance's membership (backend,
   elector, session, monitor) and what it plugs into a :class:`Dispatcher`;
-* :mod:`dispatcher.ha.role`: :class:`ClusterRole`, the health port's view (``/leader``,
-  ``/status``);
+* :mod:`dispatcher.ha.role`: :class:`RoleSnapshot` and :class:`ClusterRole`, the health
+  port's view (``/leader``, ``/status``);
 * :mod:`dispatcher.ha.writer`: :class:`FencedWriter`, leader-only writes committed under
   the epoch first;
 * :mod:`dispatcher.ha.runlocks`: cluster-wide run locks that never depend on etcd;

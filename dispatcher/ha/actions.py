@@ -13,7 +13,7 @@ and returns one :class:`ActionResult`:
   (:class:`~dispatcher.ha.leaderwork.LeaderWork`) looks the name up in :data:`ACTIONS`
   and calls :func:`perform`;
 * the API (``/pairing/...``): the leader calls :func:`perform`; a follower forwards the
-  HTTP request to the leader (:mod:`dispatcher.api.cluster_routes`).
+  HTTP request to the leader (:mod:`dispatcher.api.leadergate`).
 
 In a cluster a change is acknowledged only once the generation carrying it is applied by
 the members ``sync_ack`` asks for (:mod:`dispatcher.ha.replication`); the result names

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dispatcher.api.health import RoleSnapshot
+from dispatcher.ha.role import RoleSnapshot
 
 
 class ClusterCollector(Collector):

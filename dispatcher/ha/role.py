@@ -1,4 +1,6 @@
-""":class:`ClusterRole`: the health port's view of an :class:`~cluster.election.Elector`.
+""":class:`RoleSnapshot`, what the coordination backend knows right now (read by the health
+port, :mod:`dispatcher.api.healthport`, and the metrics), and :class:`ClusterRole`, the
+health port's view of an :class:`~cluster.election.Elector`:
 
 * ``role``: ``leader`` while the elector leads with time to spare; ``follower`` while the
   store answers and someone else leads (or nobody, during an election); ``unknown`` while
@@ -13,15 +15,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cluster.backend import LeaderInfo
 from cluster.election import Elector, EpochGuard
-from dispatcher.api.health import RoleSnapshot
 from dispatcher.ha.storehealth import ClusterHealth
 
 
+@dataclass(frozen=True)
+class RoleSnapshot:
+    """What the coordination backend knows right now."""
+
+    instance_id: str
+    role: str  # "leader", "follower" or "unknown"
+    leader_id: str | None
+    epoch: int | None  # newest epoch seen; None before any
+    lease_ttl: float | None  # None when not leading
+    lease_time_left: float | None  # None when not leading
+    generation: int
+    etcd: str  # "ok" or "unreachable"
+    backend: str  # "local" or "etcd"
+
+
 class ClusterRole:
-    """:class:`~dispatcher.api.health.RoleProvider` over an elector."""
+    """:class:`~dispatcher.api.healthport.RoleProvider` over an elector."""
 
     def __init__(
         self,

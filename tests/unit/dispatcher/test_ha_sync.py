@@ -285,7 +285,7 @@ def test_ready_while_draining_is_404_for_the_balancer_and_503_otherwise(tmp_path
 
     import httpx
 
-    from dispatcher.api.health import InstanceState, LocalRole, create_health_app
+    from dispatcher.api.healthport import InstanceState, LocalRole, create_health_app
 
     cfg = make_cfg(tmp_path)
     populate(tmp_path, {"etc/dispatcher.crt": b"c", "etc/dispatcher.key": b"k"})

@@ -30,7 +30,7 @@ def test_spec_documents_every_upstream_operation() -> None:
         ("POST", "/discovery"): "discovery",
         ("GET", "/status/{reqid}"): "status",
         ("GET", "/openapi-live.json"): "openapi_live",
-        # leader-only cluster actions, callable on every instance (dispatcher/api/cluster_routes.py)
+        # leader-only cluster actions, callable on every instance (dispatcher/api/routes/pairing.py)
         ("GET", "/pairing"): "pairing_list",
         ("POST", "/pairing/{reqid}/approve"): "pairing_approve",
         ("POST", "/pairing/{reqid}/deny"): "pairing_deny",

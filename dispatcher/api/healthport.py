@@ -27,12 +27,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from dispatcher.config import DispatcherConfig
+from dispatcher.ha.role import RoleSnapshot
 
 TICK_INTERVAL = 1.0
 STALE_TICKS = 5  # /health fails when the loop has not ticked for this many intervals
@@ -42,21 +43,6 @@ LEADER_SPARE = 0.25  # /leader needs more than this fraction of the TTL left
 def iso_utc(t: float) -> str:
     """``YYYY-MM-DDTHH:MM:SSZ`` (ISO 8601, UTC) of a Unix time."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-@dataclass(frozen=True)
-class RoleSnapshot:
-    """What the coordination backend knows right now."""
-
-    instance_id: str
-    role: str  # "leader", "follower" or "unknown"
-    leader_id: str | None
-    epoch: int | None  # newest epoch seen; None before any
-    lease_ttl: float | None  # None when not leading
-    lease_time_left: float | None  # None when not leading
-    generation: int
-    etcd: str  # "ok" or "unreachable"
-    backend: str  # "local" or "etcd"
 
 
 class RoleProvider(Protocol):
@@ -191,47 +177,74 @@ def _answer(problem: str | None, ok_status: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"ok": False, "status": "unavailable", "reason": problem, **extra}, 503)
 
 
+def _leader_problem(snap: RoleSnapshot, state: InstanceState) -> str | None:
+    if state.draining:
+        return "draining"
+    if snap.role != "leader":
+        return f"role is {snap.role}"
+    if (
+        snap.lease_ttl is not None
+        and snap.lease_time_left is not None
+        and snap.lease_time_left <= snap.lease_ttl * LEADER_SPARE
+    ):
+        return "lease about to expire"
+    return None
+
+
+@dataclass(frozen=True)
+class HealthPort:
+    """What the health routes read (``app.state.port``)."""
+
+    cfg: DispatcherConfig
+    role: RoleProvider
+    state: InstanceState
+
+
+async def _port(request: Request) -> HealthPort:
+    port: HealthPort = request.app.state.port
+    return port
+
+
+PortDep = Annotated[HealthPort, Depends(_port)]
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(port: PortDep) -> JSONResponse:
+    return _answer(_health_problem(port.state, time.time()), "serving")
+
+
+@router.get("/ready")
+async def ready(request: Request, port: PortDep) -> JSONResponse:
+    cfg, state = port.cfg, port.state
+    problem = _health_problem(state, time.time())
+    if problem is None:
+        missing = _readable(cfg.cert, cfg.key)
+        if missing is not None:
+            problem = f"cannot read {missing}"
+    if problem is None and state.not_ready is not None:
+        problem = state.not_ready()
+    answer = _answer(problem, "ready")
+    if problem == "draining" and request.query_params.get("drain") == "404":
+        answer.status_code = 404  # HAProxy disable-on-404: soft stop, sessions finish
+    return answer
+
+
+@router.get("/leader")
+async def leader(port: PortDep) -> JSONResponse:
+    snap = port.role.snapshot()
+    extra = {"role": snap.role, "epoch": snap.epoch, "lease_time_left": snap.lease_time_left}
+    return _answer(_leader_problem(snap, port.state), "leader", **extra)
+
+
+@router.get("/status")
+async def status(port: PortDep) -> JSONResponse:
+    return JSONResponse(status_document(port.cfg, port.role, port.state))
+
+
 def create_health_app(cfg: DispatcherConfig, role: RoleProvider, state: InstanceState) -> FastAPI:
     """The health-port application (no OpenAPI document, no auth)."""
     app = FastAPI(title="ctrl-exec-health", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        return _answer(_health_problem(state, time.time()), "serving")
-
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        problem = _health_problem(state, time.time())
-        if problem is None:
-            missing = _readable(cfg.cert, cfg.key)
-            if missing is not None:
-                problem = f"cannot read {missing}"
-        if problem is None and state.not_ready is not None:
-            problem = state.not_ready()
-        answer = _answer(problem, "ready")
-        if problem == "draining" and request.query_params.get("drain") == "404":
-            answer.status_code = 404  # HAProxy disable-on-404: soft stop, sessions finish
-        return answer
-
-    @app.get("/leader")
-    async def leader() -> JSONResponse:
-        snap = role.snapshot()
-        extra = {"role": snap.role, "epoch": snap.epoch, "lease_time_left": snap.lease_time_left}
-        problem: str | None = None
-        if state.draining:
-            problem = "draining"
-        elif snap.role != "leader":
-            problem = f"role is {snap.role}"
-        elif (
-            snap.lease_ttl is not None
-            and snap.lease_time_left is not None
-            and snap.lease_time_left <= snap.lease_ttl * LEADER_SPARE
-        ):
-            problem = "lease about to expire"
-        return _answer(problem, "leader", **extra)
-
-    @app.get("/status")
-    async def status() -> JSONResponse:
-        return JSONResponse(status_document(cfg, role, state))
-
+    app.state.port = HealthPort(cfg, role, state)
+    app.router.routes.extend(router.routes)  # see dispatcher.api.app.add_routes
     return app

@@ -1,0 +1,204 @@
+"""The pre-route gate of every API request: what upstream's request parser and pre-route
+check do, as a plain ASGI middleware in front of FastAPI.
+
+* at most :data:`MAX_HEADERS` header lines (431) and :data:`MAX_BODY` bytes of body
+  (413), a Content-Length that is a number (400);
+* one ``api-request`` log line (with the operator identity of a TLS client certificate,
+  and ``via`` the load balancer on the PROXY v2 port);
+* the ``api`` auth hook call (with ``username``/``token`` of a JSON body, or the bearer
+  token), and at most ``api_max_children`` such requests at once (503 ``busy``), for
+  every route except ``/health``, ``/metrics`` and the peers' ``/cluster/files/``;
+* the body is handed on as JSON whatever its Content-Type says (upstream parses any body
+  as JSON);
+* ``ctrl_exec_api_requests_total{route,outcome}``, and ``Connection: close`` on every
+  answer while the instance drains.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.common import logfmt
+from dispatcher.api.deps import bearer_token, peer_ip
+from dispatcher.api.errors import denial, error
+from dispatcher.api.peercert import operator_identity, state_of
+from dispatcher.api.routes import PEER_PREFIX, route_label
+from dispatcher.core import Dispatcher
+from dispatcher.operations import Caller, Denied, authorise
+
+MAX_BODY = 1024 * 1024
+MAX_HEADERS = 32
+UNGATED = frozenset({"/health", "/metrics"})
+
+
+def outcome_label(status: int) -> str:
+    if 200 <= status < 300:
+        return "ok"
+    return {
+        400: "bad_request",
+        403: "denied",
+        404: "not_found",
+        409: "locked",
+        413: "too_large",
+        431: "too_large",
+        503: "busy",
+    }.get(status, "error" if status >= 500 else str(status))
+
+
+def _body_fields(body: bytes) -> tuple[str, str]:
+    """``username`` and ``token`` of a JSON object body (upstream reads them pre-route)."""
+    if not body.lstrip().startswith(b"{"):
+        return "", ""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return "", ""
+    if not isinstance(obj, dict):
+        return "", ""
+    user, token = obj.get("username"), obj.get("token")
+    return (user if isinstance(user, str) else ""), (token if isinstance(token, str) else "")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k.lower() == name:
+            return bytes(v).decode("latin-1")
+    return None
+
+
+class ApiGate:
+    """Pre-route checks of every request: limits, ``api-request`` log, ``api`` auth."""
+
+    def __init__(
+        self, app: ASGIApp, d: Dispatcher, requests: Counter,
+        draining: Callable[[], bool] | None = None, issuers: frozenset[str] | None = None,
+    ) -> None:  # fmt: skip
+        self.app = app
+        self.d = d
+        self.requests = requests
+        self.draining = draining or (lambda: False)
+        self.issuers = issuers
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+                if self.draining():  # the client reconnects, through the balancer, elsewhere
+                    message = dict(message)
+                    message["headers"] = [
+                        *(h for h in message.get("headers", []) if h[0].lower() != b"connection"),
+                        (b"connection", b"close"),
+                    ]
+            await send(message)
+
+        try:
+            await self._gate(scope, receive, counting_send)
+        finally:
+            self.requests.labels(route_label(scope["path"]), outcome_label(status[0])).inc()
+
+    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        state = scope.setdefault("state", {})
+        peer = state_of(state)
+        length_hdr = _header(scope, b"content-length")
+        via = state.get("proxy_peer")  # the load balancer, on the PROXY v2 port only
+        identity = operator_identity(peer, self.issuers)
+        logfmt.event(
+            "api-request", method=method, path=path, peer=peer_ip(scope),
+            len=length_hdr or 0, identity=identity,
+            **({"via": via} if via else {}),
+        )  # fmt: skip
+        data = await self._read_body(scope, length_hdr, receive, send)
+        if data is None:
+            return
+        # peer routes authenticate the dispatcher certificate themselves, never the hook
+        if path in UNGATED or path.startswith(PEER_PREFIX):
+            await self._pass_on(scope, data, receive, send)
+            return
+        if self.inflight >= max(1, self.d.cfg.api_max_children):
+            await error(503, "busy", "too many concurrent API requests")(scope, receive, send)
+            return
+        self.inflight += 1
+        try:
+            if await self._authorised(scope, data, identity, receive, send):
+                await self._pass_on(scope, data, receive, send)
+        finally:
+            self.inflight -= 1
+
+    async def _read_body(
+        self, scope: Scope, length_hdr: str | None, receive: Receive, send: Send
+    ) -> bytes | None:
+        """The whole body within the limits; None when answered (or the client left)."""
+        if len(scope["headers"]) > MAX_HEADERS:
+            detail = f"more than {MAX_HEADERS} header lines"
+            await error(431, "request header fields too large", detail)(scope, receive, send)
+            return None
+        try:
+            declared = int(length_hdr) if length_hdr is not None else 0
+        except ValueError:
+            await error(400, "invalid Content-Length")(scope, receive, send)
+            return None
+        if declared > MAX_BODY:
+            await self._too_large(scope, receive, send)
+            return None
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+            if len(body) > MAX_BODY:
+                await self._too_large(scope, receive, send)
+                return None
+        return bytes(body)
+
+    async def _authorised(
+        self, scope: Scope, data: bytes, identity: str, receive: Receive, send: Send
+    ) -> bool:
+        """The ``api`` auth hook call; False when it refused (the 403 is sent)."""
+        user, token = _body_fields(data)
+        caller = Caller(
+            kind="api", username=user,
+            token=token or bearer_token(_header(scope, b"authorization")),
+            source_ip=peer_ip(scope), identity=identity,
+        )  # fmt: skip
+        try:
+            await authorise(self.d, caller, "api")
+        except Denied as exc:
+            await denial(exc, self.d.cfg.auth_deny_generic)(scope, receive, send)
+            return False
+        return True
+
+    async def _pass_on(self, scope: Scope, data: bytes, receive: Receive, send: Send) -> None:
+        """Call the application with the body already read, as JSON."""
+        if data:  # upstream parses any body as JSON, whatever its Content-Type says
+            scope = dict(scope)
+            scope["headers"] = [
+                (k, v) for k, v in scope["headers"] if k.lower() != b"content-type"
+            ] + [(b"content-type", b"application/json")]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body exceeds {MAX_BODY} bytes"
+        await error(413, "payload too large", detail)(scope, receive, send)

@@ -1,0 +1,51 @@
+"""``GET /cluster/files/{path}?generation=N``: one file of config generation N, for the
+followers that sync (:mod:`dispatcher.ha.sync`). Not in the OpenAPI document.
+
+Allowed only for a client certificate presenting the cluster's current or previous
+dispatcher serial, verified by the TLS handshake against the dispatcher CA; never through
+the auth hook (the gate skips it for :data:`~dispatcher.api.routes.PEER_PREFIX`), never
+on plain HTTP. 409 when this instance does not run generation N (or the file changed
+since), 404 when the file is not part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from agent.common import logfmt
+from agent.common.serial import serial_to_hex
+from dispatcher.api.deps import StateDep, peer_ip
+from dispatcher.api.errors import error
+from dispatcher.api.peercert import state_of
+from dispatcher.api.routes import PEER_PREFIX
+
+router = APIRouter()
+
+
+@router.get(PEER_PREFIX + "{path:path}", include_in_schema=False)
+async def cluster_file(
+    path: str, request: Request, state: StateDep, generation: int = -1
+) -> Response:
+    sync = state.ha.sync if state.ha is not None else None
+    if sync is None:
+        return error(404, "not found", "this instance publishes no generations")
+    peer = state_of(request.scope.get("state"))
+    if not peer["tls_version"]:
+        return error(403, "forbidden", "peer routes need TLS")
+    serial = serial_to_hex(peer["peer_serial"] or "")
+    allowed = await asyncio.to_thread(sync.peer_serials)
+    if not serial or serial not in allowed:
+        logfmt.event("peer-denied", path=request.url.path, peer=peer_ip(request.scope),
+                     serial=serial or "-", reason="not a dispatcher serial of the cluster")  # fmt: skip
+        return error(403, "forbidden", "a dispatcher certificate of this cluster is required")
+    status, data, entry = await asyncio.to_thread(sync.serve, path, generation)
+    if status != 200 or entry is None or not isinstance(data, bytes):
+        err = "conflict" if status == 409 else "not found"
+        return error(status, err, str(data))
+    return Response(data, media_type="application/octet-stream", headers={
+        "X-Ctrl-Exec-Sha256": entry.sha256, "X-Ctrl-Exec-Mode": format(entry.mode, "o"),
+        "X-Ctrl-Exec-Generation": str(generation),
+    })  # fmt: skip
