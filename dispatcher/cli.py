@@ -505,6 +505,7 @@ def cmd_list_agents(ctx: Ctx) -> int:
 
 def cmd_edit_agent(ctx: Ctx) -> int:
     from agent.common import logfmt
+    from dispatcher.errors import LeaderOnlyRefused
     from dispatcher.registry import RegistryError
 
     _need(ctx, 1, "edit-agent <name> [--rename <new>] [--ip <addr>] [--agent-port <n>] "
@@ -534,7 +535,7 @@ def cmd_edit_agent(ctx: Ctx) -> int:
                 current = ns.rename
             if changes:
                 record = reg.update(current, **changes)
-    except RegistryError as exc:
+    except (RegistryError, LeaderOnlyRefused) as exc:
         raise Fail(f"Edit failed: {exc}") from None
     assert record is not None
     fields: dict[str, Any] = {k: record.get(k) for k in changes}
@@ -555,6 +556,7 @@ def cmd_edit_agent(ctx: Ctx) -> int:
 
 def cmd_unpair(ctx: Ctx) -> int:
     from agent.common import logfmt
+    from dispatcher.errors import LeaderOnlyRefused
     from dispatcher.registry import RegistryError
 
     _need(ctx, 1, "unpair <hostname>")
@@ -568,7 +570,7 @@ def cmd_unpair(ctx: Ctx) -> int:
             out("Aborted.")
             return 0
         reg.delete(name)
-    except RegistryError as exc:
+    except (RegistryError, LeaderOnlyRefused) as exc:
         raise Fail(f"Unpair failed: {exc}") from None
     expiry = record.get("expiry") or "unknown"
     logfmt.event("unpair", agent=name, expiry=expiry)

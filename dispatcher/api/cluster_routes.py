@@ -37,7 +37,7 @@ from agent.common import logfmt
 from cluster.errors import BackendUnavailable, NotLeader
 from dispatcher.api.models import ErrorResponse
 from dispatcher.core import Dispatcher
-from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.operations import Caller, Denied, authorise
 from dispatcher.pairing import queue as pq
 

@@ -23,6 +23,7 @@ import socket
 import time
 from typing import Any
 
+from agent.common.errors import CtrlExecError
 from cluster.backend import KVBackend
 
 REQUEST_TTL = 60  # seconds a request waits in the store for a leader to take it
@@ -30,7 +31,7 @@ RESULT_KEEP = 3600  # seconds the leader keeps a result nobody collected
 KINDS = ("approve", "deny", "list-requests", "rotate-cert", "maintain")
 
 
-class RequestFailed(Exception):
+class RequestFailed(CtrlExecError):
     """No result: no leader took the request, or the leader changed while running it."""
 
 

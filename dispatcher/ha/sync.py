@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
+from agent.common.errors import CtrlExecError
 from agent.common.fsutil import atomic_write, fsync_dir
 from agent.common.serial import serial_to_hex
 from cluster.backend import KVBackend, MemberInfo
@@ -73,7 +74,7 @@ ev = logfmt.event
 MembersFn = Callable[[bool], list[MemberInfo]]
 
 
-class SyncError(Exception):
+class SyncError(CtrlExecError):
     """A generation could not be applied now (the follower retries)."""
 
 
