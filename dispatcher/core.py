@@ -8,12 +8,18 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from agent.common.records import field, record
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
 from dispatcher.registry import Registry
 from dispatcher.statewrite import StateWriter, default_writer
+
+
+class GenerationSource(Protocol):
+    @property
+    def generation(self) -> int: ...
+
 
 if TYPE_CHECKING:  # imported where used: ``ced ping`` needs neither
     from dispatcher.runlocks import RunLocks
@@ -30,6 +36,9 @@ class Dispatcher:
     # In a cluster: why the previous serial cannot be retired early yet (a member still
     # presents it), given the current serial; None when it can.
     retire_blocker: Callable[[str], str | None] | None = None
+    # In a cluster: the generation this instance publishes or runs (``.generation``), so a
+    # leader-only action can report (and wait for) the generation that carries its change.
+    generations: GenerationSource | None = None
 
     def signing_refused(self) -> str | None:
         return self.sign_guard() if self.sign_guard is not None else None

@@ -1,9 +1,11 @@
-"""``ced list-agents``, ``edit-agent``, ``unpair`` and ``list-locks``: the registry and locks."""
+"""``ced list-agents``, ``edit-agent``, ``unpair`` and ``list-locks``: the registry and locks.
+
+``edit-agent`` and ``unpair`` are leader-only actions (:mod:`dispatcher.ha.actions`).
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from dispatcher.ced.invocation import Invocation
 from dispatcher.ced.output import days_left, out, out_json
@@ -51,64 +53,31 @@ def cmd_list_agents(inv: Invocation) -> ExitCode:
     return ExitCode.OK
 
 
-def _edit_changes(inv: Invocation) -> dict[str, Any]:
-    """The field changes ``edit-agent`` asks for (UsageError when none or invalid)."""
+def _check_edit(inv: Invocation) -> None:
+    """UsageError when ``edit-agent`` asks for no change or an invalid one."""
     ns = inv.ns
-    changes: dict[str, Any] = {}
-    if ns.ip is not None:
-        if not ns.ip:
-            raise UsageError("--ip must not be empty")
-        changes["ip"] = ns.ip
-    if ns.agent_port is not None:
-        if not 1 <= ns.agent_port <= 65535:
-            raise UsageError("--agent-port must be a port number (1-65535)")
-        changes["port"] = ns.agent_port
-    if ns.lookup_by is not None:
-        changes["lookup_by"] = ns.lookup_by
-    if ns.rename is None and not changes:
+    if ns.ip is not None and not ns.ip:
+        raise UsageError("--ip must not be empty")
+    if ns.agent_port is not None and not 1 <= ns.agent_port <= 65535:
+        raise UsageError("--agent-port must be a port number (1-65535)")
+    if ns.rename is None and ns.ip is None and ns.agent_port is None and ns.lookup_by is None:
         raise UsageError("Nothing to change. Pass at least one of --rename, --ip, "
                          "--agent-port, --lookup-by.")  # fmt: skip
-    return changes
-
-
-def _apply_edit(inv: Invocation, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-    from dispatcher.errors import LeaderOnlyRefused
-    from dispatcher.registry import RegistryError
-
-    rename = inv.ns.rename
-    reg = inv.d.registry
-    try:
-        with reg.locked():
-            current = name
-            record: dict[str, Any] | None = None
-            if rename is not None:
-                record = reg.rename(name, rename)
-                current = rename
-            if changes:
-                record = reg.update(current, **changes)
-    except (RegistryError, LeaderOnlyRefused) as exc:
-        raise Fail(f"Edit failed: {exc}") from None
-    assert record is not None
-    return record
 
 
 def cmd_edit_agent(inv: Invocation) -> ExitCode:
-    from agent.common import logfmt
-
     inv.need(1, "edit-agent <name> [--rename <new>] [--ip <addr>] [--agent-port <n>] "
                 "[--lookup-by ip|hostname]")  # fmt: skip
-    name, rename = inv.words[0], inv.ns.rename
-    changes = _edit_changes(inv)
-    record = _apply_edit(inv, name, changes)
-    fields: dict[str, Any] = {k: record.get(k) for k in changes}
-    if rename is not None:
-        fields["renamed_from"] = name
-    logfmt.event("edit-agent", agent=record.get("hostname"), **fields)
+    name, ns = inv.words[0], inv.ns
+    _check_edit(inv)
+    args = {"name": name, "rename": ns.rename, "ip": ns.ip, "port": ns.agent_port,
+            "lookup_by": ns.lookup_by}  # fmt: skip
+    record = inv.leader_action("edit-agent", args, failed="Edit failed: ").data
     if inv.json:
         out_json(record)
         return ExitCode.OK
     out(f"Updated agent '{record.get('hostname')}'.")
-    if rename is not None:
+    if ns.rename is not None:
         out(f"  renamed from: {name}")
     out(f"  ip:        {record.get('ip') or ''}")
     out(f"  port:      {record.get('port') or 7443}")
@@ -117,25 +86,20 @@ def cmd_edit_agent(inv: Invocation) -> ExitCode:
 
 
 def cmd_unpair(inv: Invocation) -> ExitCode:
-    from agent.common import logfmt
-    from dispatcher.errors import LeaderOnlyRefused
     from dispatcher.registry import RegistryError
 
     inv.need(1, "unpair <hostname>")
     name = inv.words[0]
-    reg = inv.d.registry
     try:
-        record = reg.get(name)
-        if record is None:
+        if inv.d.registry.get(name) is None:
             raise RegistryError(f"no registry entry for '{name}'")
-        if sys.stdin.isatty() and not inv.ns.yes and not inv.confirm(f"Unpair '{name}'?"):
-            out("Aborted.")
-            return ExitCode.OK
-        reg.delete(name)
-    except (RegistryError, LeaderOnlyRefused) as exc:
+    except RegistryError as exc:
         raise Fail(f"Unpair failed: {exc}") from None
-    expiry = record.get("expiry") or "unknown"
-    logfmt.event("unpair", agent=name, expiry=expiry)
+    if sys.stdin.isatty() and not inv.ns.yes and not inv.confirm(f"Unpair '{name}'?"):
+        out("Aborted.")
+        return ExitCode.OK
+    doc = inv.leader_action("unpair", {"name": name}, failed="Unpair failed: ").data
+    expiry = doc["expiry"]
     if inv.json:
         out_json({"ok": 1, "hostname": name, "expiry": expiry})
         return ExitCode.OK

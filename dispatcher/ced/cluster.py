@@ -12,9 +12,8 @@ etcd client credentials, needs no API credentials, and needs no instance to be h
 * ``haproxy-config``: a working HAProxy configuration (:mod:`dispatcher.haproxy`) for the
   registered members.
 
-Leader-only verbs of other groups (pairing decisions, rotation, maintenance) run on the
-leader through the store (:func:`via_leader`); ``rotate-cert`` then waits until every
-member presents the new serial (:func:`wait_converged`).
+``rotate-cert`` in a cluster waits until every member presents the new serial
+(:func:`wait_converged`).
 
 Failures print ``ced cluster: <what>`` on stderr (and ``{"ok":0,...}`` with ``--json``),
 exit 1.
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 from cluster.errors import BackendUnavailable
 from dispatcher.ced.invocation import Invocation
 from dispatcher.ced.output import err, out, out_json, table
-from dispatcher.errors import ExitCode, Fail, UsageError
+from dispatcher.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
     from cluster.backend import KVBackend, LeaderInfo, MemberInfo
@@ -243,38 +242,7 @@ def cluster_haproxy_config(inv: Invocation) -> ExitCode:
     return ExitCode.OK
 
 
-# ----- leader-only verbs of the other groups -----------------------------------------------
-
-
-def via_leader(inv: Invocation, kind: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
-    """Have the cluster leader carry out ``kind`` (:mod:`dispatcher.ha.leader_requests`).
-
-    Returns the leader's result and records who carried it out (``inv.leader``); raises
-    Fail with the leader's error (or why no leader answered): exit status 1, as the local
-    verb.
-    """
-    import os
-    import socket
-
-    from dispatcher.ha import leader_requests as hareq
-
-    user = inv.ns.username or os.environ.get("USER", "")
-    backend = _backend(inv.d.cfg)
-    try:
-        if backend.leader() is None:
-            raise Fail("Error: the cluster has no leader right now; try again shortly")
-        rid = hareq.post(backend, kind, args, f"ced:{user}@{socket.gethostname()}")
-        doc = hareq.wait(backend, rid, timeout)
-    except BackendUnavailable as exc:
-        raise Fail(f"Error: cluster unavailable: {exc}") from None
-    except (hareq.RequestFailed, TimeoutError) as exc:
-        raise Fail(f"Error: {exc}") from None
-    finally:
-        backend.close()
-    if not doc.get("ok"):
-        raise Fail(str(doc.get("error") or "the leader refused the request"))
-    inv.leader = (str(doc.get("leader") or ""), int(doc.get("epoch") or 0))
-    return doc.get("result")
+# ----- rotation in a cluster: convergence -------------------------------------------------
 
 
 def members(inv: Invocation) -> list[str]:

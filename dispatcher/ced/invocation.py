@@ -10,11 +10,12 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dispatcher.ced.output import PROG, err
-from dispatcher.errors import UsageError
+from dispatcher.errors import Fail, UsageError
 
 if TYPE_CHECKING:
     from dispatcher.client.io import AgentIO
     from dispatcher.core import Dispatcher
+    from dispatcher.ha.actions import ActionResult
     from dispatcher.operations import Caller
 
 DEFAULT_CONFIG = "/etc/ctrl-exec/ctrl-exec.conf"
@@ -53,6 +54,30 @@ class Invocation:
         user = self.ns.username if self.ns.username is not None else os.environ.get("USER", "")
         token = self.ns.token if self.ns.token is not None else os.environ.get("ENVEXEC_TOKEN", "")
         return Caller("cli", username=user, token=token, source_ip="127.0.0.1")
+
+    def leader_action(
+        self, name: str, args: dict[str, Any], timeout: float = 120.0, failed: str = ""
+    ) -> ActionResult:
+        """Carry out a leader-only action (:mod:`dispatcher.ha.actions`): here without etcd,
+        by the cluster leader with it (recorded in :attr:`leader`). Failure: Fail (exit 1)
+        with ``failed`` + the reason."""
+        from dispatcher.ha import actions
+
+        user = self.ns.username or ""
+        try:
+            res = actions.request(self.d, name, args, requested_by=actions.requested_by(user),
+                                  timeout=timeout)  # fmt: skip
+        except actions.ActionFailed as exc:
+            cause = exc.__cause__
+            local = cause is not None and not self.d.cfg.etcd_endpoints
+            raise Fail(f"{failed}{cause if local else exc}") from None
+        self.leader = (res.leader, res.epoch or 0)
+        return res
+
+    def by_leader(self) -> dict[str, Any]:
+        """``leader``/``epoch`` for a JSON answer, when a cluster leader carried it out."""
+        leader, epoch = self.leader
+        return {"leader": leader, "epoch": epoch} if leader and self.in_cluster else {}
 
     def need(self, n: int, usage: str) -> None:
         """At least ``n`` words after the verb, else a usage error naming ``usage``."""
@@ -93,7 +118,7 @@ def _leader_signs() -> str:
 
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion (verbs that need asyncio: pairing, rotation)."""
+    """Run a coroutine to completion (the verbs that need asyncio: pairing-mode)."""
     import asyncio
 
     return asyncio.run(coro)

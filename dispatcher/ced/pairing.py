@@ -2,8 +2,9 @@
 
 ``pairing-mode`` runs the pairing listener (:class:`dispatcher.pairing.server.PairingServer`)
 in the foreground with the operator console (spec 5.4), or, with ``start``, as a
-double-forked daemon with a pidfile that ``stop`` signals. In a cluster the decisions are
-the leader's (:func:`dispatcher.ced.cluster.via_leader`).
+double-forked daemon with a pidfile that ``stop`` signals. ``list-requests``, ``approve``
+and ``deny`` are leader-only actions (:mod:`dispatcher.ha.actions`): carried out here
+without etcd, by the cluster leader with it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,8 @@ from dispatcher.errors import ExitCode, Fail, UsageError
 
 def cmd_list_requests(inv: Invocation) -> ExitCode:
     from dispatcher.pairing import prompt as pairing_prompt
-    from dispatcher.pairing import queue as pairing_queue
 
-    if inv.in_cluster:
-        from dispatcher.ced.cluster import via_leader
-
-        records = via_leader(inv, "list-requests", {}) or []
-    else:
-        records = pairing_queue.list_pending(inv.d.cfg.pairing_dir, writer=inv.d.writer)
+    records = inv.leader_action("list-requests", {}).data or []
     if inv.json:
         out_json({"ok": 1, "requests": [{k: v for k, v in r.items() if k != "csr"}
                                         for r in records]})  # fmt: skip
@@ -40,75 +35,41 @@ def cmd_list_requests(inv: Invocation) -> ExitCode:
     return ExitCode.OK
 
 
-def _print_approval(res: Any) -> None:
-    out(f"Approved '{res.name}' ({res.reqid}). Cert delivered on next poll.")
-    out(f"  Registered:  {res.name}   lookup_by={res.lookup_by}   addr={res.addr}:{res.port}")
-    for w in res.warnings:
+def _print_approval(doc: dict[str, Any]) -> None:
+    name, lookup_by = doc["hostname"], doc["lookup_by"]
+    out(f"Approved '{name}' ({doc['reqid']}). Cert delivered on next poll.")
+    out(f"  Registered:  {name}   lookup_by={lookup_by}   addr={doc['addr']}:{doc['port']}")
+    for w in doc["warnings"]:
         out(f"  {w}")
-    if res.lookup_by == "hostname":
-        out(f"  If '{res.name}' does not resolve from here: "
-            f"{PROG} edit-agent {res.name} --lookup-by ip")  # fmt: skip
-
-
-def _approve_in_cluster(inv: Invocation) -> ExitCode:
-    import types
-
-    from dispatcher.ced.cluster import via_leader
-
-    ns = inv.ns
-    doc = via_leader(inv, "approve", {"reqid": inv.words[0], "lookup_by": ns.lookup_by,
-                                      "ip": ns.ip, "agent_port": ns.agent_port})  # fmt: skip
-    leader, epoch = inv.leader
-    if inv.json:
-        out_json({"ok": 1, "reqid": doc["reqid"], "hostname": doc["hostname"],
-                  "record": doc["record"], "warnings": doc["warnings"],
-                  "leader": leader, "epoch": epoch})  # fmt: skip
-    else:
-        _print_approval(types.SimpleNamespace(name=doc["hostname"], **doc))
-        out(f"  (carried out by the cluster leader {leader}, epoch {epoch})")
-    return ExitCode.OK
+    if lookup_by == "hostname":
+        out(f"  If '{name}' does not resolve from here: "
+            f"{PROG} edit-agent {name} --lookup-by ip")  # fmt: skip
 
 
 def cmd_approve(inv: Invocation) -> ExitCode:
-    from dispatcher.pairing import queue as pq
-
     inv.need(1, "approve <reqid> [--lookup-by ip|hostname] [--ip addr] [--agent-port n]")
-    if inv.in_cluster:
-        return _approve_in_cluster(inv)
     ns = inv.ns
-    try:
-        res = pq.approve(inv.d.cfg, inv.words[0], lookup_by=ns.lookup_by, ip=ns.ip,
-                         agent_port=ns.agent_port, writer=inv.d.writer)  # fmt: skip
-    except pq.PairingQueueError as exc:
-        raise Fail(str(exc)) from None
+    args = {"reqid": inv.words[0], "lookup_by": ns.lookup_by, "ip": ns.ip,
+            "agent_port": ns.agent_port}  # fmt: skip
+    doc = inv.leader_action("approve", args).data
     if inv.json:
-        out_json({"ok": 1, "reqid": res.reqid, "hostname": res.name, "record": res.record,
-                  "warnings": res.warnings})  # fmt: skip
-    else:
-        _print_approval(res)
+        out_json({"ok": 1, "reqid": doc["reqid"], "hostname": doc["hostname"],
+                  "record": doc["record"], "warnings": doc["warnings"], **inv.by_leader()})  # fmt: skip
+        return ExitCode.OK
+    _print_approval(doc)
+    if inv.by_leader():
+        out(f"  (carried out by the cluster leader {inv.leader[0]}, epoch {inv.leader[1]})")
     return ExitCode.OK
 
 
 def cmd_deny(inv: Invocation) -> ExitCode:
-    from dispatcher.pairing import queue as pq
-
     inv.need(1, "deny <reqid>")
     reqid = inv.words[0]
-    if inv.in_cluster:
-        from dispatcher.ced.cluster import via_leader
-
-        via_leader(inv, "deny", {"reqid": reqid})
-        if inv.json:
-            out_json({"ok": 1, "reqid": reqid, "leader": inv.leader[0], "epoch": inv.leader[1]})
-        else:
-            out(f"Denied request '{reqid}' (by the cluster leader {inv.leader[0]}).")
-        return ExitCode.OK
-    try:
-        pq.deny(inv.d.cfg, reqid, writer=inv.d.writer)
-    except pq.PairingQueueError as exc:
-        raise Fail(str(exc)) from None
+    inv.leader_action("deny", {"reqid": reqid})
     if inv.json:
-        out_json({"ok": 1, "reqid": reqid})
+        out_json({"ok": 1, "reqid": reqid, **inv.by_leader()})
+    elif inv.by_leader():
+        out(f"Denied request '{reqid}' (by the cluster leader {inv.leader[0]}).")
     else:
         out(f"Denied request '{reqid}'.")
     return ExitCode.OK
@@ -315,6 +276,7 @@ class _Console:
             self.show_prompt()
 
     def command(self, line: str, records: list[dict[str, Any]]) -> None:
+        from dispatcher.ha import actions
         from dispatcher.pairing import prompt as pp
         from dispatcher.pairing import queue as pq
 
@@ -326,14 +288,13 @@ class _Console:
                 out(text)
         elif cmd.action in ("approve", "deny") and cmd.index is not None:
             rec = records[cmd.index]
-            cfg, writer = self.inv.d.cfg, self.inv.d.writer
             try:
+                res = actions.perform(self.inv.d, cmd.action, {"reqid": str(rec.get("id"))})
                 if cmd.action == "approve":
-                    _print_approval(pq.approve(cfg, str(rec.get("id")), writer=writer))
+                    _print_approval(res.data)
                 else:
-                    pq.deny(cfg, str(rec.get("id")), writer=writer)
                     out(f"Denied request '{rec.get('id')}'.")
-            except pq.PairingQueueError as exc:
+            except (pq.PairingQueueError, actions.ActionFailed) as exc:
                 out(f"  Error: {exc}")
 
 

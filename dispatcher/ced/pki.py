@@ -1,8 +1,9 @@
 """``ced setup-ca``, ``setup-ctrl-exec``, ``rotate-cert``, ``serial-status`` and ``maintain``.
 
-Rotation and maintenance are :mod:`dispatcher.pki.rotation`'s coroutines, run with
-:func:`~dispatcher.ced.invocation.arun`. In a cluster the leader carries out
-``rotate-cert`` and ``maintain`` (:func:`dispatcher.ced.cluster.via_leader`).
+All but ``serial-status`` are leader-only actions (:mod:`dispatcher.ha.actions`): carried
+out here without etcd, by the cluster leader with it. In a cluster ``rotate-cert`` then
+follows the members converging on the new serial
+(:func:`dispatcher.ced.cluster.wait_converged`).
 """
 
 from __future__ import annotations
@@ -11,23 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dispatcher.ced.invocation import Invocation, arun
+from dispatcher.ced.invocation import Invocation
 from dispatcher.ced.output import PROG, err, out, out_json
-from dispatcher.errors import CtrlExecError, ExitCode, Fail
+from dispatcher.errors import ExitCode, Fail
 
 
 def cmd_setup_ca(inv: Invocation) -> ExitCode:
-    from dispatcher.pki import ca as pki
-
-    ca_dir = Path(inv.d.cfg.ca_dir)
     out("Setting up dispatcher CA...")
-    try:
-        pki.create_ca(ca_dir)
-    except pki.PKIError as exc:
-        raise Fail(f"Error: {exc}") from None
+    doc = inv.leader_action("setup-ca", {}, failed="Error: ").data
     out("CA created:")
-    out(f"  Key:  {ca_dir / 'ca.key'}")
-    out(f"  Cert: {ca_dir / 'ca.crt'}")
+    out(f"  Key:  {doc['key']}")
+    out(f"  Cert: {doc['cert']}")
     out("Keep ca.key secure - it never leaves this host.")
     return ExitCode.OK
 
@@ -48,22 +43,15 @@ def _replace_existing(inv: Invocation) -> bool:
 
 
 def cmd_setup_dispatcher(inv: Invocation) -> ExitCode:
-    from dispatcher.pki import ca as pki
-
-    cfg = inv.d.cfg
-    if Path(cfg.cert).exists() and not _replace_existing(inv):
+    if Path(inv.d.cfg.cert).exists() and not _replace_existing(inv):
         out("Aborted.")
         return ExitCode.OK
     out("Generating dispatcher certificate...")
-    try:
-        ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
-        cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key)
-    except (pki.PKIError, OSError) as exc:
-        raise Fail(f"Error: {exc}") from None
+    doc = inv.leader_action("setup-ctrl-exec", {}, failed="Error: ").data
     out("Dispatcher cert created:")
-    out(f"  Key:    {cfg.key}")
-    out(f"  Cert:   {cfg.cert}")
-    out(f"  Serial: {cert.serial_number:x}")
+    out(f"  Key:    {doc['key']}")
+    out(f"  Cert:   {doc['cert']}")
+    out(f"  Serial: {doc['serial']}")
     out(f"Run '{PROG} pairing-mode' to re-pair agents as needed.")
     return ExitCode.OK
 
@@ -72,9 +60,8 @@ def cmd_setup_dispatcher(inv: Invocation) -> ExitCode:
 
 
 def cmd_rotate_cert(inv: Invocation) -> ExitCode:
-    from dispatcher.pki import rotation
+    from dispatcher.ha import actions
 
-    d = inv.d  # the config is read (and checked) before the question
     if (
         sys.stdin.isatty()
         and not inv.json
@@ -87,12 +74,16 @@ def cmd_rotate_cert(inv: Invocation) -> ExitCode:
     if not inv.json:
         out("Rotating dispatcher certificate...")
     try:
-        res = arun(rotation.rotate(d))
-    except CtrlExecError as exc:
+        res = actions.request(inv.d, "rotate-cert").data
+    except actions.ActionFailed as exc:
+        reason = exc.__cause__ or exc
         if inv.json:
-            out_json({"ok": 0, "error": str(exc)})
+            out_json({"ok": 0, "error": str(reason)})
             return ExitCode.FAILURE
-        raise Fail(f"Rotation failed: {exc}") from None
+        raise Fail(f"Rotation failed: {reason}") from None
+    if not isinstance(res, dict) or not res.get("rotated", True):
+        error = res.get("error") if isinstance(res, dict) else None
+        raise Fail(f"Rotation failed: {error or 'unknown error'}")
     if inv.json:
         out_json({"ok": 1, **res})
     else:
@@ -132,7 +123,8 @@ def _rotate_in_cluster(inv: Invocation) -> ExitCode:
     if not inv.json:
         out("Rotating dispatcher certificate (carried out by the cluster leader)...")
     expected = cluster.members(inv)
-    res = cluster.via_leader(inv, "rotate-cert", {}, timeout=180.0)
+    done = inv.leader_action("rotate-cert", {}, timeout=180.0)
+    res: dict[str, Any] = {**done.data, "generation": done.generation}
     leader, epoch = inv.leader
     serial = str(res.get("new_serial") or "")
     if not inv.json:
@@ -189,16 +181,7 @@ def cmd_serial_status(inv: Invocation) -> ExitCode:
 
 
 def cmd_maintain(inv: Invocation) -> ExitCode:
-    if inv.in_cluster:
-        from dispatcher.ced import cluster
-
-        res = cluster.via_leader(inv, "maintain", {}, timeout=600.0)
-    else:
-        from dispatcher.pki import rotation
-
-        res = arun(rotation.maintain(inv.d))
-    if not isinstance(res, dict):
-        res = {}
+    res = inv.leader_action("maintain", {}, timeout=600.0).data or {}
     if inv.json:
         out_json({"ok": 1, **res} if "ok" not in res else res)
         return ExitCode.OK

@@ -61,7 +61,7 @@ class Entry:
         if not isinstance(d, Mapping):
             raise ManifestError("manifest entry is not an object")
         try:
-            e = cls(str(d["path"]), int(d["mode"]) & 0o7777, int(d["size"]), str(d["sha256"]))
+            e = cls(str(d["path"]), int(d["mode"]) & 0o777, int(d["size"]), str(d["sha256"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"bad manifest entry {d!r}: {exc}") from None
         check_logical(e.path)
@@ -263,7 +263,7 @@ class Scanner:
                 return None
             with self._lock:
                 self._cache[str(path)] = (key, digest)
-        return Entry(logical, st.st_mode & 0o7777, st.st_size, digest)
+        return Entry(logical, st.st_mode & 0o777, st.st_size, digest)
 
     def scan(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}

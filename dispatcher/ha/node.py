@@ -198,6 +198,7 @@ class HANode:
         d.__dict__["runstore"] = self.runs
         set_default_writer(self.writer)
         d.sign_guard = self.signing_refused
+        d.generations = self.sync
         pki.set_sign_guard(self._sign_check)
         if self.kind == "etcd":
             self.work = LeaderWork(self, d)

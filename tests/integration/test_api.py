@@ -473,3 +473,31 @@ def test_sigterm_drains_in_flight_runs(env: Env) -> None:
         assert "ACTION=api-stop" in d.logtext()
     finally:
         d.stop()
+
+
+def test_sigterm_keeps_serving_new_requests_for_drain_wait(env: Env) -> None:
+    """SIGTERM: /ready says 503 at once, but new connections are still answered for
+    ``drain_wait`` seconds (the load balancer's health check needs that long to move
+    them elsewhere); only then do the listeners close."""
+    d = make_daemon(env.tmp, "graceful", env.tmp / "ca", env.registry_dir,
+                    {"api_auth_default": "allow", "drain_wait": "1.5"})  # fmt: skip
+    d.start()
+    try:
+        d.wait_healthy()
+        assert d.proc is not None
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        answered = 0
+        with httpx.Client(base_url=d.health_url, trust_env=False, timeout=5) as h:
+            while time.monotonic() - t0 < 1.2:
+                assert h.get("/ready").status_code == 503
+                with httpx.Client(base_url=d.url, trust_env=False, timeout=5) as c:
+                    assert c.get("/health").status_code in (200, 503)  # answered, not refused
+                answered += 1
+                time.sleep(0.1)
+        assert answered >= 5
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - t0 >= 1.5
+        assert "ACTION=api-drain DRAIN_WAIT=1.5" in d.logtext()
+    finally:
+        d.stop()

@@ -242,6 +242,63 @@ def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) ->
     assert f"EPOCH={epoch}" in leader.logtext()
 
 
+def test_edit_agent_from_a_follower_host_is_carried_out_by_the_leader(cluster: Cluster) -> None:
+    """``ced edit-agent`` run on a follower's host goes to the leader (one home for
+    leader-only actions): the leader commits the registry writes under its epoch."""
+    leader = cluster.one_leader()
+    epoch = leader.status()["epoch"]
+    follower = cluster.followers()[0]
+    before = {e.revision for e in cluster.effects()}
+    try:
+        r = cluster.ced(follower, "--json", "edit-agent", "web2", "--rename", "web2-moved")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["hostname"] == "web2-moved"
+        fresh = [e for e in cluster.effects() if e.revision not in before]
+        assert {"request-claim", "agent-edit", "request-done"} <= {e.effect for e in fresh}
+        assert all(e.epoch == epoch and e.instance_id == leader.id for e in fresh)
+        new = [e for e in fresh if e.effect == "agent-edit"]
+        assert {(Path(e.detail["path"]).name, e.detail["op"]) for e in new} == {
+            ("web2-moved.json", "write"), ("web2.json", "delete")}  # fmt: skip
+        r = cluster.ced(follower, "edit-agent", "nobody-here", "--agent-port", "7443")
+        assert r.returncode == 1 and "Edit failed: no registry entry for 'nobody-here'" in r.stderr
+    finally:
+        r = cluster.ced(follower, "edit-agent", "web2-moved", "--rename", "web2")
+    assert r.returncode == 0, r.stderr
+
+
+def test_malformed_request_records_are_dropped_and_never_stop_the_loop(cluster: Cluster) -> None:
+    """Anyone who can write to etcd can queue junk: each bad record is dropped and logged
+    once, and a genuine request behind it is still carried out."""
+    leader = cluster.one_leader()
+    backend = cluster.backend()
+    prefix = backend.keys.requests
+    junk = {
+        f"{prefix}evil/../x": json.dumps({"kind": "list-requests", "args": {}}),
+        f"{prefix}not-json": "{",
+        f"{prefix}args-list": json.dumps({"kind": "deny", "args": ["a"]}),
+        f"{prefix}no-kind": json.dumps({"args": {}}),
+        f"{prefix}bad-args": json.dumps({"kind": "approve", "args": {"reqid": 1, "sudo": 1}}),
+    }
+    try:
+        for key, value in junk.items():
+            backend.put_value(key, value)
+        r = cluster.ced(cluster.followers()[0], "--json", "list-requests", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ok"] == 1
+        assert wait_until(lambda: not backend.get_prefix(prefix), 10, "junk dropped")
+        result = backend.get_value(backend.keys.result("bad-args"))
+        assert result is not None  # a well-formed record with bad arguments gets an answer
+        doc = json.loads(result)
+        assert doc["ok"] is False and "unknown argument(s) sudo" in doc["error"], doc
+    finally:
+        backend.close()
+    log = leader.logtext()
+    for name in ("evil/../x", "not-json", "args-list", "no-kind"):
+        lines = [ln for ln in log.splitlines()
+                 if "ACTION=request-drop " in ln and f" KEY={prefix}{name} " in ln]  # fmt: skip
+        assert len(lines) == 1, (name, lines)
+
+
 # ----- data plane --------------------------------------------------------------------------
 
 

@@ -8,7 +8,14 @@ from agent.common.errors import CtrlExecError, ProtocolError
 from cluster.errors import BackendUnavailable, ClusterError, NotLeader
 from dispatcher.api.proxyproto import ProxyProtocolError
 from dispatcher.client.wire import HandshakeRefused, ResponseTooLarge
-from dispatcher.errors import ClusterUnavailableError, LeaderOnlyRefused, NotLeaderError
+from dispatcher.errors import (
+    ClusterUnavailableError,
+    Fail,
+    LeaderOnlyRefused,
+    NotLeaderError,
+    UsageError,
+)
+from dispatcher.ha.actions import ActionFailed
 from dispatcher.ha.leader_requests import RequestFailed
 from dispatcher.ha.manifest import ManifestError
 from dispatcher.ha.sync import SyncError
@@ -26,6 +33,7 @@ from dispatcher.runstore import RunStoreError
     "cls",
     [RegistryError, Denied, LockConflict, RunStoreError, PKIError, RenewError, RotationError,
      PairingQueueError, QueueFull, NoSuchRequest, ManifestError, SyncError, RequestFailed,
+     ActionFailed, UsageError, Fail,
      LeaderOnlyRefused, NotLeaderError, ClusterUnavailableError, ResponseTooLarge,
      HandshakeRefused, ProxyProtocolError],
 )  # fmt: skip
