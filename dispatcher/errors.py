@@ -22,9 +22,10 @@ raises them; this tree is the map (``cluster`` keeps its own root,
     +-- PairingQueueError              dispatcher.pairing.queue
     |   +-- QueueFull, NoSuchRequest
     +-- ManifestError (also ValueError)           dispatcher.ha.manifest
-    +-- SyncError                      dispatcher.ha.sync: a generation cannot be applied now
+    +-- SyncError                      dispatcher.ha.sync.state: a generation cannot be applied now
     +-- RequestFailed                  dispatcher.ha.leader_requests: no leader result
     +-- ActionFailed                   dispatcher.ha.actions: a leader-only action refused/failed
+    +-- NotAcknowledged                dispatcher.ha.replication: too few members applied it
     +-- LeaderOnlyRefused              here: the HA layer refused a leader-only change
         +-- NotLeaderError             this instance does not lead (also cluster NotLeader)
         +-- ClusterUnavailableError    the store is unreachable (also cluster BackendUnavailable)

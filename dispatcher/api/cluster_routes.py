@@ -40,6 +40,7 @@ from dispatcher.api.models import ErrorResponse
 from dispatcher.core import Dispatcher
 from dispatcher.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.ha import actions
+from dispatcher.ha.replication import NotAcknowledged
 from dispatcher.operations import Caller, Denied, authorise
 from dispatcher.pairing import queue as pq
 
@@ -263,6 +264,8 @@ def install(
         if isinstance(cause, NotLeaderError | NotLeader):
             lid, url = ha.leader_hint() if ha is not None else (None, None)
             return not_leader(str(cause), lid, url)
+        if isinstance(exc, NotAcknowledged):
+            return _error(503, "not acknowledged", str(exc))
         if isinstance(exc, pq.NoSuchRequest):
             return _error(404, "no such request", str(exc))
         if isinstance(exc, pq.PairingQueueError):
@@ -304,7 +307,8 @@ def install(
                     "agent_port": b.agent_port}  # fmt: skip
             try:
                 res = await asyncio.to_thread(actions.perform, d, "approve", args)
-            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+                    NotAcknowledged) as exc:  # fmt: skip
                 return decision_errors(exc)
             doc = res.data
             logfmt.event("pair-approve-api", reqid=reqid, agent=doc["hostname"],
@@ -334,7 +338,8 @@ def install(
             args = {"reqid": reqid, "reason": b.reason}
             try:
                 res = await asyncio.to_thread(actions.perform, d, "deny", args)
-            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+                    NotAcknowledged) as exc:  # fmt: skip
                 return decision_errors(exc)
             return JSONResponse({"ok": True, "reqid": reqid, "status": "denied",
                                  "leader": ha.instance_id, "epoch": res.epoch})  # fmt: skip

@@ -15,6 +15,10 @@ and returns one :class:`ActionResult`:
 * the API (``/pairing/...``): the leader calls :func:`perform`; a follower forwards the
   HTTP request to the leader (:mod:`dispatcher.api.cluster_routes`).
 
+In a cluster a change is acknowledged only once the generation carrying it is applied by
+the members ``sync_ack`` asks for (:mod:`dispatcher.ha.replication`); the result names
+that generation.
+
 Arguments arriving from the store are checked against the function's annotations
 (:func:`bind`) before anything runs: an unknown action, an unknown argument or a value of
 the wrong type is refused with :class:`ActionFailed`, never a crash of the caller's loop.
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import types
 import typing
 from collections.abc import Callable
@@ -34,8 +37,6 @@ from typing import Any
 
 from agent.common.errors import CtrlExecError
 from dispatcher.core import Dispatcher  # at run time: bind() resolves the annotations
-
-PUBLISH_WAIT = 10.0  # seconds an action with ``wait_generation`` waits for its generation
 
 
 class ActionFailed(CtrlExecError):
@@ -57,9 +58,6 @@ class Action:
     operation: str  # the fenced operation's name (effects history, logs)
     fn: Callable[..., Any]
     bootstrap: bool = False  # may run locally while the cluster has no member at all
-    # Wait (bounded) for the generation that carries the change before answering: the
-    # rotation's caller follows the members converging on it.
-    wait_generation: bool = False
 
 
 # ----- the actions ---------------------------------------------------------------------
@@ -176,7 +174,7 @@ ACTIONS: dict[str, Action] = {
         Action("edit-agent", "agent-edit", edit_agent),
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
-        Action("rotate-cert", "cert-rotate", rotate_cert, wait_generation=True),
+        Action("rotate-cert", "cert-rotate", rotate_cert),
         Action("maintain", "maintain", maintain),
     )
 }
@@ -242,16 +240,13 @@ def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> Act
     writer = d.writer
     if not isinstance(writer, FencedWriter):
         return ActionResult(name, action.fn(d, **kwargs))
-    source = d.generations
-    before = source.generation if source is not None else 0
+    rep = d.replication
+    before, changes = (rep.generation, rep.changes) if rep is not None else (0, 0)
     with writer.operation(action.operation) as epoch:
         data = action.fn(d, **kwargs)
     generation = None
-    if source is not None:  # the publisher runs once the operation is over
-        deadline = time.monotonic() + (PUBLISH_WAIT if action.wait_generation else 0)
-        while source.generation <= before and time.monotonic() < deadline:
-            time.sleep(0.02)
-        generation = source.generation
+    if rep is not None:  # a replicated change is acknowledged once applied (sync_ack)
+        generation = rep.acknowledge(before) if rep.changes != changes else rep.generation
     return ActionResult(name, data, leader=d.cfg.instance_id, epoch=epoch, generation=generation)
 
 

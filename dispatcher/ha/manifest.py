@@ -182,6 +182,17 @@ class Layout:
             for other, r in self.roots.items()
         )
 
+    def covers(self, path: str | Path) -> bool:
+        """Whether a generation carries this local file (a change to it is replicated)."""
+        p = Path(os.path.abspath(path))
+        if any(p == f for f in self.files.values()):
+            return True
+        for name, root in self.roots.items():
+            if _under(p, root) and p != root:
+                rel = p.relative_to(root).parts
+                return not any(part.startswith(".") for part in rel) and not self._skip(p, name)
+        return False
+
     def local(self, logical: str) -> Path:
         """The local file of a logical path (ManifestError when it maps nowhere)."""
         check_logical(logical)

@@ -25,7 +25,7 @@ from dispatcher.ha.actions import ActionFailed
 from dispatcher.operations import Denied
 from dispatcher.registry import RegistryError
 from dispatcher.runlocks import LockConflict
-from tests.support.agentproc import ROOT
+from ops.lab.proc import ROOT
 
 
 def invocation(*argv: str) -> Invocation:

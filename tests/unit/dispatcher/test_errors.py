@@ -18,6 +18,7 @@ from dispatcher.errors import (
 from dispatcher.ha.actions import ActionFailed
 from dispatcher.ha.leader_requests import RequestFailed
 from dispatcher.ha.manifest import ManifestError
+from dispatcher.ha.replication import NotAcknowledged
 from dispatcher.ha.sync import SyncError
 from dispatcher.operations import Denied
 from dispatcher.pairing.queue import NoSuchRequest, PairingQueueError, QueueFull
@@ -33,7 +34,7 @@ from dispatcher.runstore import RunStoreError
     "cls",
     [RegistryError, Denied, LockConflict, RunStoreError, PKIError, RenewError, RotationError,
      PairingQueueError, QueueFull, NoSuchRequest, ManifestError, SyncError, RequestFailed,
-     ActionFailed, UsageError, Fail,
+     ActionFailed, NotAcknowledged, UsageError, Fail,
      LeaderOnlyRefused, NotLeaderError, ClusterUnavailableError, ResponseTooLarge,
      HandshakeRefused, ProxyProtocolError],
 )  # fmt: skip
