@@ -40,7 +40,7 @@ from ops.lab.pki import TestCA  # noqa: E402
 
 def ced_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "ced"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.ced"]
 
 
 def timeit(cmd: list[str], env: dict[str, str], n: int) -> tuple[list[float], list[float]]:

@@ -26,6 +26,7 @@ from agent.common.records import record
 from dispatcher.client import fanout
 from dispatcher.client.io import AgentIO, resolve_io
 from dispatcher.core import Dispatcher
+from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
 
@@ -387,6 +388,6 @@ async def do_discovery(
             clean = {str(k): str(v) for k, v in tags.items()}
             try:
                 d.registry.update(name, tags=clean)
-            except RegistryError as exc:
+            except (RegistryError, LeaderOnlyRefused) as exc:
                 logfmt.event("discovery-tags", logfmt.WARNING, agent=name, error=exc)
     return {"hosts": out}

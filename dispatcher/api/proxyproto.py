@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.common import logfmt
-from agent.common.errors import ConfigError
+from agent.common.errors import ConfigError, ProtocolError
 from dispatcher.config import DispatcherConfig
 from dispatcher.netaddr import plain_ip
 
@@ -57,7 +57,7 @@ _ADDR_LEN = {AF_UNSPEC: 0, AF_INET: 12, AF_INET6: 36, AF_UNIX: 216}
 Address = tuple[str, int]
 
 
-class ProxyProtocolError(ValueError):
+class ProxyProtocolError(ProtocolError, ValueError):
     """The bytes are not an acceptable PROXY v2 header."""
 
 

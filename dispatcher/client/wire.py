@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Generator
 from typing import Any, Protocol
 
+from agent.common.errors import ProtocolError
 from agent.common.records import record
 from agent.common.wire import parse_head, request_bytes
 
@@ -169,11 +170,11 @@ def fmt_seconds(t: float) -> str:
     return f"{t:g}"
 
 
-class ResponseTooLarge(Exception):
+class ResponseTooLarge(ProtocolError):
     pass
 
 
-class HandshakeRefused(Exception):
+class HandshakeRefused(ProtocolError):
     pass
 
 

@@ -24,13 +24,14 @@ import socket
 import time
 from typing import Any
 
+from agent.common.errors import CtrlExecError
 from cluster.backend import KVBackend
 
 REQUEST_TTL = 60  # seconds a request waits in the store for a leader to take it
 RESULT_KEEP = 3600  # seconds the leader keeps a result nobody collected
 
 
-class RequestFailed(Exception):
+class RequestFailed(CtrlExecError):
     """No result: no leader took the request, or the leader changed while running it."""
 
 

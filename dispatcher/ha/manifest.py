@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.common.errors import CtrlExecError
 from dispatcher.config import DispatcherConfig
 
 STAGE_DIR = ".ctrl-exec-sync"  # per target directory: same filesystem, so rename is atomic
 MAX_FILE = 64 * 1024 * 1024  # a generation file larger than this is refused
 
 
-class ManifestError(ValueError):
+class ManifestError(CtrlExecError, ValueError):
     """A generation document or a logical path is malformed."""
 
 

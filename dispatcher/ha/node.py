@@ -45,9 +45,9 @@ from cluster.locks import ClusterRunLocks
 from cluster.session import Session
 from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
+from dispatcher.errors import NotLeaderError
 from dispatcher.ha import switchover
 from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
-from dispatcher.ha.errors import NotLeaderError
 from dispatcher.ha.leaderwork import LeaderWork
 from dispatcher.ha.replication import Replication
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator

@@ -2,7 +2,7 @@
 
 Every write or delete of shared state (registry records, ``rotation.json``, pairing
 decisions, CA material) goes through :class:`FencedWriter`. It refuses with
-:class:`~dispatcher.ha.errors.NotLeaderError` unless this instance leads, then commits an
+:class:`~dispatcher.errors.NotLeaderError` unless this instance leads, then commits an
 effect record (effect name, path, sha256, epoch) through :meth:`Elector.commit` under the
 epoch the operation began with, and only after that commit succeeded performs the atomic
 local write. A paused or partitioned ex-leader therefore changes nothing: its commit
@@ -41,7 +41,7 @@ from typing import Any
 from agent.common import logfmt
 from cluster.election import Elector
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
-from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.statewrite import LocalWriter, StateWriter
 

@@ -56,6 +56,7 @@ from agent.common.errors import CtrlExecError
 from agent.common.logfmt import event
 from agent.common.wire import dumps
 from dispatcher.config import DispatcherConfig
+from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry, RegistryError
 from dispatcher.statewrite import StateWriter, default_writer
@@ -519,7 +520,7 @@ def approve(
                 name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
                 expiry=expiry, dispatcher_serial=serial,
             )  # fmt: skip
-        except RegistryError as exc:
+        except (RegistryError, LeaderOnlyRefused) as exc:
             raise PairingQueueError(f"cannot register '{name}': {exc}") from None
         approval = {
             "status": "approved",

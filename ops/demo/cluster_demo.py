@@ -91,7 +91,7 @@ def tool(name: str, module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-CED = tool("ced", "dispatcher.cli")
+CED = tool("ced", "dispatcher.ced")
 API = tool("ctrl-exec-api", "dispatcher.api.daemon")
 AGENT = tool("ctrl-exec-agent", "agent.cli")
 

@@ -191,7 +191,7 @@ class Cluster:
     def ced(self, inst: Inst, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``ced ARGS --config CONFIG`` of ``inst``, as run on its host."""
         return subprocess.run(
-            [sys.executable, "-m", "dispatcher.cli", *args, "--config", str(inst.config)],
+            [sys.executable, "-m", "dispatcher.ced", *args, "--config", str(inst.config)],
             capture_output=True, text=True, env=ENV, timeout=timeout,
         )  # fmt: skip
 

@@ -53,7 +53,7 @@ def ced(
     *args: str, conf: Path | None = None, stdin: str = "", env: dict[str, str] | None = None,
     timeout: float = 30,
 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    cmd = [str(CED)] if CED.exists() else [sys.executable, "-m", "dispatcher.cli"]
+    cmd = [str(CED)] if CED.exists() else [sys.executable, "-m", "dispatcher.ced"]
     if conf is not None:
         cmd += ["--config", str(conf)]
     full_env = {"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT)}

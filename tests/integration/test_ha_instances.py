@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from cluster.election import Elector
-from dispatcher.ha.errors import NotLeaderError
+from dispatcher.errors import NotLeaderError
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
 from dispatcher.pairing import queue as pq

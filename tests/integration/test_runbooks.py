@@ -80,7 +80,7 @@ def test_runbook_structure(name: str) -> None:
 
 @pytest.mark.parametrize("name", ORDER)
 def test_runbook_uses_real_verbs_and_documented_variables(name: str) -> None:
-    from dispatcher.cli import HANDLERS
+    from dispatcher.ced.main import VERBS
 
     rb = runbook(name)
     steps = [b for b in rb.blocks if b.tag != "runbook-simulate"]
@@ -88,7 +88,7 @@ def test_runbook_uses_real_verbs_and_documented_variables(name: str) -> None:
     verbs = _CED.findall(code)
     assert verbs, name
     for verb, sub in verbs:
-        assert verb in HANDLERS, (name, verb)
+        assert verb in VERBS, (name, verb)
         if verb == "cluster":
             assert sub in CLUSTER_VERBS, (name, sub)
     calls = len(re.findall(r"(?<![\w-])ced\s", code))

@@ -29,8 +29,8 @@ from dispatcher.api.models import (
     PairingListResponse,
 )
 from dispatcher.api.routes import TAG_CLUSTER
+from dispatcher.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.ha import actions
-from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
 from dispatcher.ha.replication import NotAcknowledged
 from dispatcher.pairing import queue as pq
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
+from agent.common.errors import CtrlExecError
 from agent.common.fsutil import atomic_write
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 
 ev = logfmt.event
 
 
-class SyncError(Exception):
+class SyncError(CtrlExecError):
     """A generation could not be applied now (the follower retries)."""
 
 

@@ -17,13 +17,12 @@ from cluster.backend import LocalBackend
 from cluster.election import Elector
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
-from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.errors import ClusterUnavailableError, LeaderOnlyRefused, NotLeaderError
 from dispatcher.ha.role import ClusterRole
 from dispatcher.ha.runlocks import HARunLocks
 from dispatcher.ha.runs import ClusterRunStore, metadata
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
-from dispatcher.registry import RegistryError
 from dispatcher.runlocks import LocalRunLocks, LockConflict
 from dispatcher.runstore import async_record
 
@@ -112,7 +111,7 @@ def test_follower_refuses_and_writes_nothing(pair: Pair) -> None:
     msg = str(info.value)
     assert "this instance (b) is not the leader" in msg and "the leader is a at http://a:1" in msg
     assert info.value.leader_id == "a" and info.value.leader_url == "http://a:1"
-    assert isinstance(info.value, RegistryError)  # existing registry error handling copes
+    assert isinstance(info.value, LeaderOnlyRefused)  # handlers of refused changes cope
     with pytest.raises(NotLeaderError):
         pair.wb.delete(target)  # refused even when there is nothing to delete
     with pytest.raises(NotLeaderError), pair.wb.operation("pairing-approve"):

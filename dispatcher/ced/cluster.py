@@ -1,0 +1,303 @@
+"""``ced cluster status|switchover|haproxy-config``, and the leader's hand for other verbs.
+
+Each cluster verb talks to the coordination store of the config (etcd, or the embedded
+local backend in ``state_dir``) directly, so it works from any dispatcher host with the
+etcd client credentials, needs no API credentials, and needs no instance to be healthy:
+
+* ``status [--json]``: the leader, its epoch, the published generation and every member
+  (role, state, generation applied, cert serial, version, advertise URL);
+* ``switchover [--json]``: asks the leader of the current epoch to resign (a request key
+  it watches), waits for a new epoch and reports who leads now. If the leader does not act
+  within two lease TTLs its election lease is revoked (forced); fencing makes that safe;
+* ``haproxy-config``: a working HAProxy configuration (:mod:`dispatcher.haproxy`) for the
+  registered members.
+
+``rotate-cert`` in a cluster waits until every member presents the new serial
+(:func:`wait_converged`).
+
+Failures print ``ced cluster: <what>`` on stderr (and ``{"ok":0,...}`` with ``--json``),
+exit 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from cluster.errors import BackendUnavailable
+from dispatcher.ced.invocation import Invocation
+from dispatcher.ced.output import err, out, out_json, table
+from dispatcher.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from cluster.backend import KVBackend, LeaderInfo, MemberInfo
+    from dispatcher.config import DispatcherConfig
+    from dispatcher.haproxy import Member
+
+PROG = "ced cluster"
+CLI_TIMEOUT = 2.0  # per etcd call: an operator would rather wait than see a false alarm
+
+
+def _backend(cfg: DispatcherConfig) -> KVBackend:
+    from dispatcher.ha.coordination import backend_from_config
+
+    return backend_from_config(cfg, timeout=CLI_TIMEOUT)
+
+
+def _fail(as_json: bool, msg: str, **extra: Any) -> ExitCode:
+    if as_json:
+        out_json({"ok": 0, "error": msg, **extra})
+    err(f"{PROG}: {msg}" + (f": {extra['detail']}" if "detail" in extra else ""))
+    return ExitCode.FAILURE
+
+
+def cmd_cluster(inv: Invocation) -> ExitCode:
+    """``ced cluster status [--json] | switchover | haproxy-config``."""
+    verb = inv.words[0] if inv.words else ""
+    inv.d  # noqa: B018  (the config is read, and checked, before the sub-verb)
+    if verb == "status":
+        return cluster_status(inv)
+    if verb == "switchover":
+        return cluster_switchover(inv)
+    if verb == "haproxy-config":
+        return cluster_haproxy_config(inv)
+    raise UsageError("usage: ced cluster status [--json] | switchover | haproxy-config")
+
+
+# ----- status ------------------------------------------------------------------------------
+
+
+def _member_doc(m: MemberInfo, leader: LeaderInfo | None) -> dict[str, Any]:
+    return {
+        "instance_id": m.instance_id,
+        "role": "leader" if leader is not None and leader.instance_id == m.instance_id
+        else "follower",
+        "state": m.state,
+        "advertise_url": m.advertise_url,
+        "version": m.version,
+        "cert_serial": m.cert_serial,
+        "generation": m.generation,
+        "restart_pending": m.restart_pending,
+        "health_port": m.health_port,
+        "pairing_port": m.pairing_port,
+    }  # fmt: skip
+
+
+def status_document(cfg: DispatcherConfig, backend: KVBackend) -> dict[str, Any]:
+    """The ``cluster status --json`` document (raises BackendUnavailable)."""
+    from dispatcher.ha.coordination import lease_ttl
+
+    leader = backend.leader()
+    members = sorted(backend.members(), key=lambda m: m.instance_id)
+    return {
+        "ok": 1,
+        "cluster": cfg.cluster_name,
+        "backend": backend.kind,
+        "endpoints": list(cfg.etcd_endpoints),
+        "leader": leader.instance_id if leader is not None else None,
+        "epoch": leader.epoch if leader is not None else None,
+        "generation": backend.generation(),
+        "lease_ttl": lease_ttl(cfg),
+        "members": [_member_doc(m, leader) for m in members],
+    }
+
+
+def cluster_status(inv: Invocation) -> ExitCode:
+    """Print the cluster's members, leader, epoch and generation."""
+    cfg = inv.d.cfg
+    backend = _backend(cfg)
+    try:
+        doc = status_document(cfg, backend)
+    except BackendUnavailable as exc:
+        return _fail(inv.json, "cluster unavailable", detail=str(exc))
+    finally:
+        backend.close()
+    if inv.json:
+        out_json(doc)
+        return ExitCode.OK
+    where = ",".join(doc["endpoints"]) if doc["backend"] == "etcd" else cfg.state_dir
+    leader = f"leader {doc['leader']}, epoch {doc['epoch']}" if doc["leader"] else "no leader"
+    out(f"cluster {doc['cluster']} ({doc['backend']} {where}): {leader}, "
+        f"generation {doc['generation']}, {len(doc['members'])} member(s)")  # fmt: skip
+    if doc["members"]:
+        rows = [["INSTANCE", "ROLE", "STATE", "GEN", "CERT-SERIAL", "VERSION", "API"]]
+        rows += [[m["instance_id"], m["role"], m["state"], str(m["generation"]),
+                  m["cert_serial"] or "-", m["version"] or "-", m["advertise_url"] or "-"]
+                 for m in doc["members"]]  # fmt: skip
+        for line in table(rows):
+            out(line)
+    return ExitCode.OK
+
+
+# ----- switchover --------------------------------------------------------------------------
+
+
+def _wait_new_leader(backend: KVBackend, old_epoch: int, timeout: float) -> LeaderInfo | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = backend.leader()
+        except BackendUnavailable:
+            info = None
+        if info is not None and info.epoch != old_epoch:
+            return info
+        time.sleep(0.05)
+    return None
+
+
+def _switch(inv: Invocation, backend: KVBackend, ttl: int) -> dict[str, Any] | ExitCode:
+    """Ask the leader to resign (force it when it does not); the report or a failure."""
+    from dispatcher.ha import switchover
+
+    try:
+        old = backend.leader()
+        if old is None:
+            return _fail(inv.json, "no leader to switch over from")
+        t0 = time.monotonic()
+        switchover.post_request(backend, old)
+    except BackendUnavailable as exc:
+        return _fail(inv.json, "cluster unavailable", detail=str(exc))
+    new = _wait_new_leader(backend, old.epoch, 2 * ttl + 1)
+    forced = False
+    if new is None:
+        err(f"{PROG}: {old.instance_id} did not resign within {2 * ttl + 1} s; "
+            "revoking its election lease")  # fmt: skip
+        try:
+            backend.resign(old.lease)
+        except BackendUnavailable as exc:
+            return _fail(inv.json, "cluster unavailable", detail=str(exc))
+        forced = True
+        new = _wait_new_leader(backend, old.epoch, ttl + 2)
+    took = round(time.monotonic() - t0, 3)
+    if new is None:
+        return _fail(inv.json, "no new leader elected", old_leader=old.instance_id,
+                     old_epoch=old.epoch)  # fmt: skip
+    return {"ok": 1, "old_leader": old.instance_id, "old_epoch": old.epoch,
+            "leader": new.instance_id, "epoch": new.epoch, "forced": forced,
+            "seconds": took}  # fmt: skip
+
+
+def cluster_switchover(inv: Invocation) -> ExitCode:
+    """Ask the leader to resign and wait until a new epoch leads."""
+    from dispatcher.ha.coordination import lease_ttl
+
+    cfg = inv.d.cfg
+    backend = _backend(cfg)
+    try:
+        doc = _switch(inv, backend, lease_ttl(cfg))
+    finally:
+        backend.close()
+    if isinstance(doc, ExitCode):
+        return doc
+    if inv.json:
+        out_json(doc)
+    else:
+        how = " (forced)" if doc["forced"] else ""
+        out(f"switchover{how}: {doc['old_leader']} (epoch {doc['old_epoch']}) -> "
+            f"{doc['leader']} (epoch {doc['epoch']}) in {doc['seconds']} s")  # fmt: skip
+    return ExitCode.OK
+
+
+# ----- haproxy-config ----------------------------------------------------------------------
+
+
+def haproxy_members(cfg: DispatcherConfig, members: list[MemberInfo]) -> list[Member]:
+    """:class:`dispatcher.haproxy.Member` of each member with a usable advertise URL."""
+    from dispatcher.haproxy import Member
+
+    found = []
+    for m in sorted(members, key=lambda m: m.instance_id):
+        parts = urlsplit(m.advertise_url)
+        if not parts.hostname:
+            continue
+        port = parts.port or (443 if parts.scheme == "https" else cfg.api_port)
+        found.append(Member(
+            instance_id=m.instance_id, host=parts.hostname, api_port=port,
+            health_port=m.health_port or cfg.health_port,
+            pairing_port=m.pairing_port or cfg.pairing_port, proxy_port=m.proxy_port,
+        ))  # fmt: skip
+    return found
+
+
+def cluster_haproxy_config(inv: Invocation) -> ExitCode:
+    """Print an HAProxy configuration for the members registered right now."""
+    import sys
+
+    from dispatcher.haproxy import render
+
+    cfg = inv.d.cfg
+    backend = _backend(cfg)
+    try:
+        members = haproxy_members(cfg, backend.members())
+    except BackendUnavailable as exc:
+        return _fail(False, "cluster unavailable", detail=str(exc))
+    finally:
+        backend.close()
+    if not members:
+        return _fail(False, "no members registered (is any ctrl-exec-api running?)")
+    proxy = any(m.proxy_port for m in members)
+    sys.stdout.write(render(members, api_port=cfg.api_port, pairing_port=cfg.pairing_port,
+                            proxy_protocol=proxy))  # fmt: skip
+    return ExitCode.OK
+
+
+# ----- rotation in a cluster: convergence -------------------------------------------------
+
+
+def members(inv: Invocation) -> list[str]:
+    """The instance ids registered in the cluster right now ([] when unreachable)."""
+    backend = _backend(inv.d.cfg)
+    try:
+        return sorted(m.instance_id for m in backend.members())
+    except BackendUnavailable:
+        return []
+    finally:
+        backend.close()
+
+
+def _behind(
+    backend: KVBackend, want: str, generation: int, expected: list[str]
+) -> tuple[list[MemberInfo], list[str]]:
+    """The members now, and those not yet presenting serial ``want`` on ``generation``."""
+    from agent.common.serial import serial_to_hex
+
+    try:
+        found = backend.members()
+    except BackendUnavailable:
+        found = []
+    behind = sorted(m.instance_id for m in found
+                    if serial_to_hex(m.cert_serial) != want or m.restart_pending
+                    or m.generation < generation or m.state != "serving")  # fmt: skip
+    present = {m.instance_id for m in found}
+    behind += sorted(f"{i} (absent)" for i in expected if i not in present)
+    return found, behind
+
+
+def wait_converged(
+    inv: Invocation, serial: str, generation: int, timeout: float, expected: list[str]
+) -> dict[str, Any]:
+    """Wait until every member (at least the ``expected`` ones, which were there when the
+    rotation began) presents ``serial`` (restarted) on ``generation`` or later."""
+    from agent.common.serial import serial_to_hex
+
+    want = serial_to_hex(serial)
+    t0 = time.monotonic()
+    last = ""
+    backend = _backend(inv.d.cfg)
+    try:
+        while True:
+            found, behind = _behind(backend, want, generation, expected)
+            if found and not behind:
+                return {"converged": True, "seconds": round(time.monotonic() - t0, 2),
+                        "members": sorted(m.instance_id for m in found)}  # fmt: skip
+            text = f"waiting for {', '.join(behind) or 'the members'} to present {serial}"
+            if text != last and not inv.json:
+                err(f"  {text}")
+                last = text
+            if time.monotonic() - t0 > timeout:
+                return {"converged": False, "seconds": round(time.monotonic() - t0, 2),
+                        "waiting": behind}  # fmt: skip
+            time.sleep(0.2)
+    finally:
+        backend.close()

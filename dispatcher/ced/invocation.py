@@ -1,0 +1,137 @@
+"""What every verb of ``ced`` gets: the :class:`Invocation` (options, script args, the
+lazily opened dispatcher) and the two ways to run async code from a one-shot command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from dispatcher.ced.output import PROG, err
+from dispatcher.errors import Fail, UsageError
+
+if TYPE_CHECKING:
+    from dispatcher.client.io import AgentIO
+    from dispatcher.core import Dispatcher
+    from dispatcher.ha.actions import ActionResult
+    from dispatcher.operations import Caller
+
+DEFAULT_CONFIG = "/etc/ctrl-exec/ctrl-exec.conf"
+T = TypeVar("T")
+
+
+class Invocation:
+    """One ``ced`` invocation: parsed options, script args, the lazily opened dispatcher."""
+
+    def __init__(self, ns: argparse.Namespace, script_args: list[str]) -> None:
+        self.ns = ns
+        self.script_args = script_args
+        self.json: bool = bool(ns.json)
+        self.words: list[str] = list(ns.words[1:])  # after the verb
+        self._d: Dispatcher | None = None
+        self.leader: tuple[str, int] = ("", 0)  # who carried out a leader-only verb
+
+    @property
+    def d(self) -> Dispatcher:
+        if self._d is None:
+            self._d = open_dispatcher(self.ns.config)
+        return self._d
+
+    @property
+    def in_cluster(self) -> bool:
+        return bool(self.d.cfg.etcd_endpoints)
+
+    @property
+    def default_port(self) -> int:
+        port = self.ns.port
+        return int(port) if port else 7443
+
+    def caller(self) -> Caller:
+        from dispatcher.operations import Caller
+
+        user = self.ns.username if self.ns.username is not None else os.environ.get("USER", "")
+        token = self.ns.token if self.ns.token is not None else os.environ.get("ENVEXEC_TOKEN", "")
+        return Caller("cli", username=user, token=token, source_ip="127.0.0.1")
+
+    def leader_action(
+        self, name: str, args: dict[str, Any], timeout: float = 120.0, failed: str = ""
+    ) -> ActionResult:
+        """Carry out a leader-only action (:mod:`dispatcher.ha.actions`): here without etcd,
+        by the cluster leader with it (recorded in :attr:`leader`). Failure: Fail (exit 1)
+        with ``failed`` + the reason."""
+        from dispatcher.ha import actions
+
+        user = self.ns.username or ""
+        try:
+            res = actions.request(self.d, name, args, requested_by=actions.requested_by(user),
+                                  timeout=timeout)  # fmt: skip
+        except actions.ActionFailed as exc:
+            cause = exc.__cause__
+            local = cause is not None and not self.d.cfg.etcd_endpoints
+            raise Fail(f"{failed}{cause if local else exc}") from None
+        self.leader = (res.leader, res.epoch or 0)
+        return res
+
+    def by_leader(self) -> dict[str, Any]:
+        """``leader``/``epoch`` for a JSON answer, when a cluster leader carried it out."""
+        leader, epoch = self.leader
+        return {"leader": leader, "epoch": epoch} if leader and self.in_cluster else {}
+
+    def need(self, n: int, usage: str) -> None:
+        """At least ``n`` words after the verb, else a usage error naming ``usage``."""
+        if len(self.words) < n:
+            raise UsageError(f"Usage: ced {usage}")
+
+    def confirm(self, question: str) -> bool:
+        """``--yes``, or the operator's ``y`` on stdin."""
+        if self.ns.yes:
+            return True
+        sys.stdout.write(f"{question} [y/N]: ")
+        sys.stdout.flush()
+        answer = sys.stdin.readline().strip().lower()
+        return answer == "y"
+
+
+def open_dispatcher(path: str | None) -> Dispatcher:
+    """Load the config (defaults when the default file is absent) and start logging."""
+    from agent.common import logfmt
+    from dispatcher.config import load
+    from dispatcher.core import Dispatcher
+
+    cfg = load(path or DEFAULT_CONFIG, required=path is not None)
+    target = cfg.log_target
+    syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
+    level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING
+    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
+    for w in cfg.warnings:
+        err(f"Warning: {w}")
+    d = Dispatcher(cfg)
+    if cfg.etcd_endpoints:  # in a cluster only the leader signs (renewals included)
+        d.sign_guard = _leader_signs
+    return d
+
+
+def _leader_signs() -> str:
+    return "in a cluster only the leader signs (its maintenance renews agent certificates)"
+
+
+def arun(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion (the verbs that need asyncio: pairing-mode)."""
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def dispatch(op: Callable[[AgentIO], Coroutine[Any, Any, T]]) -> T:
+    """Run an operation over the blocking client: no asyncio in a one-shot ``ced``.
+
+    The operation code is the API daemon's; requests run on at most ``max_parallel``
+    threads (as fast as asyncio up to hundreds of hosts, and ``import asyncio`` alone
+    costs more than a small run).
+    """
+    from dispatcher.client.blocking import BLOCKING
+    from dispatcher.client.io import run_blocking
+
+    return run_blocking(op(BLOCKING))

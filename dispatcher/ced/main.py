@@ -1,0 +1,303 @@
+"""``ced``'s entry point: argv, the verb table, and the one map from errors to exit codes.
+
+Options may stand anywhere before ``--``; everything after ``--`` is passed to the
+script verbatim. The verb table names the module of each verb; only the chosen one is
+imported, so ``ced run`` loads neither asyncio nor ``cryptography`` (nor FastAPI, uvicorn
+or the etcd client, which no verb loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from cluster.errors import ClusterError
+from dispatcher.ced.invocation import Invocation
+from dispatcher.ced.output import PROG, err, out, out_json
+from dispatcher.errors import ConfigError, CtrlExecError, ExitCode, Fail, UsageError
+
+USAGE = """\
+Usage: ced [options] <mode> [args] [-- script-args...]
+
+Modes:
+  run <host>[:<port>] [<host>...] <script> [-- <arg>...]
+                             run a script on one or more agents
+                             [--async] submit detached; poll with status/wait
+  status <reqid>             show the state of an async run
+  wait <reqid> [--timeout n] poll an async run until complete (default 300 s);
+                             exit 0 all ok, 1 some failed, 2 timed out
+  ping <host>[:<port>] [<host>...]
+                             check mTLS connectivity (renews agent certs when due)
+  pairing-mode [start|stop]  accept agent pairing requests on port 7444
+                             [--timeout 1..600] [--port n]
+  list-requests              show pending pairing requests
+  approve <reqid>            approve a pairing request
+                             [--lookup-by ip|hostname] [--ip addr] [--agent-port n]
+  deny <reqid>               deny a pairing request
+  setup-ca                   one-time CA initialisation
+  setup-ctrl-exec            generate the dispatcher key and certificate [--yes]
+  list-agents [--tags k=v,...]
+                             list registered agents
+  edit-agent <name>          [--rename new] [--ip addr] [--agent-port n]
+                             [--lookup-by ip|hostname]
+  unpair <name>              remove an agent from the registry [--yes]
+  list-locks                 show held host:script locks
+  rotate-cert                rotate the dispatcher certificate and broadcast it
+  serial-status              show the dispatcher serial and per-agent state
+  maintain                   ping all agents (renewals), rotation checks, purge
+  cluster status [--json]    members, leader, epoch, generation, cert serial of each
+  cluster switchover         the leader resigns; a peer takes over
+  cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+
+Options:
+  --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
+  --json                     one JSON document on stdout
+  --port <n>                 default agent port (7443; pairing port for pairing-mode)
+  --username <name>          user for the auth hook (default $USER)
+  --token <token>            token for the auth hook (default $ENVEXEC_TOKEN)
+  --version                  print the version
+
+Examples:
+  ced run web1 web2 check-disk -- /var
+  ced --json ping web1
+  ced run --async db1 backup && ced wait <reqid> --timeout 600
+"""
+
+Verb = Callable[[Invocation], int]
+
+#: verb -> (module under dispatcher.ced, function); only the chosen module is imported
+VERBS: dict[str, tuple[str, str]] = {
+    "run": ("run", "cmd_run"),
+    "status": ("run", "cmd_status"),
+    "wait": ("run", "cmd_wait"),
+    "ping": ("run", "cmd_ping"),
+    "pairing-mode": ("pairing", "cmd_pairing_mode"),
+    "list-requests": ("pairing", "cmd_list_requests"),
+    "approve": ("pairing", "cmd_approve"),
+    "deny": ("pairing", "cmd_deny"),
+    "setup-ca": ("pki", "cmd_setup_ca"),
+    "setup-ctrl-exec": ("pki", "cmd_setup_dispatcher"),
+    "list-agents": ("agents", "cmd_list_agents"),
+    "edit-agent": ("agents", "cmd_edit_agent"),
+    "list-locks": ("agents", "cmd_list_locks"),
+    "rotate-cert": ("pki", "cmd_rotate_cert"),
+    "serial-status": ("pki", "cmd_serial_status"),
+    "unpair": ("agents", "cmd_unpair"),
+    "maintain": ("pki", "cmd_maintain"),
+    "cluster": ("cluster", "cmd_cluster"),
+}
+
+
+def verb(name: str) -> Verb:
+    """The function of verb ``name`` (its module imported now)."""
+    module, function = VERBS[name]
+    fn: Verb = getattr(importlib.import_module(f"dispatcher.ced.{module}"), function)
+    return fn
+
+
+# ----- argument parsing ----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Never printed (``USAGE`` is); a fixed width spares the terminal probe (``shutil``)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ced", add_help=False, allow_abbrev=False, formatter_class=_Formatter)
+    p.add_argument("words", nargs="*")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--port", type=int)
+    p.add_argument("--username")
+    p.add_argument("--token")
+    p.add_argument("--lookup-by", choices=("ip", "hostname"))
+    p.add_argument("--agent-port", type=int)
+    p.add_argument("--ip")
+    p.add_argument("--rename")
+    p.add_argument("--tags")
+    p.add_argument("--async", dest="async_", action="store_true")
+    p.add_argument("--timeout", type=int)
+    p.add_argument("--yes", "-y", action="store_true")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Options (anywhere before ``--``) and the script args after ``--``."""
+    if "--" in argv:
+        i = argv.index("--")
+        pre, post = argv[:i], argv[i + 1 :]
+    else:
+        pre, post = argv, []
+    ns = _parser().parse_intermixed_args(pre)
+    return ns, post
+
+
+# ----- errors -> exit codes --------------------------------------------------------------------
+
+#: renders an error (stderr, and the JSON document with --json) and gives the exit status
+OnError = Callable[["Invocation | None", BaseException], ExitCode]
+
+
+def _as_json(inv: Invocation | None) -> bool:
+    return inv is not None and inv.json
+
+
+def _usage(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    err(str(exc) if str(exc).startswith("Usage:") else f"Error: {exc}")
+    err("Run 'ced --help' for usage.")
+    return ExitCode.USAGE
+
+
+def _failed(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    err(str(exc))
+    return exc.code if isinstance(exc, Fail) else ExitCode.FAILURE
+
+
+def _config(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    err(f"Error: {exc}")
+    return ExitCode.USAGE  # upstream dies (non-zero); exit 2 since the first release
+
+
+def _denied(inv: Invocation | None, exc: BaseException) -> ExitCode:
+    from dispatcher.operations import Denied
+
+    assert isinstance(exc, Denied)
+    if _as_json(inv):
+        out_json({"ok": 0, "error": exc.reason, "code": exc.code})
+    else:
+        err(f"Denied: {exc.reason}")
+    return ExitCode.FAILURE
+
+
+def _locked(inv: Invocation | None, exc: BaseException) -> ExitCode:
+    from dispatcher.runlocks import LockConflict
+
+    assert isinstance(exc, LockConflict)
+    if _as_json(inv):
+        out_json({"ok": 0, "error": "locked", "code": 4, "conflicts": exc.conflicts})
+    else:
+        err(f"Locked: already running: {', '.join(exc.conflicts)}")
+    return ExitCode.FAILURE
+
+
+def _registry(inv: Invocation | None, exc: BaseException) -> ExitCode:
+    if _as_json(inv):
+        out_json({"ok": 0, "error": str(exc), "code": 2})
+    err(f"Error: {exc}")
+    if str(exc).startswith("unknown agent"):
+        err(f"Hosts must be registered agent names (see '{PROG} list-agents').")
+    return ExitCode.USAGE
+
+
+def _other(inv: Invocation | None, exc: BaseException) -> ExitCode:
+    if _as_json(inv):
+        out_json({"ok": 0, "error": str(exc)})
+    err(f"Error: {exc}")
+    return ExitCode.FAILURE
+
+
+def _interrupted(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
+    err("Interrupted.")
+    return ExitCode.INTERRUPTED
+
+
+def _broken_pipe(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
+    return ExitCode.FAILURE  # the reader went away: nothing to say, nowhere to say it
+
+
+def error_table() -> dict[type[BaseException], OnError]:
+    """Every error ``ced`` reports, by class; the most specific class of an error wins.
+
+    Anything else is a bug and keeps its traceback.
+    """
+    from dispatcher.operations import Denied
+    from dispatcher.registry import RegistryError
+    from dispatcher.runlocks import LockConflict
+
+    return {
+        UsageError: _usage,  # exit 2
+        Fail: _failed,  # its code (1)
+        ConfigError: _config,  # exit 2
+        Denied: _denied,  # exit 1
+        LockConflict: _locked,  # exit 1 (JSON "code":4)
+        RegistryError: _registry,  # exit 2 (unknown agents: upstream dies)
+        CtrlExecError: _other,  # exit 1
+        ClusterError: _other,  # exit 1 (the coordination store: unreachable, fenced, ...)
+        KeyboardInterrupt: _interrupted,  # exit 130
+        BrokenPipeError: _broken_pipe,  # exit 1
+    }
+
+
+def on_error(inv: Invocation | None, exc: BaseException) -> ExitCode:
+    """Report ``exc`` as :func:`error_table` says; its exit status (re-raises the unknown)."""
+    table = error_table()
+    for cls in type(exc).__mro__:
+        handler = table.get(cls)
+        if handler is not None:
+            return handler(inv, exc)
+    raise exc
+
+
+# ----- main ----------------------------------------------------------------------------------
+
+
+def _version() -> None:
+    import ssl
+
+    from agent.version import __version__
+
+    out(f"{PROG} {__version__}")
+    out(f"python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}")
+
+
+def _run(argv: list[str]) -> int:
+    ns, script_args = parse(argv)
+    if ns.version:
+        _version()
+        return ExitCode.OK
+    if ns.help:
+        sys.stdout.write(USAGE)
+        return ExitCode.OK
+    if not ns.words:
+        raise UsageError("no mode given")
+    mode = ns.words[0]
+    if mode not in VERBS:
+        err(f"Unknown mode '{mode}'")
+        sys.stderr.write(USAGE)
+        return ExitCode.USAGE
+    inv = Invocation(ns, script_args)
+    try:
+        return verb(mode)(inv)
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+        return on_error(inv, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    code: int = ExitCode.FAILURE
+    try:
+        code = _run(sys.argv[1:] if argv is None else argv)
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+        code = on_error(None, exc)  # before the verb ran: a usage error, or ^C
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
+        if "agent.common.logfmt" in sys.modules:
+            sys.modules["agent.common.logfmt"].shutdown()
+    return code
