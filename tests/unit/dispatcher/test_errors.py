@@ -32,7 +32,7 @@ from dispatcher.runstore import RunStoreError
 
 @pytest.mark.parametrize(
     "cls",
-    [RegistryError, Denied, LockConflict, RunStoreError, PKIError, RenewError, RotationError,
+    [RegistryError, Denied, RunStoreError, PKIError, RenewError, RotationError,
      PairingQueueError, QueueFull, NoSuchRequest, ManifestError, SyncError, RequestFailed,
      ActionFailed, NotAcknowledged, UsageError, Fail,
      LeaderOnlyRefused, NotLeaderError, ClusterUnavailableError, ResponseTooLarge,
@@ -40,6 +40,15 @@ from dispatcher.runstore import RunStoreError
 )  # fmt: skip
 def test_every_dispatcher_error_has_the_one_root(cls: type[Exception]) -> None:
     assert issubclass(cls, CtrlExecError)
+
+
+def test_the_one_lock_conflict_is_cluster_s() -> None:
+    """``cluster`` may not import ``agent``: its LockConflict is a ClusterError, and ``ced``
+    maps that root in the same table."""
+    from cluster.errors import ClusterError
+    from cluster.locks import LockConflict as ClusterLockConflict
+
+    assert LockConflict is ClusterLockConflict and issubclass(LockConflict, ClusterError)
 
 
 def test_protocol_and_value_errors_keep_their_kind() -> None:
