@@ -9,6 +9,12 @@ etcd client credentials, needs no API credentials, and needs no instance to be h
 * ``switchover [--json]``: asks the leader of the current epoch to resign (a request key
   it watches), waits for a new epoch and reports who leads now. If the leader does not act
   within two lease TTLs its election lease is revoked (forced); fencing makes that safe;
+* ``switchover --to MEMBER``: the same, in favour of one member: the leader checks that it
+  is live, serving and on the current generation, and the others leave it the campaign;
+* ``history [--json]``: every change of leader on record, newest first: term, epoch, when,
+  from, to, why (:mod:`cluster.history`);
+* ``pause [--reason TEXT]`` / ``resume``: maintenance mode (:mod:`cluster.maintenance`):
+  no automatic restarts or periodic leader work while paused;
 * ``haproxy-config``: a working HAProxy configuration (:mod:`dispatcher.haproxy`) for the
   registered members.
 
@@ -22,13 +28,16 @@ exit 1.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cluster import history, maintenance
 from cluster.errors import BackendUnavailable
 from dispatcher.ced.invocation import Invocation
 from dispatcher.ced.output import err, out, out_json, table
 from dispatcher.errors import ExitCode, UsageError
+from dispatcher.ha.actions import requested_by
 
 if TYPE_CHECKING:
     from cluster.backend import KVBackend, LeaderInfo, MemberInfo
@@ -52,17 +61,20 @@ def _fail(as_json: bool, msg: str, **extra: Any) -> ExitCode:
     return ExitCode.FAILURE
 
 
+USAGE = ("usage: ced cluster status [--json] | switchover [--to MEMBER] | history [--json] | "
+         "pause [--reason TEXT] | resume | haproxy-config")  # fmt: skip
+
+
 def cmd_cluster(inv: Invocation) -> ExitCode:
-    """``ced cluster status [--json] | switchover | haproxy-config``."""
+    """``ced cluster status | switchover | history | pause | resume | haproxy-config``."""
     verb = inv.words[0] if inv.words else ""
     inv.d  # noqa: B018  (the config is read, and checked, before the sub-verb)
-    if verb == "status":
-        return cluster_status(inv)
-    if verb == "switchover":
-        return cluster_switchover(inv)
-    if verb == "haproxy-config":
-        return cluster_haproxy_config(inv)
-    raise UsageError("usage: ced cluster status [--json] | switchover | haproxy-config")
+    handler = {"status": cluster_status, "switchover": cluster_switchover,
+               "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
+               "haproxy-config": cluster_haproxy_config}.get(verb)  # fmt: skip
+    if handler is None:
+        raise UsageError(USAGE)
+    return handler(inv)
 
 
 # ----- status ------------------------------------------------------------------------------
@@ -99,6 +111,7 @@ def status_document(cfg: DispatcherConfig, backend: KVBackend) -> dict[str, Any]
         "epoch": leader.epoch if leader is not None else None,
         "generation": backend.generation(),
         "lease_ttl": lease_ttl(cfg),
+        "paused": asdict(p) if (p := maintenance.read(backend)) is not None else None,
         "members": [_member_doc(m, leader) for m in members],
     }
 
@@ -120,6 +133,9 @@ def cluster_status(inv: Invocation) -> ExitCode:
     leader = f"leader {doc['leader']}, epoch {doc['epoch']}" if doc["leader"] else "no leader"
     out(f"cluster {doc['cluster']} ({doc['backend']} {where}): {leader}, "
         f"generation {doc['generation']}, {len(doc['members'])} member(s)")  # fmt: skip
+    if doc["paused"]:
+        out(f"PAUSED by {doc['paused']['by']}: {doc['paused']['reason'] or '(no reason)'} "
+            "- no automatic restarts or maintenance until 'ced cluster resume'")  # fmt: skip
     if doc["members"]:
         rows = [["INSTANCE", "ROLE", "STATE", "GEN", "CERT-SERIAL", "VERSION", "API"]]
         rows += [[m["instance_id"], m["role"], m["state"], str(m["generation"]),
@@ -154,8 +170,14 @@ def _switch(inv: Invocation, backend: KVBackend, ttl: int) -> dict[str, Any] | E
         old = backend.leader()
         if old is None:
             return _fail(inv.json, "no leader to switch over from")
+        to = inv.ns.to or ""
+        if to:
+            problem = (f"{to} leads already" if to == old.instance_id else
+                       switchover.target_problem(backend.members(), to, backend.generation()))  # fmt: skip
+            if problem is not None:
+                return _fail(inv.json, f"cannot switch over to {to}", detail=problem)
         t0 = time.monotonic()
-        switchover.post_request(backend, old)
+        switchover.post_request(backend, old, requested_by(), to)
     except BackendUnavailable as exc:
         return _fail(inv.json, "cluster unavailable", detail=str(exc))
     new = _wait_new_leader(backend, old.epoch, 2 * ttl + 1)
@@ -173,6 +195,9 @@ def _switch(inv: Invocation, backend: KVBackend, ttl: int) -> dict[str, Any] | E
     if new is None:
         return _fail(inv.json, "no new leader elected", old_leader=old.instance_id,
                      old_epoch=old.epoch)  # fmt: skip
+    if to and new.instance_id != to:
+        return _fail(inv.json, f"{new.instance_id} took over, not {to}", leader=new.instance_id,
+                     epoch=new.epoch, old_leader=old.instance_id, forced=forced)  # fmt: skip
     return {"ok": 1, "old_leader": old.instance_id, "old_epoch": old.epoch,
             "leader": new.instance_id, "epoch": new.epoch, "forced": forced,
             "seconds": took}  # fmt: skip
@@ -196,6 +221,64 @@ def cluster_switchover(inv: Invocation) -> ExitCode:
         how = " (forced)" if doc["forced"] else ""
         out(f"switchover{how}: {doc['old_leader']} (epoch {doc['old_epoch']}) -> "
             f"{doc['leader']} (epoch {doc['epoch']}) in {doc['seconds']} s")  # fmt: skip
+    return ExitCode.OK
+
+
+# ----- history, pause, resume ----------------------------------------------------------------
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)) if at else "-"
+
+
+def cluster_history(inv: Invocation) -> ExitCode:
+    """Every change of leader on record, newest first."""
+    backend = _backend(inv.d.cfg)
+    try:
+        terms = history.terms(backend)
+    except BackendUnavailable as exc:
+        return _fail(inv.json, "cluster unavailable", detail=str(exc))
+    finally:
+        backend.close()
+    if inv.json:
+        out_json({"ok": 1, "history": [{**asdict(t), "time": _when(t.at)} for t in terms]})
+        return ExitCode.OK
+    rows = [["TERM", "EPOCH", "TIME", "FROM", "TO", "REASON"]]
+    rows += [[str(t.term), str(t.epoch), _when(t.at), t.previous or "-", t.leader, t.reason]
+             for t in terms]  # fmt: skip
+    for line in table(rows):
+        out(line)
+    return ExitCode.OK
+
+
+def cluster_pause(inv: Invocation) -> ExitCode:
+    backend = _backend(inv.d.cfg)
+    try:
+        p = maintenance.pause(backend, requested_by(), inv.ns.reason or "")
+    except BackendUnavailable as exc:
+        return _fail(inv.json, "cluster unavailable", detail=str(exc))
+    finally:
+        backend.close()
+    if inv.json:
+        out_json({"ok": 1, "paused": asdict(p)})
+    else:
+        out(f"cluster paused by {p.by}: no automatic restarts or maintenance until "
+            "'ced cluster resume' (election, run/ping and operator actions go on)")  # fmt: skip
+    return ExitCode.OK
+
+
+def cluster_resume(inv: Invocation) -> ExitCode:
+    backend = _backend(inv.d.cfg)
+    try:
+        was = maintenance.resume(backend)
+    except BackendUnavailable as exc:
+        return _fail(inv.json, "cluster unavailable", detail=str(exc))
+    finally:
+        backend.close()
+    if inv.json:
+        out_json({"ok": 1, "was_paused": was})
+    else:
+        out("cluster resumed" if was else "the cluster was not paused")
     return ExitCode.OK
 
 

@@ -49,7 +49,11 @@ Modes:
   serial-status              show the dispatcher serial and per-agent state
   maintain                   ping all agents (renewals), rotation checks, purge
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
-  cluster switchover         the leader resigns; a peer takes over
+  cluster switchover [--to MEMBER]
+                             the leader resigns; a peer (or MEMBER) takes over
+  cluster history [--json]   every change of leader: term, epoch, time, from, to, why
+  cluster pause [--reason T] maintenance: no automatic restarts or maintenance
+  cluster resume             end maintenance
   cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
 
 Options:
@@ -125,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-port", type=int)
     p.add_argument("--ip")
     p.add_argument("--rename")
+    p.add_argument("--to")
+    p.add_argument("--reason")
     p.add_argument("--tags")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)

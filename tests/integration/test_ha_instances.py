@@ -394,8 +394,9 @@ def test_cli_switchover(cluster: Cluster) -> None:
 
 
 def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster) -> None:
-    """``switchover --to X`` lands on X (the others leave the campaign to it), a bad
-    target is refused, and every change of leader is on record with its reason."""
+    """``ced cluster switchover --to X`` lands on X (the others leave the campaign to it),
+    a bad target is refused, and ``ced cluster history`` lists every change with its
+    reason and a term counter."""
     from cluster import history
     from dispatcher.ha import switchover
 
@@ -407,31 +408,52 @@ def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster)
         for _ in range(3):  # each time to the follower listed last: not a lucky race
             old = cluster.one_leader()
             target = sorted(i.id for i in cluster.followers())[-1]
-            info = backend.leader()
-            assert info is not None and info.instance_id == old.id
-            switchover.post_request(backend, info, "pytest", to=target)
-            assert wait_until(lambda o=old.id: (n := backend.leader()) is not None
-                              and n.instance_id != o, 10, "a new leader")  # fmt: skip
-            new = backend.leader()
-            assert new is not None and new.instance_id == target
+            p = cluster_cli(cluster, "switchover", "--to", target, "--json")
+            assert p.returncode == 0, p.stderr
+            doc = json.loads(p.stdout)
+            assert (doc["old_leader"], doc["leader"], doc["forced"]) == (old.id, target, False)
             changes.append((old.id, target))
             cluster.one_leader()
+        p = cluster_cli(cluster, "switchover", "--to", "no-such-member")
+        assert p.returncode == 1 and "no-such-member is not a live member" in p.stderr
+        # a request naming a bad target straight in the store: the leader refuses it
         info = backend.leader()
         assert info is not None
         switchover.post_request(backend, info, "pytest", to="no-such-member")
         assert wait_until(lambda: backend.get_value(backend.keys.switchover) is None, 5, "seen")
-        time.sleep(3 * TTL)
-        assert backend.leader() == info  # refused: the leader stays
+        time.sleep(2 * TTL)
+        assert backend.leader() == info
         leader = next(i for i in cluster.insts.values() if i.id == info.instance_id)
         assert "ACTION=switchover-refused" in leader.logtext()
-        terms = history.terms(backend)
     finally:
         backend.close()
-    recent = list(reversed([t for t in terms if t.epoch > start.epoch]))
-    assert [(t.previous, t.leader) for t in recent] == changes
-    assert [t.term for t in recent] == [start.term + 1, start.term + 2, start.term + 3]
+    p = cluster_cli(cluster, "history", "--json")
+    assert p.returncode == 0, p.stderr
+    terms = [t for t in json.loads(p.stdout)["history"] if t["epoch"] > start.epoch]
+    recent = list(reversed(terms))
+    assert [(t["previous"], t["leader"]) for t in recent] == changes
+    assert [t["term"] for t in recent] == [start.term + 1, start.term + 2, start.term + 3]
     for t in recent:
-        assert t.reason == f"switchover to {t.leader} (requested by pytest)", t
+        assert t["reason"].startswith(f"switchover to {t['leader']} (requested by ced:"), t
+    text = cluster_cli(cluster, "history").stdout
+    assert text.splitlines()[0].split() == ["TERM", "EPOCH", "TIME", "FROM", "TO", "REASON"]
+
+
+def test_pause_stops_automatic_work_until_resume(cluster: Cluster) -> None:
+    cluster.ensure_all_running()
+    p = cluster_cli(cluster, "pause", "--reason", "etcd upgrade", "--json")
+    assert p.returncode == 0, p.stderr
+    try:
+        st = json.loads(cluster_cli(cluster, "status", "--json").stdout)
+        assert st["paused"]["reason"] == "etcd upgrade" and st["paused"]["by"].startswith("ced:")
+        assert "PAUSED by ced:" in cluster_cli(cluster, "status").stdout
+        leader = cluster.one_leader()
+        assert wait_until(lambda: "ACTION=cluster-paused" in leader.logtext(), 5, "paused")
+    finally:
+        p = cluster_cli(cluster, "resume", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["was_paused"] is True
+    assert json.loads(cluster_cli(cluster, "status", "--json").stdout)["paused"] is None
+    assert wait_until(lambda: "ACTION=cluster-resumed" in leader.logtext(), 5, "resumed")
 
 
 # ----- etcd down: the data plane goes on, leader-only work fails fast ----------------------
