@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from dispatcher.ced.invocation import Invocation, arun
-from dispatcher.ced.output import PROG, out, out_json
+from dispatcher.ced.output import PROG, err, out, out_json
 from dispatcher.errors import ExitCode, Fail, UsageError
 
 # ----- the queue ---------------------------------------------------------------------------
@@ -155,7 +155,22 @@ def _pairing_start(inv: Invocation, port: int, timeout: int) -> ExitCode:
     out(f"Pairing mode started in the background (pid {msg.split()[1]}) on port {port} "
         f"(auto-stops in {timeout}s).")  # fmt: skip
     out(f"Approve with: {PROG} list-requests / approve <ID>; stop with: {PROG} pairing-mode stop")
+    _print_pin(inv)
     return ExitCode.OK
+
+
+def _print_pin(inv: Invocation) -> None:
+    """The CA fingerprint agents pin with ``request-pairing --ca-fingerprint``."""
+    from agent.common.certs import ca_fingerprint
+
+    try:
+        fp = ca_fingerprint(inv.d.cfg.ca)
+    except (OSError, ValueError) as exc:
+        err(f"Warning: cannot read the CA certificate {inv.d.cfg.ca}: {exc}")
+        return
+    out(f"CA fingerprint: {fp}")
+    out(f"  agents pin it: ctrl-exec-agent request-pairing --dispatcher <host> "
+        f"--ca-fingerprint {fp}")  # fmt: skip
 
 
 def _pairing_daemon(inv: Invocation, port: int, timeout: int, wfd: int) -> int:
@@ -318,6 +333,7 @@ async def _pairing_interactive(inv: Invocation, port: int, timeout: int) -> Exit
         console.attach(loop)
     out(f"Pairing mode active on port {server.port} (auto-stops in {timeout}s). "
         "Waiting for agents... (Ctrl-C to stop)")  # fmt: skip
+    _print_pin(inv)
     sys.stdout.flush()
     try:
         await console.serve(stop, loop.time() + timeout)

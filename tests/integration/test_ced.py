@@ -454,9 +454,14 @@ def test_pairing_mode_start_stop(tmp_path: Path) -> None:
     fg = ced("pairing-mode", "--timeout", "1", "--port", str(port), conf=conf)
     assert fg.returncode == 0, fg.stderr
     assert fg.stdout.startswith(f"Pairing mode active on port {port} (auto-stops in 1s).")
+    from agent.common.certs import ca_fingerprint
+
+    fp = ca_fingerprint(tmp_path / "etc" / "ca.crt")
+    assert f"--ca-fingerprint {fp}" in fg.stdout and fp.startswith("SHA256:")
     assert ced("pairing-mode", "--timeout", "601", conf=conf).returncode == 2
     st = ced("pairing-mode", "start", "--timeout", "60", "--port", str(port), conf=conf)
     assert st.returncode == 0, st.stderr
+    assert f"CA fingerprint: {fp}" in st.stdout
     pidfile = tmp_path / "state" / "pairing-mode.pid"
     try:
         wait_listening("127.0.0.1", port, None, timeout=5)
