@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.common import kvconf
 from agent.common.errors import ConfigError
+from agent.common.ratelimit import RateSpec
 
 DEFAULT_CONFIG = "/etc/ctrl-exec-agent/agent.conf"
 DEFAULT_ALLOWLIST = "/etc/ctrl-exec-agent/scripts.conf"
@@ -34,13 +35,8 @@ KNOWN_KEYS = {
 IGNORED_KEYS = {"dispatcher_serial_path", "dispatcher_cn", "sandbox", "writable_paths",
                 "pairing_port"}  # fmt: skip
 KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ec-p256")
-
-
-@dataclass(frozen=True)
-class RateSpec:
-    limit: int
-    window: int
-    block: int
+DEFAULT_VOLUME = RateSpec(10, 60, 300)  # upstream's rate_limit_volume
+DEFAULT_PROBE = RateSpec(3, 600, 3600)  # upstream's rate_limit_probe
 
 
 @dataclass
@@ -60,8 +56,8 @@ class AgentConfig:
     auth_hook: str = ""
     auth_hook_timeout: float = 10.0
     allowed_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None
-    rate_limit_volume: RateSpec = RateSpec(10, 60, 300)
-    rate_limit_probe: RateSpec = RateSpec(3, 600, 3600)
+    rate_limit_volume: RateSpec = DEFAULT_VOLUME
+    rate_limit_probe: RateSpec = DEFAULT_PROBE
     rate_limit_disable: bool = False
     max_children: int = 256
     stdin_timeout: float = 10.0

@@ -11,7 +11,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.config import RateSpec
+
+@dataclass(frozen=True)
+class RateSpec:
+    """``limit`` connections per ``window`` seconds, else blocked for ``block`` seconds."""
+
+    limit: int
+    window: int
+    block: int
 
 
 @dataclass

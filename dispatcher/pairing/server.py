@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.logfmt import event
-from agent.common.ratelimit import RateLimiter
+from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.tlsconf import server_context
 from agent.common.wire import response_bytes
-from agent.config import RateSpec
 from dispatcher.config import DispatcherConfig
 from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq

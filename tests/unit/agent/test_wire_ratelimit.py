@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from agent.common.ratelimit import RateLimiter
+from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.wire import (
     RequestError,
     parse_response,
@@ -12,7 +12,6 @@ from agent.common.wire import (
     request_bytes,
     response_bytes,
 )
-from agent.config import RateSpec
 
 
 def _read(data: bytes) -> object:
