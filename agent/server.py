@@ -35,7 +35,7 @@ from agent.common.serial import serial_to_hex
 from agent.common.tlsconf import server_context
 from agent.common.wire import RequestError, read_request, response_bytes
 from agent.config import AgentConfig
-from agent.runner import run_script
+from agent.runner import run_allowed
 from agent.version import __version__
 
 REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -358,9 +358,10 @@ class AgentServer:
         stdin = json.dumps(context, separators=(",", ":")).encode()
         if obj.get("async") is True:
             return await self._run_async(entry, argv, stdin, reqid, peer)
-        res = await run_script(
-            entry.path, argv, stdin, timeout=self.cfg.script_timeout,
-            stdin_timeout=self.cfg.stdin_timeout, max_output=self.cfg.max_output,
+        res = await run_allowed(
+            entry.path, script, argv, stdin, executor_socket=self.cfg.executor_socket,
+            timeout=self.cfg.script_timeout, stdin_timeout=self.cfg.stdin_timeout,
+            max_output=self.cfg.max_output, reqid=reqid, dispatcher=peer.dispatcher or "",
         )  # fmt: skip
         if res.stdin_unwritten:
             ev("stdin-timeout", logging.WARNING, script=script, reqid=reqid,
@@ -424,6 +425,7 @@ class AgentServer:
                 "script": script, "owner": peer.dispatcher, "started": started,
                 "record": str(record_path), "timeout": self.cfg.script_timeout,
                 "stdin_timeout": self.cfg.stdin_timeout, "max_output": self.cfg.max_output,
+                "executor_socket": self.cfg.executor_socket,
             }  # fmt: skip
             try:
                 proc = await asyncio.create_subprocess_exec(
