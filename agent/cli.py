@@ -261,7 +261,7 @@ def _profile_check(cfg: AgentConfig, script: allowlist.Script) -> tuple[bool, li
         user = profiles.resolve_user(prof.run_as)
     except KeyError as exc:
         return False, [f"Profile error: {exc.args[0]}"]
-    why = profiles.can_execute(script.path, user)
+    why = profiles.can_execute(script.path, user, "CAP_DAC_OVERRIDE" in prof.caps)
     notes = [f"runs as {user.name} (uid {user.uid}, gid {user.gid}); {profiles.describe(prof)}"]
     if why:
         notes.append(f"not executable by {user.name}: {why}")

@@ -129,11 +129,14 @@ def parse_allowed_ips(
 
 
 def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
-    entries = kvconf.parse_ini(kvconf.read_text(path), path)
+    sections: list[str] = []
+    entries = kvconf.parse_ini(kvconf.read_text(path), path, sections)
     top: dict[str, tuple[int, str]] = {}
     tags: dict[str, str] = {}
     profiles: dict[str, dict[str, str]] = {}
-    profile_lines: dict[str, dict[str, tuple[int, str]]] = {}
+    profile_lines: dict[str, dict[str, tuple[int, str]]] = {
+        sec.split(" ", 1)[1]: {} for sec in sections if sec.startswith("profile ")
+    }
     warnings: list[str] = []
     for e in entries:
         if e.section == "":

@@ -127,10 +127,12 @@ def resolve_user(run_as: str) -> RunAs:
     return RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir or "/")
 
 
-def can_execute(path: str, user: RunAs) -> str:
+def can_execute(path: str, user: RunAs, dac_override: bool = False) -> str:
     """Why ``user`` cannot execute the script at ``path`` ("" when it can), from the
     mode bits: search permission on every parent, execute (and read, for a ``#!`` script
-    that an interpreter must open) on the file. ACLs are not consulted."""
+    that an interpreter must open) on the file. Root is bound by the mode bits like anyone
+    unless the profile keeps ``CAP_DAC_OVERRIDE`` (``dac_override``). ACLs are not
+    consulted."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -139,8 +141,8 @@ def can_execute(path: str, user: RunAs) -> str:
         return "not a regular file"
 
     def allowed(mode: int, uid: int, gid: int, bits: int) -> bool:
-        if user.uid == 0:
-            return bits != 1 or bool(mode & 0o111)
+        if dac_override:
+            return not bits & 1 or bool(mode & 0o111)
         if uid == user.uid:
             shift = 6
         elif gid == user.gid or gid in user.groups:

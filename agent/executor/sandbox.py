@@ -6,7 +6,9 @@ private tmpfs on ``/tmp`` and the listed paths bound read-write again; the agent
 directories (config, allowlist, state) bound read-only on top whatever the profile says;
 resource limits. Then it execs ``setpriv`` (util-linux), which switches to ``run_as`` with
 its groups, sets the bounding, inheritable and ambient capabilities to the profile's list
-and ``no_new_privs``, and execs the script. Anything that fails writes
+and ``no_new_privs``, and execs ``env`` (coreutils), which execs the script: the exec of
+the script is checked with the final identity (126 when run_as may not execute it, 127
+when it does not exist). Anything that fails writes
 ``executor: profile could not be applied: ...`` to the script's stderr and exits 126 (fail
 closed).
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from agent.profiles import Profile, RunAs
 
 SETPRIV = "/usr/bin/setpriv"
+ENV = "/usr/bin/env"
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE, MS_BIND = 1, 2, 4, 0x4000, 0x40000, 0x1000
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
@@ -125,7 +128,10 @@ class Plan:
                  f"--ambient-caps=-all{caps}"]  # fmt: skip
         if self.profile.no_new_privileges:
             argv.append("--no-new-privs")
-        return [*argv, "--", path, *args]
+        # setpriv execs with the capabilities it still holds (it drops them in that exec),
+        # so the script is not its direct target: ``env`` is, and env's exec of the
+        # script is checked against run_as and the profile's capabilities only.
+        return [*argv, "--", ENV, "--", path, *args]
 
     def env(self) -> dict[str, str]:
         from agent.runner import SAFE_PATH

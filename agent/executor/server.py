@@ -27,7 +27,7 @@ from agent.childwatch import use_pidfd_watcher
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.executor import protocol
-from agent.executor.sandbox import Plan
+from agent.executor.sandbox import ENV, Plan
 from agent.runner import RunResult, run_script
 
 ev = logfmt.event
@@ -218,7 +218,7 @@ class ExecutorServer:
             stdin_timeout=cfg.stdin_timeout, max_output=cfg.max_output, env=plan.env(),
             command=plan.command(entry.path, req.args), preexec=plan.preexec(),
         )  # fmt: skip
-        if res.exit in (126, 127) and res.stderr.startswith("setpriv: failed to execute"):
+        if res.exit in (126, 127) and res.stderr.startswith(f"{ENV}: "):
             res.stderr += (f"executor: '{entry.path}' cannot be executed by the profile's "
                            f"run_as user ({user.name}): check its owner, group and mode\n")  # fmt: skip
         ev("exec-run", script=req.script, exit=res.exit, reqid=req.reqid,
