@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TERM", "USER", "LOGNAME")
@@ -77,6 +78,38 @@ async def _feed(stdin: asyncio.StreamWriter | None, data: bytes, timeout: float)
     return left
 
 
+class Child(Protocol):
+    """What :func:`run_script` needs of a started process (asyncio's ``Process`` has it)."""
+
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+Spawner = Callable[[list[str], dict[str, str]], Awaitable[Child]]
+
+
+async def _spawn(argv: list[str], env: dict[str, str]) -> Child:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd="/",
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
 async def run_script(
     path: str,
     args: list[str],
@@ -87,23 +120,14 @@ async def run_script(
     max_output: int = 8 * 1024 * 1024,
     env: dict[str, str] | None = None,
     command: Sequence[str] | None = None,
-    preexec: Callable[[], None] | None = None,
+    spawn: Spawner | None = None,
 ) -> RunResult:
     """Run ``path args`` (or ``command``, the full argv, when given: the executor's
-    ``setpriv ... -- path args``); ``preexec`` runs in the child before exec."""
+    ``setpriv ... -- path args``), started by ``spawn`` (the executor's starts it in the
+    profile's mount namespace) or as a plain child in its own session."""
     argv = list(command) if command is not None else [path, *args]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=script_env() if env is None else env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=preexec,
-        )
+        proc = await (spawn or _spawn)(argv, script_env() if env is None else env)
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return RunResult(127, "", f"exec failed: {path}: {why}\n")

@@ -61,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(SETPRIV, os.X_OK):
         return _fail("cannot start - configuration error.",
                      f"{SETPRIV} (util-linux) is missing", EX_CONFIG)  # fmt: skip
-    server = ExecutorServer(args.config, args.allowlist, "", pw.pw_uid, pw.pw_gid)
+    # Absolute paths: entering a profile's mount namespace and back resets the cwd.
+    config, allow = os.path.abspath(args.config), os.path.abspath(args.allowlist)
+    server = ExecutorServer(config, allow, "", pw.pw_uid, pw.pw_gid)
     try:
         cfg = server.load().cfg
     except ConfigError as exc:
         return _fail("cannot start - configuration error.", str(exc), EX_CONFIG)
-    server.socket_path = args.socket or cfg.executor_socket or DEFAULT_EXECUTOR_SOCKET
+    server.socket_path = os.path.abspath(
+        args.socket or cfg.executor_socket or DEFAULT_EXECUTOR_SOCKET
+    )
     logfmt.setup("ctrl-exec-executor", cfg.log_target, queued=False)
     try:
         asyncio.run(server.serve())

@@ -3,7 +3,7 @@
 For every request it re-reads ``agent.conf`` and ``scripts.conf`` (when their inode, size
 or mtime changed), so the agent can name only a script the allowlist holds and never
 chooses the path or the profile. The script runs with :func:`agent.runner.run_script`
-under the profile (:mod:`agent.executor.sandbox`) with the limits of ``agent.conf``
+in the profile's mount namespace (:mod:`agent.executor.sandbox`), with the limits of ``agent.conf``
 (``script_timeout``, ``stdin_timeout``, ``max_output``). If the agent goes away during a
 run, the run finishes (bounded by ``script_timeout``), is logged and its result dropped.
 """
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import allowlist, config, profiles
-from agent.childwatch import use_pidfd_watcher
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.executor import protocol
-from agent.executor.sandbox import ENV, Plan
-from agent.runner import RunResult, run_script
+from agent.executor.sandbox import ENV, Namespaces, Plan, SandboxError, lower_own_limits
+from agent.runner import Child, RunResult, run_script
 
 ev = logfmt.event
 REQUEST_TIMEOUT = 10.0
@@ -65,6 +64,7 @@ class ExecutorServer:
         self.agent_gid = agent_gid
         self.live = 0
         self._loaded: Loaded | None = None
+        self.namespaces = Namespaces()
         self._stopping: asyncio.Event | None = None
 
     # ----- configuration ---------------------------------------------------------
@@ -100,7 +100,7 @@ class ExecutorServer:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
-        use_pidfd_watcher()
+        lower_own_limits()
         self._stopping = asyncio.Event()
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
@@ -127,9 +127,11 @@ class ExecutorServer:
         deadline = time.monotonic() + 10
         while self.live and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.namespaces.clear()
 
     def _reload(self) -> None:
         self._loaded = None
+        self.namespaces.clear()
         try:
             self.load()
         except ConfigError as exc:
@@ -212,12 +214,25 @@ class ExecutorServer:
             ev("exec-run", logging.WARNING, script=req.script, exit=126, reqid=req.reqid,
                profile=prof.name, reason=exc.args[0])  # fmt: skip
             return RunResult(126, "", msg)
-        plan = Plan(prof, user, self.protected_dirs(cfg))
-        res = await run_script(
-            entry.path, req.args, req.stdin.encode(), timeout=cfg.script_timeout,
-            stdin_timeout=cfg.stdin_timeout, max_output=cfg.max_output, env=plan.env(),
-            command=plan.command(entry.path, req.args), preexec=plan.preexec(),
-        )  # fmt: skip
+        try:
+            nsfd = self.namespaces.get(loaded.key, prof, self.protected_dirs(cfg))
+        except (SandboxError, OSError) as exc:
+            ev("exec-run", logging.ERROR, script=req.script, exit=126, reqid=req.reqid,
+               profile=prof.name, reason=str(exc))  # fmt: skip
+            return RunResult(126, "", f"executor: profile could not be applied: {exc}\n")
+        plan = Plan(prof, user)
+
+        async def spawn(argv: list[str], env: dict[str, str]) -> Child:
+            return await plan.spawn(self.namespaces, nsfd, argv, env)
+
+        try:
+            res = await run_script(
+                entry.path, req.args, req.stdin.encode(), timeout=cfg.script_timeout,
+                stdin_timeout=cfg.stdin_timeout, max_output=cfg.max_output, env=plan.env(),
+                command=plan.command(entry.path, req.args), spawn=spawn,
+            )  # fmt: skip
+        except SandboxError as exc:
+            return RunResult(126, "", f"executor: profile could not be applied: {exc}\n")
         if res.exit in (126, 127) and res.stderr.startswith(f"{ENV}: "):
             res.stderr += (f"executor: '{entry.path}' cannot be executed by the profile's "
                            f"run_as user ({user.name}): check its owner, group and mode\n")  # fmt: skip

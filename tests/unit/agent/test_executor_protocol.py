@@ -96,14 +96,14 @@ def test_result_round_trip_and_checks() -> None:
 
 def test_plan_command_and_environment() -> None:
     user = RunAs("svc", 1001, 1002, (1002, 27), "/home/svc")
-    plan = Plan(Profile("p", "svc", ("CAP_NET_BIND_SERVICE", "CAP_KILL")), user, ())
+    plan = Plan(Profile("p", "svc", ("CAP_NET_BIND_SERVICE", "CAP_KILL")), user)
     assert plan.command("/opt/s", ["-x", "y"]) == [
         SETPRIV, "--reuid=1001", "--regid=1002", "--groups=1002,27",
         "--bounding-set=-all,+net_bind_service,+kill", "--inh-caps=-all,+net_bind_service,+kill",
         "--ambient-caps=-all,+net_bind_service,+kill", "--no-new-privs", "--", ENV, "--",
         "/opt/s", "-x", "y",
     ]  # fmt: skip
-    loose = Plan(Profile("q", no_new_privileges=False), RunAs("root", 0, 0), ())
+    loose = Plan(Profile("q", no_new_privileges=False), RunAs("root", 0, 0))
     cmd = loose.command("/opt/s", [])
     assert "--no-new-privs" not in cmd and "--clear-groups" in cmd
     assert "--bounding-set=-all" in cmd
