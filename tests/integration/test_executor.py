@@ -117,6 +117,10 @@ writable = {h.base}/rw
 
 [profile rootish]
 no_new_privileges = yes
+
+[profile broken]
+run_as = nobody
+writable = {h.base}/does-not-exist
 """
 
 
@@ -137,6 +141,7 @@ def _allowlist(h: Host) -> dict[str, str]:
         "hang": f"{s}/hang",
         "big": f"{s}/big",
         "secret": f"{s}/secret",
+        "ident-broken": f"{s}/ident profile=broken",
     }
 
 
@@ -191,9 +196,9 @@ def stack(host: Host) -> Iterator[tuple[ExecutorProc, AgentProc]]:
     a = _agent(host, "agent")
     ex = ExecutorProc(a.config, a.allowlist, host.socket, host.users.agent.pw_name,
                       host.base / "executor.log")  # fmt: skip
-    ex.start()
-    a.start()
     try:
+        ex.start()
+        a.start()
         yield ex, a
     finally:
         a.stop()
@@ -336,6 +341,17 @@ def test_script_not_executable_by_run_as_is_126(
     b = run(stack[1], host.dispatcher, "secret")
     assert b["exit"] == 126, b
     assert "cannot be executed by the profile's run_as user (nobody)" in b["stderr"], b
+
+
+def test_a_profile_that_cannot_be_applied_fails_closed(
+    host: Host, stack: tuple[ExecutorProc, AgentProc]
+) -> None:
+    b = run(stack[1], host.dispatcher, "ident-broken")
+    assert b["exit"] == 126 and b["stdout"] == "", b
+    assert b["stderr"] == (
+        "executor: profile could not be applied: "
+        f"writable path {host.base}/does-not-exist does not exist\n"
+    )
 
 
 # ----- limits, async ---------------------------------------------------------------------
@@ -541,8 +557,8 @@ def test_agent_reports_an_unreachable_executor(host: Host) -> None:
     a = _agent(host, "agent-noexec")
     absent = host.base / "run" / "absent.sock"
     a.config.write_text(a.config.read_text().replace(str(host.socket), str(absent)))
-    a.start()
     try:
+        a.start()
         b = run(a, host.dispatcher, "ident")
         assert b["exit"] == -1 and b["error"].startswith("executor unreachable:"), b
     finally:
@@ -551,8 +567,8 @@ def test_agent_reports_an_unreachable_executor(host: Host) -> None:
 
 def test_without_executor_the_agent_runs_scripts_itself(host: Host) -> None:
     a = _agent(host, "agent-direct", executor=False)
-    a.start()
     try:
+        a.start()
         b = run(a, host.dispatcher, "ident-net")  # profiles are inert in direct mode
         agent_user = host.users.agent
         assert b["stdout"].startswith(f"uid={agent_user.pw_uid}({agent_user.pw_name}) "), b
