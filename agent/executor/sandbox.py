@@ -152,7 +152,10 @@ class Namespaces:
             self.clear()
             self.key = (key, mounts)
         if profile.name not in self.fds:
-            self.fds[profile.name] = build_namespace(profile, protected)
+            try:
+                self.fds[profile.name] = build_namespace(profile, protected)
+            except OSError as exc:
+                raise SandboxError(f"cannot build the mount namespace: {exc}") from None
         return self.fds[profile.name]
 
     def clear(self) -> None:

@@ -214,15 +214,12 @@ class ExecutorServer:
             ev("exec-run", logging.WARNING, script=req.script, exit=126, reqid=req.reqid,
                profile=prof.name, reason=exc.args[0])  # fmt: skip
             return RunResult(126, "", msg)
-        try:
-            nsfd = self.namespaces.get(loaded.key, prof, self.protected_dirs(cfg))
-        except (SandboxError, OSError) as exc:
-            ev("exec-run", logging.ERROR, script=req.script, exit=126, reqid=req.reqid,
-               profile=prof.name, reason=str(exc))  # fmt: skip
-            return RunResult(126, "", f"executor: profile could not be applied: {exc}\n")
         plan = Plan(prof, user)
 
         async def spawn(argv: list[str], env: dict[str, str]) -> Child:
+            # The namespace is looked up and entered with no await in between, so a
+            # concurrent rebuild can never close it under this start.
+            nsfd = self.namespaces.get(loaded.key, prof, self.protected_dirs(cfg))
             return await plan.spawn(self.namespaces, nsfd, argv, env)
 
         try:
@@ -232,6 +229,8 @@ class ExecutorServer:
                 command=plan.command(entry.path, req.args), spawn=spawn,
             )  # fmt: skip
         except SandboxError as exc:
+            ev("exec-run", logging.ERROR, script=req.script, exit=126, reqid=req.reqid,
+               profile=prof.name, reason=str(exc))  # fmt: skip
             return RunResult(126, "", f"executor: profile could not be applied: {exc}\n")
         if res.exit in (126, 127) and res.stderr.startswith(f"{ENV}: "):
             res.stderr += (f"executor: '{entry.path}' cannot be executed by the profile's "
