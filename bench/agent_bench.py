@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.common.wire import parse_response, request_bytes  # noqa: E402
-from tests.support.agentproc import AgentProc, make_agent  # noqa: E402
-from tests.support.pki import Issued, TestCA  # noqa: E402
+from ops.lab.agentproc import AgentProc, make_agent  # noqa: E402
+from ops.lab.pki import Issued, TestCA  # noqa: E402
 
 
 class Client:

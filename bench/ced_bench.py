@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dispatcher.registry import Registry  # noqa: E402
-from tests.support.agentproc import make_agent, wait_listening  # noqa: E402
-from tests.support.pki import TestCA  # noqa: E402
+from ops.lab.agentproc import make_agent  # noqa: E402
+from ops.lab.net import wait_listening  # noqa: E402
+from ops.lab.pki import TestCA  # noqa: E402
 
 
 def ced_cmd() -> list[str]:

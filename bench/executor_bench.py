@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from agent.executor.client import run_via_executor  # noqa: E402
 from agent.runner import RunResult, run_script  # noqa: E402
 from bench.agent_bench import Client  # noqa: E402
-from tests.support.agentproc import AgentProc, make_agent  # noqa: E402
-from tests.support.executorproc import ExecutorProc  # noqa: E402
-from tests.support.pki import Issued, TestCA  # noqa: E402
+from ops.lab.agentproc import AgentProc, make_agent  # noqa: E402
+from ops.lab.executorproc import ExecutorProc  # noqa: E402
+from ops.lab.pki import Issued, TestCA  # noqa: E402
 
 Series = tuple[float, float]  # median, p99 in ms
 

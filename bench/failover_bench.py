@@ -2,7 +2,7 @@
 
 Usage: ``bench/failover_bench.py [--trials 20] [--ttl 2] [--keep]``
 
-Brings up the real stack under a temporary directory (``tests/support/hacluster.py``): a
+Brings up the real stack under a temporary directory (``ops/lab/hacluster.py``): a
 3-member etcd, three ``ctrl-exec-api`` instances with ``lease_ttl`` 2 s and shared state
 paths, HAProxy configured by ``dispatcher.haproxy.render`` (TCP passthrough, PROXY v2 to
 the instances' TLS API) and three real agents. A client thread sends ``POST /ping`` (all
@@ -47,8 +47,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from ops.lab.etcd import ETCD  # noqa: E402
-from ops.lab.haproxy import HAPROXY  # noqa: E402
-from tests.support.hacluster import (  # noqa: E402
+from ops.lab.hacluster import (  # noqa: E402
     Cluster,
     ClusterSpec,
     Inst,
@@ -57,6 +56,7 @@ from tests.support.hacluster import (  # noqa: E402
     Outcome,
     running_cluster,
 )
+from ops.lab.haproxy import HAPROXY  # noqa: E402
 
 AGENTS = {"node1": "127.0.0.2", "node2": "127.0.0.3", "node3": "127.0.0.4"}
 SCRIPT = """#!/bin/sh

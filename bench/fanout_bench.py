@@ -43,8 +43,8 @@ from dispatcher.client import fanout  # noqa: E402
 from dispatcher.client.aio import SessionCache  # noqa: E402
 from dispatcher.registry import Target  # noqa: E402
 from dispatcher.reqid import new_reqid  # noqa: E402
+from ops.lab.pki import TestCA  # noqa: E402
 from ops.lab.proc import terminate  # noqa: E402
-from tests.support.pki import TestCA  # noqa: E402
 
 FIRST = "127.0.1.1"
 KEY_BITS = {"ec-p256": 0, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}

@@ -15,6 +15,9 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     orders/<instance_id>    an order of the leader to one member (restart), fenced, with its epoch
     requests/<id>           a request for the leader (from ``ced``), bound to a short lease
     results/<id>            the leader's answer to a request (fenced), deleted by the requester
+    history/<epoch>         one term per leader: term number, previous leader, reason (fenced)
+    handover                why the leader of an epoch resigned, and to whom (fenced)
+    paused                  maintenance: no automatic leader work while present (operator)
 
 Leader-only writes go through :meth:`Backend.fenced_commit`, a transaction that applies
 only while the leader key's create revision is still the epoch the work started under.
@@ -119,6 +122,9 @@ class ClusterKeys:
         self.orders = f"{self.prefix}orders/"
         self.requests = f"{self.prefix}requests/"
         self.results = f"{self.prefix}results/"
+        self.history = f"{self.prefix}history/"
+        self.handover = f"{self.prefix}handover"
+        self.paused = f"{self.prefix}paused"
 
     def member(self, instance_id: str) -> str:
         return f"{self.members}{instance_id}"
@@ -128,6 +134,9 @@ class ClusterKeys:
 
     def effect(self, epoch: int) -> str:
         return f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
+
+    def history_term(self, epoch: int) -> str:
+        return f"{self.history}{epoch:012d}"
 
     def order(self, instance_id: str) -> str:
         return f"{self.orders}{instance_id}"
@@ -205,6 +214,10 @@ class Backend(Protocol):
     ) -> None: ...
 
     def run_locks_held(self) -> list[tuple[str, str]]: ...
+
+    def get_value(self, key: str) -> bytes | None: ...
+
+    def get_prefix(self, prefix: str) -> list[KeyValue]: ...
 
     def close(self) -> None: ...
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from cluster import retry
+from cluster import history, retry
 from cluster.backend import Backend, EffectRecord, LeaderInfo, Lease
 from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
 
@@ -75,6 +75,7 @@ class Elector:
         self._epoch: int | None = None
         self._last_leader: LeaderInfo | None = None
         self._hold_until = 0.0
+        self._handover_seen: dict[int, float] = {}  # epoch of a handover note -> first seen
         self._thread = threading.Thread(
             target=self._run, name=f"elector-{instance_id}", daemon=True
         )
@@ -111,11 +112,26 @@ class Elector:
 
     # -- resign / stop -----------------------------------------------------------------------
 
-    def resign(self, hold_off: float | None = None) -> None:
+    def resign(
+        self, hold_off: float | None = None, reason: str = "resigned", to: str = "",
+        requested_by: str = "",
+    ) -> None:  # fmt: skip
         """Give up leadership now (revoke the lease); do not campaign for ``hold_off`` s.
 
-        The default hold-off is one TTL, so a switchover hands over to a peer.
+        The default hold-off is one TTL, so a switchover hands over to a peer. While
+        leading, a handover note (``reason``, the member ``to`` take over) is committed
+        first (:mod:`cluster.history`); failing that, the resignation goes on.
         """
+        epoch = self.epoch
+        if epoch is not None:
+            note = history.Handover(epoch, self.instance_id, reason, to, requested_by,
+                                    time.time())  # fmt: skip
+            try:  # fenced, but not an effect: the history is its own record
+                if not self.backend.fenced_commit(epoch, {self.backend.keys.handover:
+                                                          note.to_json()}):  # fmt: skip
+                    log.warning("handover note not recorded, epoch=%d: fenced", epoch)
+            except BackendUnavailable as exc:
+                log.warning("handover note not recorded, epoch=%d: %s", epoch, exc)
         with self._lock:
             lease, self._lease = self._lease, None
             self._hold_until = self._clock() + (self.ttl if hold_off is None else hold_off)
@@ -130,10 +146,12 @@ class Elector:
             except BackendUnavailable as exc:
                 log.warning("could not revoke lease %x (it expires by itself): %s", lease.id, exc)
 
-    def stop(self, resign: bool = True, timeout: float | None = None) -> None:
+    def stop(
+        self, resign: bool = True, timeout: float | None = None, reason: str = "shutdown"
+    ) -> None:
         """Stop campaigning; with ``resign`` revoke the lease first (SIGTERM path)."""
         if resign:
-            self.resign(hold_off=math.inf)
+            self.resign(hold_off=math.inf, reason=reason)
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.ttl if timeout is None else timeout)
@@ -271,6 +289,9 @@ class Elector:
         if now < hold:
             self._stop.wait(min(hold - now, self.interval))
             return
+        if self._leave_to_target(now):
+            self._stop.wait(self.interval / 2)
+            return
         res = self.backend.campaign(lease.id, self.instance_id)
         with self._lock:
             self._last_leader = res.leader
@@ -281,6 +302,31 @@ class Elector:
             return  # the key vanished in between: campaign again at once
         timeout = max(0.05, min(self._next_keepalive - self._clock(), self.interval))
         self.backend.wait_leader_change(res.revision + 1, timeout)
+
+    def _leave_to_target(self, now: float) -> bool:
+        """A handover note of the last leader's epoch names another member: leave the
+        campaign to it for a while (measured from when this instance first saw the note)."""
+        with self._lock:
+            last = self._last_leader
+        if last is None or last.instance_id == self.instance_id:
+            return False
+        note = history.read_handover(self.backend)
+        if note is None or not note.to or note.to == self.instance_id or note.epoch != last.epoch:
+            return False
+        first = self._handover_seen.setdefault(note.epoch, now)
+        return now - first < history.HANDOVER_WAIT_TTLS * self.ttl
+
+    def _record_term(self, epoch: int) -> None:
+        """The history record of this epoch (best effort: leadership never waits on it)."""
+        try:
+            term, puts, deletes = history.takeover(self.backend, self.instance_id, epoch)
+            if self.epoch != epoch or not self.backend.fenced_commit(epoch, puts, deletes):
+                log.warning("leadership history not recorded, epoch=%d: fenced", epoch)
+                return
+            log.info("term %d: %s leads (epoch %d): %s", term.term, self.instance_id, epoch,
+                     term.reason)  # fmt: skip
+        except BackendUnavailable as exc:
+            log.warning("leadership history not recorded, epoch=%d: %s", epoch, exc)
 
     def _take_lead(self, lease: Lease, epoch: int) -> None:
         sent = self._clock()
@@ -303,6 +349,7 @@ class Elector:
         log.info("elected leader, epoch=%d, lease %x ttl=%d", epoch, lease.id, self.ttl)
         if self.on_elected is not None:
             self.on_elected(epoch)
+        self._record_term(epoch)
 
     def _lead_once(self) -> None:
         wait = self._next_keepalive - self._clock()

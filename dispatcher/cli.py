@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 if TYPE_CHECKING:
     from dispatcher.client.io import AgentIO
     from dispatcher.core import Dispatcher
+    from dispatcher.ha.actions import ActionResult
     from dispatcher.operations import Caller
 
 PROG = "ctrl-exec-dispatcher"
@@ -504,43 +505,19 @@ def cmd_list_agents(ctx: Ctx) -> int:
 
 
 def cmd_edit_agent(ctx: Ctx) -> int:
-    from agent.common import logfmt
-    from dispatcher.registry import RegistryError
-
     _need(ctx, 1, "edit-agent <name> [--rename <new>] [--ip <addr>] [--agent-port <n>] "
                   "[--lookup-by ip|hostname]")  # fmt: skip
     name, ns = ctx.words[0], ctx.ns
-    changes: dict[str, Any] = {}
-    if ns.ip is not None:
-        if not ns.ip:
-            raise UsageError("--ip must not be empty")
-        changes["ip"] = ns.ip
-    if ns.agent_port is not None:
-        if not 1 <= ns.agent_port <= 65535:
-            raise UsageError("--agent-port must be a port number (1-65535)")
-        changes["port"] = ns.agent_port
-    if ns.lookup_by is not None:
-        changes["lookup_by"] = ns.lookup_by
-    if ns.rename is None and not changes:
+    if ns.ip is not None and not ns.ip:
+        raise UsageError("--ip must not be empty")
+    if ns.agent_port is not None and not 1 <= ns.agent_port <= 65535:
+        raise UsageError("--agent-port must be a port number (1-65535)")
+    if ns.rename is None and ns.ip is None and ns.agent_port is None and ns.lookup_by is None:
         raise UsageError("Nothing to change. Pass at least one of --rename, --ip, "
                          "--agent-port, --lookup-by.")  # fmt: skip
-    reg = ctx.d.registry
-    try:
-        with reg.locked():
-            current = name
-            record: dict[str, Any] | None = None
-            if ns.rename is not None:
-                record = reg.rename(name, ns.rename)
-                current = ns.rename
-            if changes:
-                record = reg.update(current, **changes)
-    except RegistryError as exc:
-        raise Fail(f"Edit failed: {exc}") from None
-    assert record is not None
-    fields: dict[str, Any] = {k: record.get(k) for k in changes}
-    if ns.rename is not None:
-        fields["renamed_from"] = name
-    logfmt.event("edit-agent", agent=record.get("hostname"), **fields)
+    args = {"name": name, "rename": ns.rename, "ip": ns.ip, "port": ns.agent_port,
+            "lookup_by": ns.lookup_by}  # fmt: skip
+    record = _leader_action(ctx, "edit-agent", args, failed="Edit failed: ").data
     if ctx.json:
         out_json(record)
         return 0
@@ -554,24 +531,20 @@ def cmd_edit_agent(ctx: Ctx) -> int:
 
 
 def cmd_unpair(ctx: Ctx) -> int:
-    from agent.common import logfmt
     from dispatcher.registry import RegistryError
 
     _need(ctx, 1, "unpair <hostname>")
     name = ctx.words[0]
-    reg = ctx.d.registry
     try:
-        record = reg.get(name)
-        if record is None:
+        if ctx.d.registry.get(name) is None:
             raise RegistryError(f"no registry entry for '{name}'")
-        if sys.stdin.isatty() and not ctx.ns.yes and not _confirm(f"Unpair '{name}'?", ctx):
-            out("Aborted.")
-            return 0
-        reg.delete(name)
     except RegistryError as exc:
         raise Fail(f"Unpair failed: {exc}") from None
-    expiry = record.get("expiry") or "unknown"
-    logfmt.event("unpair", agent=name, expiry=expiry)
+    if sys.stdin.isatty() and not ctx.ns.yes and not _confirm(f"Unpair '{name}'?", ctx):
+        out("Aborted.")
+        return 0
+    doc = _leader_action(ctx, "unpair", {"name": name}, failed="Unpair failed: ").data
+    expiry = doc["expiry"]
     if ctx.json:
         out_json({"ok": 1, "hostname": name, "expiry": expiry})
         return 0
@@ -600,27 +573,17 @@ def cmd_list_locks(ctx: Ctx) -> int:
 
 
 def cmd_setup_ca(ctx: Ctx) -> int:
-    from pathlib import Path
-
-    from dispatcher.pki import ca as pki
-
-    ca_dir = Path(ctx.d.cfg.ca_dir)
     out("Setting up dispatcher CA...")
-    try:
-        pki.create_ca(ca_dir)
-    except pki.PKIError as exc:
-        raise Fail(f"Error: {exc}") from None
+    doc = _leader_action(ctx, "setup-ca", {}, failed="Error: ").data
     out("CA created:")
-    out(f"  Key:  {ca_dir / 'ca.key'}")
-    out(f"  Cert: {ca_dir / 'ca.crt'}")
+    out(f"  Key:  {doc['key']}")
+    out(f"  Cert: {doc['cert']}")
     out("Keep ca.key secure - it never leaves this host.")
     return 0
 
 
 def cmd_setup_dispatcher(ctx: Ctx) -> int:
     from pathlib import Path
-
-    from dispatcher.pki import ca as pki
 
     cfg = ctx.d.cfg
     if Path(cfg.cert).exists():
@@ -638,15 +601,11 @@ def cmd_setup_dispatcher(ctx: Ctx) -> int:
         else:
             out("Existing dispatcher cert found. No registered agents - replacing.")
     out("Generating dispatcher certificate...")
-    try:
-        ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
-        cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key)
-    except (pki.PKIError, OSError) as exc:
-        raise Fail(f"Error: {exc}") from None
+    doc = _leader_action(ctx, "setup-ctrl-exec", {}, failed="Error: ").data
     out("Dispatcher cert created:")
-    out(f"  Key:    {cfg.key}")
-    out(f"  Cert:   {cfg.cert}")
-    out(f"  Serial: {cert.serial_number:x}")
+    out(f"  Key:    {doc['key']}")
+    out(f"  Cert:   {doc['cert']}")
+    out(f"  Serial: {doc['serial']}")
     out(f"Run '{PROG} pairing-mode' to re-pair agents as needed.")
     return 0
 
@@ -661,35 +620,23 @@ def _in_cluster(ctx: Ctx) -> bool:
     return bool(ctx.d.cfg.etcd_endpoints)
 
 
-def _via_leader(ctx: Ctx, kind: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
-    """Have the cluster leader carry out ``kind`` (:mod:`dispatcher.ha.leader_requests`).
+def _leader_action(
+    ctx: Ctx, name: str, args: dict[str, Any], timeout: float = 120.0, failed: str = ""
+) -> ActionResult:
+    """Carry out a leader-only action (:mod:`dispatcher.ha.actions`): here without etcd,
+    by the cluster leader with it. Failure: exit status 1 with ``failed`` + the reason."""
+    from dispatcher.ha import actions
 
-    Returns the leader's result; raises Fail with the leader's error (or why no leader
-    answered). Exit status 1 on failure, as the local verb.
-    """
-    import socket
-
-    from cluster.errors import BackendUnavailable
-    from dispatcher.ha import leader_requests as hareq
-    from dispatcher.ha.coordination import backend_from_config
-
-    user = ctx.ns.username or os.environ.get("USER", "")
-    backend = backend_from_config(ctx.d.cfg, timeout=2.0)
+    user = ctx.ns.username or ""
     try:
-        if backend.leader() is None:
-            raise Fail("Error: the cluster has no leader right now; try again shortly")
-        rid = hareq.post(backend, kind, args, f"ced:{user}@{socket.gethostname()}")
-        doc = hareq.wait(backend, rid, timeout)
-    except BackendUnavailable as exc:
-        raise Fail(f"Error: cluster unavailable: {exc}") from None
-    except (hareq.RequestFailed, TimeoutError) as exc:
-        raise Fail(f"Error: {exc}") from None
-    finally:
-        backend.close()
-    if not doc.get("ok"):
-        raise Fail(str(doc.get("error") or "the leader refused the request"))
-    ctx.leader = (str(doc.get("leader") or ""), int(doc.get("epoch") or 0))
-    return doc.get("result")
+        res = actions.request(ctx.d, name, args, requested_by=actions.requested_by(user),
+                              timeout=timeout)  # fmt: skip
+    except actions.ActionFailed as exc:
+        cause = exc.__cause__
+        local = cause is not None and not ctx.d.cfg.etcd_endpoints
+        raise Fail(f"{failed}{cause if local else exc}") from None
+    ctx.leader = (res.leader, res.epoch or 0)
+    return res
 
 
 def _members(ctx: Ctx) -> list[str]:
@@ -749,12 +696,8 @@ def _wait_converged(
 
 def cmd_list_requests(ctx: Ctx) -> int:
     from dispatcher.pairing import prompt as pairing_prompt
-    from dispatcher.pairing import queue as pairing_queue
 
-    if _in_cluster(ctx):
-        records = _via_leader(ctx, "list-requests", {}) or []
-    else:
-        records = pairing_queue.list_pending(ctx.d.cfg.pairing_dir, writer=ctx.d.writer)
+    records = _leader_action(ctx, "list-requests", {}).data or []
     if ctx.json:
         out_json({"ok": 1, "requests": [{k: v for k, v in r.items() if k != "csr"}
                                         for r in records]})  # fmt: skip
@@ -764,66 +707,47 @@ def cmd_list_requests(ctx: Ctx) -> int:
     return 0
 
 
-def _print_approval(res: Any) -> None:
-    out(f"Approved '{res.name}' ({res.reqid}). Cert delivered on next poll.")
-    out(f"  Registered:  {res.name}   lookup_by={res.lookup_by}   addr={res.addr}:{res.port}")
-    for w in res.warnings:
+def _print_approval(doc: dict[str, Any]) -> None:
+    name, lookup_by = doc["hostname"], doc["lookup_by"]
+    out(f"Approved '{name}' ({doc['reqid']}). Cert delivered on next poll.")
+    out(f"  Registered:  {name}   lookup_by={lookup_by}   addr={doc['addr']}:{doc['port']}")
+    for w in doc["warnings"]:
         out(f"  {w}")
-    if res.lookup_by == "hostname":
-        out(f"  If '{res.name}' does not resolve from here: "
-            f"{PROG} edit-agent {res.name} --lookup-by ip")  # fmt: skip
+    if lookup_by == "hostname":
+        out(f"  If '{name}' does not resolve from here: "
+            f"{PROG} edit-agent {name} --lookup-by ip")  # fmt: skip
+
+
+def _by_leader(ctx: Ctx) -> dict[str, Any]:
+    """``leader``/``epoch`` for a JSON answer, when a cluster leader carried it out."""
+    leader, epoch = ctx.leader
+    return {"leader": leader, "epoch": epoch} if leader and ctx.d.cfg.etcd_endpoints else {}
 
 
 def cmd_approve(ctx: Ctx) -> int:
-    from dispatcher.pairing import queue as pq
-
     _need(ctx, 1, "approve <reqid> [--lookup-by ip|hostname] [--ip addr] [--agent-port n]")
     ns = ctx.ns
-    if _in_cluster(ctx):
-        import types
-
-        doc = _via_leader(ctx, "approve", {"reqid": ctx.words[0], "lookup_by": ns.lookup_by,
-                                           "ip": ns.ip, "agent_port": ns.agent_port})  # fmt: skip
-        leader, epoch = ctx.leader
-        if ctx.json:
-            out_json({"ok": 1, "reqid": doc["reqid"], "hostname": doc["hostname"],
-                      "record": doc["record"], "warnings": doc["warnings"],
-                      "leader": leader, "epoch": epoch})  # fmt: skip
-        else:
-            _print_approval(types.SimpleNamespace(name=doc["hostname"], **doc))
-            out(f"  (carried out by the cluster leader {leader}, epoch {epoch})")
-        return 0
-    try:
-        res = pq.approve(ctx.d.cfg, ctx.words[0], lookup_by=ns.lookup_by, ip=ns.ip,
-                         agent_port=ns.agent_port, writer=ctx.d.writer)  # fmt: skip
-    except pq.PairingQueueError as exc:
-        raise Fail(str(exc)) from None
+    args = {"reqid": ctx.words[0], "lookup_by": ns.lookup_by, "ip": ns.ip,
+            "agent_port": ns.agent_port}  # fmt: skip
+    doc = _leader_action(ctx, "approve", args).data
     if ctx.json:
-        out_json({"ok": 1, "reqid": res.reqid, "hostname": res.name, "record": res.record,
-                  "warnings": res.warnings})  # fmt: skip
-    else:
-        _print_approval(res)
+        out_json({"ok": 1, "reqid": doc["reqid"], "hostname": doc["hostname"],
+                  "record": doc["record"], "warnings": doc["warnings"], **_by_leader(ctx)})  # fmt: skip
+        return 0
+    _print_approval(doc)
+    if _by_leader(ctx):
+        out(f"  (carried out by the cluster leader {ctx.leader[0]}, epoch {ctx.leader[1]})")
     return 0
 
 
 def cmd_deny(ctx: Ctx) -> int:
-    from dispatcher.pairing import queue as pq
-
     _need(ctx, 1, "deny <reqid>")
     reqid = ctx.words[0]
-    if _in_cluster(ctx):
-        _via_leader(ctx, "deny", {"reqid": reqid})
-        if ctx.json:
-            out_json({"ok": 1, "reqid": reqid, "leader": ctx.leader[0], "epoch": ctx.leader[1]})
-        else:
-            out(f"Denied request '{reqid}' (by the cluster leader {ctx.leader[0]}).")
-        return 0
-    try:
-        pq.deny(ctx.d.cfg, reqid, writer=ctx.d.writer)
-    except pq.PairingQueueError as exc:
-        raise Fail(str(exc)) from None
+    _leader_action(ctx, "deny", {"reqid": reqid})
     if ctx.json:
-        out_json({"ok": 1, "reqid": reqid})
+        out_json({"ok": 1, "reqid": reqid, **_by_leader(ctx)})
+    elif _by_leader(ctx):
+        out(f"Denied request '{reqid}' (by the cluster leader {ctx.leader[0]}).")
     else:
         out(f"Denied request '{reqid}'.")
     return 0
@@ -1036,6 +960,7 @@ async def _pairing_interactive(ctx: Ctx, port: int, timeout: int) -> int:
 
 
 def _pairing_command(ctx: Ctx, line: str, records: list[dict[str, Any]]) -> None:
+    from dispatcher.ha import actions
     from dispatcher.pairing import prompt as pp
     from dispatcher.pairing import queue as pq
 
@@ -1048,50 +973,21 @@ def _pairing_command(ctx: Ctx, line: str, records: list[dict[str, Any]]) -> None
     elif cmd.action in ("approve", "deny") and cmd.index is not None:
         rec = records[cmd.index]
         try:
+            res = actions.perform(ctx.d, cmd.action, {"reqid": str(rec.get("id"))})
             if cmd.action == "approve":
-                _print_approval(pq.approve(ctx.d.cfg, str(rec.get("id")), writer=ctx.d.writer))
+                _print_approval(res.data)
             else:
-                pq.deny(ctx.d.cfg, str(rec.get("id")), writer=ctx.d.writer)
                 out(f"Denied request '{rec.get('id')}'.")
-        except pq.PairingQueueError as exc:
+        except (pq.PairingQueueError, actions.ActionFailed) as exc:
             out(f"  Error: {exc}")
 
 
 # ----- verbs: rotation and maintenance (dispatcher.pki.rotation) -----------------------------
 
 
-def _rotation_fn(name: str) -> Callable[..., Any]:
-    import importlib
-
-    try:
-        mod = importlib.import_module("dispatcher.pki.rotation")
-    except ImportError as exc:
-        raise Fail(f"Error: certificate rotation is not available in this build ({exc})") from None
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise Fail(f"Error: dispatcher.pki.rotation has no '{name}'")
-    return fn
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    import asyncio
-    import inspect
-
-    res = fn(*args)
-    if inspect.isawaitable(res):
-
-        async def wait() -> Any:
-            return await res
-
-        res = asyncio.run(wait())
-    return res
-
-
 def cmd_rotate_cert(ctx: Ctx) -> int:
-    from agent.common.errors import CtrlExecError
+    from dispatcher.ha import actions
 
-    fn = _rotation_fn("rotate")
-    d = ctx.d
     if (
         sys.stdin.isatty()
         and not ctx.json
@@ -1104,12 +1000,13 @@ def cmd_rotate_cert(ctx: Ctx) -> int:
     if not ctx.json:
         out("Rotating dispatcher certificate...")
     try:
-        res = _call(fn, d)
-    except CtrlExecError as exc:
+        res = actions.request(ctx.d, "rotate-cert").data
+    except actions.ActionFailed as exc:
+        reason = exc.__cause__ or exc
         if ctx.json:
-            out_json({"ok": 0, "error": str(exc)})
+            out_json({"ok": 0, "error": str(reason)})
             return 1
-        raise Fail(f"Rotation failed: {exc}") from None
+        raise Fail(f"Rotation failed: {reason}") from None
     if not isinstance(res, dict) or not res.get("rotated", True):
         error = res.get("error") if isinstance(res, dict) else None
         raise Fail(f"Rotation failed: {error or 'unknown error'}")
@@ -1145,7 +1042,8 @@ def _rotate_in_cluster(ctx: Ctx) -> int:
     if not ctx.json:
         out("Rotating dispatcher certificate (carried out by the cluster leader)...")
     expected = _members(ctx)
-    res = _via_leader(ctx, "rotate-cert", {}, timeout=180.0)
+    done = _leader_action(ctx, "rotate-cert", {}, timeout=180.0)
+    res: dict[str, Any] = {**done.data, "generation": done.generation}
     leader, epoch = ctx.leader
     serial = str(res.get("new_serial") or "")
     if not ctx.json:
@@ -1171,9 +1069,9 @@ def _rotate_in_cluster(ctx: Ctx) -> int:
 
 
 def cmd_serial_status(ctx: Ctx) -> int:
-    res = _call(_rotation_fn("serial_status"), ctx.d)
-    if not isinstance(res, dict):
-        raise Fail("Error: serial_status returned no data")
+    from dispatcher.pki import rotation
+
+    res = rotation.serial_status(ctx.d)
     if ctx.json:  # one JSON document: no header lines before it (upstream prints them)
         out_json(res)
         return 0
@@ -1202,12 +1100,7 @@ def cmd_serial_status(ctx: Ctx) -> int:
 
 
 def cmd_maintain(ctx: Ctx) -> int:
-    if _in_cluster(ctx):
-        res = _via_leader(ctx, "maintain", {}, timeout=600.0)
-    else:
-        res = _call(_rotation_fn("maintain"), ctx.d)
-    if not isinstance(res, dict):
-        res = {}
+    res = _leader_action(ctx, "maintain", {}, timeout=600.0).data or {}
     if ctx.json:
         out_json({"ok": 1, **res} if "ok" not in res else res)
         return 0

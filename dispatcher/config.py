@@ -65,6 +65,8 @@ class DispatcherConfig:
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
     sync_mode: str = "push"
+    sync_ack: str = "majority"  # leader-only changes answer once these members applied them
+    sync_ack_timeout: float = 10.0  # seconds to wait for that before answering "not acked"
     drain_wait: float = 2.0  # seconds a draining instance keeps serving before it restarts
     etcd_endpoints: list[str] = field(default_factory=list)
     etcd_cacert: str = ""
@@ -148,6 +150,10 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
         raise ConfigError("api_auth_default must be deny or allow", path)
     if cfg.sync_mode not in ("push", "shared-fs"):
         raise ConfigError("sync_mode must be push or shared-fs", path)
+    if cfg.sync_ack not in ("majority", "one", "none"):
+        raise ConfigError("sync_ack must be majority, one or none", path)
+    if not 0 < cfg.sync_ack_timeout <= 600:
+        raise ConfigError("sync_ack_timeout must be between 0 and 600 seconds", path)
     if not 0 <= cfg.drain_wait <= 300:
         raise ConfigError("drain_wait must be between 0 and 300 seconds", path)
     return cfg.finish()

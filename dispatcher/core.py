@@ -8,12 +8,28 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from agent.common.records import field, record
 from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, load
 from dispatcher.registry import Registry
 from dispatcher.statewrite import StateWriter, default_writer
+
+
+class Replication(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def changes(self) -> int:
+        """Writes so far to files a generation carries (a change happened when it grew)."""
+        ...
+
+    def acknowledge(self, after: int) -> int:
+        """Wait until a generation newer than ``after`` is published and applied by the
+        members the cluster's ``sync_ack`` asks for; that generation (raises when not)."""
+        ...
+
 
 if TYPE_CHECKING:  # imported where used: ``ced ping`` needs neither
     from dispatcher.runlocks import RunLocks
@@ -30,6 +46,9 @@ class Dispatcher:
     # In a cluster: why the previous serial cannot be retired early yet (a member still
     # presents it), given the current serial; None when it can.
     retire_blocker: Callable[[str], str | None] | None = None
+    # In a cluster: how a leader-only change becomes acknowledged (the generation carrying
+    # it, applied by the members ``sync_ack`` asks for; see dispatcher.ha.replication).
+    replication: Replication | None = None
 
     def signing_refused(self) -> str | None:
         return self.sign_guard() if self.sign_guard is not None else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.pki import Issued, TestCA
+from ops.lab.pki import Issued, TestCA
 
 SCRIPTS = {
     "echo-args": """#!/bin/sh

@@ -11,8 +11,9 @@
   through the auth hook, never on plain HTTP. 409 when this instance does not run
   generation N (or the file changed since), 404 when the file is not part of it.
 
-The leader does the work itself, every write through the fenced writer under the epoch
-captured when the request began (the epoch is in the answer and in every log line). A
+The leader does the work itself through :func:`dispatcher.ha.actions.perform` (every write
+through the fenced writer under the epoch captured when the action began; the epoch is in
+the answer and in every log line). A
 follower forwards the request to the leader's ``advertise_url`` (with the caller's body
 and ``Authorization`` header; the leader authorises it again) and returns the leader's
 answer; when forwarding is impossible it answers 503 ``{"ok":false,"error":"not leader",
@@ -37,7 +38,9 @@ from agent.common import logfmt
 from cluster.errors import BackendUnavailable, NotLeader
 from dispatcher.api.models import ErrorResponse
 from dispatcher.core import Dispatcher
+from dispatcher.ha import actions
 from dispatcher.ha.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.ha.replication import NotAcknowledged
 from dispatcher.operations import Caller, Denied, authorise
 from dispatcher.pairing import queue as pq
 
@@ -261,6 +264,8 @@ def install(
         if isinstance(cause, NotLeaderError | NotLeader):
             lid, url = ha.leader_hint() if ha is not None else (None, None)
             return not_leader(str(cause), lid, url)
+        if isinstance(exc, NotAcknowledged):
+            return _error(503, "not acknowledged", str(exc))
         if isinstance(exc, pq.NoSuchRequest):
             return _error(404, "no such request", str(exc))
         if isinstance(exc, pq.PairingQueueError):
@@ -276,19 +281,12 @@ def install(
     async def pairing_list(request: Request) -> Response:
         async def local() -> Response:
             assert ha is not None
-
-            def work() -> tuple[list[dict[str, Any]], int]:
-                with ha.writer.operation("pairing-list") as epoch:
-                    return pq.list_pending(d.cfg.pairing_dir, writer=ha.writer), epoch
-
             try:
-                pending, epoch = await asyncio.to_thread(work)
+                res = await asyncio.to_thread(actions.perform, d, "list-requests")
             except (NotLeaderError, ClusterUnavailableError) as exc:
                 return decision_errors(exc)
-            hidden = ("csr", "nonce")
-            reqs = [{k: v for k, v in r.items() if k not in hidden} for r in pending]
-            return JSONResponse({"ok": True, "leader": ha.instance_id, "epoch": epoch,
-                                 "requests": reqs})  # fmt: skip
+            return JSONResponse({"ok": True, "leader": ha.instance_id, "epoch": res.epoch,
+                                 "requests": res.data})  # fmt: skip
 
         return await leader_only(request, "pairing", None, local)
 
@@ -305,24 +303,21 @@ def install(
 
         async def local() -> Response:
             assert ha is not None
-
-            def work() -> tuple[pq.ApprovalResult, int]:
-                with ha.writer.operation("pairing-approve") as epoch:
-                    res = pq.approve(d.cfg, reqid, lookup_by=b.lookup_by, ip=b.ip,
-                                     agent_port=b.agent_port, writer=ha.writer)  # fmt: skip
-                    return res, epoch
-
+            args = {"reqid": reqid, "lookup_by": b.lookup_by, "ip": b.ip,
+                    "agent_port": b.agent_port}  # fmt: skip
             try:
-                res, epoch = await asyncio.to_thread(work)
-            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+                res = await asyncio.to_thread(actions.perform, d, "approve", args)
+            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+                    NotAcknowledged) as exc:  # fmt: skip
                 return decision_errors(exc)
-            logfmt.event("pair-approve-api", reqid=reqid, agent=res.name, epoch=epoch,
-                         instance=ha.instance_id)  # fmt: skip
+            doc = res.data
+            logfmt.event("pair-approve-api", reqid=reqid, agent=doc["hostname"],
+                         epoch=res.epoch, instance=ha.instance_id)  # fmt: skip
             return JSONResponse({
                 "ok": True, "reqid": reqid, "status": "approved", "leader": ha.instance_id,
-                "epoch": epoch, "agent": res.name, "ip": res.ip, "port": res.port,
-                "lookup_by": res.lookup_by, "expiry": res.expiry,
-                "dispatcher_serial": res.dispatcher_serial, "warnings": res.warnings,
+                "epoch": res.epoch, "agent": doc["hostname"], "ip": doc["ip"],
+                "port": doc["port"], "lookup_by": doc["lookup_by"], "expiry": doc["expiry"],
+                "dispatcher_serial": doc["dispatcher_serial"], "warnings": doc["warnings"],
             })  # fmt: skip
 
         return await leader_only(request, "pairing", b, local, reqid)
@@ -340,18 +335,14 @@ def install(
 
         async def local() -> Response:
             assert ha is not None
-
-            def work() -> int:
-                with ha.writer.operation("pairing-deny") as epoch:
-                    pq.deny(d.cfg, reqid, writer=ha.writer, reason=b.reason)
-                    return epoch
-
+            args = {"reqid": reqid, "reason": b.reason}
             try:
-                epoch = await asyncio.to_thread(work)
-            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError) as exc:
+                res = await asyncio.to_thread(actions.perform, d, "deny", args)
+            except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
+                    NotAcknowledged) as exc:  # fmt: skip
                 return decision_errors(exc)
             return JSONResponse({"ok": True, "reqid": reqid, "status": "denied",
-                                 "leader": ha.instance_id, "epoch": epoch})  # fmt: skip
+                                 "leader": ha.instance_id, "epoch": res.epoch})  # fmt: skip
 
         return await leader_only(request, "pairing", b, local, reqid)
 

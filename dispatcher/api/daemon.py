@@ -10,10 +10,11 @@ embedded local backend): campaigns for the lease, registers its member record, s
 ``/leader`` and ``/status`` from the elector, runs the pairing listener only while it
 leads, and writes shared state only through the fenced writer.
 
-Signals are ours, not uvicorn's: SIGTERM/SIGINT drain (health turns 503 at once, the
-election lease is revoked so a peer takes over at once, the pairing listener stops,
-in-flight requests finish up to ``read_timeout`` + 5 s, then the session lease with the
-member key and run locks is revoked) and exit 0;
+Signals are ours, not uvicorn's: SIGTERM/SIGINT drain (``/ready`` turns 503 at once, the
+election lease is revoked so a peer takes over at once, the pairing listener stops, the
+instance keeps serving for ``drain_wait`` seconds so the load balancer stops sending new
+connections, then the listeners close, in-flight requests finish up to ``read_timeout`` +
+5 s, and the session lease with the member key and run locks is revoked) and exit 0;
 SIGHUP reloads the API certificate into the live ``SSLContext`` (the next handshake
 presents it; no listener is dropped) and keeps the old one if the new pair is bad.
 
@@ -300,6 +301,23 @@ class Instance:
         if self.ha is not None:
             await asyncio.to_thread(self.ha.close)
 
+    async def _drain(self, graceful: bool) -> None:
+        """Resign (a peer takes over at once), say draining (``/ready`` 503, the member
+        record), and on a graceful stop keep serving ``drain_wait`` seconds so the load
+        balancer moves new connections elsewhere before the listeners close. (A restart
+        drained before it got here.) Leader-only work stops with the resignation."""
+        self.state.draining = True
+        await asyncio.to_thread(self.role.resign)
+        if self.pairing is not None:
+            self.pairing.enabled = False
+            await self.pairing.stop()
+        if self.ha is not None:
+            await asyncio.to_thread(self.ha.set_draining)
+        wait = float(self.d.cfg.drain_wait)
+        if graceful and wait > 0:
+            logfmt.event("api-drain", instance=self.d.cfg.instance_id, drain_wait=wait)
+            await asyncio.sleep(wait)
+
     async def run(self) -> int:
         cfg = self.d.cfg
         self._loop = asyncio.get_running_loop()
@@ -327,13 +345,7 @@ class Instance:
                 rc = 1  # a server ended by itself
         else:
             rc = 1
-        self.state.draining = True
-        await asyncio.to_thread(self.role.resign)  # a peer takes over at once
-        if self.pairing is not None:
-            self.pairing.enabled = False
-            await self.pairing.stop()
-        if self.ha is not None:
-            await asyncio.to_thread(self.ha.set_draining)
+        await self._drain(graceful=rc == 0 and not self.restart_requested)
         why = "restart" if self.restart_requested else ("signal" if rc == 0 else "error")
         logfmt.event("api-stop", port=cfg.api_port, reason=why)
         await self._stop_proxy()

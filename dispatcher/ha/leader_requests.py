@@ -1,7 +1,8 @@
 """Requests for the leader through the cluster store (``ced`` verbs in a cluster).
 
-``ced approve``, ``deny``, ``list-requests``, ``rotate-cert`` and ``maintain`` change
-leader-only state. With ``etcd_endpoints`` configured the CLI never does them locally: it
+Every leader-only action of :mod:`dispatcher.ha.actions` (approve, deny, list-requests,
+unpair, edit-agent, setup-*, rotate-cert, maintain) goes through the leader. With
+``etcd_endpoints`` configured the CLI never does them locally: it
 writes ``/<cluster>/requests/<id>`` (bound to a lease of :data:`REQUEST_TTL`, so a request
 nobody takes vanishes) and waits for ``/<cluster>/results/<id>``. The leader claims a
 request with a fenced transaction (the result key says ``running`` under its epoch, the
@@ -27,7 +28,6 @@ from cluster.backend import KVBackend
 
 REQUEST_TTL = 60  # seconds a request waits in the store for a leader to take it
 RESULT_KEEP = 3600  # seconds the leader keeps a result nobody collected
-KINDS = ("approve", "deny", "list-requests", "rotate-cert", "maintain")
 
 
 class RequestFailed(Exception):
@@ -35,9 +35,8 @@ class RequestFailed(Exception):
 
 
 def post(backend: KVBackend, kind: str, args: dict[str, Any], requested_by: str = "") -> str:
-    """Queue a request for the leader; its id."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown request kind {kind!r}")
+    """Queue a request for the leader; its id (``kind``: a name of
+    :data:`dispatcher.ha.actions.ACTIONS`, checked by the caller and by the leader)."""
     rid = f"{int(time.time() * 1000):x}-{secrets.token_hex(6)}"
     doc = {"id": rid, "kind": kind, "args": args, "at": time.time(),
            "requested_by": requested_by or f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip

@@ -2,8 +2,8 @@
 
 One thread, active only while this instance leads:
 
-* requests from ``ced`` (:mod:`dispatcher.ha.leader_requests`): pairing decisions, the pending
-  list, certificate rotation and ``maintain``, each under a fenced operation;
+* requests from ``ced`` (:mod:`dispatcher.ha.leader_requests`): every leader-only action
+  of :mod:`dispatcher.ha.actions`, each under a fenced operation;
 * after a rotation, retirement of the previous serial (:func:`dispatcher.pki.rotation.retire`)
   as soon as every live member presents the new serial (and every agent acknowledged it,
   or the overlap is over): every second for ten minutes after the rotation, then every
@@ -21,20 +21,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
-from dispatcher.ha import leader_requests as hareq
+from dispatcher.ha import actions, leader_requests
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
     from dispatcher.ha.node import HANode
 
 ev = logfmt.event
+REQUEST_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,127}")  # what post() makes, bounded
+T = TypeVar("T")
 
 
 class LeaderWork:
@@ -52,6 +55,8 @@ class LeaderWork:
         self._next_maintain = 0.0
         self._next_prune = 0.0
         self.busy = False  # carrying out a request or a maintenance run right now
+        self.rejected = 0  # request records dropped as malformed
+        self._dropped: set[str] = set()  # their keys, each logged once
 
     def start(self) -> LeaderWork:
         self._thread.start()
@@ -83,7 +88,7 @@ class LeaderWork:
                     self._retire_check(now)
                 if now >= self._next_maintain:
                     self._next_maintain = now + max(60, self.d.cfg.cert_check_interval)
-                    self._operation("maintain", self._maintain)
+                    self._busy(lambda: actions.perform(self.d, "maintain"))
                 if now >= self._next_prune:
                     self._next_prune = now + 60
                     self._prune_results(epoch)
@@ -97,114 +102,68 @@ class LeaderWork:
     # -- requests ------------------------------------------------------------------------
 
     def _requests(self, epoch: int) -> None:
+        """Carry out every queued request, each on its own: a record that does not parse
+        (or names no valid id) is dropped and logged once, never stops the others."""
         backend = self.node.data
-        keys = backend.keys
-        for kv in backend.get_prefix(keys.requests):
-            rid = kv.key[len(keys.requests) :]
+        for kv in backend.get_prefix(backend.keys.requests):
+            rid = kv.key[len(backend.keys.requests) :]
             try:
                 doc = json.loads(kv.value)
-                kind, args = str(doc["kind"]), dict(doc.get("args") or {})
-            except (ValueError, KeyError, TypeError):
-                self.node.elector.commit("request-drop", deletes=[kv.key], epoch=epoch,
-                                         detail={"id": rid, "reason": "malformed"})  # fmt: skip
+                kind, args = str(doc["kind"]), doc.get("args") or {}
+                if not REQUEST_ID.fullmatch(rid) or not isinstance(args, dict):
+                    raise ValueError("bad request id or arguments")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._drop(kv.key, epoch, f"malformed: {exc}")
                 continue
-            running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
-                       "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
-            self.node.elector.commit(
-                "request-claim", puts={keys.result(rid): json.dumps(running)},
-                deletes=[kv.key], epoch=epoch, detail={"id": rid, "kind": kind},
-            )  # fmt: skip
-            ev("leader-request", id=rid, kind=kind, epoch=epoch,
-               requested_by=doc.get("requested_by", ""))  # fmt: skip
-            t0 = self._clock()
-            done: dict[str, Any] = {**running, "state": "done"}
-            self.busy = True
-            try:
-                try:
-                    done.update(ok=True, result=self.execute(kind, args))
-                except Exception as exc:
-                    done.update(ok=False, error=str(exc) or type(exc).__name__,
-                                error_type=type(exc).__name__)  # fmt: skip
-                done["seconds"] = round(self._clock() - t0, 3)
-                self.node.elector.commit(
-                    "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
-                    epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
-                )  # fmt: skip
-            finally:
-                self.busy = False
+            self._request(epoch, rid, kind, args, str(doc.get("requested_by", "")))
 
-    def _operation(self, name: str, fn: Callable[[], Any]) -> Any:
+    def _drop(self, key: str, epoch: int, reason: str) -> None:
+        self.rejected += 1
+        if key not in self._dropped:
+            self._dropped.add(key)
+            ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
+        self.node.elector.commit("request-drop", deletes=[key], epoch=epoch,
+                                 detail={"key": key, "reason": "malformed"})  # fmt: skip
+
+    def _request(self, epoch: int, rid: str, kind: str, args: dict[str, Any], by: str) -> None:
+        keys = self.node.data.keys
+        running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
+                   "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
+        self.node.elector.commit(
+            "request-claim", puts={keys.result(rid): json.dumps(running)},
+            deletes=[keys.request(rid)], epoch=epoch, detail={"id": rid, "kind": kind},
+        )  # fmt: skip
+        ev("leader-request", id=rid, kind=kind, epoch=epoch, requested_by=by)
+        t0 = self._clock()
+        done: dict[str, Any] = {**running, "state": "done"}
+        self.busy = True
+        try:
+            try:
+                done.update(ok=True, **self.execute(kind, args))
+            except Exception as exc:
+                done.update(ok=False, error=str(exc) or type(exc).__name__,
+                            error_type=type(exc).__name__)  # fmt: skip
+            done["seconds"] = round(self._clock() - t0, 3)
+            self.node.elector.commit(
+                "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
+                epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
+            )  # fmt: skip
+        finally:
+            self.busy = False
+
+    def _busy(self, fn: Callable[[], T]) -> T:
         was, self.busy = self.busy, True
         try:
-            with self.node.writer.operation(name):
-                return fn()
+            return fn()
         finally:
             self.busy = was
 
-    def execute(self, kind: str, args: dict[str, Any]) -> Any:
-        from dispatcher.pairing import queue as pq
-
-        cfg, writer = self.d.cfg, self.node.writer
-        if kind == "approve":
-
-            def approve() -> dict[str, Any]:
-                port = args.get("agent_port")
-                res = pq.approve(cfg, str(args.get("reqid", "")), lookup_by=args.get("lookup_by"),
-                                 ip=args.get("ip"), agent_port=int(port) if port else None,
-                                 writer=writer)  # fmt: skip
-                return {"reqid": res.reqid, "hostname": res.name, "lookup_by": res.lookup_by,
-                        "ip": res.ip, "port": res.port, "addr": res.addr, "expiry": res.expiry,
-                        "dispatcher_serial": res.dispatcher_serial, "record": res.record,
-                        "warnings": res.warnings}  # fmt: skip
-
-            return self._operation("pairing-approve", approve)
-        if kind == "deny":
-
-            def deny() -> dict[str, Any]:
-                reqid = str(args.get("reqid", ""))
-                pq.deny(cfg, reqid, writer=writer,
-                        reason=str(args.get("reason") or "rejected by operator"))  # fmt: skip
-                return {"reqid": reqid}
-
-            return self._operation("pairing-deny", deny)
-        if kind == "list-requests":
-
-            def listing() -> list[dict[str, Any]]:
-                pending = pq.list_pending(cfg.pairing_dir, writer=writer)
-                return [{k: v for k, v in r.items() if k not in ("csr", "nonce")}
-                        for r in pending]  # fmt: skip
-
-            return self._operation("pairing-list", listing)
-        if kind == "rotate-cert":
-            return self._rotate()
-        if kind == "maintain":
-            return self._operation("maintain", self._maintain)
-        raise ValueError(f"unknown request kind {kind!r}")
-
-    def _rotate(self) -> dict[str, Any]:
-        from dispatcher.pki import rotation
-
-        sync = self.node.sync
-        before = sync.generation if sync is not None else 0
-        with self.node.writer.operation("cert-rotate") as epoch:
-            report = asyncio.run(rotation.rotate(self.d))
-        generation = before
-        if sync is not None:  # the publisher runs once the operation is over
-            deadline = self._clock() + 10
-            while sync.generation <= before and self._clock() < deadline:
-                time.sleep(0.02)
-            generation = sync.generation
-        self._next_retire = self._clock() + 1.0
-        ev("cert-rotate-ha", new_serial=report.get("new_serial"), epoch=epoch,
-           generation=generation, instance=self.node.instance_id)  # fmt: skip
-        return {**report, "generation": generation, "leader": self.node.instance_id,
-                "epoch": epoch}  # fmt: skip
-
-    def _maintain(self) -> dict[str, Any]:
-        from dispatcher.pki import rotation
-
-        out: dict[str, Any] = asyncio.run(rotation.maintain(self.d))
-        return out
+    def execute(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request through :func:`dispatcher.ha.actions.perform`: the
+        action's document plus the generation carrying the change."""
+        res = actions.perform(self.d, kind, args)
+        self._next_retire = min(self._next_retire, self._clock() + 1.0)
+        return {"result": res.data, "generation": res.generation}
 
     # -- retirement ----------------------------------------------------------------------
 
@@ -238,10 +197,15 @@ class LeaderWork:
         self._next_retire = now + (1.0 if recent else 60.0)
         if self.converged(state.current_serial) is not None:
             return
-        res = self._operation("serial-retire", lambda: asyncio.run(rotation.retire(self.d)))
+        res = self._busy(lambda: self._retire(rotation))
         if res.get("retired"):
             ev("serial-retired-ha", serial=res.get("serial"), reason=res.get("reason"),
                removed=len(res.get("removed") or []), instance=self.node.instance_id)  # fmt: skip
+
+    def _retire(self, rotation: Any) -> dict[str, Any]:
+        with self.node.writer.operation("serial-retire"):
+            out: dict[str, Any] = asyncio.run(rotation.retire(self.d))
+            return out
 
     def _prune_results(self, epoch: int) -> None:
         backend = self.node.data
@@ -251,7 +215,7 @@ class LeaderWork:
                 at = float(json.loads(kv.value).get("at", 0))
             except (ValueError, TypeError, AttributeError):
                 at = 0.0
-            if time.time() - at > hareq.RESULT_KEEP:
+            if time.time() - at > leader_requests.RESULT_KEEP:
                 old.append(kv.key)
         if old:
             self.node.elector.commit("results-prune", deletes=old[:100], epoch=epoch,

@@ -60,7 +60,7 @@ class Entry:
         if not isinstance(d, Mapping):
             raise ManifestError("manifest entry is not an object")
         try:
-            e = cls(str(d["path"]), int(d["mode"]) & 0o7777, int(d["size"]), str(d["sha256"]))
+            e = cls(str(d["path"]), int(d["mode"]) & 0o777, int(d["size"]), str(d["sha256"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"bad manifest entry {d!r}: {exc}") from None
         check_logical(e.path)
@@ -181,6 +181,17 @@ class Layout:
             for other, r in self.roots.items()
         )
 
+    def covers(self, path: str | Path) -> bool:
+        """Whether a generation carries this local file (a change to it is replicated)."""
+        p = Path(os.path.abspath(path))
+        if any(p == f for f in self.files.values()):
+            return True
+        for name, root in self.roots.items():
+            if _under(p, root) and p != root:
+                rel = p.relative_to(root).parts
+                return not any(part.startswith(".") for part in rel) and not self._skip(p, name)
+        return False
+
     def local(self, logical: str) -> Path:
         """The local file of a logical path (ManifestError when it maps nowhere)."""
         check_logical(logical)
@@ -262,7 +273,7 @@ class Scanner:
                 return None
             with self._lock:
                 self._cache[str(path)] = (key, digest)
-        return Entry(logical, st.st_mode & 0o7777, st.st_size, digest)
+        return Entry(logical, st.st_mode & 0o777, st.st_size, digest)
 
     def scan(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}

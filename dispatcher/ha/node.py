@@ -48,6 +48,7 @@ from dispatcher.ha import switchover
 from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
 from dispatcher.ha.errors import NotLeaderError
 from dispatcher.ha.leaderwork import LeaderWork
+from dispatcher.ha.replication import Replication
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
 from dispatcher.ha.runlocks import HARunLocks
@@ -132,6 +133,7 @@ class HANode:
         self.restarts: RestartCoordinator | None = None
         self.orders: OrderWatcher | None = None
         self.work: LeaderWork | None = None
+        self.replication: Replication | None = None
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
             if cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
@@ -145,7 +147,11 @@ class HANode:
                 lambda fresh: self.members(fresh=fresh),
                 active_operations=self.writer.active_operations,
             )  # fmt: skip
-            self.writer.on_change = self.sync.mark_dirty
+            self.replication = Replication(
+                self.instance_id, self.sync, lambda: self.members(fresh=True),
+                mode=cfg.sync_ack, timeout=cfg.sync_ack_timeout, covers=self.sync.layout.covers,
+            )  # fmt: skip
+            self.writer.on_change = self._changed
             self.writer.gate = self.sync.gate_reason
             self.session.update_member(cert_serial=self.sync.loaded_serial,
                                        generation=self.sync.generation)  # fmt: skip
@@ -168,6 +174,12 @@ class HANode:
             health_port=cfg.health_port, pairing_port=cfg.pairing_port,
             proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
         )  # fmt: skip
+
+    def _changed(self, path: Path) -> None:
+        """A fenced write or delete happened: publish it, count it for ``sync_ack``."""
+        assert self.sync is not None and self.replication is not None
+        self.sync.mark_dirty(path)
+        self.replication.note(path)
 
     def _generation(self) -> int:
         member = self.session.member
@@ -198,6 +210,7 @@ class HANode:
         d.__dict__["runstore"] = self.runs
         set_default_writer(self.writer)
         d.sign_guard = self.signing_refused
+        d.replication = self.replication
         pki.set_sign_guard(self._sign_check)
         if self.kind == "etcd":
             self.work = LeaderWork(self, d)
@@ -332,19 +345,31 @@ class HANode:
                 return info, m.advertise_url or None
         return info, None
 
-    def request_switchover(self, requested_by: str = "") -> dict[str, Any]:
-        """Resign if leading, else ask the leader through the store. Raises on no leader."""
+    def request_switchover(self, requested_by: str = "", to: str = "") -> dict[str, Any]:
+        """Resign if leading (in favour of ``to``), else ask the leader through the store.
+        Raises LookupError on no leader, ValueError when ``to`` cannot take over."""
         epoch = self.elector.epoch
         if epoch is not None:
-            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
-                         reason="switchover", requested_by=requested_by)  # fmt: skip
-            self.elector.resign()
-            return {"leader": self.instance_id, "epoch": epoch, "action": "resigned"}
+            self._resign_for_switchover(epoch, to, requested_by)
+            return {"leader": self.instance_id, "epoch": epoch, "action": "resigned", "to": to}
         info = self.data.leader()
         if info is None:
             raise LookupError("no leader to switch over from")
-        switchover.post_request(self.data, info, requested_by or self.instance_id)
-        return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested"}
+        if to == info.instance_id:
+            raise ValueError(f"{to} leads already")
+        switchover.post_request(self.data, info, requested_by or self.instance_id, to)
+        return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested", "to": to}
+
+    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
+        if to:
+            gen = self.sync.generation if self.sync is not None else 0
+            problem = (f"{to} leads already" if to == self.instance_id
+                       else switchover.target_problem(self.members(fresh=True), to, gen))  # fmt: skip
+            if problem is not None:
+                raise ValueError(f"cannot switch over to {to}: {problem}")
+        logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
+                     reason="switchover", to=to, requested_by=requested_by)  # fmt: skip
+        self.elector.resign(reason="switchover", to=to, requested_by=requested_by)
 
     # -- the monitor -------------------------------------------------------------------------
 
@@ -392,9 +417,12 @@ class HANode:
         wanted = req.get("epoch")
         if epoch is not None and wanted == epoch:
             self.data.delete_value(self.data.keys.switchover)
-            logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
-                         reason="switchover", requested_by=req.get("requested_by", ""))  # fmt: skip
-            self.elector.resign()
+            try:
+                self._resign_for_switchover(epoch, str(req.get("to") or ""),
+                                            str(req.get("requested_by") or ""))  # fmt: skip
+            except ValueError as exc:
+                logfmt.event("switchover-refused", logging.WARNING, instance=self.instance_id,
+                             epoch=epoch, reason=exc)  # fmt: skip
         elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
             self.data.delete_value(self.data.keys.switchover)  # stale request
 

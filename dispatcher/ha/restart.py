@@ -137,7 +137,7 @@ class RestartCoordinator:
                 self._handed_over_at = now
                 ev("restart-handover", instance=self.me, epoch=epoch, generation=gen,
                    to=",".join(sorted(m.instance_id for m in ready)))  # fmt: skip
-                self.elector.resign()
+                self.elector.resign(reason="rolling restart: the leader goes last")
             return
         if not others and not self._self_ordered:
             self._self_ordered = True

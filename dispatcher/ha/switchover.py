@@ -5,7 +5,9 @@ the API) writes ``/<cluster>/switchover`` naming the epoch that should end, boun
 short lease so a request nobody acts on vanishes. The leader's monitor reads the key
 every half second: when it names its own epoch it resigns (revokes its election lease,
 holds off one TTL so a peer takes over) and deletes the key; a request naming an older
-epoch is stale and deleted.
+epoch is stale and deleted. ``to`` names the member that should take over: the leader
+checks that it is a live member serving the current generation, then resigns with a
+handover note naming it, so the others leave the campaign to it (:mod:`cluster.history`).
 """
 
 from __future__ import annotations
@@ -16,22 +18,41 @@ import socket
 import time
 from typing import Any
 
-from cluster.backend import KVBackend, LeaderInfo
+from cluster.backend import KVBackend, LeaderInfo, MemberInfo
 
 REQUEST_TTL = 15  # seconds a request stays in the store when no leader acts on it
 
 
-def post_request(backend: KVBackend, leader: LeaderInfo, requested_by: str = "") -> dict[str, Any]:
-    """Ask the leader of ``leader.epoch`` to resign; returns the request document."""
+def post_request(
+    backend: KVBackend, leader: LeaderInfo, requested_by: str = "", to: str = ""
+) -> dict[str, Any]:
+    """Ask the leader of ``leader.epoch`` to resign (in favour of member ``to``, if given);
+    returns the request document."""
     doc = {
         "epoch": leader.epoch,
         "leader": leader.instance_id,
+        "to": to,
         "requested_by": requested_by or f"{socket.gethostname()}:{os.getpid()}",
         "at": time.time(),
     }
     lease = backend.lease_grant(REQUEST_TTL)
     backend.put_value(backend.keys.switchover, json.dumps(doc, sort_keys=True), lease.id)
     return doc
+
+
+def target_problem(members: list[MemberInfo], to: str, generation: int) -> str | None:
+    """Why member ``to`` cannot take over now (None: it can)."""
+    found = [m for m in members if m.instance_id == to]
+    if not found:
+        return f"{to} is not a live member"
+    m = found[0]
+    if m.state != "serving":
+        return f"{to} is {m.state}, not serving"
+    if m.restart_pending:
+        return f"{to} has a restart pending"
+    if m.generation < generation:
+        return f"{to} runs generation {m.generation}, not the current {generation}"
+    return None
 
 
 def read_request(backend: KVBackend) -> dict[str, Any] | None:

@@ -25,8 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.common.certs import openssl_date
 from agent.common.errors import CtrlExecError
-from agent.common.fsutil import atomic_write
 from agent.common.serial import new_serial
+from dispatcher.statewrite import LocalWriter, StateWriter
 
 MAX_CSR_PEM = 10_240
 CA_CN = "ctrl-exec CA"
@@ -75,8 +75,9 @@ def _key_bytes(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     )
 
 
-def create_ca(ca_dir: str | Path, days: int = 3650) -> CA:
-    """Write ``ca.key`` (0600) and ``ca.crt``; refuses to overwrite an existing key."""
+def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None) -> CA:
+    """Write ``ca.key`` (0600) and ``ca.crt`` (through ``writer``, default atomic local
+    writes); refuses to overwrite an existing key."""
     d = Path(ca_dir)
     d.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = d / "ca.key", d / "ca.crt"
@@ -100,12 +101,13 @@ def create_ca(ca_dir: str | Path, days: int = 3650) -> CA:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
+    w = writer or LocalWriter()
     old = os.umask(0o077)
     try:
-        atomic_write(key_path, _key_bytes(key), 0o600)
+        w.write(key_path, _key_bytes(key), 0o600)
     finally:
         os.umask(old)
-    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    w.write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return CA(cert, key, cert_path)
 
 
@@ -155,15 +157,16 @@ def _leaf(
 
 
 def issue_dispatcher_cert(
-    ca: CA, cert_path: str | Path, key_path: str | Path, days: int = 825
-) -> x509.Certificate:
-    """A new EC P-256 key and cert, written atomically (key 0600, cert 0644)."""
+    ca: CA, cert_path: str | Path, key_path: str | Path, days: int = 825,
+    writer: StateWriter | None = None,
+) -> x509.Certificate:  # fmt: skip
+    """A new EC P-256 key and cert, written atomically (key 0600, cert 0644) through
+    ``writer`` (default local writes)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _leaf(ca, key.public_key(), DISPATCHER_CN, days)
-    for p in (cert_path, key_path):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(key_path, _key_bytes(key), 0o600)
-    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    w = writer or LocalWriter()
+    w.write(key_path, _key_bytes(key), 0o600)
+    w.write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert
 
 

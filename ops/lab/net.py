@@ -20,7 +20,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CertKey(Protocol):
-    """A certificate and its key (``tests.support.pki.Issued`` is one)."""
+    """A certificate and its key (``ops.lab.pki.Issued`` is one)."""
 
     cert: Path
     key: Path

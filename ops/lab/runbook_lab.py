@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -403,6 +404,28 @@ class RunbookLab:
             _stop_pids([_pid_of(p) for p in group], marker, kill=etcd)
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_lab(root: Path) -> Iterator[RunbookLab]:
+    """A started lab under ``root``; every process of it is stopped by PID at the end."""
+    lab = RunbookLab(root)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()
+
+
+def lab_diagnostics(lab: RunbookLab, lines: int = 25) -> str:
+    """The tail of every instance's and HAProxy's log (for a failure message)."""
+    out = []
+    for log in sorted((lab.root / "logs").glob("*.log")):
+        if log.name.startswith("etcd-"):
+            continue
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"=== {log.name}\n" + "\n".join(text))
+    return "\n".join(out)
 
 
 def _kill_session(sid: int) -> None:

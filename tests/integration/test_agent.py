@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agentproc import ROOT, AgentProc, body, make_agent
-from tests.support.pki import Issued, TestCA
+from ops.lab.agentproc import AgentProc, body, make_agent
+from ops.lab.pki import Issued, TestCA
+from ops.lab.proc import ROOT
 
 pytestmark = pytest.mark.integration
 

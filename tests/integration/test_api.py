@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,21 +25,16 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.version import __version__
 from dispatcher.api.openapi_dump import SPEC_PATH
 from dispatcher.pki import ca as dpki
 from dispatcher.registry import Registry
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.apicalls import STATUS_KEYS, overlapping_runs
+from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.net import client_ssl, served_serial
-from ops.lab.proc import ApiProcess
-from tests.support import dispatcherenv
-from tests.support.agentproc import AgentProc, free_port, make_agent
-from tests.support.apicalls import STATUS_KEYS, overlapping_runs
-from tests.support.pki import Issued, TestCA
+from ops.lab.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
 
@@ -56,53 +50,10 @@ esac
 """
 
 
-class DispatcherCA(dispatcherenv.DispatcherCA):
-    """A new dispatcher CA (dispatcher.pki.ca) in ``directory``, behind TestCA's interface.
-
-    ``issue`` goes through a CSR signed by ``dispatcher.pki.ca.sign_csr``, as pairing does.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.ca = dpki.create_ca(directory)
-        super().__init__(self.ca, directory)
-
-    def issue(self, name: str, cn: str | None = None, serial: int | None = None,
-              rsa_bits: int = 0, days: int = 825) -> Issued:  # fmt: skip
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or name)]))
-            .sign(key, hashes.SHA256())
-        )
-        pem = dpki.sign_csr(self.ca, csr.public_bytes(serialization.Encoding.PEM).decode(), days)
-        cp, kp = self.dir / f"{name}.crt", self.dir / f"{name}.key"
-        cp.write_text(pem)
-        kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))  # fmt: skip
-        kp.chmod(0o600)
-        return Issued(cp, kp, x509.load_pem_x509_certificate(pem.encode()).serial_number)
-
-
-@dataclass
-class Daemon(ApiProcess):
-    name: str
-    config: Path
-    log: Path
-    api_port: int
-    health_port: int
-    tls: bool
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.api_port}"
-
-
 @dataclass
 class Env:
     tmp: Path
-    ca: DispatcherCA
+    ca: PairingCA
     dispatcher_cert: Issued
     api_cert: Path
     api_key: Path
@@ -121,28 +72,11 @@ class Env:
         return httpx.Client(base_url=d.url, verify=ctx, trust_env=False, timeout=30)
 
 
-def make_daemon(tmp: Path, name: str, ca_dir: Path, registry_dir: Path,
-                extra: dict[str, str]) -> Daemon:  # fmt: skip
-    state = tmp / f"state-{name}"
-    state.mkdir()
-    api_port, health_port = free_port(), free_port()
-    conf = {
-        "ca_dir": str(ca_dir), "state_dir": str(state), "registry_dir": str(registry_dir),
-        "api_bind": "127.0.0.1", "api_port": str(api_port), "health_bind": "127.0.0.1",
-        "health_port": str(health_port), "log_target": "stderr", "instance_id": f"inst-{name}",
-        "lease_ttl": "7", "read_timeout": "20",
-    }  # fmt: skip
-    conf.update(extra)
-    config = tmp / f"{name}.conf"
-    config.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
-    return Daemon(name, config, tmp / f"{name}.log", api_port, health_port, "api_cert" in extra)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("api")
     ca_dir = tmp / "ca"
-    ca = DispatcherCA(ca_dir)
+    ca = PairingCA(ca_dir)
     dcert = dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
@@ -471,5 +405,33 @@ def test_sigterm_drains_in_flight_runs(env: Env) -> None:
         assert result["r"].status_code == 200 and result["r"].json()["results"][0]["exit"] == 0
         assert d.proc.wait(15) == 0
         assert "ACTION=api-stop" in d.logtext()
+    finally:
+        d.stop()
+
+
+def test_sigterm_keeps_serving_new_requests_for_drain_wait(env: Env) -> None:
+    """SIGTERM: /ready says 503 at once, but new connections are still answered for
+    ``drain_wait`` seconds (the load balancer's health check needs that long to move
+    them elsewhere); only then do the listeners close."""
+    d = make_daemon(env.tmp, "graceful", env.tmp / "ca", env.registry_dir,
+                    {"api_auth_default": "allow", "drain_wait": "1.5"})  # fmt: skip
+    d.start()
+    try:
+        d.wait_healthy()
+        assert d.proc is not None
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        answered = 0
+        with httpx.Client(base_url=d.health_url, trust_env=False, timeout=5) as h:
+            while time.monotonic() - t0 < 1.2:
+                assert h.get("/ready").status_code == 503
+                with httpx.Client(base_url=d.url, trust_env=False, timeout=5) as c:
+                    assert c.get("/health").status_code in (200, 503)  # answered, not refused
+                answered += 1
+                time.sleep(0.1)
+        assert answered >= 5
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - t0 >= 1.5
+        assert "ACTION=api-drain DRAIN_WAIT=1.5" in d.logtext()
     finally:
         d.stop()

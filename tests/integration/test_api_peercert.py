@@ -19,8 +19,8 @@ from dispatcher.api.peercert import (
     identity_of,
     protocol_class,
 )
-from tests.support.agentproc import free_port
-from tests.support.pki import Issued, TestCA
+from ops.lab.net import free_port
+from ops.lab.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
 

@@ -22,18 +22,13 @@ import httpx
 import pytest
 
 from dispatcher.api import proxyproto as pp
+from dispatcher.haproxy import Member
 from dispatcher.pki import ca as dpki
-from tests.integration.test_api import Daemon, DispatcherCA, make_daemon
-from tests.support.agentproc import free_port
-from tests.support.haproxy import (
-    API_BACKEND,
-    Factory,
-    HAProxy,
-    Member,
-    haproxy_factory,
-    needs_haproxy,
-)
-from tests.support.pki import Issued, TestCA
+from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
+from ops.lab.haproxy import API_BACKEND, HAProxy
+from ops.lab.net import free_port
+from ops.lab.pki import Issued, TestCA
+from tests.support.haproxy import Factory, haproxy_factory, needs_haproxy
 
 __all__ = ["haproxy_factory"]  # the fixture, imported for this module's tests
 
@@ -49,7 +44,7 @@ exit 0
 @dataclass
 class Env:
     tmp: Path
-    ca: DispatcherCA
+    ca: PairingCA
     daemon: Daemon
     proxy_port: int
     hook_log: Path
@@ -89,7 +84,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("api-proxy")
     ca_dir = tmp / "ca"
-    ca = DispatcherCA(ca_dir)
+    ca = PairingCA(ca_dir)
     dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
     dpki.issue_dispatcher_cert(ca.ca, api_cert, api_key)
@@ -240,7 +235,7 @@ def test_drain_through_the_stats_socket(env: Env, hap: HAProxy) -> None:
 
 def test_daemon_refuses_a_bad_proxy_setup(tmp_path: Path) -> None:
     ca_dir = tmp_path / "ca"
-    ca = DispatcherCA(ca_dir)
+    ca = PairingCA(ca_dir)
     dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     bad = make_daemon(tmp_path, "bad", ca_dir, tmp_path / "agents",
                       {"api_proxy_port": str(free_port()), "api_proxy_sources": "haproxy-1"})  # fmt: skip

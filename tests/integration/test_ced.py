@@ -20,8 +20,10 @@ from cryptography.x509.oid import NameOID
 
 from dispatcher.pairing import queue as pq
 from dispatcher.registry import Registry
-from tests.support.agentproc import ROOT, AgentProc, free_port, make_agent, wait_listening
-from tests.support.pki import Issued, TestCA
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.net import free_port, wait_listening
+from ops.lab.pki import Issued, TestCA
+from ops.lab.proc import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from cluster.election import Elector, EpochGuard
 from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
 from cluster.locks import ClusterRunLocks, LockConflict
 from cluster.session import Session
-from tests.support.etcdcluster import ETCD, SKIP_REASON, EtcdCluster, TLSFiles
+from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, TLSFiles
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -23,7 +23,7 @@ import pytest
 
 from cluster.backend import EtcdBackend
 from cluster.election import Elector
-from tests.support.etcdcluster import ETCD, SKIP_REASON, EtcdCluster
+from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -43,14 +43,14 @@ def etcd3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
 
 
 class ElectorProc:
-    """A ``tests.support.elector_proc`` child with its JSON events collected by a thread."""
+    """A ``ops.lab.elector_proc`` child with its JSON events collected by a thread."""
 
     def __init__(self, ident: str, endpoints: list[str], cluster: str, log_dir: Path) -> None:
         self.ident = ident
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.stderr = open(log_dir / f"elector-{ident}.log", "wb")  # noqa: SIM115
-        argv = [sys.executable, "-m", "tests.support.elector_proc", "--id", ident]
+        argv = [sys.executable, "-m", "ops.lab.elector_proc", "--id", ident]
         argv += ["--endpoints", ",".join(endpoints), "--cluster", cluster, "--ttl", str(TTL)]
         self.proc = subprocess.Popen(
             argv,

@@ -28,8 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.executor import protocol
-from ops.lab.proc import wait_until
-from tests.support.agentproc import (
+from ops.lab.agentproc import (
     ENV,
     ROOT,
     AgentProc,
@@ -38,7 +37,7 @@ from tests.support.agentproc import (
     make_agent,
     user_env,
 )
-from tests.support.executorproc import (
+from ops.lab.executorproc import (
     ExecutorProc,
     Users,
     call,
@@ -47,7 +46,8 @@ from tests.support.executorproc import (
     request,
     throwaway_users,
 )
-from tests.support.pki import Issued, TestCA
+from ops.lab.pki import Issued, TestCA
+from ops.lab.proc import wait_until
 
 pytestmark = [
     pytest.mark.integration,

@@ -19,8 +19,9 @@ from dispatcher.client import fanout
 from dispatcher.client.aio import SessionCache
 from dispatcher.registry import Target
 from dispatcher.reqid import new_reqid
-from tests.support.agentproc import AgentProc, free_port, make_agent, wait_listening
-from tests.support.pki import Issued, TestCA
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.net import free_port, wait_listening
+from ops.lab.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
 

@@ -35,11 +35,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ops.lab.haproxy import HAPROXY
-from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
-from tests.support.etcdcluster import ETCD
-from tests.support.etcdcluster import SKIP_REASON as ETCD_SKIP
-from tests.support.hacluster import (
+from ops.lab.etcd import ETCD
+from ops.lab.etcd import SKIP_REASON as ETCD_SKIP
+from ops.lab.hacluster import (
     API_BACKEND,
     PAIRING_BACKEND,
     Cluster,
@@ -54,6 +52,8 @@ from tests.support.hacluster import (
     running_cluster,
     wait_until,
 )
+from ops.lab.haproxy import HAPROXY
+from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
 
 pytestmark = [
     pytest.mark.integration,

@@ -26,11 +26,9 @@ from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.writer import FencedWriter
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
-from ops.lab.haproxy import HAPROXY
-from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
-from tests.support.apicalls import STATUS_KEYS, overlapping_runs
-from tests.support.etcdcluster import ETCD, SKIP_REASON
-from tests.support.hacluster import (
+from ops.lab.apicalls import STATUS_KEYS, overlapping_runs
+from ops.lab.etcd import ETCD, SKIP_REASON
+from ops.lab.hacluster import (
     Cluster,
     ClusterSpec,
     Inst,
@@ -42,7 +40,9 @@ from tests.support.hacluster import (
     running_cluster,
     wait_until,
 )
-from tests.support.pairing import pairing_request
+from ops.lab.haproxy import HAPROXY
+from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
+from ops.lab.pairing import pairing_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -242,6 +242,71 @@ def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) ->
     assert f"EPOCH={epoch}" in leader.logtext()
 
 
+def test_edit_agent_from_a_follower_host_is_carried_out_by_the_leader(cluster: Cluster) -> None:
+    """``ced edit-agent`` run on a follower's host goes to the leader (one home for
+    leader-only actions): the leader commits the registry writes under its epoch."""
+    leader = cluster.one_leader()
+    epoch = leader.status()["epoch"]
+    follower = cluster.followers()[0]
+    before = {e.revision for e in cluster.effects()}
+    try:
+        r = cluster.ced(follower, "--json", "edit-agent", "web2", "--rename", "web2-moved")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["hostname"] == "web2-moved"
+        # sync_ack = majority: when ced answers, most members run the generation with it
+        g = leader.status()["generation"]
+        backend = cluster.backend()
+        try:
+            applied = [m.instance_id for m in backend.members() if m.generation >= g]
+        finally:
+            backend.close()
+        assert len(applied) >= 2, (g, applied)
+        fresh = [e for e in cluster.effects() if e.revision not in before]
+        assert {"request-claim", "agent-edit", "request-done"} <= {e.effect for e in fresh}
+        assert all(e.epoch == epoch and e.instance_id == leader.id for e in fresh)
+        new = [e for e in fresh if e.effect == "agent-edit"]
+        assert {(Path(e.detail["path"]).name, e.detail["op"]) for e in new} == {
+            ("web2-moved.json", "write"), ("web2.json", "delete")}  # fmt: skip
+        r = cluster.ced(follower, "edit-agent", "nobody-here", "--agent-port", "7443")
+        assert r.returncode == 1 and "Edit failed: no registry entry for 'nobody-here'" in r.stderr
+    finally:
+        r = cluster.ced(follower, "edit-agent", "web2-moved", "--rename", "web2")
+    assert r.returncode == 0, r.stderr
+
+
+def test_malformed_request_records_are_dropped_and_never_stop_the_loop(cluster: Cluster) -> None:
+    """Anyone who can write to etcd can queue junk: each bad record is dropped and logged
+    once, and a genuine request behind it is still carried out."""
+    leader = cluster.one_leader()
+    backend = cluster.backend()
+    prefix = backend.keys.requests
+    junk = {
+        f"{prefix}evil/../x": json.dumps({"kind": "list-requests", "args": {}}),
+        f"{prefix}not-json": "{",
+        f"{prefix}args-list": json.dumps({"kind": "deny", "args": ["a"]}),
+        f"{prefix}no-kind": json.dumps({"args": {}}),
+        f"{prefix}bad-args": json.dumps({"kind": "approve", "args": {"reqid": 1, "sudo": 1}}),
+    }
+    try:
+        for key, value in junk.items():
+            backend.put_value(key, value)
+        r = cluster.ced(cluster.followers()[0], "--json", "list-requests", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ok"] == 1
+        assert wait_until(lambda: not backend.get_prefix(prefix), 10, "junk dropped")
+        result = backend.get_value(backend.keys.result("bad-args"))
+        assert result is not None  # a well-formed record with bad arguments gets an answer
+        doc = json.loads(result)
+        assert doc["ok"] is False and "unknown argument(s) sudo" in doc["error"], doc
+    finally:
+        backend.close()
+    log = leader.logtext()
+    for name in ("evil/../x", "not-json", "args-list", "no-kind"):
+        lines = [ln for ln in log.splitlines()
+                 if "ACTION=request-drop " in ln and f" KEY={prefix}{name} " in ln]  # fmt: skip
+        assert len(lines) == 1, (name, lines)
+
+
 # ----- data plane --------------------------------------------------------------------------
 
 
@@ -326,6 +391,47 @@ def test_cli_switchover(cluster: Cluster) -> None:
     MEASURED["cli_switchover_ms"] = round(doc["seconds"] * 1000)
     new = cluster.one_leader()
     assert new.id == doc["leader"]
+
+
+def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster) -> None:
+    """``switchover --to X`` lands on X (the others leave the campaign to it), a bad
+    target is refused, and every change of leader is on record with its reason."""
+    from cluster import history
+    from dispatcher.ha import switchover
+
+    cluster.ensure_all_running()
+    backend = cluster.backend()
+    try:
+        start = history.terms(backend)[0]
+        changes: list[tuple[str, str]] = []
+        for _ in range(3):  # each time to the follower listed last: not a lucky race
+            old = cluster.one_leader()
+            target = sorted(i.id for i in cluster.followers())[-1]
+            info = backend.leader()
+            assert info is not None and info.instance_id == old.id
+            switchover.post_request(backend, info, "pytest", to=target)
+            assert wait_until(lambda o=old.id: (n := backend.leader()) is not None
+                              and n.instance_id != o, 10, "a new leader")  # fmt: skip
+            new = backend.leader()
+            assert new is not None and new.instance_id == target
+            changes.append((old.id, target))
+            cluster.one_leader()
+        info = backend.leader()
+        assert info is not None
+        switchover.post_request(backend, info, "pytest", to="no-such-member")
+        assert wait_until(lambda: backend.get_value(backend.keys.switchover) is None, 5, "seen")
+        time.sleep(3 * TTL)
+        assert backend.leader() == info  # refused: the leader stays
+        leader = next(i for i in cluster.insts.values() if i.id == info.instance_id)
+        assert "ACTION=switchover-refused" in leader.logtext()
+        terms = history.terms(backend)
+    finally:
+        backend.close()
+    recent = list(reversed([t for t in terms if t.epoch > start.epoch]))
+    assert [(t.previous, t.leader) for t in recent] == changes
+    assert [t.term for t in recent] == [start.term + 1, start.term + 2, start.term + 3]
+    for t in recent:
+        assert t.reason == f"switchover to {t.leader} (requested by pytest)", t
 
 
 # ----- etcd down: the data plane goes on, leader-only work fails fast ----------------------

@@ -27,11 +27,8 @@ from dispatcher.config import load as load_config
 from dispatcher.ha.manifest import Generation, Layout, Scanner, manifest_hash
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
-from ops.lab.haproxy import HAPROXY
-from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
-from ops.lab.net import client_ssl, served_serial
-from tests.support.etcdcluster import ETCD, SKIP_REASON
-from tests.support.hacluster import (
+from ops.lab.etcd import ETCD, SKIP_REASON
+from ops.lab.hacluster import (
     Cluster,
     ClusterSpec,
     Inst,
@@ -39,7 +36,10 @@ from tests.support.hacluster import (
     running_cluster,
     wait_until,
 )
-from tests.support.pki import Issued
+from ops.lab.haproxy import HAPROXY
+from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
+from ops.lab.net import client_ssl, served_serial
+from ops.lab.pki import Issued
 
 pytestmark = [
     pytest.mark.integration,

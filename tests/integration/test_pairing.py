@@ -37,9 +37,9 @@ from dispatcher.pairing.server import PairingServer
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
-from ops.lab.proc import wait_until
-from tests.support.agentproc import ENV, ROOT, free_port, wait_listening
-from tests.support.pairing import frame, read_response
+from ops.lab.net import free_port, wait_listening
+from ops.lab.pairing import frame, read_response
+from ops.lab.proc import ENV, ROOT, wait_until
 
 pytestmark = pytest.mark.integration
 REQID_LINE = re.compile(r"^[a-f0-9]{16}$")

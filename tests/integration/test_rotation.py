@@ -28,9 +28,10 @@ from dispatcher.pki import ca as pki
 from dispatcher.pki import renewal, rotation
 from dispatcher.pki import rotation_state as rs
 from dispatcher.registry import Target, resolve
-from tests.support.agentproc import AgentProc, wait_listening
-from tests.support.dispatcherenv import DISPATCHER_ID, DispatcherEnv, make_env
-from tests.support.pki import Issued
+from ops.lab.agentproc import AgentProc
+from ops.lab.dispatcherenv import DISPATCHER_ID, DispatcherEnv, make_env
+from ops.lab.net import wait_listening
+from ops.lab.pki import Issued
 
 pytestmark = pytest.mark.integration
 DAY = 86400

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ops.lab.runbook_exec import SECTIONS, Runbook, parse, run
-from tests.support.runbook_cluster import RunbookLab, lab_diagnostics, missing_tools, running_lab
+from ops.lab.runbook_lab import RunbookLab, lab_diagnostics, missing_tools, running_lab
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = ROOT / "ops" / "runbooks"

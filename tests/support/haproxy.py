@@ -1,4 +1,4 @@
-"""Real HAProxy for tests: the launcher lives in :mod:`ops.lab.haproxy` (the demo uses it).
+"""pytest glue for a real HAProxy: the launcher lives in :mod:`ops.lab.haproxy`.
 
 ``haproxy_factory`` starts as many HAProxy processes as a test asks for, under its
 ``tmp_path``, and stops each one by PID at teardown::
@@ -17,17 +17,9 @@ from pathlib import Path
 import pytest
 
 from dispatcher.haproxy import Member
-from ops.lab.haproxy import (
-    API_BACKEND,
-    HAPROXY,
-    PAIRING_BACKEND,
-    SKIP_REASON,
-    HAProxy,
-    HAProxyError,
-)
+from ops.lab.haproxy import HAPROXY, SKIP_REASON, HAProxy
 
-__all__ = ["API_BACKEND", "HAPROXY", "PAIRING_BACKEND", "SKIP_REASON", "Factory", "HAProxy",
-           "HAProxyError", "Member", "haproxy_factory", "needs_haproxy"]  # fmt: skip
+__all__ = ["Factory", "haproxy_factory", "needs_haproxy"]
 
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason=SKIP_REASON)
 

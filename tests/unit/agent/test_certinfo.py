@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from agent import certinfo
 from agent.common.datefmt import openssl_date, parse_openssl_date
-from tests.support.pki import TestCA
+from ops.lab.pki import TestCA
 
 
 def test_not_after_matches_cryptography(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.common import logfmt
-from tests.support.agentproc import ROOT
+from ops.lab.proc import ROOT
 
 
 def test_action_first_then_sorted_and_quoted() -> None:

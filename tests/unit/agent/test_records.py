@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.common.records import FrozenInstanceError, field, fields, record
-from tests.support.agentproc import ROOT
+from ops.lab.proc import ROOT
 
 
 @record

@@ -31,7 +31,7 @@ from dispatcher.client.aio import NO_DATA, SessionCache, call
 from dispatcher.client.blocking import BLOCKING
 from dispatcher.client.io import AgentIO, run_blocking
 from dispatcher.reqid import new_reqid
-from tests.support.pki import Issued, TestCA
+from ops.lab.pki import Issued, TestCA
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Call = Callable[..., Awaitable[agentclient.AgentReply]]

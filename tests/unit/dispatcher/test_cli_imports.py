@@ -24,8 +24,8 @@ import pytest
 from agent.common.tlsconf import server_context
 from agent.common.wire import response_bytes
 from dispatcher.registry import Registry
-from tests.support.agentproc import ROOT
-from tests.support.pki import Issued, TestCA
+from ops.lab.pki import Issued, TestCA
+from ops.lab.proc import ROOT
 
 HEAVY = ("fastapi", "uvicorn", "etcd3gw", "requests")
 # asyncio: ~50 ms; dataclasses (through inspect): ~15 ms (agent.common.records stands in);

@@ -138,7 +138,7 @@ class Rig:
             self.fetched += 1
             return leader_layout.local(e.path).read_bytes(), "leader"
 
-        s._fetch = fetch  # type: ignore[method-assign]
+        s.fetcher.fetch = fetch  # type: ignore[method-assign]
         return s
 
 
@@ -154,7 +154,7 @@ def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
         "agents/web1.json": b'{"n":1}', "agents/web9.json": b"{}",
     })  # fmt: skip
     g = generation_of(rig.leader_cfg)
-    assert rig.syncer._handle(g.to_json().encode())
+    assert rig.syncer.follower.handle(g.to_json().encode())
     f = tmp_path / "follower"
     assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
     assert (f / "etc" / "bundle" / "a").read_bytes() == b"A"
@@ -175,18 +175,18 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
     populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
     g = generation_of(rig.leader_cfg)
-    assert not rig.syncer._handle(g.to_json().encode())  # fetch 3 fails: retried later
+    assert not rig.syncer.follower.handle(g.to_json().encode())  # fetch 3 fails: retried later
     f = tmp_path / "follower" / "etc"
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"old-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
-    assert rig.syncer.generation == 0 and rig.syncer._retry_at is not None
+    assert rig.syncer.generation == 0 and rig.syncer.follower.retry_at is not None
     # as if killed here: two files staged next to their targets
     stage = f / ".ctrl-exec-sync"
     assert sorted(os.listdir(stage)) == ["f0", "f1"]
     fresh = rig.make()  # a restart removes the leftovers, then converges
     assert not stage.exists()
     rig.fail_after = None
-    assert fresh._handle(g.to_json().encode())
+    assert fresh.follower.handle(g.to_json().encode())
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
 
@@ -194,16 +194,16 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
-    assert rig.syncer._handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
+    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
     populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
     stale = generation_of(rig.leader_cfg, 2, epoch=4)
-    assert not rig.syncer._handle(stale.to_json().encode(), rev=77)
+    assert not rig.syncer.follower.handle(stale.to_json().encode(), rev=77)
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
     assert rig.syncer.generation == 1
     rig.syncer.leader_guard.check(12)  # a newer leader was seen: its epoch counts too
     newer = generation_of(rig.leader_cfg, 3, epoch=10)
-    assert not rig.syncer._handle(newer.to_json().encode(), rev=78)
-    assert rig.syncer._handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
+    assert not rig.syncer.follower.handle(newer.to_json().encode(), rev=78)
+    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
 
 
 def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from dispatcher.pki.rotation import (
     rotation_due,
     stale_candidates,
 )
-from tests.support.dispatcherenv import make_env
+from ops.lab.dispatcherenv import make_env
 
 DAY = 86400
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z

@@ -1,4 +1,4 @@
-"""A throwaway CA for tests, built directly on ``cryptography``.
+"""A throwaway CA for tests and benches, built directly on ``cryptography``.
 
 Independent of ``dispatcher.pki.ca`` on purpose, so the agent is not tested only against the
 dispatcher's own signer.

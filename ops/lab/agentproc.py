@@ -17,8 +17,8 @@ from typing import Any
 from agent.common.tlsconf import client_context
 from agent.common.wire import Response, parse_response, request_bytes
 from ops.lab.net import free_port, wait_listening
+from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ENV, ROOT, terminate
-from tests.support.pki import Issued, TestCA
 
 __all__ = [
     "ENV",

@@ -56,15 +56,15 @@ from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.dispatcherenv import DispatcherCA
 from ops.lab.etcd import EtcdCluster
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
+from ops.lab.pairing import make_csr, pair_request, read_framed
+from ops.lab.pki import Issued
 from ops.lab.proc import ENV, ApiProcess, WaitTimeout, wait_until
-from tests.support.agentproc import AgentProc, make_agent
-from tests.support.dispatcherenv import DispatcherCA
-from tests.support.pairing import make_csr, pair_request, read_framed
-from tests.support.pki import Issued
 
 __all__ = ["API_BACKEND", "ENV", "PAIRING_BACKEND", "Cluster", "ClusterSpec", "Inst", "Load",
            "LoadReport", "Outcome", "WaitTimeout", "get", "history_violations", "make_csr",

@@ -1,4 +1,4 @@
-"""One elector in its own process, for the election tests (``python -m tests.support.elector_proc``).
+"""One elector in its own process, for the election tests (``python -m ops.lab.elector_proc``).
 
 It campaigns on etcd and, while it leads, commits a fenced ``tick`` effect every 100 ms.
 Events go to stdout as JSON lines with ``time.monotonic()`` (system-wide on Linux, so

@@ -15,8 +15,8 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
 from dispatcher.pki import ca as pki
 from dispatcher.statewrite import LocalWriter
-from tests.support.agentproc import AgentProc, make_agent
-from tests.support.pki import Issued, TestCA
+from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.pki import Issued, TestCA
 
 DISPATCHER_ID = "disp-test"
 

@@ -1,0 +1,93 @@
+"""Trust and certificates: ``POST /rotate-serial``, ``/renew`` and ``/renew-complete``.
+
+``cryptography`` (via :mod:`agent.common.certs`) is imported only by the renewal handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agent import trustmap
+from agent.common import logfmt
+from agent.common.serial import serial_to_hex
+from agent.handlers.base import AgentState, Peer, Reply, gate, hook, parse_json, reqid_of
+
+ev = logfmt.event
+
+
+async def rotate_serial(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
+    obj = parse_json(body)
+    if (denied := gate(peer, reqid_of(obj))) is not None:
+        return denied
+    assert peer.dispatcher is not None
+    if not isinstance(obj, dict):
+        return 200, {"status": "error", "error": "invalid JSON"}
+    serial, action = obj.get("serial"), obj.get("action")
+    if not isinstance(serial, str) or not serial:
+        return 200, {"status": "error", "error": "serial required"}
+    if action not in ("add", "remove"):
+        return 200, {"status": "error", "error": f"invalid action '{action}'"}
+    canon = serial_to_hex(serial)
+    if not canon or len(canon) > 64:
+        return 200, {"status": "error", "error": f"invalid serial '{serial}'"}
+    if agent.cfg.auth_hook:
+        token = obj.get("token") if isinstance(obj.get("token"), str) else ""
+        d = await hook(agent, "rotate", peer, args=[action, serial], token=str(token))
+        if not d.allowed:
+            ev("rotate-deny", logging.WARNING, peer=peer.ip, reason=d.reason,
+               dispatcher=peer.dispatcher)  # fmt: skip
+            return 403, {"error": f"not authorised: {d.reason}"}
+    path = agent.cfg.trusted_dispatchers_path
+    try:
+        if action == "add":
+            trustmap.add(path, serial, peer.dispatcher)
+        else:
+            trustmap.remove(path, serial, peer.dispatcher)
+    except PermissionError as exc:
+        ev("rotate-fail", logging.WARNING, peer=peer.ip, reason=str(exc),
+           dispatcher=peer.dispatcher)  # fmt: skip
+        return 200, {"status": "error", "error": str(exc)}
+    except (OSError, ValueError) as exc:
+        ev("rotate-fail", logging.ERROR, peer=peer.ip, reason=str(exc))
+        return 200, {"status": "error", "error": f"could not update map: {exc}"}
+    agent.reload_trust()
+    ev("rotate", dispatcher=peer.dispatcher, serial_action=action, serial=canon,
+       peer=peer.ip)  # fmt: skip
+    return 200, {"status": "ok", "action": action, "serial": canon,
+                 "dispatcher": peer.dispatcher}  # fmt: skip
+
+
+async def renew(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
+    from agent.common import certs
+
+    reqid = reqid_of(parse_json(body))
+    try:
+        key = certs.load_key(agent.cfg.key)
+    except (OSError, ValueError, AssertionError) as exc:
+        ev("renew", logging.ERROR, peer=peer.ip, error=f"agent key not available: {exc}")
+        return 200, {"status": "error", "error": "agent key not available"}
+    try:
+        csr = certs.make_csr(key, agent.cfg.host)
+    except ValueError as exc:
+        ev("renew", logging.ERROR, peer=peer.ip, error=str(exc))
+        return 200, {"status": "error", "error": "could not generate CSR"}
+    ev("renew", peer=peer.ip, reqid=reqid, status="csr-generated")
+    return 200, {"status": "ok", "csr": csr, "reqid": reqid}
+
+
+async def renew_complete(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
+    from agent.common import certs
+
+    obj = parse_json(body)
+    reqid = reqid_of(obj)
+    cert = obj.get("cert") if isinstance(obj, dict) else None
+    if not isinstance(cert, str) or not cert.strip():
+        return 200, {"status": "error", "error": "cert required"}
+    try:
+        certs.validate_for_key(cert.encode(), agent.cfg.ca, agent.cfg.key)
+        certs.stage(cert.encode(), agent.cfg.cert_staging_path)
+    except (ValueError, OSError) as exc:
+        ev("renew-complete", logging.WARNING, peer=peer.ip, reqid=reqid, error=str(exc))
+        return 200, {"status": "error", "error": str(exc)}
+    ev("renew-complete", peer=peer.ip, reqid=reqid, status="cert-staged")
+    return 200, {"status": "ok", "reqid": reqid, "staged": True}

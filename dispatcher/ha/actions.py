@@ -1,0 +1,302 @@
+"""Leader-only actions: the one home of every change to leader-owned state.
+
+Each action is one typed function ``fn(d, *, arg: type, ...) -> data`` (``data`` is a
+JSON document) listed in :data:`ACTIONS`. Three paths reach it, and all three call
+:func:`perform`, which runs the function under one fenced operation (the epoch it began
+with is the epoch of every write and log line; see :class:`~dispatcher.ha.writer.FencedWriter`)
+and returns one :class:`ActionResult`:
+
+* ``ced`` on a host without ``etcd_endpoints``: :func:`request` performs it locally (the
+  embedded backend makes this host the leader, as upstream on one host);
+* ``ced`` in a cluster: :func:`request` posts it to the leader through the store
+  (:mod:`dispatcher.ha.leader_requests`); the leader's request loop
+  (:class:`~dispatcher.ha.leaderwork.LeaderWork`) looks the name up in :data:`ACTIONS`
+  and calls :func:`perform`;
+* the API (``/pairing/...``): the leader calls :func:`perform`; a follower forwards the
+  HTTP request to the leader (:mod:`dispatcher.api.cluster_routes`).
+
+In a cluster a change is acknowledged only once the generation carrying it is applied by
+the members ``sync_ack`` asks for (:mod:`dispatcher.ha.replication`); the result names
+that generation.
+
+Arguments arriving from the store are checked against the function's annotations
+(:func:`bind`) before anything runs: an unknown action, an unknown argument or a value of
+the wrong type is refused with :class:`ActionFailed`, never a crash of the caller's loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.common.errors import CtrlExecError
+from dispatcher.core import Dispatcher  # at run time: bind() resolves the annotations
+
+
+class ActionFailed(CtrlExecError):
+    """The action was refused or failed; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    name: str
+    data: Any  # the action's JSON document
+    leader: str = ""  # the instance that carried it out ("" on a single host)
+    epoch: int | None = None  # the epoch it was committed under (None on a single host)
+    generation: int | None = None  # the generation that carries the change (cluster)
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    operation: str  # the fenced operation's name (effects history, logs)
+    fn: Callable[..., Any]
+    bootstrap: bool = False  # may run locally while the cluster has no member at all
+
+
+# ----- the actions ---------------------------------------------------------------------
+
+
+def approve(
+    d: Dispatcher, *, reqid: str, lookup_by: str | None = None, ip: str | None = None,
+    agent_port: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Sign the queued CSR, register the agent, leave the approval for the agent."""
+    from dispatcher.pairing import queue as pq
+
+    res = pq.approve(d.cfg, reqid, lookup_by=lookup_by, ip=ip, agent_port=agent_port,
+                     writer=d.writer)  # fmt: skip
+    return {"reqid": res.reqid, "hostname": res.name, "lookup_by": res.lookup_by,
+            "ip": res.ip, "port": res.port, "addr": res.addr, "expiry": res.expiry,
+            "dispatcher_serial": res.dispatcher_serial, "record": res.record,
+            "warnings": res.warnings}  # fmt: skip
+
+
+def deny(d: Dispatcher, *, reqid: str, reason: str = "rejected by operator") -> dict[str, Any]:
+    from dispatcher.pairing import queue as pq
+
+    pq.deny(d.cfg, reqid, writer=d.writer, reason=reason or "rejected by operator")
+    return {"reqid": reqid}
+
+
+def list_requests(d: Dispatcher) -> list[dict[str, Any]]:
+    """The pending pairing requests, without CSR and nonce."""
+    from dispatcher.pairing import queue as pq
+
+    pending = pq.list_pending(d.cfg.pairing_dir, writer=d.writer)
+    return [{k: v for k, v in r.items() if k not in ("csr", "nonce")} for r in pending]
+
+
+def unpair(d: Dispatcher, *, name: str) -> dict[str, Any]:
+    from agent.common import logfmt
+    from dispatcher.registry import RegistryError
+
+    reg = d.registry
+    record = reg.get(name)
+    if record is None or not reg.delete(name):
+        raise RegistryError(f"no registry entry for '{name}'")
+    expiry = record.get("expiry") or "unknown"
+    logfmt.event("unpair", agent=name, expiry=expiry)
+    return {"hostname": name, "expiry": expiry}
+
+
+def edit_agent(
+    d: Dispatcher, *, name: str, rename: str | None = None, ip: str | None = None,
+    port: int | None = None, lookup_by: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Rename and/or change address fields of a registered agent; the new record."""
+    from agent.common import logfmt
+
+    changes = {k: v for k, v in (("ip", ip), ("port", port), ("lookup_by", lookup_by))
+               if v is not None}  # fmt: skip
+    if rename is None and not changes:
+        raise ActionFailed("nothing to change")
+    reg = d.registry
+    with reg.locked():
+        record = reg.rename(name, rename) if rename is not None else reg.get(name)
+        if changes:
+            record = reg.update(rename or name, **changes)
+    if record is None:
+        raise ActionFailed(f"no registry entry for '{name}'")
+    fields: dict[str, Any] = {k: record.get(k) for k in changes}
+    if rename is not None:
+        fields["renamed_from"] = name
+    logfmt.event("edit-agent", agent=record.get("hostname"), **fields)
+    return record
+
+
+def setup_ca(d: Dispatcher) -> dict[str, Any]:
+    from dispatcher.pki import ca as pki
+
+    ca_dir = Path(d.cfg.ca_dir)
+    pki.create_ca(ca_dir, writer=d.writer)
+    return {"key": str(ca_dir / "ca.key"), "cert": str(ca_dir / "ca.crt")}
+
+
+def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
+    from dispatcher.pki import ca as pki
+
+    cfg = d.cfg
+    ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
+    cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer)
+    return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}"}
+
+
+def rotate_cert(d: Dispatcher) -> dict[str, Any]:
+    import asyncio
+
+    from dispatcher.pki import rotation
+
+    return asyncio.run(rotation.rotate(d))
+
+
+def maintain(d: Dispatcher) -> dict[str, Any]:
+    import asyncio
+
+    from dispatcher.pki import rotation
+
+    return asyncio.run(rotation.maintain(d))
+
+
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action("approve", "pairing-approve", approve),
+        Action("deny", "pairing-deny", deny),
+        Action("list-requests", "pairing-list", list_requests),
+        Action("unpair", "agent-unpair", unpair),
+        Action("edit-agent", "agent-edit", edit_agent),
+        Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
+        Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
+        Action("rotate-cert", "cert-rotate", rotate_cert),
+        Action("maintain", "maintain", maintain),
+    )
+}
+
+
+# ----- argument checking -----------------------------------------------------------------
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return False
+
+
+def bind(action: Action, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` checked against the action's keyword parameters (names and types)."""
+    import inspect
+
+    if not isinstance(args, dict):
+        raise ActionFailed(f"{action.name}: arguments must be an object")
+    params = {n: p for n, p in inspect.signature(action.fn).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
+    hints = typing.get_type_hints(action.fn)
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ActionFailed(f"{action.name}: unknown argument(s) {', '.join(unknown)}")
+    for name, p in params.items():
+        if name not in args:
+            if p.default is inspect.Parameter.empty:
+                raise ActionFailed(f"{action.name}: missing argument {name}")
+            continue
+        if not _accepts(hints[name], args[name]):
+            raise ActionFailed(f"{action.name}: argument {name} has the wrong type")
+    return args
+
+
+def lookup(name: str) -> Action:
+    action = ACTIONS.get(name)
+    if action is None:
+        raise ActionFailed(f"unknown action {name!r}")
+    return action
+
+
+# ----- carrying it out -------------------------------------------------------------------
+
+
+def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> ActionResult:
+    """Carry out ``name`` here, under one fenced operation when this process fences.
+
+    Raises the action's own errors (pairing, registry, PKI, not leader, cluster
+    unavailable) for the caller to map; :class:`ActionFailed` for bad names/arguments.
+    """
+    from dispatcher.ha.writer import FencedWriter
+
+    action = lookup(name)
+    kwargs = bind(action, dict(args or {}))
+    writer = d.writer
+    if not isinstance(writer, FencedWriter):
+        return ActionResult(name, action.fn(d, **kwargs))
+    rep = d.replication
+    before, changes = (rep.generation, rep.changes) if rep is not None else (0, 0)
+    with writer.operation(action.operation) as epoch:
+        data = action.fn(d, **kwargs)
+    generation = None
+    if rep is not None:  # a replicated change is acknowledged once applied (sync_ack)
+        generation = rep.acknowledge(before) if rep.changes != changes else rep.generation
+    return ActionResult(name, data, leader=d.cfg.instance_id, epoch=epoch, generation=generation)
+
+
+def requested_by(user: str = "") -> str:
+    """Who asks, for the leader's log: ``ced:<user>@<host>``."""
+    who = user or os.environ.get("SUDO_USER") or os.environ.get("USER", "")
+    return f"ced:{who}@{socket.gethostname()}"
+
+
+def request(
+    d: Dispatcher, name: str, args: dict[str, Any] | None = None, *,
+    requested_by: str = "", timeout: float = 120.0,
+) -> ActionResult:  # fmt: skip
+    """Have the leader carry out ``name``: locally without etcd, else through the store.
+
+    Raises :class:`ActionFailed` with the operator's message (the original error chained).
+    """
+    action = lookup(name)
+    if not d.cfg.etcd_endpoints:
+        return _local(d, action, args)
+    from cluster.errors import BackendUnavailable
+    from dispatcher.ha import leader_requests
+    from dispatcher.ha.coordination import backend_from_config
+
+    backend = backend_from_config(d.cfg, timeout=2.0)
+    try:
+        if backend.leader() is None:
+            if action.bootstrap and not backend.members():
+                return _local(d, action, args)  # no instance runs yet: bootstrap here
+            raise ActionFailed("Error: the cluster has no leader right now; try again shortly")
+        rid = leader_requests.post(backend, name, dict(args or {}), requested_by)
+        doc = leader_requests.wait(backend, rid, timeout)
+    except BackendUnavailable as exc:
+        raise ActionFailed(f"Error: cluster unavailable: {exc}") from exc
+    except (leader_requests.RequestFailed, TimeoutError) as exc:
+        raise ActionFailed(f"Error: {exc}") from exc
+    finally:
+        backend.close()
+    if not doc.get("ok"):
+        raise ActionFailed(str(doc.get("error") or "the leader refused the request"))
+    epoch, generation = doc.get("epoch"), doc.get("generation")
+    return ActionResult(name, doc.get("result"), leader=str(doc.get("leader") or ""),
+                        epoch=int(epoch) if epoch is not None else None,
+                        generation=int(generation) if generation is not None else None)  # fmt: skip
+
+
+def _local(d: Dispatcher, action: Action, args: dict[str, Any] | None) -> ActionResult:
+    try:
+        return perform(d, action.name, args)
+    except ActionFailed:
+        raise
+    except CtrlExecError as exc:
+        raise ActionFailed(str(exc)) from exc

@@ -1,0 +1,124 @@
+"""When a leader-only change counts as acknowledged (``sync_ack``).
+
+A change made by the leader lives in its files until followers have fetched them: a
+leader that dies before any follower applied the generation carrying the change takes the
+change with it. So the leader answers a state-changing action (approve, deny, unpair,
+edit-agent, setup, rotate-cert, maintain that renewed or retired something) only once
+
+* when it wrote a file that generations carry (CA material, registry, ``rotation.json``;
+  not the pairing queue, which is the leader's own), a generation newer than the one
+  current when the action began is published (the publisher runs as soon as no operation
+  is active), and
+* enough live members have applied it (their member records say so):
+  ``majority`` (default): more than half of the live members, the leader included;
+  ``one``: the leader and at least one other member (when there is one);
+  ``none``: the leader alone (asynchronous, as before).
+
+Not reached within ``sync_ack_timeout`` seconds, the action fails with
+:class:`NotAcknowledged`, which says how far it got. The change is not rolled back (it is
+committed on the leader and its effect recorded in etcd) and keeps replicating; the
+operator knows it may be lost if the leader dies now. "Live members" are the member keys
+in etcd: a member that died drops out when its session lease expires (TTL), so on a
+three-member cluster with one member down ``majority`` needs the leader and the other one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from agent.common.errors import CtrlExecError
+from cluster.backend import MemberInfo
+
+
+class NotAcknowledged(CtrlExecError):
+    """The change is made on the leader but not applied by enough members in time."""
+
+
+class Published(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+
+def needed(mode: str, members: int) -> int:
+    """Members (the leader included) that must have applied a generation."""
+    if mode == "none" or members <= 1:
+        return 1
+    if mode == "one":
+        return 2
+    return members // 2 + 1
+
+
+class Replication:
+    """:class:`dispatcher.core.Replication` of an instance in an etcd cluster."""
+
+    POLL = 0.02
+
+    def __init__(
+        self,
+        instance_id: str,
+        published: Published,
+        members: Callable[[], Sequence[MemberInfo]],
+        mode: str = "majority",
+        timeout: float = 10.0,
+        covers: Callable[[Path], bool] = lambda _p: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instance_id = instance_id
+        self.covers = covers  # whether a generation carries a file
+        self._changes = 0
+        self._lock = threading.Lock()
+        self.published = published
+        self.members = members  # fresh member records from the store
+        self.mode = mode
+        self.timeout = timeout
+        self._clock = clock
+
+    @property
+    def generation(self) -> int:
+        return self.published.generation
+
+    @property
+    def changes(self) -> int:
+        with self._lock:
+            return self._changes
+
+    def note(self, path: Path) -> None:
+        """The fenced writer wrote or deleted ``path`` (its ``on_change``)."""
+        if self.covers(path):
+            with self._lock:
+                self._changes += 1
+
+    def acknowledge(self, after: int) -> int:
+        deadline = self._clock() + self.timeout
+        while self.published.generation <= after:
+            if self._clock() > deadline:
+                raise NotAcknowledged(
+                    f"the change is made on the leader, but no generation carrying it was "
+                    f"published within {self.timeout:g} s; it may be lost if the leader "
+                    "dies now"
+                )
+            time.sleep(self.POLL)
+        generation = self.published.generation
+        if self.mode == "none":
+            return generation
+        while True:
+            members = list(self.members())
+            applied = sorted(m.instance_id for m in members if m.generation >= generation)
+            if self.instance_id not in applied:
+                applied.append(self.instance_id)
+            want = needed(self.mode, max(len(members), 1))
+            if len(applied) >= want:
+                return generation
+            if self._clock() > deadline:
+                raise NotAcknowledged(
+                    f"generation {generation} carrying the change is applied by "
+                    f"{len(applied)} of {len(members)} members ({', '.join(applied)}), "
+                    f"{want} needed (sync_ack = {self.mode}) within {self.timeout:g} s; "
+                    "it is made on the leader and keeps replicating, but may be lost if the "
+                    "leader dies now"
+                )
+            time.sleep(self.POLL)

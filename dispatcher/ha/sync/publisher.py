@@ -1,0 +1,195 @@
+"""Leader side: catch up with the published generation, then publish the local files.
+
+Every leader-only write goes through the fenced writer, which marks the state dirty; once
+no leader-only operation is running (and :attr:`Publisher.DEBOUNCE` passed since the last
+write), the leader scans its files and, if the manifest changed, publishes generation N+1
+through a fenced transaction. It also rescans every :attr:`Publisher.RESCAN` s (files
+edited by hand are published too) and republishes when the key in the store is not the one
+it wrote.
+
+A newly elected leader first *catches up* (see :meth:`Publisher.catch_up`); until then
+leader-only work is refused (:meth:`Publisher.gate_reason`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.common import logfmt
+from cluster.backend import KVBackend
+from cluster.election import Elector
+from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
+from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.state import AppliedState
+
+ev = logfmt.event
+ApplyFn = Callable[..., bool]  # Follower.handle(raw, rev=0, *, as_leader=False)
+
+
+class Publisher:
+    DEBOUNCE = 0.05  # quiet time after the last write before publishing
+    RESCAN = 2.0  # rescan the files this often (hand edits get published)
+    STORE_CHECK = 5.0  # check that the store still holds this leader's generation
+
+    def __init__(
+        self,
+        backend: KVBackend,
+        elector: Elector,
+        state: AppliedState,
+        scanner: Scanner,
+        health: ClusterHealth,
+        apply: ApplyFn,
+        *,
+        mode: str,
+        catch_up_limit: float,
+        active_operations: Callable[[], int],
+        clock: Callable[[], float],
+        stop: threading.Event,
+    ) -> None:
+        self.backend = backend
+        self.key = backend.keys.generation
+        self.elector = elector
+        self.me = elector.instance_id
+        self.state = state
+        self.scanner = scanner
+        self.health = health
+        self.apply = apply
+        self.mode = mode
+        self.catch_up_limit = catch_up_limit
+        self.active_operations = active_operations
+        self._clock = clock
+        self._stop = stop
+        self._lock = threading.Lock()
+        self.caught_up = False
+        self.lead_epoch: int | None = None
+        self._catch_up_deadline = 0.0
+        self._published_rev = 0
+        self._dirty = False
+        self._last_change = 0.0
+        self._next_rescan = 0.0
+        self._store_due = 0.0
+
+    # -- what the rest of the instance asks ----------------------------------------------------
+
+    def gate_reason(self) -> str | None:
+        """Why leader-only work must wait (a new leader catching up), else None."""
+        epoch = self.elector.epoch
+        if epoch is None:
+            return None
+        if self.lead_epoch != epoch or not self.caught_up:
+            return "the leader is catching up with the published generation; retry shortly"
+        return None
+
+    def published_current(self) -> bool:
+        """Leading, caught up, and the files are exactly the generation last published."""
+        epoch = self.elector.epoch
+        if epoch is None or self.lead_epoch != epoch or not self.caught_up:
+            return False
+        with self._lock:
+            dirty = self._dirty
+        g = self.state.applied
+        if dirty or self.active_operations() or g is None or g.epoch != epoch:
+            return False
+        return manifest_hash(self.scanner.scan()) == g.manifest_sha256
+
+    def mark_dirty(self, _path: object = None) -> None:
+        with self._lock:
+            self._dirty = True
+            self._last_change = self._clock()
+
+    def step_down(self) -> None:
+        self.lead_epoch = None
+        self.caught_up = False
+
+    # -- the leader loop -----------------------------------------------------------------------
+
+    def step(self, epoch: int) -> None:
+        now = self._clock()
+        if epoch != self.lead_epoch:
+            self.lead_epoch = epoch
+            self.caught_up = False
+            self._catch_up_deadline = now + self.catch_up_limit
+            self._published_rev = 0
+        if not self.caught_up:
+            self.catch_up(epoch)
+            return
+        with self._lock:
+            dirty, last = self._dirty, self._last_change
+        quiet = self.active_operations() == 0 and now - last >= self.DEBOUNCE
+        if (dirty and quiet) or now >= self._next_rescan:
+            self.publish(epoch)
+        else:
+            self._stop.wait(0.03)
+
+    def catch_up(self, epoch: int) -> None:
+        """When the published generation is not the one the local files hold, fetch it from
+        the members that applied it; if none can serve it within the catch-up limit, publish
+        this instance's files (``sync-diverged``). Then publish N+1 under this epoch."""
+        kv = self.backend.get_kv(self.key)
+        self.health.mark_ok()
+        store_g: Generation | None = None
+        if kv is not None:
+            with contextlib.suppress(ManifestError):
+                store_g = Generation.from_json(kv.value)
+        if store_g is not None and self.mode == "push":
+            mh = manifest_hash(self.scanner.scan())
+            if mh != store_g.manifest_sha256:
+                if not self.apply(kv.value if kv else b"", as_leader=True):
+                    if self._clock() < self._catch_up_deadline:
+                        self._stop.wait(0.3)
+                        return
+                    ev("sync-diverged", logging.WARNING, instance=self.me, epoch=epoch,
+                       generation=store_g.number,
+                       reason="no member serves the published generation; publishing this "
+                              "instance's files instead")  # fmt: skip
+            elif self.state.applied is None or self.state.applied.number != store_g.number:
+                self.state.record(store_g)
+        self.caught_up = True
+        self.state.synced_once = True
+        ev("sync-leader-ready", instance=self.me, epoch=epoch,
+           generation=store_g.number if store_g else 0)  # fmt: skip
+        self.publish(epoch, force=True)
+
+    def publish(self, epoch: int, force: bool = False) -> Generation | None:
+        """Publish the local files as a new generation if they changed (or ``force``)."""
+        now = self._clock()
+        with self._lock:
+            self._dirty = False
+        self._next_rescan = now + self.RESCAN
+        files = self.scanner.scan()
+        mh = manifest_hash(files)
+        mine = self.state.applied
+        same = mine is not None and mine.manifest_sha256 == mh and mine.epoch == epoch
+        if not force and same and now < self._store_due:
+            return None  # nothing changed; the store is checked every STORE_CHECK s
+        self._store_due = now + self.STORE_CHECK
+        kv = self.backend.get_kv(self.key)
+        ours = kv is not None and kv.mod_rev == self._published_rev
+        if not force and ours and mine is not None and mine.manifest_sha256 == mh:
+            return None
+        store_n = 0
+        if kv is not None:
+            with contextlib.suppress(ManifestError):
+                store_n = Generation.from_json(kv.value).number
+        number = max(store_n, mine.number if mine is not None else 0) + 1
+        g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
+        certs = mine is None or _material_paths(mine) != _material_paths(g)
+        rec = self.elector.commit(
+            "generation-publish", puts={self.key: g.to_json()}, epoch=epoch,
+            detail={"generation": number, "manifest_sha256": mh, "files": len(files)},
+        )  # fmt: skip
+        self._published_rev = rec.revision
+        self.state.record(g)
+        reason = "forced" if force else ("store-changed" if not ours else "files-changed")
+        ev("generation-publish", generation=number, epoch=epoch, files=len(files),
+           manifest=mh[:16], reason=reason, certs_changed=certs, instance=self.me)  # fmt: skip
+        return g
+
+
+def _material_paths(g: Generation) -> dict[str, str]:
+    return {p: e.sha256 for p, e in g.files.items()
+            if p.endswith((".crt", ".key", "pki/cert", "pki/key", "pki/ca"))}  # fmt: skip

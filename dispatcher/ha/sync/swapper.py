@@ -1,0 +1,150 @@
+"""Follower side: stage a generation's files next to their targets, then swap them in.
+
+Each changed file is fetched (:mod:`dispatcher.ha.sync.fetcher`), written into a stage
+directory next to its target (same filesystem, so the rename is atomic) and fsynced; only
+when *every* file is staged is each renamed into place (keys first), then the files the
+generation no longer has are removed, emptied directories pruned, the directories fsynced
+and the whole manifest verified again. A crash leaves old files, new files or leftover stage
+directories (removed at start), never a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.common import logfmt
+from agent.common.fsutil import fsync_dir
+from dispatcher.ha.manifest import STAGE_DIR, Entry, Generation, Layout, Scanner, manifest_hash
+from dispatcher.ha.sync.fetcher import Conns, Fetcher
+from dispatcher.ha.sync.state import SyncError
+
+ev = logfmt.event
+
+
+@dataclass
+class Plan:
+    """What applying a generation changes: every path mapped before anything is touched."""
+
+    todo: list[Entry] = field(default_factory=list)  # fetch and swap in
+    chmod: list[Entry] = field(default_factory=list)  # same content, other mode
+    remove: list[str] = field(default_factory=list)  # not in the generation any more
+    targets: dict[str, Path] = field(default_factory=dict)
+    gone: dict[str, Path] = field(default_factory=dict)
+
+
+class Swapper:
+    def __init__(self, layout: Layout, scanner: Scanner, fetcher: Fetcher) -> None:
+        self.layout = layout
+        self.scanner = scanner
+        self.fetcher = fetcher
+
+    def clean_stage(self) -> None:
+        """Remove leftover stage directories (a crash mid-apply, or the end of one)."""
+        for d in self.layout.stage_dirs():
+            shutil.rmtree(d, ignore_errors=True)
+            ev("sync-stage-cleanup", path=d)
+
+    def plan(self, g: Generation) -> Plan:
+        local = self.scanner.scan()
+        p = Plan()
+        for path, e in sorted(g.files.items()):
+            cur = local.get(path)
+            if cur is None or cur.sha256 != e.sha256 or cur.size != e.size:
+                p.todo.append(e)
+            elif cur.mode != e.mode:
+                p.chmod.append(e)
+        p.remove = sorted(q for q in local if q not in g.files)
+        p.targets = {e.path: self.layout.local(e.path) for e in p.todo + p.chmod}
+        p.gone = {q: self.layout.local(q) for q in p.remove}
+        return p
+
+    def apply(self, g: Generation) -> dict[str, Any]:
+        """Bring the local files to generation ``g``; a report for the ``sync-applied`` event."""
+        self.clean_stage()
+        p = self.plan(g)
+        sources: list[str] = []
+        staged: dict[str, Path] = {}
+        if p.todo:
+            staged, sources = self._stage(g, p.todo, p.targets)
+        self._swap(p, staged)
+        after = manifest_hash(self.scanner.scan())
+        if after != g.manifest_sha256:
+            raise SyncError(f"local files differ from generation {g.number} after the swap")
+        return {"fetched": len(p.todo), "removed": len(p.remove), "chmod": len(p.chmod),
+                "source": ",".join(sources) or "-"}  # fmt: skip
+
+    def _swap(self, p: Plan, staged: dict[str, Path]) -> None:
+        touched: set[Path] = set()
+        # keys first: a reader between two renames then sees an old cert with a new key,
+        # which every loader refuses and retries, rather than a new cert with an old key
+        for e in sorted(p.todo, key=lambda e: (0 if ".key" in Path(e.path).name else 1, e.path)):
+            os.replace(staged[e.path], p.targets[e.path])
+            touched.add(p.targets[e.path].parent)
+        for e in p.chmod:
+            os.chmod(p.targets[e.path], e.mode)
+        for q in p.gone.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(q)
+            touched.add(q.parent)
+        self.clean_stage()
+        for d in sorted({q.parent for q in p.gone.values()}, key=lambda x: -len(x.parts)):
+            self._prune_empty(d, touched)
+        for d in touched:
+            fsync_dir(d)
+
+    def _prune_empty(self, d: Path, touched: set[Path]) -> None:
+        """Remove ``d`` and its parents while empty, up to (not including) a synced root."""
+        roots = set(self.layout.roots.values())
+        while d not in roots and any(d.is_relative_to(r) for r in roots):
+            try:
+                d.rmdir()
+            except OSError:
+                return
+            touched.discard(d)
+            touched.add(d.parent)
+            d = d.parent
+
+    def _stage(
+        self, g: Generation, todo: list[Entry], targets: dict[str, Path]
+    ) -> tuple[dict[str, Path], list[str]]:
+        sources = self.fetcher.sources(g)
+        if not sources:
+            raise SyncError(f"no member can serve generation {g.number}")
+        conns: Conns = {}
+        used: list[str] = []
+        staged: dict[str, Path] = {}
+        try:
+            for e in todo:
+                target = targets[e.path]
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                sdir = target.parent / STAGE_DIR
+                sdir.mkdir(mode=0o700, exist_ok=True)
+                data, who = self.fetcher.fetch(sources, conns, e, g.number)
+                if who not in used:
+                    used.append(who)
+                staged[e.path] = _write_staged(sdir / target.name, data, e.mode)
+        finally:
+            for c in conns.values():
+                c.close()
+        for d in {q.parent for q in staged.values()}:
+            fsync_dir(d)
+        return staged, used
+
+
+def _write_staged(dest: Path, data: bytes, mode: int) -> Path:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dest

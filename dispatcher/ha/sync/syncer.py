@@ -1,0 +1,190 @@
+""":class:`Syncer`: the one object the instance talks to about generations.
+
+It owns the ``ha-sync`` thread: while leading, the :class:`~.publisher.Publisher` steps;
+otherwise the :class:`~.follower.Follower` does. It keeps the member key current
+(generation, ``restart_pending``, the presented certificate serial) and answers the API
+(``/ready``, peer file serving through :class:`~.serving.PeerFiles`).
+
+Restart: a process presents the certificates it loaded. When the files of the
+certificate, key or CA (or the API's) differ from what the process loaded,
+``restart_pending`` is set in its member key; the leader then restarts members one at a
+time (:mod:`dispatcher.ha.restart`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.common import logfmt
+from cluster.backend import KVBackend, MemberInfo
+from cluster.election import Elector, EpochGuard
+from cluster.errors import BackendUnavailable, Fenced, NotLeader
+from cluster.session import Session
+from dispatcher.config import DispatcherConfig
+from dispatcher.ha.manifest import Entry, Generation, Layout, Scanner, material
+from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.fetcher import Fetcher
+from dispatcher.ha.sync.follower import Follower
+from dispatcher.ha.sync.publisher import Publisher
+from dispatcher.ha.sync.serving import PeerFiles, cert_serial
+from dispatcher.ha.sync.state import AppliedState
+from dispatcher.ha.sync.swapper import Swapper
+
+ev = logfmt.event
+MembersFn = Callable[[bool], list[MemberInfo]]
+
+
+class Syncer:
+    FETCH_TIMEOUT = Fetcher.TIMEOUT
+    INITIAL_SYNC_MAX = 30.0  # /ready waits at most this long for the first sync
+
+    def __init__(
+        self,
+        cfg: DispatcherConfig,
+        backend: KVBackend,
+        elector: Elector,
+        session: Session,
+        guard: EpochGuard,
+        health: ClusterHealth,
+        members: MembersFn,
+        *,
+        active_operations: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.mode = cfg.sync_mode
+        self.elector = elector
+        self.me = elector.instance_id
+        self.session = session
+        self.leader_guard = guard  # newest leader epoch seen (the role's)
+        self.health = health
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ha-sync", daemon=True)
+        self._started = clock()
+        # what this process loaded (its TLS contexts present these)
+        self.loaded = material(cfg)
+        self.loaded_serial = cert_serial(cfg.cert)
+        self._member_view: tuple[int, bool, str] | None = None
+        self.layout = Layout(cfg)
+        self.scanner = Scanner(self.layout)
+        self.state = AppliedState(cfg.state_dir, self.me, self.refresh_member)
+        self.fetcher = Fetcher(cfg, self.me, members)
+        self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
+        self.follower = Follower(backend, self.state, self.swapper, health, guard,
+                                 mode=self.mode, clock=clock)  # fmt: skip
+        self.publisher = Publisher(
+            backend, elector, self.state, self.scanner, health, self.follower.handle,
+            mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
+            active_operations=active_operations, clock=clock, stop=self._stop,
+        )  # fmt: skip
+        self.files = PeerFiles(cfg, self.layout, self.state, clock)
+        self.state.load(self.scanner, check_files=self.mode == "push")
+        if self.mode == "push":
+            self.swapper.clean_stage()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def applied(self) -> Generation | None:
+        return self.state.applied
+
+    @property
+    def generation(self) -> int:
+        return self.state.number
+
+    def restart_pending(self) -> bool:
+        """The certificate/key/CA files differ from what this process loaded."""
+        return material(self.cfg) != self.loaded
+
+    def reloaded(self) -> None:
+        """SIGHUP reloaded the API certificate: what is loaded now, unless a CA changed
+        (a CA is in the TLS contexts' trust stores, which only a restart renews)."""
+        now = material(self.cfg)
+        if all(now[k] == self.loaded[k] for k in ("ca", "api_client_ca")):
+            self.loaded = now
+            self.loaded_serial = cert_serial(self.cfg.cert)
+        self.refresh_member()
+
+    def gate_reason(self) -> str | None:
+        """Why leader-only work must wait (a new leader catching up), else None."""
+        return self.publisher.gate_reason()
+
+    def ready_problem(self) -> str | None:
+        """``/ready`` waits for the first sync after start (not while etcd is down)."""
+        if self.state.synced_once or not self.health.ok:
+            return None
+        if self._clock() - self._started > self.INITIAL_SYNC_MAX:
+            return None
+        return "initial sync with the published generation"
+
+    def published_current(self) -> bool:
+        """Leading, caught up, and the files are exactly the generation last published."""
+        return self.publisher.published_current()
+
+    def mark_dirty(self, _path: object = None) -> None:
+        self.publisher.mark_dirty(_path)
+
+    def publish(self, epoch: int, force: bool = False) -> Generation | None:
+        return self.publisher.publish(epoch, force)
+
+    # -- serving (any member) ----------------------------------------------------------------
+
+    def peer_serials(self) -> set[str]:
+        """Serials a peer may present to fetch files (see :class:`PeerFiles`)."""
+        return self.files.peer_serials()
+
+    def serve(self, logical: str, number: int) -> tuple[int, bytes | str, Entry | None]:
+        """``(200, bytes, entry)`` for a file of generation ``number``, else an error."""
+        return self.files.serve(logical, number)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Syncer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.FETCH_TIMEOUT + 2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                epoch = self.elector.epoch
+                if epoch is not None:
+                    self.publisher.step(epoch)
+                else:
+                    self.publisher.step_down()
+                    self.follower.step()
+            except BackendUnavailable as exc:
+                self.health.mark_failed(exc)
+                self._stop.wait(0.5)
+            except (NotLeader, Fenced) as exc:
+                ev("generation-publish", logging.WARNING, result="fenced", error=exc)
+                self._stop.wait(0.1)
+            except Exception as exc:  # the sync thread never dies
+                ev("sync-error", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                self._stop.wait(0.5)
+
+    # -- the member record -------------------------------------------------------------------
+
+    def refresh_member(self) -> None:
+        """Publish generation, restart_pending and the presented serial when they change."""
+        view = (self.generation, self.restart_pending(), self.loaded_serial)
+        if view == self._member_view:
+            return
+        try:
+            self.session.update_member(generation=view[0], restart_pending=view[1],
+                                       cert_serial=view[2])  # fmt: skip
+        except BackendUnavailable as exc:
+            self.health.mark_failed(exc)
+            return
+        if self._member_view is None or self._member_view[1] != view[1]:
+            ev("member-update", instance=self.me, generation=view[0], restart_pending=view[1],
+               cert_serial=view[2])  # fmt: skip
+        self._member_view = view

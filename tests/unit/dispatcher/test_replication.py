@@ -1,0 +1,84 @@
+"""sync_ack: when a leader-only change counts as acknowledged."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from cluster.backend import MemberInfo
+from dispatcher.config import DispatcherConfig
+from dispatcher.ha.manifest import Layout
+from dispatcher.ha.replication import NotAcknowledged, Replication, needed
+
+
+class Published:
+    def __init__(self, generation: int = 0) -> None:
+        self.generation = generation
+
+
+def members(*gens: int) -> list[MemberInfo]:
+    return [MemberInfo(instance_id=f"m{i}", generation=g) for i, g in enumerate(gens)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "n", "want"),
+    [("majority", 1, 1), ("majority", 2, 2), ("majority", 3, 2), ("majority", 4, 3),
+     ("majority", 5, 3), ("one", 1, 1), ("one", 3, 2), ("none", 5, 1)],
+)  # fmt: skip
+def test_needed(mode: str, n: int, want: int) -> None:
+    assert needed(mode, n) == want
+
+
+def test_majority_waits_for_the_published_generation_and_enough_members() -> None:
+    pub, state = Published(4), {"members": members(4, 4, 4)}
+    rep = Replication("m0", pub, lambda: state["members"], timeout=5)
+
+    def progress() -> None:
+        pub.generation = 5  # the publisher ran
+        state["members"] = members(5, 4, 4)
+        threading.Event().wait(0.1)
+        state["members"] = members(5, 5, 4)  # one follower applied it
+
+    t = threading.Thread(target=progress)
+    t.start()
+    assert rep.acknowledge(4) == 5
+    t.join()
+
+
+def test_not_acknowledged_says_how_far_it_got() -> None:
+    rep = Replication("m0", Published(7), lambda: members(7, 6, 6), timeout=0.2)
+    with pytest.raises(NotAcknowledged, match=r"applied by 1 of 3 members \(m0\), 2 needed"):
+        rep.acknowledge(6)
+    with pytest.raises(NotAcknowledged, match="no generation carrying it was published"):
+        Replication("m0", Published(7), lambda: members(7), timeout=0.1).acknowledge(7)
+
+
+def test_one_and_none() -> None:
+    assert Replication("m0", Published(3), lambda: members(3, 2, 3), mode="one",
+                       timeout=0.2).acknowledge(2) == 3  # fmt: skip
+    assert Replication("m0", Published(3), lambda: members(3, 2, 2), mode="none",
+                       timeout=0.2).acknowledge(2) == 3  # fmt: skip
+    with pytest.raises(NotAcknowledged):
+        Replication("m0", Published(3), lambda: members(3, 2, 2), mode="one",
+                    timeout=0.1).acknowledge(2)  # fmt: skip
+
+
+def test_only_writes_to_files_a_generation_carries_count_as_changes(tmp_path: Path) -> None:
+    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
+                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state")).finish()  # fmt: skip
+    layout = Layout(cfg)
+    rep = Replication("m0", Published(1), lambda: members(1), covers=layout.covers)
+    for path, counted in [
+        (tmp_path / "etc" / "ca.key", True),
+        (Path(cfg.registry_dir) / "web1.json", True),
+        (Path(cfg.rotation_file), True),
+        (Path(cfg.pairing_dir) / "0123.approved", False),  # the leader's own queue
+        (tmp_path / "etc" / "ctrl-exec.conf", False),  # each instance's own config
+        (tmp_path / "etc" / ".stage" / "x", False),
+        (tmp_path / "elsewhere", False),
+    ]:
+        before = rep.changes
+        rep.note(path)
+        assert (rep.changes == before + 1) is counted, path
