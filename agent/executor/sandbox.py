@@ -7,7 +7,9 @@ paths, every mount read-only (``mount_setattr`` with ``AT_RECURSIVE``, Linux 5.1
 tmpfs on ``/tmp`` private to the profile, and the listed paths bound read-write again;
 the agent's own directories (config, allowlist, state, socket) bound read-only on top,
 whatever the profile says. Namespaces are rebuilt when the config or the host's mount
-table changes. Building one per run cost 10-20 ms under load (namespace teardown);
+table changes (checked at each run; until then a built namespace keeps its copies of the
+mounts it was made from, so a filesystem unmounted on the host stays busy until the next
+run or a SIGHUP). Building one per run cost 10-20 ms under load (namespace teardown);
 entering a built one costs two ``setns`` calls.
 
 **Start.** The executor (single-threaded, so ``setns`` on itself is allowed) enters the
