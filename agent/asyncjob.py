@@ -1,7 +1,8 @@
 """Detached async run (``python -m agent.asyncjob LOCK_FD``), spawned by the agent.
 
 Reads the job as JSON on stdin, forks once more so the agent's child exits at once, and
-in the grandchild (its own session, so it survives an agent restart) runs the script and
+in the grandchild (its own session, so it survives an agent restart) runs the script
+(directly, or through the executor when the job names ``executor_socket``) and
 replaces the ``running`` record with the ``done`` record. The per-script lock arrives as an
 inherited, already-locked file descriptor and is released when this process exits.
 """
@@ -15,7 +16,7 @@ import sys
 import time
 
 from agent.common.fsutil import atomic_write_json
-from agent.runner import run_script
+from agent.runner import run_allowed
 
 
 def _utc() -> str:
@@ -39,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         res = asyncio.run(
-            run_script(
+            run_allowed(
                 job["path"],
+                job["script"],
                 job["args"],
                 job["stdin"].encode(),
+                executor_socket=job.get("executor_socket", ""),
                 timeout=job["timeout"],
                 stdin_timeout=job["stdin_timeout"],
                 max_output=job["max_output"],
+                reqid=job["reqid"],
+                dispatcher=job["owner"],
             )
         )
         record.update(exit=res.exit, stdout=res.stdout, stderr=res.stderr)

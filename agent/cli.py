@@ -9,6 +9,7 @@ import socket
 import ssl
 import sys
 
+from agent import allowlist
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.config import DEFAULT_ALLOWLIST, DEFAULT_CONFIG, AgentConfig, load
@@ -111,6 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ssl.SSLError, OSError) as exc:
         _framed("cannot start - configuration error.", [str(exc)])
         return EX_CONFIG
+    if cfg.executor_socket:
+        from agent.profiles import undefined
+
+        wanted = {s.name: s.profile for s in server.scripts.values()}
+        if errors := undefined(wanted, cfg.profile_defs):
+            _framed("cannot start - configuration error.",
+                    [f"{args.allowlist}: {e}" for e in errors])  # fmt: skip
+            return EX_CONFIG
+        logfmt.event("executor-mode", socket=cfg.executor_socket, uid=os.geteuid())
     try:
         asyncio.run(server.serve())
     except OSError as exc:
@@ -218,7 +228,6 @@ def cmd_paired(args: argparse.Namespace) -> int:
 
 
 def cmd_self_check(args: argparse.Namespace) -> int:
-    from agent import allowlist
     from agent.common import certs
 
     print("Checking config...")
@@ -238,17 +247,42 @@ def cmd_self_check(args: argparse.Namespace) -> int:
     for w in warnings:
         print(f"  Warning: {w}")
     print(f"  Allowlist OK ({len(scripts)} scripts)")
+    if cfg.executor_socket:
+        print(f"  Executor mode (socket {cfg.executor_socket}): scripts run under their profiles")
     for name in sorted(scripts):
         s = scripts[name]
-        ok = os.path.isfile(s.path) and os.access(s.path, os.X_OK)
+        if cfg.executor_socket:
+            ok, notes = _profile_check(cfg, s)
+        else:
+            ok, notes = os.path.isfile(s.path) and os.access(s.path, os.X_OK), []
         state = "ok" if ok else "NOT EXECUTABLE"
         print(f"  Script '{name}': {s.path}  (profile: {s.profile}) [{state}]")
+        for note in notes:
+            print(f"    {note}")
     if missing := _missing_credentials(cfg):
         print(f"  Not paired: missing {', '.join(missing)}")
     else:
         print(f"  Certificate expires: {certs.cert_expiry(cfg.cert)}")
     print("Self-check complete.")
     return 0
+
+
+def _profile_check(cfg: AgentConfig, script: allowlist.Script) -> tuple[bool, list[str]]:
+    """Executor mode: can the profile's ``run_as`` execute the script? With the reason."""
+    from agent import profiles
+
+    prof = cfg.profile_defs.get(script.profile)
+    if prof is None:
+        return False, [f"Profile error: profile '{script.profile}' is not defined"]
+    try:
+        user = profiles.resolve_user(prof.run_as)
+    except KeyError as exc:
+        return False, [f"Profile error: {exc.args[0]}"]
+    why = profiles.can_execute(script.path, user, "CAP_DAC_OVERRIDE" in prof.caps)
+    notes = [f"runs as {user.name} (uid {user.uid}, gid {user.gid}); {profiles.describe(prof)}"]
+    if why:
+        notes.append(f"not executable by {user.name}: {why}")
+    return not why, notes
 
 
 def cmd_self_ping(args: argparse.Namespace) -> int:

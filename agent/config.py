@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import profiles as profiles_mod
 from agent.common import kvconf
 from agent.common.errors import ConfigError
 from agent.common.ratelimit import RateSpec
@@ -19,6 +20,7 @@ from agent.common.ratelimit import RateSpec
 DEFAULT_CONFIG = "/etc/ctrl-exec-agent/agent.conf"
 DEFAULT_ALLOWLIST = "/etc/ctrl-exec-agent/scripts.conf"
 DEFAULT_STATE_DIR = "/var/lib/ctrl-exec-agent"
+DEFAULT_EXECUTOR_SOCKET = "/run/ctrl-exec-agent/exec.sock"
 
 KNOWN_KEYS = {
     # upstream
@@ -71,6 +73,8 @@ class AgentConfig:
     key_type: str = "rsa-3072"
     tags: dict[str, str] = field(default_factory=dict)
     profiles: dict[str, dict[str, str]] = field(default_factory=dict)
+    profile_defs: dict[str, profiles_mod.Profile] = field(default_factory=dict)
+    executor_socket: str = ""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -121,10 +125,14 @@ def parse_allowed_ips(
 
 
 def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
-    entries = kvconf.parse_ini(kvconf.read_text(path), path)
+    sections: list[str] = []
+    entries = kvconf.parse_ini(kvconf.read_text(path), path, sections)
     top: dict[str, tuple[int, str]] = {}
     tags: dict[str, str] = {}
     profiles: dict[str, dict[str, str]] = {}
+    profile_lines: dict[str, dict[str, tuple[int, str]]] = {
+        sec.split(" ", 1)[1]: {} for sec in sections if sec.startswith("profile ")
+    }
     warnings: list[str] = []
     for e in entries:
         if e.section == "":
@@ -140,7 +148,9 @@ def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
         elif e.section == "tags":
             tags[e.key] = e.value
         elif e.section.startswith("profile "):
-            profiles.setdefault(e.section.split(" ", 1)[1], {})[e.key] = e.value
+            pname = e.section.split(" ", 1)[1]
+            profiles.setdefault(pname, {})[e.key] = e.value
+            profile_lines.setdefault(pname, {})[e.key] = (e.line, e.value)
 
     def req(key: str) -> tuple[int, str]:
         if key not in top or not top[key][1]:
@@ -195,13 +205,14 @@ def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
             raise ConfigError(f"auth_hook {v[1]!r} does not exist or is not executable",
                               path, v[0])  # fmt: skip
         cfg.auth_hook = v[1]
+    cfg.profile_defs = profiles_mod.parse(profile_lines, path, warnings)
     if (v := get("executor_socket")) is not None and v[1]:
-        raise ConfigError(
-            "executor_socket (privilege-separated executor) is not supported by this agent; "
-            "remove the key to run scripts directly",
-            path,
-            v[0],
-        )
+        if not v[1].startswith("/"):
+            raise ConfigError("executor_socket must be an absolute path", path, v[0])
+        cfg.executor_socket = v[1]
+    elif cfg.profile_defs:
+        warnings.append(f"{path}: profiles are inert without executor_socket "
+                        "(scripts run as the agent's own user)")  # fmt: skip
     state = Path(cfg.state_dir)
     cfg.trusted_dispatchers_path = cfg.trusted_dispatchers_path or str(
         state / "ctrl-exec-dispatchers"

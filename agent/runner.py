@@ -3,6 +3,10 @@ sanitised environment, bounded output capture, a timeout, upstream's exit codes.
 
 Exit codes: the script's own 0..255; 126 when a signal killed it; 127 when it could not
 be executed; -1 for an agent-side failure (timeout included, with ``error`` set).
+
+:func:`run_allowed` is the agent's entry point: it runs the script here (direct mode) or
+hands it to the privileged executor (``executor_socket``), which runs it with
+:func:`run_script` too, under the script's profile.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TERM", "USER", "LOGNAME")
@@ -72,6 +78,38 @@ async def _feed(stdin: asyncio.StreamWriter | None, data: bytes, timeout: float)
     return left
 
 
+class Child(Protocol):
+    """What :func:`run_script` needs of a started process (asyncio's ``Process`` has it)."""
+
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+Spawner = Callable[[list[str], dict[str, str]], Awaitable[Child]]
+
+
+async def _spawn(argv: list[str], env: dict[str, str]) -> Child:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd="/",
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
 async def run_script(
     path: str,
     args: list[str],
@@ -81,19 +119,15 @@ async def run_script(
     stdin_timeout: float = 10.0,
     max_output: int = 8 * 1024 * 1024,
     env: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
+    spawn: Spawner | None = None,
 ) -> RunResult:
+    """Run ``path args`` (or ``command``, the full argv, when given: the executor's
+    ``setpriv ... -- path args``), started by ``spawn`` (the executor's starts it in the
+    profile's mount namespace) or as a plain child in its own session."""
+    argv = list(command) if command is not None else [path, *args]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            path,
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=script_env() if env is None else env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
+        proc = await (spawn or _spawn)(argv, script_env() if env is None else env)
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return RunResult(127, "", f"exec failed: {path}: {why}\n")
@@ -130,3 +164,31 @@ async def run_script(
         res.exit = -1
         res.error = f"script timed out after {timeout:g}s"
     return res
+
+
+async def run_allowed(
+    path: str,
+    script: str,
+    args: list[str],
+    stdin_data: bytes,
+    *,
+    executor_socket: str = "",
+    timeout: float = 3600.0,
+    stdin_timeout: float = 10.0,
+    max_output: int = 8 * 1024 * 1024,
+    reqid: str = "",
+    dispatcher: str = "",
+) -> RunResult:
+    """Run the allowlisted ``script`` (at ``path``): directly, or through the executor
+    when ``executor_socket`` is set (the executor finds the path and the profile in its
+    own reading of the config; it applies the same limits, read from the same file)."""
+    if not executor_socket:
+        return await run_script(path, args, stdin_data, timeout=timeout,
+                                stdin_timeout=stdin_timeout, max_output=max_output)  # fmt: skip
+    from agent.executor.client import run_via_executor
+
+    return await run_via_executor(
+        executor_socket, script, args, stdin_data.decode("utf-8", "replace"),
+        reqid=reqid, dispatcher=dispatcher, timeout=timeout + stdin_timeout + 30,
+        max_output=max_output,
+    )  # fmt: skip

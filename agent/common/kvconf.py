@@ -50,8 +50,9 @@ def parse_flat(text: str, path: str) -> dict[str, tuple[int, str]]:
     return out
 
 
-def parse_ini(text: str, path: str) -> list[Entry]:
-    """Parse the agent dialect into entries, in file order."""
+def parse_ini(text: str, path: str, sections: list[str] | None = None) -> list[Entry]:
+    """Parse the agent dialect into entries, in file order; every section header seen is
+    appended to ``sections`` when given (a ``[profile NAME]`` may have no keys)."""
     section = ""
     out: list[Entry] = []
     for n, raw in enumerate(text.splitlines(), 1):
@@ -69,6 +70,8 @@ def parse_ini(text: str, path: str) -> list[Entry]:
                 raise ConfigError(f"malformed section header: {line!r}", path, n)
             else:
                 section = kind
+            if sections is not None:
+                sections.append(section)
             continue
         m = _KV.match(line)
         if not m:

@@ -99,6 +99,7 @@ async def _launch(
         "script": script, "owner": owner, "started": started,
         "record": str(record_path), "timeout": cfg.script_timeout,
         "stdin_timeout": cfg.stdin_timeout, "max_output": cfg.max_output,
+        "executor_socket": cfg.executor_socket,
     }  # fmt: skip
     try:
         proc = await asyncio.create_subprocess_exec(

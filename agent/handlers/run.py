@@ -15,7 +15,7 @@ from agent import allowlist
 from agent.common import authhook, logfmt
 from agent.handlers import asyncrun
 from agent.handlers.base import AgentState, Peer, Reply, gate, hook, parse_json, reqid_of
-from agent.runner import run_script
+from agent.runner import run_allowed
 
 ev = logfmt.event
 
@@ -98,9 +98,10 @@ async def _run_now(
     peer: Peer,
 ) -> Reply:  # fmt: skip
     script, cfg = entry.name, agent.cfg
-    res = await run_script(
-        entry.path, argv, stdin, timeout=cfg.script_timeout,
-        stdin_timeout=cfg.stdin_timeout, max_output=cfg.max_output,
+    res = await run_allowed(
+        entry.path, script, argv, stdin, executor_socket=cfg.executor_socket,
+        timeout=cfg.script_timeout, stdin_timeout=cfg.stdin_timeout,
+        max_output=cfg.max_output, reqid=reqid, dispatcher=peer.dispatcher or "",
     )  # fmt: skip
     if res.stdin_unwritten:
         ev("stdin-timeout", logging.WARNING, script=script, reqid=reqid,

@@ -12,6 +12,8 @@ stopped by its PID.
 * :mod:`~ops.lab.pki`: a throwaway CA (:class:`~ops.lab.pki.TestCA`) independent of ours;
 * :mod:`~ops.lab.agentproc`: a real agent with pre-issued certificates, raw TLS calls;
   :mod:`~ops.lab.agent`: a real agent that pairs through the CLI;
+* :mod:`~ops.lab.executorproc`: a real ``ctrl-exec-executor``, throwaway users, raw calls
+  on its socket;
 * :mod:`~ops.lab.dispatcherenv`: an in-process dispatcher (CA, registry) plus agents;
 * :mod:`~ops.lab.apidaemon`: one ``ctrl-exec-api`` from its own config, and a CA it trusts;
 * :mod:`~ops.lab.pairing`: the pairing protocol from the agent's side, raw;

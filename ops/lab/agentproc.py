@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -19,7 +20,17 @@ from ops.lab.net import free_port, wait_listening
 from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ENV, ROOT, terminate
 
-__all__ = ["ENV", "ROOT", "AgentProc", "body", "free_port", "make_agent", "wait_listening"]
+__all__ = [
+    "ENV",
+    "ROOT",
+    "AgentProc",
+    "as_user",
+    "body",
+    "free_port",
+    "make_agent",
+    "user_env",
+    "wait_listening",
+]
 
 
 @dataclass
@@ -35,6 +46,7 @@ class AgentProc:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # run the agent as this user (executor mode), not as root
 
     @property
     def trust_map(self) -> Path:
@@ -43,9 +55,10 @@ class AgentProc:
     def start(self, wait: bool = True) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config),
-                 "--allowlist", str(self.allowlist)],
-                stdout=subprocess.DEVNULL, stderr=log, env=ENV, start_new_session=True,
+                [*as_user(self.user), "-m", "agent.cli", "serve",
+                 "--config", str(self.config), "--allowlist", str(self.allowlist)],
+                stdout=subprocess.DEVNULL, stderr=log, env=user_env(self.user),
+                start_new_session=True,
             )  # fmt: skip
         if wait:
             wait_listening(self.host, self.port, self.proc)
@@ -84,6 +97,29 @@ class AgentProc:
              timeout: float = 30) -> Response:  # fmt: skip
         data = self.raw(request_bytes(method, path, body, host=self.host), who, timeout)
         return parse_response(data)
+
+
+def as_user(user: str | None) -> list[str]:
+    """The command that starts a Python interpreter as ``user`` with its groups and no
+    capabilities (this interpreter, as root, when None). As a user it is the system's
+    ``/usr/bin/python3`` (see :func:`user_env`): this interpreter may live where only root
+    can enter (a pyenv Python under ``/root``), and the agent must be able to start its own
+    interpreter again for async jobs."""
+    if user is None:
+        return [sys.executable]
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+            "/usr/bin/python3"]  # fmt: skip
+
+
+def user_env(user: str | None) -> dict[str, str]:
+    """The environment for :func:`as_user`: this repository and, for the system Python,
+    this environment's site-packages (``cryptography``) on its path."""
+    if user is None:
+        return ENV
+    import site
+
+    return dict(ENV, PYTHONPATH=os.pathsep.join([str(ROOT), *site.getsitepackages()]))
 
 
 def make_agent(tmp: Path, ca: TestCA, dispatchers: dict[str, Issued], scripts: dict[str, str],

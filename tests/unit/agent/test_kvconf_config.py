@@ -64,9 +64,19 @@ def test_unknown_key_warns_with_suggestion(tmp_path: Path) -> None:
     assert not cfg.rate_limit_disable
 
 
-def test_executor_socket_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="executor_socket"):
-        load(_write(tmp_path, BASE + "executor_socket = /run/x.sock\n"))
+def test_executor_socket_is_taken_and_must_be_absolute(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, BASE + "executor_socket = /run/x.sock\n[profile default]\n"))
+    assert cfg.executor_socket == "/run/x.sock" and "default" in cfg.profile_defs
+    assert not any("inert" in w for w in cfg.warnings)
+    path = _write(tmp_path, BASE + "executor_socket = run/x.sock\n")
+    with pytest.raises(ConfigError, match=f"^{path}:5: executor_socket must be an absolute"):
+        load(path)
+
+
+def test_profiles_without_executor_are_inert_with_a_warning(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, BASE + "[profile default]\nrun_as = nobody\n"))
+    assert cfg.executor_socket == ""
+    assert any("profiles are inert without executor_socket" in w for w in cfg.warnings)
 
 
 def test_auth_hook_must_be_executable(tmp_path: Path) -> None:
