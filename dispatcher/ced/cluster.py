@@ -28,8 +28,9 @@ exit 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from cluster import history, maintenance
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from cluster.backend import KVBackend, LeaderInfo, MemberInfo
     from dispatcher.config import DispatcherConfig
     from dispatcher.haproxy import Member
+
+T = TypeVar("T")
 
 PROG = "ced cluster"
 CLI_TIMEOUT = 2.0  # per etcd call: an operator would rather wait than see a false alarm
@@ -119,13 +122,9 @@ def status_document(cfg: DispatcherConfig, backend: KVBackend) -> dict[str, Any]
 def cluster_status(inv: Invocation) -> ExitCode:
     """Print the cluster's members, leader, epoch and generation."""
     cfg = inv.d.cfg
-    backend = _backend(cfg)
-    try:
-        doc = status_document(cfg, backend)
-    except BackendUnavailable as exc:
-        return _fail(inv.json, "cluster unavailable", detail=str(exc))
-    finally:
-        backend.close()
+    doc = _in_store(inv, lambda b: status_document(cfg, b))
+    if isinstance(doc, ExitCode):
+        return doc
     if inv.json:
         out_json(doc)
         return ExitCode.OK
@@ -231,15 +230,22 @@ def _when(at: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)) if at else "-"
 
 
-def cluster_history(inv: Invocation) -> ExitCode:
-    """Every change of leader on record, newest first."""
+def _in_store(inv: Invocation, fn: Callable[[KVBackend], T]) -> T | ExitCode:
+    """``fn(backend)`` on the config's store; an unreachable store is a failure."""
     backend = _backend(inv.d.cfg)
     try:
-        terms = history.terms(backend)
+        return fn(backend)
     except BackendUnavailable as exc:
         return _fail(inv.json, "cluster unavailable", detail=str(exc))
     finally:
         backend.close()
+
+
+def cluster_history(inv: Invocation) -> ExitCode:
+    """Every change of leader on record, newest first."""
+    terms = _in_store(inv, history.terms)
+    if isinstance(terms, ExitCode):
+        return terms
     if inv.json:
         out_json({"ok": 1, "history": [{**asdict(t), "time": _when(t.at)} for t in terms]})
         return ExitCode.OK
@@ -252,13 +258,9 @@ def cluster_history(inv: Invocation) -> ExitCode:
 
 
 def cluster_pause(inv: Invocation) -> ExitCode:
-    backend = _backend(inv.d.cfg)
-    try:
-        p = maintenance.pause(backend, requested_by(), inv.ns.reason or "")
-    except BackendUnavailable as exc:
-        return _fail(inv.json, "cluster unavailable", detail=str(exc))
-    finally:
-        backend.close()
+    p = _in_store(inv, lambda b: maintenance.pause(b, requested_by(), inv.ns.reason or ""))
+    if isinstance(p, ExitCode):
+        return p
     if inv.json:
         out_json({"ok": 1, "paused": asdict(p)})
     else:
@@ -268,13 +270,9 @@ def cluster_pause(inv: Invocation) -> ExitCode:
 
 
 def cluster_resume(inv: Invocation) -> ExitCode:
-    backend = _backend(inv.d.cfg)
-    try:
-        was = maintenance.resume(backend)
-    except BackendUnavailable as exc:
-        return _fail(inv.json, "cluster unavailable", detail=str(exc))
-    finally:
-        backend.close()
+    was = _in_store(inv, maintenance.resume)
+    if isinstance(was, ExitCode):
+        return was
     if inv.json:
         out_json({"ok": 1, "was_paused": was})
     else:

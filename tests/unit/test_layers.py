@@ -5,7 +5,10 @@
 * ``cluster`` imports neither ``agent`` nor ``dispatcher`` (tests/unit/cluster too);
 * ``dispatcher.client`` (the wire to agents) and ``dispatcher.ha`` never import the HTTP
   layer ``dispatcher.api``, nor the CLI ``dispatcher.ced``;
-* only ``dispatcher.api`` imports FastAPI, uvicorn, pydantic or starlette.
+* only ``dispatcher.api`` imports FastAPI, uvicorn, pydantic or starlette;
+* only ``cluster/etcd.py`` imports the etcd client (and ``requests``);
+* ``ops/lab`` is the one home of the fixtures: benches and the lab never import ``tests``,
+  and ``tests/support`` holds only pytest glue.
 """
 
 from __future__ import annotations
@@ -61,3 +64,22 @@ def test_only_the_api_layer_imports_the_web_framework() -> None:
     for package in ("agent", "cluster", "dispatcher.client", "dispatcher.ha", "dispatcher.ced",
                     "dispatcher.pki", "dispatcher.pairing"):  # fmt: skip
         assert offenders(package, web) == [], package
+
+
+def test_one_adapter_talks_to_etcd() -> None:
+    for path in sorted((ROOT / "cluster").glob("*.py")):
+        if path.name != "etcd.py":
+            assert not {n.split(".")[0] for n in imports(path)} & {"etcd3gw", "requests"}, path
+
+
+def test_benches_and_the_lab_do_not_import_tests() -> None:
+    files = sorted(ROOT.glob("bench/*.py")) + sorted(ROOT.glob("ops/**/*.py"))
+    assert files
+    for path in files:
+        assert not any(n.split(".")[0] == "tests" for n in imports(path)), path
+
+
+def test_tests_support_holds_only_pytest_glue() -> None:
+    for path in sorted((ROOT / "tests" / "support").glob("*.py")):
+        if path.name != "__init__.py":
+            assert any(n.split(".")[0] == "pytest" for n in imports(path)), path
