@@ -207,13 +207,13 @@ def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) ->
             out.append(ConfigError(str(exc), path, ep_line))
             endpoints_ok = False
     if not cfg.etcd_endpoints:
-        for key in CLUSTER_KEYS:
-            if key in raw and raw[key][1].strip():
-                out.append(ConfigError(
-                    f"{key} is set but etcd_endpoints is not: without etcd this instance would "
-                    "run the embedded backend and lead alone beside any real cluster (set "
-                    f"etcd_endpoints, or remove {key})", path, raw[key][0],
-                ))  # fmt: skip
+        present = [k for k in CLUSTER_KEYS if k in raw and raw[k][1].strip()]
+        for key in sorted(present, key=lambda k: raw[k][0]):
+            out.append(ConfigError(
+                f"{key} is set but etcd_endpoints is not: without etcd this instance would "
+                "run the embedded backend and lead alone beside any real cluster (set "
+                f"etcd_endpoints, or remove {key})", path, raw[key][0],
+            ))  # fmt: skip
         return out
     if cfg.advertise_url:
         try:
