@@ -214,3 +214,18 @@ def test_ced_refuses_the_same_typo(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=ENV, timeout=60)  # fmt: skip
     assert p.returncode == 2
     assert f"{path}:3: unknown key 'etcd_endpoint' (did you mean 'etcd_endpoints'?)" in p.stderr
+
+
+def test_readme_and_runbooks_state_the_same_rules() -> None:
+    from dispatcher.api.daemon import EX_CONFIG
+
+    assert EX_CONFIG == 78
+    readme = (ROOT / "README.md").read_text()
+    assert "`ctrl-exec-api` exits **78** (`EX_CONFIG`) on every\nconfiguration error" in readme
+    para = readme.split("**A configuration cannot change the topology.**", 1)[1]
+    para = para.split("\n\n", 1)[0]
+    listed = [k for k in CLUSTER_KEYS if f"`{k}`" in para]
+    assert listed == list(CLUSTER_KEYS), set(CLUSTER_KEYS) - set(listed)
+    for name in ("add-remove-instance.md", "failover.md", "disaster-recovery.md"):
+        text = (ROOT / "ops" / "runbooks" / name).read_text()
+        assert "exit status 78 is a" in text and "`file:line: message`" in text, name
