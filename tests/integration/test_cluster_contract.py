@@ -458,3 +458,24 @@ def test_a_member_that_lost_its_key_to_another_never_deletes_it(make_backend: Fa
     finally:
         sa.close()
         bb.resign(lb.id)
+
+
+def test_election_waits_for_the_member_key(make_backend: Factory) -> None:
+    """An instance whose member key another process holds never campaigns."""
+    ba, bb = make_backend(), make_backend()
+    holder = Session(ba, ttl=2, member=MemberInfo("x", pid=1)).join()
+    twin = Session(bb, ttl=2, member=MemberInfo("x", pid=2))
+    twin.start()  # as when etcd was unreachable at its start: the thread claims later
+    elector = Elector(make_backend(), "x", ttl=2, gate=twin.holds_member)
+    elector.start()
+    try:
+        wait_for(lambda: twin.conflict is not None, 3)
+        time.sleep(0.5)
+        assert not elector.is_leader() and ba.leader() is None
+        holder.close()  # the key is free: the twin takes it, then campaigns
+        wait_for(twin.holds_member, 3)
+        wait_for(elector.is_leader, 3)
+    finally:
+        elector.stop()
+        holder.close()
+        twin.close()
