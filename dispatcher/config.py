@@ -199,10 +199,9 @@ def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) ->
     out: list[ConfigError] = []
     ep_line = cfg.lines.get("etcd_endpoints")
     endpoints_ok = bool(cfg.etcd_endpoints)
-    etcd_hosts: list[str] = []
     for url in cfg.etcd_endpoints:
         try:
-            etcd_hosts.append(parse_url(url, "etcd_endpoints entry", "http")[1])
+            parse_url(url, "etcd_endpoints entry", "http")
         except ValueError as exc:
             out.append(ConfigError(str(exc), path, ep_line))
             endpoints_ok = False
@@ -223,25 +222,28 @@ def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) ->
             return out
     if not endpoints_ok:
         return out
-    remote = [h for h in etcd_hosts if not is_loopback_host(h)]
-    if not remote:
-        return out
-    if cfg.advertise_url:
+    remote = _remote_etcd(cfg)
+    if remote and cfg.advertise_url:
         host = parse_url(cfg.advertise_url, "advertise_url")[1]
         if is_loopback_host(host):
             out.append(ConfigError(
                 f"advertise_url {cfg.advertise_url} is a loopback address but etcd is not "
-                f"({remote[0]}): peers on other hosts cannot reach this instance; advertise "
+                f"({remote}): peers on other hosts cannot reach this instance; advertise "
                 "an address they reach", path, cfg.lines.get("advertise_url"),
             ))  # fmt: skip
-    elif cfg.api_bind in ("localhost", "::1") or cfg.api_bind.startswith("127."):
-        out.append(ConfigError(
-            f"advertise_url is not set, so this instance would advertise its API address "
-            f"{derived_advertise_url(cfg)} (api_bind), a loopback address, while etcd is not "
-            f"({remote[0]}): set advertise_url to an address peers reach",
-            path, cfg.lines.get("api_bind", ep_line),
-        ))  # fmt: skip
     return out
+
+
+def _remote_etcd(cfg: DispatcherConfig) -> str | None:
+    """The first etcd endpoint host that is not a loopback address (None: all are)."""
+    for url in cfg.etcd_endpoints:
+        try:
+            host = parse_url(url, "etcd_endpoints entry", "http")[1]
+        except ValueError:
+            continue
+        if not is_loopback_host(host):
+            return host
+    return None
 
 
 def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigError]]:
@@ -297,8 +299,8 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
 
     With ``required=False`` a missing file gives the defaults. These rules hold for
     ``ced`` and ``ctrl-exec-api`` alike: unknown keys, numbers, enumerations, the
-    cluster keys without ``etcd_endpoints``, unparsable URLs, a loopback advertise
-    address while etcd is remote. The daemon checks more (:func:`instance_problems`).
+    cluster keys without ``etcd_endpoints``, unparsable URLs, a loopback ``advertise_url``
+    while etcd is remote. The daemon checks more (:func:`instance_problems`).
     """
     cfg, errors = _parse(path, required)
     if errors:
@@ -309,7 +311,9 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
 def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     """What ``ctrl-exec-api`` also needs, checked without network and without binding:
     the API certificate files exist and load, ``sync_mode = push`` in a cluster has the
-    API on TLS, the PROXY v2 settings, and distinct ports."""
+    API on TLS, an advertised address that is not loopback while etcd is remote when it
+    is derived from ``api_bind`` (``ced`` on an operator host advertises nothing), the
+    PROXY v2 settings, and distinct ports."""
     out: list[ConfigError] = []
     for key in ("api_cert", "api_key", "api_client_ca"):
         value = getattr(cfg, key)
@@ -336,6 +340,16 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     if cfg.etcd_endpoints and bool(cfg.etcd_cert) != bool(cfg.etcd_key):
         out.append(cfg.error("etcd_cert" if cfg.etcd_cert else "etcd_key",
                              "etcd_cert and etcd_key go together"))  # fmt: skip
+    remote = _remote_etcd(cfg)
+    if remote and not cfg.advertise_url and (
+        cfg.api_bind in ("localhost", "::1") or cfg.api_bind.startswith("127.")
+    ):
+        out.append(ConfigError(
+            f"advertise_url is not set, so this instance would advertise its API address "
+            f"{derived_advertise_url(cfg)} (api_bind), a loopback address, while etcd is not "
+            f"({remote}): set advertise_url to an address peers reach",
+            cfg.path, cfg.lines.get("api_bind", cfg.lines.get("etcd_endpoints")),
+        ))  # fmt: skip
     ports = {
         "api_port": cfg.api_port,
         "health_port": cfg.health_port,

@@ -138,15 +138,29 @@ def test_loopback_advertise_url_with_remote_etcd_is_an_error(tmp_path: Path, url
     )
 
 
-def test_derived_loopback_advertise_with_remote_etcd_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path, REMOTE_ETCD + "api_bind = 127.0.0.1\napi_port = 7999\n")
-    assert error_of(path).startswith(
-        f"{path}:4: advertise_url is not set, so this instance would advertise its API "
-        "address http://127.0.0.1:7999 (api_bind), a loopback address, while etcd is not"
+def test_derived_loopback_advertise_with_remote_etcd_is_an_instance_error(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path, REMOTE_ETCD + "api_bind = 127.0.0.1\napi_port = 7999\nsync_mode = shared-fs\n"
     )
+    cfg = load(path)  # ced on an operator host: it advertises nothing, the file is fine
+    assert [str(e) for e in instance_problems(cfg)] == [
+        f"{path}:4: advertise_url is not set, so this instance would advertise its API "
+        "address http://127.0.0.1:7999 (api_bind), a loopback address, while etcd is not "
+        "(10.0.0.5): set advertise_url to an address peers reach"
+    ]
     # the default api_bind is 127.0.0.1 too: the error names the etcd_endpoints line then
-    path = write(tmp_path, REMOTE_ETCD)
-    assert error_of(path).startswith(f"{path}:3: advertise_url is not set")
+    path = write(tmp_path, REMOTE_ETCD + "sync_mode = shared-fs\n")
+    assert [str(e).split(" advertise_url")[0] for e in instance_problems(load(path))] == [
+        f"{path}:3:"
+    ]
+    assert (
+        instance_problems(
+            load(write(tmp_path, REMOTE_ETCD + "api_bind = ::\nsync_mode = shared-fs\n"))
+        )
+        == []
+    )
 
 
 def test_loopback_rule_allows_the_sane_setups(tmp_path: Path) -> None:
@@ -205,6 +219,15 @@ def test_daemon_exits_78_on_a_config_error_without_traceback(tmp_path: Path) -> 
     assert p.returncode == 78
     assert f"ctrl-exec-api: {path}:4: cluster_name is set but etcd_endpoints is not" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_ced_on_an_operator_host(tmp_path: Path) -> None:
+    """An operator host's config: remote etcd, the load balancer's ports, nothing to
+    advertise: ``ced`` takes it (``list-agents`` answers from the state dir)."""
+    path = write(tmp_path, REMOTE_ETCD + "cluster_name = prod\napi_port = 443\n")
+    p = subprocess.run([sys.executable, "-m", "dispatcher.cli", "--config", path, "list-agents"],
+                       capture_output=True, text=True, env=ENV, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
 
 
 def test_ced_refuses_the_same_typo(tmp_path: Path) -> None:
