@@ -341,8 +341,10 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
         out.append(cfg.error("etcd_cert" if cfg.etcd_cert else "etcd_key",
                              "etcd_cert and etcd_key go together"))  # fmt: skip
     remote = _remote_etcd(cfg)
-    if remote and not cfg.advertise_url and (
-        cfg.api_bind in ("localhost", "::1") or cfg.api_bind.startswith("127.")
+    if (
+        remote
+        and not cfg.advertise_url
+        and (cfg.api_bind in ("localhost", "::1") or cfg.api_bind.startswith("127."))
     ):
         out.append(ConfigError(
             f"advertise_url is not set, so this instance would advertise its API address "
