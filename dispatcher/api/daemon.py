@@ -178,7 +178,9 @@ class Listeners:
 
 def _listen(cfg: DispatcherConfig, key: str, host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, as uvicorn's own: asyncio sets TCP_NODELAY on accepted
+    # connections only for such sockets (else Nagle adds ~40 ms per kept-alive response)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

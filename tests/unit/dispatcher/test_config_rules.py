@@ -252,3 +252,33 @@ def test_readme_and_runbooks_state_the_same_rules() -> None:
     for name in ("add-remove-instance.md", "failover.md", "disaster-recovery.md"):
         text = (ROOT / "ops" / "runbooks" / name).read_text()
         assert "exit status 78 is a" in text and "`file:line: message`" in text, name
+
+
+def test_listeners_bind_first_and_a_busy_port_is_a_config_error(tmp_path: Path) -> None:
+    import socket
+
+    from dispatcher.api.daemon import bind_listeners
+
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    text = f"api_port = {ports[0]}\nhealth_port = {ports[1]}\napi_proxy_port = {ports[2]}\n"
+    path = write(tmp_path, text)
+    cfg = load(path)
+    listeners = bind_listeners(cfg)
+    try:
+        socks = [listeners.api, listeners.health, listeners.proxy]
+        # IPPROTO_TCP as uvicorn's own: asyncio then sets TCP_NODELAY on accepted sockets
+        assert [s.proto if s else None for s in socks] == [socket.IPPROTO_TCP] * 3
+        assert [s.getsockname()[1] if s else 0 for s in socks] == ports
+        with pytest.raises(ConfigError) as err:
+            bind_listeners(cfg)
+        assert str(err.value) == (
+            f"{path}:3: api_port {ports[0]}: cannot listen on 127.0.0.1:{ports[0]}: "
+            "Address already in use"
+        )
+    finally:
+        listeners.close()
+    bind_listeners(cfg).close()  # every socket of the failed attempt was closed
