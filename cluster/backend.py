@@ -6,7 +6,8 @@ Both implementations are the same logic (:class:`KVBackend`) over a :class:`Stor
 directory) when it is empty. Keys, under ``/<cluster_name>/``::
 
     leader                  instance id; bound to the leader's lease; create_revision = epoch
-    members/<instance_id>   MemberInfo JSON, bound to the member's lease
+    members/<instance_id>   MemberInfo JSON, bound to the member's lease; created only if
+                            absent, changed and deleted only by the lease that holds it
     locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
     generation              the published config generation (leader-only, fenced)
     effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
@@ -73,6 +74,9 @@ class MemberInfo:
     pairing_port: int = 0  # where it listens for pairing while it leads (0: unknown)
     proxy_port: int = 0  # API port expecting a PROXY v2 header from the load balancer (0: none)
     restart_pending: bool = False  # its certificates changed on disk since it loaded them
+    pid: int = 0  # the process that holds the member key (0: not recorded)
+    host: str = ""  # the host it runs on ("": not recorded)
+    since: float = 0.0  # wall-clock time.time() it registered (0: not recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -91,7 +95,30 @@ class MemberInfo:
             pairing_port=int(d.get("pairing_port", 0)),
             proxy_port=int(d.get("proxy_port", 0)),
             restart_pending=bool(d.get("restart_pending", False)),
+            pid=int(d.get("pid", 0) or 0),
+            host=str(d.get("host", "") or ""),
+            since=float(d.get("since", 0.0) or 0.0),
         )
+
+    def holder(self) -> str:
+        """Who holds this member key, for messages: URL, pid and host, since when."""
+        parts = [f"advertising {self.advertise_url or '(no advertise_url)'}"]
+        if self.pid or self.host:
+            parts.append(f"pid {self.pid or '?'} on host {self.host or '?'}")
+        if self.since:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+            parts.append(f"since {when}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class MemberClaim:
+    """The outcome of :meth:`Backend.claim_member`."""
+
+    held: bool  # the member key is bound to our lease now
+    created: bool = False  # this very call created it
+    holder: MemberInfo | None = None  # when not held: the record of whoever holds it
+    holder_lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,7 +226,18 @@ class Backend(Protocol):
 
     def effects(self) -> list[EffectRecord]: ...
 
-    def register_member(self, lease_id: int, member: MemberInfo) -> None: ...
+    def claim_member(self, lease_id: int, member: MemberInfo) -> MemberClaim:
+        """Create ``members/<id>`` bound to ``lease_id`` only if absent (never overwrite
+        another lease's key); a key already bound to ``lease_id`` counts as held."""
+        ...
+
+    def update_member(self, lease_id: int, member: MemberInfo) -> bool:
+        """Rewrite the member key only while it is bound to ``lease_id``."""
+        ...
+
+    def release_member(self, lease_id: int, instance_id: str) -> bool:
+        """Delete the member key only while it is bound to ``lease_id``."""
+        ...
 
     def members(self) -> list[MemberInfo]: ...
 
@@ -317,8 +355,29 @@ class KVBackend:
 
     # -- membership ----------------------------------------------------------------------------
 
-    def register_member(self, lease_id: int, member: MemberInfo) -> None:
-        self.store.put(self.keys.member(member.instance_id), member.to_json(), lease=lease_id)
+    def claim_member(self, lease_id: int, member: MemberInfo) -> MemberClaim:
+        key = self.keys.member(member.instance_id)
+        for _ in range(3):
+            created, kv = self.store.txn_create_or_get(key, member.to_json(), lease_id)
+            if created:
+                return MemberClaim(True, created=True)
+            if kv is None:
+                continue  # deleted in between: try again
+            if kv.lease == lease_id and lease_id:
+                return MemberClaim(True)
+            try:
+                holder = MemberInfo.from_json(kv.value)
+            except (ValueError, KeyError, TypeError):
+                holder = MemberInfo(member.instance_id)
+            return MemberClaim(False, holder=holder, holder_lease=kv.lease)
+        return MemberClaim(False, holder=MemberInfo(member.instance_id))
+
+    def update_member(self, lease_id: int, member: MemberInfo) -> bool:
+        key = self.keys.member(member.instance_id)
+        return self.store.txn_put_if_lease(key, member.to_json(), lease_id)
+
+    def release_member(self, lease_id: int, instance_id: str) -> bool:
+        return self.store.txn_delete_if_lease(self.keys.member(instance_id), lease_id)
 
     def members(self) -> list[MemberInfo]:
         return [MemberInfo.from_json(kv.value) for kv in self.store.get_prefix(self.keys.members)]

@@ -55,6 +55,7 @@ class Elector:
         on_elected: Callable[[int], None] | None = None,
         on_demoted: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         if ttl < 1:
             raise ValueError("lease ttl must be at least 1 s")
@@ -65,6 +66,7 @@ class Elector:
         self.interval = ttl / 3
         self.on_elected = on_elected
         self.on_demoted = on_demoted
+        self.gate = gate  # campaign only while it says yes (the instance holds its member key)
         self._clock = clock
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -288,6 +290,9 @@ class Elector:
             hold = self._hold_until
         if now < hold:
             self._stop.wait(min(hold - now, self.interval))
+            return
+        if self.gate is not None and not self.gate():
+            self._stop.wait(min(0.1, self.interval))
             return
         if self._leave_to_target(now):
             self._stop.wait(self.interval / 2)

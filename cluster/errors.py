@@ -31,3 +31,28 @@ class StaleEpoch(ClusterError):
         self.epoch = epoch
         self.newest = newest
         super().__init__(f"epoch {epoch} is older than the newest seen ({newest})")
+
+
+class MemberConflict(ClusterError):
+    """Another live process holds this instance's member key, or advertises its address.
+
+    ``kind`` is ``instance_id`` or ``advertise_url``; ``holder`` names the other process.
+    """
+
+    def __init__(self, kind: str, instance_id: str, holder_id: str, holder: str) -> None:
+        self.kind = kind
+        self.instance_id = instance_id
+        self.holder_id = holder_id
+        self.holder = holder
+        if kind == "instance_id":
+            msg = (
+                f"instance_id '{instance_id}' is already a live member of this cluster "
+                f"({holder}); every instance needs its own instance_id"
+            )
+        else:
+            msg = (
+                f"advertise_url of '{instance_id}' is already advertised by live member "
+                f"'{holder_id}' ({holder}); two instances never advertise one address "
+                "(on one host they differ by port)"
+            )
+        super().__init__(msg)

@@ -79,6 +79,11 @@ def _compare_create(key: str, revision: int) -> dict[str, Any]:
     return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": revision}
 
 
+def _compare_lease(key: str, lease: int) -> dict[str, Any]:
+    # a missing key compares as lease 0, so this fails for it
+    return {"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}
+
+
 def _put_op(key: str, value: str | bytes, lease: int | None = None) -> dict[str, Any]:
     req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
     if lease:
@@ -296,6 +301,37 @@ class EtcdClient:
             for kv in self._range_kvs(resp)
             if not (kv.lease == lease and kv.value == _raw(items[kv.key]))
         ]
+
+    def txn_create_or_get(
+        self, key: str, value: str | bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        """Create ``key`` bound to ``lease`` unless it exists; else the key as it is.
+
+        A key already bound to this very lease (a repeat after a lost answer) is returned
+        as it is: the caller sees its own lease on it.
+        """
+        resp = self._txn(
+            "create-or-get",
+            [_compare_create(key, 0)],
+            [_put_op(key, value, lease)],
+            [_range_op(key)],
+        )
+        if resp.get("succeeded"):
+            return True, None
+        kvs = self._range_kvs(resp)
+        return False, (kvs[0] if kvs else None)
+
+    def txn_put_if_lease(self, key: str, value: str | bytes, lease: int) -> bool:
+        if not lease:
+            return False
+        resp = self._txn("put-if-lease", [_compare_lease(key, lease)], [_put_op(key, value, lease)])
+        return bool(resp.get("succeeded"))
+
+    def txn_delete_if_lease(self, key: str, lease: int) -> bool:
+        if not lease:
+            return False
+        resp = self._txn("delete-if-lease", [_compare_lease(key, lease)], [_delete_op(key)])
+        return bool(resp.get("succeeded"))
 
     def txn_delete_if_value(self, items: Mapping[str, str | bytes]) -> None:
         """Delete each key whose value is still the given one (others are left alone)."""

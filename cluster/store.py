@@ -71,6 +71,21 @@ class Store(Protocol):
         self, items: Mapping[str, str | bytes], lease: int
     ) -> list[str]: ...
 
+    def txn_create_or_get(
+        self, key: str, value: str | bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        """Create ``key`` bound to ``lease`` if absent: ``(True, None)``; else
+        ``(False, the key as it is)`` (read in the same transaction; None: gone meanwhile)."""
+        ...
+
+    def txn_put_if_lease(self, key: str, value: str | bytes, lease: int) -> bool:
+        """Write ``key`` (keeping it bound to ``lease``) only while it is bound to ``lease``."""
+        ...
+
+    def txn_delete_if_lease(self, key: str, lease: int) -> bool:
+        """Delete ``key`` only while it is bound to ``lease``; True if deleted."""
+        ...
+
     def txn_delete_if_value(self, items: Mapping[str, str | bytes]) -> None: ...
 
     def txn_put_if_epoch(
@@ -284,6 +299,32 @@ class LocalStore:
             for key, value in items.items():
                 data.put(key, _raw(value), lease, rev)
             return []
+
+    def txn_create_or_get(
+        self, key: str, value: str | bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        with self._data() as data:
+            existing = data.kv(key)
+            if existing is not None:
+                return False, existing
+            self._check_lease(data, lease)
+            data.put(key, _raw(value), lease, data.bump())
+            return True, None
+
+    def txn_put_if_lease(self, key: str, value: str | bytes, lease: int) -> bool:
+        with self._data() as data:
+            existing = data.kv(key)
+            if existing is None or not lease or existing.lease != lease:
+                return False
+            data.put(key, _raw(value), lease, data.bump())
+            return True
+
+    def txn_delete_if_lease(self, key: str, lease: int) -> bool:
+        with self._data() as data:
+            existing = data.kv(key)
+            if existing is None or not lease or existing.lease != lease:
+                return False
+            return data.delete(key, data.bump())
 
     def txn_delete_if_value(self, items: Mapping[str, str | bytes]) -> None:
         with self._data() as data:

@@ -78,6 +78,7 @@ class DispatcherConfig:
     lease_ttl: float = 5.0
     log_target: str = "auto"
     warnings: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # key -> its line in the file
 
     def finish(self) -> DispatcherConfig:
         """Fill the derived defaults (call after setting keys)."""
@@ -90,6 +91,10 @@ class DispatcherConfig:
         self.dispatcher_id = sanitise_id(self.dispatcher_id or socket.gethostname())
         self.instance_id = self.instance_id or socket.gethostname()
         return self
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A :class:`ConfigError` naming this file and the line of ``key`` (if set there)."""
+        return ConfigError(message, self.path, self.lines.get(key))
 
     @property
     def pairing_dir(self) -> str:
@@ -109,7 +114,19 @@ class DispatcherConfig:
 
 
 _ALIASES = {"timeout": "read_timeout"}
-_FIELDS = {f.name: f for f in fields(DispatcherConfig) if f.name not in ("path", "warnings")}
+_FIELDS = {
+    f.name: f for f in fields(DispatcherConfig) if f.name not in ("path", "warnings", "lines")
+}
+# upstream keys that upstream itself does not use: accepted with a warning
+_IGNORED = {"port": "not used (as upstream: give the agent port with --port)"}
+
+#: Keys that only mean something in an etcd cluster. Set (to a non-empty value) without a
+#: usable ``etcd_endpoints`` they are an error: the instance would run the embedded
+#: backend, lead alone and sign beside the real cluster.
+CLUSTER_KEYS = (
+    "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode", "drain_wait",
+    "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
+)  # fmt: skip
 
 
 def _convert(key: str, value: str, path: str, line: int) -> object:
@@ -128,33 +145,247 @@ def _convert(key: str, value: str, path: str, line: int) -> object:
     return value
 
 
-def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
-    """Load ``path``. With ``required=False`` a missing file gives the defaults."""
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``), 127.0.0.0/8 and ``::1``; names are not resolved."""
+    import ipaddress
+
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_url(url: str, what: str, default_scheme: str | None = None) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an ``http``/``https`` URL; ValueError naming ``what``.
+
+    With ``default_scheme`` a bare ``host:port`` is accepted (etcdctl's form).
+    """
+    from urllib.parse import urlsplit
+
+    raw = url.strip()
+    if default_scheme and "://" not in raw:
+        raw = f"{default_scheme}://{raw}"
+    bad = ValueError(f"{what} {url!r} is not a usable URL (http[s]://host[:port])")
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise bad
+    if port == 0:
+        raise bad
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def derived_advertise_url(cfg: DispatcherConfig) -> str:
+    """What the instance advertises: ``advertise_url``, or the API's own URL."""
+    if cfg.advertise_url:
+        return cfg.advertise_url.rstrip("/")
+    scheme = "https" if cfg.api_cert and cfg.api_key else "http"
+    host = cfg.api_bind
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{cfg.api_port}"
+
+
+def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) -> list[ConfigError]:
+    """The rules of DESIGN.md section 3 that keep a typo from changing the topology."""
+    path = cfg.path
+    out: list[ConfigError] = []
+    ep_line = cfg.lines.get("etcd_endpoints")
+    endpoints_ok = bool(cfg.etcd_endpoints)
+    for url in cfg.etcd_endpoints:
+        try:
+            parse_url(url, "etcd_endpoints entry", "http")
+        except ValueError as exc:
+            out.append(ConfigError(str(exc), path, ep_line))
+            endpoints_ok = False
+    if not cfg.etcd_endpoints:
+        present = [k for k in CLUSTER_KEYS if k in raw and raw[k][1].strip()]
+        for key in sorted(present, key=lambda k: raw[k][0]):
+            out.append(ConfigError(
+                f"{key} is set but etcd_endpoints is not: without etcd this instance would "
+                "run the embedded backend and lead alone beside any real cluster (set "
+                f"etcd_endpoints, or remove {key})", path, raw[key][0],
+            ))  # fmt: skip
+        return out
+    if cfg.advertise_url:
+        try:
+            parse_url(cfg.advertise_url, "advertise_url")
+        except ValueError as exc:
+            out.append(ConfigError(str(exc), path, cfg.lines.get("advertise_url")))
+            return out
+    if not endpoints_ok:
+        return out
+    remote = _remote_etcd(cfg)
+    if remote and cfg.advertise_url:
+        host = parse_url(cfg.advertise_url, "advertise_url")[1]
+        if is_loopback_host(host):
+            out.append(ConfigError(
+                f"advertise_url {cfg.advertise_url} is a loopback address but etcd is not "
+                f"({remote}): peers on other hosts cannot reach this instance; advertise "
+                "an address they reach", path, cfg.lines.get("advertise_url"),
+            ))  # fmt: skip
+    return out
+
+
+def _remote_etcd(cfg: DispatcherConfig) -> str | None:
+    """The first etcd endpoint host that is not a loopback address (None: all are)."""
+    for url in cfg.etcd_endpoints:
+        try:
+            host = parse_url(url, "etcd_endpoints entry", "http")[1]
+        except ValueError:
+            continue
+        if not is_loopback_host(host):
+            return host
+    return None
+
+
+def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigError]]:
+    """The config with every problem found (file:line each); parsing stops at none."""
     cfg = DispatcherConfig(path=path)
     try:
         text = kvconf.read_text(path)
-    except ConfigError:
+    except ConfigError as exc:
         if required:
-            raise
-        return cfg.finish()
-    for key, (line, value) in kvconf.parse_flat(text, path).items():
+            return cfg.finish(), [exc]
+        return cfg.finish(), []
+    try:
+        raw = kvconf.parse_flat(text, path)
+    except ConfigError as exc:
+        return cfg.finish(), [exc]
+    errors: list[ConfigError] = []
+    for key, (line, value) in raw.items():
         key = _ALIASES.get(key, key)
+        if key in _IGNORED:
+            cfg.warnings.append(f"{path}:{line}: key '{key}' ignored: {_IGNORED[key]}")
+            continue
         if key not in _FIELDS:
             import difflib  # only for a typo: ``ced`` starts without it
 
             hint = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            cfg.warnings.append(f"{path}:{line}: unknown key '{key}' ignored{extra}")
+            errors.append(ConfigError(f"unknown key '{key}'{extra}", path, line))
             continue
-        setattr(cfg, key, _convert(key, value, path, line))
+        try:
+            setattr(cfg, key, _convert(key, value, path, line))
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        cfg.lines[key] = line
+    raw = {_ALIASES.get(k, k): v for k, v in raw.items()}
     if cfg.api_auth_default not in ("deny", "allow"):
-        raise ConfigError("api_auth_default must be deny or allow", path)
+        errors.append(cfg.error("api_auth_default", "api_auth_default must be deny or allow"))
     if cfg.sync_mode not in ("push", "shared-fs"):
-        raise ConfigError("sync_mode must be push or shared-fs", path)
+        errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
     if cfg.sync_ack not in ("majority", "one", "none"):
-        raise ConfigError("sync_ack must be majority, one or none", path)
+        errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:
-        raise ConfigError("sync_ack_timeout must be between 0 and 600 seconds", path)
+        errors.append(cfg.error("sync_ack_timeout",
+                                "sync_ack_timeout must be between 0 and 600 seconds"))  # fmt: skip
     if not 0 <= cfg.drain_wait <= 300:
-        raise ConfigError("drain_wait must be between 0 and 300 seconds", path)
-    return cfg.finish()
+        errors.append(cfg.error("drain_wait", "drain_wait must be between 0 and 300 seconds"))
+    if cfg.lease_ttl < 1:
+        errors.append(cfg.error("lease_ttl", "lease_ttl must be at least 1 second"))
+    for key in ("api_port", "health_port", "pairing_port"):
+        if not 0 < getattr(cfg, key) < 65536:
+            errors.append(cfg.error(key, f"{key} must be a port number (1-65535)"))
+    errors.extend(_cluster_problems(cfg, raw))
+    return cfg.finish(), errors
+
+
+def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
+    """Load ``path``; raise the first :class:`ConfigError` (every one names file:line).
+
+    With ``required=False`` a missing file gives the defaults. These rules hold for
+    ``ced`` and ``ctrl-exec-api`` alike: unknown keys, numbers, enumerations, the
+    cluster keys without ``etcd_endpoints``, unparsable URLs, a loopback ``advertise_url``
+    while etcd is remote. The daemon checks more (:func:`instance_problems`).
+    """
+    cfg, errors = _parse(path, required)
+    if errors:
+        raise errors[0]
+    return cfg
+
+
+def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
+    """What ``ctrl-exec-api`` also needs, checked without network and without binding:
+    the API certificate files exist and load, ``sync_mode = push`` in a cluster has the
+    API on TLS, an advertised address that is not loopback while etcd is remote when it
+    is derived from ``api_bind`` (``ced`` on an operator host advertises nothing), the
+    PROXY v2 settings, and distinct ports."""
+    out: list[ConfigError] = []
+    for key in ("api_cert", "api_key", "api_client_ca"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_file():
+            out.append(cfg.error(key, f"{key} {value} does not exist"))
+    if bool(cfg.api_cert) != bool(cfg.api_key):
+        key = "api_cert" if cfg.api_cert else "api_key"
+        out.append(cfg.error(key, "api_cert and api_key go together"))
+    elif cfg.api_cert and not out:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                cfg.api_cert, cfg.api_key
+            )
+        except (OSError, ssl.SSLError) as exc:
+            out.append(cfg.error("api_cert", f"cannot load the API certificate: {exc}"))
+    if cfg.etcd_endpoints and cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
+        out.append(cfg.error(
+            "sync_mode", "sync_mode = push needs api_cert and api_key: followers fetch the "
+            "generation files from the leader over mTLS (use sync_mode = shared-fs when the "
+            "state paths are on a shared filesystem)",
+        ))  # fmt: skip
+    if cfg.etcd_endpoints and bool(cfg.etcd_cert) != bool(cfg.etcd_key):
+        out.append(cfg.error("etcd_cert" if cfg.etcd_cert else "etcd_key",
+                             "etcd_cert and etcd_key go together"))  # fmt: skip
+    remote = _remote_etcd(cfg)
+    if (
+        remote
+        and not cfg.advertise_url
+        and (cfg.api_bind in ("localhost", "::1") or cfg.api_bind.startswith("127."))
+    ):
+        out.append(ConfigError(
+            f"advertise_url is not set, so this instance would advertise its API address "
+            f"{derived_advertise_url(cfg)} (api_bind), a loopback address, while etcd is not "
+            f"({remote}): set advertise_url to an address peers reach",
+            cfg.path, cfg.lines.get("api_bind", cfg.lines.get("etcd_endpoints")),
+        ))  # fmt: skip
+    ports = {
+        "api_port": cfg.api_port,
+        "health_port": cfg.health_port,
+        "pairing_port": cfg.pairing_port,
+    }  # api_proxy_port: proxyproto.check_config
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port and port in seen:
+            out.append(cfg.error(key, f"{key} {port} is also {seen[port]}"))
+        seen.setdefault(port, key)
+    from dispatcher.api import proxyproto
+
+    try:
+        proxyproto.check_config(cfg)
+    except ConfigError as exc:
+        out.append(exc)
+    return out
+
+
+def check(path: str = DEFAULT_CONFIG) -> list[str]:
+    """Every problem of ``path`` for an instance (``file:line: message`` each; [] when fine).
+
+    The load rules of :func:`load` plus :func:`instance_problems`; no network, no etcd,
+    no port binding (a port in use shows only at start).
+    """
+    cfg, errors = _parse(path, True)
+    if not errors:
+        errors = instance_problems(cfg)
+    return [str(e) for e in errors]

@@ -25,6 +25,15 @@ Restart ordered by the leader (after a generation that changed certificates, see
 down as on SIGTERM (in-flight requests finish, leases revoked) and re-executes itself
 with the same command line, so it loads the new certificates and CA.
 
+Exit status: 0 after a SIGTERM/SIGINT drain; 78 (``EX_CONFIG``) on every configuration
+error, each naming ``file:line`` on stderr without a traceback: a config rule
+(:func:`dispatcher.config.load` and :func:`~dispatcher.config.instance_problems`), a
+listening port in use (the API, health and PROXY ports are bound before the instance
+joins the cluster), or a cluster identity taken by another live process (its
+``instance_id``, or its ``advertise_url``, see :class:`cluster.session.Session`), also when
+found later while running; 1 when a server stopped by itself. ``--check-config``
+validates without starting (exit 0 or 78).
+
 Peers: with etcd and ``sync_mode = push`` the API also verifies client certificates
 issued by the dispatcher CA (``ca``), so followers can fetch generation files with the
 dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
@@ -40,8 +49,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +61,7 @@ import uvicorn
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.version import __version__
+from cluster.errors import MemberConflict
 from dispatcher.api import proxyproto
 from dispatcher.api.healthport import (
     TICK_INTERVAL,
@@ -58,7 +70,7 @@ from dispatcher.api.healthport import (
     RoleProvider,
     create_health_app,
 )
-from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig
+from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, instance_problems
 from dispatcher.core import Dispatcher, open_dispatcher
 
 if TYPE_CHECKING:
@@ -66,6 +78,7 @@ if TYPE_CHECKING:
     from dispatcher.pairing.supervisor import PairingSupervisor
 
 IDENT = "ctrl-exec-api"
+EX_CONFIG = 78  # sysexits.h: every configuration error, a port in use, a taken instance_id
 
 
 def api_tls_enabled(cfg: DispatcherConfig) -> bool:
@@ -91,7 +104,7 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     for key in ("api_cert", "api_key", "api_client_ca"):
         path = getattr(cfg, key)
         if path and not Path(path).is_file():
-            raise ConfigError(f"{key} {path} does not exist", cfg.path)
+            raise cfg.error(key, f"{key} {path} does not exist")
     cas = [cfg.api_client_ca] if cfg.api_client_ca else []
     if peer_sync(cfg) and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
         cas.append(cfg.ca)
@@ -103,7 +116,7 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
             ctx.load_verify_locations(cafile=extra)
         return ctx
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the API certificate: {exc}", cfg.path) from None
+        raise cfg.error("api_cert", f"cannot load the API certificate: {exc}") from None
 
 
 def operator_issuers(cfg: DispatcherConfig) -> frozenset[str] | None:
@@ -122,7 +135,7 @@ def operator_issuers(cfg: DispatcherConfig) -> frozenset[str] | None:
         data = Path(cfg.api_client_ca).read_bytes()
         certs = x509.load_pem_x509_certificates(data)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read api_client_ca: {exc}", cfg.path) from None
+        raise cfg.error("api_client_ca", f"cannot read api_client_ca: {exc}") from None
     return frozenset(c.subject.rfc4514_string() for c in certs)
 
 
@@ -149,6 +162,53 @@ def _reload_cert(cfg: DispatcherConfig, ctx: ssl.SSLContext | None) -> bool:
     return True
 
 
+@dataclass
+class Listeners:
+    """The sockets of the API, the health port and the PROXY v2 port, bound and listening
+    before the instance joins the cluster (a port in use is a configuration error)."""
+
+    api: socket.socket
+    health: socket.socket
+    proxy: socket.socket | None = None
+
+    def close(self) -> None:
+        for sock in (self.api, self.health, self.proxy):
+            if sock is not None:
+                sock.close()
+
+
+def _listen(cfg: DispatcherConfig, key: str, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, as uvicorn's own: asyncio sets TCP_NODELAY on accepted
+    # connections only for such sockets (else Nagle adds ~40 ms per kept-alive response)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise cfg.error(key, f"{key} {port}: cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+def bind_listeners(cfg: DispatcherConfig) -> Listeners:
+    """Bind every listening port now; ConfigError (file:line of the port's key) if one is
+    in use or not bindable. The pairing port binds later, while the instance leads."""
+    done: list[socket.socket] = []
+    try:
+        done.append(_listen(cfg, "api_port", cfg.api_bind, cfg.api_port))
+        done.append(_listen(cfg, "health_port", cfg.health_bind, cfg.health_port))
+        if cfg.api_proxy_port:
+            done.append(_listen(cfg, "api_proxy_port", cfg.api_bind, cfg.api_proxy_port))
+    except ConfigError:
+        for sock in done:
+            sock.close()
+        raise
+    return Listeners(done[0], done[1], done[2] if len(done) > 2 else None)
+
+
 def _server_config(app: object, host: str, port: int, **kw: object) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -166,12 +226,17 @@ def _server_config(app: object, host: str, port: int, **kw: object) -> uvicorn.C
 class Instance:
     """The API server, the health server and the tick loop of one instance."""
 
-    def __init__(self, d: Dispatcher, role: RoleProvider | None = None) -> None:
+    def __init__(
+        self, d: Dispatcher, role: RoleProvider | None = None, listeners: Listeners | None = None
+    ) -> None:
         from dispatcher.api.app import create_app  # FastAPI: only when serving
         from dispatcher.api.peercert import protocol_class
 
         cfg = d.cfg
         self.d = d
+        self.listeners = listeners
+        self.exit_code: int | None = None  # set when the instance must stop with it
+        self.fatal = ""  # why (printed on stderr)
         self.ctx = build_ssl(cfg)
         proxyproto.check_config(cfg)  # PROXY v2 hook (see _start_proxy)
         self.proxy: proxyproto.ProxyListener | None = None
@@ -187,6 +252,7 @@ class Instance:
             )
             self.ha.add_listener(self.pairing.kick)
             self.ha.on_restart = self._restart_from_thread
+            self.ha.on_conflict = self._conflict_from_thread
         self.role: RoleProvider = role or (
             self.ha.role if self.ha else LocalRole(cfg.instance_id, cfg.lease_ttl)
         )
@@ -257,12 +323,28 @@ class Instance:
         self.restart_reason = reason
         self.stop.set()
 
+    # ----- another process holds this instance's member key ---------------------------
+
+    def _conflict_from_thread(self, exc: Exception) -> None:
+        """Called on the session thread: stop, exit 78 with the message."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._fail, EX_CONFIG, str(exc))
+
+    def _fail(self, code: int, message: str) -> None:
+        if self.exit_code is None:
+            self.exit_code, self.fatal = code, message
+        self.stop.set()
+
     # ----- PROXY v2 API listener (api_proxy_port; dispatcher/api/proxyproto.py) ---------
 
     async def _start_proxy(self) -> bool:
         """Start the PROXY v2 listener when configured; False when it cannot listen."""
         try:
-            self.proxy = await proxyproto.start_for(self.api, self.d.cfg, self.ctx)
+            sock = self.listeners.proxy if self.listeners is not None else None
+            self.proxy = await proxyproto.start_for(self.api, self.d.cfg, self.ctx, sock)
         except OSError as exc:
             logfmt.event("api-proxy-error", logging.ERROR, port=self.d.cfg.api_proxy_port,
                          error=exc)  # fmt: skip
@@ -283,7 +365,14 @@ class Instance:
         if self.ha is None or self.pairing is None:
             return None
         ha = self.ha
-        await asyncio.to_thread(ha.start)
+        try:
+            await asyncio.to_thread(ha.start)
+        except MemberConflict as exc:
+            logfmt.event("member-conflict", logging.ERROR, instance=self.d.cfg.instance_id,
+                         kind=exc.kind, holder=exc.holder_id, detail=str(exc))  # fmt: skip
+            await asyncio.to_thread(ha.close)
+            self._fail(EX_CONFIG, f"{self.d.cfg.path}: refusing to start: {exc}")
+            return None
         task = asyncio.create_task(self.pairing.run())
         deadline = asyncio.get_running_loop().time() + min(2.0, ha.ttl)
         while ha.health.ok and ha.role.snapshot().leader_id is None:
@@ -323,9 +412,18 @@ class Instance:
         self._loop = asyncio.get_running_loop()
         self._signals(self._loop)
         pairing_task = await self._join_cluster()
+        if self.exit_code is not None:  # refused to join: nothing else started
+            if self.listeners is not None:
+                self.listeners.close()
+            return self.exit_code
         ticker = asyncio.create_task(self._ticker())
-        health_task = asyncio.create_task(self.health._serve())
-        api_task = asyncio.create_task(self.api._serve())
+        lst = self.listeners
+        health_task = asyncio.create_task(
+            self.health._serve(sockets=[lst.health] if lst is not None else None)
+        )
+        api_task = asyncio.create_task(
+            self.api._serve(sockets=[lst.api] if lst is not None else None)
+        )
         stopper = asyncio.create_task(self.stop.wait())
         while not self.api.started and not api_task.done() and not self.stop.is_set():
             await asyncio.sleep(0.02)
@@ -358,29 +456,59 @@ class Instance:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._leave_cluster(pairing_task)
-        return rc
+        return self.exit_code if self.exit_code is not None else rc
+
+
+def check_config(path: str) -> int:
+    """``--check-config``: every problem on stderr (file:line each); 0 or 78."""
+    from dispatcher.config import check
+
+    problems = check(path)
+    for problem in problems:
+        print(f"{IDENT}: {problem}", file=sys.stderr)
+    if problems:
+        return EX_CONFIG
+    print(f"{path}: OK")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=IDENT, description="ctrl-exec API instance daemon")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="ctrl-exec.conf path")
+    parser.add_argument(
+        "--check-config", action="store_true",
+        help="validate the config (no network, no port binding) and exit: 0 fine, 78 not",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"{IDENT} {__version__}")
     args = parser.parse_args(argv)
+    if args.check_config:
+        return check_config(args.config)
+    listeners: Listeners | None = None
     try:
         d = open_dispatcher(args.config)
         logfmt.setup(IDENT, d.cfg.log_target)
         for warning in d.cfg.warnings:
             logfmt.event("config-warn", logging.WARNING, detail=warning)
-        instance = Instance(d)
+        problems = instance_problems(d.cfg)
+        if problems:
+            for problem in problems[1:]:
+                print(f"{IDENT}: {problem}", file=sys.stderr)
+            raise problems[0]
+        listeners = bind_listeners(d.cfg)
+        instance = Instance(d, listeners=listeners)
     except ConfigError as exc:
+        if listeners is not None:
+            listeners.close()
         print(f"{IDENT}: {exc}", file=sys.stderr)
         logfmt.shutdown()
-        return 2
+        return EX_CONFIG
     try:
         rc = asyncio.run(instance.run())
     except BaseException:
         logfmt.shutdown()
         raise
+    if instance.fatal:
+        print(f"{IDENT}: {instance.fatal}", file=sys.stderr)
     if rc == 0 and instance.restart_requested:
         reexec(instance.restart_reason)  # does not return
     logfmt.shutdown()

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.common import logfmt
-from agent.common.errors import ConfigError, ProtocolError
+from agent.common.errors import ProtocolError
 from dispatcher.config import DispatcherConfig
 from dispatcher.netaddr import plain_ip
 
@@ -273,13 +273,15 @@ class ProxyListener:
         self._accept: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and listen (raises OSError when the port is taken)."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen (raises OSError when the port is taken); ``sock``: already bound."""
+        if sock is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
+            if sock.getsockname()[1] == 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.port))
             sock.listen(self.server.config.backlog)
             sock.setblocking(False)
         except OSError:
@@ -374,22 +376,25 @@ def _abort(conn: socket.socket) -> None:
 
 
 def check_config(cfg: DispatcherConfig) -> None:
-    """Raise ConfigError when ``api_proxy_port``/``api_proxy_sources`` are unusable."""
+    """Raise ConfigError (file:line) when ``api_proxy_port``/``api_proxy_sources`` are unusable."""
     if not cfg.api_proxy_port:
         return
     if not 0 < cfg.api_proxy_port < 65536 or cfg.api_proxy_port == cfg.api_port:
-        raise ConfigError(f"api_proxy_port {cfg.api_proxy_port} is not a free port number",
-                          cfg.path)  # fmt: skip
+        raise cfg.error("api_proxy_port",
+                        f"api_proxy_port {cfg.api_proxy_port} is not a free port number")  # fmt: skip
     try:
         nets = parse_sources(cfg.api_proxy_sources)
     except ValueError as exc:
-        raise ConfigError(str(exc), cfg.path) from None
+        raise cfg.error("api_proxy_sources", str(exc)) from None
     if not nets:
-        raise ConfigError("api_proxy_port is set but api_proxy_sources is empty", cfg.path)
+        raise cfg.error("api_proxy_sources", "api_proxy_port is set but api_proxy_sources is empty")
 
 
 async def start_for(
-    server: Any, cfg: DispatcherConfig, ssl_ctx: ssl.SSLContext | None
+    server: Any,
+    cfg: DispatcherConfig,
+    ssl_ctx: ssl.SSLContext | None,
+    sock: socket.socket | None = None,
 ) -> ProxyListener | None:
     """The daemon's hook: a started listener when ``cfg.api_proxy_port`` is set, else None."""
     if not cfg.api_proxy_port:
@@ -398,5 +403,5 @@ async def start_for(
         server, host=cfg.api_bind, port=cfg.api_proxy_port, sources=cfg.api_proxy_sources,
         ssl_ctx=ssl_ctx,
     )  # fmt: skip
-    await listener.start()
+    await listener.start(sock)
     return listener

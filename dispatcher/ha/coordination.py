@@ -6,10 +6,8 @@ Kept light (no web framework, no etcd client until an etcd backend is built), so
 
 from __future__ import annotations
 
-import socket
-
 from cluster.backend import KVBackend, make_backend
-from dispatcher.config import DispatcherConfig
+from dispatcher.config import DispatcherConfig, derived_advertise_url
 
 
 def lease_ttl(cfg: DispatcherConfig) -> int:
@@ -19,15 +17,7 @@ def lease_ttl(cfg: DispatcherConfig) -> int:
 
 def advertise_url(cfg: DispatcherConfig) -> str:
     """``advertise_url``, or the API's own URL when it is not configured."""
-    if cfg.advertise_url:
-        return cfg.advertise_url.rstrip("/")
-    scheme = "https" if cfg.api_cert and cfg.api_key else "http"
-    host = cfg.api_bind
-    if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{cfg.api_port}"
+    return derived_advertise_url(cfg)
 
 
 def backend_from_config(cfg: DispatcherConfig, timeout: float | None = None) -> KVBackend:

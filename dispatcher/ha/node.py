@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
-from agent.common.errors import ConfigError
 from agent.version import __version__
 from cluster import maintenance
 from cluster.backend import LeaderInfo, MemberInfo
 from cluster.election import Elector
-from cluster.errors import BackendUnavailable
+from cluster.errors import BackendUnavailable, MemberConflict
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
 from dispatcher.config import DispatcherConfig
@@ -94,15 +95,18 @@ class HANode:
             # etcd: the election gets its own client, so a busy data path never delays it
             self.coord = backend_from_config(cfg) if self.data.kind == "etcd" else self.data
         except ValueError as exc:  # bad endpoint URL, cert without key, bad cluster name
-            raise ConfigError(f"cluster: {exc}", cfg.path) from None
+            raise cfg.error("etcd_endpoints", f"cluster: {exc}") from None
         self.kind = self.data.kind
         self.health = ClusterHealth()
         self._listeners: list[Listener] = []
+        self.on_conflict: Callable[[MemberConflict], None] | None = None
+        self.session = Session(self.data, ttl=self.ttl, member=self._member_info(),
+                               on_conflict=self._member_conflict)  # fmt: skip
+        # no campaign while another process holds this instance's member key
         self.elector = Elector(
             self.coord, self.instance_id, ttl=self.ttl,
-            on_elected=self._elected, on_demoted=self._demoted,
+            on_elected=self._elected, on_demoted=self._demoted, gate=self.session.holds_member,
         )  # fmt: skip
-        self.session = Session(self.data, ttl=self.ttl, member=self._member_info())
         self.role = ClusterRole(
             self.elector, backend_kind=self.kind, health=self.health,
             generation=self._generation, on_resign=self.step_down,
@@ -139,10 +143,10 @@ class HANode:
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
             if cfg.sync_mode == "push" and not (cfg.api_cert and cfg.api_key):
-                raise ConfigError(
-                    "sync_mode = push needs api_cert and api_key: followers fetch the "
-                    "generation files from the leader over mTLS (use sync_mode = shared-fs "
-                    "when the state paths are on a shared filesystem)", cfg.path,
+                raise cfg.error(
+                    "sync_mode", "sync_mode = push needs api_cert and api_key: followers fetch "
+                    "the generation files from the leader over mTLS (use sync_mode = shared-fs "
+                    "when the state paths are on a shared filesystem)",
                 )  # fmt: skip
             self.sync = Syncer(
                 cfg, self.data, self.elector, self.session, self.role.guard, self.health,
@@ -176,6 +180,7 @@ class HANode:
             cert_serial=_cert_serial(cfg.cert), generation=0, state="serving",
             health_port=cfg.health_port, pairing_port=cfg.pairing_port,
             proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
+            pid=os.getpid(), host=socket.gethostname(),
         )  # fmt: skip
 
     def _changed(self, path: Path) -> None:
@@ -247,8 +252,23 @@ class HANode:
         self._listeners.append(fn)
 
     def start(self) -> HANode:
+        """Join the cluster: the member key first (exclusive), then the election.
+
+        Raises :class:`~cluster.errors.MemberConflict` when another live process holds
+        this ``instance_id`` (after waiting a lease TTL for a crashed predecessor's key to
+        expire) or another live member advertises this ``advertise_url``. With the store
+        unreachable it starts anyway (run and ping never depend on it); the session
+        claims the key when it can, and campaigns only after that.
+        """
         self._probe(0)
-        self.session.start()
+        self.session.update_member(since=time.time())
+        try:
+            self.session.join(wait=self.ttl + 1.5)
+        except BackendUnavailable as exc:
+            self.health.mark_failed(exc)
+            logfmt.event("member-register", logging.WARNING, instance=self.instance_id,
+                         result="deferred", error=exc)  # fmt: skip
+            self.session.start()
         self.elector.start()
         self._monitor.start()
         for part in (self.sync, self.restarts, self.work):
@@ -258,6 +278,16 @@ class HANode:
                      cluster=self.cfg.cluster_name, ttl=self.ttl,
                      etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
         return self
+
+    def _member_conflict(self, exc: MemberConflict) -> None:
+        """The session found this instance's key held by another process (never ours to
+        overwrite): no campaign (the election's gate), and the daemon stops (78)."""
+        logfmt.event("member-conflict", logging.ERROR, instance=self.instance_id,
+                     kind=exc.kind, holder=exc.holder_id, detail=str(exc))  # fmt: skip
+        if self.elector.is_leader():
+            self.elector.resign()
+        if self.on_conflict is not None:
+            self.on_conflict(exc)
 
     def is_leader(self) -> bool:
         return self.elector.is_leader()

@@ -5,7 +5,8 @@ In a temporary directory:
 1. ``ced setup-ca`` and ``ced setup-ctrl-exec`` (the real CLI) make the CA and the
    dispatcher identity under a generated ``ctrl-exec.conf``;
 2. a 3-member etcd on loopback ports (or, without etcd installed, the embedded backend);
-3. three ``ctrl-exec-api`` instances sharing the state paths (``sync_mode = shared-fs``),
+3. three ``ctrl-exec-api`` instances sharing the state paths (``sync_mode = shared-fs``;
+   without etcd one instance: the embedded backend serves one instance per state dir),
    each with a TLS API port, a PROXY v2 API port, a health port and a pairing port;
 4. HAProxy configured by ``dispatcher.haproxy.render`` (what ``ced cluster haproxy-config``
    prints) in TCP passthrough: the API frontend balances over every ready instance and
@@ -177,12 +178,17 @@ class Demo:
         hook.write_text(AUTH_HOOK.format(log=hook_log))
         hook.chmod(0o755)
         etc, state = self.work / "etc", self.work / "state"
-        endpoints = ",".join(self.etcd.endpoints) if self.etcd else ""
+        # cluster keys only with etcd: without etcd_endpoints they are a config error
+        cluster = (
+            f"etcd_endpoints = {','.join(self.etcd.endpoints)}\ncluster_name = ctrl-exec-demo\n"
+            "sync_mode = shared-fs\n"
+            if self.etcd
+            else ""
+        )
         self.base_conf.write_text(
             "# ctrl-exec.conf of the demo cluster: shared by the CLI and the three instances\n"
-            f"ca_dir = {etc}\nstate_dir = {state}\nsync_mode = shared-fs\n"
-            f"dispatcher_id = demo-dispatcher\nlog_target = stderr\n"
-            f"etcd_endpoints = {endpoints}\ncluster_name = ctrl-exec-demo\n"
+            f"ca_dir = {etc}\nstate_dir = {state}\n"
+            f"dispatcher_id = demo-dispatcher\nlog_target = stderr\n{cluster}"
             f"api_bind = 127.0.0.1\napi_cert = {etc}/dispatcher.crt\n"
             f"api_key = {etc}/dispatcher.key\napi_client_ca = {etc}/ca.crt\n"
             f"api_proxy_sources = 127.0.0.1\nauth_hook = {hook}\nread_timeout = 20\n"
@@ -201,15 +207,19 @@ class Demo:
         say(f"  etcd healthy: {', '.join(self.etcd.endpoints)}")
 
     def start_instances(self) -> None:
-        for n in (1, 2, 3):
+        # without etcd the embedded backend serves one instance per state dir: run one
+        for n in (1, 2, 3) if self.etcd else (1,):
             base = 17444 + 10 * (n - 1)
             pairing, api, health, proxy = self.ports([base, base + 1, base + 2, base + 3])
             conf = self.work / "etc" / f"instance{n}.conf"
+            identity = (
+                f"instance_id = i{n}\nadvertise_url = https://127.0.0.1:{api}\n"
+                if self.etcd
+                else ""
+            )
             conf.write_text(
-                self.base_conf.read_text()
-                + f"# instance i{n}\ninstance_id = i{n}\napi_port = {api}\n"
+                self.base_conf.read_text() + f"# instance i{n}\n{identity}api_port = {api}\n"
                 f"health_port = {health}\npairing_port = {pairing}\napi_proxy_port = {proxy}\n"
-                f"advertise_url = https://127.0.0.1:{api}\n"
             )
             log = self.work / "logs" / f"i{n}.log"
             self.instances.append(Instance(f"i{n}", api, health, pairing, proxy, conf, log))
@@ -223,7 +233,7 @@ class Demo:
                 inst.wait_healthy(30)
             except (RuntimeError, TimeoutError) as exc:
                 raise DemoError(str(exc)) from exc
-        say("  all three instances healthy")
+        say(f"  all {len(self.instances)} instances healthy")
 
     def start_haproxy(self) -> None:
         api, pairing = self.ports([HAPROXY_API, HAPROXY_PAIRING])

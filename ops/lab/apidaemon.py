@@ -75,8 +75,8 @@ def make_daemon(tmp: Path, name: str, ca_dir: Path, registry_dir: Path,
     conf = {
         "ca_dir": str(ca_dir), "state_dir": str(state), "registry_dir": str(registry_dir),
         "api_bind": "127.0.0.1", "api_port": str(api_port), "health_bind": "127.0.0.1",
-        "health_port": str(health_port), "log_target": "stderr", "instance_id": f"inst-{name}",
-        "lease_ttl": "7", "read_timeout": "20",
+        "health_port": str(health_port), "log_target": "stderr", "read_timeout": "20",
+        # no instance_id or lease_ttl: cluster keys, an error without etcd_endpoints
     }  # fmt: skip
     conf.update(extra)
     config = tmp / f"{name}.conf"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -302,12 +303,12 @@ def test_health_port(env: Env) -> None:
             assert r.status_code == 200 and r.json()["ok"] is True, (path, r.text)
         st = c.get("/status").json()
     assert set(st) >= STATUS_KEYS
-    assert st["instance_id"] == "inst-tls"
-    assert st["role"] == "leader" and st["leader_id"] == "inst-tls"
+    assert st["instance_id"] == socket.gethostname()  # the default without etcd
+    assert st["role"] == "leader" and st["leader_id"] == socket.gethostname()
     # the embedded backend elects this instance like etcd would: epoch = the leader key's
     # create revision, lease time left counts down between keep-alives (every TTL/3)
     assert isinstance(st["epoch"], int) and st["epoch"] >= 1
-    assert st["lease_ttl"] == 7 and 7 * 2 / 3 - 0.5 < st["lease_time_left"] <= 7
+    assert st["lease_ttl"] == 5 and 5 * 2 / 3 - 0.5 < st["lease_time_left"] <= 5
     assert st["backend"] == "local"
     assert st["generation"] == 0 and isinstance(st["generation"], int)
     assert st["cert_serial"] == env.dispatcher_cert.serial_hex

@@ -240,14 +240,28 @@ def test_daemon_refuses_a_bad_proxy_setup(tmp_path: Path) -> None:
     bad = make_daemon(tmp_path, "bad", ca_dir, tmp_path / "agents",
                       {"api_proxy_port": str(free_port()), "api_proxy_sources": "haproxy-1"})  # fmt: skip
     bad.start()
-    assert bad.proc is not None and bad.proc.wait(30) == 2
-    assert "api_proxy_sources: 'haproxy-1' is not an address or network" in bad.logtext()
+    assert bad.proc is not None and bad.proc.wait(30) == 78  # EX_CONFIG, file:line
+    assert (
+        f"{bad.config}:{_line(bad.config, 'api_proxy_sources')}: "
+        "api_proxy_sources: 'haproxy-1' is not an address or network"
+    ) in bad.logtext()
+    assert "Traceback" not in bad.logtext()
     with socket.socket() as busy:  # the proxy port is taken: the instance does not serve
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = make_daemon(tmp_path, "taken", ca_dir, tmp_path / "agents",
                             {"api_proxy_port": str(busy.getsockname()[1])})  # fmt: skip
         taken.start()
-        assert taken.proc is not None and taken.proc.wait(30) == 1
-    assert "ACTION=api-proxy-error" in taken.logtext()
-    assert "ACTION=api-start" not in taken.logtext()
+        assert taken.proc is not None and taken.proc.wait(30) == 78  # a port in use: EX_CONFIG
+        port = busy.getsockname()[1]
+    assert (
+        f"{taken.config}:{_line(taken.config, 'api_proxy_port')}: api_proxy_port {port}: "
+        f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    ) in taken.logtext()
+    assert "ACTION=api-start" not in taken.logtext() and "Traceback" not in taken.logtext()
+
+
+def _line(config: Path, key: str) -> int:
+    """The line of ``key`` in a config file."""
+    lines = config.read_text().splitlines()
+    return next(n for n, ln in enumerate(lines, 1) if ln.startswith(f"{key} ="))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cluster.backend import EtcdBackend, KVBackend, LocalBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
-from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
+from cluster.errors import BackendUnavailable, Fenced, MemberConflict, NotLeader, StaleEpoch
 from cluster.locks import ClusterRunLocks, LockConflict
 from cluster.session import Session
 from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, TLSFiles
@@ -335,3 +336,146 @@ def test_etcd_over_tls_ignores_requests_env(
         wrong.close()
     finally:
         cluster.close()
+
+
+# ----- exclusive membership --------------------------------------------------------------------
+
+
+def test_member_key_is_exclusive(make_backend: Factory) -> None:
+    """Created only if absent, rewritten and deleted only under the lease that holds it."""
+    ba, bb = make_backend(), make_backend()
+    la, lb = ba.lease_grant(5), bb.lease_grant(5)
+    ma = MemberInfo("x", advertise_url="http://127.0.0.1:7001", pid=11, host="ha")
+    mb = MemberInfo("x", advertise_url="http://127.0.0.1:7002", pid=22, host="hb")
+    first = ba.claim_member(la.id, ma)
+    assert first.held and first.created
+    again = ba.claim_member(la.id, ma)  # a repeat under the same lease: still ours
+    assert again.held and not again.created
+    other = bb.claim_member(lb.id, mb)
+    assert not other.held and other.holder == ma and other.holder_lease == la.id
+    assert not bb.update_member(lb.id, mb)
+    assert not bb.release_member(lb.id, "x")
+    assert bb.members() == [ma]
+    assert ba.update_member(la.id, replace(ma, generation=7))
+    assert bb.members()[0].generation == 7
+    assert ba.release_member(la.id, "x") and bb.members() == []
+    assert not ba.update_member(la.id, ma)  # gone: an update never re-creates it
+    assert bb.members() == []
+    assert bb.claim_member(lb.id, mb).created
+    ba.resign(la.id)  # revoking the old lease leaves the new holder's key alone
+    assert bb.members() == [mb]
+    bb.resign(lb.id)
+    assert ba.members() == []
+
+
+def test_second_session_with_the_same_id_is_refused(make_backend: Factory) -> None:
+    ba, bb = make_backend(), make_backend()
+    ma = MemberInfo("x", advertise_url="http://127.0.0.1:7001", pid=11, host="ha", since=1e9)
+    sa = Session(ba, ttl=2, member=ma).join()
+    sb = Session(bb, ttl=2, member=MemberInfo("x", advertise_url="http://127.0.0.1:7002"))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MemberConflict) as err:
+            sb.join(wait=0.5)
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert err.value.kind == "instance_id" and err.value.holder_id == "x"
+        msg = str(err.value)
+        assert "'x' is already a live member" in msg and "http://127.0.0.1:7001" in msg
+        assert "pid 11 on host ha" in msg and "since 2001-09-09T01:46:40Z" in msg
+        assert not sb.holds_member() and sa.holds_member()
+        sb.close()
+        assert ba.members() == [ma]  # the refused one deleted nothing
+        time.sleep(1.0)  # a keep-alive round of sa: still registered, still its record
+        assert bb.members() == [ma] and sa.holds_member()
+    finally:
+        sa.close()
+        sb.close()
+    assert ba.members() == []
+
+
+def test_duplicate_advertise_url_is_refused(make_backend: Factory) -> None:
+    ba, bb = make_backend(), make_backend()
+    sa = Session(ba, ttl=2, member=MemberInfo("a", advertise_url="https://h1:7445/")).join()
+    sb = Session(bb, ttl=2, member=MemberInfo("b", advertise_url="https://H1:7445"))
+    sc = Session(bb, ttl=2, member=MemberInfo("c", advertise_url="https://h1:7446"))
+    try:
+        with pytest.raises(MemberConflict) as err:
+            sb.join(wait=0.2)
+        assert err.value.kind == "advertise_url" and err.value.holder_id == "a"
+        assert "already advertised by live member 'a'" in str(err.value)
+        sc.join()  # same host, another port: fine
+        assert [m.instance_id for m in ba.members()] == ["a", "c"]
+    finally:
+        sa.close()
+        sb.close()
+        sc.close()
+
+
+def test_member_key_comes_back_after_loss(make_backend: Factory) -> None:
+    """Deleted by hand, or its lease gone (expired after a pause): registered again."""
+    ba, admin = make_backend(), make_backend()
+    sa = Session(ba, ttl=2, member=MemberInfo("a", generation=3)).join()
+    try:
+        key = admin.keys.member("a")
+        assert admin.delete_value(key)
+        took = wait_for(lambda: admin.get_kv(key) is not None, 3)
+        assert took < 2 and admin.members()[0].generation == 3
+        old = sa.current_lease_id()
+        assert old is not None
+        admin.resign(old)  # as if the lease had expired (local: only the key goes)
+
+        def back() -> bool:
+            kv = admin.get_kv(key)
+            return kv is not None and kv.lease == sa.current_lease_id() and sa.holds_member()
+
+        assert wait_for(back, 4) < 3
+        if admin.kind == "etcd":  # a new lease (a local lease is the process: still there)
+            assert sa.current_lease_id() != old
+    finally:
+        sa.close()
+    assert admin.members() == []
+
+
+def test_a_member_that_lost_its_key_to_another_never_deletes_it(make_backend: Factory) -> None:
+    ba, bb, admin = make_backend(), make_backend(), make_backend()
+    seen: list[MemberConflict] = []
+    sa = Session(ba, ttl=2, member=MemberInfo("x", pid=1), on_conflict=seen.append).join()
+    lb = bb.lease_grant(5)
+    try:
+        key = admin.keys.member("x")
+        taken = MemberInfo("x", pid=2)
+        # between two keep-alive rounds of sa, another process takes the freed key
+        for _ in range(50):
+            admin.delete_value(key)
+            if bb.claim_member(lb.id, taken).created:
+                break
+        wait_for(lambda: bool(seen), 3)
+        assert seen[0].kind == "instance_id" and "pid 2" in str(seen[0])
+        assert not sa.holds_member()
+        assert admin.members() == [taken]
+        sa.close()
+        assert admin.members() == [taken]  # closing deleted only what was its own
+    finally:
+        sa.close()
+        bb.resign(lb.id)
+
+
+def test_election_waits_for_the_member_key(make_backend: Factory) -> None:
+    """An instance whose member key another process holds never campaigns."""
+    ba, bb = make_backend(), make_backend()
+    holder = Session(ba, ttl=2, member=MemberInfo("x", pid=1)).join()
+    twin = Session(bb, ttl=2, member=MemberInfo("x", pid=2))
+    twin.start()  # as when etcd was unreachable at its start: the thread claims later
+    elector = Elector(make_backend(), "x", ttl=2, gate=twin.holds_member)
+    elector.start()
+    try:
+        wait_for(lambda: twin.conflict is not None, 3)
+        time.sleep(0.5)
+        assert not elector.is_leader() and ba.leader() is None
+        holder.close()  # the key is free: the twin takes it, then campaigns
+        wait_for(twin.holds_member, 3)
+        wait_for(elector.is_leader, 3)
+    finally:
+        elector.stop()
+        holder.close()
+        twin.close()
