@@ -48,6 +48,7 @@ Modes:
   rotate-cert                rotate the dispatcher certificate and broadcast it
   serial-status              show the dispatcher serial and per-agent state
   maintain                   ping all agents (renewals), rotation checks, purge
+  check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
   cluster switchover [--to MEMBER]
                              the leader resigns; a peer (or MEMBER) takes over
@@ -92,6 +93,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "unpair": ("agents", "cmd_unpair"),
     "maintain": ("pki", "cmd_maintain"),
     "cluster": ("cluster", "cmd_cluster"),
+    "check-config": ("checks", "cmd_check_config"),
 }
 
 

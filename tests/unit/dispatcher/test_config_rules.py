@@ -7,6 +7,7 @@ advertise address while etcd is remote are errors naming ``file:line``, for ``ce
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -282,3 +283,19 @@ def test_listeners_bind_first_and_a_busy_port_is_a_config_error(tmp_path: Path) 
     finally:
         listeners.close()
     bind_listeners(cfg).close()  # every socket of the failed attempt was closed
+
+
+def test_ced_check_config_exits_78_with_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text("etcd_endpoint = http://127.0.0.1:2379\ninstance_id = a\n")
+    p = subprocess.run([sys.executable, "-m", "dispatcher.ced", "check-config", "--config",
+                        str(bad)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 78 and p.stdout == ""
+    assert f"{bad}:1: unknown key 'etcd_endpoint' (did you mean 'etcd_endpoints'?)" in p.stderr
+    assert f"{bad}:2: instance_id is set but etcd_endpoints is not" in p.stderr
+    good = tmp_path / "good.conf"
+    good.write_text(f"ca_dir = {tmp_path / 'etc'}\nstate_dir = {tmp_path / 'state'}\n")
+    p = subprocess.run([sys.executable, "-m", "dispatcher.ced", "--json", "check-config",
+                        "--config", str(good)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"ok": 1, "config": str(good), "problems": []}
