@@ -21,8 +21,9 @@ import pytest
 
 from agent.common import kvconf
 from cluster.store import KeyValue
-from tests.support.etcdcluster import ETCD, SKIP_REASON
-from tests.support.hacluster import Cluster, ClusterSpec, Inst, running_cluster, wait_until
+from ops.lab.etcd import ETCD, SKIP_REASON
+from ops.lab.hacluster import Cluster, ClusterSpec, Inst, running_cluster
+from ops.lab.proc import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
