@@ -124,7 +124,7 @@ _IGNORED = {"port": "not used (as upstream: give the agent port with --port)"}
 #: usable ``etcd_endpoints`` they are an error: the instance would run the embedded
 #: backend, lead alone and sign beside the real cluster.
 CLUSTER_KEYS = (
-    "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode", "drain_wait",
+    "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode",
     "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
 )  # fmt: skip
 

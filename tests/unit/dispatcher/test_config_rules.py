@@ -79,7 +79,7 @@ def test_every_problem_is_reported_by_check(tmp_path: Path) -> None:
 def test_the_cluster_keys() -> None:
     assert set(CLUSTER_KEYS) == {
         "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode",
-        "drain_wait", "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
+        "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
     }  # fmt: skip
 
 
