@@ -55,6 +55,8 @@ def one_mode(mode: str, n: int, sync_mode: str, tmp: Path) -> dict[str, float | 
                     times.append(time.perf_counter() - t0)
                     if r.status_code != 200:
                         raise SystemExit(f"approve failed: {r.status_code} {r.text}")
+                    for suffix in (".json", ".approved"):  # as if the agent collected it
+                        (leader.state / "pairing" / f"{rec['id']}{suffix}").unlink(missing_ok=True)
                     g = leader.status()["generation"]
                     applied.append(sum(1 for m in backend.members() if m.generation >= g))
         finally:

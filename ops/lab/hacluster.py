@@ -298,6 +298,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     agents = {name: make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts),
                                host=addr) for name, addr in spec.agents.items()}  # fmt: skip
     registry_dir = tmp / "agents"
+    registry_dir.mkdir(parents=True, exist_ok=True)  # a cluster without agents too
     reg = Registry(registry_dir, LocalWriter())
     for name, agent in agents.items():
         reg.register(name, ip=agent.host, port=agent.port, lookup_by="ip",
