@@ -30,12 +30,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
+import functools
+import gc
 import os
 import resource
-import subprocess
-from collections.abc import Iterator, Sequence
+import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent.executor import creds
 from agent.profiles import Profile, RunAs
 
 SETPRIV = "/usr/bin/setpriv"
@@ -52,6 +57,9 @@ TMP_OPTIONS = b"mode=1777,size=25%"
 LIMITS = ((resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, 4096, 4096),
           (resource.RLIMIT_NPROC, 4096, 4096))  # fmt: skip
 CHILD_NOFILE = 1024
+MAX_FD = 1 << 20  # above any descriptor the executor can hold (its hard RLIMIT_NOFILE)
+ENOENT, ENOTDIR = errno.ENOENT, errno.ENOTDIR
+LAST_CAP = creds.last_cap()
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -146,16 +154,17 @@ class Namespaces:
 
     key: object = None
     fds: dict[str, int] = field(default_factory=dict)
-    own: int = -1
 
-    def get(self, key: object, profile: Profile, protected: Sequence[str]) -> int:
+    def get(self, key: object, profile: Profile, protected: Callable[[], Sequence[str]]) -> int:
+        """The namespace of ``profile``, built (with the directories ``protected()``
+        names read-only) when there is none for the current key."""
         mounts = _mountinfo()
         if (key, mounts) != self.key:
             self.clear()
             self.key = (key, mounts)
         if profile.name not in self.fds:
             try:
-                self.fds[profile.name] = build_namespace(profile, protected)
+                self.fds[profile.name] = build_namespace(profile, protected())
             except OSError as exc:
                 raise SandboxError(f"cannot build the mount namespace: {exc}") from None
         return self.fds[profile.name]
@@ -164,20 +173,6 @@ class Namespaces:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-    @contextlib.contextmanager
-    def entered(self, fd: int) -> Iterator[None]:
-        if self.own < 0:
-            self.own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        _check(_libc.setns(fd, CLONE_NEWNS), "setns")
-        try:
-            yield
-        finally:
-            # Coming back cannot fail for a single-threaded root process; if it ever
-            # did, going on in the profile's namespace would be wrong: stop.
-            if _libc.setns(self.own, CLONE_NEWNS) != 0:
-                os.write(2, b"ctrl-exec-executor: cannot return to its mount namespace\n")
-                os._exit(70)
 
 
 def _mountinfo() -> bytes:
@@ -195,15 +190,110 @@ def lower_own_limits() -> None:
         resource.setrlimit(res, (min(soft, hard), hard))
 
 
-@contextlib.contextmanager
-def child_limits() -> Iterator[None]:
-    """The executor's soft ``RLIMIT_NOFILE`` lowered to the scripts' while one starts."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(CHILD_NOFILE, hard), hard))
+class ExecError(Exception):
+    """The child could not exec the script (``errno`` from ``execve``)."""
+
+    def __init__(self, path: str, errno: int) -> None:
+        super().__init__(f"{path}: {os.strerror(errno)}")
+        self.path, self.errno = path, errno
+
+    @property
+    def exit(self) -> int:
+        """127 when the script does not exist, 126 otherwise (as ``env`` had it)."""
+        return 127 if self.errno in (ENOENT, ENOTDIR) else 126
+
+
+class Proc:
+    """A child started by :func:`start`: its pid and, once reaped, its exit status
+    (negative: killed by that signal), as ``subprocess.Popen`` has them."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll_exit(self) -> int:
+        """Reap the child (it has exited: its pidfd is readable)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _child(nsfd: int, ends: tuple[int, int, int], report: int, c: creds.Creds,
+           path: str, argv: list[str], env: dict[str, str]) -> None:  # fmt: skip
+    """In the forked child: session, namespace, stdio, fds, limits, credentials, exec.
+    Never returns: a failure is written to ``report`` (``stage:errno:message``)."""
+    stage = "namespace"
     try:
-        yield
+        os.setsid()
+        _check(_libc.setns(nsfd, CLONE_NEWNS), "setns")
+        stage = "stdio"
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in ends]
+        for i, fd in enumerate(high):
+            os.dup2(fd, i)
+        os.closerange(3, report)
+        os.closerange(report + 1, MAX_FD)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (CHILD_NOFILE, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))  # fmt: skip
+        os.chdir("/")
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by scripts
+            signal.signal(sig, signal.SIG_DFL)
+        stage = "creds"
+        creds.apply(c)
+        stage = "exec"
+        os.execve(path, argv, env)
+    except BaseException as exc:
+        err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+        with contextlib.suppress(BaseException):
+            os.write(report, f"{stage}:{err}:{exc}".encode()[:4000])
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os._exit(127)
+
+
+def start(nsfd: int, c: creds.Creds, path: str, argv: list[str], env: dict[str, str]
+          ) -> tuple[Proc, tuple[int, int, int]]:  # fmt: skip
+    """Fork a child that enters the namespace ``nsfd``, takes the credentials ``c`` and
+    execs ``path``; returns it with the parent's ends of its stdin, stdout and stderr
+    pipes once the exec succeeded. ExecError when the exec failed, SandboxError when
+    anything before it did (the child is reaped either way)."""
+    fds: list[int] = []
+    try:
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
+        fds = [fd for pair in pipes for fd in pair]
+        (in_r, in_w), (out_r, out_w), (err_r, err_w), (rep_r, rep_w) = pipes
+        gc_was = gc.isenabled()
+        gc.disable()  # no collection in the child: it would touch (copy) the whole heap
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
+                _child(nsfd, (in_r, out_w, err_w), rep_w, c, path, argv, env)
+        finally:
+            if gc_was:
+                gc.enable()
+        for fd in (in_r, out_w, err_w, rep_w):
+            os.close(fd)
+            fds.remove(fd)
+        report = b""
+        while chunk := os.read(rep_r, 4096):  # EOF at the exec (close-on-exec)
+            report += chunk
+        os.close(rep_r)
+        fds.remove(rep_r)
+        proc = Proc(pid)
+        if report:
+            proc.poll_exit()
+            stage, err, msg = report.decode(errors="replace").split(":", 2)
+            if stage == "exec" and int(err):
+                raise ExecError(path, int(err))
+            raise SandboxError(msg)
+        fds.clear()
+        return proc, (in_w, out_r, err_r)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -211,7 +301,7 @@ class Started:
     """A child started outside asyncio, wired to the running loop (see
     :class:`agent.runner.Child`)."""
 
-    popen: subprocess.Popen[bytes]
+    proc: Proc
     stdin: asyncio.StreamWriter | None
     stdout: asyncio.StreamReader | None
     stderr: asyncio.StreamReader | None
@@ -219,20 +309,21 @@ class Started:
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.proc.pid
 
     @property
     def returncode(self) -> int | None:
-        return self.popen.returncode
+        return self.proc.returncode
 
     async def wait(self) -> int:
         return await asyncio.shield(self.exited)
 
 
-async def wire(popen: subprocess.Popen[bytes]) -> Started:
+async def wire(proc: Proc, ends: tuple[int, int, int]) -> Started:
     """Connect a started child's pipes and exit to the running loop (a pidfd, no thread)."""
     loop = asyncio.get_running_loop()
-    assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+    files = [open(ends[0], "wb", buffering=0, closefd=True)]  # noqa: SIM115 - transports own them
+    files += [open(fd, "rb", buffering=0, closefd=True) for fd in ends[1:]]  # noqa: SIM115
 
     async def reader(pipe: object) -> asyncio.StreamReader:
         r = asyncio.StreamReader(limit=2**16)
@@ -240,20 +331,20 @@ async def wire(popen: subprocess.Popen[bytes]) -> Started:
         return r
 
     exited: asyncio.Future[int] = loop.create_future()
-    pidfd = os.pidfd_open(popen.pid)
+    pidfd = os.pidfd_open(proc.pid)
 
     def reap() -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        rc = popen.wait()
+        rc = proc.poll_exit()
         if not exited.done():
             exited.set_result(rc)
 
     loop.add_reader(pidfd, reap)
-    out, err = await reader(popen.stdout), await reader(popen.stderr)
-    transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
+    out, err = await reader(files[1]), await reader(files[2])
+    transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
     stdin = asyncio.StreamWriter(transport, proto, None, loop)
-    return Started(popen, stdin, out, err, exited)
+    return Started(proc, stdin, out, err, exited)
 
 
 @dataclass(frozen=True)
@@ -264,7 +355,9 @@ class Plan:
     user: RunAs
 
     def command(self, path: str, args: Sequence[str]) -> list[str]:
-        """``setpriv ... -- env -- path args``: identity, capabilities, no_new_privs."""
+        """The util-linux equivalent of this plan, ``setpriv ... -- env -- path args``
+        (identity, capabilities, no_new_privs): for reproducing a run by hand and as the
+        reference the tests compare :mod:`agent.executor.creds` with. Not used to run."""
         caps = "".join(f",+{c[4:].lower()}" for c in self.profile.caps)
         argv = [SETPRIV, f"--reuid={self.user.uid}", f"--regid={self.user.gid}"]
         argv.append(f"--groups={','.join(str(g) for g in self.user.groups)}"
@@ -285,16 +378,18 @@ class Plan:
                 env[k] = os.environ[k]
         return env
 
-    async def spawn(self, namespaces: Namespaces, nsfd: int, argv: list[str],
-                    env: dict[str, str]) -> Started:  # fmt: skip
-        with namespaces.entered(nsfd), child_limits():
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd="/", start_new_session=True, close_fds=True,
-            )  # fmt: skip
+    @functools.cached_property
+    def credentials(self) -> creds.Creds:
+        """The credentials the script gets (computed once per plan)."""
+        return creds.for_user(self.profile, self.user, LAST_CAP)
+
+    async def spawn(self, nsfd: int, argv: list[str], env: dict[str, str]) -> Started:
+        """Start ``argv`` (``argv[0]`` is the script's path) in the namespace ``nsfd``
+        with this plan's credentials: one fork, one exec."""
+        proc, ends = start(nsfd, self.credentials, argv[0], argv, env)
         try:
-            return await wire(popen)
+            return await wire(proc, ends)
         except BaseException:
-            popen.kill()
-            popen.wait()
+            proc.kill()
+            proc.poll_exit()
             raise
