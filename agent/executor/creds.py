@@ -36,16 +36,14 @@ permitted = effective = bounding | inheritable = the profile's capabilities, as 
 
 Any failing step raises :class:`CredsError` naming the step; the caller must not exec
 then (fail closed). Linux only; ``ctypes`` on the C library (Python 3.11 has no
-``os.prctl``).
+``os.prctl``). Imports only ``ctypes`` and ``os``: it also runs in the small spawner
+process (:mod:`agent.executor.spawner`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
-
-from agent.profiles import CAPABILITIES, Profile, RunAs
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -78,38 +76,34 @@ class CredsError(Exception):
     """A step of :func:`apply` failed (the message names it)."""
 
 
-def last_cap() -> int:
+def last_cap(default: int) -> int:
     """The highest capability number this kernel knows (``cap_last_cap``)."""
     try:
         with open("/proc/sys/kernel/cap_last_cap", "rb") as fh:
             return int(fh.read())
     except (OSError, ValueError):
-        return len(CAPABILITIES) - 1
+        return default
 
 
-@dataclass(frozen=True)
 class Creds:
-    """What the script runs with: ids, groups, the capability set (one mask for the
-    bounding, effective, permitted, inheritable and ambient sets), ``no_new_privs``."""
+    """What the script runs with: ids, groups, the capability numbers that make up its
+    bounding, effective, permitted, inheritable and ambient sets (``caps``), the other
+    capability numbers up to ``cap_last_cap`` (``drop``), ``no_new_privs``. A plain
+    class of plain values, so that it crosses to the spawner with :mod:`marshal`."""
 
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    caps: tuple[int, ...]  # capability numbers
-    drop: tuple[int, ...]  # every other capability number up to cap_last_cap
-    no_new_privs: bool
+    __slots__ = ("caps", "drop", "gid", "groups", "no_new_privs", "uid")
+
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...], caps: tuple[int, ...],
+                 drop: tuple[int, ...], no_new_privs: bool) -> None:  # fmt: skip
+        self.uid, self.gid, self.groups = uid, gid, groups
+        self.caps, self.drop, self.no_new_privs = caps, drop, no_new_privs
+
+    def astuple(self) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...], bool]:
+        return (self.uid, self.gid, self.groups, self.caps, self.drop, self.no_new_privs)
 
     @property
     def mask(self) -> int:
         return sum(1 << c for c in self.caps)
-
-
-def for_user(profile: Profile, user: RunAs, top: int) -> Creds:
-    """The credentials of ``profile`` run as ``user`` on a kernel whose last capability
-    is ``top``."""
-    caps = tuple(sorted(CAPABILITIES.index(c) for c in profile.caps))
-    drop = tuple(c for c in range(top + 1) if c not in caps)
-    return Creds(user.uid, user.gid, tuple(user.groups), caps, drop, profile.no_new_privileges)
 
 
 def _ok(rc: int, what: str) -> None:

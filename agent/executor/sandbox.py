@@ -27,21 +27,24 @@ closed: exit 126 and ``executor: profile could not be applied: ...`` on stderr.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
-import gc
+import marshal
 import os
 import resource
 import signal
+import socket
+import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.executor import creds
-from agent.profiles import Profile, RunAs
+from agent.profiles import CAPABILITIES, Profile, RunAs
 
 SETPRIV = "/usr/bin/setpriv"
 ENV = "/usr/bin/env"
@@ -59,7 +62,9 @@ LIMITS = ((resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, 4096, 4096),
 CHILD_NOFILE = 1024
 MAX_FD = 1 << 20  # above any descriptor the executor can hold (its hard RLIMIT_NOFILE)
 ENOENT, ENOTDIR = errno.ENOENT, errno.ENOTDIR
-LAST_CAP = creds.last_cap()
+LAST_CAP = creds.last_cap(len(CAPABILITIES) - 1)
+SPAWN_HEADER = struct.Struct(">I")
+SPAWNER_TIMEOUT = 10.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -223,65 +228,101 @@ class Proc:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def _child(nsfd: int, ends: tuple[int, int, int], report: int, c: creds.Creds,
-           path: str, argv: list[str], env: dict[str, str]) -> None:  # fmt: skip
-    """In the forked child: session, namespace, stdio, fds, limits, credentials, exec.
-    Never returns: a failure is written to ``report`` (``stage:errno:message``)."""
-    stage = "namespace"
-    try:
-        os.setsid()
-        _check(_libc.setns(nsfd, CLONE_NEWNS), "setns")
-        stage = "stdio"
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in ends]
-        for i, fd in enumerate(high):
-            os.dup2(fd, i)
-        os.closerange(3, report)
-        os.closerange(report + 1, MAX_FD)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (CHILD_NOFILE, resource.getrlimit(
-            resource.RLIMIT_NOFILE)[1]))  # fmt: skip
-        os.chdir("/")
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by scripts
-            signal.signal(sig, signal.SIG_DFL)
-        stage = "creds"
-        creds.apply(c)
-        stage = "exec"
-        os.execve(path, argv, env)
-    except BaseException as exc:
-        err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
-        with contextlib.suppress(BaseException):
-            os.write(report, f"{stage}:{err}:{exc}".encode()[:4000])
-    finally:
-        os._exit(127)
+class Spawner:
+    """The executor's handle on its spawner process (:mod:`agent.executor.spawner`),
+    started on first use and again after it went away."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.pid = 0
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                "from agent.executor.spawner import main; main()")  # fmt: skip
+        try:
+            self.pid = os.posix_spawn(
+                sys.executable, [sys.executable, "-I", "-S", "-c", code], {"LC_ALL": "C.UTF-8"},
+                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)], setsid=True,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.settimeout(SPAWNER_TIMEOUT)
+        self.sock = ours
+        return ours
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+
+    def spawn(self, fds: Sequence[int], c: creds.Creds, path: str, argv: list[str],
+              env: dict[str, str]) -> int:  # fmt: skip
+        """The pid of a new child of the executor that got ``fds`` (namespace, stdin,
+        stdout, stderr, report) and ``c`` and is about to exec ``path``."""
+        payload = marshal.dumps((c.astuple(), path, argv, env))
+        head = SPAWN_HEADER.pack(len(payload))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        for attempt in (1, 2):
+            sock = self.sock or self._start()
+            try:
+                sock.sendmsg([head], rights)
+                break
+            except OSError as exc:
+                # Not received (the spawner has gone away): start another, once.
+                self.close()
+                if attempt == 2:
+                    raise SandboxError(f"spawner unavailable: {exc}") from None
+        try:
+            sock.sendall(payload)
+            size = SPAWN_HEADER.unpack(_recv_exact(sock, SPAWN_HEADER.size))[0]
+            reply = marshal.loads(_recv_exact(sock, size))
+        except (OSError, EOFError, ValueError) as exc:
+            # It may or may not have started the child: never ask twice; a new spawner
+            # serves the next run.
+            self.close()
+            raise SandboxError(f"spawner failed: {exc or exc.__class__.__name__}") from None
+        if isinstance(reply, str):
+            raise SandboxError(reply)
+        return int(reply)
 
 
-def start(nsfd: int, c: creds.Creds, path: str, argv: list[str], env: dict[str, str]
-          ) -> tuple[Proc, tuple[int, int, int]]:  # fmt: skip
-    """Fork a child that enters the namespace ``nsfd``, takes the credentials ``c`` and
-    execs ``path``; returns it with the parent's ends of its stdin, stdout and stderr
-    pipes once the exec succeeded. ExecError when the exec failed, SandboxError when
-    anything before it did (the child is reaped either way)."""
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("spawner closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def start(spawner: Spawner, nsfd: int, c: creds.Creds, path: str, argv: list[str],
+          env: dict[str, str]) -> tuple[Proc, tuple[int, int, int]]:  # fmt: skip
+    """Have ``spawner`` start a child of the executor that enters the namespace
+    ``nsfd``, takes the credentials ``c`` and execs ``path``; returns it with the
+    executor's ends of its stdin, stdout and stderr pipes once the exec succeeded.
+    ExecError when the exec failed, SandboxError when anything before it did (the child
+    is reaped either way)."""
     fds: list[int] = []
     try:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
         fds = [fd for pair in pipes for fd in pair]
         (in_r, in_w), (out_r, out_w), (err_r, err_w), (rep_r, rep_w) = pipes
-        gc_was = gc.isenabled()
-        gc.disable()  # no collection in the child: it would touch (copy) the whole heap
-        try:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
-                _child(nsfd, (in_r, out_w, err_w), rep_w, c, path, argv, env)
-        finally:
-            if gc_was:
-                gc.enable()
+        pid = spawner.spawn((nsfd, in_r, out_w, err_w, rep_w), c, path, argv, env)
         for fd in (in_r, out_w, err_w, rep_w):
             os.close(fd)
             fds.remove(fd)
         report = b""
         while chunk := os.read(rep_r, 4096):  # EOF at the exec (close-on-exec)
             report += chunk
-        os.close(rep_r)
-        fds.remove(rep_r)
         proc = Proc(pid)
         if report:
             proc.poll_exit()
@@ -289,7 +330,8 @@ def start(nsfd: int, c: creds.Creds, path: str, argv: list[str], env: dict[str, 
             if stage == "exec" and int(err):
                 raise ExecError(path, int(err))
             raise SandboxError(msg)
-        fds.clear()
+        for fd in (in_w, out_r, err_r):
+            fds.remove(fd)
         return proc, (in_w, out_r, err_r)
     finally:
         for fd in fds:
@@ -381,12 +423,17 @@ class Plan:
     @functools.cached_property
     def credentials(self) -> creds.Creds:
         """The credentials the script gets (computed once per plan)."""
-        return creds.for_user(self.profile, self.user, LAST_CAP)
+        caps = tuple(sorted(CAPABILITIES.index(c) for c in self.profile.caps))
+        drop = tuple(c for c in range(LAST_CAP + 1) if c not in caps)
+        u = self.user
+        return creds.Creds(u.uid, u.gid, tuple(u.groups), caps, drop,
+                           self.profile.no_new_privileges)  # fmt: skip
 
-    async def spawn(self, nsfd: int, argv: list[str], env: dict[str, str]) -> Started:
+    async def spawn(self, spawner: Spawner, nsfd: int, argv: list[str],
+                    env: dict[str, str]) -> Started:  # fmt: skip
         """Start ``argv`` (``argv[0]`` is the script's path) in the namespace ``nsfd``
-        with this plan's credentials: one fork, one exec."""
-        proc, ends = start(nsfd, self.credentials, argv[0], argv, env)
+        with this plan's credentials: one fork (by the spawner), one exec."""
+        proc, ends = start(spawner, nsfd, self.credentials, argv[0], argv, env)
         try:
             return await wire(proc, ends)
         except BaseException:

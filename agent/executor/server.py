@@ -26,7 +26,14 @@ from agent import allowlist, config, profiles
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.executor import protocol
-from agent.executor.sandbox import ExecError, Namespaces, Plan, SandboxError, lower_own_limits
+from agent.executor.sandbox import (
+    ExecError,
+    Namespaces,
+    Plan,
+    SandboxError,
+    Spawner,
+    lower_own_limits,
+)
 from agent.runner import Child, RunResult, run_script
 
 ev = logfmt.event
@@ -66,6 +73,7 @@ class ExecutorServer:
         self._loaded: Loaded | None = None
         self._plans: dict[tuple[profiles.Profile, profiles.RunAs], Plan] = {}
         self.namespaces = Namespaces()
+        self.spawner = Spawner()
         self._stopping: asyncio.Event | None = None
 
     # ----- configuration ---------------------------------------------------------
@@ -130,6 +138,7 @@ class ExecutorServer:
         while self.live and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.namespaces.clear()
+        self.spawner.close()
 
     def _reload(self) -> None:
         self._loaded = None
@@ -227,7 +236,7 @@ class ExecutorServer:
             # The namespace is looked up and handed to the child with no await in
             # between, so a concurrent rebuild can never close it under this start.
             nsfd = self.namespaces.get(loaded.key, prof, lambda: self.protected_dirs(cfg))
-            return await plan.spawn(nsfd, argv, env)
+            return await plan.spawn(self.spawner, nsfd, argv, env)
 
         try:
             res = await run_script(

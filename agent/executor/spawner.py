@@ -1,0 +1,170 @@
+"""The executor's spawner: a small root process that forks each script for it.
+
+Why: ``fork`` costs in proportion to the forking process's memory (page tables, then a
+copy-on-write fault for every page either side writes afterwards). In the executor
+(an asyncio server, ~23 MB) one fork cost 2-3 ms of CPU on the test machine; this
+process imports only ``ctypes``, ``marshal``, ``_socket``, ``array`` and
+:mod:`agent.executor.creds` (~9 MB), and its fork is a fraction of that. The executor
+cannot use ``vfork`` (``posix_spawn``) for a script: the credentials must be switched
+in the child, which means running code there.
+
+How: the executor starts it once (``posix_spawn``, ``python -I -S``, empty environment)
+with one end of a socketpair as fd 3; the spawner dies with the executor
+(``PR_SET_PDEATHSIG``) or when the executor closes its end. For each run the executor
+sends one request: a 4-byte length and a :mod:`marshal` payload (namespace fd index,
+credentials, path, argv, env), with five descriptors (``SCM_RIGHTS``): the profile's
+mount namespace, the child's stdin, stdout and stderr pipe ends and the report pipe.
+The spawner forks with ``clone3(CLONE_PARENT)``: the script is the *executor's* child,
+exactly as if the executor had forked it (it reaps it, holds its pid until then, and
+signals it), and the spawner has nothing to reap. It answers with the pid (or an error)
+and closes its copies of the descriptors. The child (:func:`child`) makes a new session,
+``setns`` into the namespace, stdio, every other descriptor closed, ``RLIMIT_NOFILE``,
+``cwd /``, default ``SIGPIPE``/``SIGXFSZ``, :func:`agent.executor.creds.apply`, then
+``execve`` of the script. A failure before the exec is written to the report pipe,
+which the executor reads to EOF (close-on-exec: EOF means the exec happened).
+
+Only the executor holds the other end of the socketpair (close-on-exec in the
+executor, closed in every child), so nothing else can ask this process for anything.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # signal.py would import enum
+import _socket
+import array
+import ctypes
+import marshal
+import os
+import resource
+import struct
+
+from agent.executor import creds
+
+CLONE_NEWNS = 0x00020000
+CLONE_PARENT = 0x00008000
+SYS_CLONE3 = 435  # the same number on every architecture (new syscall table)
+PR_SET_PDEATHSIG = 1
+HEADER = struct.Struct(">I")
+NFDS = 5
+MAX_FD = 1 << 20
+CHILD_NOFILE = 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+        "tls", "set_tid", "set_tid_size", "cgroup")]  # fmt: skip
+
+
+def clone_parent() -> int:
+    """Fork, the new process being a child of this process's parent (the executor):
+    0 in the child, its pid here. Single-threaded caller: nothing but the calling
+    thread is copied, as with ``fork``."""
+    # exit_signal must be 0 with CLONE_PARENT: the child inherits this process's
+    # (SIGCHLD: the executor started it with posix_spawn).
+    args = _CloneArgs(flags=CLONE_PARENT, exit_signal=0)
+    pid = _libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(pid)
+
+
+def child(nsfd: int, ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
+          argv: list[str], env: dict[str, str]) -> None:  # fmt: skip
+    """In the new child: session, namespace, stdio, descriptors, limits, credentials,
+    exec. Never returns: a failure goes to ``report`` as ``stage:errno:message``."""
+    stage = "namespace"
+    try:
+        os.setsid()
+        if _libc.setns(nsfd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns: {os.strerror(err)}")
+        stage = "stdio"
+        high = [os.dup(fd) if fd < 3 else fd for fd in ends]  # never clobbered by dup2
+        for i, fd in enumerate(high):
+            os.dup2(fd, i)
+        os.closerange(3, report)
+        os.closerange(report + 1, MAX_FD)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(CHILD_NOFILE, hard), hard))
+        os.chdir("/")
+        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # ignored by Python, not by scripts
+            _signal.signal(sig, _signal.SIG_DFL)
+        stage = "creds"
+        creds.apply(c)
+        stage = "exec"
+        os.execve(path, argv, env)
+    except BaseException as exc:
+        err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+        try:
+            os.write(report, f"{stage}:{err}:{exc}".encode()[:4000])
+        finally:
+            os._exit(127)
+    os._exit(127)
+
+
+def _recv_exact(sock: _socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def serve(fd: int) -> None:
+    """Answer the executor's requests on ``fd`` until it goes away."""
+    sock = _socket.socket(fileno=fd)
+    while True:
+        try:
+            # Close-on-exec, so that only the three dup2'd onto 0-2 reach the script
+            # and the report pipe reaches EOF at the exec.
+            head, anc, _, _ = sock.recvmsg(HEADER.size, _socket.CMSG_SPACE(NFDS * 4),
+                                           _socket.MSG_CMSG_CLOEXEC)  # fmt: skip
+        except OSError:
+            return
+        if not head:
+            return  # the executor closed its end
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % 4])
+        try:
+            (size,) = HEADER.unpack(head + _recv_exact(sock, HEADER.size - len(head)))
+            (uid, gid, groups, caps, drop, nnp), path, argv, env = marshal.loads(
+                _recv_exact(sock, size)
+            )
+            if len(fds) != NFDS:
+                raise ValueError(f"expected {NFDS} descriptors, got {len(fds)}")
+            c = creds.Creds(uid, gid, tuple(groups), tuple(caps), tuple(drop), bool(nnp))
+            nsfd, in_r, out_w, err_w, rep_w = fds
+            pid = clone_parent()
+            if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
+                child(nsfd, (in_r, out_w, err_w), rep_w, c, path, argv, env)
+            reply = marshal.dumps(pid)
+        except EOFError:
+            return
+        except Exception as exc:  # reported to the executor, which fails the run closed
+            reply = marshal.dumps(f"spawner: {exc.__class__.__name__}: {exc}")
+        finally:
+            for f in fds:
+                os.close(f)
+        try:
+            sock.sendall(HEADER.pack(len(reply)) + reply)
+        except OSError:
+            return
+
+
+def main() -> None:
+    _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the executor died before the line above
+        return
+    serve(3)
+
+
+if __name__ == "__main__":  # pragma: no cover - started by the executor
+    main()
