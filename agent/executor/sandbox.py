@@ -33,9 +33,11 @@ import contextlib
 import ctypes
 import errno
 import functools
+import io
 import marshal
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -152,6 +154,34 @@ def build_namespace(profile: Profile, protected: Sequence[str]) -> int:
         os.waitpid(pid, 0)
 
 
+class MountWatch:
+    """The host's mount table, re-read only when it may have changed: the kernel flags
+    an open ``/proc/self/mountinfo`` (``POLLPRI``) at every mount or unmount in the
+    executor's namespace, so an unchanged table costs one ``poll``, not a read."""
+
+    def __init__(self) -> None:
+        self.fh: io.BufferedReader | None = None
+        self.poller = select.poll()
+        self.last = b""
+
+    def current(self) -> bytes:
+        if self.fh is None:
+            self.fh = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - kept open
+            self.poller.register(self.fh, select.POLLPRI | select.POLLERR)
+            self.poller.poll(0)  # consume the event pending since the open
+            self.last = self.fh.read()
+        elif self.poller.poll(0):
+            self.fh.seek(0)
+            self.last = self.fh.read()
+        return self.last
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.poller.unregister(self.fh)
+            self.fh.close()
+            self.fh = None
+
+
 @dataclass
 class Namespaces:
     """The built namespaces, by profile; all dropped when the key (config files and the
@@ -159,11 +189,15 @@ class Namespaces:
 
     key: object = None
     fds: dict[str, int] = field(default_factory=dict)
+    watch: MountWatch = field(default_factory=MountWatch)
+
+    def _mounts(self) -> bytes:
+        return self.watch.current()
 
     def get(self, key: object, profile: Profile, protected: Callable[[], Sequence[str]]) -> int:
         """The namespace of ``profile``, built (with the directories ``protected()``
         names read-only) when there is none for the current key."""
-        mounts = _mountinfo()
+        mounts = self._mounts()
         if (key, mounts) != self.key:
             self.clear()
             self.key = (key, mounts)
@@ -178,11 +212,6 @@ class Namespaces:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-
-def _mountinfo() -> bytes:
-    with open("/proc/self/mountinfo", "rb") as fh:
-        return fh.read()
 
 
 def lower_own_limits() -> None:
