@@ -261,7 +261,8 @@ class Spawner:
     """The executor's handle on its spawner process (:mod:`agent.executor.spawner`),
     started on first use and again after it went away."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: tuple[int, ...] = ()) -> None:
+        self.keep = keep  # its bounding set: the capabilities of the profile it serves
         self.sock: socket.socket | None = None
         self.pid = 0
 
@@ -269,7 +270,7 @@ class Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = (f"import sys; sys.path.insert(0, {root!r}); "
-                "from agent.executor.spawner import main; main()")  # fmt: skip
+                f"from agent.executor.spawner import main; main({self.keep!r})")  # fmt: skip
         try:
             self.pid = os.posix_spawn(
                 sys.executable, [sys.executable, "-I", "-S", "-c", code], {"LC_ALL": "C.UTF-8"},

@@ -73,7 +73,7 @@ class ExecutorServer:
         self._loaded: Loaded | None = None
         self._plans: dict[tuple[profiles.Profile, profiles.RunAs], Plan] = {}
         self.namespaces = Namespaces()
-        self.spawner = Spawner()
+        self.spawners: dict[tuple[str, tuple[int, ...]], Spawner] = {}
         self._stopping: asyncio.Event | None = None
 
     # ----- configuration ---------------------------------------------------------
@@ -93,9 +93,25 @@ class ExecutorServer:
                                           cfg.profile_defs):  # fmt: skip
                 ev("config-warn", logging.WARNING, reason=f"{self.allowlist_path}: {msg}")
             self._loaded = Loaded(key, cfg, scripts)
-            self._plans.clear()
+            self._forget_plans()
             ev("exec-load", scripts=len(scripts), profiles=len(cfg.profile_defs))
         return self._loaded
+
+    def _forget_plans(self) -> None:
+        """Drop the plans and stop the spawners (the profiles may have changed)."""
+        self._plans.clear()
+        for sp in self.spawners.values():
+            sp.close()
+        self.spawners.clear()
+
+    def spawner(self, plan: Plan) -> Spawner:
+        """The spawner of ``plan``'s profile (one per profile: its bounding set is the
+        profile's and it sits in the profile's mount namespace)."""
+        key = (plan.profile.name, plan.credentials.caps)
+        sp = self.spawners.get(key)
+        if sp is None:
+            sp = self.spawners[key] = Spawner(plan.credentials.caps)
+        return sp
 
     def protected_dirs(self, cfg: config.AgentConfig) -> tuple[str, ...]:
         """The agent's own directories: read-only for every script, whatever its profile."""
@@ -138,11 +154,11 @@ class ExecutorServer:
         while self.live and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.namespaces.clear()
-        self.spawner.close()
+        self._forget_plans()
 
     def _reload(self) -> None:
         self._loaded = None
-        self._plans.clear()
+        self._forget_plans()
         self.namespaces.clear()
         try:
             self.load()
@@ -236,7 +252,7 @@ class ExecutorServer:
             # The namespace is looked up and handed to the child with no await in
             # between, so a concurrent rebuild can never close it under this start.
             nsfd = self.namespaces.get(loaded.key, prof, lambda: self.protected_dirs(cfg))
-            return await plan.spawn(self.spawner, nsfd, argv, env)
+            return await plan.spawn(self.spawner(plan), nsfd, argv, env)
 
         try:
             res = await run_script(

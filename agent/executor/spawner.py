@@ -72,16 +72,14 @@ def clone_parent() -> int:
     return int(pid)
 
 
-def child(nsfd: int, ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
+def child(ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
           argv: list[str], env: dict[str, str]) -> None:  # fmt: skip
-    """In the new child: session, namespace, stdio, descriptors, limits, credentials,
-    exec. Never returns: a failure goes to ``report`` as ``stage:errno:message``."""
-    stage = "namespace"
+    """In the new child (already in the profile's mount namespace): session, stdio,
+    descriptors, limits, credentials, exec. Never returns: a failure goes to ``report``
+    as ``stage:errno:message``."""
+    stage = "session"
     try:
         os.setsid()
-        if _libc.setns(nsfd, CLONE_NEWNS) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns: {os.strerror(err)}")
         stage = "stdio"
         high = [os.dup(fd) if fd < 3 else fd for fd in ends]  # never clobbered by dup2
         for i, fd in enumerate(high):
@@ -116,9 +114,18 @@ def _recv_exact(sock: _socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def serve(fd: int) -> None:
-    """Answer the executor's requests on ``fd`` until it goes away."""
+def _setns(nsfd: int) -> None:
+    if _libc.setns(nsfd, CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def serve(fd: int, dropped: frozenset[int]) -> None:
+    """Answer the executor's requests on ``fd`` until it goes away. ``dropped``: the
+    capabilities already gone from this process's bounding set (and so from every
+    child's), which the children need not drop again."""
     sock = _socket.socket(fileno=fd)
+    ns = os.stat("/proc/self/ns/mnt").st_ino
     while True:
         try:
             # Close-on-exec, so that only the three dup2'd onto 0-2 reach the script
@@ -140,11 +147,17 @@ def serve(fd: int) -> None:
             )
             if len(fds) != NFDS:
                 raise ValueError(f"expected {NFDS} descriptors, got {len(fds)}")
-            c = creds.Creds(uid, gid, tuple(groups), tuple(caps), tuple(drop), bool(nnp))
+            drop = tuple(cap for cap in drop if cap not in dropped)
+            c = creds.Creds(uid, gid, tuple(groups), tuple(caps), drop, bool(nnp))
             nsfd, in_r, out_w, err_w, rep_w = fds
+            # This process enters the profile's namespace itself (once, and again when
+            # the executor rebuilt it), so the child starts in it.
+            if os.fstat(nsfd).st_ino != ns:
+                _setns(nsfd)
+                ns = os.fstat(nsfd).st_ino
             pid = clone_parent()
             if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
-                child(nsfd, (in_r, out_w, err_w), rep_w, c, path, argv, env)
+                child((in_r, out_w, err_w), rep_w, c, path, argv, env)
             reply = marshal.dumps(pid)
         except EOFError:
             return
@@ -159,11 +172,17 @@ def serve(fd: int) -> None:
             return
 
 
-def main() -> None:
+def main(keep: tuple[int, ...] = ()) -> None:
+    """Serve the executor on fd 3, with a bounding set of only ``keep`` (the
+    capabilities of the profile this spawner serves)."""
     _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the executor died before the line above
         return
-    serve(3)
+    dropped = frozenset(c for c in range(creds.last_cap(40) + 1) if c not in keep)
+    for cap in dropped:
+        if _libc.prctl(creds.PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            return  # the executor's requests fail: it reports it and starts another
+    serve(3, dropped)
 
 
 if __name__ == "__main__":  # pragma: no cover - started by the executor
