@@ -261,8 +261,7 @@ class Spawner:
     """The executor's handle on its spawner process (:mod:`agent.executor.spawner`),
     started on first use and again after it went away."""
 
-    def __init__(self, nsfd: int, keep: tuple[int, ...] = ()) -> None:
-        self.nsfd = nsfd  # the namespace it and its children are in
+    def __init__(self, keep: tuple[int, ...] = ()) -> None:
         self.keep = keep  # its bounding set: the capabilities of the profile it serves
         self.sock: socket.socket | None = None
         self.pid = 0
@@ -275,8 +274,7 @@ class Spawner:
         try:
             self.pid = os.posix_spawn(
                 sys.executable, [sys.executable, "-I", "-S", "-c", code], {"LC_ALL": "C.UTF-8"},
-                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
-                              (os.POSIX_SPAWN_DUP2, self.nsfd, 4)], setsid=True,
+                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)], setsid=True,
             )  # fmt: skip
         finally:
             theirs.close()
@@ -285,18 +283,14 @@ class Spawner:
         return ours
 
     def close(self) -> None:
-        """Stop the spawner and its idle child: its whole process group (the idle child
-        is the executor's child, in the spawner's group until it takes a request and
-        starts its own session), reaped here."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                while True:
-                    os.waitpid(-self.pid, 0)
+                os.waitpid(self.pid, 0)
             self.pid = 0
 
     def spawn(self, fds: Sequence[int], c: creds.Creds, path: str, argv: list[str],
@@ -319,17 +313,15 @@ class Spawner:
         try:
             sock.sendall(payload)
             size = SPAWN_HEADER.unpack(_recv_exact(sock, SPAWN_HEADER.size))[0]
-            pid, error = marshal.loads(_recv_exact(sock, size))
-        except (OSError, EOFError, ValueError, TypeError) as exc:
+            reply = marshal.loads(_recv_exact(sock, size))
+        except (OSError, EOFError, ValueError) as exc:
             # It may or may not have started the child: never ask twice; a new spawner
             # serves the next run.
             self.close()
             raise SandboxError(f"spawner failed: {exc or exc.__class__.__name__}") from None
-        if error:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            raise SandboxError(error)
-        return int(pid)
+        if isinstance(reply, str):
+            raise SandboxError(reply)
+        return int(reply)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

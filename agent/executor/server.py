@@ -73,7 +73,7 @@ class ExecutorServer:
         self._loaded: Loaded | None = None
         self._plans: dict[tuple[profiles.Profile, profiles.RunAs], Plan] = {}
         self.namespaces = Namespaces()
-        self.spawners: dict[tuple[str, tuple[int, ...], int], Spawner] = {}
+        self.spawners: dict[tuple[str, tuple[int, ...]], Spawner] = {}
         self._stopping: asyncio.Event | None = None
 
     # ----- configuration ---------------------------------------------------------
@@ -104,16 +104,13 @@ class ExecutorServer:
             sp.close()
         self.spawners.clear()
 
-    def spawner(self, plan: Plan, nsfd: int) -> Spawner:
-        """The spawner of ``plan``'s profile in the namespace ``nsfd`` (one per profile:
-        its bounding set is the profile's and it sits in the profile's namespace; the
-        one of a namespace since rebuilt is stopped)."""
-        key = (plan.profile.name, plan.credentials.caps, os.fstat(nsfd).st_ino)
+    def spawner(self, plan: Plan) -> Spawner:
+        """The spawner of ``plan``'s profile (one per profile: its bounding set is the
+        profile's and it sits in the profile's mount namespace)."""
+        key = (plan.profile.name, plan.credentials.caps)
         sp = self.spawners.get(key)
         if sp is None:
-            for old in [k for k in self.spawners if k[0] == key[0]]:
-                self.spawners.pop(old).close()
-            sp = self.spawners[key] = Spawner(nsfd, plan.credentials.caps)
+            sp = self.spawners[key] = Spawner(plan.credentials.caps)
         return sp
 
     def protected_dirs(self, cfg: config.AgentConfig) -> tuple[str, ...]:
@@ -255,7 +252,7 @@ class ExecutorServer:
             # The namespace is looked up and handed to the child with no await in
             # between, so a concurrent rebuild can never close it under this start.
             nsfd = self.namespaces.get(loaded.key, prof, lambda: self.protected_dirs(cfg))
-            return await plan.spawn(self.spawner(plan, nsfd), nsfd, argv, env)
+            return await plan.spawn(self.spawner(plan), nsfd, argv, env)
 
         try:
             res = await run_script(

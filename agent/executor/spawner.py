@@ -120,76 +120,61 @@ def _setns(nsfd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def take_one(sock: _socket.socket, taken: int, dropped: frozenset[int]) -> None:
-    """In an idle child (a child of the executor, in this spawner's process group):
-    wait for one request, tell the spawner it was taken (``T`` on ``taken``), answer
-    with this pid, then become the script. Never returns."""
-    _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # while idle: die with the executor
-    try:
-        # Close-on-exec, so that only the three dup2'd onto 0-2 reach the script and
-        # the report pipe reaches EOF at the exec.
-        head, anc, _, _ = sock.recvmsg(HEADER.size, _socket.CMSG_SPACE(NFDS * 4),
-                                       _socket.MSG_CMSG_CLOEXEC)  # fmt: skip
-    except OSError:
-        os._exit(0)
-    if not head:
-        os._exit(0)  # the executor closed its end: the spawner ends too (no "T")
-    fds = array.array("i")
-    for level, kind, data in anc:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % 4])
-    error = ""
-    try:
-        (size,) = HEADER.unpack(head + _recv_exact(sock, HEADER.size - len(head)))
-        (uid, gid, groups, caps, drop, nnp), path, argv, env = marshal.loads(
-            _recv_exact(sock, size)
-        )
-        if len(fds) != NFDS:
-            raise ValueError(f"expected {NFDS} descriptors, got {len(fds)}")
-        drop = tuple(cap for cap in drop if cap not in dropped)
-        c = creds.Creds(uid, gid, tuple(groups), tuple(caps), drop, bool(nnp))
-        nsfd, in_r, out_w, err_w, rep_w = fds
-        if os.fstat(nsfd).st_ino != os.stat("/proc/self/ns/mnt").st_ino:
-            _setns(nsfd)  # not this spawner's namespace (the executor starts one per)
-    except Exception as exc:  # reported to the executor, which fails the run closed
-        error = f"spawner: {exc.__class__.__name__}: {exc}"
-    try:
-        os.write(taken, b"T")
-        os.close(taken)
-        reply = marshal.dumps((os.getpid(), error))
-        sock.sendall(HEADER.pack(len(reply)) + reply)
-    except OSError:
-        os._exit(1)
-    if error:
-        os._exit(1)
-    # Not a script's business: the signal at the executor's death.
-    _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
-    child((in_r, out_w, err_w), rep_w, c, path, argv, env)
-
-
 def serve(fd: int, dropped: frozenset[int]) -> None:
-    """Keep one idle child ready to take the executor's next request on ``fd``, so
-    that no fork is on a run's path; stop when the executor has gone away or a child
-    ended without taking a request. ``dropped``: the capabilities already gone from
-    this process's bounding set (and so from every child's), which the children need
-    not drop again."""
+    """Answer the executor's requests on ``fd`` until it goes away. ``dropped``: the
+    capabilities already gone from this process's bounding set (and so from every
+    child's), which the children need not drop again."""
     sock = _socket.socket(fileno=fd)
+    ns = os.stat("/proc/self/ns/mnt").st_ino
     while True:
-        taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
-        pid = clone_parent()
-        if pid == 0:  # pragma: no cover - replaced by the script or exits
-            os.close(taken_r)
-            take_one(sock, taken_w, dropped)
-        os.close(taken_w)
-        took = os.read(taken_r, 1)
-        os.close(taken_r)
-        if took != b"T":
+        try:
+            # Close-on-exec, so that only the three dup2'd onto 0-2 reach the script
+            # and the report pipe reaches EOF at the exec.
+            head, anc, _, _ = sock.recvmsg(HEADER.size, _socket.CMSG_SPACE(NFDS * 4),
+                                           _socket.MSG_CMSG_CLOEXEC)  # fmt: skip
+        except OSError:
+            return
+        if not head:
+            return  # the executor closed its end
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % 4])
+        try:
+            (size,) = HEADER.unpack(head + _recv_exact(sock, HEADER.size - len(head)))
+            (uid, gid, groups, caps, drop, nnp), path, argv, env = marshal.loads(
+                _recv_exact(sock, size)
+            )
+            if len(fds) != NFDS:
+                raise ValueError(f"expected {NFDS} descriptors, got {len(fds)}")
+            drop = tuple(cap for cap in drop if cap not in dropped)
+            c = creds.Creds(uid, gid, tuple(groups), tuple(caps), drop, bool(nnp))
+            nsfd, in_r, out_w, err_w, rep_w = fds
+            # This process enters the profile's namespace itself (once, and again when
+            # the executor rebuilt it), so the child starts in it.
+            if os.fstat(nsfd).st_ino != ns:
+                _setns(nsfd)
+                ns = os.fstat(nsfd).st_ino
+            pid = clone_parent()
+            if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
+                child((in_r, out_w, err_w), rep_w, c, path, argv, env)
+            reply = marshal.dumps(pid)
+        except EOFError:
+            return
+        except Exception as exc:  # reported to the executor, which fails the run closed
+            reply = marshal.dumps(f"spawner: {exc.__class__.__name__}: {exc}")
+        finally:
+            for f in fds:
+                os.close(f)
+        try:
+            sock.sendall(HEADER.pack(len(reply)) + reply)
+        except OSError:
             return
 
 
 def main(keep: tuple[int, ...] = ()) -> None:
-    """Serve the executor on fd 3 in the mount namespace of fd 4, with a bounding set
-    of only ``keep`` (the capabilities of the profile this spawner serves)."""
+    """Serve the executor on fd 3, with a bounding set of only ``keep`` (the
+    capabilities of the profile this spawner serves)."""
     _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the executor died before the line above
         return
@@ -197,8 +182,6 @@ def main(keep: tuple[int, ...] = ()) -> None:
     for cap in dropped:
         if _libc.prctl(creds.PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             return  # the executor's requests fail: it reports it and starts another
-    _setns(4)
-    os.close(4)
     serve(3, dropped)
 
 
