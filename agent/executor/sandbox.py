@@ -265,6 +265,7 @@ class Spawner:
         self.keep = keep  # its bounding set: the capabilities of the profile it serves
         self.sock: socket.socket | None = None
         self.pid = 0
+        self.pidfd = -1
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,12 +281,21 @@ class Spawner:
             theirs.close()
         ours.settimeout(SPAWNER_TIMEOUT)
         self.sock = ours
+        # Reaped as soon as it dies, not at the next run of its profile.
+        self.pidfd = os.pidfd_open(self.pid)
+        with contextlib.suppress(RuntimeError):  # no running loop: reaped by close()
+            asyncio.get_running_loop().add_reader(self.pidfd, self.close)
         return ours
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.pidfd >= 0:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
