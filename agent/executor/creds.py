@@ -1,14 +1,18 @@
 """Switch a forked child's credentials to a profile's, for the single exec of the script.
 
-The executor forks a child (root, with all of root's capabilities) and calls
-:func:`apply` in it just before ``execve`` of the script; nothing else runs in between.
-:class:`Creds` is computed once per profile and user (:func:`for_user`), so the child
-only makes system calls. The steps, in order, and what each guarantees:
+The profile's spawner (:mod:`agent.executor.spawner`) forks a child (root, with root's
+capabilities, its bounding set already reduced to the profile's) and calls :func:`apply`
+in it just before ``execve`` of the script. :class:`Creds` is worked out once per profile
+and user (:attr:`agent.executor.sandbox.Plan.credentials`), so the child only makes
+system calls. The steps, in order, and what each guarantees:
 
-1. ``PR_CAPBSET_DROP`` of every capability not in the profile (0..``cap_last_cap``):
-   the bounding set is exactly the profile's, so neither the script nor anything it
-   execs (a setuid-root or file-capability binary included) can gain any other. Done
-   first, while the child still holds ``CAP_SETPCAP``.
+The steps, in order, and what each guarantees:
+
+1. ``PR_CAPBSET_DROP`` of every capability not in the profile (0..``cap_last_cap``)
+   that the spawner has not dropped already: the bounding set is exactly the
+   profile's, so neither the script nor anything it execs (a setuid-root or
+   file-capability binary included) can gain any other. Done first, while the child
+   still holds ``CAP_SETPCAP``.
 2. ``setgroups`` (the ``run_as`` user's groups, from ``getgrouplist``; none for a
    numeric uid without a passwd entry beyond its own gid), then ``setresgid``: real,
    effective and saved gid are the user's, no group of root's is left.

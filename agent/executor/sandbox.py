@@ -1,4 +1,5 @@
-"""Apply a profile: a mount namespace per profile, resource limits, then setpriv and env.
+"""Apply a profile: a mount namespace per profile, resource limits, then the script's
+credentials, switched in the child before its one exec.
 
 **Mount namespace.** For each profile the executor builds one mount namespace (in a short
 lived child, then kept alive by an open ``/proc/PID/ns/mnt`` descriptor) and starts the
@@ -7,22 +8,29 @@ paths, every mount read-only (``mount_setattr`` with ``AT_RECURSIVE``, Linux 5.1
 tmpfs on ``/tmp`` private to the profile, and the listed paths bound read-write again;
 the agent's own directories (config, allowlist, state, socket) bound read-only on top,
 whatever the profile says. Namespaces are rebuilt when the config or the host's mount
-table changes (checked at each run; until then a built namespace keeps its copies of the
-mounts it was made from, so a filesystem unmounted on the host stays busy until the next
-run or a SIGHUP). Building one per run cost 10-20 ms under load (namespace teardown);
-entering a built one costs two ``setns`` calls.
+table changes (checked at each run with one ``poll`` of an open ``/proc/self/mountinfo``,
+:class:`MountWatch`; until then a built namespace keeps its copies of the mounts it was
+made from, so a filesystem unmounted on the host stays busy until the next run or a
+SIGHUP). Building one per run cost 10-20 ms under load (namespace teardown).
 
-**Start.** The executor (single-threaded, so ``setns`` on itself is allowed) enters the
-namespace, lowers its soft ``RLIMIT_NOFILE`` to the script's 1024, starts the child with
-``subprocess.Popen`` (vfork, no Python code in the child) and restores both at once. Its
-hard limits, lowered once at start, are the scripts': ``RLIMIT_CORE`` 0, ``RLIMIT_NOFILE``
-4096, ``RLIMIT_NPROC`` 4096 (binding a non-root ``run_as``). The child is ``setpriv`` (util-linux): ``run_as`` with its groups, the bounding,
-inheritable and ambient capability sets reduced to the profile's list, ``no_new_privs``;
-it execs ``env`` (coreutils), which execs the script. setpriv's own exec still holds
-root's capabilities, so the script is not its direct target: env's exec of the script is
-checked against ``run_as`` and the profile's capabilities only (126 when ``run_as`` may
-not execute it, 127 when it does not exist). A profile that cannot be applied fails
-closed: exit 126 and ``executor: profile could not be applied: ...`` on stderr.
+**Start.** A profile's scripts are forked by its spawner (:mod:`agent.executor.spawner`), a
+small root process the executor starts once per profile (a fork of the ~23 MB executor
+cost 2-3 ms of CPU; ``vfork`` cannot be used because the credentials must change in the
+child). The spawner's bounding set is already the profile's and it sits in the profile's
+namespace; it forks with ``clone3(CLONE_PARENT)``, so the script is the executor's own
+child (reaped, signalled and timed out by it as before). The child starts a session, puts
+the three pipes on 0-2 and closes every other descriptor, lowers its soft
+``RLIMIT_NOFILE`` to 1024, ``cd /``, restores ``SIGPIPE``/``SIGXFSZ``, switches to the
+profile's credentials (:mod:`agent.executor.creds`: ``run_as`` with its groups, the
+profile's capabilities as the only bounding, effective, permitted, inheritable and
+ambient ones, ``no_new_privs``) and execs the script. It holds nothing but the profile's
+capabilities at that exec, so the kernel checks it as ``run_as`` (126 when ``run_as`` may
+not execute it, 127 when it does not exist: :class:`ExecError`). The executor's hard
+limits, lowered once at start, are the scripts': ``RLIMIT_CORE`` 0, ``RLIMIT_NOFILE``
+4096, ``RLIMIT_NPROC`` 4096 (binding a non-root ``run_as``). A profile that cannot be
+applied fails closed: exit 126 and ``executor: profile could not be applied: ...`` on
+stderr. :meth:`Plan.command` is the equivalent ``setpriv ... -- env`` command line (what
+the executor ran before, kept as the tests' reference).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ chooses the path or the profile. The script runs with :func:`agent.runner.run_sc
 in the profile's mount namespace (:mod:`agent.executor.sandbox`), with the limits of ``agent.conf``
 (``script_timeout``, ``stdin_timeout``, ``max_output``). If the agent goes away during a
 run, the run finishes (bounded by ``script_timeout``), is logged and its result dropped.
+Per profile it keeps a :class:`~agent.executor.sandbox.Plan` (credentials worked out once)
+and a spawner (:mod:`agent.executor.spawner`); both are dropped when the configuration
+changes or on SIGHUP, and a spawner of a since rebuilt namespace is replaced.
 """
 
 from __future__ import annotations
