@@ -33,6 +33,7 @@ import _signal  # type: ignore[import-not-found]  # signal.py would import enum
 import _socket
 import array
 import ctypes
+import gc
 import marshal
 import os
 import resource
@@ -178,6 +179,7 @@ def main(keep: tuple[int, ...] = ()) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the executor died before the line above
         return
+    gc.disable()  # a collection in a child would touch (copy) the whole heap; no cycles here
     dropped = frozenset(c for c in range(creds.last_cap(40) + 1) if c not in keep)
     for cap in dropped:
         if _libc.prctl(creds.PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
