@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import io
 import marshal
@@ -280,12 +281,15 @@ class Spawner:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = (f"import sys; sys.path.insert(0, {root!r}); "
                 f"from agent.executor.spawner import main; main({self.keep!r})")  # fmt: skip
+        # Above 3 first: a dup2 onto itself would leave it close-on-exec.
+        high = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
         try:
             self.pid = os.posix_spawn(
                 sys.executable, [sys.executable, "-I", "-S", "-c", code], {"LC_ALL": "C.UTF-8"},
-                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)], setsid=True,
+                file_actions=[(os.POSIX_SPAWN_DUP2, high, 3)], setsid=True,
             )  # fmt: skip
         finally:
+            os.close(high)
             theirs.close()
         ours.settimeout(SPAWNER_TIMEOUT)
         self.sock = ours

@@ -33,6 +33,7 @@ import _signal  # type: ignore[import-not-found]  # signal.py would import enum
 import _socket
 import array
 import ctypes
+import fcntl
 import gc
 import marshal
 import os
@@ -82,7 +83,8 @@ def child(ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
     try:
         os.setsid()
         stage = "stdio"
-        high = [os.dup(fd) if fd < 3 else fd for fd in ends]  # never clobbered by dup2
+        # Above 2 first, so that no dup2 onto 0-2 below overwrites another's source.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd for fd in ends]
         for i, fd in enumerate(high):
             os.dup2(fd, i)
         os.closerange(3, report)
