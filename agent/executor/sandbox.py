@@ -316,9 +316,10 @@ class Spawner:
             self.pid = 0
 
     def spawn(self, fds: Sequence[int], c: creds.Creds, path: str, argv: list[str],
-              env: dict[str, str]) -> int:  # fmt: skip
-        """The pid of a new child of the executor that got ``fds`` (namespace, stdin,
-        stdout, stderr, report) and ``c`` and is about to exec ``path``."""
+              env: dict[str, str]) -> None:  # fmt: skip
+        """Ask for a new child of the executor that gets ``fds`` (namespace, stdin,
+        stdout, stderr, report) and ``c`` and execs ``path``. The answer comes on the
+        report pipe (:func:`start`), not here."""
         payload = marshal.dumps((c.astuple(), path, argv, env))
         head = SPAWN_HEADER.pack(len(payload))
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -334,26 +335,25 @@ class Spawner:
                     raise SandboxError(f"spawner unavailable: {exc}") from None
         try:
             sock.sendall(payload)
-            size = SPAWN_HEADER.unpack(_recv_exact(sock, SPAWN_HEADER.size))[0]
-            reply = marshal.loads(_recv_exact(sock, size))
-        except (OSError, EOFError, ValueError) as exc:
-            # It may or may not have started the child: never ask twice; a new spawner
-            # serves the next run.
+        except OSError as exc:
             self.close()
-            raise SandboxError(f"spawner failed: {exc or exc.__class__.__name__}") from None
-        if isinstance(reply, str):
-            raise SandboxError(reply)
-        return int(reply)
+            raise SandboxError(f"spawner failed: {exc}") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+def _read_report(spawner: Spawner, fd: int) -> bytes:
+    """The report pipe's content up to EOF: the child's pid then, only on failure,
+    ``stage:errno:message`` (pid 0: the spawner's own failure; nothing: it died)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    report = b""
+    while True:
+        if not poller.poll(SPAWNER_TIMEOUT * 1000):
+            spawner.close()
+            raise SandboxError("spawner failed: no answer in time")
+        chunk = os.read(fd, 4096)
         if not chunk:
-            raise EOFError("spawner closed the connection")
-        buf += chunk
-    return bytes(buf)
+            return report
+        report += chunk
 
 
 def start(spawner: Spawner, nsfd: int, c: creds.Creds, path: str, argv: list[str],
@@ -368,20 +368,25 @@ def start(spawner: Spawner, nsfd: int, c: creds.Creds, path: str, argv: list[str
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
         fds = [fd for pair in pipes for fd in pair]
         (in_r, in_w), (out_r, out_w), (err_r, err_w), (rep_r, rep_w) = pipes
-        pid = spawner.spawn((nsfd, in_r, out_w, err_w, rep_w), c, path, argv, env)
+        spawner.spawn((nsfd, in_r, out_w, err_w, rep_w), c, path, argv, env)
         for fd in (in_r, out_w, err_w, rep_w):
             os.close(fd)
             fds.remove(fd)
-        report = b""
-        while chunk := os.read(rep_r, 4096):  # EOF at the exec (close-on-exec)
-            report += chunk
-        proc = Proc(pid)
-        if report:
-            proc.poll_exit()
-            stage, err, msg = report.decode(errors="replace").split(":", 2)
+        # EOF once both the spawner and the child (close-on-exec: at the exec) closed it.
+        first, _, failure = _read_report(spawner, rep_r).partition(b"\n")
+        try:
+            pid = int(first)
+        except ValueError:
+            spawner.close()
+            raise SandboxError("spawner failed: it went away") from None
+        proc = Proc(pid) if pid > 0 else None
+        if proc is None or failure:
+            if proc is not None:
+                proc.poll_exit()
+            stage, err, msg = failure.decode(errors="replace").split(":", 2)
             if stage == "exec" and int(err):
                 raise ExecError(path, int(err))
-            raise SandboxError(msg)
+            raise SandboxError(f"spawner: {msg}" if stage == "spawner" else msg)
         for fd in (in_w, out_r, err_r):
             fds.remove(fd)
         return proc, (in_w, out_r, err_r)

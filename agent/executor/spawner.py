@@ -3,25 +3,28 @@
 Why: ``fork`` costs in proportion to the forking process's memory (page tables, then a
 copy-on-write fault for every page either side writes afterwards). In the executor
 (an asyncio server, ~23 MB) one fork cost 2-3 ms of CPU on the test machine; this
-process imports only ``ctypes``, ``marshal``, ``_socket``, ``array`` and
-:mod:`agent.executor.creds` (~9 MB), and its fork is a fraction of that. The executor
+process imports little beyond ``ctypes``, ``marshal``, ``_socket`` and
+:mod:`agent.executor.creds` (~10 MB), and its fork costs about 0.6 ms. The executor
 cannot use ``vfork`` (``posix_spawn``) for a script: the credentials must be switched
 in the child, which means running code there.
 
-How: the executor starts it once (``posix_spawn``, ``python -I -S``, empty environment)
-with one end of a socketpair as fd 3; the spawner dies with the executor
+How: the executor starts one per profile (``posix_spawn``, ``python -I -S``, almost empty
+environment) with one end of a socketpair as fd 3 and a bounding set of only the
+profile's capabilities (dropped once here, not per run); it dies with the executor
 (``PR_SET_PDEATHSIG``) or when the executor closes its end. For each run the executor
-sends one request: a 4-byte length and a :mod:`marshal` payload (namespace fd index,
-credentials, path, argv, env), with five descriptors (``SCM_RIGHTS``): the profile's
-mount namespace, the child's stdin, stdout and stderr pipe ends and the report pipe.
-The spawner forks with ``clone3(CLONE_PARENT)``: the script is the *executor's* child,
-exactly as if the executor had forked it (it reaps it, holds its pid until then, and
-signals it), and the spawner has nothing to reap. It answers with the pid (or an error)
-and closes its copies of the descriptors. The child (:func:`child`) makes a new session,
-``setns`` into the namespace, stdio, every other descriptor closed, ``RLIMIT_NOFILE``,
-``cwd /``, default ``SIGPIPE``/``SIGXFSZ``, :func:`agent.executor.creds.apply`, then
-``execve`` of the script. A failure before the exec is written to the report pipe,
-which the executor reads to EOF (close-on-exec: EOF means the exec happened).
+sends one request: a 4-byte length and a :mod:`marshal` payload (credentials, path,
+argv, env), with five descriptors (``SCM_RIGHTS``): the profile's mount namespace (which
+the spawner enters itself when it is not in it yet), the child's stdin, stdout and
+stderr pipe ends and the report pipe. The spawner forks with ``clone3(CLONE_PARENT)``:
+the script is the *executor's* child, exactly as if the executor had forked it (it reaps
+it, holds its pid until then, and signals it), and the spawner has nothing to reap; it
+then closes its copies of the descriptors and answers nothing on the socket. The child
+(:func:`child`) makes a new session, puts the pipes on 0-2 and closes every other
+descriptor, lowers ``RLIMIT_NOFILE``, ``cd /``, restores ``SIGPIPE``/``SIGXFSZ``, runs
+:func:`agent.executor.creds.apply`, writes its pid to the report pipe and execs the
+script. The executor reads the report pipe to EOF (close-on-exec: EOF means the exec
+happened): the pid, then only on failure ``stage:errno:message`` (pid 0: the spawner's
+own failure; nothing at all: the spawner died).
 
 Only the executor holds the other end of the socketpair (close-on-exec in the
 executor, closed in every child), so nothing else can ask this process for anything.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # signal.py would import enum
 import _socket
 import array
+import contextlib
 import ctypes
 import fcntl
 import gc
@@ -79,7 +83,7 @@ def child(ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
     """In the new child (already in the profile's mount namespace): session, stdio,
     descriptors, limits, credentials, exec. Never returns: a failure goes to ``report``
     as ``stage:errno:message``."""
-    stage = "session"
+    stage, me, announced = "session", os.getpid(), False
     try:
         os.setsid()
         stage = "stdio"
@@ -97,11 +101,14 @@ def child(ends: tuple[int, int, int], report: int, c: creds.Creds, path: str,
         stage = "creds"
         creds.apply(c)
         stage = "exec"
+        os.write(report, b"%d\n" % me)  # the executor learns the pid with the exec's EOF
+        announced = True
         os.execve(path, argv, env)
     except BaseException as exc:
         err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
         try:
-            os.write(report, f"{stage}:{err}:{exc}".encode()[:4000])
+            head = b"" if announced else b"%d\n" % me
+            os.write(report, head + f"{stage}:{err}:{exc}".encode()[:4000])
         finally:
             os._exit(127)
     os._exit(127)
@@ -161,18 +168,17 @@ def serve(fd: int, dropped: frozenset[int]) -> None:
             pid = clone_parent()
             if pid == 0:  # pragma: no cover - replaced by the script or reports and exits
                 child((in_r, out_w, err_w), rep_w, c, path, argv, env)
-            reply = marshal.dumps(pid)
         except EOFError:
             return
         except Exception as exc:  # reported to the executor, which fails the run closed
-            reply = marshal.dumps(f"spawner: {exc.__class__.__name__}: {exc}")
+            if len(fds) == NFDS:
+                with contextlib.suppress(OSError):
+                    os.write(
+                        fds[4], f"0\nspawner:0:{exc.__class__.__name__}: {exc}".encode()[:4000]
+                    )
         finally:
             for f in fds:
                 os.close(f)
-        try:
-            sock.sendall(HEADER.pack(len(reply)) + reply)
-        except OSError:
-            return
 
 
 def main(keep: tuple[int, ...] = ()) -> None:
