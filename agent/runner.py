@@ -122,9 +122,9 @@ async def run_script(
     command: Sequence[str] | None = None,
     spawn: Spawner | None = None,
 ) -> RunResult:
-    """Run ``path args`` (or ``command``, the full argv, when given: the executor's
-    ``setpriv ... -- path args``), started by ``spawn`` (the executor's starts it in the
-    profile's mount namespace) or as a plain child in its own session."""
+    """Run ``path args`` (or ``command``, the full argv, when given), started by
+    ``spawn`` (the executor's starts it through the profile's spawner, in the profile's
+    mount namespace and with its credentials) or as a plain child in its own session."""
     argv = list(command) if command is not None else [path, *args]
     try:
         proc = await (spawn or _spawn)(argv, script_env() if env is None else env)

@@ -8,7 +8,8 @@ direct mode and one with ``executor_socket``, and runs the same trivial script (
 * in process: the agent's own call (:func:`agent.runner.run_script` vs the executor client),
   without TLS or HTTP;
 
-each for the ``default`` profile (``run_as nobody``: mount namespace, setpriv, env) and a
+each for the ``default`` profile (``run_as nobody``: mount namespace, credentials switched
+by the spawner's child before its one exec, :mod:`agent.executor.spawner`) and a
 ``confined`` one (``writable``: the whole tree read-only, a private ``/tmp``, one writable
 bind). Direct and executor runs alternate, so both see the same load on a shared machine;
 it prints median and p99 of both series and of the per-pair difference, the latency the
@@ -98,14 +99,27 @@ def cpu_ms(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) * TICK_MS
 
 
+def tree_cpu_ms(pid: int) -> float:
+    """CPU time of ``pid``, its reaped children and its live ones (the executor's
+    spawner, which forks every script), in ms."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = cpu_ms(pid)
+    for kid in kids:
+        try:
+            total += cpu_ms(int(kid))
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def cpu_per_run(loop: asyncio.AbstractEventLoop, call: Callable[[], Awaitable[RunResult]],
                 n: int, executor_pid: int | None) -> float:  # fmt: skip
-    """CPU ms per run of this process, its children and (when given) the executor's: a
-    cost that does not depend on how loaded the machine is."""
-    before = cpu_ms(os.getpid()) + (cpu_ms(executor_pid) if executor_pid else 0)
+    """CPU ms per run of this process, its children and (when given) the executor's
+    with its spawner: a cost that does not depend on how loaded the machine is."""
+    before = cpu_ms(os.getpid()) + (tree_cpu_ms(executor_pid) if executor_pid else 0)
     for _ in range(n):
         assert loop.run_until_complete(call()).exit == 0
-    after = cpu_ms(os.getpid()) + (cpu_ms(executor_pid) if executor_pid else 0)
+    after = cpu_ms(os.getpid()) + (tree_cpu_ms(executor_pid) if executor_pid else 0)
     return (after - before) / n
 
 

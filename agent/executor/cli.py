@@ -19,7 +19,6 @@ import sys
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.config import DEFAULT_ALLOWLIST, DEFAULT_CONFIG, DEFAULT_EXECUTOR_SOCKET
-from agent.executor.sandbox import SETPRIV
 from agent.version import __version__
 
 EX_NOPERM, EX_CONFIG = 77, 78
@@ -58,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError:
         return _fail("cannot start - configuration error.",
                      f"unknown agent user '{args.agent_user}'", EX_CONFIG)  # fmt: skip
-    if not os.access(SETPRIV, os.X_OK):
-        return _fail("cannot start - configuration error.",
-                     f"{SETPRIV} (util-linux) is missing", EX_CONFIG)  # fmt: skip
     # Absolute paths: entering a profile's mount namespace and back resets the cwd.
     config, allow = os.path.abspath(args.config), os.path.abspath(args.allowlist)
     server = ExecutorServer(config, allow, "", pw.pw_uid, pw.pw_gid)

@@ -1,4 +1,5 @@
-"""Apply a profile: a mount namespace per profile, resource limits, then setpriv and env.
+"""Apply a profile: a mount namespace per profile, resource limits, then the script's
+credentials, switched in the child before its one exec.
 
 **Mount namespace.** For each profile the executor builds one mount namespace (in a short
 lived child, then kept alive by an open ``/proc/PID/ns/mnt`` descriptor) and starts the
@@ -7,36 +8,54 @@ paths, every mount read-only (``mount_setattr`` with ``AT_RECURSIVE``, Linux 5.1
 tmpfs on ``/tmp`` private to the profile, and the listed paths bound read-write again;
 the agent's own directories (config, allowlist, state, socket) bound read-only on top,
 whatever the profile says. Namespaces are rebuilt when the config or the host's mount
-table changes (checked at each run; until then a built namespace keeps its copies of the
-mounts it was made from, so a filesystem unmounted on the host stays busy until the next
-run or a SIGHUP). Building one per run cost 10-20 ms under load (namespace teardown);
-entering a built one costs two ``setns`` calls.
+table changes (checked at each run with one ``poll`` of an open ``/proc/self/mountinfo``,
+:class:`MountWatch`; until then a built namespace keeps its copies of the mounts it was
+made from, so a filesystem unmounted on the host stays busy until the next run or a
+SIGHUP). Building one per run cost 10-20 ms under load (namespace teardown).
 
-**Start.** The executor (single-threaded, so ``setns`` on itself is allowed) enters the
-namespace, lowers its soft ``RLIMIT_NOFILE`` to the script's 1024, starts the child with
-``subprocess.Popen`` (vfork, no Python code in the child) and restores both at once. Its
-hard limits, lowered once at start, are the scripts': ``RLIMIT_CORE`` 0, ``RLIMIT_NOFILE``
-4096, ``RLIMIT_NPROC`` 4096 (binding a non-root ``run_as``). The child is ``setpriv`` (util-linux): ``run_as`` with its groups, the bounding,
-inheritable and ambient capability sets reduced to the profile's list, ``no_new_privs``;
-it execs ``env`` (coreutils), which execs the script. setpriv's own exec still holds
-root's capabilities, so the script is not its direct target: env's exec of the script is
-checked against ``run_as`` and the profile's capabilities only (126 when ``run_as`` may
-not execute it, 127 when it does not exist). A profile that cannot be applied fails
-closed: exit 126 and ``executor: profile could not be applied: ...`` on stderr.
+**Start.** A profile's scripts are forked by its spawner (:mod:`agent.executor.spawner`), a
+small root process the executor starts once per profile (a fork of the ~23 MB executor
+cost 2-3 ms of CPU; ``vfork`` cannot be used because the credentials must change in the
+child). The spawner's bounding set is already the profile's and it sits in the profile's
+namespace; it forks with ``clone3(CLONE_PARENT)``, so the script is the executor's own
+child (reaped, signalled and timed out by it as before). The child starts a session, puts
+the three pipes on 0-2 and closes every other descriptor, lowers its soft
+``RLIMIT_NOFILE`` to 1024, ``cd /``, restores ``SIGPIPE``/``SIGXFSZ``, switches to the
+profile's credentials (:mod:`agent.executor.creds`: ``run_as`` with its groups, the
+profile's capabilities as the only bounding, effective, permitted, inheritable and
+ambient ones, ``no_new_privs``) and execs the script. It holds nothing but the profile's
+capabilities at that exec, so the kernel checks it as ``run_as`` (126 when ``run_as`` may
+not execute it, 127 when it does not exist: :class:`ExecError`). The executor's hard
+limits, lowered once at start, are the scripts': ``RLIMIT_CORE`` 0, ``RLIMIT_NOFILE``
+4096, ``RLIMIT_NPROC`` 4096 (binding a non-root ``run_as``). A profile that cannot be
+applied fails closed: exit 126 and ``executor: profile could not be applied: ...`` on
+stderr. :meth:`Plan.command` is the equivalent ``setpriv ... -- env`` command line (what
+the executor ran before, kept as the tests' reference).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
+import functools
+import io
+import marshal
 import os
 import resource
-import subprocess
-from collections.abc import Iterator, Sequence
+import select
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.profiles import Profile, RunAs
+from agent.executor import creds
+from agent.profiles import CAPABILITIES, Profile, RunAs
 
 SETPRIV = "/usr/bin/setpriv"
 ENV = "/usr/bin/env"
@@ -52,6 +71,11 @@ TMP_OPTIONS = b"mode=1777,size=25%"
 LIMITS = ((resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, 4096, 4096),
           (resource.RLIMIT_NPROC, 4096, 4096))  # fmt: skip
 CHILD_NOFILE = 1024
+MAX_FD = 1 << 20  # above any descriptor the executor can hold (its hard RLIMIT_NOFILE)
+ENOENT, ENOTDIR = errno.ENOENT, errno.ENOTDIR
+LAST_CAP = creds.last_cap(len(CAPABILITIES) - 1)
+SPAWN_HEADER = struct.Struct(">I")
+SPAWNER_TIMEOUT = 10.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -139,6 +163,34 @@ def build_namespace(profile: Profile, protected: Sequence[str]) -> int:
         os.waitpid(pid, 0)
 
 
+class MountWatch:
+    """The host's mount table, re-read only when it may have changed: the kernel flags
+    an open ``/proc/self/mountinfo`` (``POLLPRI``) at every mount or unmount in the
+    executor's namespace, so an unchanged table costs one ``poll``, not a read."""
+
+    def __init__(self) -> None:
+        self.fh: io.BufferedReader | None = None
+        self.poller = select.poll()
+        self.last = b""
+
+    def current(self) -> bytes:
+        if self.fh is None:
+            self.fh = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - kept open
+            self.poller.register(self.fh, select.POLLPRI | select.POLLERR)
+            self.poller.poll(0)  # consume the event pending since the open
+            self.last = self.fh.read()
+        elif self.poller.poll(0):
+            self.fh.seek(0)
+            self.last = self.fh.read()
+        return self.last
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.poller.unregister(self.fh)
+            self.fh.close()
+            self.fh = None
+
+
 @dataclass
 class Namespaces:
     """The built namespaces, by profile; all dropped when the key (config files and the
@@ -146,16 +198,21 @@ class Namespaces:
 
     key: object = None
     fds: dict[str, int] = field(default_factory=dict)
-    own: int = -1
+    watch: MountWatch = field(default_factory=MountWatch)
 
-    def get(self, key: object, profile: Profile, protected: Sequence[str]) -> int:
-        mounts = _mountinfo()
+    def _mounts(self) -> bytes:
+        return self.watch.current()
+
+    def get(self, key: object, profile: Profile, protected: Callable[[], Sequence[str]]) -> int:
+        """The namespace of ``profile``, built (with the directories ``protected()``
+        names read-only) when there is none for the current key."""
+        mounts = self._mounts()
         if (key, mounts) != self.key:
             self.clear()
             self.key = (key, mounts)
         if profile.name not in self.fds:
             try:
-                self.fds[profile.name] = build_namespace(profile, protected)
+                self.fds[profile.name] = build_namespace(profile, protected())
             except OSError as exc:
                 raise SandboxError(f"cannot build the mount namespace: {exc}") from None
         return self.fds[profile.name]
@@ -164,25 +221,6 @@ class Namespaces:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-    @contextlib.contextmanager
-    def entered(self, fd: int) -> Iterator[None]:
-        if self.own < 0:
-            self.own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        _check(_libc.setns(fd, CLONE_NEWNS), "setns")
-        try:
-            yield
-        finally:
-            # Coming back cannot fail for a single-threaded root process; if it ever
-            # did, going on in the profile's namespace would be wrong: stop.
-            if _libc.setns(self.own, CLONE_NEWNS) != 0:
-                os.write(2, b"ctrl-exec-executor: cannot return to its mount namespace\n")
-                os._exit(70)
-
-
-def _mountinfo() -> bytes:
-    with open("/proc/self/mountinfo", "rb") as fh:
-        return fh.read()
 
 
 def lower_own_limits() -> None:
@@ -195,15 +233,166 @@ def lower_own_limits() -> None:
         resource.setrlimit(res, (min(soft, hard), hard))
 
 
-@contextlib.contextmanager
-def child_limits() -> Iterator[None]:
-    """The executor's soft ``RLIMIT_NOFILE`` lowered to the scripts' while one starts."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(CHILD_NOFILE, hard), hard))
+class ExecError(Exception):
+    """The child could not exec the script (``errno`` from ``execve``)."""
+
+    def __init__(self, path: str, errno: int) -> None:
+        super().__init__(f"{path}: {os.strerror(errno)}")
+        self.path, self.errno = path, errno
+
+    @property
+    def exit(self) -> int:
+        """127 when the script does not exist, 126 otherwise (as ``env`` had it)."""
+        return 127 if self.errno in (ENOENT, ENOTDIR) else 126
+
+
+class Proc:
+    """A child started by :func:`start`: its pid and, once reaped, its exit status
+    (negative: killed by that signal), as ``subprocess.Popen`` has them."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll_exit(self) -> int:
+        """Reap the child (it has exited: its pidfd is readable)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class Spawner:
+    """The executor's handle on its spawner process (:mod:`agent.executor.spawner`),
+    started on first use and again after it went away."""
+
+    def __init__(self, keep: tuple[int, ...] = ()) -> None:
+        self.keep = keep  # its bounding set: the capabilities of the profile it serves
+        self.sock: socket.socket | None = None
+        self.pid = 0
+        self.pidfd = -1
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                f"from agent.executor.spawner import main; main({self.keep!r})")  # fmt: skip
+        # Above 3 first: a dup2 onto itself would leave it close-on-exec.
+        high = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
+        try:
+            self.pid = os.posix_spawn(
+                sys.executable, [sys.executable, "-I", "-S", "-c", code], {"LC_ALL": "C.UTF-8"},
+                file_actions=[(os.POSIX_SPAWN_DUP2, high, 3)], setsid=True,
+            )  # fmt: skip
+        finally:
+            os.close(high)
+            theirs.close()
+        ours.settimeout(SPAWNER_TIMEOUT)
+        self.sock = ours
+        # Reaped as soon as it dies, not at the next run of its profile.
+        self.pidfd = os.pidfd_open(self.pid)
+        with contextlib.suppress(RuntimeError):  # no running loop: reaped by close()
+            asyncio.get_running_loop().add_reader(self.pidfd, self.close)
+        return ours
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.pidfd >= 0:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+
+    def spawn(self, fds: Sequence[int], c: creds.Creds, path: str, argv: list[str],
+              env: dict[str, str]) -> None:  # fmt: skip
+        """Ask for a new child of the executor that gets ``fds`` (namespace, stdin,
+        stdout, stderr, report) and ``c`` and execs ``path``. The answer comes on the
+        report pipe (:func:`start`), not here."""
+        payload = marshal.dumps((c.astuple(), path, argv, env))
+        head = SPAWN_HEADER.pack(len(payload))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        for attempt in (1, 2):
+            sock = self.sock or self._start()
+            try:
+                sock.sendmsg([head], rights)
+                break
+            except OSError as exc:
+                # Not received (the spawner has gone away): start another, once.
+                self.close()
+                if attempt == 2:
+                    raise SandboxError(f"spawner unavailable: {exc}") from None
+        try:
+            sock.sendall(payload)
+        except OSError as exc:
+            self.close()
+            raise SandboxError(f"spawner failed: {exc}") from None
+
+
+def _read_report(spawner: Spawner, fd: int) -> bytes:
+    """The report pipe's content up to EOF: the child's pid then, only on failure,
+    ``stage:errno:message`` (pid 0: the spawner's own failure; nothing: it died)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    report = b""
+    while True:
+        if not poller.poll(SPAWNER_TIMEOUT * 1000):
+            spawner.close()
+            raise SandboxError("spawner failed: no answer in time")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return report
+        report += chunk
+
+
+def start(spawner: Spawner, nsfd: int, c: creds.Creds, path: str, argv: list[str],
+          env: dict[str, str]) -> tuple[Proc, tuple[int, int, int]]:  # fmt: skip
+    """Have ``spawner`` start a child of the executor that enters the namespace
+    ``nsfd``, takes the credentials ``c`` and execs ``path``; returns it with the
+    executor's ends of its stdin, stdout and stderr pipes once the exec succeeded.
+    ExecError when the exec failed, SandboxError when anything before it did (the child
+    is reaped either way)."""
+    fds: list[int] = []
     try:
-        yield
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
+        fds = [fd for pair in pipes for fd in pair]
+        (in_r, in_w), (out_r, out_w), (err_r, err_w), (rep_r, rep_w) = pipes
+        spawner.spawn((nsfd, in_r, out_w, err_w, rep_w), c, path, argv, env)
+        for fd in (in_r, out_w, err_w, rep_w):
+            os.close(fd)
+            fds.remove(fd)
+        # EOF once both the spawner and the child (close-on-exec: at the exec) closed it.
+        first, _, failure = _read_report(spawner, rep_r).partition(b"\n")
+        try:
+            pid = int(first)
+        except ValueError:
+            spawner.close()
+            raise SandboxError("spawner failed: it went away") from None
+        proc = Proc(pid) if pid > 0 else None
+        if proc is None or failure:
+            if proc is not None:
+                proc.poll_exit()
+            stage, err, msg = failure.decode(errors="replace").split(":", 2)
+            if stage == "exec" and int(err):
+                raise ExecError(path, int(err))
+            raise SandboxError(f"spawner: {msg}" if stage == "spawner" else msg)
+        for fd in (in_w, out_r, err_r):
+            fds.remove(fd)
+        return proc, (in_w, out_r, err_r)
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -211,7 +400,7 @@ class Started:
     """A child started outside asyncio, wired to the running loop (see
     :class:`agent.runner.Child`)."""
 
-    popen: subprocess.Popen[bytes]
+    proc: Proc
     stdin: asyncio.StreamWriter | None
     stdout: asyncio.StreamReader | None
     stderr: asyncio.StreamReader | None
@@ -219,20 +408,21 @@ class Started:
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.proc.pid
 
     @property
     def returncode(self) -> int | None:
-        return self.popen.returncode
+        return self.proc.returncode
 
     async def wait(self) -> int:
         return await asyncio.shield(self.exited)
 
 
-async def wire(popen: subprocess.Popen[bytes]) -> Started:
+async def wire(proc: Proc, ends: tuple[int, int, int]) -> Started:
     """Connect a started child's pipes and exit to the running loop (a pidfd, no thread)."""
     loop = asyncio.get_running_loop()
-    assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+    files = [open(ends[0], "wb", buffering=0, closefd=True)]  # noqa: SIM115 - transports own them
+    files += [open(fd, "rb", buffering=0, closefd=True) for fd in ends[1:]]  # noqa: SIM115
 
     async def reader(pipe: object) -> asyncio.StreamReader:
         r = asyncio.StreamReader(limit=2**16)
@@ -240,20 +430,20 @@ async def wire(popen: subprocess.Popen[bytes]) -> Started:
         return r
 
     exited: asyncio.Future[int] = loop.create_future()
-    pidfd = os.pidfd_open(popen.pid)
+    pidfd = os.pidfd_open(proc.pid)
 
     def reap() -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        rc = popen.wait()
+        rc = proc.poll_exit()
         if not exited.done():
             exited.set_result(rc)
 
     loop.add_reader(pidfd, reap)
-    out, err = await reader(popen.stdout), await reader(popen.stderr)
-    transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
+    out, err = await reader(files[1]), await reader(files[2])
+    transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
     stdin = asyncio.StreamWriter(transport, proto, None, loop)
-    return Started(popen, stdin, out, err, exited)
+    return Started(proc, stdin, out, err, exited)
 
 
 @dataclass(frozen=True)
@@ -264,7 +454,9 @@ class Plan:
     user: RunAs
 
     def command(self, path: str, args: Sequence[str]) -> list[str]:
-        """``setpriv ... -- env -- path args``: identity, capabilities, no_new_privs."""
+        """The util-linux equivalent of this plan, ``setpriv ... -- env -- path args``
+        (identity, capabilities, no_new_privs): for reproducing a run by hand and as the
+        reference the tests compare :mod:`agent.executor.creds` with. Not used to run."""
         caps = "".join(f",+{c[4:].lower()}" for c in self.profile.caps)
         argv = [SETPRIV, f"--reuid={self.user.uid}", f"--regid={self.user.gid}"]
         argv.append(f"--groups={','.join(str(g) for g in self.user.groups)}"
@@ -285,16 +477,23 @@ class Plan:
                 env[k] = os.environ[k]
         return env
 
-    async def spawn(self, namespaces: Namespaces, nsfd: int, argv: list[str],
+    @functools.cached_property
+    def credentials(self) -> creds.Creds:
+        """The credentials the script gets (computed once per plan)."""
+        caps = tuple(sorted(CAPABILITIES.index(c) for c in self.profile.caps))
+        drop = tuple(c for c in range(LAST_CAP + 1) if c not in caps)
+        u = self.user
+        return creds.Creds(u.uid, u.gid, tuple(u.groups), caps, drop,
+                           self.profile.no_new_privileges)  # fmt: skip
+
+    async def spawn(self, spawner: Spawner, nsfd: int, argv: list[str],
                     env: dict[str, str]) -> Started:  # fmt: skip
-        with namespaces.entered(nsfd), child_limits():
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd="/", start_new_session=True, close_fds=True,
-            )  # fmt: skip
+        """Start ``argv`` (``argv[0]`` is the script's path) in the namespace ``nsfd``
+        with this plan's credentials: one fork (by the spawner), one exec."""
+        proc, ends = start(spawner, nsfd, self.credentials, argv[0], argv, env)
         try:
-            return await wire(popen)
+            return await wire(proc, ends)
         except BaseException:
-            popen.kill()
-            popen.wait()
+            proc.kill()
+            proc.poll_exit()
             raise

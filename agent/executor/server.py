@@ -6,6 +6,9 @@ chooses the path or the profile. The script runs with :func:`agent.runner.run_sc
 in the profile's mount namespace (:mod:`agent.executor.sandbox`), with the limits of ``agent.conf``
 (``script_timeout``, ``stdin_timeout``, ``max_output``). If the agent goes away during a
 run, the run finishes (bounded by ``script_timeout``), is logged and its result dropped.
+Per profile it keeps a :class:`~agent.executor.sandbox.Plan` (credentials worked out once)
+and a spawner (:mod:`agent.executor.spawner`); both are dropped when the configuration
+changes or on SIGHUP, and a spawner of a since rebuilt namespace is replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from agent import allowlist, config, profiles
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.executor import protocol
-from agent.executor.sandbox import ENV, Namespaces, Plan, SandboxError, lower_own_limits
+from agent.executor.sandbox import (
+    ExecError,
+    Namespaces,
+    Plan,
+    SandboxError,
+    Spawner,
+    lower_own_limits,
+)
 from agent.runner import Child, RunResult, run_script
 
 ev = logfmt.event
@@ -64,7 +74,9 @@ class ExecutorServer:
         self.agent_gid = agent_gid
         self.live = 0
         self._loaded: Loaded | None = None
+        self._plans: dict[tuple[profiles.Profile, profiles.RunAs], Plan] = {}
         self.namespaces = Namespaces()
+        self.spawners: dict[tuple[str, tuple[int, ...]], Spawner] = {}
         self._stopping: asyncio.Event | None = None
 
     # ----- configuration ---------------------------------------------------------
@@ -84,8 +96,25 @@ class ExecutorServer:
                                           cfg.profile_defs):  # fmt: skip
                 ev("config-warn", logging.WARNING, reason=f"{self.allowlist_path}: {msg}")
             self._loaded = Loaded(key, cfg, scripts)
+            self._forget_plans()
             ev("exec-load", scripts=len(scripts), profiles=len(cfg.profile_defs))
         return self._loaded
+
+    def _forget_plans(self) -> None:
+        """Drop the plans and stop the spawners (the profiles may have changed)."""
+        self._plans.clear()
+        for sp in self.spawners.values():
+            sp.close()
+        self.spawners.clear()
+
+    def spawner(self, plan: Plan) -> Spawner:
+        """The spawner of ``plan``'s profile (one per profile: its bounding set is the
+        profile's and it sits in the profile's mount namespace)."""
+        key = (plan.profile.name, plan.credentials.caps)
+        sp = self.spawners.get(key)
+        if sp is None:
+            sp = self.spawners[key] = Spawner(plan.credentials.caps)
+        return sp
 
     def protected_dirs(self, cfg: config.AgentConfig) -> tuple[str, ...]:
         """The agent's own directories: read-only for every script, whatever its profile."""
@@ -128,9 +157,11 @@ class ExecutorServer:
         while self.live and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.namespaces.clear()
+        self._forget_plans()
 
     def _reload(self) -> None:
         self._loaded = None
+        self._forget_plans()
         self.namespaces.clear()
         try:
             self.load()
@@ -214,27 +245,32 @@ class ExecutorServer:
             ev("exec-run", logging.WARNING, script=req.script, exit=126, reqid=req.reqid,
                profile=prof.name, reason=exc.args[0])  # fmt: skip
             return RunResult(126, "", msg)
-        plan = Plan(prof, user)
+        plan = self._plans.get((prof, user))
+        if plan is None:  # its credentials are worked out once, not per run
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            plan = self._plans[(prof, user)] = Plan(prof, user)
 
         async def spawn(argv: list[str], env: dict[str, str]) -> Child:
-            # The namespace is looked up and entered with no await in between, so a
-            # concurrent rebuild can never close it under this start.
-            nsfd = self.namespaces.get(loaded.key, prof, self.protected_dirs(cfg))
-            return await plan.spawn(self.namespaces, nsfd, argv, env)
+            # The namespace is looked up and handed to the child with no await in
+            # between, so a concurrent rebuild can never close it under this start.
+            nsfd = self.namespaces.get(loaded.key, prof, lambda: self.protected_dirs(cfg))
+            return await plan.spawn(self.spawner(plan), nsfd, argv, env)
 
         try:
             res = await run_script(
                 entry.path, req.args, req.stdin.encode(), timeout=cfg.script_timeout,
                 stdin_timeout=cfg.stdin_timeout, max_output=cfg.max_output, env=plan.env(),
-                command=plan.command(entry.path, req.args), spawn=spawn,
+                spawn=spawn,
             )  # fmt: skip
         except SandboxError as exc:
             ev("exec-run", logging.ERROR, script=req.script, exit=126, reqid=req.reqid,
                profile=prof.name, reason=str(exc))  # fmt: skip
             return RunResult(126, "", f"executor: profile could not be applied: {exc}\n")
-        if res.exit in (126, 127) and res.stderr.startswith(f"{ENV}: "):
-            res.stderr += (f"executor: '{entry.path}' cannot be executed by the profile's "
-                           f"run_as user ({user.name}): check its owner, group and mode\n")  # fmt: skip
+        except ExecError as exc:
+            res = RunResult(exc.exit, "", f"executor: cannot execute {exc}\n"
+                            f"executor: '{entry.path}' cannot be executed by the profile's "
+                            f"run_as user ({user.name}): check its owner, group and mode\n")  # fmt: skip
         ev("exec-run", script=req.script, exit=res.exit, reqid=req.reqid,
            dispatcher=req.dispatcher, profile=prof.name, run_as=user.name)  # fmt: skip
         return res
