@@ -26,6 +26,8 @@ the wrong type is refused with :class:`ActionFailed`, never a crash of the calle
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import socket
 import types
@@ -197,15 +199,19 @@ def _accepts(hint: Any, value: Any) -> bool:
     return False
 
 
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword-only parameters of an action function, and their annotations."""
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
+    return params, typing.get_type_hints(fn)
+
+
 def bind(action: Action, args: dict[str, Any]) -> dict[str, Any]:
     """``args`` checked against the action's keyword parameters (names and types)."""
-    import inspect
-
     if not isinstance(args, dict):
         raise ActionFailed(f"{action.name}: arguments must be an object")
-    params = {n: p for n, p in inspect.signature(action.fn).parameters.items()
-              if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
-    hints = typing.get_type_hints(action.fn)
+    params, hints = _signature(action.fn)
     unknown = sorted(set(args) - set(params))
     if unknown:
         raise ActionFailed(f"{action.name}: unknown argument(s) {', '.join(unknown)}")
