@@ -168,19 +168,24 @@ async def do_run(
     await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
                     reqid=rid, io=io)  # fmt: skip
     pairs = [(name, script) for name in _names(targets)]
-    reach = _reach(d, io)
-    with d.locks.acquire_all(pairs):
+    reach, offload = _reach(d, io), resolve_io(io).offload
+    held = await offload(lambda: d.locks.acquire_all(pairs))  # the store: off the loop
+    try:
         results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
                                        reach, async_=async_)  # fmt: skip
+    finally:
+        await offload(held.release)
     submitter = caller.submitter if caller.kind == "api" else None
     if async_:
         from dispatcher.runstore import async_record
 
-        d.runstore.save(async_record(rid, script, results, submitter))
+        rec = async_record(rid, script, results, submitter)
+        await offload(lambda: d.runstore.save(rec))
     elif record_sync:
         from dispatcher.runstore import sync_record
 
-        d.runstore.save(sync_record(rid, script, _names(targets), results, submitter))
+        rec = sync_record(rid, script, _names(targets), results, submitter)
+        await offload(lambda: d.runstore.save(rec))
     return {"reqid": rid, "results": results}
 
 
@@ -274,7 +279,8 @@ async def _refresh(
 ) -> dict[str, Any] | None:
     from dispatcher.runstore import FetchOutcome, aggregate, pending_hosts
 
-    record = d.runstore.load(reqid)
+    offload = resolve_io(io).offload
+    record = await offload(lambda: d.runstore.load(reqid))
     if record is None:
         return None
     pending = pending_hosts(record)
@@ -292,7 +298,7 @@ async def _refresh(
         for t, res in zip(targets, results, strict=True):
             fetched[t.name] = _outcome(res)
     new = aggregate(record, fetched)
-    d.runstore.save(new)
+    await offload(lambda: d.runstore.save(new))
     return new
 
 

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 async def _drive(a: Attempt) -> bytes:
@@ -95,6 +96,9 @@ class AsyncioIO:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(fn)
 
 
 ASYNCIO = AsyncioIO()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from agent.common.authhook import Decision
 
 R = TypeVar("R")
+T = TypeVar("T")
 P = ParamSpec("P")
 
 
@@ -186,6 +187,9 @@ class BlockingIO:
 
     async def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        return fn()  # no event loop to keep free
 
 
 BLOCKING = BlockingIO()

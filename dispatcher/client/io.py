@@ -41,6 +41,11 @@ class AgentIO(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def offload(self, fn: Callable[[], T]) -> T:
+        """Blocking work that may wait on the network (the coordination store: run locks,
+        run records), kept off the event loop so a slow or frozen etcd never stalls it."""
+        ...
+
 
 def resolve_io(io: AgentIO | None) -> AgentIO:
     """``io``, or the asyncio implementation (imported on first use)."""
