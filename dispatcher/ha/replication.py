@@ -42,6 +42,8 @@ class Published(Protocol):
     @property
     def generation(self) -> int: ...
 
+    def publish_soon(self) -> None: ...
+
 
 def needed(mode: str, members: int) -> int:
     """Members (the leader included) that must have applied a generation."""
@@ -94,6 +96,7 @@ class Replication:
 
     def acknowledge(self, after: int) -> int:
         deadline = self._clock() + self.timeout
+        self.published.publish_soon()
         while self.published.generation <= after:
             if self._clock() > deadline:
                 raise NotAcknowledged(

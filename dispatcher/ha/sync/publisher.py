@@ -63,6 +63,7 @@ class Publisher:
         self.active_operations = active_operations
         self._clock = clock
         self._stop = stop
+        self._soon = threading.Event()  # publish_soon(): skip the debounce once
         self._lock = threading.Lock()
         self.caught_up = False
         self.lead_epoch: int | None = None
@@ -101,6 +102,11 @@ class Publisher:
             self._dirty = True
             self._last_change = self._clock()
 
+    def publish_soon(self) -> None:
+        """A leader-only operation ended and waits for its generation: publish as soon
+        as no operation is active, without the debounce meant for bursts of hand edits."""
+        self._soon.set()
+
     def step_down(self) -> None:
         self.lead_epoch = None
         self.caught_up = False
@@ -119,11 +125,13 @@ class Publisher:
             return
         with self._lock:
             dirty, last = self._dirty, self._last_change
-        quiet = self.active_operations() == 0 and now - last >= self.DEBOUNCE
+        soon = self._soon.is_set()
+        quiet = self.active_operations() == 0 and (soon or now - last >= self.DEBOUNCE)
         if (dirty and quiet) or now >= self._next_rescan:
+            self._soon.clear()
             self.publish(epoch)
-        else:
-            self._stop.wait(0.03)
+        elif not self._stop.is_set():
+            self._soon.wait(0.03)
 
     def catch_up(self, epoch: int) -> None:
         """When the published generation is not the one the local files hold, fetch it from

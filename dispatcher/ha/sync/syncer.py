@@ -128,6 +128,9 @@ class Syncer:
     def mark_dirty(self, _path: object = None) -> None:
         self.publisher.mark_dirty(_path)
 
+    def publish_soon(self) -> None:
+        self.publisher.publish_soon()
+
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         return self.publisher.publish(epoch, force)
 

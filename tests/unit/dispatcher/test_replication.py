@@ -16,6 +16,10 @@ from dispatcher.ha.replication import NotAcknowledged, Replication, needed
 class Published:
     def __init__(self, generation: int = 0) -> None:
         self.generation = generation
+        self.kicked = 0
+
+    def publish_soon(self) -> None:
+        self.kicked += 1
 
 
 def members(*gens: int) -> list[MemberInfo]:
@@ -45,6 +49,7 @@ def test_majority_waits_for_the_published_generation_and_enough_members() -> Non
     t.start()
     assert rep.acknowledge(4) == 5
     t.join()
+    assert pub.kicked == 1  # the publisher was asked to skip its debounce
 
 
 def test_not_acknowledged_says_how_far_it_got() -> None:
