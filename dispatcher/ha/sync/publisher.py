@@ -104,7 +104,9 @@ class Publisher:
 
     def publish_soon(self) -> None:
         """A leader-only operation ended and waits for its generation: publish as soon
-        as no operation is active, without the debounce meant for bursts of hand edits."""
+        as no operation is active, without the debounce meant for bursts of hand edits, and
+        even when the files did not change (a rewrite with the same bytes), so the waiter
+        always gets a generation to count acknowledgements on."""
         self._soon.set()
 
     def step_down(self) -> None:
@@ -127,8 +129,10 @@ class Publisher:
             dirty, last = self._dirty, self._last_change
         soon = self._soon.is_set()
         quiet = self.active_operations() == 0 and (soon or now - last >= self.DEBOUNCE)
-        if (dirty and quiet) or now >= self._next_rescan:
+        if soon and quiet:  # someone waits for a generation: one comes even if nothing changed
             self._soon.clear()
+            self.publish(epoch, force=True)
+        elif (dirty and quiet) or now >= self._next_rescan:
             self.publish(epoch)
         elif not self._stop.is_set():
             self._soon.wait(0.03)
