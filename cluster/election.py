@@ -77,7 +77,9 @@ class Elector:
         self._epoch: int | None = None
         self._last_leader: LeaderInfo | None = None
         self._hold_until = 0.0
-        self._handover_seen: dict[int, float] = {}  # epoch of a handover note -> first seen
+        # when this instance began leaving the campaign to a handover target (None: not
+        # now); one deferral per leaderless stretch, whatever notes appear meanwhile
+        self._deferring_since: float | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"elector-{instance_id}", daemon=True
         )
@@ -300,6 +302,8 @@ class Elector:
         res = self.backend.campaign(lease.id, self.instance_id)
         with self._lock:
             self._last_leader = res.leader
+            if res.leader is not None:
+                self._deferring_since = None  # a leader again: the next gap may defer anew
         if res.won and res.leader is not None:
             self._take_lead(lease, res.leader.epoch)
             return
@@ -311,7 +315,9 @@ class Elector:
     def _leave_to_target(self, now: float) -> bool:
         """A handover note at least as new as the last leader this instance saw names
         another member: leave the campaign to it for a while (measured from when this
-        instance first saw the note). An ex-leader that resigned defers too."""
+        instance first deferred). An ex-leader that resigned defers too. The deferral lasts
+        at most ``HANDOVER_WAIT_TTLS`` TTLs per leaderless stretch, so notes forged in etcd
+        can delay a failover by that much, never prevent it."""
         with self._lock:
             last = self._last_leader
         note = history.read_handover(self.backend)
@@ -319,8 +325,9 @@ class Elector:
             return False
         if last is not None and note.epoch < last.epoch:
             return False  # a stale note from before the leader this instance knows
-        first = self._handover_seen.setdefault(note.epoch, now)
-        return now - first < history.HANDOVER_WAIT_TTLS * self.ttl
+        if self._deferring_since is None:
+            self._deferring_since = now
+        return now - self._deferring_since < history.HANDOVER_WAIT_TTLS * self.ttl
 
     def _record_term(self, epoch: int) -> None:
         """The history record of this epoch (best effort: leadership never waits on it)."""

@@ -169,7 +169,7 @@ async def do_run(
                     reqid=rid, io=io)  # fmt: skip
     pairs = [(name, script) for name in _names(targets)]
     reach, offload = _reach(d, io), resolve_io(io).offload
-    held = await offload(lambda: d.locks.acquire_all(pairs))  # the store: off the loop
+    held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
     try:
         results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
                                        reach, async_=async_)  # fmt: skip

@@ -97,8 +97,20 @@ class AsyncioIO:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    async def offload(self, fn: Callable[[], T]) -> T:
-        return await asyncio.to_thread(fn)
+    async def offload(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+        work = asyncio.ensure_future(asyncio.to_thread(fn))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if undo is not None:
+                work.add_done_callback(lambda w: _undo_later(w, undo))
+            raise
+
+
+def _undo_later(work: asyncio.Future[T], undo: Callable[[T], object]) -> None:
+    """``undo`` the result of offloaded work whose caller went away (in a thread)."""
+    if not work.cancelled() and work.exception() is None:
+        asyncio.get_running_loop().run_in_executor(None, undo, work.result())
 
 
 ASYNCIO = AsyncioIO()

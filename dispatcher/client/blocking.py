@@ -188,8 +188,8 @@ class BlockingIO:
     async def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    async def offload(self, fn: Callable[[], T]) -> T:
-        return fn()  # no event loop to keep free
+    async def offload(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+        return fn()  # no event loop to keep free, nothing cancels it
 
 
 BLOCKING = BlockingIO()

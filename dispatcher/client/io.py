@@ -41,9 +41,12 @@ class AgentIO(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
-    async def offload(self, fn: Callable[[], T]) -> T:
+    async def offload(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
         """Blocking work that may wait on the network (the coordination store: run locks,
-        run records), kept off the event loop so a slow or frozen etcd never stalls it."""
+        run records), kept off the event loop so a slow or frozen etcd never stalls it.
+
+        The work always runs to its end; when the caller is cancelled meanwhile, ``undo``
+        gets its result (a lock taken for nobody is released)."""
         ...
 
 

@@ -122,6 +122,8 @@ class LeaderWork:
     def _drop(self, key: str, epoch: int, reason: str) -> None:
         self.rejected += 1
         if key not in self._dropped:
+            if len(self._dropped) >= 1000:  # junk keys written in bulk: bounded memory
+                self._dropped.clear()
             self._dropped.add(key)
             ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
         self.node.elector.commit("request-drop", deletes=[key], epoch=epoch,

@@ -13,7 +13,7 @@ is in the answer and in every log line.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -64,6 +64,19 @@ def decision_errors(exc: Exception, node: HANode) -> JSONResponse:
     raise exc
 
 
+_REFUSALS = (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError, NotAcknowledged)
+
+
+async def _perform(
+    call: ClusterCallDep, node: HANode, name: str, args: dict[str, Any] | None = None
+) -> actions.ActionResult | JSONResponse:
+    """Carry out a leader-only action here (off the event loop); a refusal's answer."""
+    try:
+        return await asyncio.to_thread(actions.perform, call.d, name, args)
+    except _REFUSALS as exc:
+        return decision_errors(exc, node)
+
+
 @router.get(
     "/pairing", operation_id="pairing_list", tags=[TAG_CLUSTER],
     summary="Pending pairing requests (leader-only; forwarded by followers)",
@@ -71,10 +84,9 @@ def decision_errors(exc: Exception, node: HANode) -> JSONResponse:
 )  # fmt: skip
 async def pairing_list(call: ClusterCallDep) -> Response:
     node = await call.lead("pairing", None)
-    try:
-        res = await asyncio.to_thread(actions.perform, call.d, "list-requests")
-    except (NotLeaderError, ClusterUnavailableError) as exc:
-        return decision_errors(exc, node)
+    res = await _perform(call, node, "list-requests")
+    if isinstance(res, JSONResponse):
+        return res
     return JSONResponse({"ok": True, "leader": node.instance_id, "epoch": res.epoch,
                          "requests": res.data})  # fmt: skip
 
@@ -91,11 +103,9 @@ async def pairing_approve(
     node = await call.lead("pairing", b, reqid)
     args = {"reqid": reqid, "lookup_by": b.lookup_by, "ip": b.ip,
             "agent_port": b.agent_port}  # fmt: skip
-    try:
-        res = await asyncio.to_thread(actions.perform, call.d, "approve", args)
-    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
-            NotAcknowledged) as exc:  # fmt: skip
-        return decision_errors(exc, node)
+    res = await _perform(call, node, "approve", args)
+    if isinstance(res, JSONResponse):
+        return res
     doc = res.data
     logfmt.event("pair-approve-api", reqid=reqid, agent=doc["hostname"],
                  epoch=res.epoch, instance=node.instance_id)  # fmt: skip
@@ -118,10 +128,8 @@ async def pairing_deny(
     b = body or DenyRequest()
     node = await call.lead("pairing", b, reqid)
     args = {"reqid": reqid, "reason": b.reason}
-    try:
-        res = await asyncio.to_thread(actions.perform, call.d, "deny", args)
-    except (pq.PairingQueueError, NotLeaderError, ClusterUnavailableError,
-            NotAcknowledged) as exc:  # fmt: skip
-        return decision_errors(exc, node)
+    res = await _perform(call, node, "deny", args)
+    if isinstance(res, JSONResponse):
+        return res
     return JSONResponse({"ok": True, "reqid": reqid, "status": "denied",
                          "leader": node.instance_id, "epoch": res.epoch})  # fmt: skip

@@ -75,3 +75,37 @@ def test_pause_and_resume(tmp_path: Path) -> None:
         assert maintenance.read(b) == maintenance.Pause("?", "unreadable pause record", 0.0)
     finally:
         b.close()
+
+
+def test_forged_handover_notes_delay_a_failover_but_never_prevent_it(tmp_path: Path) -> None:
+    """Whoever can write to the store may keep writing notes naming a member that never
+    comes: the others defer at most HANDOVER_WAIT_TTLS TTLs, then one of them leads."""
+    import threading
+
+    ba, bb, bw = (LocalBackend(tmp_path / "s") for _ in range(3))
+    a = Elector(ba, "a", ttl=TTL).start()
+    stop = threading.Event()
+    try:
+        wait_for(a.is_leader)
+        b = Elector(bb, "b", ttl=TTL).start()
+        wait_for(lambda: b.last_leader is not None)
+
+        def forge() -> None:
+            n = 10**12
+            while not stop.is_set():
+                n += 1
+                note = history.Handover(n, "a", "switchover", to="ghost", at=time.time())
+                bw.put_value(bw.keys.handover, note.to_json())
+                time.sleep(0.05)
+
+        threading.Thread(target=forge, daemon=True).start()
+        time.sleep(0.3)
+        a.stop(resign=True, timeout=3)  # the leader goes; a note names a ghost
+        t0 = time.monotonic()
+        wait_for(b.is_leader, timeout=(history.HANDOVER_WAIT_TTLS + 3) * TTL + 2)
+        assert time.monotonic() - t0 >= history.HANDOVER_WAIT_TTLS * TTL * 0.8  # it deferred
+        b.stop(resign=True, timeout=3)
+    finally:
+        stop.set()
+        for x in (ba, bb, bw):
+            x.close()
