@@ -5,10 +5,15 @@ own "switch" namespace. Each :class:`Host` of it has:
 
 * its own network namespace with one interface (``eth0``, its own address) and ``lo``;
 * its own mount namespace in which the real default paths (``/etc/ctrl-exec``,
-  ``/var/lib/ctrl-exec``, ``/etc/ctrl-exec-agent``, ``/var/lib/ctrl-exec-agent``,
-  ``/run/ctrl-exec``, ...) are bind mounts of directories under the lab's root, so every
-  daemon runs with its defaults and two hosts never share a file; ``/etc/hosts`` lists the
-  lab's hosts by name;
+  ``/var/lib/ctrl-exec``, ``/etc/ctrl-exec-agent``, ``/var/lib/ctrl-exec-agent``, ``/run``,
+  ``/etc/systemd/system``, ``/var/lib/etcd``, ...; :data:`DEFAULT_PATHS`) are bind mounts of
+  empty directories under the lab's root, and the vendor configuration a guide edits
+  (``/etc/default``, ``/etc/haproxy``, ``/etc/keepalived``; :data:`COPIED_PATHS`) starts
+  as a copy of the machine's, so every daemon runs with its defaults and two hosts never
+  share a file; ``/etc/hosts`` lists the lab's hosts by name; extra read-only bind mounts
+  (``binds``) put, for example, this checkout's venv at ``/opt/ctrl-exec/venv``;
+* ``systemctl`` and ``journalctl`` (:mod:`ops.lab.systemctl`) first on its ``PATH``
+  (:meth:`Host.env`), since a lab host has no systemd;
 * its own host name (UTS namespace), so ``socket.getfqdn()`` is the host's lab name.
 
 Safety first (DESIGN.md section 5): before any namespace exists, a blackhole route for
@@ -25,11 +30,13 @@ whether this machine can run a lab.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +44,21 @@ from pathlib import Path
 
 SUBNET = "10.213.0.0/16"  # every lab's addresses, blackholed in the root namespace
 DOMAIN = "lab.test"  # RFC 6761: never a real name
+#: A host's own paths: empty at first (the real default paths of the product, and the
+#: places a service writes), then those that start as a copy of the machine's (the vendor
+#: configuration a guide edits: /etc/default/etcd, /etc/haproxy/haproxy.cfg, ...).
 DEFAULT_PATHS = (
     "/etc/ctrl-exec",
     "/var/lib/ctrl-exec",
     "/etc/ctrl-exec-agent",
     "/var/lib/ctrl-exec-agent",
-    "/run/ctrl-exec",
     "/var/log/ctrl-exec",
+    "/etc/systemd/system",
+    "/etc/etcd",
+    "/run",
 )
+COPIED_PATHS = ("/etc/default", "/etc/haproxy", "/etc/keepalived", "/var/lib/etcd")
+LAB_BIN = Path(__file__).resolve().parent / "bin"  # systemctl and journalctl for lab hosts
 
 
 class LabError(RuntimeError):
@@ -100,10 +114,21 @@ class Host:
         return self.lab.root / self.name
 
     def path(self, default_path: str) -> Path:
-        """The real location of ``default_path`` (one of the lab's bound paths) of this host."""
-        if default_path not in self.lab.paths:
-            raise LabError(f"{default_path} is not one of the host's own paths")
-        return self.root / default_path.lstrip("/")
+        """The real location of ``default_path`` (or a file under one of the host's own
+        paths) on this host."""
+        for own in (*self.lab.paths, *self.lab.copied):
+            if default_path == own or default_path.startswith(own.rstrip("/") + "/"):
+                return self.root / default_path.lstrip("/")
+        raise LabError(f"{default_path} is not under one of the host's own paths")
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """An environment for commands on this host: the lab's ``systemctl`` first on PATH."""
+        return {
+            "PATH": f"{LAB_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root", "LANG": "C.UTF-8", "LAB_PYTHON": sys.executable,
+            "LAB_ROOT": str(LAB_BIN.parents[2]), "LAB_FILE": str(self.lab.root / "lab.json"),
+            "LAB_HOST": self.name, **(extra or {}),
+        }  # fmt: skip
 
     def _enter(self) -> list[str]:
         if self.keeper is None or self.keeper.poll() is not None:
@@ -185,6 +210,16 @@ class Host:
         _ip("netns", "del", self.netns, check=False)
 
 
+def _copy_owned(src: Path, dst: Path) -> None:
+    """Copy a directory tree with modes and owners (a package's files, as installed)."""
+    shutil.copytree(src, dst, symlinks=True)
+    for d, _, files in os.walk(src):
+        for name in (None, *files):
+            s = Path(d) / name if name else Path(d)
+            st = s.lstat()
+            os.lchown(dst / s.relative_to(src), st.st_uid, st.st_gid)
+
+
 def _terminate(p: subprocess.Popen[bytes], grace: float) -> None:
     if p.poll() is not None:
         return
@@ -203,6 +238,7 @@ class Lab:
 
     def __init__(
         self, root: Path, *, net: int | None = None, paths: Sequence[str] = DEFAULT_PATHS,
+        copied: Sequence[str] = COPIED_PATHS, binds: Mapping[str, Path] | None = None,
         domain: str = DOMAIN,
     ) -> None:  # fmt: skip
         why = available()
@@ -212,6 +248,8 @@ class Lab:
         self.tag = "cl" + secrets.token_hex(2)  # short: interface names have 15 bytes
         self.net = net if net is not None else 1 + secrets.randbelow(250)
         self.paths = tuple(paths)
+        self.copied = tuple(copied)
+        self.binds = dict(binds or {})  # mount point -> real path, read-only on every host
         self.domain = domain
         self.hosts: dict[str, Host] = {}
         self.switch_ns = f"{self.tag}-sw"
@@ -265,16 +303,23 @@ class Lab:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
         mounts = []
-        for path in self.paths:
+        for path in (*self.paths, *self.copied):
             own = host.path(path)
+            if path in self.copied and Path(path).is_dir():
+                _copy_owned(Path(path), own)
             own.mkdir(parents=True, exist_ok=True)
             Path(path).mkdir(parents=True, exist_ok=True)  # an empty mount point
             mounts.append(f"mount --bind {shlex.quote(str(own))} {shlex.quote(path)}")
+        for point, real in self.binds.items():
+            Path(point).mkdir(parents=True, exist_ok=True)
+            q = shlex.quote(point)
+            mounts.append(f"mount --bind {shlex.quote(str(real))} {q}")
+            mounts.append(f"mount -o remount,bind,ro {q}")
         hosts_file = host.root / "etc-hosts"
         shutil.copyfile(self.root / "hosts", hosts_file)
         mounts.append(f"mount --bind {shlex.quote(str(hosts_file))} /etc/hosts")
         script = " && ".join(
-            [*mounts, f"hostname {host.fqdn}", "echo ready", "exec sleep infinity"]
+            [*mounts, f"hostname {host.name}", "echo ready", "exec sleep infinity"]
         )
         keeper = subprocess.Popen(
             ["ip", "netns", "exec", host.netns,
@@ -291,6 +336,19 @@ class Lab:
         # PID is the process holding the host's namespaces.
         host.keeper = keeper
         self._refresh_hosts()
+        self._write_lab_file()
+
+    def _write_lab_file(self) -> None:
+        """``lab.json``: what :mod:`ops.lab.remote` (ssh, scp) needs to reach each host."""
+        doc = {
+            "own_paths": [*self.paths, *self.copied],
+            "hosts": [{"name": h.name, "fqdn": h.fqdn, "address": h.address,
+                       "root": str(h.root), "pid": h.keeper.pid}
+                      for h in self.hosts.values() if h.keeper is not None],
+        }  # fmt: skip
+        tmp = self.root / ".lab.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.root / "lab.json")
 
     def _refresh_hosts(self) -> None:
         """Every host's ``/etc/hosts`` lists every host (rewritten in place: bind mounts)."""

@@ -2,7 +2,7 @@
 
 The configuration is the product's (``ced cluster keepalived-config``, i.e.
 :func:`dispatcher.keepalived.render`); keepalived runs in the foreground on its host with
-its pid files in the host's own ``/run/ctrl-exec``.
+its pid files in the host's own ``/run``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def start(host: Host, conf_text: str) -> subprocess.Popen[bytes]:
     log = open(host.path("/var/log/ctrl-exec") / "keepalived.log", "ab")  # noqa: SIM115
     return host.popen(
         ["keepalived", "--dont-fork", "--log-console", "--vrrp", "-f", CONF,
-         "-p", "/run/ctrl-exec/keepalived.pid", "-r", "/run/ctrl-exec/vrrp.pid"],
+         "-p", "/run/keepalived.pid", "-r", "/run/keepalived_vrrp.pid"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
