@@ -56,8 +56,11 @@ DEFAULT_PATHS = (
     "/etc/systemd/system",
     "/etc/etcd",
     "/run",
+    "/root",
 )
-COPIED_PATHS = ("/etc/default", "/etc/haproxy", "/etc/keepalived", "/var/lib/etcd")
+COPIED_PATHS = (
+    "/etc/default", "/etc/haproxy", "/etc/keepalived", "/etc/sysctl.d", "/var/lib/etcd",
+)  # fmt: skip
 LAB_BIN = Path(__file__).resolve().parent / "bin"  # systemctl and journalctl for lab hosts
 
 
@@ -303,14 +306,32 @@ class Lab:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
         mounts = []
-        for path in (*self.paths, *self.copied):
+        own_paths = (*self.paths, *self.copied)
+        binds = dict(self.binds)
+        if sys.base_prefix.startswith("/root/"):  # this Python lives in root's home
+            binds.setdefault(sys.base_prefix, Path(sys.base_prefix))
+        inner = {}  # binds under one of the host's own paths: made inside its directory first
+        for point, real in binds.items():
+            if any(point.startswith(o.rstrip("/") + "/") for o in own_paths):
+                inner[point] = real
+        for point, real in inner.items():
+            target = host.path(point)
+            target.mkdir(parents=True, exist_ok=True)
+            q = shlex.quote(str(target))
+            mounts += [
+                f"mount --bind {shlex.quote(str(real))} {q}",
+                f"mount -o remount,bind,ro {q}",
+            ]
+        for path in own_paths:
             own = host.path(path)
             if path in self.copied and Path(path).is_dir():
                 _copy_owned(Path(path), own)
             own.mkdir(parents=True, exist_ok=True)
             Path(path).mkdir(parents=True, exist_ok=True)  # an empty mount point
-            mounts.append(f"mount --bind {shlex.quote(str(own))} {shlex.quote(path)}")
-        for point, real in self.binds.items():
+            mounts.append(f"mount --rbind {shlex.quote(str(own))} {shlex.quote(path)}")
+        for point, real in binds.items():
+            if point in inner:
+                continue
             Path(point).mkdir(parents=True, exist_ok=True)
             q = shlex.quote(point)
             mounts.append(f"mount --bind {shlex.quote(str(real))} {q}")

@@ -37,10 +37,10 @@ def _host(lab: dict[str, Any], name: str) -> dict[str, Any]:
     raise SystemExit(f"ssh: Could not resolve hostname {name}: Name or service not known")
 
 
-def real_path(lab: dict[str, Any], host: dict[str, Any], path: str) -> Path:
-    """Where ``path`` of ``host`` is on the machine's file system."""
+def real_path(lab: dict[str, Any], host: dict[str, Any], path: str, cwd: str = "/root") -> Path:
+    """Where ``path`` of ``host`` (relative: to ``cwd``) is on the machine's file system."""
     if not path.startswith("/"):
-        path = "/root/" + path if path else "/root"
+        path = os.path.normpath(os.path.join(cwd, path))
     for own in lab["own_paths"]:
         if path == own or path.startswith(own.rstrip("/") + "/"):
             return Path(host["root"]) / path.lstrip("/")
@@ -52,7 +52,9 @@ def _split(lab: dict[str, Any], spec: str) -> Path:
         host, _, path = spec.partition(":")
         return real_path(lab, _host(lab, host), path)
     here = os.environ.get("LAB_HOST", "")
-    return real_path(lab, _host(lab, here), spec) if here else Path(spec)
+    if not here:
+        return Path(spec)
+    return real_path(lab, _host(lab, here), spec, cwd=os.getcwd())
 
 
 def scp(args: list[str]) -> int:
