@@ -255,6 +255,7 @@ class Lab:
         self.binds = dict(binds or {})  # mount point -> real path, read-only on every host
         self.domain = domain
         self.hosts: dict[str, Host] = {}
+        self.names: dict[str, str] = {}  # extra names in every host's /etc/hosts
         self.switch_ns = f"{self.tag}-sw"
         self._started = False
 
@@ -285,9 +286,16 @@ class Lab:
         self._start(host)
         return host
 
+    def add_name(self, fqdn: str, address: str) -> None:
+        """Make ``fqdn`` resolve to ``address`` on every host (a service name, a VIP)."""
+        self.names[fqdn] = address
+        self._write_hosts_file()
+        self._refresh_hosts()
+
     def _write_hosts_file(self) -> None:
         lines = ["127.0.0.1 localhost", "::1 localhost"]
         lines += [f"{h.address} {h.fqdn} {h.name}" for h in self.hosts.values()]
+        lines += [f"{address} {fqdn}" for fqdn, address in self.names.items()]
         tmp = self.root / ".hosts.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text("\n".join(lines) + "\n")
