@@ -231,6 +231,18 @@ def _interrupted(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.INTERRUPTED
 
 
+def _missing_module(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    from dispatcher.api.entry import EXTRA_MODULES
+
+    assert isinstance(exc, ModuleNotFoundError)
+    top = (exc.name or "").split(".", 1)[0]
+    if top not in EXTRA_MODULES:
+        raise exc  # a bug or a broken install: keep the traceback
+    err(f"Error: this needs the dispatcher extra (module '{top}' is missing): "
+        "pip install 'ctrl-exec[dispatcher]'")  # fmt: skip
+    return ExitCode.FAILURE
+
+
 def _broken_pipe(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.FAILURE  # the reader went away: nothing to say, nowhere to say it
 
@@ -255,6 +267,7 @@ def error_table() -> dict[type[BaseException], OnError]:
         ClusterError: _other,  # exit 1 (the coordination store: unreachable, fenced, ...)
         KeyboardInterrupt: _interrupted,  # exit 130
         BrokenPipeError: _broken_pipe,  # exit 1
+        ModuleNotFoundError: _missing_module,  # exit 1 (the dispatcher extra is missing)
     }
 
 
@@ -298,7 +311,8 @@ def _run(argv: list[str]) -> int:
     inv = Invocation(ns, script_args)
     try:
         return verb(mode)(inv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         return on_error(inv, exc)
 
 
@@ -308,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     code: int = ExitCode.FAILURE
     try:
         code = _run(sys.argv[1:] if argv is None else argv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         code = on_error(None, exc)  # before the verb ran: a usage error, or ^C
     finally:
         try:
