@@ -85,6 +85,7 @@ class DispatcherConfig:
     instance_id: str = ""
     lease_ttl: float = 5.0
     log_target: str = "auto"
+    log_format: str = "kv"  # kv (KEY=value lines) or json (one object per line)
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # key -> its line in the file
 
@@ -294,6 +295,8 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("api_auth_default", "api_auth_default must be deny or allow"))
     if cfg.sync_mode not in ("push", "shared-fs"):
         errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
+    if cfg.log_format not in ("kv", "json"):
+        errors.append(cfg.error("log_format", "log_format must be kv or json"))
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:

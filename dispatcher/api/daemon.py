@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     listeners: Listeners | None = None
     try:
         d = open_dispatcher(args.config)
-        logfmt.setup(IDENT, d.cfg.log_target)
+        logfmt.setup(IDENT, d.cfg.log_target, fmt=d.cfg.log_format)
         for warning in [*d.cfg.warnings, *instance_warnings(d.cfg)]:
             logfmt.event("config-warn", logging.WARNING, detail=warning)
         problems = instance_problems(d.cfg)

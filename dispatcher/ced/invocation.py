@@ -105,7 +105,7 @@ def open_dispatcher(path: str | None) -> Dispatcher:
     target = cfg.log_target
     syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
     level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING
-    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
+    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False, fmt=cfg.log_format)
     for w in cfg.warnings:
         err(f"Warning: {w}")
     d = Dispatcher(cfg)
