@@ -276,17 +276,25 @@ def request(
     if not d.cfg.etcd_endpoints:
         return _local(d, action, args)
     from cluster.errors import BackendUnavailable
+    from cluster.signing import NoClusterKey
     from dispatcher.ha import leader_requests
     from dispatcher.ha.coordination import backend_from_config
+    from dispatcher.ha.records import Records
 
+    signer = Records.for_ca_dir(d.cfg.ca_dir).signer  # requests are sealed with the cluster key
     backend = backend_from_config(d.cfg, timeout=2.0)
     try:
         if backend.leader() is None:
             if action.bootstrap and not backend.members():
                 return _local(d, action, args)  # no instance runs yet: bootstrap here
             raise ActionFailed("Error: the cluster has no leader right now; try again shortly")
-        rid = leader_requests.post(backend, name, dict(args or {}), requested_by)
-        doc = leader_requests.wait(backend, rid, timeout)
+        rid = leader_requests.post(backend, signer, name, dict(args or {}), requested_by)
+        doc = leader_requests.wait(backend, signer, rid, timeout)
+    except NoClusterKey as exc:
+        raise ActionFailed(
+            f"Error: this host holds no cluster key ({d.cfg.ca_dir}/cluster.key): requests "
+            "to the leader are sealed with it; run this on a dispatcher host of the cluster"
+        ) from exc
     except BackendUnavailable as exc:
         raise ActionFailed(f"Error: cluster unavailable: {exc}") from exc
     except (leader_requests.RequestFailed, TimeoutError) as exc:

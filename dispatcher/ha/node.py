@@ -50,6 +50,7 @@ from dispatcher.errors import NotLeaderError
 from dispatcher.ha import switchover
 from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
 from dispatcher.ha.leaderwork import LeaderWork
+from dispatcher.ha.records import Records
 from dispatcher.ha.replication import Replication
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
@@ -98,6 +99,8 @@ class HANode:
             raise cfg.error("etcd_endpoints", f"cluster: {exc}") from None
         self.kind = self.data.kind
         self.health = ClusterHealth()
+        # what this instance acts on from the store is sealed with the cluster key
+        self.records = Records.for_ca_dir(cfg.ca_dir, self.instance_id)
         self._listeners: list[Listener] = []
         self.on_conflict: Callable[[MemberConflict], None] | None = None
         self.session = Session(self.data, ttl=self.ttl, member=self._member_info(),
@@ -150,7 +153,7 @@ class HANode:
                 )  # fmt: skip
             self.sync = Syncer(
                 cfg, self.data, self.elector, self.session, self.role.guard, self.health,
-                lambda fresh: self.members(fresh=fresh),
+                lambda fresh: self.members(fresh=fresh), self.records,
                 active_operations=self.writer.active_operations,
             )  # fmt: skip
             self.replication = Replication(
@@ -260,6 +263,7 @@ class HANode:
         unreachable it starts anyway (run and ping never depend on it); the session
         claims the key when it can, and campaigns only after that.
         """
+        self._ensure_key()
         self._probe(0)
         self.session.update_member(since=time.time())
         try:
@@ -278,6 +282,36 @@ class HANode:
                      cluster=self.cfg.cluster_name, ttl=self.ttl,
                      etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
         return self
+
+    def _ensure_key(self) -> None:
+        """Create the cluster key when this instance has none and the cluster has no
+        generation yet (a first start); otherwise an instance without the key refuses every
+        record until a generation that carries it is applied (fail closed), and says so."""
+        if self.kind != "etcd" or self.records.signer.available:
+            return
+        from cluster.signing import ensure_key
+        from dispatcher.ha.records import key_path
+
+        path = key_path(self.cfg.ca_dir)
+        try:
+            published = self.data.get_value(self.data.keys.generation) is not None
+        except BackendUnavailable:
+            published = True  # unknown: never make a second key for a running cluster
+        if not published and Path(self.cfg.ca_dir).is_dir():
+            try:
+                _, created = ensure_key(path)
+            except (OSError, ValueError) as exc:
+                logfmt.event("cluster-key", logging.ERROR, instance=self.instance_id,
+                             path=str(path), error=exc)  # fmt: skip
+                return
+            if created:
+                logfmt.event("cluster-key", instance=self.instance_id, path=str(path),
+                             result="created", reason="first start of the cluster")  # fmt: skip
+                return
+        if not self.records.signer.available:
+            logfmt.event("cluster-key", logging.ERROR, instance=self.instance_id,
+                         path=str(path), result="missing",
+                         reason="every store record is refused until the key is here")  # fmt: skip
 
     def _member_conflict(self, exc: MemberConflict) -> None:
         """The session found this instance's key held by another process (never ours to

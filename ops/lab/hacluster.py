@@ -51,6 +51,7 @@ from typing import Any
 import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
+from cluster.signing import KEY_FILE, RecordSigner, parse_key, write_key
 from dispatcher.ha.manifest import Generation
 from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
@@ -145,6 +146,11 @@ class Cluster:
     def ca_cert(self) -> Path:
         return self.tmp / "ca" / "ca.crt"
 
+    @property
+    def signer(self) -> RecordSigner:
+        """The cluster key the instances started with (what a dispatcher host holds)."""
+        return RecordSigner(parse_key((self.tmp / "ca" / KEY_FILE).read_bytes()))
+
     def running(self) -> list[Inst]:
         return [i for i in self.insts.values() if i.alive]
 
@@ -211,7 +217,10 @@ class Cluster:
             kv = backend.get_kv(backend.keys.generation)
         finally:
             backend.close()
-        return None if kv is None else Generation.from_json(kv.value)
+        if kv is None:
+            return None
+        body = self.signer.open("generation", backend.keys.generation, kv.value)
+        return Generation.from_json(json.dumps(body))
 
     def published(self) -> Generation:
         """The generation the leader published in etcd."""
@@ -288,6 +297,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
+    write_key(ca_dir / KEY_FILE)  # the cluster key: every instance starts with a copy
     keep = tmp / "original"
     keep.mkdir()
     for f in ("dispatcher.crt", "dispatcher.key"):

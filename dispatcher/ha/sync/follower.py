@@ -17,6 +17,7 @@ from cluster.backend import KVBackend
 from cluster.election import EpochGuard
 from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
+from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState, SyncError
 from dispatcher.ha.sync.swapper import Swapper
@@ -35,6 +36,7 @@ class Follower:
         swapper: Swapper,
         health: ClusterHealth,
         leader_guard: EpochGuard,
+        records: Records,
         *,
         mode: str,
         clock: Callable[[], float],
@@ -47,6 +49,7 @@ class Follower:
         self.me = state.me
         self.mode = mode
         self.leader_guard = leader_guard  # newest leader epoch seen (the role's)
+        self.records = records  # generations are sealed with the cluster key
         self.guard = EpochGuard()  # newest generation epoch accepted
         self._clock = clock
         self._seen_rev = 0
@@ -106,13 +109,11 @@ class Follower:
         return True
 
     def _accept(self, raw: bytes, rev: int, as_leader: bool) -> Generation | None:
-        """The generation in ``raw`` unless it is malformed or (for a follower) stale."""
-        try:
-            g = Generation.from_json(raw)
-        except ManifestError as exc:
-            if rev != self._refused_rev:
-                self._refused_rev = rev
-                ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
+        """The generation in ``raw`` unless it fails verification (not sealed with the
+        cluster key: logged once, counted, ignored; it never moves the epoch guard), is
+        malformed or (for a follower) stale."""
+        g = self.records.open_generation(self.key, raw, rev)
+        if g is None:
             return None
         if as_leader:
             return g

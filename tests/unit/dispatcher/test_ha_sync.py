@@ -12,6 +12,7 @@ import pytest
 from cluster.backend import LocalBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.session import Session
+from cluster.signing import RecordSigner
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.manifest import (
     Entry,
@@ -22,6 +23,7 @@ from dispatcher.ha.manifest import (
     check_logical,
     manifest_hash,
 )
+from dispatcher.ha.records import ORDER, Records
 from dispatcher.ha.restart import OrderWatcher
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync import Syncer, SyncError
@@ -119,7 +121,16 @@ class Rig:
         self.backend = LocalBackend(tmp / "store")
         self.fail_after = fail_after
         self.fetched = 0
+        self.records = Records(RecordSigner(b"k" * 32), "follower")
         self.syncer = self.make()
+
+    def sealed(self, g: Generation) -> bytes:
+        """``g`` as the leader publishes it (sealed with the cluster key)."""
+        return self.records.seal_generation(self.backend.keys.generation, g).encode()
+
+    def order(self, doc: dict[str, Any]) -> None:
+        key = self.backend.keys.order("follower")
+        self.backend.put_value(key, self.records.seal(ORDER, key, doc))
 
     def make(self) -> Syncer:
         elector = Elector(self.backend, "follower", ttl=5)
@@ -129,7 +140,7 @@ class Rig:
         health.mark_ok()
         leader = MemberInfo("leader", advertise_url="https://127.0.0.1:1", generation=1)
         s = Syncer(self.cfg, self.backend, elector, session, guard, health,
-                   lambda _fresh: [leader])  # fmt: skip
+                   lambda _fresh: [leader], self.records)  # fmt: skip
         leader_layout = Layout(self.leader_cfg)
 
         def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
@@ -154,7 +165,7 @@ def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
         "agents/web1.json": b'{"n":1}', "agents/web9.json": b"{}",
     })  # fmt: skip
     g = generation_of(rig.leader_cfg)
-    assert rig.syncer.follower.handle(g.to_json().encode())
+    assert rig.syncer.follower.handle(rig.sealed(g))
     f = tmp_path / "follower"
     assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
     assert (f / "etc" / "bundle" / "a").read_bytes() == b"A"
@@ -175,7 +186,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
     populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
     g = generation_of(rig.leader_cfg)
-    assert not rig.syncer.follower.handle(g.to_json().encode())  # fetch 3 fails: retried later
+    assert not rig.syncer.follower.handle(rig.sealed(g))  # fetch 3 fails: retried later
     f = tmp_path / "follower" / "etc"
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"old-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
@@ -186,7 +197,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     fresh = rig.make()  # a restart removes the leftovers, then converges
     assert not stage.exists()
     rig.fail_after = None
-    assert fresh.follower.handle(g.to_json().encode())
+    assert fresh.follower.handle(rig.sealed(g))
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
 
@@ -194,16 +205,16 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1, epoch=9)))
     populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
     stale = generation_of(rig.leader_cfg, 2, epoch=4)
-    assert not rig.syncer.follower.handle(stale.to_json().encode(), rev=77)
+    assert not rig.syncer.follower.handle(rig.sealed(stale), rev=77)
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
     assert rig.syncer.generation == 1
     rig.syncer.leader_guard.check(12)  # a newer leader was seen: its epoch counts too
     newer = generation_of(rig.leader_cfg, 3, epoch=10)
-    assert not rig.syncer.follower.handle(newer.to_json().encode(), rev=78)
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
+    assert not rig.syncer.follower.handle(rig.sealed(newer), rev=78)
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 4, epoch=12)))
 
 
 def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
@@ -213,18 +224,49 @@ def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     watcher = OrderWatcher(rig.backend, "follower", guard, rig.syncer, lambda: False)
     watcher.on_restart = restarts.append
     key = rig.backend.keys.order("follower")
-    rig.backend.put_value(key, json.dumps({"id": "o1", "epoch": 3, "generation": 0}))
+    rig.order({"id": "o1", "epoch": 3, "generation": 0})
     watcher.check()
     assert restarts == [] and rig.backend.get_value(key) is None
     # current epoch, but nothing changed on disk since this process loaded it: nothing to do
-    rig.backend.put_value(key, json.dumps({"id": "o2", "epoch": 10, "generation": 0}))
+    rig.order({"id": "o2", "epoch": 10, "generation": 0})
     watcher.check()
     assert restarts == []
     populate(tmp_path / "follower", {"etc/dispatcher.crt": b"rotated"})
-    rig.backend.put_value(key, json.dumps({"id": "o3", "epoch": 11, "generation": 0}))
+    rig.order({"id": "o3", "epoch": 11, "generation": 0})
     watcher.check()
     watcher.check()  # an order is carried out once
     assert len(restarts) == 1 and "epoch 11" in restarts[0]
+
+
+def test_unsealed_or_forged_records_are_ignored_and_never_move_the_epoch(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1, epoch=9)))
+    populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
+    huge = generation_of(rig.leader_cfg, 2, epoch=10**12)
+    key = rig.backend.keys.generation
+    forger = Records(RecordSigner(b"x" * 32))  # a key that is not the cluster's
+    for n, raw in enumerate([huge.to_json().encode(),  # unsigned
+                             forger.seal_generation(key, huge).encode(),  # wrong key
+                             rig.records.seal_generation("/other/key", huge).encode(),  # moved
+                             b"{not json", b"[]"]):  # fmt: skip
+        assert not rig.syncer.follower.handle(raw, rev=100 + n)
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
+    assert rig.syncer.follower.guard.newest == 9  # the forged epoch moved nothing
+    assert rig.records.rejections.counts() == {"generation": 5}
+    populate(tmp_path / "leader", {"etc/ca.crt": b"genuine"})
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 3, epoch=10)))
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"genuine"
+    # a forged restart order is deleted, never acted on
+    restarts: list[str] = []
+    watcher = OrderWatcher(rig.backend, "follower", EpochGuard(10), rig.syncer, lambda: False)
+    watcher.on_restart = restarts.append
+    populate(tmp_path / "follower", {"etc/dispatcher.crt": b"rotated"})  # a restart is due
+    okey = rig.backend.keys.order("follower")
+    rig.backend.put_value(okey, json.dumps({"id": "o9", "epoch": 11, "generation": 0}))
+    watcher.check()
+    assert restarts == [] and rig.backend.get_value(okey) is None
+    assert rig.records.rejections.counts()["order"] == 1
 
 
 # ----- only the leader signs -------------------------------------------------------------------
