@@ -119,8 +119,8 @@ class LeaderWork:
             try:
                 doc = records.signer.open(leader_requests.REQUEST, kv.key, kv.value)
             except RecordRejected as exc:  # not sealed by a dispatcher host: never acted on
-                records.reject(exc)
-                self._drop(kv.key, epoch, exc.reason, log=False)
+                records.rejections.note(exc, lambda _exc: None)  # counted; logged below
+                self._drop(kv.key, epoch, exc.reason)
                 continue
             try:
                 kind, args = str(doc["kind"]), doc.get("args") or {}
@@ -143,14 +143,13 @@ class LeaderWork:
                           if now - t < leader_requests.REQUEST_TTL + 30}  # fmt: skip
         self._done[rid] = now
 
-    def _drop(self, key: str, epoch: int, reason: str, log: bool = True) -> None:
+    def _drop(self, key: str, epoch: int, reason: str) -> None:
         self.rejected += 1
         if key not in self._dropped:
             if len(self._dropped) >= 1000:  # junk keys written in bulk: bounded memory
                 self._dropped.clear()
             self._dropped.add(key)
-            if log:
-                ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
+            ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
         self.node.elector.commit("request-drop", deletes=[key], epoch=epoch,
                                  detail={"key": key, "reason": "refused"})  # fmt: skip
 
