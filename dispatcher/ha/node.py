@@ -44,6 +44,7 @@ from cluster.election import Elector
 from cluster.errors import BackendUnavailable, MemberConflict
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
+from cluster.signing import RecordSigner
 from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
 from dispatcher.errors import NotLeaderError
@@ -283,6 +284,11 @@ class HANode:
                      etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
         return self
 
+    def _signer(self) -> RecordSigner | None:
+        """The cluster key's signer on etcd; None on the embedded single-host store (its
+        files are this host's own, no other writer to guard against)."""
+        return self.records.signer if self.kind == "etcd" else None
+
     def _ensure_key(self) -> None:
         """Create the cluster key when this instance has none and the cluster has no
         generation yet (a first start); otherwise an instance without the key refuses every
@@ -424,7 +430,8 @@ class HANode:
             raise LookupError("no leader to switch over from")
         if to == info.instance_id:
             raise ValueError(f"{to} leads already")
-        switchover.post_request(self.data, info, requested_by or self.instance_id, to)
+        switchover.post_request(self.data, info, requested_by or self.instance_id, to,
+                                self._signer())  # fmt: skip
         return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested", "to": to}
 
     def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
@@ -478,7 +485,7 @@ class HANode:
             logfmt.event("cluster-monitor", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _check_switchover(self) -> None:
-        req = switchover.read_request(self.data)
+        req = switchover.read_request(self.data, self._signer(), self.records.reject)
         if req is None:
             return
         epoch = self.elector.epoch
@@ -495,7 +502,8 @@ class HANode:
             self.data.delete_value(self.data.keys.switchover)  # stale request
 
     def _check_paused(self) -> None:
-        was, self.paused = self.paused, maintenance.read(self.data)
+        was, self.paused = self.paused, maintenance.read(self.data, self._signer(),
+                                                         self.records.reject)  # fmt: skip
         if (was is None) != (self.paused is None):
             p = self.paused
             logfmt.event("cluster-paused" if p else "cluster-resumed", instance=self.instance_id,
