@@ -135,12 +135,26 @@ def edit_agent(
     return record
 
 
+def _cluster_key(d: Dispatcher) -> str:
+    """Create ``<ca_dir>/cluster.key`` (0600, through the writer: replicated with the CA
+    files) unless it exists; its path. Records the instances act on are sealed with it."""
+    import secrets
+
+    from cluster.signing import KEY_BYTES, KEY_FILE
+
+    path = Path(d.cfg.ca_dir) / KEY_FILE
+    if not path.exists():
+        d.writer.write(path, secrets.token_bytes(KEY_BYTES).hex() + "\n", 0o600)
+    return str(path)
+
+
 def setup_ca(d: Dispatcher) -> dict[str, Any]:
     from dispatcher.pki import ca as pki
 
     ca_dir = Path(d.cfg.ca_dir)
     pki.create_ca(ca_dir, writer=d.writer)
-    return {"key": str(ca_dir / "ca.key"), "cert": str(ca_dir / "ca.crt")}
+    return {"key": str(ca_dir / "ca.key"), "cert": str(ca_dir / "ca.crt"),
+            "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
 def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
@@ -149,7 +163,8 @@ def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
     cfg = d.cfg
     ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
     cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer)
-    return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}"}
+    return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}",
+            "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
 def rotate_cert(d: Dispatcher) -> dict[str, Any]:

@@ -434,7 +434,8 @@ def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster)
         # a request naming a bad target straight in the store: the leader refuses it
         info = backend.leader()
         assert info is not None
-        switchover.post_request(backend, info, "pytest", to="no-such-member")
+        switchover.post_request(backend, info, "pytest", to="no-such-member",
+                                signer=cluster.signer)  # fmt: skip
         assert wait_until(lambda: backend.get_value(backend.keys.switchover) is None, 5, "seen")
         time.sleep(2 * TTL)
         assert backend.leader() == info

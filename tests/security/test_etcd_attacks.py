@@ -279,6 +279,39 @@ def test_forged_restart_order_restarts_nobody(steady: Cluster) -> None:
     attack("forged restart order", "deleted by the follower, never acted on; no process restarted")
 
 
+# ----- switchover and pause records ------------------------------------------------------------
+
+
+def test_forged_switchover_and_pause_records_are_ignored(steady: Cluster) -> None:
+    cluster = steady
+    leader = cluster.one_leader()
+    b = cluster.backend(2.0)
+    try:
+        info = b.leader()
+        assert info is not None and info.instance_id == leader.id
+        doc = {"epoch": info.epoch, "leader": info.instance_id, "to": "", "at": time.time(),
+               "requested_by": "attacker"}  # fmt: skip
+        b.put_value(b.keys.switchover, json.dumps(doc))
+        wait_until(lambda: b.get_value(b.keys.switchover) is None, 10, "switchover deleted")
+        key = b.keys.paused
+        b.put_value(key, FORGER.seal("paused", key, {"by": "attacker", "reason": "x",
+                                                     "at": time.time()}))  # fmt: skip
+        for inst in cluster.running():
+            wait_until(lambda i=inst: logged(i, "ACTION=record-rejected", "KIND=paused"), 10,
+                       f"{inst.name} ignores the pause")  # fmt: skip
+        time.sleep(2 * TTL)
+        assert b.leader() == info  # nobody resigned
+        b.delete_value(key)
+    finally:
+        b.close()
+    assert logged(leader, "ACTION=record-rejected", "KIND=switchover")
+    assert not logged(leader, "ACTION=leader-resign", "REASON=switchover")
+    for inst in cluster.running():
+        assert not logged(inst, "ACTION=cluster-paused"), inst.name
+    attack("forged switchover and pause records",
+           "ignored (not sealed with the cluster key): the leader kept leading, nothing paused")  # fmt: skip
+
+
 # ----- member records: an impostor behind the leader's advertise_url ------------------------------
 
 

@@ -59,6 +59,9 @@ class Follower:
         self.retry_at: float | None = None
         self._backoff = 0.25
         self._refused_rev = 0
+        self._boot_rev = -1
+        # fetch the cluster key from a verified peer when this instance has none
+        self.bootstrap: Callable[[bytes], bool] | None = None
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -112,6 +115,10 @@ class Follower:
         """The generation in ``raw`` unless it fails verification (not sealed with the
         cluster key: logged once, counted, ignored; it never moves the epoch guard), is
         malformed or (for a follower) stale."""
+        if (not self.records.signer.available and self.bootstrap is not None
+                and rev != self._boot_rev):  # fmt: skip
+            self._boot_rev = rev  # one try per record
+            self.bootstrap(raw)
         g = self.records.open_generation(self.key, raw, rev)
         if g is None:
             return None

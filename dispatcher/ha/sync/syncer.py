@@ -29,6 +29,7 @@ from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.fetcher import Fetcher
 from dispatcher.ha.sync.follower import Follower
+from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
 from dispatcher.ha.sync.state import AppliedState
@@ -85,6 +86,9 @@ class Syncer:
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
         )  # fmt: skip
+        self.follower.bootstrap = lambda raw: bootstrap_key(
+            records, self.fetcher, self.layout, backend.keys.generation, raw
+        )
         self.state.load(self.scanner, check_files=self.mode == "push")
         if self.mode == "push":
             self.swapper.clean_stage()

@@ -12,7 +12,7 @@ import pytest
 from cluster.backend import LocalBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.session import Session
-from cluster.signing import RecordSigner
+from cluster.signing import RecordSigner, write_key
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.manifest import (
     Entry,
@@ -28,6 +28,8 @@ from dispatcher.ha.restart import OrderWatcher
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync import Syncer, SyncError
 from dispatcher.pki import ca as pki
+
+KEY = b"K" * 32
 
 
 def make_cfg(root: Path, **kw: Any) -> DispatcherConfig:
@@ -115,22 +117,24 @@ def test_generation_document_round_trip_and_tampering(tmp_path: Path) -> None:
 class Rig:
     """A follower :class:`Syncer` whose "leader" is a directory on the same machine."""
 
-    def __init__(self, tmp: Path, fail_after: int | None = None) -> None:
+    def __init__(self, tmp: Path, fail_after: int | None = None,
+                 records: Records | None = None) -> None:  # fmt: skip
         self.leader_cfg = make_cfg(tmp / "leader")
         self.cfg = make_cfg(tmp / "follower")
         self.backend = LocalBackend(tmp / "store")
         self.fail_after = fail_after
         self.fetched = 0
-        self.records = Records(RecordSigner(b"k" * 32), "follower")
+        self.records = records or Records(RecordSigner(b"k" * 32), "follower")
+        self.leader_records = self.records if records is None else Records(RecordSigner(KEY))
         self.syncer = self.make()
 
     def sealed(self, g: Generation) -> bytes:
         """``g`` as the leader publishes it (sealed with the cluster key)."""
-        return self.records.seal_generation(self.backend.keys.generation, g).encode()
+        return self.leader_records.seal_generation(self.backend.keys.generation, g).encode()
 
     def order(self, doc: dict[str, Any]) -> None:
         key = self.backend.keys.order("follower")
-        self.backend.put_value(key, self.records.seal(ORDER, key, doc))
+        self.backend.put_value(key, self.leader_records.seal(ORDER, key, doc))
 
     def make(self) -> Syncer:
         elector = Elector(self.backend, "follower", ttl=5)
@@ -353,3 +357,22 @@ def test_ready_while_draining_is_404_for_the_balancer_and_503_otherwise(tmp_path
     r = asyncio.run(get("/ready?drain=404"))
     assert r.status_code == 404 and r.json()["reason"] == "draining"
     assert asyncio.run(get("/status")).json()["draining"] is True
+
+
+def test_a_follower_without_the_key_takes_it_only_when_it_seals_the_generation(
+    tmp_path: Path,
+) -> None:
+    follower_ca = tmp_path / "follower" / "etc"
+    rig = Rig(tmp_path, records=Records.for_ca_dir(follower_ca, "follower"))
+    assert rig.records.problem is not None  # no key: every record refused
+    # the leader serves a key that is not the one it sealed with: refused, nothing written
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "etc/cluster.key": b"ab" * 32 + b"\n"})
+    assert not rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1)), rev=1)
+    assert not (follower_ca / "cluster.key").exists() and rig.syncer.generation == 0
+    # the real key: fetched, checked against the generation's MAC, written 0600, applied
+    write_key(tmp_path / "leader" / "etc" / "cluster.key", KEY)
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 2)), rev=2)
+    assert (follower_ca / "cluster.key").read_bytes() == (
+        tmp_path / "leader" / "etc" / "cluster.key").read_bytes()  # fmt: skip
+    assert os.stat(follower_ca / "cluster.key").st_mode & 0o777 == 0o600
+    assert rig.records.problem is None and rig.syncer.generation == 2
