@@ -110,6 +110,7 @@ class HANode:
         self.elector = Elector(
             self.coord, self.instance_id, ttl=self.ttl,
             on_elected=self._elected, on_demoted=self._demoted, gate=self.session.holds_member,
+            signer=self._signer(),
         )  # fmt: skip
         self.role = ClusterRole(
             self.elector, backend_kind=self.kind, health=self.health,
