@@ -291,34 +291,13 @@ class HANode:
         return self.records.signer if self.kind == "etcd" else None
 
     def _ensure_key(self) -> None:
-        """Create the cluster key when this instance has none and the cluster has no
-        generation yet (a first start); otherwise an instance without the key refuses every
-        record until a generation that carries it is applied (fail closed), and says so."""
-        if self.kind != "etcd" or self.records.signer.available:
-            return
-        from cluster.signing import ensure_key
-        from dispatcher.ha.records import key_path
-
-        path = key_path(self.cfg.ca_dir)
-        try:
-            published = self.data.get_value(self.data.keys.generation) is not None
-        except BackendUnavailable:
-            published = True  # unknown: never make a second key for a running cluster
-        if not published and Path(self.cfg.ca_dir).is_dir():
-            try:
-                _, created = ensure_key(path)
-            except (OSError, ValueError) as exc:
-                logfmt.event("cluster-key", logging.ERROR, instance=self.instance_id,
-                             path=str(path), error=exc)  # fmt: skip
-                return
-            if created:
-                logfmt.event("cluster-key", instance=self.instance_id, path=str(path),
-                             result="created", reason="first start of the cluster")  # fmt: skip
-                return
-        if not self.records.signer.available:
-            logfmt.event("cluster-key", logging.ERROR, instance=self.instance_id,
-                         path=str(path), result="missing",
-                         reason="every store record is refused until the key is here")  # fmt: skip
+        """Say so when this instance has no cluster key: it refuses every record until it
+        has one (the first leader of a new cluster creates it; a follower fetches it once
+        from a verified peer, :mod:`dispatcher.ha.sync.keyboot`)."""
+        problem = self.records.problem
+        if self.kind == "etcd" and problem is not None:
+            logfmt.event("cluster-key", logging.WARNING, instance=self.instance_id,
+                         result="missing", reason=problem)  # fmt: skip
 
     def _member_conflict(self, exc: MemberConflict) -> None:
         """The session found this instance's key held by another process (never ours to

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
-from cluster.signing import KEY_FILE, KeyFile, RecordRejected, RecordSigner, Rejections
+from cluster.signing import (
+    KEY_FILE,
+    KeyFile,
+    RecordRejected,
+    RecordSigner,
+    Rejections,
+    ensure_key,
+)
 from dispatcher.ha.leader_requests import REQUEST, RESULT
 from dispatcher.ha.manifest import Generation, ManifestError
 
@@ -57,6 +64,22 @@ class Records:
             return None
         where = self.keyfile.error if self.keyfile is not None else ""
         return f"no cluster key ({where or 'none configured'}): every store record is refused"
+
+    def create_key(self) -> bool:
+        """Create the key file when there is none (the leader of a cluster that has
+        published nothing yet); True when this call created it."""
+        if self.keyfile is None or self.signer.available:
+            return False
+        try:
+            _, created = ensure_key(self.keyfile.path)
+        except (OSError, ValueError) as exc:
+            ev("cluster-key", logging.ERROR, instance=self.instance_id,
+               path=str(self.keyfile.path), error=exc)  # fmt: skip
+            return False
+        if created:
+            ev("cluster-key", instance=self.instance_id, path=str(self.keyfile.path),
+               result="created", reason="the cluster has published nothing yet")  # fmt: skip
+        return created
 
     def seal(self, kind: str, key: str, payload: Any) -> str:
         return self.signer.seal(kind, key, payload)

@@ -126,6 +126,7 @@ class ClusterSpec:
     proxy_protocol: bool = True  # with tls: a PROXY v2 API port per instance, used by HAProxy
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+    cluster_key: bool = True  # start with <ca_dir>/cluster.key (else the first leader makes it)
 
 
 @dataclass
@@ -148,8 +149,13 @@ class Cluster:
 
     @property
     def signer(self) -> RecordSigner:
-        """The cluster key the instances started with (what a dispatcher host holds)."""
-        return RecordSigner(parse_key((self.tmp / "ca" / KEY_FILE).read_bytes()))
+        """The cluster key the instances started with (what a dispatcher host holds), else
+        the one the first leader made."""
+        path = self.tmp / "ca" / KEY_FILE
+        if not path.exists():
+            path = next(i.ca_dir / KEY_FILE for i in self.insts.values()
+                        if (i.ca_dir / KEY_FILE).exists())  # fmt: skip
+        return RecordSigner(parse_key(path.read_bytes()))
 
     def running(self) -> list[Inst]:
         return [i for i in self.insts.values() if i.alive]
@@ -300,7 +306,8 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
-    write_key(ca_dir / KEY_FILE)  # the cluster key: every instance starts with a copy
+    if spec.cluster_key:
+        write_key(ca_dir / KEY_FILE)  # the cluster key: every instance starts with a copy
     keep = tmp / "original"
     keep.mkdir()
     for f in ("dispatcher.crt", "dispatcher.key"):

@@ -28,6 +28,7 @@ ev = logfmt.event
 class Follower:
     WATCH = 0.25  # longest wait on the generation key before looking again
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
+    BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class Follower:
         self.retry_at: float | None = None
         self._backoff = 0.25
         self._refused_rev = 0
-        self._boot_rev = -1
+        self._boot_next = 0.0
         # fetch the cluster key from a verified peer when this instance has none
         self.bootstrap: Callable[[bytes], bool] | None = None
 
@@ -115,10 +116,12 @@ class Follower:
         """The generation in ``raw`` unless it fails verification (not sealed with the
         cluster key: logged once, counted, ignored; it never moves the epoch guard), is
         malformed or (for a follower) stale."""
-        if (not self.records.signer.available and self.bootstrap is not None
-                and rev != self._boot_rev):  # fmt: skip
-            self._boot_rev = rev  # one try per record
-            self.bootstrap(raw)
+        if not self.records.signer.available and self.bootstrap is not None:
+            now = self._clock()
+            if now >= self._boot_next:  # at most one try every BOOT_RETRY s
+                self._boot_next = now + self.BOOT_RETRY
+                if not self.bootstrap(raw):
+                    self.retry_at = now + self.BOOT_RETRY  # the key may be served soon
         g = self.records.open_generation(self.key, raw, rev)
         if g is None:
             return None

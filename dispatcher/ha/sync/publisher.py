@@ -145,6 +145,8 @@ class Publisher:
         this instance's files (``sync-diverged``). Then publish N+1 under this epoch."""
         kv = self.backend.get_kv(self.key)
         self.health.mark_ok()
+        if kv is None and not self.records.signer.available:
+            self.records.create_key()  # the first leader of a new cluster makes the key
         store_g: Generation | None = None
         if kv is not None:  # a record that fails verification is no generation at all
             store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
