@@ -147,6 +147,11 @@ class Publisher:
         self.health.mark_ok()
         if kv is None and not self.records.signer.available:
             self.records.create_key()  # the first leader of a new cluster makes the key
+        if kv is not None and not self.records.signer.available:
+            self.apply(kv.value, as_leader=True)  # fetches the key from a verified member
+            if not self.records.signer.available:  # nothing can be sealed: stay gated
+                self._stop.wait(0.5)
+                return
         store_g: Generation | None = None
         if kv is not None:  # a record that fails verification is no generation at all
             store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
