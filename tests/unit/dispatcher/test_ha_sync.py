@@ -365,6 +365,7 @@ def test_a_follower_without_the_key_takes_it_only_when_it_seals_the_generation(
     follower_ca = tmp_path / "follower" / "etc"
     rig = Rig(tmp_path, records=Records.for_ca_dir(follower_ca, "follower"))
     assert rig.records.problem is not None  # no key: every record refused
+    rig.syncer.follower.BOOT_RETRY = 0.0  # no wait between two tries here
     # the leader serves a key that is not the one it sealed with: refused, nothing written
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "etc/cluster.key": b"ab" * 32 + b"\n"})
     assert not rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1)), rev=1)
