@@ -56,6 +56,9 @@ Modes:
   cluster pause [--reason T] maintenance: no automatic restarts or maintenance
   cluster resume             end maintenance
   cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+  cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
+                             [--priority N] [--router-id N]
+                             print keepalived (VRRP) config for one of two load balancers
 
 Options:
   --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
@@ -133,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename")
     p.add_argument("--to")
     p.add_argument("--reason")
+    p.add_argument("--vip")  # cluster keepalived-config
+    p.add_argument("--interface")
+    p.add_argument("--address")
+    p.add_argument("--peer", action="append")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--router-id", type=int)
     p.add_argument("--tags")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
