@@ -44,6 +44,7 @@ from dispatcher.ha.actions import requested_by
 
 if TYPE_CHECKING:
     from cluster.backend import KVBackend, LeaderInfo, MemberInfo
+    from cluster.signing import RecordSigner
     from dispatcher.config import DispatcherConfig
     from dispatcher.haproxy import Member
 
@@ -51,6 +52,15 @@ T = TypeVar("T")
 
 PROG = "ced cluster"
 CLI_TIMEOUT = 2.0  # per etcd call: an operator would rather wait than see a false alarm
+
+
+def _signer(cfg: DispatcherConfig) -> RecordSigner | None:
+    """The cluster key (records the instances act on are sealed with it), on etcd only."""
+    if not cfg.etcd_endpoints:
+        return None
+    from dispatcher.ha.records import Records
+
+    return Records.for_ca_dir(cfg.ca_dir).signer
 
 
 def _backend(cfg: DispatcherConfig) -> KVBackend:
@@ -180,7 +190,7 @@ def _switch(inv: Invocation, backend: KVBackend, ttl: int) -> dict[str, Any] | E
             if problem is not None:
                 return _fail(inv.json, f"cannot switch over to {to}", detail=problem)
         t0 = time.monotonic()
-        switchover.post_request(backend, old, requested_by(), to)
+        switchover.post_request(backend, old, requested_by(), to, _signer(inv.d.cfg))
     except BackendUnavailable as exc:
         return _fail(inv.json, "cluster unavailable", detail=str(exc))
     new = _wait_new_leader(backend, old.epoch, 2 * ttl + 1)
@@ -262,7 +272,8 @@ def cluster_history(inv: Invocation) -> ExitCode:
 
 
 def cluster_pause(inv: Invocation) -> ExitCode:
-    p = _in_store(inv, lambda b: maintenance.pause(b, requested_by(), inv.ns.reason or ""))
+    signer = _signer(inv.d.cfg)
+    p = _in_store(inv, lambda b: maintenance.pause(b, requested_by(), inv.ns.reason or "", signer))
     if isinstance(p, ExitCode):
         return p
     if inv.json:
