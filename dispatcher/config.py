@@ -43,6 +43,7 @@ class DispatcherConfig:
     api_cert: str = ""
     api_key: str = ""
     api_client_ca: str = ""
+    api_require_client_cert: bool = False  # yes: no API request without an operator cert
     api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
     api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64

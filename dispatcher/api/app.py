@@ -30,6 +30,7 @@ from agent.version import __version__
 from dispatcher.api import errors
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
+from dispatcher.api.operatorcerts import OperatorTrust
 from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
 from dispatcher.core import Dispatcher
 
@@ -50,11 +51,12 @@ class ApiApp(FastAPI):
 
 def create_app(
     d: Dispatcher, ha: HANode | None = None, *, draining: Callable[[], bool] | None = None,
-    operator_issuers: frozenset[str] | None = None,
+    operators: OperatorTrust | None = None,
 ) -> FastAPI:  # fmt: skip
     """The API application of dispatcher ``d`` (``ha``: the instance's cluster node;
-    ``draining``: while true every response closes its connection; ``operator_issuers``:
-    see :func:`dispatcher.api.peercert.operator_identity`)."""
+    ``draining``: while true every response closes its connection; ``operators``: the
+    operator CAs, by default as the config says, :class:`OperatorTrust`)."""
+    operators = operators or OperatorTrust.from_config(d.cfg)
     app = ApiApp(
         title="ctrl-exec-api",
         version=__version__,
@@ -75,9 +77,9 @@ def create_app(
         from dispatcher.ha.metrics import ClusterCollector
 
         registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes))
-    app.state.api = ApiState(d=d, ha=ha, issuers=operator_issuers, registry=registry)
+    app.state.api = ApiState(d=d, ha=ha, operators=operators, registry=registry)
     app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
-                       issuers=operator_issuers)  # fmt: skip
+                       operators=operators, peer_serials=_peer_serials(ha))  # fmt: skip
     app.add_exception_handler(RequestValidationError, errors.on_validation)
     app.add_exception_handler(StarletteHTTPException, errors.on_http)
     app.add_exception_handler(errors.Answer, errors.on_answer)
@@ -86,6 +88,14 @@ def create_app(
     add_routes(app, service.router, runs.router, spec.router, pairing.router,
                cluster_control.router, cluster_files.router)  # fmt: skip
     return app
+
+
+def _peer_serials(ha: HANode | None) -> Callable[[], set[str]]:
+    """The cluster's dispatcher serials (peers forward to the leader with that cert)."""
+    sync = ha.sync if ha is not None else None
+    if sync is None:
+        return set
+    return sync.peer_serials
 
 
 def add_routes(app: FastAPI, *routers: APIRouter) -> None:
