@@ -32,7 +32,6 @@ from dispatcher.pki.ca import (
     CA,
     PKIError,
     create_self_signed,
-    fingerprint,
     key_bytes,
     leaf,
     load_ca,
