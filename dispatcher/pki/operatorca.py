@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +74,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def unix_user() -> str:
-    """The real user of this process (not ``$USER``, which anyone can set)."""
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
 @dataclass(frozen=True)
 class IssuedOperator:
     cn: str
@@ -94,9 +84,13 @@ class IssuedOperator:
 
 
 def issue_operator(
-    ca_dir: str | Path, name: str, days: int = DEFAULT_DAYS, out_dir: str | Path = "."
-) -> IssuedOperator:
-    """Sign a client certificate for ``name``; ``out_dir/name.crt`` and ``.key`` (0600)."""
+    ca_dir: str | Path, name: str, days: int = DEFAULT_DAYS, out_dir: str | Path = ".",
+    issued_by: dict[str, str] | None = None,
+) -> IssuedOperator:  # fmt: skip
+    """Sign a client certificate for ``name``; ``out_dir/name.crt`` and ``.key`` (0600).
+
+    ``issued_by`` (``unix_user``, ``sudo_user``: who ran ``ced``) goes into the
+    ``operator-issued`` log line."""
     check_name(name)
     if not 1 <= days <= MAX_DAYS:
         raise PKIError(f"--days must be 1..{MAX_DAYS}, got {days}")
@@ -113,8 +107,6 @@ def issue_operator(
     atomic_write(kp, key_bytes(key), 0o600)
     atomic_write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     serial = format(cert.serial_number, "x")
-    fields: dict[str, Any] = {"cn": name, "serial": serial, "days": days, "unix_user": unix_user()}
-    if os.environ.get("SUDO_USER"):
-        fields["sudo_user"] = os.environ["SUDO_USER"]
+    fields: dict[str, Any] = {"cn": name, "serial": serial, "days": days, **(issued_by or {})}
     logfmt.event("operator-issued", **fields)
     return IssuedOperator(name, serial, days, crt, kp)
