@@ -26,6 +26,7 @@ from dispatcher.haproxy import Member
 from dispatcher.pki import ca as dpki
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.haproxy import API_BACKEND, HAProxy
+from ops.lab.operators import OperatorCA
 from ops.lab.net import free_port
 from ops.lab.pki import Issued, TestCA
 from tests.support.haproxy import Factory, haproxy_factory, needs_haproxy
@@ -85,6 +86,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("api-proxy")
     ca_dir = tmp / "ca"
     ca = PairingCA(ca_dir)
+    operators = OperatorCA(ca_dir, tmp / "operators")  # trusted without configuration
     dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
     dpki.issue_dispatcher_cert(ca.ca, api_cert, api_key)
@@ -96,13 +98,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     proxy_port = free_port()
     daemon = make_daemon(tmp, "px", ca_dir, tmp / "agents", {
         "api_cert": str(api_cert), "api_key": str(api_key),
-        "api_client_ca": str(ca.cert_path), "auth_hook": str(hook),
+        "auth_hook": str(hook),
         "api_proxy_port": str(proxy_port), "api_proxy_sources": "127.0.0.1, ::1",
     })  # fmt: skip
     daemon.start()
     try:
         daemon.wait_healthy()
-        yield Env(tmp, ca, daemon, proxy_port, hooks / "hook.log", ca.issue("op-alice", "alice"))
+        yield Env(tmp, ca, daemon, proxy_port, hooks / "hook.log", operators.issue("alice"))
     finally:
         rc = daemon.stop()
     assert rc == 0, daemon.logtext()
