@@ -62,8 +62,8 @@ from ops.lab.etcd import EtcdCluster
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
-from ops.lab.pairing import make_csr, pair_request, read_framed
 from ops.lab.operators import OperatorCA
+from ops.lab.pairing import make_csr, pair_request, read_framed
 from ops.lab.pki import Issued
 from ops.lab.proc import ENV, ApiProcess, WaitTimeout, wait_until
 

@@ -26,8 +26,8 @@ from dispatcher.haproxy import Member
 from dispatcher.pki import ca as dpki
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.haproxy import API_BACKEND, HAProxy
-from ops.lab.operators import OperatorCA
 from ops.lab.net import free_port
+from ops.lab.operators import OperatorCA
 from ops.lab.pki import Issued, TestCA
 from tests.support.haproxy import Factory, haproxy_factory, needs_haproxy
 
