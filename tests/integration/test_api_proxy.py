@@ -132,7 +132,9 @@ def test_real_client_address_through_haproxy(env: Env, hap: HAProxy) -> None:
             r = c.post("/ping", json={"hosts": ["nosuch"], "username": "ops"})
             assert r.status_code == 404, r.text  # authorised, then an unknown agent
     hook = env.hook_lines()[before:]
-    assert hook.count(f"api {CLIENT_IP} ops") == 2, hook
+    # the username is the operator certificate's CN, not the body's "ops" (logged)
+    assert hook.count(f"api {CLIENT_IP} alice") == 2, hook
+    assert env.wait_lines("username-ignored", "BODY_USERNAME=ops", 2), env.daemon.logtext()
     assert not any(" 127.0.0.1 " in ln for ln in hook), hook
     reqs = env.wait_lines("api-request", "PATH=/ping", 2)
     assert len(reqs) == 2
@@ -151,7 +153,7 @@ def test_direct_api_port_still_sees_the_tcp_peer(env: Env) -> None:
     before = len(env.hook_lines())
     with env.client(env.daemon.url, source="127.0.0.6", who=env.alice) as c:
         assert c.get("/").status_code == 200
-    assert env.hook_lines()[before:] == ["api 127.0.0.6 "]
+    assert env.hook_lines()[before:] == ["api 127.0.0.6 alice"]  # the certificate's CN
     last = env.wait_lines("api-request", "PEER=127.0.0.6")
     assert last and "VIA=" not in last[-1]
 
@@ -207,7 +209,7 @@ def test_trusted_proxy_header_is_believed_and_tls_still_checked(env: Env) -> Non
             while chunk := s.recv(65536):
                 data += chunk
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
-    assert env.hook_lines()[before:] == ["api 192.0.2.44 "]
+    assert env.hook_lines()[before:] == ["api 192.0.2.44 alice"]  # the certificate's CN
     # a certificate from another CA still fails the handshake; the log names the client
     stranger = TestCA(env.tmp / "stranger").issue("mallory", cn="mallory")
     with socket.create_connection(("127.0.0.1", env.proxy_port), timeout=5) as raw:
