@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import pwd
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,6 @@ from agent.common import authhook
 from agent.common.certs import fingerprint
 from agent.common.errors import ConfigError
 from dispatcher.api.operatorcerts import OperatorTrust, check_client_ca, no_trust_problem
-from dispatcher.ced.main import main
 from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
 from dispatcher.ha import actions
@@ -30,7 +33,9 @@ from dispatcher.runstore import async_record, sync_record
 @pytest.fixture
 def d(tmp_path: Path) -> Dispatcher:
     conf = tmp_path / "ctrl-exec.conf"
-    conf.write_text(f"ca_dir = {tmp_path / 'etc'}\nstate_dir = {tmp_path / 'state'}\n")
+    conf.write_text(
+        f"ca_dir = {tmp_path / 'etc'}\nstate_dir = {tmp_path / 'state'}\nlog_target = stderr\n"
+    )
     cfg = DispatcherConfig(path=str(conf), ca_dir=str(tmp_path / "etc"),
                            state_dir=str(tmp_path / "state")).finish()  # fmt: skip
     d = Dispatcher(cfg)
@@ -100,17 +105,30 @@ def test_issue_operator_needs_the_operator_ca_and_sane_days(d: Dispatcher, tmp_p
         operatorca.issue_operator(d.cfg.ca_dir, "alice", 30, tmp_path / "nowhere")
 
 
-def test_ced_verbs(d: Dispatcher, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _ced(*args: str) -> subprocess.CompletedProcess[str]:
+    """``ced`` in its own process (it sets up its log sink; this process keeps its own)."""
+    return subprocess.run([sys.executable, "-m", "dispatcher.ced", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "SUDO_USER": "carol"})  # fmt: skip
+
+
+def test_ced_verbs(d: Dispatcher, tmp_path: Path) -> None:
     conf = d.cfg.path
-    assert main(["--config", conf, "setup-operator-ca"]) == 0
-    assert "operator-ca.crt" in capsys.readouterr().out
+    r = _ced("--config", conf, "setup-operator-ca")
+    assert r.returncode == 0 and "operator-ca.crt" in r.stdout, r.stderr
     out = tmp_path / "ops"
     out.mkdir()
-    args = ["--config", conf, "--json", "issue-operator", "alice", "--days", "7", "--out", str(out)]
-    assert main(args) == 0
-    doc = json.loads(capsys.readouterr().out)
+    r = _ced(
+        "--config", conf, "--json", "issue-operator", "alice", "--days", "7", "--out", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
     assert doc["cn"] == "alice" and doc["days"] == 7 and Path(doc["cert"]).exists()
-    assert main(["--config", conf, "issue-operator"]) == 2  # NAME missing: usage
+    (line,) = [ln for ln in r.stderr.splitlines() if "ACTION=operator-issued" in ln]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    for field in ("CN=alice", f"SERIAL={doc['serial']}", "DAYS=7", f"UNIX_USER={user}",
+                  "SUDO_USER=carol"):  # fmt: skip
+        assert field in line, line
+    assert _ced("--config", conf, "issue-operator").returncode == 2  # NAME missing: usage
 
 
 def _cfg(d: Dispatcher, **kw: str) -> DispatcherConfig:
