@@ -34,9 +34,9 @@ joins the cluster), or a cluster identity taken by another live process (its
 found later while running; 1 when a server stopped by itself. ``--check-config``
 validates without starting (exit 0 or 78).
 
-Peers: with etcd and ``sync_mode = push`` the API also verifies client certificates
-issued by the dispatcher CA (``ca``), so followers can fetch generation files with the
-dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
+Peers: with etcd the API also verifies client certificates issued by the dispatcher CA
+(``ca``), so followers can fetch generation files (``sync_mode = push``) and forward
+leader-only requests with the dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
 by the auth hook). Only certificates of the operator CA (and ``api_client_ca``) give an
 operator identity; any other certificate is refused outside the peer routes, unless it
 carries a dispatcher serial of the cluster (a peer forwarding to the leader).
@@ -86,11 +86,6 @@ def api_tls_enabled(cfg: DispatcherConfig) -> bool:
     return bool(cfg.api_cert and cfg.api_key)
 
 
-def peer_sync(cfg: DispatcherConfig) -> bool:
-    """Followers fetch generation files from this instance's API (etcd, push mode)."""
-    return bool(cfg.etcd_endpoints) and cfg.sync_mode == "push"
-
-
 def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     """The API server context (None for plain HTTP); raises ConfigError if unusable.
 
@@ -98,8 +93,10 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     when set up) and ``api_client_ca`` (when set; never a CA that signs agents:
     :func:`~dispatcher.api.operatorcerts.check_client_ca`): optional, or required with
     ``api_require_client_cert``. Their CN, serial and issuer become the operator identity.
-    With peer sync the dispatcher CA verifies too (peers present the dispatcher cert; the
-    gate lets such a certificate name no operator).
+    In a cluster the dispatcher CA verifies too (peers present the dispatcher cert to
+    fetch files and to forward leader-only requests): the gate lets such a certificate
+    through only on the peer routes or with a dispatcher serial of the cluster, never as
+    an operator (an agent's certificate is refused with 403).
     """
     from dispatcher.api.operatorcerts import check_client_ca, no_trust_problem, operator_cas
 
@@ -116,7 +113,8 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
             raise cfg.error(key, f"{key} {path} does not exist")
     check_client_ca(cfg)
     cas = operator_cas(cfg)
-    if peer_sync(cfg) and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
+    # peers present the dispatcher cert (file fetches, requests forwarded to the leader)
+    if cfg.etcd_endpoints and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
         cas.append(cfg.ca)
     try:
         ctx = server_context(
