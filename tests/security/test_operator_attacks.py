@@ -299,3 +299,25 @@ def test_agent_certificate_through_haproxy_to_a_cluster(tmp_path: Path) -> None:
                                       "args": [str(tmp_path / "operator-ran")]})  # fmt: skip
         assert ok.status_code == 200, ok.text
         assert (tmp_path / "operator-ran").exists()
+
+
+def test_peers_forward_to_the_leader_but_agents_are_refused(tmp_path: Path) -> None:
+    """shared-fs cluster over TLS: a follower forwards a leader-only request with its
+    dispatcher certificate (trusted for peers, passes as no operator); an agent's
+    certificate from the same CA asking the follower directly is refused."""
+    spec = ClusterSpec(agents={"web1": "127.0.0.2"}, scripts={}, names=("a", "b"),
+                       sync_mode="shared-fs", tls=True, proxy_protocol=False)  # fmt: skip
+    with running_cluster(tmp_path / "c", spec) as c:
+        leader = c.one_leader(timeout=20)
+        follower = next(i for i in c.running() if i is not leader)
+        with c.client(follower) as h:  # the operator certificate
+            r = h.get("/pairing")
+        assert r.status_code == 200, r.text
+        assert r.json()["leader"] == leader.id
+        agent = c.agents["web1"].agent_cert
+        ctx = client_ssl(c.ca_cert, agent)
+        with httpx.Client(base_url=follower.url, verify=ctx, trust_env=False, timeout=30) as h:
+            bad = h.get("/pairing")
+        assert bad.status_code == 403, bad.text
+        attack("an agent certificate asks a follower for the pairing queue",
+               f"403 {bad.json().get('detail')}")  # fmt: skip

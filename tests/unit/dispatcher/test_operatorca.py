@@ -213,3 +213,15 @@ def test_identity_reaches_the_hook_context_and_run_records() -> None:
     rec = async_record("r2", "s", [{"host": "h", "status": "accepted"}],
                        attribution={**cli.attribution(), "reqid": "forged", "mode": "x"})  # fmt: skip
     assert rec["unix_user"] == "root" and rec["reqid"] == "r2" and rec["mode"] == "async"
+
+
+def test_a_new_operator_ca_makes_members_restart(d: Dispatcher) -> None:
+    """The API loads the operator CA into its TLS trust store at start: one arriving by
+    replication is loaded material that differs (``restart_pending``)."""
+    from dispatcher.ha.manifest import material
+
+    before = material(d.cfg)
+    assert before["operator_ca"] == "-"
+    actions.request(d, "setup-operator-ca")
+    after = material(d.cfg)
+    assert after["operator_ca"] != "-" and after != before
