@@ -12,8 +12,10 @@ its own docs say it should not, DESIGN.md section 2) and the peers' ``/cluster/f
 The routes are :class:`~fastapi.APIRouter` objects in :mod:`dispatcher.api.routes`; they
 take the application's state (:class:`~dispatcher.api.deps.ApiState` on
 ``app.state.api``) and the caller through the dependencies of :mod:`dispatcher.api.deps`.
-The operator identity of a TLS client certificate (see :mod:`dispatcher.api.peercert`)
-goes into ``Caller.identity`` and into the ``api-request`` log line.
+The operator identity of a TLS client certificate from an operator CA (CN, serial,
+issuer fingerprint: :mod:`dispatcher.api.operatorcerts`) becomes the caller's username
+and ``Caller.identity``, reaches the auth hook and the run records, and is on every log
+line of the request; any other certificate is refused outside the peer routes.
 """
 
 from __future__ import annotations

@@ -225,3 +225,14 @@ def test_a_new_operator_ca_makes_members_restart(d: Dispatcher) -> None:
     actions.request(d, "setup-operator-ca")
     after = material(d.cfg)
     assert after["operator_ca"] != "-" and after != before
+
+
+def test_check_config_names_the_api_client_ca_line(d: Dispatcher) -> None:
+    from dispatcher.config import check
+
+    conf = Path(d.cfg.path)
+    ca_crt = Path(d.cfg.ca_dir) / "ca.crt"
+    conf.write_text(conf.read_text() + f"api_cert = {d.cfg.cert}\napi_key = {d.cfg.key}\n"
+                    f"api_client_ca = {ca_crt}\n")  # fmt: skip
+    problems = check(str(conf))
+    assert [p for p in problems if p.startswith(f"{conf}:6: api_client_ca {ca_crt} is the ")]
