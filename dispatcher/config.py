@@ -51,6 +51,7 @@ class DispatcherConfig:
     api_key: str = ""
     api_client_ca: str = ""
     api_names: list[str] = field(default_factory=list)  # subjectAltName of the API cert
+    api_require_client_cert: bool = False  # yes: no API request without an operator cert
     api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
     api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64
@@ -329,7 +330,8 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
 
 def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     """What ``ctrl-exec-api`` also needs, checked without network and without binding:
-    the API certificate files exist and load, ``sync_mode = push`` in a cluster has the
+    the API certificate files exist and load, ``api_client_ca`` is no CA that signs agents
+    and ``api_require_client_cert`` has an operator CA, ``sync_mode = push`` in a cluster has the
     API on TLS, an advertised address that is not loopback while etcd is remote when it
     is derived from ``api_bind`` (``ced`` on an operator host advertises nothing), the
     PROXY v2 settings, and distinct ports."""
@@ -381,12 +383,19 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
         if port and port in seen:
             out.append(cfg.error(key, f"{key} {port} is also {seen[port]}"))
         seen.setdefault(port, key)
-    from dispatcher.api import proxyproto
+    from dispatcher.api import operatorcerts, proxyproto
 
     try:
         proxyproto.check_config(cfg)
     except ConfigError as exc:
         out.append(exc)
+    if (problem := operatorcerts.no_trust_problem(cfg)) is not None:
+        out.append(problem)
+    if cfg.api_client_ca and Path(cfg.api_client_ca).is_file():
+        try:  # operators are not agents: never a CA that signs agents
+            operatorcerts.check_client_ca(cfg)
+        except ConfigError as exc:
+            out.append(exc)
     return out
 
 

@@ -16,7 +16,7 @@ the benchmark can use it as well.
   copy of the CA dir and the registry and keeps ``rotation.json`` in its state dir (the
   files travel from the leader over mTLS);
 * with ``tls``: the API over TLS (the dispatcher certificate; operator client
-  certificates checked against the CA), plus a PROXY v2 API port per instance unless
+  certificates from the operator CA, ``ops.lab.operators``), plus a PROXY v2 API port per instance unless
   ``proxy_protocol`` is off;
 * with ``haproxy``: HAProxy configured by ``dispatcher.haproxy.render`` (what ``ced cluster
   haproxy-config`` prints) through :mod:`ops.lab.haproxy`, TCP passthrough, PROXY v2 to
@@ -63,6 +63,7 @@ from ops.lab.etcd import EtcdCluster
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
+from ops.lab.operators import OperatorCA
 from ops.lab.pairing import make_csr, pair_request, read_framed
 from ops.lab.pki import Issued
 from ops.lab.proc import ENV, ApiProcess, WaitTimeout, wait_until
@@ -288,10 +289,9 @@ def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> 
         "health_port": str(inst.health_port), "pairing_port": str(inst.pairing_port),
         "instance_id": inst.id,
     }  # fmt: skip
-    if spec.tls:
+    if spec.tls:  # operators: <ca_dir>/operator-ca.crt, trusted without configuration
         conf.update(api_cert=str(inst.ca_dir / "dispatcher.crt"),
-                    api_key=str(inst.ca_dir / "dispatcher.key"),
-                    api_client_ca=str(inst.ca_dir / "ca.crt"))  # fmt: skip
+                    api_key=str(inst.ca_dir / "dispatcher.key"))  # fmt: skip
     if inst.proxy_port:
         conf["api_proxy_port"] = str(inst.proxy_port)
         conf["api_proxy_sources"] = "127.0.0.1"
@@ -314,7 +314,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         shutil.copy(ca_dir / f, keep / f)
     dispatcher = Issued(keep / "dispatcher.crt", keep / "dispatcher.key", dcert.serial_number)
     agent_ca = DispatcherCA(ca, tmp / "agent-certs")
-    operator = agent_ca.issue("operator", cn="chaos-operator") if spec.tls else None
+    operator = OperatorCA(ca_dir, tmp / "operators").issue("chaos-operator") if spec.tls else None
     agents = {name: make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts),
                                host=addr) for name, addr in spec.agents.items()}  # fmt: skip
     registry_dir = tmp / "agents"
