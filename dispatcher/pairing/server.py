@@ -35,13 +35,15 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.common.logfmt import event
 from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.tlsconf import server_context
 from agent.common.wire import response_bytes
+from dispatcher.client.aio import ASYNCIO
 from dispatcher.config import DispatcherConfig
+from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq
 from dispatcher.registry import Registry
@@ -50,8 +52,10 @@ from dispatcher.statewrite import StateWriter, default_writer
 MAX_BODY = 65_536
 MAX_HEAD = 65_536
 DEFAULT_VOLUME = RateSpec(10, 60, 300)
+UNAVAILABLE = "pairing unavailable, try again later"
 
 OnRequest = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 def parse_rate(value: str) -> RateSpec:
@@ -169,8 +173,8 @@ class PairingServer:
         """Load the dispatcher cert/key, expire stale requests and listen."""
         self.ssl_ctx = _context_with_ca(self.cfg.cert, self.cfg.key, self.cfg.ca)
         self._stopping = asyncio.Event()
-        pq._dir(self.pairing_dir)
-        pq.expire_stale(self.pairing_dir, writer=self.writer)
+        await asyncio.to_thread(pq._dir, self.pairing_dir)
+        await self._offload(lambda: pq.expire_stale(self.pairing_dir, writer=self.writer))
         self.server = await asyncio.start_server(
             self._on_connect, host=self.host, port=self.port, backlog=128,
             limit=MAX_HEAD + 1024,
@@ -280,7 +284,7 @@ class PairingServer:
         event("pair-request", **fields)
         if not await self._send(writer, response_bytes(200, {"status": "pending",
                                                               "reqid": reqid})):  # fmt: skip
-            self._withdraw(reqid, "disconnected")
+            await self._withdraw(reqid, "disconnected")
             return
         if self.on_request is not None:
             try:
@@ -334,17 +338,22 @@ class PairingServer:
         lookup_by = obj.get("lookup_by") if obj.get("lookup_by") in pq.LOOKUP_BY else None
         rdns, confirmed = await self._rdns(ip)
         try:
-            return pq.submit(
-                self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
-                ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
-                reverse_dns=rdns, reverse_confirmed=confirmed,
-                max_queue=self.cfg.pairing_max_queue,
-                max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
+            return await self._offload(
+                lambda: pq.submit(
+                    self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
+                    ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
+                    reverse_dns=rdns, reverse_confirmed=confirmed,
+                    max_queue=self.cfg.pairing_max_queue,
+                    max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
+                ),
+                undo=lambda rec: self._withdraw_now(str(rec["id"]), "cancelled"),
             )  # fmt: skip
         except pq.QueueFull:
             raise _Reject("pairing queue full", "queue-full") from None
         except pq.Refused as exc:
             raise _Reject(exc.reason, exc.log_reason) from None
+        except LeaderOnlyRefused as exc:  # not the leader any more, or etcd unreachable
+            raise _Reject(UNAVAILABLE, f"not-queued: {exc}") from None
 
     async def _rdns(self, ip: str) -> tuple[str, bool]:
         if not self.reverse_dns:
@@ -357,8 +366,26 @@ class PairingServer:
         except (TimeoutError, OSError):
             return "", False
 
-    def _withdraw(self, reqid: str, reason: str) -> None:
-        """Drop an undecided request whose agent is gone."""
+    @staticmethod
+    async def _offload(fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+        """Queue work off the event loop: every queue write goes through the state writer,
+        which in a cluster commits to etcd first (a slow or frozen etcd must not stall the
+        other connections). The work runs to its end; a cancelled caller's result goes to
+        ``undo`` (a request queued for a connection that is gone is withdrawn)."""
+        return await ASYNCIO.offload(fn, undo)
+
+    async def _delete(self, *paths: Path) -> None:
+        def go() -> None:
+            for p in paths:
+                self.writer.delete(p)
+
+        await self._offload(go)
+
+    async def _withdraw(self, reqid: str, reason: str) -> None:
+        await self._offload(lambda: self._withdraw_now(reqid, reason))
+
+    def _withdraw_now(self, reqid: str, reason: str) -> None:
+        """Drop an undecided request whose agent is gone (blocking: the state writer)."""
         qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
         decided = apath.exists() or dpath.exists()
         for p in (qpath, apath, dpath):
@@ -377,25 +404,21 @@ class PairingServer:
         qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
         try:
             while True:
-                found = pq.outcome(self.pairing_dir, reqid)
+                found = await asyncio.to_thread(pq.outcome, self.pairing_dir, reqid)
                 if found is not None:
                     status, raw = found
                     sent = await self._send(writer, frame(raw.strip()))
-                    if status == "approved":
-                        self.writer.delete(apath)
-                        self.writer.delete(qpath)
-                    else:
-                        self.writer.delete(dpath)
+                    await self._delete(*((apath, qpath) if status == "approved" else (dpath,)))
                     event("pair-deliver", logging.INFO if sent else logging.WARNING,
                           reqid=reqid, status=status, sent=int(sent))  # fmt: skip
                     return
                 if eof.done() and (eof.exception() is not None or eof.result() == b""):
-                    self._withdraw(reqid, "disconnected")
+                    await self._withdraw(reqid, "disconnected")
                     return
                 remaining = deadline - loop.time()
                 if remaining <= 0 or stop.done():
                     reason = "approval timeout" if remaining <= 0 else "pairing mode stopped"
-                    self.writer.delete(qpath)
+                    await self._delete(qpath)
                     event("pair-timeout" if remaining <= 0 else "pair-abandon",
                           logging.WARNING, reqid=reqid, reason=reason)  # fmt: skip
                     await self._send(writer, response_bytes(200, {"status": "denied",
