@@ -12,8 +12,16 @@ up to 64 KiB, JSON with ``csr`` and ``hostname``, hint validation, queue, respon
 ``{"status":"denied","reason":"approval timeout"}``. Every response is HTTP 200.
 
 Beyond upstream: when the agent closes its connection before a decision, its request is
-withdrawn from the queue (nobody could receive the certificate); when the listener is
-stopped, waiting agents get ``{"status":"denied","reason":"pairing mode stopped"}``.
+withdrawn from the queue (nobody could receive the certificate) unless the agent is back
+on another connection; when the listener is stopped, waiting agents get
+``{"status":"denied","reason":"pairing mode stopped"}``. Our agent reconnects when its
+connection drops (an upstream agent does not) and sends the same request again: it is
+answered as the same request (:func:`dispatcher.pairing.queue.submit`, ``resumed``):
+``pending`` with the same reqid, then the decision; an approval made by a leader that has
+died since is delivered from the approvals kept in ``ca_dir``.
+
+Fault injection for tests: while the file named by ``CTRL_EXEC_TEST_HOLD_PAIRING_DELIVERY``
+exists, no approval is delivered (the decision is kept, the connection stays open).
 
 Trust boundaries (beyond upstream, same framing): the name must be an RFC 1123 host name
 and the CSR's CN exactly that name; one client address holds at most
@@ -31,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -40,7 +49,7 @@ from typing import Any, TypeVar
 from agent.common.logfmt import event
 from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.tlsconf import server_context
-from agent.common.wire import response_bytes
+from agent.common.wire import dumps, response_bytes
 from dispatcher.client.aio import ASYNCIO
 from dispatcher.config import DispatcherConfig
 from dispatcher.errors import LeaderOnlyRefused
@@ -52,6 +61,7 @@ from dispatcher.statewrite import StateWriter, default_writer
 MAX_BODY = 65_536
 MAX_HEAD = 65_536
 DEFAULT_VOLUME = RateSpec(10, 60, 300)
+HOLD_ENV = "CTRL_EXEC_TEST_HOLD_PAIRING_DELIVERY"
 UNAVAILABLE = "pairing unavailable, try again later"
 
 OnRequest = Callable[[dict[str, Any]], None]
@@ -164,6 +174,7 @@ class PairingServer:
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
+        self._attached: dict[str, int] = {}  # reqid -> connections waiting for it
 
     @property
     def live(self) -> int:
@@ -277,23 +288,86 @@ class PairingServer:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             return
         reqid = str(record["id"])
+        resumed = str(record.get("resumed") or "")
         fields: dict[str, Any] = {"agent": record["hostname"], "ip": ip, "reqid": reqid,
                                   "status": "pending", "code": record["code"]}  # fmt: skip
         if record["ip"] != ip:
             fields["reported_ip"] = record["ip"]
+        if resumed:
+            fields["resumed"] = resumed
         event("pair-request", **fields)
-        if not await self._send(writer, response_bytes(200, {"status": "pending",
-                                                              "reqid": reqid})):  # fmt: skip
-            await self._withdraw(reqid, "disconnected")
+        if resumed == "approved":
+            await self._resume_approved(reader, writer, record)
             return
-        if self.on_request is not None:
-            try:
-                registry = Registry(self.cfg.registry_dir)
-                shown = await asyncio.to_thread(pq.describe, [record], registry)
-                self.on_request(shown[0])
-            except Exception as exc:
-                event("pair-error", logging.ERROR, reqid=reqid, reason=f"on_request: {exc}")
-        await self._await_decision(reader, writer, reqid)
+        self._attached[reqid] = self._attached.get(reqid, 0) + 1
+        try:
+            if not await self._send(writer, response_bytes(200, {"status": "pending",
+                                                                  "reqid": reqid})):  # fmt: skip
+                await self._withdraw(reqid, "disconnected")
+                return
+            if self.on_request is not None and not resumed:
+                await self._show(record)
+            await self._await_decision(reader, writer, record)
+        finally:
+            left = self._attached.get(reqid, 1) - 1
+            if left > 0:
+                self._attached[reqid] = left
+            else:
+                self._attached.pop(reqid, None)
+
+    def _kept_approval(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return pq.resumed_approval(pq.approvals_dir(self.cfg), pq.key_of(record),
+                                       str(record.get("csr", "")), record.get("nonce"))  # fmt: skip
+        except pq.Refused:
+            return None
+
+    async def _resume_approved(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        record: dict[str, Any], answered: bool = False,
+    ) -> None:  # fmt: skip
+        """A resubmitted request that was approved (maybe by a leader gone since):
+        ``pending`` with its reqid (unless ``answered``), then the kept approval."""
+        reqid = str(record["id"])
+        if not answered and not await self._send(
+            writer, response_bytes(200, {"status": "pending", "reqid": reqid})
+        ):
+            return
+        if not await self._hold(reader):
+            return
+        sent = await self._send(writer, frame(dumps(record["approval"])))
+        with contextlib.suppress(pq.PairingQueueError):
+            qpath, apath, _ = pq.paths(self.pairing_dir, reqid)
+            if await asyncio.to_thread(apath.exists):  # approved here, not delivered yet
+                await self._delete(apath, qpath)
+        event("pair-deliver", logging.INFO if sent else logging.WARNING, reqid=reqid,
+              status="approved", sent=int(sent), resumed="approved")  # fmt: skip
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bool:
+        """Test fault injection (``HOLD_ENV``): wait while the hold file exists; False
+        when the agent hung up or the listener stops meanwhile."""
+        hold = os.environ.get(HOLD_ENV, "")
+        if not hold or not os.path.exists(hold):
+            return True
+        assert self._stopping is not None
+        event("pair-hold", logging.WARNING, reason=f"{HOLD_ENV} exists")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.approval_timeout
+        while os.path.exists(hold):
+            if self._stopping.is_set() or reader.at_eof() or loop.time() > deadline:
+                return False
+            await asyncio.sleep(self.poll_interval)
+        return True
+
+    async def _show(self, record: dict[str, Any]) -> None:
+        assert self.on_request is not None
+        try:
+            registry = Registry(self.cfg.registry_dir)
+            shown = await asyncio.to_thread(pq.describe, [record], registry)
+            self.on_request(shown[0])
+        except Exception as exc:
+            event("pair-error", logging.ERROR, reqid=str(record["id"]),
+                  reason=f"on_request: {exc}")  # fmt: skip
 
     async def _read_and_queue(self, reader: asyncio.StreamReader, ip: str) -> dict[str, Any]:
         try:
@@ -345,6 +419,7 @@ class PairingServer:
                     reverse_dns=rdns, reverse_confirmed=confirmed,
                     max_queue=self.cfg.pairing_max_queue,
                     max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
+                    approvals=pq.approvals_dir(self.cfg),
                 ),
                 undo=lambda rec: self._withdraw_now(str(rec["id"]), "cancelled"),
             )  # fmt: skip
@@ -382,6 +457,9 @@ class PairingServer:
         await self._offload(go)
 
     async def _withdraw(self, reqid: str, reason: str) -> None:
+        if self._attached.get(reqid, 0) > 1:  # the agent is back on another connection
+            event("pair-reattach", reqid=reqid, reason=reason)
+            return
         await self._offload(lambda: self._withdraw_now(reqid, reason))
 
     def _withdraw_now(self, reqid: str, reason: str) -> None:
@@ -394,8 +472,10 @@ class PairingServer:
               decided=int(decided))  # fmt: skip
 
     async def _await_decision(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reqid: str
-    ) -> None:
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        record: dict[str, Any],
+    ) -> None:  # fmt: skip
+        reqid = str(record["id"])
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.approval_timeout
@@ -405,6 +485,15 @@ class PairingServer:
         try:
             while True:
                 found = await asyncio.to_thread(pq.outcome, self.pairing_dir, reqid)
+                if found is not None and found[0] == "approved" and not await self._hold(reader):
+                    return
+                if found is None and not await asyncio.to_thread(qpath.exists):
+                    # decided and delivered on another connection of the same agent:
+                    # an approval is kept, so this connection gets it too
+                    kept = await asyncio.to_thread(self._kept_approval, record)
+                    if kept is not None:
+                        await self._resume_approved(reader, writer, kept, answered=True)
+                    return
                 if found is not None:
                     status, raw = found
                     sent = await self._send(writer, frame(raw.strip()))
