@@ -62,6 +62,8 @@ class DispatcherConfig:
     pairing_rate_limit_disable: bool = False
     pairing_port: int = 7444
     pairing_bind: str = "0.0.0.0"
+    # PROXY v2 pairing listener for HAProxy (0: off); peers from api_proxy_sources only
+    pairing_proxy_port: int = 0
     health_port: int = 7446
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
@@ -364,6 +366,7 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
         "api_port": cfg.api_port,
         "health_port": cfg.health_port,
         "pairing_port": cfg.pairing_port,
+        "pairing_proxy_port": cfg.pairing_proxy_port,
     }  # api_proxy_port: proxyproto.check_config
     seen: dict[int, str] = {}
     for key, port in ports.items():
@@ -371,11 +374,13 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
             out.append(cfg.error(key, f"{key} {port} is also {seen[port]}"))
         seen.setdefault(port, key)
     from dispatcher.api import proxyproto
+    from dispatcher.proxyv2 import check_pairing_config
 
-    try:
-        proxyproto.check_config(cfg)
-    except ConfigError as exc:
-        out.append(exc)
+    for check in (proxyproto.check_config, check_pairing_config):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            out.append(exc)
     return out
 
 

@@ -27,8 +27,11 @@ Trust boundaries (beyond upstream, same framing): the name must be an RFC 1123 h
 and the CSR's CN exactly that name; one client address holds at most
 ``pairing_max_per_source`` pending requests; a key or code already pending is refused
 (:func:`dispatcher.pairing.queue.submit`). The rate limiter and the per-source cap are
-keyed on the *client* address :meth:`PairingServer.handle` is given, which a PROXY-protocol
-front end sets to the address behind the load balancer (default: the TCP peer). The TLS
+keyed on the *client* address :meth:`PairingServer.handle` is given: the TCP peer, or on
+the PROXY v2 port (``pairing_proxy_port``, for HAProxy's ``send-proxy-v2``) the client
+address from the header. That port takes connections only from ``api_proxy_sources`` (the
+API's rule, :mod:`dispatcher.proxyv2`): anyone else is closed before a byte is read, and
+a missing, malformed or slow header closes the connection before TLS. The TLS
 certificate message carries the CA after the dispatcher certificate, so an agent that pins
 the CA (``request-pairing --ca-fingerprint``) can check the chain before it sends anything.
 """
@@ -50,6 +53,7 @@ from agent.common.logfmt import event
 from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.tlsconf import server_context
 from agent.common.wire import dumps, response_bytes
+from dispatcher import proxyv2
 from dispatcher.client.aio import ASYNCIO
 from dispatcher.config import DispatcherConfig
 from dispatcher.errors import LeaderOnlyRefused
@@ -103,6 +107,11 @@ def _context_with_ca(cert: str, key: str, ca: str) -> ssl.SSLContext:
         chain = os.path.join(tmp, "chain.pem")  # public certificates only
         Path(chain).write_text(leaf.rstrip("\n") + "\n" + ca_pem)
         return server_context(chain, key)
+
+
+def _close(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()
 
 
 def _reverse_dns(ip: str) -> tuple[str, bool]:
@@ -172,6 +181,9 @@ class PairingServer:
         )  # fmt: skip
         self.ssl_ctx: ssl.SSLContext | None = None
         self.server: asyncio.Server | None = None
+        self.proxy_port = 0  # the PROXY v2 listener's port once started (0: none)
+        self._proxy_sock: socket.socket | None = None
+        self._proxy_accept: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
         self._attached: dict[str, int] = {}  # reqid -> connections waiting for it
@@ -192,7 +204,15 @@ class PairingServer:
         )  # fmt: skip
         sock = self.server.sockets[0]
         self.port = int(sock.getsockname()[1])
-        event("pairing-mode-start", port=self.port, bind=self.host)
+        if self.cfg.pairing_proxy_port:
+            try:
+                await self._start_proxy()
+            except BaseException:
+                self.server.close()
+                self.server = None
+                raise
+        event("pairing-mode-start", port=self.port, bind=self.host,
+              proxy_port=self.proxy_port or None)  # fmt: skip
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; waiting agents get a final answer, then connections close."""
@@ -201,6 +221,7 @@ class PairingServer:
         assert self._stopping is not None
         self._stopping.set()
         self.server.close()
+        await self._stop_proxy()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for t in pending:
@@ -211,6 +232,85 @@ class PairingServer:
             await asyncio.wait_for(self.server.wait_closed(), 2)
         self.server = None
         event("pairing-mode-stop", port=self.port)
+
+    # ----- the PROXY v2 listener -----------------------------------------------------------
+
+    async def _start_proxy(self) -> None:
+        networks = proxyv2.parse_sources(self.cfg.api_proxy_sources)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.cfg.pairing_proxy_port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._proxy_sock = sock
+        self.proxy_port = int(sock.getsockname()[1])
+        self._proxy_accept = asyncio.create_task(self._proxy_loop(sock, networks))
+
+    async def _stop_proxy(self) -> None:
+        task, self._proxy_accept = self._proxy_accept, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sock, self._proxy_sock = self._proxy_sock, None
+        if sock is not None:
+            sock.close()
+
+    async def _proxy_loop(self, sock: socket.socket, networks: list[proxyv2.Network]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: do not spin
+                event("pairing-proxy-error", logging.ERROR, error=exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = plain_ip(str(addr[0]), keep_zone=True)
+            if not proxyv2.trusted(peer, networks):
+                event("pairing-proxy-refuse", logging.WARNING, peer=peer,
+                      reason="not-a-trusted-proxy")  # fmt: skip
+                _close(conn)
+                continue
+            task = asyncio.create_task(self._proxied(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _proxied(self, conn: socket.socket, peer: str) -> None:
+        """Read the PROXY v2 header off the raw socket (nothing after it), then serve the
+        connection as the client the header names."""
+        conn.setblocking(False)
+        try:
+            header = await asyncio.wait_for(proxyv2.read_header(conn), self.handshake_timeout)
+        except (proxyv2.ProxyProtocolError, TimeoutError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            event("pairing-proxy-reject", logging.WARNING, peer=peer, reason=reason)
+            _close(conn)
+            return
+        except asyncio.CancelledError:
+            _close(conn)
+            raise
+        client = header.client[0] if header.client is not None else peer
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD + 1024, loop=loop)
+        served: list[asyncio.Future[None]] = []
+
+        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            served.append(asyncio.ensure_future(self.handle(r, w, client_ip=client)))
+
+        try:
+            await loop.connect_accepted_socket(
+                lambda: asyncio.StreamReaderProtocol(reader, connected, loop=loop), conn
+            )
+        except OSError:
+            _close(conn)
+            return
+        if served:
+            await served[0]
 
     # ----- connections ------------------------------------------------------------------
 

@@ -39,3 +39,16 @@ def test_log_to_stdout_is_optional() -> None:
     text = render(MEMBERS, log_stdout=True)
     assert "    log stdout format raw local0 info" in text
     assert "    log global" in text and "    option tcplog" in text
+
+
+def test_pairing_goes_through_proxy_v2_when_the_instance_has_a_proxy_pairing_port() -> None:
+    members = [
+        Member("d1", "127.0.0.1", 17445, 17446, 17444, 17447, pairing_proxy_port=17448),
+        Member("d2", "127.0.0.2", 17445, 17446, 17444, 17447),  # no proxy pairing port
+    ]
+    proxied = render(members, proxy_protocol=True)
+    pairing = proxied.split("backend be_ctrl_exec_pairing", 1)[1]
+    assert "server d1 127.0.0.1:17448 send-proxy-v2 check port 17446" in pairing
+    assert "server d2 127.0.0.2:17444 check port 17446" in pairing
+    plain = render(members).split("backend be_ctrl_exec_pairing", 1)[1]
+    assert "send-proxy-v2" not in plain and "127.0.0.1:17444 check" in plain
