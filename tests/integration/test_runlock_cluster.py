@@ -47,6 +47,7 @@ class Lab:
     agent: AgentProc
     confs: list[Path]  # host A, host B
     runs: Path  # one line per start of the slow script on the agent
+    release: Path  # the slow script ends once this file exists (30 s at most)
 
     def held(self) -> list[tuple[str, str]]:
         b = EtcdBackend(self.etcd.endpoints, cluster_name=CLUSTER, timeout=1.0)
@@ -89,11 +90,17 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
 @pytest.fixture
 def lab(tmp_path: Path, pki: TestCA, dispatcher_cert: Issued) -> Iterator[Lab]:
     runs = tmp_path / "runs.log"
+    release = tmp_path / "release"
     slow = tmp_path / "slow.sh"
-    slow.write_text(f"#!/bin/sh\necho started >> {runs}\nsleep 4\necho slept\n")
+    slow.write_text(f"#!/bin/sh\necho started >> {runs}\ni=0\n"
+                    f"while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n"
+                    "echo slept\n")  # fmt: skip
     slow.chmod(0o755)
-    agent = make_agent(tmp_path / "agent", pki, {"disp": dispatcher_cert}, {"slow": str(slow)},
-                       host="127.0.0.2")  # fmt: skip
+    fast = tmp_path / "fast.sh"
+    fast.write_text("#!/bin/sh\necho fast\n")
+    fast.chmod(0o755)
+    agent = make_agent(tmp_path / "agent", pki, {"disp": dispatcher_cert},
+                       {"slow": str(slow), "fast": str(fast)}, host="127.0.0.2")  # fmt: skip
     etcd = EtcdCluster(tmp_path / "etcd").start()
     confs: list[Path] = []
     try:
@@ -110,7 +117,7 @@ def lab(tmp_path: Path, pki: TestCA, dispatcher_cert: Issued) -> Iterator[Lab]:
             confs.append(conf)
         agent.start(wait=False)
         wait_listening(agent.host, agent.port, agent.proc)
-        yield Lab(tmp_path, etcd, agent, confs, runs)
+        yield Lab(tmp_path, etcd, agent, confs, runs, release)
     finally:
         agent.stop()
         etcd.close()
@@ -130,6 +137,8 @@ def test_ced_runs_on_two_hosts_exclude_each_other(lab: Lab) -> None:
         text = ced(lab.confs[1], "run", "web1", "slow")
         assert text.returncode == 1
         assert "Locked: already running: web1:slow" in text.stderr
+        assert first.poll() is None  # host A's run held the lock all along
+        lab.release.touch()
         out, errs = first.communicate(timeout=30)
     finally:
         if first.poll() is None:
@@ -154,6 +163,7 @@ def test_killed_ced_frees_its_lock_after_the_lease_ttl(lab: Lab) -> None:
         killed_at = time.monotonic()
         refused = ced(lab.confs[1], "--json", "run", "web1", "slow")
         assert json.loads(refused.stdout)["error"] == "locked"
+        lab.release.touch()  # the killed run's script ends on the agent; its lock stays
         wait_for(lambda: lab.held() == [], TTL + 4, "lock of the killed ced to expire")
         freed = time.monotonic() - killed_at
         print(f"[lock] killed ced's lock freed {freed:.2f} s after kill -9 (lease_ttl {TTL} s)")
@@ -169,22 +179,30 @@ def test_killed_ced_frees_its_lock_after_the_lease_ttl(lab: Lab) -> None:
 def test_etcd_unreachable_ced_runs_under_the_local_lock(lab: Lab) -> None:
     lab.etcd.pause()  # SIGSTOP: connections hang until the client's timeout
     try:
-        t0 = time.monotonic()
         first = start_ced(lab.confs[0], "run", "web1", "slow")
         try:
             wait_for(lambda: lab.started() == 1, 15, "the run under the local lock")
             # same host (same locks_dir): the local flock still refuses a second run
             same = ced(lab.confs[0], "--json", "run", "web1", "slow")
             assert json.loads(same.stdout)["error"] == "locked"
+            lab.release.touch()
             out, errs = first.communicate(timeout=30)
         finally:
             if first.poll() is None:
                 first.kill()
                 first.wait(10)
         assert "slept" in out
-        elapsed = time.monotonic() - t0
-        print(f"[lock] ced run with etcd frozen: {elapsed:.2f} s (script 4 s)")
         assert first.returncode == 0, errs
         assert "ACTION=run-lock-fallback" in errs and "SCOPE=local" in errs
+        t0 = time.monotonic()
+        quick = ced(lab.confs[1], "--json", "run", "web1", "fast")
+        frozen = time.monotonic() - t0
+        assert quick.returncode == 0, quick.stderr
     finally:
         lab.etcd.resume()
+    t0 = time.monotonic()
+    assert ced(lab.confs[1], "--json", "run", "web1", "fast").returncode == 0
+    up = time.monotonic() - t0
+    print(f"[lock] ced run of a quick script: {up:.2f} s with etcd up, {frozen:.2f} s with "
+          f"etcd frozen (local lock after the lease grant times out)")  # fmt: skip
+    assert frozen < up + 2.0  # the fallback costs one store timeout (lease_ttl/4), no more
