@@ -48,6 +48,11 @@ class LockConflict(ClusterError):
         super().__init__(f"already running: {', '.join(conflicts)}")
 
 
+class LockUnavailable(BackendUnavailable):
+    """The cluster-wide run lock cannot be taken (the store does not answer) and the
+    configuration refuses to run under the local lock alone."""
+
+
 class LockHandle(ABC):
     """Locks held for one run (``pairs``); released by :meth:`release` or leaving the ``with``.
 

@@ -64,6 +64,8 @@ class DispatcherConfig:
     pairing_bind: str = "0.0.0.0"
     # PROXY v2 pairing listener for HAProxy (0: off); peers from api_proxy_sources only
     pairing_proxy_port: int = 0
+    # with etcd unreachable: run under the local lock alone ("local") or refuse ("refuse")
+    run_lock_without_etcd: str = "local"
     health_port: int = 7446
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
@@ -288,6 +290,9 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("api_auth_default", "api_auth_default must be deny or allow"))
     if cfg.sync_mode not in ("push", "shared-fs"):
         errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
+    if cfg.run_lock_without_etcd not in ("local", "refuse"):
+        errors.append(cfg.error("run_lock_without_etcd",
+                                "run_lock_without_etcd must be local or refuse"))  # fmt: skip
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:

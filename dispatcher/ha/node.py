@@ -121,6 +121,7 @@ class HANode:
         self.run_locks = HARunLocks(
             ClusterRunLocks(self.data, self.session, owner=self.instance_id),
             LocalRunLocks(cfg.locks_dir), self.health,
+            refuse=cfg.run_lock_without_etcd == "refuse",
         )  # fmt: skip
         self.runs: RunStore = (
             ClusterRunStore(cfg.runs_dir, self.data, self.health)

@@ -7,9 +7,14 @@ cluster conflicts are the same :class:`cluster.locks.LockConflict`, which the CL
 API answer as upstream does (code 4).
 
 While the store is unreachable (or the session has no lease yet) runs go on with the local
-locks alone and a warning: losing etcd costs pairing and rotation, never run and ping.
-The same host:script can then run through two instances at once; the local lock still
-serialises runs on each instance (and across instances sharing ``locks_dir``).
+locks alone and a warning: losing etcd costs pairing and rotation, never run and ping
+(DESIGN.md section 3). The same host:script can then run through two instances at once;
+the local lock still serialises runs on each instance (and across instances sharing
+``locks_dir``). With ``run_lock_without_etcd = refuse`` a run is refused instead
+(:class:`~cluster.locks.LockUnavailable`: ``ced`` exits 1 with ``Error: run lock
+unavailable: ...``, the API answers 503 ``cluster unavailable``): never two runs of one
+host:script, at the price of no runs while etcd is down. The CLI and the API follow the
+same rule.
 
 ``ced`` on a dispatcher host with etcd configured takes the same locks through
 :class:`CLIRunLocks`: the local ``flock`` and the same cluster keys, bound to a lease the
@@ -33,6 +38,7 @@ from cluster.locks import (
     LeasedHeldLocks,
     LeasedRunLocks,
     LockHandle,
+    LockUnavailable,
 )
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.storehealth import ClusterHealth
@@ -75,15 +81,19 @@ class HAHeldLocks(LockHandle):
 class HARunLocks:
     """:class:`RunLocks`: local ``flock`` plus cluster-wide keys while the store answers."""
 
-    def __init__(self, cluster: ClusterRunLocks, local: RunLocks, health: ClusterHealth) -> None:
+    def __init__(
+        self, cluster: ClusterRunLocks, local: RunLocks, health: ClusterHealth,
+        refuse: bool = False,
+    ) -> None:  # fmt: skip
         self.cluster = cluster
         self.local = local
         self.health = health
+        self.refuse = refuse  # run_lock_without_etcd = refuse
         self._pending: list[PendingRelease] = []
         self._lock = threading.Lock()
 
     def _fallback(self, reason: str) -> None:
-        logfmt.event("run-lock-fallback", logging.WARNING, scope="local", reason=reason)
+        _fallback(reason, self.refuse)
 
     def acquire_all(self, pairs: list[tuple[str, str]]) -> HAHeldLocks:
         unique = list(dict.fromkeys(pairs))
@@ -140,6 +150,15 @@ class HARunLocks:
             return len(self._pending)
 
 
+def _fallback(reason: str, refuse: bool) -> None:
+    """Log the run going on under the local lock alone, or refuse it (LockUnavailable)."""
+    if refuse:
+        logfmt.event("run-lock-refused", logging.WARNING, reason=reason,
+                     policy="run_lock_without_etcd=refuse")  # fmt: skip
+        raise LockUnavailable(f"run lock unavailable: {reason} (run_lock_without_etcd = refuse)")
+    logfmt.event("run-lock-fallback", logging.WARNING, scope="local", reason=reason)
+
+
 class CLIHeldLocks(LockHandle):
     """The local locks plus (when the store answered) the leased cluster keys of one run."""
 
@@ -176,12 +195,14 @@ class CLIRunLocks:
     for the run (:class:`~cluster.locks.LeasedRunLocks`: kept alive while the run lasts,
     revoked at its end; a killed ``ced`` frees them when the lease expires). When the store
     does not answer, the run goes on under the local lock alone with a warning, as the API
-    does (DESIGN.md section 3: losing etcd never costs run).
+    does (DESIGN.md section 3: losing etcd never costs run), unless the configuration
+    says ``run_lock_without_etcd = refuse``.
     """
 
-    def __init__(self, cluster: LeasedRunLocks, local: RunLocks) -> None:
+    def __init__(self, cluster: LeasedRunLocks, local: RunLocks, refuse: bool = False) -> None:
         self.cluster = cluster
         self.local = local
+        self.refuse = refuse  # run_lock_without_etcd = refuse
 
     def acquire_all(self, pairs: list[tuple[str, str]]) -> CLIHeldLocks:
         unique = list(dict.fromkeys(pairs))
@@ -190,8 +211,7 @@ class CLIRunLocks:
             try:
                 held = self.cluster.acquire_all(unique)
             except BackendUnavailable as exc:
-                logfmt.event("run-lock-fallback", logging.WARNING, scope="local",
-                             reason=f"cluster unavailable: {exc}")  # fmt: skip
+                _fallback(f"cluster unavailable: {exc}", self.refuse)
                 return CLIHeldLocks(unique, local, None)
             return CLIHeldLocks(unique, local, held)
         except BaseException:
@@ -221,4 +241,5 @@ def cli_run_locks(cfg: DispatcherConfig) -> CLIRunLocks:
 
     owner = f"ced@{socket.gethostname()}:{os.getpid()}"
     leased = LeasedRunLocks(backend_from_config(cfg), owner, lease_ttl(cfg), _lease_lost)
-    return CLIRunLocks(leased, LocalRunLocks(cfg.locks_dir))
+    return CLIRunLocks(leased, LocalRunLocks(cfg.locks_dir),
+                       refuse=cfg.run_lock_without_etcd == "refuse")  # fmt: skip

@@ -5,7 +5,9 @@ with a slow script. The lock is the cluster-wide key ``locks/<host>--<script>``,
 API instances take as well (tests/unit/dispatcher/test_cli_runlocks.py checks a CLI run
 against an instance's locks). ``ced`` binds its keys to a lease of its own (``lease_ttl``),
 so a ``ced`` killed with -9 frees the lock when the lease expires. With etcd unreachable,
-``ced run`` goes on under the local ``flock`` alone with a warning, as the API does.
+``ced run`` goes on under the local ``flock`` alone with a warning, as the API does, or,
+with ``run_lock_without_etcd = refuse``, is refused (exit 1, ``Error: run lock
+unavailable: ...``) and nothing reaches the agent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cluster.backend import EtcdBackend
 from dispatcher.registry import Registry
 from ops.lab.agentproc import AgentProc, make_agent
 from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster
+from ops.lab.hacluster import ClusterSpec, running_cluster
 from ops.lab.net import wait_listening
 from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ROOT
@@ -198,6 +201,19 @@ def test_etcd_unreachable_ced_runs_under_the_local_lock(lab: Lab) -> None:
         quick = ced(lab.confs[1], "--json", "run", "web1", "fast")
         frozen = time.monotonic() - t0
         assert quick.returncode == 0, quick.stderr
+        # run_lock_without_etcd = refuse: fail closed, nothing reaches the agent
+        strict = lab.tmp / "strict.conf"
+        strict.write_text(lab.confs[1].read_text() + "run_lock_without_etcd = refuse\n")
+        before = lab.started()
+        refused = ced(strict, "--json", "run", "web1", "slow")
+        assert refused.returncode == 1, refused.stderr
+        doc = json.loads(refused.stdout)
+        assert doc["ok"] == 0 and doc["error"].startswith("run lock unavailable: cluster "
+                                                          "unavailable"), doc  # fmt: skip
+        assert "run_lock_without_etcd = refuse" in doc["error"]
+        text = ced(strict, "run", "web1", "slow")
+        assert text.returncode == 1 and "Error: run lock unavailable" in text.stderr
+        assert lab.started() == before
     finally:
         lab.etcd.resume()
     t0 = time.monotonic()
@@ -206,3 +222,27 @@ def test_etcd_unreachable_ced_runs_under_the_local_lock(lab: Lab) -> None:
     print(f"[lock] ced run of a quick script: {up:.2f} s with etcd up, {frozen:.2f} s with "
           f"etcd frozen (local lock after the lease grant times out)")  # fmt: skip
     assert frozen < up + 2.0  # the fallback costs one store timeout (lease_ttl/4), no more
+
+
+def test_api_refuses_runs_without_etcd_when_configured(tmp_path: Path, script_dir: Path) -> None:
+    """The API instance follows the same rule: ``run_lock_without_etcd = refuse`` answers
+    503 ``cluster unavailable`` to a run while etcd is down (ping still works)."""
+    scripts = {"echo-args": str(script_dir / "echo-args.sh")}
+    spec = ClusterSpec(agents={"web1": "127.0.0.2"}, scripts=scripts, ttl=TTL, names=("a",),
+                       extra={"run_lock_without_etcd": "refuse"})  # fmt: skip
+    with running_cluster(tmp_path / "ha", spec) as c:
+        inst = c.one_leader()
+        with c.client(inst) as http:
+            r = http.post("/run", json={"hosts": ["web1"], "script": "echo-args", "args": ["up"]})
+            assert r.status_code == 200, r.text
+            c.etcd.stop_member(0)
+            try:
+                wait_for(lambda: inst.status()["etcd"] == "unreachable", 5, "etcd seen down")
+                r = http.post("/run", json={"hosts": ["web1"], "script": "echo-args"})
+                assert r.status_code == 503, r.text
+                body = r.json()
+                assert body["error"] == "cluster unavailable"
+                assert "run_lock_without_etcd = refuse" in body["detail"]
+                assert http.post("/ping", json={"hosts": ["web1"]}).status_code == 200
+            finally:
+                c.etcd.start_member(0)

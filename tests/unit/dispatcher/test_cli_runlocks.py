@@ -15,7 +15,7 @@ import pytest
 
 from cluster.backend import LocalBackend
 from cluster.errors import BackendUnavailable
-from cluster.locks import ClusterRunLocks, LeasedRunLocks
+from cluster.locks import ClusterRunLocks, LeasedRunLocks, LockUnavailable
 from cluster.session import Session
 from dispatcher.ha.runlocks import CLIRunLocks, HARunLocks
 from dispatcher.ha.storehealth import ClusterHealth
@@ -90,3 +90,24 @@ def test_store_down_runs_under_the_local_lock_alone(tmp_path: Path,
             same_host.acquire_all([("web1", "deploy")])
         assert cli.list_held() == [("web1", "deploy")]
     assert cli.list_held() == []
+
+
+def test_store_down_refused_when_configured(tmp_path: Path) -> None:
+    """``run_lock_without_etcd = refuse``: no run without the cluster-wide lock, on the
+    CLI as on an instance, and the local lock taken first is given back."""
+    down = DownBackend(tmp_path / "state")
+    cli = CLIRunLocks(LeasedRunLocks(down, "ced@h:1", ttl=2), LocalRunLocks(tmp_path / "l"),
+                      refuse=True)  # fmt: skip
+    with pytest.raises(LockUnavailable, match="run_lock_without_etcd = refuse"):
+        cli.acquire_all([("web1", "deploy")])
+    health = ClusterHealth()
+    health.mark_failed("connection refused")
+    session = Session(LocalBackend(tmp_path / "state2"), ttl=2)  # never started: no lease
+    api = HARunLocks(ClusterRunLocks(session.backend, session, owner="i1"),
+                     LocalRunLocks(tmp_path / "l"), health, refuse=True)  # fmt: skip
+    with pytest.raises(LockUnavailable, match="cluster unavailable: connection refused"):
+        api.acquire_all([("web1", "deploy")])
+    # nothing is left held: the local lock is free for the next run
+    with LocalRunLocks(tmp_path / "l").acquire_all([("web1", "deploy")]):
+        pass
+    assert LocalRunLocks(tmp_path / "l").list_held() == []
