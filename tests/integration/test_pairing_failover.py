@@ -51,7 +51,7 @@ def held(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
     hold = tmp_path / "hold-delivery"
     ENV[HOLD_ENV] = str(hold)  # the instances' environment (ops.lab.proc)
     try:
-        spec = ClusterSpec(agents={}, scripts={}, ttl=TTL, haproxy=True)
+        spec = ClusterSpec(agents={}, scripts={}, ttl=TTL, haproxy=True, pairing_proxy=True)
         with running_cluster(tmp_path / "ha", spec) as c:
             yield c, hold
     finally:
@@ -64,6 +64,8 @@ def test_acknowledged_approval_survives_the_leader(held: tuple[Cluster, Path],
     assert c.haproxy is not None
     leader = c.one_leader()
     c.haproxy.wait_status(PAIRING_BACKEND, {leader.id: "UP"})
+    # HAProxy reaches the pairing listener on its PROXY v2 port (the real client address)
+    assert f"127.0.0.1:{leader.pairing_proxy_port} send-proxy-v2" in c.haproxy.render()
     follower = c.followers()[0]
     agent = PairingAgent("survivor.example", "127.0.0.2", 7443, tmp_path / "agent")
     agent.write("")
@@ -104,4 +106,6 @@ def test_acknowledged_approval_survives_the_leader(held: tuple[Cluster, Path],
     assert "reconnecting" in errs and f"request {reqid} is waiting" in errs
     assert "Pairing complete" in out.decode()
     assert "ACTION=pair-deliver" in new.logtext() and "RESUMED=approved" in new.logtext()
+    assert f"PROXY_PORT={new.pairing_proxy_port}" in new.logtext()
+    assert "pairing-proxy-reject" not in new.logtext() + leader.logtext()
     c.ensure_all_running()
