@@ -148,7 +148,9 @@ def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
 
     cfg = d.cfg
     ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
-    cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer)
+    from dispatcher.pki.names import cert_names
+
+    cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer, names=cert_names(cfg))
     return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}"}
 
 
