@@ -71,6 +71,10 @@ class DispatcherConfig:
     pairing_rate_limit_disable: bool = False
     pairing_port: int = 7444
     pairing_bind: str = "0.0.0.0"
+    # PROXY v2 pairing listener for HAProxy (0: off); peers from api_proxy_sources only
+    pairing_proxy_port: int = 0
+    # with etcd unreachable: run under the local lock alone ("local") or refuse ("refuse")
+    run_lock_without_etcd: str = "local"
     health_port: int = 7446
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
@@ -298,6 +302,9 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
     if cfg.log_format not in ("kv", "json"):
         errors.append(cfg.error("log_format", "log_format must be kv or json"))
+    if cfg.run_lock_without_etcd not in ("local", "refuse"):
+        errors.append(cfg.error("run_lock_without_etcd",
+                                "run_lock_without_etcd must be local or refuse"))  # fmt: skip
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:
@@ -377,6 +384,7 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
         "api_port": cfg.api_port,
         "health_port": cfg.health_port,
         "pairing_port": cfg.pairing_port,
+        "pairing_proxy_port": cfg.pairing_proxy_port,
     }  # api_proxy_port: proxyproto.check_config
     seen: dict[int, str] = {}
     for key, port in ports.items():
@@ -384,11 +392,13 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
             out.append(cfg.error(key, f"{key} {port} is also {seen[port]}"))
         seen.setdefault(port, key)
     from dispatcher.api import operatorcerts, proxyproto
+    from dispatcher.proxyv2 import check_pairing_config
 
-    try:
-        proxyproto.check_config(cfg)
-    except ConfigError as exc:
-        out.append(exc)
+    for check in (proxyproto.check_config, check_pairing_config):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            out.append(exc)
     if (problem := operatorcerts.no_trust_problem(cfg)) is not None:
         out.append(problem)
     if cfg.api_client_ca and Path(cfg.api_client_ca).is_file():

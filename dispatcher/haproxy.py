@@ -10,7 +10,9 @@
   demoted leader leaves the pool within one check), ``retries`` + ``option redispatch``,
   and ``on-marked-down shutdown-sessions`` so sessions on a dead server are cut at once;
 * with ``proxy_protocol`` HAProxy prefixes each connection with a PROXY v2 header sent to
-  the instance's proxy port, so the instance logs and authorises the real client address.
+  the instance's proxy port, so the instance logs and authorises the real client address;
+  the same for pairing, to the instance's ``pairing_proxy_port`` when it has one, so the
+  pairing rate limit, the per-source cap and ``list-requests`` see each real agent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Member:
     health_port: int
     pairing_port: int = 7444
     proxy_port: int = 0  # API port that expects a PROXY v2 header (0: none)
+    pairing_proxy_port: int = 0  # pairing port that expects a PROXY v2 header (0: none)
 
 
 def _server_name(instance_id: str) -> str:
@@ -101,8 +104,11 @@ def render(
         "    default-server inter 500 fall 1 rise 1 on-marked-down shutdown-sessions",
     ]
     for m in members:
+        proxied = proxy_protocol and m.pairing_proxy_port
+        port = m.pairing_proxy_port if proxied else m.pairing_port
+        extra = " send-proxy-v2" if proxied else ""
         lines.append(
-            f"    server {_server_name(m.instance_id)} {m.host}:{m.pairing_port} "
+            f"    server {_server_name(m.instance_id)} {m.host}:{port}{extra} "
             f"check port {m.health_port}"
         )
     return "\n".join(lines) + "\n"

@@ -312,6 +312,7 @@ def haproxy_members(cfg: DispatcherConfig, members: list[MemberInfo]) -> list[Me
             instance_id=m.instance_id, host=parts.hostname, api_port=port,
             health_port=m.health_port or cfg.health_port,
             pairing_port=m.pairing_port or cfg.pairing_port, proxy_port=m.proxy_port,
+            pairing_proxy_port=m.pairing_proxy_port,
         ))  # fmt: skip
     return found
 
@@ -332,7 +333,7 @@ def cluster_haproxy_config(inv: Invocation) -> ExitCode:
         backend.close()
     if not members:
         return _fail(False, "no members registered (is any ctrl-exec-api running?)")
-    proxy = any(m.proxy_port for m in members)
+    proxy = any(m.proxy_port or m.pairing_proxy_port for m in members)
     sys.stdout.write(render(members, api_port=cfg.api_port, pairing_port=cfg.pairing_port,
                             proxy_protocol=proxy))  # fmt: skip
     return ExitCode.OK

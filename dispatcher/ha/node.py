@@ -126,6 +126,7 @@ class HANode:
         self.run_locks = HARunLocks(
             ClusterRunLocks(self.data, self.session, owner=self.instance_id),
             LocalRunLocks(cfg.locks_dir), self.health,
+            refuse=cfg.run_lock_without_etcd == "refuse",
         )  # fmt: skip
         self.runs: RunStore = (
             ClusterRunStore(cfg.runs_dir, self.data, self.health)
@@ -185,6 +186,7 @@ class HANode:
             cert_serial=_cert_serial(cfg.cert), generation=0, state="serving",
             health_port=cfg.health_port, pairing_port=cfg.pairing_port,
             proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
+            pairing_proxy_port=int(cfg.pairing_proxy_port or 0),
             pid=os.getpid(), host=socket.gethostname(),
         )  # fmt: skip
 
