@@ -30,6 +30,7 @@ from agent.version import __version__
 from dispatcher.api import errors
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
+from dispatcher.api.pinmetrics import PinCollector
 from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
 from dispatcher.core import Dispatcher
 
@@ -71,6 +72,7 @@ def create_app(
     registry = CollectorRegistry()
     requests = Counter("ctrl_exec_api_requests", "API requests by route and outcome",
                        ["route", "outcome"], registry=registry)  # fmt: skip
+    registry.register(PinCollector())
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 
