@@ -314,6 +314,19 @@ def _record_port(record: dict[str, Any], default_port: int) -> int:
     return port if valid_port(port) else default_port
 
 
+def _target(
+    registry: Registry, name: str, explicit: int | None, default_port: int
+) -> Target | None:
+    record = registry.get(name)
+    if record is None:
+        return None
+    address = str(record.get("hostname") or name)
+    if record.get("lookup_by") == "ip" and record.get("ip"):
+        address = str(record["ip"])
+    port = explicit if explicit is not None else _record_port(record, default_port)
+    return Target(name, address, port, from_record(record))
+
+
 def resolve(
     registry: Registry, targets: list[str], default_port: int = DEFAULT_PORT
 ) -> list[Target]:
@@ -325,7 +338,7 @@ def resolve(
     listing before any record is read, and each record is read once.
     """
     known = set(registry.names()) if len(targets) > _LIST_FROM else None
-    records: dict[str, dict[str, Any] | None] = {}
+    made: dict[tuple[str, int | None], Target | None] = {}
     resolved: dict[Target, None] = {}
     unknown: dict[str, None] = {}
     for ref in targets:
@@ -336,17 +349,16 @@ def resolve(
         if not valid_name(name) or (known is not None and name not in known):
             unknown[ref] = None
             continue
-        if name not in records:
-            records[name] = registry.get(name)
-        record = records[name]
-        if record is None:
-            unknown[ref] = None
+        key = (name, explicit)
+        if key in made:  # a repeated reference: nothing new
+            if made[key] is None:
+                unknown[ref] = None
             continue
-        address = str(record.get("hostname") or name)
-        if record.get("lookup_by") == "ip" and record.get("ip"):
-            address = str(record["ip"])
-        port = explicit if explicit is not None else _record_port(record, default_port)
-        resolved.setdefault(Target(name, address, port, from_record(record)), None)
+        target = made[key] = _target(registry, name, explicit, default_port)
+        if target is None:
+            unknown[ref] = None
+        else:
+            resolved.setdefault(target, None)
     if unknown:
         names = list(unknown)
         shown = ", ".join(names[:20]) + (

@@ -2,7 +2,9 @@
 check do, as a plain ASGI middleware in front of FastAPI.
 
 * at most :data:`MAX_HEADERS` header lines (431) and :data:`MAX_BODY` bytes of body
-  (413), a Content-Length that is a number (400);
+  (413), a Content-Length that is a number (400), JSON nested at most
+  ``MAX_JSON_DEPTH`` deep (400, checked before anything parses it; off the event loop
+  for a large body);
 * one ``api-request`` log line (with the operator identity of a TLS client certificate,
   and ``via`` the load balancer on the PROXY v2 port);
 * the ``api`` auth hook call (with ``username``/``token`` of a JSON body, or the bearer
@@ -16,6 +18,7 @@ check do, as a plain ASGI middleware in front of FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -23,6 +26,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.common import logfmt
+from agent.common.wire import MAX_JSON_DEPTH, json_too_deep
 from dispatcher.api.deps import bearer_token, peer_ip
 from dispatcher.api.errors import denial, error
 from dispatcher.api.peercert import operator_identity, state_of
@@ -32,6 +36,7 @@ from dispatcher.operations import Caller, Denied, authorise
 
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
+DEPTH_SCAN_INLINE = 64 * 1024  # bodies larger than this are depth-checked in a thread
 UNGATED = frozenset({"/health", "/metrics"})
 
 
@@ -162,7 +167,16 @@ class ApiGate:
             if len(body) > MAX_BODY:
                 await self._too_large(scope, receive, send)
                 return None
-        return bytes(body)
+        data = bytes(body)
+        if len(data) <= DEPTH_SCAN_INLINE:
+            deep = json_too_deep(data)
+        else:
+            deep = await asyncio.to_thread(json_too_deep, data)
+        if deep:
+            detail = f"JSON nested deeper than {MAX_JSON_DEPTH}"
+            await error(400, "invalid request", detail)(scope, receive, send)
+            return None
+        return data
 
     async def _authorised(
         self, scope: Scope, data: bytes, identity: str, receive: Receive, send: Send

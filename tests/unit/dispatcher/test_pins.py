@@ -98,9 +98,9 @@ def test_resolve_is_linear_and_names_few_unknowns(reg: Registry) -> None:
     t0 = time.monotonic()
     out = resolve(reg, refs)
     assert len(out) == 50 and out[0].pins is None
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # quadratic: over 10 s
     t0 = time.monotonic()
     with pytest.raises(RegistryError) as ei:
         resolve(reg, [f"ghost{i}" for i in range(40_000)])
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # quadratic: over 10 s
     assert str(ei.value).endswith("(and 39980 more)") and len(str(ei.value)) < 400
