@@ -26,7 +26,7 @@ from dispatcher.client.io import run_blocking
 from dispatcher.operations import Caller, do_ping
 from dispatcher.pki import ca as dpki
 from dispatcher.registry import Registry
-from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.agentproc import AgentProc
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.dispatcherenv import DispatcherEnv, make_env
 from ops.lab.net import client_ssl, free_port, http_get, wait_listening
@@ -216,6 +216,7 @@ def test_per_ip_connection_cap_counts_the_real_address(api: Api) -> None:
     finally:
         for s in held:
             s.close()
+
     # behind the load balancer the cap counts the PROXY v2 address, not the balancer's
     def via_proxy(ip: str) -> ssl.SSLSocket:
         header = pp.build((ip, 40000), ("127.0.0.1", api.proxy_port))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -104,3 +105,55 @@ def test_resolve_is_linear_and_names_few_unknowns(reg: Registry) -> None:
         resolve(reg, [f"ghost{i}" for i in range(40_000)])
     assert time.monotonic() - t0 < 5.0  # quadratic: over 10 s
     assert str(ei.value).endswith("(and 39980 more)") and len(str(ei.value)) < 400
+
+
+class _D:
+    """What pin_contacts and the CSR check use of a Dispatcher."""
+
+    def __init__(self, reg: Registry, refused: str | None = None) -> None:
+        self.registry = reg
+        self.refused = refused
+
+    def signing_refused(self) -> str | None:
+        return self.refused
+
+
+def _csr(key: ec.EllipticCurvePrivateKey, cn: str) -> str:
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))  # fmt: skip
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_renewal_csr_must_carry_the_pinned_key(reg: Registry) -> None:
+    from dispatcher.pki.renewal import RenewError, _check_csr_key
+
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    reg.register(
+        "a", ip="10.0.0.1", cert_serial="1", pubkey_sha256=public_key_sha256(key.public_key())
+    )
+    d: Any = _D(reg)
+    _check_csr_key(d, "a", _csr(key, "a"))  # the agent's own key: fine
+    with pytest.raises(RenewError, match="is not the pinned key"):
+        _check_csr_key(d, "a", _csr(other, "a"))
+    reg.register("b", ip="10.0.0.2")  # unpinned: nothing to compare
+    _check_csr_key(d, "b", _csr(other, "b"))
+
+
+def test_pin_contacts_pins_promotes_and_defers(reg: Registry) -> None:
+    from dispatcher.pki.renewal import pin_contacts
+
+    reg.register("old", ip="10.0.0.1")
+    reg.register("ren", ip="10.0.0.2", cert_serial="a1", pubkey_sha256="ff")
+    reg.update("ren", cert_serial_next="b2")
+    reg.register("same", ip="10.0.0.3", cert_serial="c3", pubkey_sha256="ee")
+    seen = {"old": ("d4", "dd"), "ren": ("b2", "ff"), "same": ("c3", "ee"), "gone": ("e5", "11")}
+    before = {n: reg.get(n) for n in ("old", "ren", "same")}
+    follower: Any = _D(reg, refused="not the leader")
+    assert pin_contacts(follower, seen) == []  # followers write nothing
+    assert {n: reg.get(n) for n in before} == before
+    assert pin_contacts(_D(reg), seen, ok={"old", "ren", "same"}) == ["old", "ren"]  # type: ignore[arg-type]
+    old, ren = reg.get("old"), reg.get("ren")
+    assert old is not None and (old["cert_serial"], old["pubkey_sha256"]) == ("d4", "dd")
+    assert ren is not None and (ren["cert_serial"], ren["cert_serial_next"]) == ("b2", "")
+    assert reg.get("same") == before["same"]
