@@ -1,7 +1,8 @@
 """The agent's mTLS server on 7443 (``ctrl-exec-agent serve``).
 
 One asyncio loop. Each connection: ``allowed_ips``, rate limits and slots on the TCP peer
-(before TLS: at most ``max_conns_per_ip`` open per address, and the last
+(before TLS: at most ``max_conns_per_ip`` open per address until they show a trusted
+dispatcher certificate, and the last
 ``dispatcher_reserved_slots`` of ``max_children`` only for addresses that completed an
 mTLS handshake with a trusted dispatcher certificate in the last
 :data:`TRUSTED_IP_TTL` seconds, which are also exempt from the per-address cap), the
@@ -194,14 +195,13 @@ class AgentServer:
                 return
             self.live += 1
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            pending = [True]  # counted against max_conns_per_ip until a dispatcher shows up
             try:
-                await self._connection(reader, writer, ip)
+                await self._connection(reader, writer, ip, pending)
             finally:
                 self.live -= 1
-                if (left := self.per_ip.get(ip, 1) - 1) > 0:
-                    self.per_ip[ip] = left
-                else:
-                    self.per_ip.pop(ip, None)
+                if pending[0]:
+                    self._release(ip)
         except Exception as exc:  # one connection never takes the listener down
             ev("error", logging.ERROR, peer=ip, reason=f"{exc.__class__.__name__}: {exc}")
         finally:
@@ -241,6 +241,12 @@ class AgentServer:
         ev(action, logging.WARNING, peer=ip, live=self.live, open=self.per_ip.get(ip, 0),
            reason=reason)  # fmt: skip
 
+    def _release(self, ip: str) -> None:
+        if (left := self.per_ip.get(ip, 1) - 1) > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+
     def _mark_dispatcher(self, ip: str) -> None:
         if ip not in self.dispatcher_ips and len(self.dispatcher_ips) >= MAX_TRUSTED_IPS:
             oldest = min(self.dispatcher_ips, key=self.dispatcher_ips.__getitem__)
@@ -248,7 +254,11 @@ class AgentServer:
         self.dispatcher_ips[ip] = time.monotonic()
 
     async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ip: str,
+        pending: list[bool] | None = None,
     ) -> None:
         assert self.ssl_ctx is not None
         try:
@@ -264,6 +274,9 @@ class AgentServer:
         peer.dispatcher = self.trusted.get(peer.serial) if peer.serial else None
         if peer.dispatcher is not None and not (self.revoked and peer.serial in self.revoked):
             self._mark_dispatcher(ip)
+            if pending is not None and pending[0]:  # authenticated: no longer pre-TLS
+                pending[0] = False
+                self._release(ip)
         # Authenticated dispatchers are exempt from the volume limit (they fan out to us).
         if peer.dispatcher is None and self.limiter.record_connection(ip):
             return
