@@ -367,3 +367,10 @@ def test_agent_deep_json_long_reqid_and_untrusted_renew(env: DispatcherEnv) -> N
     assert not staged.exists()
     assert "Traceback" not in agent.logtext()
     attack("deep-json-agent", f"400 (JSON nested deeper than {MAX_JSON_DEPTH})")
+
+
+def test_metrics_expose_the_pin_counters(api: Api) -> None:
+    with api.client() as c:
+        text = c.get("/metrics").text
+    assert "ctrl_exec_agent_pin_mismatches_total 0.0" in text
+    assert "ctrl_exec_agent_unpinned_total" in text
