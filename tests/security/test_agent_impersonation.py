@@ -206,3 +206,25 @@ def test_renewal_accepts_old_and_new_serial_until_adopted(env: DispatcherEnv) ->
     assert rec is not None
     assert (rec["cert_serial"], rec["cert_serial_next"], rec["pubkey_sha256"]) == (
         new_serial, "", pubkey)  # fmt: skip
+
+
+def test_resumed_sessions_are_checked_against_the_pins(env: DispatcherEnv) -> None:
+    # TLS 1.3 resumption skips the certificate exchange; the session still names the cert,
+    # so a pinned agent keeps working on resumed sessions, on both clients.
+    from dispatcher.client import fanout
+
+    agent = env.add_agent("resume.test")
+    serial, _ = pin(env, "resume.test", agent)
+    wait_listening(agent.host, agent.port, agent.proc)
+    t = resolve(env.d.registry, ["resume.test"])[0]
+    ctx = env.d.client_ctx()
+    resumed = 0
+    for io in (None, BLOCKING):
+        reach = fanout.Reach(ctx, 10, io=io)
+        for _ in range(3):
+            call = reach.call(t, "POST", "/ping", {"reqid": "0123456789abcdef"})
+            reply = asyncio.run(call) if io is None else run_blocking(call)
+            assert reply.code == 200 and reply.error == "", reply
+            assert reply.peer is not None and reply.peer[0] == serial
+            resumed += reply.resumed
+    assert resumed >= 4
