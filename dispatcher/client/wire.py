@@ -13,6 +13,8 @@ and move bytes; everything else is here and imports neither asyncio nor threads:
   :func:`sessions_for` keeps one cache per context;
 * the reply: a head plus exactly ``Content-Length`` bytes (a body that ends at EOF is
   accepted), parsed into an :class:`AgentReply`;
+* the agent's certificate checked against the registry's pins right after the handshake,
+  before a byte of the request is written (:mod:`dispatcher.client.pins`);
 * transport failures rewritten to upstream's strings (:meth:`Attempt.transport_error`,
   ``_transport_error`` in upstream's engine): the ``<h>`` in them is the connect address,
   as upstream's is.
@@ -43,7 +45,7 @@ from typing import Any, Protocol
 from agent.common.errors import ProtocolError
 from agent.common.records import record
 from agent.common.wire import parse_head, request_bytes
-from dispatcher.client.pins import PinMismatch, Pins, peer_identity
+from dispatcher.client.pins import COUNTERS, PinMismatch, Pins, peer_identity
 
 MAX_RESPONSE = 128 * 1024 * 1024
 READ_CHUNK = 256 * 1024
@@ -314,8 +316,6 @@ class Attempt:
         if refused and self.sessions is not None:
             self.sessions.drop(req.address, req.port)
         if isinstance(exc, PinMismatch):
-            from dispatcher.client.pins import COUNTERS
-
             COUNTERS.mismatch(req.name, f"{req.address}:{req.port}", str(exc))
         err = self.transport_error(exc)
         logging = sys.modules.get("logging")  # not imported: nothing can show a debug line
