@@ -55,6 +55,8 @@ class DispatcherConfig:
     api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
     api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64
+    api_header_timeout: float = 10.0  # seconds to send a request's head once connected
+    api_max_conns_per_ip: int = 64  # open API connections per client IP (PROXY v2: the real one)
     read_timeout: float = 60.0
     max_parallel: int = 256
     max_hosts: int = 5000
@@ -314,6 +316,11 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("drain_wait", "drain_wait must be between 0 and 300 seconds"))
     if cfg.lease_ttl < 1:
         errors.append(cfg.error("lease_ttl", "lease_ttl must be at least 1 second"))
+    if not 0 < cfg.api_header_timeout <= 3600:
+        errors.append(cfg.error("api_header_timeout",
+                                "api_header_timeout must be between 0 and 3600 seconds"))  # fmt: skip
+    if cfg.api_max_conns_per_ip < 1:
+        errors.append(cfg.error("api_max_conns_per_ip", "api_max_conns_per_ip must be at least 1"))
     for key in ("api_port", "health_port", "pairing_port"):
         if not 0 < getattr(cfg, key) < 65536:
             errors.append(cfg.error(key, f"{key} must be a port number (1-65535)"))

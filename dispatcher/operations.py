@@ -156,6 +156,22 @@ def _reach(d: Dispatcher, io: AgentIO | None) -> fanout.Reach:
                         d.cfg.max_hosts, io=io)  # fmt: skip
 
 
+async def _resolve(
+    d: Dispatcher,
+    hosts: Sequence[str],
+    default_port: int,
+    io: AgentIO | None,
+    limited: bool = True,
+) -> list[Target]:
+    """``max_hosts`` first (ValueError, before any per-host work), then the registry
+    lookup (linear) off the event loop."""
+    limit = d.cfg.max_hosts
+    if limited and len(hosts) > limit and len(set(hosts)) > limit:
+        raise ValueError(f"too many hosts (max {limit})")
+    refs = list(hosts)
+    return await resolve_io(io).offload(lambda: resolve(d.registry, refs, default_port))
+
+
 def _names(targets: Sequence[Target]) -> list[str]:
     out: list[str] = []
     for t in targets:
@@ -182,12 +198,12 @@ async def do_run(
 ) -> dict[str, Any]:
     """Run ``script`` on ``hosts``; returns ``{"reqid", "results"}``.
 
-    Order: resolve (RegistryError), authorise ``run`` (Denied), take every host:script
+    Order: ``max_hosts`` (ValueError), resolve (RegistryError), authorise ``run`` (Denied), take every host:script
     lock (LockConflict), fan out. The locks are held until the run returns (sync) or
     until every agent has answered the submission (async). An async run is recorded in
     the run store; a sync run only with ``record_sync`` (the API records, the CLI not).
     """
-    targets = resolve(d.registry, hosts, default_port)
+    targets = await _resolve(d, hosts, default_port, io)
     rid = reqid or new_reqid()
     await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
                     reqid=rid, io=io)  # fmt: skip
@@ -272,7 +288,7 @@ async def do_ping(
 
     With ``renew`` each ``ok`` result is handed to ``dispatcher.pki.renewal.maybe_renew``.
     """
-    targets = resolve(d.registry, hosts, default_port)
+    targets = await _resolve(d, hosts, default_port, io)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
     results = await fanout.ping_all(targets, rid, _reach(d, io))
@@ -390,7 +406,7 @@ async def do_discovery(
     names = list(hosts) if hosts is not None else d.registry.names()
     if not names:
         return {"hosts": {}}
-    targets = resolve(d.registry, names, default_port)
+    targets = await _resolve(d, names, default_port, io, limited=hosts is not None)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=names, reqid=rid, io=io)
     reach = _reach(d, io)

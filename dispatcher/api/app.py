@@ -33,6 +33,7 @@ from dispatcher.api import errors
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
 from dispatcher.api.operatorcerts import OperatorTrust
+from dispatcher.api.pinmetrics import PinCollector
 from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
 from dispatcher.core import Dispatcher
 
@@ -75,6 +76,7 @@ def create_app(
     registry = CollectorRegistry()
     requests = Counter("ctrl_exec_api_requests", "API requests by route and outcome",
                        ["route", "outcome"], registry=registry)  # fmt: skip
+    registry.register(PinCollector())
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 

@@ -226,6 +226,7 @@ class Instance:
         self, d: Dispatcher, role: RoleProvider | None = None, listeners: Listeners | None = None
     ) -> None:
         from dispatcher.api.app import create_app  # FastAPI: only when serving
+        from dispatcher.api.connlimits import bounded_protocol_class
         from dispatcher.api.operatorcerts import OperatorTrust
         from dispatcher.api.peercert import protocol_class
 
@@ -271,7 +272,9 @@ class Instance:
             _server_config(
                 create_app(d, self.ha, draining=lambda: self.state.draining,
                            operators=OperatorTrust.from_config(cfg)),
-                cfg.api_bind, cfg.api_port, http=protocol_class(),
+                cfg.api_bind, cfg.api_port,
+                http=bounded_protocol_class(protocol_class(), cfg.api_header_timeout,
+                                            cfg.api_max_conns_per_ip),
                 timeout_graceful_shutdown=int(cfg.read_timeout) + 5, **tls,
             )
         )  # fmt: skip

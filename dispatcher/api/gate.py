@@ -2,7 +2,9 @@
 check do, as a plain ASGI middleware in front of FastAPI.
 
 * at most :data:`MAX_HEADERS` header lines (431) and :data:`MAX_BODY` bytes of body
-  (413), a Content-Length that is a number (400);
+  (413), a Content-Length that is a number (400), JSON nested at most
+  ``MAX_JSON_DEPTH`` deep (400, checked before anything parses it; off the event loop
+  for a large body);
 * operators are not agents: a client certificate names an operator only when the operator
   CA (or ``api_client_ca``) issued it (:class:`~dispatcher.api.operatorcerts.OperatorTrust`);
   any other verified certificate (an agent's) is refused with 403 and logged with its CN
@@ -33,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.common import logfmt
 from agent.common.serial import serial_to_hex
+from agent.common.wire import MAX_JSON_DEPTH, json_too_deep
 from dispatcher.api.deps import OPERATOR_KEY, api_caller, bearer_token, peer_ip
 from dispatcher.api.errors import denial, error
 from dispatcher.api.operatorcerts import CertIdentity, OperatorTrust, describe
@@ -43,6 +46,7 @@ from dispatcher.operations import Denied, authorise
 
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
+DEPTH_SCAN_INLINE = 64 * 1024  # bodies larger than this are depth-checked in a thread
 UNGATED = frozenset({"/health", "/metrics"})
 
 
@@ -213,7 +217,16 @@ class ApiGate:
             if len(body) > MAX_BODY:
                 await self._too_large(scope, receive, send)
                 return None
-        return bytes(body)
+        data = bytes(body)
+        if len(data) <= DEPTH_SCAN_INLINE:
+            deep = json_too_deep(data)
+        else:
+            deep = await asyncio.to_thread(json_too_deep, data)
+        if deep:
+            detail = f"JSON nested deeper than {MAX_JSON_DEPTH}"
+            await error(400, "invalid request", detail)(scope, receive, send)
+            return None
+        return data
 
     async def _authorised(
         self, scope: Scope, data: bytes, cert: CertIdentity | None, receive: Receive, send: Send

@@ -60,12 +60,14 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.certinfo import identity_der
 from agent.common.certs import pairing_code
 from agent.common.errors import CtrlExecError
 from agent.common.logfmt import event
@@ -597,10 +599,12 @@ def approve(
         warnings: list[str] = []
         serial = _dispatcher_serial(cfg, warnings)
         expiry = pki.cert_not_after(cert)
+        cert_serial, pubkey = identity_der(ssl.PEM_cert_to_DER_cert(cert))  # the pins
         try:
             record = Registry(cfg.registry_dir, w).register(
                 name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
-                expiry=expiry, dispatcher_serial=serial,
+                expiry=expiry, dispatcher_serial=serial, cert_serial=cert_serial,
+                pubkey_sha256=pubkey,
             )  # fmt: skip
         except (RegistryError, LeaderOnlyRefused) as exc:
             raise PairingQueueError(f"cannot register '{name}': {exc}") from None

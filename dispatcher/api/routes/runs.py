@@ -31,7 +31,7 @@ from dispatcher.registry import RegistryError
 from dispatcher.runlocks import LockConflict, LockUnavailable
 from dispatcher.runstore import RunStoreError
 
-REQID_RE = re.compile(r"[a-f0-9]+")
+REQID_RE = re.compile(r"[a-f0-9]{1,64}")  # ours are 16; bounded so no path is ever too long
 OPERATION_ERRORS = (Denied, LockConflict, LockUnavailable, RegistryError, ValueError)
 
 router = APIRouter()

@@ -140,6 +140,10 @@ def test_approve_signs_registers_and_writes_approval(cfg: DispatcherConfig, csr:
     assert reg["reqid"] == rec["id"] and reg["expiry"] == pki.cert_not_after(approval["cert"])
     assert reg["dispatcher_serial"] == approval["dispatcher_serial"]
     assert reg["serial_status"] == "current"
+    # pinned: the approved cert's serial and public key (what the client checks)
+    assert reg["cert_serial"] == format(cert.serial_number, "x")
+    assert reg["pubkey_sha256"] == pki.public_key_sha256(cert.public_key())
+    assert reg["cert_serial_next"] == ""
     assert res.name == "web1.example.net" and res.expiry == reg["expiry"]
     assert res.addr == "web1.example.net" and res.warnings == []
     assert pq.outcome(cfg.pairing_dir, rec["id"]) == (
