@@ -59,7 +59,9 @@ Modes:
   cluster history [--json]   every change of leader: term, epoch, time, from, to, why
   cluster pause [--reason T] maintenance: no automatic restarts or maintenance
   cluster resume             end maintenance
-  cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+  cluster haproxy-config     print HAProxy sections (TCP passthrough) for every instance
+                             [--full] whole file  [--bind ADDR,...] listen addresses
+  cluster forget <id>        take a removed instance out of the roster
   cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
                              [--priority N] [--router-id N]
                              print keepalived (VRRP) config for one of two load balancers
@@ -142,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename")
     p.add_argument("--to")
     p.add_argument("--reason")
+    p.add_argument("--full", action="store_true")  # cluster haproxy-config
+    p.add_argument("--bind")
     p.add_argument("--vip")  # cluster keepalived-config
     p.add_argument("--interface")
     p.add_argument("--address")

@@ -455,6 +455,8 @@ class HANode:
             elif self.orders is not None:
                 self.orders.check()
             self.run_locks.retry_releases()
+            if cycle % 20 == 1:
+                self._record_roster()
             if self.sync is not None:
                 self.sync.refresh_member()
             elif cycle % 10 == 0:
@@ -465,6 +467,15 @@ class HANode:
                              status="unreachable", error=exc)  # fmt: skip
         except Exception as exc:  # the monitor never dies
             logfmt.event("cluster-monitor", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _record_roster(self) -> None:
+        """This instance's roster entry (``dispatcher.ha.roster``), once we hold a key."""
+        if self.kind != "etcd" or self.records.problem is not None:
+            return
+        from dispatcher.ha import roster
+
+        if roster.record(self.data, self.records, self._member_info()):
+            logfmt.event("roster", instance=self.instance_id, url=advertise_url(self.cfg))
 
     def _check_switchover(self) -> None:
         req = switchover.read_request(self.data, self._signer(), self.records.reject)
