@@ -30,6 +30,7 @@ from ops.lab.agentproc import AgentProc
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.dispatcherenv import DispatcherEnv, make_env
 from ops.lab.net import client_ssl, free_port, http_get, wait_listening
+from ops.lab.operators import OperatorCA
 from ops.lab.pki import Issued
 
 pytestmark = pytest.mark.integration
@@ -86,11 +87,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
     dpki.issue_dispatcher_cert(ca.ca, api_cert, api_key)
+    operators = OperatorCA(ca_dir)  # operators are not agents: their own CA
     registry = tmp / "agents"
     Registry(registry).register("web1", ip="127.0.0.9", port=free_port(), lookup_by="ip")
     proxy_port = free_port()
     daemon = make_daemon(tmp, "dos", ca_dir, registry, {
-        "api_cert": str(api_cert), "api_key": str(api_key), "api_client_ca": str(ca.cert_path),
+        "api_cert": str(api_cert), "api_key": str(api_key),
         "api_auth_default": "allow", "api_proxy_port": str(proxy_port),
         "api_proxy_sources": "127.0.0.1", "api_header_timeout": str(HEADER_TIMEOUT),
         "api_max_conns_per_ip": str(PER_IP),
@@ -98,7 +100,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     daemon.start()
     try:
         daemon.wait_healthy()
-        yield Api(tmp, ca, daemon, proxy_port, ca.issue("op-alice", "alice"))
+        yield Api(tmp, ca, daemon, proxy_port, operators.issue("alice"))
     finally:
         rc = daemon.stop()
     assert rc == 0, daemon.logtext()[-3000:]
