@@ -34,6 +34,7 @@ import random
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -173,9 +174,20 @@ class Faults:
                 "--path", group.name, "-j", "DROP"]  # fmt: skip
         group.mkdir()
         try:
+            # new sockets of the process are in the group (a socket keeps the group it was
+            # created in); its connections open already are cut by their port pairs
             (group / "cgroup.procs").write_text(str(old.proc.pid))
-            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
-            with self._undoing(lambda: _iptables_delete(rule)):
+            etcd_ports = {m.client_port for m in self.c.etcd.members}
+            rules = [rule] + [
+                ["OUTPUT", "-p", "tcp", "-s", "127.0.0.1", "--sport", str(lp), "-d",
+                 "127.0.0.1", "--dport", str(rp), "-j", "DROP"]
+                for lp, rp in _connections(old.proc.pid, etcd_ports)
+            ]  # fmt: skip
+            with contextlib.ExitStack() as stack:
+                for r in rules:
+                    stack.enter_context(self._undoing(functools.partial(_iptables_delete, r)))
+                    subprocess.run(["iptables", "-I", *r], check=True, capture_output=True)
+                f.detail["cut_connections"] = len(rules) - 1
                 f.detail["new_leader"], f.detail["failover_s"] = self._successor(
                     old, self.hold + 10
                 )
@@ -217,10 +229,7 @@ class Faults:
         with contextlib.ExitStack() as stack:
             for d in dirs:
                 stack.enter_context(self._undoing(functools.partial(_umount, d)))
-                subprocess.run(["mount", "--bind", str(d), str(d)], check=True,
-                               capture_output=True)  # fmt: skip
-                subprocess.run(["mount", "-o", "remount,ro,bind", str(d)], check=True,
-                               capture_output=True)  # fmt: skip
+                _mount_ro(d)
             time.sleep(seconds)
         f.ended = time.time()
         f.detail["alive_after"] = victim.alive
@@ -238,6 +247,25 @@ def _iptables_delete(rule: list[str]) -> None:
             return
 
 
+def _connections(pid: int, ports: set[int]) -> list[tuple[int, int]]:
+    """``(local port, remote port)`` of the TCP connections of ``pid`` to one of ``ports``
+    on 127.0.0.1 (from ``/proc/PID/fd`` and ``/proc/net/tcp``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        local, remote, inode = cols[1], cols[2], cols[9]
+        rport = int(remote.split(":")[1], 16)
+        if inode in inodes and rport in ports and remote.startswith("0100007F"):
+            out.append((int(local.split(":")[1], 16), rport))
+    return out
+
+
 def _leave_cgroup(group: Path) -> None:
     """Move every process of ``group`` back to the root group and remove it."""
     with contextlib.suppress(OSError):
@@ -248,8 +276,37 @@ def _leave_cgroup(group: Path) -> None:
         group.rmdir()
 
 
+_MOUNTS = threading.Lock()  # mount(8) of two lanes at once can fail on the utab lock
+
+
+def _mount_ro(d: Path) -> None:
+    """Bind-mount ``d`` onto itself, read-only (3 attempts, then the error)."""
+    steps = (["mount", "--bind", str(d), str(d)], ["mount", "-o", "remount,ro,bind", str(d)])
+    with _MOUNTS:
+        for attempt in range(3):
+            why = ""
+            for argv in steps:
+                p = subprocess.run(argv, capture_output=True, text=True)
+                if p.returncode != 0:
+                    why = f"{' '.join(argv[:3])}: exit {p.returncode}: {p.stderr.strip()}"
+                    break
+            if not why:
+                return
+            _umount_locked(d)
+            if attempt == 2:
+                raise RuntimeError(f"cannot make {d} read-only: {why}")
+            time.sleep(0.2)
+
+
 def _umount(d: Path) -> None:
     """Unmount ``d`` if something is mounted on it (lazily: an open file keeps nothing)."""
+    with _MOUNTS:
+        _umount_locked(d)
+
+
+def _umount_locked(d: Path) -> None:
     with contextlib.suppress(OSError):
-        if subprocess.run(["mountpoint", "-q", str(d)]).returncode == 0:
+        for _ in range(3):  # every layer, should one have been stacked twice
+            if subprocess.run(["mountpoint", "-q", str(d)]).returncode != 0:
+                return
             subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -123,6 +123,11 @@ class History:
     def acked(self, kind: str | None = None) -> list[Op]:
         return [o for o in self.ops if o.acked and (kind is None or o.kind == kind)]
 
+    def failures(self) -> dict[str, int]:
+        """Unacknowledged operations by ``kind: error class``."""
+        return dict(Counter(f"{o.kind}: {_error_class(o.error)}" for o in self.ops
+                            if not o.acked))  # fmt: skip
+
     def counts(self) -> dict[str, dict[str, int]]:
         """``{kind: {"issued": n, "acked": n}}``."""
         out: dict[str, dict[str, int]] = {}
@@ -294,6 +299,13 @@ def rotate(c: Cluster, history: History, timeout: float = 150) -> Op:
     return history.add(Op(n, "rotate", "", serial, t0, time.time(), acked and bool(serial),
                           error, "", int(epoch) if epoch is not None else None, leader,
                           int(gen) if gen is not None else None))  # fmt: skip
+
+
+def _error_class(error: str) -> str:
+    head = error.split(":", 1)[0]
+    if head.startswith("HTTP ") or head.startswith("ced exit"):
+        return error[:60]
+    return head
 
 
 # ----- the final state of a cluster -------------------------------------------------------

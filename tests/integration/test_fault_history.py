@@ -157,6 +157,7 @@ class RunRecord:
     faults: list[Fault]
     verdicts: dict[str, hist.Verdict]
     ops: dict[str, dict[str, int]]
+    failed: dict[str, int]
     seconds: float
     converge_s: float
     rotated: bool
@@ -217,7 +218,10 @@ def _one_run(c: Cluster, lane: int, n: int, seed: int, kinds: list[str], runs_di
                     rotation.start()
                     time.sleep(rng.uniform(0.0, 3.0))
                 for kind in chosen:
-                    faults.inject(kind)
+                    try:
+                        faults.inject(kind)
+                    except Exception as exc:
+                        raise RuntimeError(f"fault {kind} (seed {seed}): {exc}") from exc
                     time.sleep(rng.uniform(0.2, 1.5))
                 if rotation is not None:
                     rotation.join(170)
@@ -228,7 +232,7 @@ def _one_run(c: Cluster, lane: int, n: int, seed: int, kinds: list[str], runs_di
             _heal(c, faults)
     obs = hist.observe(c, runs_dir, converge_within=40)
     verdicts = hist.check(history.ops, obs)
-    return RunRecord(lane, n, seed, list(faults.done), verdicts, history.counts(),
+    return RunRecord(lane, n, seed, list(faults.done), verdicts, history.counts(), history.failures(),
                      round(time.monotonic() - t0, 1), obs.converge_seconds, rotate)  # fmt: skip
 
 
@@ -248,7 +252,7 @@ def _lane(res: Results, lane: int, tmp: Path, kinds: list[str], deadline: float)
                     res.runs.append(rec)
                 print(f"[faults] lane {lane} run {n} seed {rec.seed}: "
                       f"{[f.kind + ':' + f.target for f in rec.faults]} in {rec.seconds} s, "
-                      f"converged in {rec.converge_s} s, ops {rec.ops}, violations "
+                      f"converged in {rec.converge_s} s, ops {rec.ops}, failed {rec.failed}, violations "
                       f"{ {k: len(v.violations) for k, v in rec.verdicts.items()} }",
                       flush=True)  # fmt: skip
     except BaseException as exc:
@@ -259,10 +263,12 @@ def _lane(res: Results, lane: int, tmp: Path, kinds: list[str], deadline: float)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Results:
     res = Results(SEED)
-    kinds = list(KINDS)
+    only = os.environ.get("CTRL_EXEC_FAULT_KINDS")  # e.g. "partition,readonly" to focus
+    kinds = [k for k in KINDS if not only or k in only.split(",")]
     for kind, why in (("partition", partition_available()), ("readonly", readonly_available())):
         if why:
-            kinds.remove(kind)
+            if kind in kinds:
+                kinds.remove(kind)
             res.skipped_kinds[kind] = why
     deadline = time.monotonic() + BUDGET
     lanes = [threading.Thread(target=_lane, daemon=True, name=f"lane-{i}",
