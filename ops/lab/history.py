@@ -20,7 +20,8 @@ Pytest-free (``tests/integration/test_fault_history.py`` and benchmarks use it).
      instance's registry, every agent's port is its last acknowledged edit (or a later
      unacknowledged attempt's), every instance's serial is the last acknowledged rotation's
      (unless a later rotation was attempted), every acknowledged run ran;
-  3. no script run twice for one reqid (lines of the agents' files);
+  3. no script run twice for one reqid (lines of the agents' files), and no run answered
+     with an explicit error (an HTTP status) that ran all the same;
   4. every instance on the published generation with the same files (sha256 of each).
 """
 
@@ -474,13 +475,24 @@ def check_changes(ops: Sequence[Op], obs: Observed) -> Verdict:
     return v
 
 
-def check_runs(obs: Observed) -> Verdict:
-    """(3) no script run twice for one reqid."""
+def check_runs(ops: Sequence[Op], obs: Observed) -> Verdict:
+    """(3) no script run twice for one reqid; and no run answered with an explicit error
+    (an HTTP status) that ran all the same. (A run whose connection was cut may have run
+    or not: counted as ``ambiguous``, no violation.)"""
     v = Verdict()
     v.checked["executions"] = sum(len(x) for x in obs.runs.values())
     for reqid, lines in sorted(obs.runs.items()):
         if len(lines) > 1:
             v.violations.append(f"reqid {reqid or '(none)'} ran {len(lines)} times: {lines}")
+    ran = Counter(token for lines in obs.runs.values() for _agent, token in lines)
+    for o in ops:
+        if o.kind != "run" or o.acked:
+            continue
+        v.checked["failed_runs"] += 1
+        if o.error.startswith("HTTP ") and ran[o.value]:
+            v.violations.append(f"run {o.value} (op {o.n}) answered {o.error[:80]!r} but ran")
+        elif ran[o.value]:
+            v.checked["ambiguous_runs_that_ran"] += 1
     return v
 
 
@@ -509,13 +521,22 @@ def check(ops: Sequence[Op], obs: Observed) -> dict[str, Verdict]:
     return {
         "epochs": check_epochs(ops, obs.effects),
         "changes": check_changes(ops, obs),
-        "runs": check_runs(obs),
+        "runs": check_runs(ops, obs),
         "convergence": check_convergence(obs),
     }
 
 
 def token() -> str:
     return secrets.token_hex(3)
+
+
+def dump(path: Path, ops: Sequence[Op]) -> None:
+    """Every operation as JSON lines (kept next to the lane's logs for a post-mortem)."""
+    from dataclasses import asdict
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(o)) + "\n" for o in ops))
+    tmp.replace(path)
 
 
 def summary(verdicts: Mapping[str, Verdict]) -> dict[str, Any]:

@@ -45,10 +45,10 @@ from ops.lab.haproxy import SKIP_REASON as HAPROXY_SKIP
 
 TTL = 2
 LANES = 2
-BUDGET = float(os.environ.get("CTRL_EXEC_FAULT_BUDGET", "240"))
-RUNS = int(os.environ.get("CTRL_EXEC_FAULT_RUNS", "4"))  # per lane, at most
+BUDGET = float(os.environ.get("CTRL_EXEC_FAULT_BUDGET", "200"))  # no run starts after
+RUNS = int(os.environ.get("CTRL_EXEC_FAULT_RUNS", "10"))  # per lane, at most
 SEED = int(os.environ.get("CTRL_EXEC_FAULT_SEED") or secrets.randbelow(2**31))
-ROTATE_P = 0.35  # the share of runs with a certificate rotation
+ROTATE_P = 0.5  # the share of runs with a certificate rotation
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,6 +127,9 @@ def test_checker_passes_a_correct_history() -> None:
         ("changes", None, {"runs": {"r2": [("n2", "t2")]}}, "run r1"),
         ("runs", None, {"runs": {"r1": [("n1", "t1"), ("n1", "t1")], "r2": [("n2", "t2")]}},
          "ran 2 times"),
+        ("runs", [*_ops(), hist.Op(10, "run", "n1", "t10", 0, 1, False, "HTTP 500: x")],
+         {"runs": {"r1": [("n1", "t1")], "r2": [("n2", "t2")], "r10": [("n1", "t10")]}},
+         "but ran"),
         ("convergence", None, {"converge_error": "timed out"}, "not converged"),
         ("convergence", None, {"manifests": {"a": {"f": "1"}, "b": {"f": "1"}, "c": {"f": "2"}}},
          "files differ"),
@@ -232,6 +235,7 @@ def _one_run(c: Cluster, lane: int, n: int, seed: int, kinds: list[str], runs_di
             _heal(c, faults)
     obs = hist.observe(c, runs_dir, converge_within=40)
     verdicts = hist.check(history.ops, obs)
+    hist.dump(runs_dir.parent / "history.jsonl", history.ops)
     return RunRecord(lane, n, seed, list(faults.done), verdicts, history.counts(), history.failures(),
                      round(time.monotonic() - t0, 1), obs.converge_seconds, rotate)  # fmt: skip
 
