@@ -453,7 +453,8 @@ def check_changes(ops: Sequence[Op], obs: Observed) -> Verdict:
             got = str(reg.get(name, {}).get("port"))
             if got not in allowed:
                 v.violations.append(f"edit of {name} to port {seq[last].value} (op "
-                                    f"{seq[last].n}) lost on {inst}: port {got}")  # fmt: skip
+                                    f"{seq[last].n}) lost on {inst}: port {got}; "
+                                    f"{_writes(obs.effects, name, inst)}")  # fmt: skip
     rotations = [o for o in ops if o.kind == "rotate"]
     done = [i for i, o in enumerate(rotations) if o.acked]
     if done:
@@ -473,6 +474,18 @@ def check_changes(ops: Sequence[Op], obs: Observed) -> Verdict:
                 v.violations.append(f"run {o.reqid} ({o.key}, token {o.value}, op {o.n}) "
                                     f"acknowledged but never ran")  # fmt: skip
     return v
+
+
+def _writes(effects: Sequence[EffectRecord], name: str, inst: str, last: int = 6) -> str:
+    """The last effects recorded on the registry file of ``name`` (in ``inst``'s dir when
+    paths are per instance): which epoch wrote it, and how."""
+    mine = [e for e in effects
+            if str(e.detail.get("path", "")).endswith(f"/{name}.json")]  # fmt: skip
+    own = [e for e in mine if f"-{inst}/" in str(e.detail.get("path", ""))] or mine
+    return "its last writes: " + ", ".join(
+        f"{e.effect}/{e.detail.get('op', '?')} by {e.instance_id} epoch {e.epoch} rev "
+        f"{e.revision} sha {str(e.detail.get('sha256', ''))[:8]}" for e in own[-last:]
+    )  # fmt: skip
 
 
 def check_runs(ops: Sequence[Op], obs: Observed) -> Verdict:
