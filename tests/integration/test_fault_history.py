@@ -329,6 +329,15 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=False,
+    reason="seen on main d5e5c37 (seed 353436813, lane 0 run 2: SIGTERM of the leader, "
+    "partition of the next leader from etcd, SIGTERM of the third, while a rotation's rolling "
+    "restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack majority) was gone from "
+    "every instance's registry for the rest of the lane; a new leader publishing its own files "
+    "after 3 TTLs without a member holding the newer generation (README: sync-diverged) "
+    "loses it. Flip once ready-means-in-sync is merged.",
+)  # fmt: skip
 def test_no_acknowledged_change_lost(results: Results) -> None:
     _no_violations(results, "changes")
 
