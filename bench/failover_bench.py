@@ -291,6 +291,8 @@ def print_summary(doc: dict[str, Any]) -> None:
                       ("load_during_sigterm", "client load during the SIGTERM trials"),
                       ("load_outside_the_trials", "client load between the trials")):  # fmt: skip
         d = doc[key]
+        if not d["requests"] and key != "load_outside_the_trials":
+            continue  # a signal whose trials did not run (--signals)
         print(f"{what}: {d['requests']} requests, {d['first_attempt_failures']} failed first "
               f"attempts {d['first_attempt_errors'] or ''}, {d['failures_after_retry']} failed "
               f"after one retry ({d['locked_explained_by_a_cut_run']} of them 409 locked by a "

@@ -4,7 +4,7 @@ Two lanes run in parallel (threads), each on its own real stack (3-member etcd, 
 ``ctrl-exec-api`` instances with their own state paths (``sync_mode = push``, lease TTL
 2 s), HAProxy in front, two real agents, on their own loopback ports). Each lane does
 runs one after another until ``CTRL_EXEC_FAULT_RUNS`` runs or the time budget
-(``CTRL_EXEC_FAULT_BUDGET`` s, 240 by default) is used up. One run: the workload
+is used up. One run: the workload
 (:class:`ops.lab.history.Workload`: script runs through HAProxy, pairing approvals, agent
 edits from any instance's ``ced``; a certificate rotation in some runs) while 1-3 random
 faults of :mod:`ops.lab.faults` are injected one after another (kill -9, SIGSTOP past the
@@ -13,7 +13,12 @@ follower's disk read-only); then the workload stops, everything is healed (every
 instance running, one leader) and :func:`ops.lab.history.check` runs over the history.
 
 Reproducible: the seed is printed; ``CTRL_EXEC_FAULT_SEED=<seed>`` replays the same
-choices (fault kinds, victims among etcd members and followers, rotation runs). Printed at
+choices (fault kinds and counts, pauses, rotation runs, victims among etcd members and
+followers); which instance leads when a fault strikes, and the timing, stay the machine's.
+``CTRL_EXEC_FAULT_KINDS=partition,readonly`` restricts the kinds, ``CTRL_EXEC_FAULT_RUNS``
+(10 per lane) and ``CTRL_EXEC_FAULT_BUDGET`` (no run starts after 200 s) bound the work.
+Each lane keeps its operations in ``history.jsonl`` next to the cluster's logs (use
+``--basetemp`` to keep them: pytest keeps only its last three temp dirs). Printed at
 the end even without ``-s``: runs, faults by kind, operations checked, violations. One
 test per check fails on any violation of that check.
 """
