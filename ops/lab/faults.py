@@ -217,6 +217,16 @@ class Faults:
 
     # -- a follower's disk ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def read_only(self, inst: Inst) -> Iterator[list[Path]]:
+        """``inst``'s state, CA and registry dirs read-only inside the block."""
+        dirs = sorted({inst.state, inst.ca_dir, inst.registry_dir})
+        with contextlib.ExitStack() as stack:
+            for d in dirs:
+                stack.enter_context(self._undoing(functools.partial(_umount, d)))
+                _mount_ro(d)
+            yield dirs
+
     def readonly(self, seconds: float = 4.0) -> Fault:
         why = readonly_available()
         if why:
@@ -224,12 +234,9 @@ class Faults:
         leader = self.c.one_leader(20)
         victim = self.rng.choice([i for i in self.c.insts.values()
                                   if i is not leader and i.alive])  # fmt: skip
-        dirs = sorted({victim.state, victim.ca_dir, victim.registry_dir})
-        f = Fault("readonly", victim.name, time.time(), detail={"dirs": [str(d) for d in dirs]})
-        with contextlib.ExitStack() as stack:
-            for d in dirs:
-                stack.enter_context(self._undoing(functools.partial(_umount, d)))
-                _mount_ro(d)
+        f = Fault("readonly", victim.name, time.time())
+        with self.read_only(victim) as dirs:
+            f.detail["dirs"] = [str(d) for d in dirs]
             time.sleep(seconds)
         f.ended = time.time()
         f.detail["alive_after"] = victim.alive
