@@ -20,8 +20,9 @@ Pytest-free (``tests/integration/test_fault_history.py`` and benchmarks use it).
      instance's registry, every agent's port is its last acknowledged edit (or a later
      unacknowledged attempt's), every instance's serial is the last acknowledged rotation's
      (unless a later rotation was attempted), every acknowledged run ran;
-  3. no script run twice for one reqid (lines of the agents' files), and no run answered
-     with an explicit error (an HTTP status) that ran all the same;
+  3. no script run twice for one reqid (lines of the agents' files); and (``honest``) no
+     run answered with an explicit error (an HTTP status) that ran all the same (the
+     client would retry it: twice);
   4. every instance on the published generation with the same files (sha256 of each).
 """
 
@@ -488,15 +489,21 @@ def _writes(effects: Sequence[EffectRecord], name: str, inst: str, last: int = 6
     )  # fmt: skip
 
 
-def check_runs(ops: Sequence[Op], obs: Observed) -> Verdict:
-    """(3) no script run twice for one reqid; and no run answered with an explicit error
-    (an HTTP status) that ran all the same. (A run whose connection was cut may have run
-    or not: counted as ``ambiguous``, no violation.)"""
+def check_runs(obs: Observed) -> Verdict:
+    """(3) no script run twice for one reqid."""
     v = Verdict()
     v.checked["executions"] = sum(len(x) for x in obs.runs.values())
     for reqid, lines in sorted(obs.runs.items()):
         if len(lines) > 1:
             v.violations.append(f"reqid {reqid or '(none)'} ran {len(lines)} times: {lines}")
+    return v
+
+
+def check_honest(ops: Sequence[Op], obs: Observed) -> Verdict:
+    """(3b) no run answered with an explicit error (an HTTP status) that ran all the same:
+    the client would retry it, and it would run twice. A run whose connection was cut may
+    have run or not: counted (``ambiguous_runs_that_ran``), no violation."""
+    v = Verdict()
     ran = Counter(token for lines in obs.runs.values() for _agent, token in lines)
     for o in ops:
         if o.kind != "run" or o.acked:
@@ -526,7 +533,7 @@ def check_convergence(obs: Observed) -> Verdict:
     return v
 
 
-CHECKS = ("epochs", "changes", "runs", "convergence")
+CHECKS = ("epochs", "changes", "runs", "honest", "convergence")
 
 
 def check(ops: Sequence[Op], obs: Observed) -> dict[str, Verdict]:
@@ -534,7 +541,8 @@ def check(ops: Sequence[Op], obs: Observed) -> dict[str, Verdict]:
     return {
         "epochs": check_epochs(ops, obs.effects),
         "changes": check_changes(ops, obs),
-        "runs": check_runs(ops, obs),
+        "runs": check_runs(obs),
+        "honest": check_honest(ops, obs),
         "convergence": check_convergence(obs),
     }
 

@@ -133,7 +133,7 @@ def test_checker_passes_a_correct_history() -> None:
         ("changes", None, {"runs": {"r2": [("n2", "t2")]}}, "run r1"),
         ("runs", None, {"runs": {"r1": [("n1", "t1"), ("n1", "t1")], "r2": [("n2", "t2")]}},
          "ran 2 times"),
-        ("runs", [*_ops(), hist.Op(10, "run", "n1", "t10", 0, 1, False, "HTTP 500: x")],
+        ("honest", [*_ops(), hist.Op(10, "run", "n1", "t10", 0, 1, False, "HTTP 500: x")],
          {"runs": {"r1": [("n1", "t1")], "r2": [("n2", "t2")], "r10": [("n1", "t10")]}},
          "but ran"),
         ("convergence", None, {"converge_error": "timed out"}, "not converged"),
@@ -354,7 +354,7 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     strict=False,
-    reason="seen on main d5e5c37 (seed 353436813, lane 0 run 2: SIGTERM of the leader, "
+    reason="seen on main d5e5c37 (CTRL_EXEC_FAULT_SEED=353436813, lane 0 run 2: SIGTERM of the leader, "
     "partition of the next leader from etcd, SIGTERM of the third, while a rotation's rolling "
     "restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack majority) was gone from "
     "every instance's registry for the rest of the lane; a new leader publishing its own files "
@@ -369,6 +369,20 @@ def test_no_acknowledged_change_lost(results: Results) -> None:
 @pytest.mark.timeout(60)
 def test_no_script_run_twice_for_one_request(results: Results) -> None:
     _no_violations(results, "runs")
+
+
+@needs_stack
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=False,
+    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk read-only): the "
+    "follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then writing the "
+    "run record state/runs/<reqid>.json failed (EROFS) and the API answered 500 'internal "
+    "error OSError': a retry runs the script twice. Flip once a run that ran is reported "
+    "as such (or an instance that cannot write its state is not ready).",
+)  # fmt: skip
+def test_no_run_reported_failed_that_ran(results: Results) -> None:
+    _no_violations(results, "honest")
 
 
 @needs_stack
