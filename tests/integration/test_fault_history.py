@@ -354,9 +354,9 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     strict=False,
-    reason="seen on main d5e5c37 (CTRL_EXEC_FAULT_SEED=353436813, lane 0 run 2: SIGTERM of the leader, "
-    "partition of the next leader from etcd, SIGTERM of the third, while a rotation's rolling "
-    "restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack majority) was gone from "
+    reason="seen on main d5e5c37 (CTRL_EXEC_FAULT_SEED=353436813, lane 0 run 2: SIGTERM "
+    "of the leader, partition of the next leader from etcd, SIGTERM of the third, while a "
+    "rotation's rolling restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack majority) was gone from "
     "every instance's registry for the rest of the lane; a new leader publishing its own files "
     "after 3 TTLs without a member holding the newer generation (README: sync-diverged) "
     "loses it. Flip once ready-means-in-sync is merged.",
@@ -375,8 +375,8 @@ def test_no_script_run_twice_for_one_request(results: Results) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     strict=False,
-    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk read-only): the "
-    "follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then writing the "
+    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk "
+    "read-only): the follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then writing the "
     "run record state/runs/<reqid>.json failed (EROFS) and the API answered 500 'internal "
     "error OSError': a retry runs the script twice. Flip once a run that ran is reported "
     "as such (or an instance that cannot write its state is not ready).",
