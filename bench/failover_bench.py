@@ -10,12 +10,14 @@ agents) and ``POST /run`` (one agent) through HAProxy's API frontend all the tim
 connection per attempt, one retry allowed.
 
 Each trial signals the current leader (``--trials`` with SIGKILL, then as many with
-SIGTERM; ``--signals sigterm`` for the SIGTERM trials alone), measures the time from the signal to another instance's ``/leader`` answering
-200 (polled every ~2 ms over kept-alive connections), restarts the victim and waits until
-it is healthy and back in HAProxy. Printed: median / p90 / max / min per signal, and the
-client's failed first attempts and failures after the retry during the kills (requests
-in flight from each signal until the victim is back), against the targets: SIGTERM
-handover under 250 ms, kill -9 failover under TTL + 1 s, no request lost with one retry.
+SIGTERM; ``--signals sigterm`` for the SIGTERM trials alone), measures the time from the
+signal to another instance's ``/leader`` answering 200 (polled every ~2 ms over
+kept-alive connections), restarts the victim and waits until it is healthy and back in
+HAProxy. Printed: median / p90 / max / min per signal, and the client's failed first
+attempts and failures after the retry during the kills (requests in flight from each
+signal until the victim is back), against the targets: SIGTERM handover under 250 ms
+with no failed first attempt, kill -9 failover under TTL + 1 s, no request lost with one
+retry.
 
 A run in flight on a killed instance leaves its host:script lock in etcd until the
 victim's session lease expires (<= TTL): its retry, and new runs of that host:script

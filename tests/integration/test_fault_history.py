@@ -354,12 +354,12 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     strict=False,
-    reason="seen on main d5e5c37 (CTRL_EXEC_FAULT_SEED=353436813, lane 0 run 2: SIGTERM "
-    "of the leader, partition of the next leader from etcd, SIGTERM of the third, while a "
-    "rotation's rolling restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack majority) was gone from "
-    "every instance's registry for the rest of the lane; a new leader publishing its own files "
-    "after 3 TTLs without a member holding the newer generation (README: sync-diverged) "
-    "loses it. Flip once ready-means-in-sync is merged.",
+    reason="seen on main d5e5c37 (CTRL_EXEC_FAULT_SEED=353436813, lane 0 run 2: SIGTERM of the "
+    "leader, partition of the next leader from etcd, SIGTERM of the third, while a "
+    "rotation's rolling restart ran): an edit-agent acknowledged by ced (exit 0, sync_ack "
+    "majority) was gone from every instance's registry for the rest of the lane; a new "
+    "leader publishing its own files after 3 TTLs without a member holding the newer "
+    "generation (README: sync-diverged) loses it. Flip once ready-means-in-sync is merged.",
 )  # fmt: skip
 def test_no_acknowledged_change_lost(results: Results) -> None:
     _no_violations(results, "changes")
@@ -375,11 +375,11 @@ def test_no_script_run_twice_for_one_request(results: Results) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     strict=False,
-    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk "
-    "read-only): the follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then writing the "
-    "run record state/runs/<reqid>.json failed (EROFS) and the API answered 500 'internal "
-    "error OSError': a retry runs the script twice. Flip once a run that ran is reported "
-    "as such (or an instance that cannot write its state is not ready).",
+    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk read-"
+    "only): the follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then"
+    " writing the run record state/runs/<reqid>.json failed (EROFS) and the API answered "
+    "500 'internal error OSError': a retry runs the script twice. Flip once a run that ran "
+    "is reported as such (or an instance that cannot write its state is not ready).",
 )  # fmt: skip
 def test_no_run_reported_failed_that_ran(results: Results) -> None:
     _no_violations(results, "honest")
@@ -398,10 +398,10 @@ def test_every_instance_converged_on_one_generation(results: Results) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.xfail(
     strict=False,
-    reason="main d5e5c37: a follower that could not apply a generation becomes leader when "
-    "both members that applied it die, waits 3 TTLs, logs sync-diverged and publishes its "
-    "stale files: the acknowledged edit is gone everywhere. Flip once ready-means-in-sync "
-    "keeps an instance that is not in sync from leading.",
+    reason="main d5e5c37: a follower that could not apply a generation becomes leader when both "
+    "members that applied it die, waits 3 TTLs, logs sync-diverged and publishes its stale "
+    "files: the acknowledged edit is gone everywhere. Flip once ready-means-in-sync keeps "
+    "an instance that is not in sync from leading.",
 )  # fmt: skip
 def test_an_acknowledged_edit_survives_the_loss_of_both_members_that_applied_it(
     tmp_path: Path,
