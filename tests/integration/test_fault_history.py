@@ -397,7 +397,10 @@ def test_no_run_reported_failed_that_ran(results: Results) -> None:
     "'a dispatcher certificate of this cluster is required'), it stays on generation 7 "
     "(published 22) for 40 s and never gets UP in HAProxy. Later it won an election "
     "(epoch 512), logged sync-diverged and published its generation-7 files: 8 "
-    "acknowledged approvals and 4 edits lost on every instance.",
+    "acknowledged approvals and 4 edits lost on every instance. Also on 2cea770 "
+    "(CTRL_EXEC_FAULT_SEED=2041648547, lane 1 run 5: kill -9 during a rotation): inst-c "
+    "came back on generation 0 and stayed there, its fetches refused ('certificate serial "
+    "... is not a dispatcher serial of this cluster'); the serials of the instances differ.",
 )  # fmt: skip
 def test_every_instance_converged_on_one_generation(results: Results) -> None:
     _no_violations(results, "convergence")
@@ -410,7 +413,7 @@ def test_every_instance_converged_on_one_generation(results: Results) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.xfail(
     strict=False,
-    reason="main d5e5c37 and 2cdadaa: a follower that could not apply a generation becomes leader when both "
+    reason="main d5e5c37, 2cdadaa and 2cea770: a follower that could not apply a generation becomes leader when both "
     "members that applied it die, waits 3 TTLs, logs sync-diverged and publishes its stale "
     "files: the acknowledged edit is gone everywhere. Flip once ready-means-in-sync keeps "
     "an instance that is not in sync from leading.",
