@@ -375,14 +375,6 @@ def test_no_script_run_twice_for_one_request(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk read-"
-    "only): the follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then"
-    " writing the run record state/runs/<reqid>.json failed (EROFS) and the API answered "
-    "500 'internal error OSError': a retry runs the script twice. Flip once a run that ran "
-    "is reported as such (or an instance that cannot write its state is not ready).",
-)  # fmt: skip
 def test_no_run_reported_failed_that_ran(results: Results) -> None:
     _no_violations(results, "honest")
 
