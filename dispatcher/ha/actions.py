@@ -60,6 +60,7 @@ class Action:
     operation: str  # the fenced operation's name (effects history, logs)
     fn: Callable[..., Any]
     bootstrap: bool = False  # may run locally while the cluster has no member at all
+    phased: bool = False  # runs its own fenced operations, each acknowledged (rotate-cert)
 
 
 # ----- the actions ---------------------------------------------------------------------
@@ -153,10 +154,16 @@ def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
 
 
 def rotate_cert(d: Dispatcher) -> dict[str, Any]:
+    """Intent first in a cluster (:mod:`dispatcher.ha.rotation_intent`), else in one go."""
     import asyncio
 
+    from dispatcher.ha.writer import FencedWriter
     from dispatcher.pki import rotation
 
+    if isinstance(d.writer, FencedWriter):
+        from dispatcher.ha import rotation_intent
+
+        return rotation_intent.rotate(d)
     return asyncio.run(rotation.rotate(d))
 
 
@@ -178,7 +185,7 @@ ACTIONS: dict[str, Action] = {
         Action("edit-agent", "agent-edit", edit_agent),
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
-        Action("rotate-cert", "cert-rotate", rotate_cert),
+        Action("rotate-cert", "cert-rotate", rotate_cert, phased=True),
         Action("maintain", "maintain", maintain),
     )
 }
@@ -248,6 +255,11 @@ def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> Act
     writer = d.writer
     if not isinstance(writer, FencedWriter):
         return ActionResult(name, action.fn(d, **kwargs))
+    if action.phased:  # its own operations and acknowledgements; its document says which
+        data = action.fn(d, **kwargs)
+        generation = data.pop("generation", None) if isinstance(data, dict) else None
+        return ActionResult(name, data, leader=d.cfg.instance_id, epoch=writer.epoch(),
+                            generation=generation)  # fmt: skip
     rep = d.replication
     before, changes = (rep.generation, rep.changes) if rep is not None else (0, 0)
     with writer.operation(action.operation) as epoch:
