@@ -125,6 +125,7 @@ class ClusterSpec:
     proxy_protocol: bool = True  # with tls: a PROXY v2 API port per instance, used by HAProxy
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+    env: Mapping[str, str] = field(default_factory=dict)  # more environment (test hooks)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Cluster:
     operator: Issued | None = None  # an operator client certificate (with tls)
     haproxy: HAProxy | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # added to every instance's environment
 
     @property
     def ca_cert(self) -> Path:
@@ -174,7 +176,7 @@ class Cluster:
         HAProxy, until HAProxy sends it traffic again)."""
         for i in self.insts.values():
             if not i.alive:
-                i.start()
+                i.start(env={**ENV, **self.env})
         for i in self.insts.values():
             i.wait_healthy()
         if self.haproxy is not None:
@@ -183,7 +185,7 @@ class Cluster:
     def restart(self, inst: Inst) -> None:
         """Start a stopped instance again and wait until it serves (through HAProxy too)."""
         assert not inst.alive, f"{inst.name} is still running"
-        inst.start()
+        inst.start(env={**ENV, **self.env})
         inst.wait_healthy()
         if self.haproxy is not None:
             self.haproxy.wait_status(API_BACKEND, {inst.id: "UP"})
@@ -328,7 +330,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         inst.config.write_text(_instance_conf(spec, inst, shared))
         insts[n] = inst
     c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
-                operator=operator)  # fmt: skip
+                operator=operator, env=dict(spec.env))  # fmt: skip
     try:
         for a in agents.values():
             a.start(wait=False)
