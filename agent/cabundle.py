@@ -27,7 +27,7 @@ from agent.common.certs import fingerprint, parse_fingerprint
 from agent.common.fsutil import atomic_write
 
 MAX_CAS = 4
-MAX_BYTES = 64 * 1024
+MAX_BYTES = 16 * 1024  # four RSA-4096 CA certificates take about 8 KiB
 
 
 class BundleError(ValueError):
@@ -68,12 +68,16 @@ def merged(
 ) -> list[x509.Certificate]:
     """``current`` plus the CAs of ``pem`` (checked), without duplicates."""
     now = now or dt.datetime.now(dt.UTC)
-    if not pem.strip() or len(pem) > MAX_BYTES:
+    if not pem.strip():
         raise BundleError("bundle required (PEM CA certificates)")
+    if len(pem) > MAX_BYTES:
+        raise BundleError(f"bundle larger than {MAX_BYTES} bytes")
     try:
         new = x509.load_pem_x509_certificates(pem.encode())
     except ValueError:
         raise BundleError("bundle is not PEM certificates") from None
+    if len(new) > MAX_CAS:
+        raise BundleError(f"a bundle of more than {MAX_CAS} CAs is refused")
     for cert in new:
         _check_ca(cert, now)
     have = {fingerprint(c) for c in current}

@@ -80,9 +80,11 @@ def _key_bytes(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     )
 
 
-def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None) -> CA:
+def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None,
+              cn: str = CA_CN) -> CA:  # fmt: skip
     """Write ``ca.key`` (0600) and ``ca.crt`` (through ``writer``, default atomic local
-    writes); refuses to overwrite an existing key."""
+    writes); refuses to overwrite an existing key. A rotated CA needs its own ``cn``: TLS
+    stacks look issuers up by name, so two CAs of one name in a bundle do not verify."""
     d = Path(ca_dir)
     d.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = d / "ca.key", d / "ca.crt"
@@ -92,8 +94,8 @@ def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None =
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(CA_CN))
-        .issuer_name(_name(CA_CN))
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(new_serial())
         .not_valid_before(now - dt.timedelta(minutes=5))
