@@ -167,6 +167,26 @@ def rotate_cert(d: Dispatcher) -> dict[str, Any]:
     return asyncio.run(rotation.rotate(d))
 
 
+def rotate_ca(d: Dispatcher, *, mode: str = "run") -> dict[str, Any]:
+    """CA rotation (:mod:`dispatcher.pki.carotation`): ``run`` starts or resumes it,
+    ``finish`` also drops the old CA, ``status`` only reports."""
+    import asyncio
+
+    from dispatcher.ha.writer import FencedWriter
+    from dispatcher.pki import carotation
+
+    if mode not in ("run", "finish", "status"):
+        raise ActionFailed(f"rotate-ca: unknown mode {mode!r}")
+    if mode == "status":
+        return carotation.status(d)
+    if isinstance(d.writer, FencedWriter):
+        from dispatcher.ha import rotation_intent
+
+        return rotation_intent.rotate_ca(d, finish=mode == "finish")
+    carotation.record(d)
+    return asyncio.run(carotation.advance(d, finish=mode == "finish"))
+
+
 def maintain(d: Dispatcher) -> dict[str, Any]:
     import asyncio
 
@@ -186,6 +206,7 @@ ACTIONS: dict[str, Action] = {
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
         Action("rotate-cert", "cert-rotate", rotate_cert, phased=True),
+        Action("rotate-ca", "ca-rotate", rotate_ca, phased=True),
         Action("maintain", "maintain", maintain),
     )
 }

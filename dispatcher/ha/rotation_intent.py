@@ -206,3 +206,37 @@ def recover(d: Dispatcher, now: float | None = None) -> dict[str, Any] | None:
         return out
     finally:
         _rotating.release()
+
+
+def rotate_ca(d: Dispatcher, finish: bool = False) -> dict[str, Any]:
+    """``rotate-ca`` on the leader of a cluster: the intent (new CA, ``ca-rotation.json``)
+    is recorded and acknowledged before any agent is told; then each phase of
+    :mod:`dispatcher.pki.carotation` runs in its own fenced operation, acknowledged; the
+    dispatcher cert is reissued under the new CA by the intent-first :func:`rotate`."""
+    from dispatcher.pki import carotation
+
+    writer = _writer(d)
+    before = _generation(d)
+    with writer.operation("ca-rotate-intent"):
+        carotation.record(d)
+    generation = _acknowledge(d, before)
+    for _ in range(len(carotation.PHASES)):
+        st = carotation.load(d)
+        if st is None:
+            break
+        phase = st.phase
+        if phase == "dispatcher":
+            rotate(d)  # takes _rotating itself
+            before = _generation(d)
+            with writer.operation("ca-rotate"):
+                carotation.dispatcher_rotated(d)
+            generation = _acknowledge(d, before)
+        else:
+            before = _generation(d)
+            with writer.operation("ca-rotate"):
+                asyncio.run(carotation.step(d, finish))
+            generation = _acknowledge(d, before)
+        after = carotation.load(d)
+        if after is None or after.phase == phase:
+            break
+    return {**carotation.status(d), "generation": generation}

@@ -176,12 +176,12 @@ async def _post_all(d: Dispatcher, names: list[str], body: dict[str, Any],
 # ----- the phases --------------------------------------------------------------------------
 
 
-async def start(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
-    """Record the rotation and create the new CA (intent first), then distribute."""
+def record(d: Dispatcher, now: float | None = None) -> CARotation:
+    """The rotation in progress, or a new one recorded (intent first: the new CA in
+    ``ca-next/``, ``ca-rotation.json``, the dispatcher trusting both); no agent is told."""
     now = time.time() if now is None else now
     if (cur := load(d)) is not None and cur.phase != "done":
-        raise CARotationError(f"a CA rotation is already in phase {cur.phase}; "
-                              "see 'ced rotate-ca --status'")  # fmt: skip
+        return cur
     ca_dir = Path(d.cfg.ca_dir)
     live = Path(d.cfg.ca or ca_dir / "ca.crt")
     old_pem = _certs(live)[0]
@@ -198,6 +198,15 @@ async def start(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     d.writer.write(live, old_pem + new_pem, 0o644)  # we verify agents under either CA
     ev("ca-rotation-start", old=st.old_fingerprint, new=st.new_fingerprint,
        agents=len(st.agents))  # fmt: skip
+    return st
+
+
+async def start(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+    """Record a new rotation (refused while one is in progress), then :func:`advance`."""
+    if (cur := load(d)) is not None and cur.phase != "done":
+        raise CARotationError(f"a CA rotation is already in phase {cur.phase}; "
+                              "see 'ced rotate-ca --status'")  # fmt: skip
+    record(d, now)
     return await advance(d)
 
 
@@ -283,29 +292,44 @@ async def _drop(d: Dispatcher, st: CARotation) -> None:
     ev("ca-rotation-done", new=st.new_fingerprint, agents=len(st.agents))
 
 
+async def step(d: Dispatcher, finish: bool = False) -> str:
+    """Carry out one phase of the recorded rotation (resumable); the phase after it."""
+    st = load(d)
+    if st is None:
+        raise CARotationError("no CA rotation in progress (start one with 'ced rotate-ca')")
+    if st.phase == "bundle":
+        await _bundle(d, st)
+    elif st.phase == "switch":
+        _switch(d, st)
+    elif st.phase == "renew":
+        await _renew(d, st)
+    elif st.phase == "dispatcher":
+        await _dispatcher(d, st)
+    elif st.phase == "drop" and finish:
+        await _drop(d, st)
+    after = load(d)
+    return after.phase if after is not None else st.phase
+
+
+def dispatcher_rotated(d: Dispatcher) -> None:
+    """The ``dispatcher`` phase was carried out by the caller (a cluster's intent-first
+    rotation): move on to ``drop``."""
+    st = load(d)
+    if st is not None and st.phase == "dispatcher":
+        st.phase = "drop"
+        save(d, st)
+
+
 async def advance(d: Dispatcher, finish: bool = False) -> dict[str, Any]:
-    """Carry out what the recorded phase still needs (resumable); the status.
+    """Carry out what the recorded phase still needs, phase after phase; the status.
 
     ``drop`` runs only with ``finish`` (``ced rotate-ca --finish``): whether each agent
     already presents its renewed certificate is checked by the agent itself.
     """
-    st = load(d)
-    if st is None:
-        raise CARotationError("no CA rotation in progress (start one with 'ced rotate-ca')")
-    for _ in range(len(PHASES)):  # each pass moves at most one phase
-        before = st.phase
-        if st.phase == "bundle":
-            await _bundle(d, st)
-        elif st.phase == "switch":
-            _switch(d, st)
-        elif st.phase == "renew":
-            await _renew(d, st)
-        elif st.phase == "dispatcher":
-            await _dispatcher(d, st)
-        elif st.phase == "drop" and finish:
-            await _drop(d, st)
-        st = load(d) or st
-        if st.phase == before:
+    for _ in range(len(PHASES)):  # each step moves at most one phase
+        st = load(d)
+        before = st.phase if st is not None else None
+        if await step(d, finish) == before:
             break
     return status(d)
 

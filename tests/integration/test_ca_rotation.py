@@ -9,9 +9,13 @@ its trust map holds.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import ssl
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +27,7 @@ from dispatcher.registry import resolve
 from dispatcher.reqid import new_reqid
 from ops.lab.agentproc import AgentProc
 from ops.lab.dispatcherenv import DISPATCHER_ID, DispatcherEnv, make_env
+from ops.lab.proc import ENV
 
 pytestmark = pytest.mark.integration
 
@@ -98,5 +103,39 @@ def test_ca_rotation_with_real_agents(tmp_path: Path) -> None:
                 agent.call("POST", "/ping", {}, env.original, timeout=10)
         ping_all_ok(env)
         assert fingerprint(pki.load_ca(d.cfg.ca_dir, d.cfg.ca).cert) == new_fp
+    finally:
+        env.stop_all()
+
+
+def ced(conf: Path, *args: str) -> dict[str, Any]:
+    p = subprocess.run([sys.executable, "-m", "dispatcher.ced", *args, "--json", "--yes",
+                        "--config", str(conf)], capture_output=True, text=True, env=ENV,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(p.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_ced_rotate_ca_status_and_finish(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    cfg = env.d.cfg
+    conf = tmp_path / "ctrl-exec.conf"
+    conf.write_text(f"ca_dir = {cfg.ca_dir}\nstate_dir = {cfg.state_dir}\n"
+                    f"dispatcher_id = {DISPATCHER_ID}\nread_timeout = 10\n")  # fmt: skip
+    try:
+        agent = env.add_agent("web1", start=False)
+        private_ca(agent)
+        agent.start()
+        assert ced(conf, "rotate-ca", "--status")["phase"] is None
+        doc = ced(conf, "rotate-ca")
+        assert doc["phase"] == "drop" and doc["renewed"] == ["web1"], doc
+        assert "reissue them under the new CA" in doc["operator"]
+        st = ced(conf, "rotate-ca", "--status")
+        assert st["phase"] == "drop" and st["pending"] == ["web1"]
+        agent.hup()
+        done = ced(conf, "rotate-ca", "--finish")
+        assert done["phase"] == "done" and done["done"] == ["web1"], done
+        ping_all_ok(env)
     finally:
         env.stop_all()
