@@ -208,6 +208,19 @@ def recover(d: Dispatcher, now: float | None = None) -> dict[str, Any] | None:
         _rotating.release()
 
 
+def _members_behind(d: Dispatcher) -> str:
+    """Members that did not apply the current generation or must still restart to load
+    their certificate files ("" when none)."""
+    rep = d.replication
+    members = getattr(rep, "members", None)
+    if rep is None or members is None:
+        return ""
+    gen = rep.generation
+    behind = [m.instance_id for m in members()
+              if m.generation < gen or m.restart_pending or m.state != "serving"]  # fmt: skip
+    return ", ".join(sorted(behind))
+
+
 def rotate_ca(d: Dispatcher, finish: bool = False) -> dict[str, Any]:
     """``rotate-ca`` on the leader of a cluster: the intent (new CA, ``ca-rotation.json``)
     is recorded and acknowledged before any agent is told; then each phase of
@@ -225,6 +238,13 @@ def rotate_ca(d: Dispatcher, finish: bool = False) -> dict[str, Any]:
         if st is None:
             break
         phase = st.phase
+        if phase in ("dispatcher", "drop") and (waiting := _members_behind(d)):
+            # members still verify peers with the CA file they loaded at start: a new-CA
+            # dispatcher cert (or dropping the old CA) before they reloaded the bundle
+            # would cut them off from the leader's files; run again once they restarted
+            ev("ca-rotation-wait", phase=phase, waiting=waiting)
+            return {**carotation.status(d), "generation": generation,
+                    "waiting": f"members not yet running the CA bundle: {waiting}"}  # fmt: skip
         if phase == "dispatcher":
             rotate(d)  # takes _rotating itself
             before = _generation(d)

@@ -197,3 +197,71 @@ def test_leader_killed_mid_rotation_leaves_no_orphan_serial(
         assert agent.call("POST", "/ping", {}, heir_cert).code == 200
         resp = agent.call("POST", "/ping", {}, c.dispatcher)
         assert resp.code == 403 and resp.json()["error"] == "serial mismatch"
+
+
+# ----- CA rotation in the cluster ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[Cluster]:
+    spec = ClusterSpec(
+        agents=AGENTS, scripts={"echo-args": str(script_dir / "echo-args.sh")}, ttl=TTL,
+        sync_mode="push", tls=True, haproxy=False,
+    )  # fmt: skip
+    with running_cluster(tmp_path_factory.mktemp("carot"), spec) as c:
+        yield c
+
+
+def ced_json(c: Cluster, inst: Inst, *args: str) -> tuple[int, dict[str, Any]]:
+    p = c.ced(inst, *args, "--json", "--yes", timeout=600)
+    try:
+        doc = json.loads(p.stdout)
+    except ValueError:
+        doc = {"stdout": p.stdout, "stderr": p.stderr}
+    return p.returncode, doc if isinstance(doc, dict) else {}
+
+
+def test_rotate_ca_in_the_cluster(plain: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    c = plain
+    for name, agent in c.agents.items():  # renewal binds the CN to the registry name
+        agent.config.write_text(agent.config.read_text().replace(
+            "hostname = agent.test\n", f"hostname = {name}\n"))  # fmt: skip
+        agent.stop()
+        agent.start()
+    t0 = time.monotonic()
+    doc: dict[str, Any] = {}
+    for _ in range(40):  # resumable: run again while members restart to load the bundle
+        rc, doc = ced_json(c, c.running()[0], "rotate-ca")
+        if rc == 0 and doc.get("phase") == "drop":
+            break
+        time.sleep(3)
+    assert doc.get("phase") == "drop", doc
+    assert sorted(doc["renewed"]) == sorted(AGENTS), doc
+    c.converged(120)
+    for agent in c.agents.values():
+        agent.hup()  # promote the renewed (new-CA) certificate
+    for _ in range(40):
+        rc, doc = ced_json(c, c.running()[0], "rotate-ca", "--finish")
+        if rc == 0 and doc.get("phase") == "done":
+            break
+        time.sleep(3)
+    assert doc.get("phase") == "done", doc
+    took = time.monotonic() - t0
+    g = c.converged(120)
+    leader = c.one_leader()
+    ca_pem = (leader.ca_dir / "ca.crt").read_text()
+    assert ca_pem.count("BEGIN CERTIFICATE") == 1
+    for inst in c.insts.values():  # every member holds the new CA only
+        assert (inst.ca_dir / "ca.crt").read_text() == ca_pem, inst.name
+        assert not (inst.ca_dir / "ca-old" / "ca.key").exists()
+    # the agents answer the new dispatcher cert and refuse the original, old-CA one
+    serial = serial_to_hex(leader.status()["cert_serial"])
+    new_cert = Issued(leader.ca_dir / "dispatcher.crt", leader.ca_dir / "dispatcher.key",
+                      int(serial, 16))  # fmt: skip
+    for agent in c.agents.values():
+        agent.ca.cert_path = leader.ca_dir / "ca.crt"
+        assert agent.call("POST", "/ping", {}, new_cert).code == 200
+        with pytest.raises((OSError, ValueError)):
+            agent.call("POST", "/ping", {}, c.dispatcher, timeout=10)
+    say(capsys, "rotate-ca in a 3-member cluster", {"seconds": round(took, 1),
+                                                    "generation": g.number})  # fmt: skip
