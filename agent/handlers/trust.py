@@ -133,7 +133,7 @@ async def ca_bundle(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Rep
         changed = [fingerprint(c) for c in cas] != [fingerprint(c) for c in current]
         if changed:
             cabundle.write(path, cas)
-            agent.reload_ca()
+        agent.reload_ca()  # also when the file already said so (changed by another hand)
     except cabundle.BundleError as exc:
         ev("ca-bundle-fail", logging.WARNING, peer=peer.ip, reason=str(exc),
            dispatcher=peer.dispatcher)  # fmt: skip
