@@ -1,6 +1,9 @@
 """Trust and certificates: ``POST /rotate-serial``, ``/renew``, ``/renew-complete`` and
 ``/ca-bundle`` (ours: CA rotation; upstream agents answer 404 and are reported as such).
 
+All of them are gated by the trusted-dispatcher map like every other endpoint (upstream
+exempts ``/renew*``, which let any CA-signed certificate fetch a CSR or stage a cert).
+
 ``cryptography`` (via :mod:`agent.common.certs`, :mod:`agent.cabundle`) is imported only by
 the renewal and bundle handlers.
 """
@@ -63,6 +66,8 @@ async def renew(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
     from agent.common import certs
 
     reqid = reqid_of(parse_json(body))
+    if (denied := gate(peer, reqid)) is not None:
+        return denied
     try:
         key = certs.load_key(agent.cfg.key)
     except (OSError, ValueError, AssertionError) as exc:
@@ -82,6 +87,8 @@ async def renew_complete(agent: AgentState, peer: Peer, body: bytes, arg: str) -
 
     obj = parse_json(body)
     reqid = reqid_of(obj)
+    if (denied := gate(peer, reqid)) is not None:
+        return denied
     cert = obj.get("cert") if isinstance(obj, dict) else None
     if not isinstance(cert, str) or not cert.strip():
         return 200, {"status": "error", "error": "cert required"}

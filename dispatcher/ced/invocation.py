@@ -53,7 +53,9 @@ class Invocation:
 
         user = self.ns.username if self.ns.username is not None else os.environ.get("USER", "")
         token = self.ns.token if self.ns.token is not None else os.environ.get("ENVEXEC_TOKEN", "")
-        return Caller("cli", username=user, token=token, source_ip="127.0.0.1")
+        who = local_user()
+        return Caller("cli", username=user, token=token, source_ip="127.0.0.1",
+                      identity=who["unix_user"], sudo_user=who.get("sudo_user", ""))  # fmt: skip
 
     def leader_action(
         self, name: str, args: dict[str, Any], timeout: float = 120.0, failed: str = ""
@@ -94,17 +96,33 @@ class Invocation:
         return answer == "y"
 
 
+def local_user() -> dict[str, str]:
+    """``unix_user`` (the real user of this process, not ``$USER``) and ``sudo_user``
+    (``$SUDO_USER``, when set): what a local run records and logs."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    out = {"unix_user": user}
+    if os.environ.get("SUDO_USER"):
+        out["sudo_user"] = os.environ["SUDO_USER"]
+    return out
+
+
 def open_dispatcher(path: str | None) -> Dispatcher:
     """Load the config (defaults when the default file is absent) and start logging."""
     from agent.common import logfmt
-    from dispatcher.config import load
+    from dispatcher.config import CONFIG_ENV, load
     from dispatcher.core import Dispatcher
 
-    cfg = load(path or DEFAULT_CONFIG, required=path is not None)
+    explicit = path or os.environ.get(CONFIG_ENV)
+    cfg = load(explicit or DEFAULT_CONFIG, required=bool(explicit))
     target = cfg.log_target
     syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
     level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING
-    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
+    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False, fmt=cfg.log_format)
     for w in cfg.warnings:
         err(f"Warning: {w}")
     d = Dispatcher(cfg)

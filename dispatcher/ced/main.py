@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from agent.common import logfmt
 from cluster.errors import ClusterError
-from dispatcher.ced.invocation import Invocation
+from dispatcher.ced.invocation import Invocation, local_user
 from dispatcher.ced.output import PROG, err, out, out_json
 from dispatcher.errors import ConfigError, CtrlExecError, ExitCode, Fail, UsageError
 
@@ -38,6 +39,9 @@ Modes:
                              [--lookup-by ip|hostname] [--ip addr] [--agent-port n]
   deny <reqid>               deny a pairing request
   setup-ca                   one-time CA initialisation
+  setup-operator-ca          one-time operator CA initialisation (the API trusts it)
+  issue-operator <name>      client certificate for an operator or automation account
+                             [--days n] [--out dir] (writes dir/name.crt, dir/name.key)
   setup-ctrl-exec            generate the dispatcher key and certificate [--yes]
   list-agents [--tags k=v,...]
                              list registered agents
@@ -57,7 +61,12 @@ Modes:
   cluster history [--json]   every change of leader: term, epoch, time, from, to, why
   cluster pause [--reason T] maintenance: no automatic restarts or maintenance
   cluster resume             end maintenance
-  cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+  cluster haproxy-config     print HAProxy sections (TCP passthrough) for every instance
+                             [--full] whole file  [--bind ADDR,...] listen addresses
+  cluster forget <id>        take a removed instance out of the roster
+  cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
+                             [--priority N] [--router-id N]
+                             print keepalived (VRRP) config for one of two load balancers
 
 Options:
   --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
@@ -86,6 +95,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "approve": ("pairing", "cmd_approve"),
     "deny": ("pairing", "cmd_deny"),
     "setup-ca": ("pki", "cmd_setup_ca"),
+    "setup-operator-ca": ("pki", "cmd_setup_operator_ca"),
+    "issue-operator": ("pki", "cmd_issue_operator"),
     "setup-ctrl-exec": ("pki", "cmd_setup_dispatcher"),
     "list-agents": ("agents", "cmd_list_agents"),
     "edit-agent": ("agents", "cmd_edit_agent"),
@@ -136,9 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename")
     p.add_argument("--to")
     p.add_argument("--reason")
+    p.add_argument("--full", action="store_true")  # cluster haproxy-config
+    p.add_argument("--bind")
+    p.add_argument("--vip")  # cluster keepalived-config
+    p.add_argument("--interface")
+    p.add_argument("--address")
+    p.add_argument("--peer", action="append")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--router-id", type=int)
     p.add_argument("--tags")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
+    p.add_argument("--days", type=int)
+    p.add_argument("--out")
     p.add_argument("--yes", "-y", action="store_true")
     p.add_argument("--status", action="store_true")
     p.add_argument("--finish", action="store_true")
@@ -227,6 +248,18 @@ def _interrupted(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.INTERRUPTED
 
 
+def _missing_module(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    from dispatcher.api.entry import EXTRA_MODULES
+
+    assert isinstance(exc, ModuleNotFoundError)
+    top = (exc.name or "").split(".", 1)[0]
+    if top not in EXTRA_MODULES:
+        raise exc  # a bug or a broken install: keep the traceback
+    err(f"Error: this needs the dispatcher extra (module '{top}' is missing): "
+        "pip install 'ctrl-exec[dispatcher]'")  # fmt: skip
+    return ExitCode.FAILURE
+
+
 def _broken_pipe(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.FAILURE  # the reader went away: nothing to say, nowhere to say it
 
@@ -251,6 +284,7 @@ def error_table() -> dict[type[BaseException], OnError]:
         ClusterError: _other,  # exit 1 (the coordination store: unreachable, fenced, ...)
         KeyboardInterrupt: _interrupted,  # exit 130
         BrokenPipeError: _broken_pipe,  # exit 1
+        ModuleNotFoundError: _missing_module,  # exit 1 (the dispatcher extra is missing)
     }
 
 
@@ -293,8 +327,10 @@ def _run(argv: list[str]) -> int:
         return ExitCode.USAGE
     inv = Invocation(ns, script_args)
     try:
-        return verb(mode)(inv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+        with logfmt.context(**local_user()):  # every line names who ran ced
+            return verb(mode)(inv)
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         return on_error(inv, exc)
 
 
@@ -304,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     code: int = ExitCode.FAILURE
     try:
         code = _run(sys.argv[1:] if argv is None else argv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         code = on_error(None, exc)  # before the verb ran: a usage error, or ^C
     finally:
         try:
