@@ -87,7 +87,7 @@ def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None =
     writes); refuses to overwrite an existing key. A rotated CA needs its own ``cn``: TLS
     stacks look issuers up by name, so two CAs of one name in a bundle do not verify."""
     d = Path(ca_dir)
-    return create_self_signed(d / "ca.key", d / "ca.crt", CA_CN, days, writer)
+    return create_self_signed(d / "ca.key", d / "ca.crt", cn, days, writer)
 
 
 def create_self_signed(

@@ -15,6 +15,7 @@ from agent import cabundle
 from agent.common.certs import fingerprint
 from dispatcher.client.wire import AgentReply
 from dispatcher.ha import actions
+from dispatcher.pki import ca as pki
 from dispatcher.pki import carotation
 from ops.lab.dispatcherenv import make_env
 from ops.lab.pki import TestCA
@@ -82,6 +83,9 @@ def test_state_file_round_trip_and_refusals(tmp_path: Path) -> None:
     assert st.phase == "bundle" and st.old_fingerprint != st.new_fingerprint
     assert (Path(d.cfg.ca_dir) / "ca-next" / "ca.key").stat().st_mode & 0o777 == 0o600
     assert Path(d.cfg.ca).read_text().count("BEGIN CERTIFICATE") == 2
+    old_ca = pki.load_ca(d.cfg.ca_dir, d.cfg.ca).cert
+    new_ca = pki.load_ca(Path(d.cfg.ca_dir) / "ca-next").cert
+    assert new_ca.subject != old_ca.subject  # issuers are looked up by name in a bundle
     assert carotation.record(d) == st  # in progress: the same one, nothing new created
     again = carotation.load(d)
     assert again is not None and again.to_json() == st.to_json()
