@@ -129,6 +129,7 @@ class ClusterSpec:
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     pairing_proxy: bool = False  # a PROXY v2 pairing port per instance, used by HAProxy
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+    env: Mapping[str, str] = field(default_factory=dict)  # more environment (test hooks)
     cluster_key: bool = True  # start with <ca_dir>/cluster.key (else the first leader makes it)
 
 
@@ -145,6 +146,7 @@ class Cluster:
     operator: Issued | None = None  # an operator client certificate (with tls)
     haproxy: HAProxy | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # added to every instance's environment
 
     @property
     def ca_cert(self) -> Path:
@@ -189,7 +191,7 @@ class Cluster:
         HAProxy, until HAProxy sends it traffic again)."""
         for i in self.insts.values():
             if not i.alive:
-                i.start()
+                i.start(env={**ENV, **self.env})
         for i in self.insts.values():
             i.wait_healthy()
         if self.haproxy is not None:
@@ -198,7 +200,7 @@ class Cluster:
     def restart(self, inst: Inst) -> None:
         """Start a stopped instance again and wait until it serves (through HAProxy too)."""
         assert not inst.alive, f"{inst.name} is still running"
-        inst.start()
+        inst.start(env={**ENV, **self.env})
         inst.wait_healthy()
         if self.haproxy is not None:
             self.haproxy.wait_status(API_BACKEND, {inst.id: "UP"})
@@ -354,7 +356,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         inst.config.write_text(_instance_conf(spec, inst, shared))
         insts[n] = inst
     c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
-                operator=operator)  # fmt: skip
+                operator=operator, env=dict(spec.env))  # fmt: skip
     try:
         for a in agents.values():
             a.start(wait=False)
