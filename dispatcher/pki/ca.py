@@ -263,6 +263,3 @@ def cert_serial_hex(path: str | Path) -> str:
 def cert_not_after(pem: str | bytes) -> str:
     data = pem.encode() if isinstance(pem, str) else pem
     return openssl_date(x509.load_pem_x509_certificate(data).not_valid_after_utc)
-
-
-_leaf = leaf  # the name rotation.py knows

@@ -231,7 +231,7 @@ def _new_pair(d: Dispatcher) -> tuple[bytes, bytes, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     from dispatcher.pki.names import cert_names
 
-    cert = pki._leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days,
+    cert = pki.leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days,
                      names=cert_names(d.cfg))  # fmt: skip
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
