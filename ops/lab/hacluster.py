@@ -52,6 +52,7 @@ import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
 from dispatcher.ha.manifest import Generation
+from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
@@ -208,10 +209,9 @@ class Cluster:
     def _generation(self) -> Generation | None:
         backend = self.backend(2.0)
         try:
-            kv = backend.get_kv(backend.keys.generation)
+            return GenerationStore(backend).read()
         finally:
             backend.close()
-        return None if kv is None else Generation.from_json(kv.value)
 
     def published(self) -> Generation:
         """The generation the leader published in etcd."""

@@ -24,7 +24,13 @@ import httpx
 import pytest
 
 from dispatcher.config import load as load_config
-from dispatcher.ha.manifest import Generation, Layout, Scanner, manifest_hash
+from dispatcher.ha.manifest import (
+    Generation,
+    Layout,
+    Scanner,
+    encode_generation,
+    manifest_hash,
+)
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
 from ops.lab.etcd import ETCD, SKIP_REASON
@@ -295,7 +301,10 @@ def test_generation_and_order_from_an_old_epoch_are_refused(cluster: Cluster) ->
     pids = {i.name: i.proc.pid for i in followers if i.proc is not None}
     b = cluster.backend()
     try:
-        b.put_value(b.keys.generation, stale.to_json())  # unfenced: only a test can do this
+        head, chunks = encode_generation(stale)
+        for sha, data in chunks.items():  # unfenced: only a test can do this
+            b.put_value(b.keys.generation_chunk(sha), data)
+        b.put_value(b.keys.generation, head)
         b.put_value(b.keys.order(followers[0].id), json.dumps(order))
     finally:
         b.close()

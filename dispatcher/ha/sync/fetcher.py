@@ -2,12 +2,20 @@
 
 The generation's publisher is asked first, then every member that applied it (the old
 leader may be gone). A file is accepted only when its size and sha256 match the manifest.
+
+The client presents the dispatcher certificate; when a peer refuses it (403) and a kept
+previous pair exists (``<cert>.prev``/``<key>.prev``), that pair is presented instead. An
+ex-leader killed in the middle of a rotation restarts with a new certificate the cluster
+never published, which no peer accepts; the kept old one is the cluster's, so the
+ex-leader can still fetch the published generation and converge to it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
+import os
 from collections.abc import Callable
 
 from cluster.backend import MemberInfo
@@ -27,6 +35,17 @@ class Fetcher:
         self.cfg = cfg
         self.me = me
         self.members = members
+        self.identity: dict[str, int] = {}  # instance id -> index in identities() that works
+
+    def identities(self) -> list[DispatcherConfig]:
+        """The config to connect with: the dispatcher pair, then the kept previous pair."""
+        out = [self.cfg]
+        cert, key = f"{self.cfg.cert}.prev", f"{self.cfg.key}.prev"
+        if self.cfg.cert and self.cfg.key and os.path.isfile(cert) and os.path.isfile(key):
+            prev = copy.copy(self.cfg)
+            prev.cert, prev.key = cert, key
+            out.append(prev)
+        return out
 
     def sources(self, g: Generation) -> list[MemberInfo]:
         """Who can serve ``g``: its publisher first, then members that applied it."""
@@ -53,10 +72,14 @@ class Fetcher:
     def _fetch_from(
         self, m: MemberInfo, conns: Conns, e: Entry, number: int, errors: list[str]
     ) -> bytes | None:
-        for attempt in (1, 2):  # a kept-alive connection may have been closed meanwhile
+        ids = self.identities()
+        attempt = 0
+        while attempt < 2:  # a kept-alive connection may have been closed meanwhile
+            attempt += 1
+            which = min(self.identity.get(m.instance_id, 0), len(ids) - 1)
             conn = conns.get(m.instance_id)
             if conn is None:
-                conn = conns[m.instance_id] = peer.connect(self.cfg, m.advertise_url,
+                conn = conns[m.instance_id] = peer.connect(ids[which], m.advertise_url,
                                                            self.TIMEOUT)  # fmt: skip
             try:
                 conn.request("GET", peer.file_url_path(m.advertise_url, e.path, number))
@@ -68,7 +91,14 @@ class Fetcher:
                 if attempt == 2:
                     errors.append(f"{m.instance_id}: {type(exc).__name__}: {exc}")
                 continue
+            if resp.status == 403 and which + 1 < len(ids):
+                conn.close()  # refused: present the kept previous pair instead
+                conns.pop(m.instance_id, None)
+                self.identity[m.instance_id] = which + 1
+                attempt = 0
+                continue
             if resp.status != 200:
+                self.identity.pop(m.instance_id, None)  # start again from the first pair
                 errors.append(f"{m.instance_id}: HTTP {resp.status} {data[:200]!r}")
                 return None
             if len(data) != e.size or hashlib.sha256(data).hexdigest() != e.sha256:

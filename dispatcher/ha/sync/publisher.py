@@ -22,9 +22,16 @@ from collections.abc import Callable
 from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.election import Elector
-from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
+from dispatcher.ha.manifest import (
+    Generation,
+    ManifestError,
+    Scanner,
+    decode_generation,
+    manifest_hash,
+)
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState
+from dispatcher.ha.sync.store import GenerationStore
 
 ev = logfmt.event
 ApplyFn = Callable[..., bool]  # Follower.handle(raw, rev=0, *, as_leader=False)
@@ -43,6 +50,7 @@ class Publisher:
         scanner: Scanner,
         health: ClusterHealth,
         apply: ApplyFn,
+        gstore: GenerationStore,
         *,
         mode: str,
         catch_up_limit: float,
@@ -58,6 +66,7 @@ class Publisher:
         self.scanner = scanner
         self.health = health
         self.apply = apply
+        self.gstore = gstore
         self.mode = mode
         self.catch_up_limit = catch_up_limit
         self.active_operations = active_operations
@@ -146,7 +155,7 @@ class Publisher:
         store_g: Generation | None = None
         if kv is not None:
             with contextlib.suppress(ManifestError):
-                store_g = Generation.from_json(kv.value)
+                store_g = self.gstore.decode(kv.value)
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -160,9 +169,10 @@ class Publisher:
                               "instance's files instead")  # fmt: skip
             elif self.state.applied is None or self.state.applied.number != store_g.number:
                 self.state.record(store_g)
+        swept = self.gstore.sweep(epoch, store_g.chunks if store_g is not None else ())
         self.caught_up = True
         self.state.synced_once = True
-        ev("sync-leader-ready", instance=self.me, epoch=epoch,
+        ev("sync-leader-ready", swept_chunks=swept, instance=self.me, epoch=epoch,
            generation=store_g.number if store_g else 0)  # fmt: skip
         self.publish(epoch, force=True)
 
@@ -183,22 +193,20 @@ class Publisher:
         ours = kv is not None and kv.mod_rev == self._published_rev
         if not force and ours and mine is not None and mine.manifest_sha256 == mh:
             return None
-        store_n = 0
+        current: Generation | None = None
         if kv is not None:
             with contextlib.suppress(ManifestError):
-                store_n = Generation.from_json(kv.value).number
+                current = decode_generation(kv.value)  # the head: number and chunk names
+        store_n = current.number if current is not None else 0
         number = max(store_n, mine.number if mine is not None else 0) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
         certs = mine is None or _material_paths(mine) != _material_paths(g)
-        rec = self.elector.commit(
-            "generation-publish", puts={self.key: g.to_json()}, epoch=epoch,
-            detail={"generation": number, "manifest_sha256": mh, "files": len(files)},
-        )  # fmt: skip
-        self._published_rev = rec.revision
+        detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
+        self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
         self.state.record(g)
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
-           manifest=mh[:16], reason=reason, certs_changed=certs, instance=self.me)  # fmt: skip
+           manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason, certs_changed=certs, instance=self.me)  # fmt: skip
         return g
 
 

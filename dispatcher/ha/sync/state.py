@@ -1,12 +1,18 @@
-"""The generation this instance runs: ``<state_dir>/sync/applied.json``.
+"""The generation this instance runs (``<state_dir>/sync/applied.json``) and the newest
+epoch it has seen (``<state_dir>/sync/epoch.json``).
 
 Recorded only after a generation is fully in place (a swap, a publish, or a catch-up that
 found the files already matching), so a restarted follower whose files no longer match the
-record diffs again and converges.
+record diffs again and converges. The files are in place once swapped, so the generation
+counts at once (in memory, the member key); when ``applied.json`` cannot be written (disk
+full, read-only) the write is retried every tick of the sync thread (:meth:`flush`) until
+it succeeds. The newest epoch is kept on disk so a restarted follower still refuses
+generations and orders from an older epoch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +20,7 @@ from typing import Any
 
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
-from agent.common.fsutil import atomic_write
+from agent.common.fsutil import atomic_write, atomic_write_json
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 
 ev = logfmt.event
@@ -33,6 +39,8 @@ class AppliedState:
         self.on_record = on_record  # the coordinator refreshes the member key
         self.applied: Generation | None = None
         self.synced_once = False
+        self.unsaved: Generation | None = None  # recorded, not yet written to applied.json
+        self.write_error = ""
 
     @property
     def number(self) -> int:
@@ -55,11 +63,68 @@ class AppliedState:
         self.applied = g
 
     def record(self, g: Generation, **detail: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, g.to_json(), 0o600)
         self.applied = g
         self.synced_once = True
+        self.unsaved = g
+        self.flush()
         self.on_record()
         if detail:
             ev("sync-applied", generation=g.number, epoch=g.epoch, leader=g.leader,
                instance=self.me, **detail)  # fmt: skip
+
+    def flush(self) -> bool:
+        """Write the recorded generation to ``applied.json`` if not done yet; True when done.
+
+        A failure is logged once (``sync-state``) and retried at the next call."""
+        g = self.unsaved
+        if g is None:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, g.to_json(), 0o600)
+        except OSError as exc:
+            if not self.write_error:
+                ev("sync-state", logging.WARNING, path=self.path, generation=g.number,
+                   error=exc, reason="cannot record the applied generation; retrying")  # fmt: skip
+            self.write_error = str(exc) or type(exc).__name__
+            return False
+        if self.unsaved is g:
+            self.unsaved = None
+        if self.write_error:
+            ev("sync-state", path=self.path, generation=g.number, reason="recorded")
+            self.write_error = ""
+        return True
+
+
+class EpochRecord:
+    """The newest epoch this instance has seen, kept on disk (``<state_dir>/sync/epoch.json``)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "sync" / "epoch.json"
+        self.saved = self._load()
+        self._failed = False
+
+    def _load(self) -> int:
+        try:
+            d = json.loads(self.path.read_bytes())
+            value = d["epoch"] if isinstance(d, dict) else None
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError) as exc:
+            ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            return 0
+        return value if isinstance(value, int) and value > 0 else 0
+
+    def save(self, epoch: int) -> None:
+        """Remember ``epoch`` if newer than the one on disk (retried at the next call)."""
+        if epoch <= self.saved:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"epoch": epoch}, 0o600)
+        except OSError as exc:
+            if not self._failed:
+                ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            self._failed = True
+            return
+        self.saved, self._failed = epoch, False

@@ -20,6 +20,7 @@ from dispatcher.ha.manifest import (
     ManifestError,
     Scanner,
     check_logical,
+    encode_generation,
     manifest_hash,
 )
 from dispatcher.ha.restart import OrderWatcher
@@ -141,6 +142,13 @@ class Rig:
         s.fetcher.fetch = fetch  # type: ignore[method-assign]
         return s
 
+    def put(self, g: Generation) -> bytes:
+        """Store the chunks of ``g`` as a leader would; its head."""
+        head, chunks = encode_generation(g)
+        for sha, data in chunks.items():
+            self.backend.put_value(self.backend.keys.generation_chunk(sha), data)
+        return head
+
 
 def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
@@ -154,7 +162,7 @@ def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
         "agents/web1.json": b'{"n":1}', "agents/web9.json": b"{}",
     })  # fmt: skip
     g = generation_of(rig.leader_cfg)
-    assert rig.syncer.follower.handle(g.to_json().encode())
+    assert rig.syncer.follower.handle(rig.put(g))
     f = tmp_path / "follower"
     assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
     assert (f / "etc" / "bundle" / "a").read_bytes() == b"A"
@@ -175,7 +183,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
     populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
     g = generation_of(rig.leader_cfg)
-    assert not rig.syncer.follower.handle(g.to_json().encode())  # fetch 3 fails: retried later
+    assert not rig.syncer.follower.handle(rig.put(g))  # fetch 3 fails: retried later
     f = tmp_path / "follower" / "etc"
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"old-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
@@ -186,7 +194,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     fresh = rig.make()  # a restart removes the leftovers, then converges
     assert not stage.exists()
     rig.fail_after = None
-    assert fresh.follower.handle(g.to_json().encode())
+    assert fresh.follower.handle(rig.put(g))
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
 
@@ -194,16 +202,16 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
+    assert rig.syncer.follower.handle(rig.put(generation_of(rig.leader_cfg, 1, epoch=9)))
     populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
     stale = generation_of(rig.leader_cfg, 2, epoch=4)
-    assert not rig.syncer.follower.handle(stale.to_json().encode(), rev=77)
+    assert not rig.syncer.follower.handle(rig.put(stale), rev=77)
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
     assert rig.syncer.generation == 1
     rig.syncer.leader_guard.check(12)  # a newer leader was seen: its epoch counts too
     newer = generation_of(rig.leader_cfg, 3, epoch=10)
-    assert not rig.syncer.follower.handle(newer.to_json().encode(), rev=78)
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
+    assert not rig.syncer.follower.handle(rig.put(newer), rev=78)
+    assert rig.syncer.follower.handle(rig.put(generation_of(rig.leader_cfg, 4, epoch=12)))
 
 
 def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:

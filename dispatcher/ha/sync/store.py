@@ -1,0 +1,150 @@
+"""The generation in the store: a head under ``/<cluster>/generation`` and its manifest in
+content-addressed chunks under ``/<cluster>/generation-chunks/<sha256>`` (the format is
+:func:`~dispatcher.ha.manifest.encode_generation` / ``decode_generation``).
+
+Publishing writes only the chunks the current head does not reference (one agent changed:
+one chunk), then the head, each transaction fenced by the leader's epoch and kept within
+etcd's defaults (``--max-txn-ops`` 128, ``--max-request-bytes`` 1.5 MiB): the chunks that
+fit go in the head's own transaction; a first publish of a large manifest writes the rest
+in fenced transactions before it. A chunk is never visible to a follower before the head
+naming it, and chunks are immutable, so a follower reads either the old head with its
+chunks or the new one. Chunks of the generation before the current one that the new head
+no longer names are deleted with (or right after) the head: a follower still fetching the
+previous generation finds its chunks. A new leader sweeps chunks no head names.
+
+Readers keep the chunks of the last verified head in memory, so a new generation costs
+them the head and the chunks that changed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cluster.backend import KVBackend
+from cluster.election import Elector
+from cluster.errors import Fenced
+from dispatcher.ha.manifest import Generation, decode_generation, encode_generation
+
+
+class GenerationStore:
+    MAX_OPS = 100  # operations per transaction (etcd's default limit is 128)
+    MAX_BYTES = 1 << 20  # bytes per transaction (etcd's default request limit is 1.5 MiB)
+    MANY = 8  # more chunks to read than this: one prefix read instead of one read each
+
+    def __init__(self, backend: KVBackend) -> None:
+        self.backend = backend
+        self.keys = backend.keys
+        self._lock = threading.Lock()
+        self._cache: dict[str, bytes] = {}  # chunks of the last verified head
+        self._fetched: dict[str, bytes] = {}
+        self._older: set[str] = set()  # chunks of the head the current one replaced
+        self.last_write: dict[str, int] = {}  # bytes and transactions of the last publish
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _get_chunks(self, shas: Sequence[str]) -> Mapping[str, bytes]:
+        with self._lock:
+            have = {s: self._cache[s] for s in shas if s in self._cache}
+        missing = {s for s in shas if s not in have}
+        if len(missing) > self.MANY:
+            for kv in self.backend.get_prefix(self.keys.generation_chunks):
+                sha = kv.key.rsplit("/", 1)[-1]
+                if sha in missing:
+                    have[sha] = kv.value
+        else:
+            for s in sorted(missing):
+                value = self.backend.get_value(self.keys.generation_chunk(s))
+                if value is not None:
+                    have[s] = value
+        self._fetched = have
+        return have
+
+    def decode(self, head: bytes) -> Generation:
+        """The verified generation of ``head`` (its chunks read as needed); ManifestError."""
+        g = decode_generation(head, self._get_chunks)
+        with self._lock:
+            self._cache = {s: self._fetched[s] for s in g.chunks}
+        return g
+
+    def read(self) -> Generation | None:
+        """The published generation, verified (None when nothing is published)."""
+        raw = self.backend.get_value(self.keys.generation)
+        return None if raw is None else self.decode(raw)
+
+    # -- publishing (leader) ---------------------------------------------------------------------
+
+    def publish(
+        self,
+        elector: Elector,
+        epoch: int,
+        g: Generation,
+        current: Generation | None,
+        detail: Mapping[str, Any],
+    ) -> int:
+        """Write ``g`` (``current``: the head now in the store, or None); the revision."""
+        head, chunks = encode_generation(g)
+        present = set(current.chunks) if current is not None else set()
+        new = {s: d for s, d in chunks.items() if s not in present}
+        stale = sorted(s for s in self._older if s not in present and s not in chunks)
+        batches = self._pack(new, len(head))
+        for batch in batches[:-1]:
+            self._fenced(epoch, {self.keys.generation_chunk(s): d for s, d in batch.items()})
+        last = batches[-1] if batches else {}
+        room = max(0, self.MAX_OPS - len(last) - 2)  # the head and the effect record
+        puts: dict[str, str | bytes] = {self.keys.generation_chunk(s): d for s, d in last.items()}
+        puts[self.keys.generation] = head
+        rec = elector.commit(
+            "generation-publish", puts=puts, epoch=epoch, detail=dict(detail),
+            deletes=[self.keys.generation_chunk(s) for s in stale[:room]],
+        )  # fmt: skip
+        self._delete(epoch, stale[room:])
+        self._older = present - set(chunks)
+        with self._lock:
+            self._cache = dict(chunks)
+        self.last_write = {
+            "bytes": len(head) + sum(len(d) for d in new.values()),
+            "chunks_written": len(new),
+            "chunks": len(chunks),
+            "transactions": max(1, len(batches)) + (1 if stale[room:] else 0),
+        }
+        return rec.revision
+
+    def sweep(self, epoch: int, keep: Sequence[str]) -> int:
+        """A new leader: delete every chunk no head names (``keep``: the current head's)."""
+        wanted = set(keep)
+        gone = [
+            sha
+            for kv in self.backend.get_prefix(self.keys.generation_chunks)
+            if (sha := kv.key.rsplit("/", 1)[-1]) not in wanted
+        ]
+        self._delete(epoch, gone)
+        self._older = set()
+        return len(gone)
+
+    def _pack(self, chunks: Mapping[str, bytes], head: int) -> list[dict[str, bytes]]:
+        budget = self.MAX_BYTES - head - 4096
+        out: list[dict[str, bytes]] = []
+        cur: dict[str, bytes] = {}
+        size = 0
+        for sha, data in sorted(chunks.items()):
+            if cur and (len(cur) >= self.MAX_OPS - 3 or size + len(data) > budget):
+                out.append(cur)
+                cur, size = {}, 0
+            cur[sha] = data
+            size += len(data)
+        if cur:
+            out.append(cur)
+        return out
+
+    def _fenced(
+        self, epoch: int, puts: Mapping[str, str | bytes], deletes: Sequence[str] = ()
+    ) -> None:
+        if not self.backend.fenced_commit(epoch, puts, deletes):
+            raise Fenced("generation-publish", epoch)
+
+    def _delete(self, epoch: int, shas: Sequence[str]) -> None:
+        for i in range(0, len(shas), self.MAX_OPS):
+            keys = [self.keys.generation_chunk(s) for s in shas[i : i + self.MAX_OPS]]
+            self._fenced(epoch, {}, keys)
