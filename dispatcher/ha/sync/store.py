@@ -25,7 +25,7 @@ from typing import Any
 from cluster.backend import KVBackend
 from cluster.election import Elector
 from cluster.errors import Fenced
-from dispatcher.ha.manifest import Generation, decode_generation, encode_generation
+from dispatcher.ha.manifest import Entry, Generation, decode_generation, encode_generation
 
 
 class GenerationStore:
@@ -37,17 +37,15 @@ class GenerationStore:
         self.backend = backend
         self.keys = backend.keys
         self._lock = threading.Lock()
-        self._cache: dict[str, bytes] = {}  # chunks of the last verified head
-        self._fetched: dict[str, bytes] = {}
+        self._parsed: dict[str, list[Entry]] = {}  # rows of the last verified head's chunks
         self._older: set[str] = set()  # chunks of the head the current one replaced
         self.last_write: dict[str, int] = {}  # bytes and transactions of the last publish
 
     # -- reading -------------------------------------------------------------------------------
 
     def _get_chunks(self, shas: Sequence[str]) -> Mapping[str, bytes]:
-        with self._lock:
-            have = {s: self._cache[s] for s in shas if s in self._cache}
-        missing = {s for s in shas if s not in have}
+        have: dict[str, bytes] = {}
+        missing = set(shas)
         if len(missing) > self.MANY:
             for kv in self.backend.get_prefix(self.keys.generation_chunks):
                 sha = kv.key.rsplit("/", 1)[-1]
@@ -58,14 +56,15 @@ class GenerationStore:
                 value = self.backend.get_value(self.keys.generation_chunk(s))
                 if value is not None:
                     have[s] = value
-        self._fetched = have
         return have
 
     def decode(self, head: bytes) -> Generation:
         """The verified generation of ``head`` (its chunks read as needed); ManifestError."""
-        g = decode_generation(head, self._get_chunks)
         with self._lock:
-            self._cache = {s: self._fetched[s] for s in g.chunks}
+            parsed = dict(self._parsed)
+        g = decode_generation(head, self._get_chunks, parsed)
+        with self._lock:
+            self._parsed = parsed
         return g
 
     def read(self) -> Generation | None:
@@ -101,8 +100,6 @@ class GenerationStore:
         )  # fmt: skip
         self._delete(epoch, stale[room:])
         self._older = present - set(chunks)
-        with self._lock:
-            self._cache = dict(chunks)
         self.last_write = {
             "bytes": len(head) + sum(len(d) for d in new.values()),
             "chunks_written": len(new),

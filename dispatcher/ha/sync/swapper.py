@@ -11,6 +11,7 @@ directories (removed at start), never a partial file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Plan:
 
 
 class Swapper:
+    MANY = 16  # staging more files than this: one syncfs per filesystem, not one fsync each
+
     def __init__(self, layout: Layout, scanner: Scanner, fetcher: Fetcher) -> None:
         self.layout = layout
         self.scanner = scanner
@@ -85,6 +88,8 @@ class Swapper:
         for e in sorted(p.todo, key=lambda e: (0 if ".key" in Path(e.path).name else 1, e.path)):
             os.replace(staged[e.path], p.targets[e.path])
             touched.add(p.targets[e.path].parent)
+            # its content is the verified one: the rescan after the swap need not hash it
+            self.scanner.known(p.targets[e.path], e.sha256)
         for e in p.chmod:
             os.chmod(p.targets[e.path], e.mode)
         for q in p.gone.values():
@@ -118,6 +123,7 @@ class Swapper:
         conns: Conns = {}
         used: list[str] = []
         staged: dict[str, Path] = {}
+        each = len(todo) <= self.MANY
         try:
             for e in todo:
                 target = targets[e.path]
@@ -127,16 +133,18 @@ class Swapper:
                 data, who = self.fetcher.fetch(sources, conns, e, g.number)
                 if who not in used:
                     used.append(who)
-                staged[e.path] = _write_staged(sdir / target.name, data, e.mode)
+                staged[e.path] = _write_staged(sdir / target.name, data, e.mode, each)
         finally:
             for c in conns.values():
                 c.close()
+        if not each:
+            _sync_filesystems(list(staged.values()))
         for d in {q.parent for q in staged.values()}:
             fsync_dir(d)
         return staged, used
 
 
-def _write_staged(dest: Path, data: bytes, mode: int) -> Path:
+def _write_staged(dest: Path, data: bytes, mode: int, fsync: bool = True) -> Path:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
@@ -144,7 +152,36 @@ def _write_staged(dest: Path, data: bytes, mode: int) -> Path:
             n = os.write(fd, view)
             view = view[n:]
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return dest
+
+
+def _sync_filesystems(paths: list[Path]) -> None:
+    """Make the staged files durable: ``syncfs`` once per filesystem they are on (one
+    journal commit instead of one per file), else ``fsync`` each."""
+    by_dev: dict[int, Path] = {}
+    for p in paths:
+        by_dev.setdefault(os.lstat(p).st_dev, p)
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        syncfs = None
+    for p in by_dev.values():
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            if syncfs is not None and syncfs(fd) == 0:
+                continue
+        finally:
+            os.close(fd)
+        break
+    else:
+        return
+    for p in paths:  # no syncfs here: one fsync per file
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
