@@ -91,7 +91,8 @@ class Generation:
     files: dict[str, Entry] = field(default_factory=dict)
     published_at: float = 0.0
     sync_mode: str = "push"
-    chunks: tuple[str, ...] = ()  # sha256 of each manifest chunk in the store (a head's)
+    # sha256 of each manifest chunk in the store (derived from files: not compared)
+    chunks: tuple[str, ...] = field(default=(), compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
