@@ -115,6 +115,7 @@ class Rig:
     """A follower :class:`Syncer` whose "leader" is a directory on the same machine."""
 
     def __init__(self, tmp: Path, fail_after: int | None = None) -> None:
+        self.now = 1000.0  # the syncer's clock (tests move it)
         self.leader_cfg = make_cfg(tmp / "leader")
         self.cfg = make_cfg(tmp / "follower")
         self.backend = LocalBackend(tmp / "store")
@@ -130,7 +131,7 @@ class Rig:
         health.mark_ok()
         leader = MemberInfo("leader", advertise_url="https://127.0.0.1:1", generation=1)
         s = Syncer(self.cfg, self.backend, elector, session, guard, health,
-                   lambda _fresh: [leader])  # fmt: skip
+                   lambda _fresh: [leader], clock=lambda: self.now)  # fmt: skip
         leader_layout = Layout(self.leader_cfg)
 
         def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
