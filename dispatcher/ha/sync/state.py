@@ -12,6 +12,7 @@ generations and orders from an older epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -48,15 +49,28 @@ class AppliedState:
         return g.number if g is not None else 0
 
     def load(self, scanner: Scanner, check_files: bool) -> None:
-        """The recorded generation, trusted only while the files still match it."""
+        """The recorded generation, trusted only while the files still match it (its file
+        list is then the scan: the manifest hash covers every path, mode, size and sha256)."""
         try:
-            g = Generation.from_json(self.path.read_bytes())
+            raw = self.path.read_bytes()
+            d = json.loads(raw)
+            if isinstance(d, dict) and isinstance(d.get("files"), list):
+                g = Generation.from_json(raw)  # a record written before the small format
+            elif isinstance(d, dict):
+                g = Generation(int(d["generation"]), int(d["epoch"]), str(d.get("leader", "")),
+                               str(d["manifest_sha256"]), {}, float(d.get("published_at") or 0),
+                               str(d.get("sync_mode") or "push"))  # fmt: skip
+            else:
+                raise ManifestError("applied.json is not an object")
         except FileNotFoundError:
             return
-        except (OSError, ManifestError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             ev("sync-state", logging.WARNING, path=self.path, error=exc)
             return
-        if check_files and manifest_hash(scanner.scan()) != g.manifest_sha256:
+        files = scanner.scan()
+        if manifest_hash(files) == g.manifest_sha256:
+            g = dataclasses.replace(g, files=files)
+        elif check_files:
             ev("sync-state", logging.WARNING, generation=g.number,
                reason="local files differ from the recorded generation; will sync again")  # fmt: skip
             return
@@ -81,7 +95,7 @@ class AppliedState:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, g.to_json(), 0o600)
+            atomic_write(self.path, _record(g), 0o600)
         except OSError as exc:
             if not self.write_error:
                 ev("sync-state", logging.WARNING, path=self.path, generation=g.number,
@@ -94,6 +108,13 @@ class AppliedState:
             ev("sync-state", path=self.path, generation=g.number, reason="recorded")
             self.write_error = ""
         return True
+
+
+def _record(g: Generation) -> str:
+    """``applied.json``: the generation without its file list (the files on disk are it)."""
+    return json.dumps({"generation": g.number, "epoch": g.epoch, "leader": g.leader,
+                       "manifest_sha256": g.manifest_sha256, "published_at": g.published_at,
+                       "sync_mode": g.sync_mode, "files": len(g.files)}, sort_keys=True)  # fmt: skip
 
 
 class EpochRecord:
