@@ -97,7 +97,16 @@ class Follower:
         if self.retry_at is not None:
             wait = max(0.01, min(wait, self.retry_at - self._clock()))
         start = self._watch_rev + 1 if self._watch_rev else None
-        if self.backend.watch_key(self.key, wait, start) is not None:
+        event = self.backend.watch_key(self.key, wait, start)
+        if event is None:
+            return
+        if event.kind == "PUT" and event.mod_rev > self._seen_rev:
+            # the event carries the new head: apply it without reading the key again
+            self.health.mark_ok()
+            self._watch_rev = self._seen_rev = event.mod_rev
+            self.retry_at = None
+            self.handle(event.value, event.mod_rev)
+        else:
             self._need_read = True
 
     def handle(self, raw: bytes, rev: int = 0, *, as_leader: bool = False) -> bool:

@@ -141,7 +141,8 @@ class Swapper:
         sources = self.fetcher.sources(g)
         if not sources:
             raise SyncError(f"no member can serve generation {g.number}")
-        conns: Conns = {}
+        conns: Conns = self.fetcher.conns
+        fresh = False
         used: list[str] = []
         staged: dict[str, Path] = {}
         each = len(todo) <= self.MANY
@@ -151,13 +152,20 @@ class Swapper:
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 sdir = target.parent / STAGE_DIR
                 sdir.mkdir(mode=0o700, exist_ok=True)
-                data, who = self.fetcher.fetch(sources, conns, e, g.number)
+                try:
+                    data, who = self.fetcher.fetch(sources, conns, e, g.number)
+                except SyncError:
+                    if fresh:
+                        raise
+                    fresh = True  # the members last read may be stale: read them again
+                    sources = self.fetcher.sources(g, fresh=True)
+                    data, who = self.fetcher.fetch(sources, conns, e, g.number)
                 if who not in used:
                     used.append(who)
                 staged[e.path] = _write_staged(sdir / target.name, data, e.mode, each)
-        finally:
-            for c in conns.values():
-                c.close()
+        except BaseException:
+            self.fetcher.close()  # the next attempt starts from fresh connections
+            raise
         if not each:
             _sync_filesystems(list(staged.values()))
         for d in {q.parent for q in staged.values()}:

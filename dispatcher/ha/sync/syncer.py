@@ -196,6 +196,8 @@ class Syncer:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.FETCH_TIMEOUT + 2)
+        if not self._thread.is_alive():
+            self.fetcher.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
