@@ -87,7 +87,6 @@ class Follower:
             self.read_once = True
             if kv is None:
                 self.head = None
-                self.state.synced_once = True  # nothing published yet
             elif kv.mod_rev != self._seen_rev or retry_due:
                 self._seen_rev = kv.mod_rev
                 self.retry_at = None
@@ -116,7 +115,6 @@ class Follower:
             return False
         cur = self.state.applied
         if cur is not None and (cur.number, cur.manifest_sha256) == (g.number, g.manifest_sha256):
-            self.state.synced_once = True
             return True
         t0 = self._clock()
         try:
@@ -161,7 +159,6 @@ class Follower:
                 ev("sync-refused", logging.WARNING, instance=self.me, generation=g.number,
                    epoch=g.epoch, newest_epoch=exc.newest,
                    reason="generation from an epoch older than the newest seen")  # fmt: skip
-            self.state.synced_once = True  # wait for the current leader's generation
             return None
         self.epochs.save(g.epoch)
         return g

@@ -171,7 +171,6 @@ class Publisher:
                 self.state.record(store_g)
         swept = self.gstore.sweep(epoch, store_g.chunks if store_g is not None else ())
         self.caught_up = True
-        self.state.synced_once = True
         ev("sync-leader-ready", swept_chunks=swept, instance=self.me, epoch=epoch,
            generation=store_g.number if store_g else 0)  # fmt: skip
         self.publish(epoch, force=True)

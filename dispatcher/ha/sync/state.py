@@ -32,14 +32,13 @@ class SyncError(CtrlExecError):
 
 
 class AppliedState:
-    """The applied generation (in memory and on disk) and whether a first sync happened."""
+    """The applied generation (in memory, and on disk once the write succeeds)."""
 
     def __init__(self, state_dir: str, me: str, on_record: Callable[[], None]) -> None:
         self.path = Path(state_dir) / "sync" / "applied.json"
         self.me = me
         self.on_record = on_record  # the coordinator refreshes the member key
         self.applied: Generation | None = None
-        self.synced_once = False
         self.unsaved: Generation | None = None  # recorded, not yet written to applied.json
         self.write_error = ""
 
@@ -78,7 +77,6 @@ class AppliedState:
 
     def record(self, g: Generation, **detail: Any) -> None:
         self.applied = g
-        self.synced_once = True
         self.unsaved = g
         self.flush()
         self.on_record()
