@@ -12,16 +12,19 @@ generations and orders from an older epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
-from agent.common.fsutil import atomic_write, atomic_write_json
+from agent.common.fsutil import atomic_write_json
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 
 ev = logfmt.event
@@ -93,7 +96,7 @@ class AppliedState:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, _record(g), 0o600)
+            _replace(self.path, _record(g))
         except OSError as exc:
             if not self.write_error:
                 ev("sync-state", logging.WARNING, path=self.path, generation=g.number,
@@ -106,6 +109,22 @@ class AppliedState:
             ev("sync-state", path=self.path, generation=g.number, reason="recorded")
             self.write_error = ""
         return True
+
+
+def _replace(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (temp file and rename), without fsync: a record lost in a
+    crash only makes the restarted instance diff its files again (see :meth:`load`), and
+    this write is on the path of every acknowledged change."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _record(g: Generation) -> str:

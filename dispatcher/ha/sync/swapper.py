@@ -168,8 +168,8 @@ class Swapper:
             raise
         if not each:
             _sync_filesystems(list(staged.values()))
-        for d in {q.parent for q in staged.values()}:
-            fsync_dir(d)
+        # no fsync of the stage directories: the renames are made durable by the fsync of
+        # each target directory after the swap, and the contents were synced above
         return staged, used
 
 

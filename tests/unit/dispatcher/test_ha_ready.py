@@ -68,14 +68,14 @@ def test_a_failed_applied_record_is_retried_until_the_disk_is_fixed(
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
     applied = tmp_path / "follower" / "state" / "sync" / "applied.json"
     broken = [True]
-    real = state_mod.atomic_write
+    real = state_mod._replace
 
-    def failing(path: object, data: bytes | str, mode: int = 0o644) -> None:
-        if broken[0] and Path(str(path)) == applied:
+    def failing(path: Path, text: str) -> None:
+        if broken[0] and path == applied:
             raise OSError(30, "Read-only file system")
-        real(path, data, mode)  # type: ignore[arg-type]
+        real(path, text)
 
-    monkeypatch.setattr(state_mod, "atomic_write", failing)
+    monkeypatch.setattr(state_mod, "_replace", failing)
     s = rig.syncer
     publish(rig, 1, 5)
     s.follower.step()
