@@ -174,3 +174,27 @@ def test_a_new_leader_sweeps_chunks_no_head_names(leader: tuple[LocalBackend, El
     assert set(named) == set(encode_generation(g)[1])
     assert GenerationStore(backend).sweep(epoch, named) == 1
     assert chunk_keys(backend) == set(named)
+
+
+def test_a_follower_refuses_a_head_whose_chunk_fails_its_hash_once_and_keeps_its_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.unit.dispatcher.test_ha_sync import Rig, generation_of, populate
+
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    assert rig.syncer.follower.handle(rig.put(generation_of(rig.leader_cfg, 1, 5)))
+    populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
+    head, chunks = encode_generation(generation_of(rig.leader_cfg, 2, 5))
+    for sha, data in chunks.items():  # every chunk stored under its name, but altered
+        rows = json.loads(zlib.decompress(data))
+        rows[0][2] += 1
+        rig.backend.put_value(rig.backend.keys.generation_chunk(sha),
+                              zlib.compress(json.dumps(rows).encode()))  # fmt: skip
+    for _ in range(3):
+        assert not rig.syncer.follower.handle(head, rev=42)
+    refusals = [r for r in caplog.records if "sync-refused" in r.getMessage()]
+    assert len(refusals) == 1 and "hash check" in refusals[0].getMessage()
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
+    assert rig.syncer.generation == 1 and rig.fetched == 2
+    assert "hash check" in str(rig.syncer.sync_view()["error"])
