@@ -204,3 +204,28 @@ def test_refused_with_an_unpublished_certificate_the_fetcher_presents_the_kept_o
     for c in conns.values():
         c.close()
     assert file_sha256(Path(f"{unpublished.cert}.prev")) == file_sha256(published.cert)
+
+
+def test_a_failed_member_record_update_is_retried_at_the_next_tick(tmp_path: Path) -> None:
+    from cluster.errors import BackendUnavailable
+
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
+    s = rig.syncer
+    written: list[int] = []
+    down = [True]
+
+    def update_member(**changes: object) -> None:
+        if down[0]:
+            raise BackendUnavailable("etcd went away")
+        written.append(int(str(changes["generation"])))
+
+    s.session.update_member = update_member  # type: ignore[method-assign,assignment]
+    assert s.follower.handle(rig.put(generation_of(rig.leader_cfg, 1, 5)))
+    assert s.generation == 1 and written == [] and not s.health.ok
+    s.refresh_member()  # the node's monitor calls this every tick
+    assert written == []
+    down[0] = False
+    s.refresh_member()
+    s.refresh_member()  # written once, not at every tick
+    assert written == [1]
