@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from cluster.backend import EtcdBackend, MemberInfo  # noqa: E402
 from cluster.election import Elector, EpochGuard  # noqa: E402
 from cluster.session import Session  # noqa: E402
+from cluster.signing import RecordSigner  # noqa: E402
 from dispatcher.config import DispatcherConfig  # noqa: E402
 from dispatcher.ha.manifest import (  # noqa: E402
     Entry,
@@ -47,10 +48,13 @@ from dispatcher.ha.manifest import (  # noqa: E402
     encode_generation,
     manifest_hash,
 )
+from dispatcher.ha.records import Records  # noqa: E402
 from dispatcher.ha.storehealth import ClusterHealth  # noqa: E402
 from dispatcher.ha.sync import Syncer  # noqa: E402
 from dispatcher.ha.sync.store import GenerationStore  # noqa: E402
 from ops.lab.etcd import ETCD, EtcdCluster  # noqa: E402
+
+RECORDS = Records(RecordSigner(os.urandom(32)), "bench")  # the cluster key
 
 
 def make_cfg(root: Path) -> DispatcherConfig:
@@ -104,7 +108,7 @@ def one_size(agents: int, tmp: Path) -> dict[str, Any]:
         epoch = elector.epoch
         if epoch is None:
             raise SystemExit("the bench leader was not elected")
-        store = GenerationStore(backend)
+        store = GenerationStore(backend, RECORDS)
         g1 = Generation(1, epoch, "leader", manifest_hash(files), files, time.time())
         out["one_value_manifest_bytes"] = len(g1.to_json())
         t0 = time.perf_counter()
@@ -132,7 +136,7 @@ def one_size(agents: int, tmp: Path) -> dict[str, Any]:
         files2 = scanner.scan()
         out["scan_after_change_ms"] = ms(time.perf_counter() - t0)
         g2 = Generation(2, epoch, "leader", manifest_hash(files2), files2, time.time())
-        current = store.decode(head)
+        current = store.head(head)
         t0 = time.perf_counter()
         store.publish(elector, epoch, g2, current, {"generation": 2})
         out["publish_one_change_ms"] = ms(time.perf_counter() - t0)
@@ -154,7 +158,8 @@ def follower(cfg: DispatcherConfig, backend: EtcdBackend, leader_cfg: Dispatcher
     health.mark_ok()
     s = Syncer(cfg, backend, Elector(backend, "follower", ttl=10),
                Session(backend, ttl=10, member=MemberInfo("follower")), EpochGuard(), health,
-               lambda _fresh: [MemberInfo("leader", advertise_url="https://127.0.0.1:1")])  # fmt: skip
+               lambda _fresh: [MemberInfo("leader", advertise_url="https://127.0.0.1:1")],
+               RECORDS)  # fmt: skip
     leader_layout = Layout(leader_cfg)
 
     def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:

@@ -13,7 +13,6 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -22,13 +21,8 @@ from collections.abc import Callable
 from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.election import Elector
-from dispatcher.ha.manifest import (
-    Generation,
-    ManifestError,
-    Scanner,
-    decode_generation,
-    manifest_hash,
-)
+from dispatcher.ha.manifest import Generation, Scanner, manifest_hash
+from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState
 from dispatcher.ha.sync.store import GenerationStore
@@ -50,6 +44,7 @@ class Publisher:
         scanner: Scanner,
         health: ClusterHealth,
         apply: ApplyFn,
+        records: Records,
         gstore: GenerationStore,
         *,
         mode: str,
@@ -66,6 +61,7 @@ class Publisher:
         self.scanner = scanner
         self.health = health
         self.apply = apply
+        self.records = records  # its key seals what it publishes (through gstore)
         self.gstore = gstore
         self.mode = mode
         self.catch_up_limit = catch_up_limit
@@ -152,10 +148,16 @@ class Publisher:
         this instance's files (``sync-diverged``). Then publish N+1 under this epoch."""
         kv = self.backend.get_kv(self.key)
         self.health.mark_ok()
+        if kv is None and not self.records.signer.available:
+            self.records.create_key()  # the first leader of a new cluster makes the key
+        if kv is not None and not self.records.signer.available:
+            self.apply(kv.value, as_leader=True)  # fetches the key from a verified member
+            if not self.records.signer.available:  # nothing can be sealed: stay gated
+                self._stop.wait(0.5)
+                return
         store_g: Generation | None = None
-        if kv is not None:
-            with contextlib.suppress(ManifestError):
-                store_g = self.gstore.decode(kv.value)
+        if kv is not None:  # a record that fails verification is no generation at all
+            store_g = self.gstore.decode(kv.value, kv.mod_rev)
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -194,8 +196,7 @@ class Publisher:
             return None
         current: Generation | None = None
         if kv is not None:
-            with contextlib.suppress(ManifestError):
-                current = decode_generation(kv.value)  # the head: number and chunk names
+            current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
         store_n = current.number if current is not None else 0
         number = max(store_n, mine.number if mine is not None else 0) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)

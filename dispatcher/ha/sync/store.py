@@ -18,6 +18,7 @@ them the head and the chunks that changed.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +26,9 @@ from typing import Any
 from cluster.backend import KVBackend
 from cluster.election import Elector
 from cluster.errors import Fenced
-from dispatcher.ha.manifest import Entry, Generation, decode_generation, encode_generation
+from cluster.signing import RecordRejected
+from dispatcher.ha.manifest import Entry, Generation, ManifestError, decode_generation
+from dispatcher.ha.records import GENERATION, Records
 
 
 class GenerationStore:
@@ -33,8 +36,9 @@ class GenerationStore:
     MAX_BYTES = 1 << 20  # bytes per transaction (etcd's default request limit is 1.5 MiB)
     MANY = 8  # more chunks to read than this: one prefix read instead of one read each
 
-    def __init__(self, backend: KVBackend) -> None:
+    def __init__(self, backend: KVBackend, records: Records) -> None:
         self.backend = backend
+        self.records = records  # the head is sealed with the cluster key
         self.keys = backend.keys
         self._lock = threading.Lock()
         self._parsed: dict[str, list[Entry]] = {}  # rows of the last verified head's chunks
@@ -42,6 +46,10 @@ class GenerationStore:
         self.last_write: dict[str, int] = {}  # bytes and transactions of the last publish
 
     # -- reading -------------------------------------------------------------------------------
+
+    def chunks(self, shas: Sequence[str]) -> Mapping[str, bytes]:
+        """The stored chunks named ``shas`` (unverified: the caller checks them)."""
+        return self._get_chunks(shas)
 
     def _get_chunks(self, shas: Sequence[str]) -> Mapping[str, bytes]:
         have: dict[str, bytes] = {}
@@ -58,8 +66,31 @@ class GenerationStore:
                     have[s] = value
         return have
 
-    def decode(self, head: bytes) -> Generation:
-        """The verified generation of ``head`` (its chunks read as needed); ManifestError."""
+    def _open(self, raw: bytes, rev: int) -> str | None:
+        """The head's payload once its seal verifies (None: rejected, logged once)."""
+        body = self.records.open_dict(GENERATION, self.keys.generation, raw, f"@{rev}")
+        return None if body is None else json.dumps(body)
+
+    def head(self, raw: bytes, rev: int = 0) -> Generation | None:
+        """The verified head alone (no files): number, epoch, manifest hash, chunk names;
+        None when its seal or its format is refused (logged once)."""
+        head = self._open(raw, rev)
+        if head is None:
+            return None
+        try:
+            return decode_generation(head)
+        except ManifestError as exc:
+            self.records.reject(RecordRejected(GENERATION, self.keys.generation,
+                                               f"malformed: {exc}"), f"@{rev}")  # fmt: skip
+            return None
+
+    def decode(self, raw: bytes, rev: int = 0) -> Generation | None:
+        """The verified generation of the head ``raw`` (its chunks read as needed, each
+        checked against its sha256 in the sealed head); None when the seal is refused,
+        ManifestError when a chunk is missing or fails its check."""
+        head = self._open(raw, rev)
+        if head is None:
+            return None
         with self._lock:
             parsed = dict(self._parsed)
         g = decode_generation(head, self._get_chunks, parsed)
@@ -69,8 +100,8 @@ class GenerationStore:
 
     def read(self) -> Generation | None:
         """The published generation, verified (None when nothing is published)."""
-        raw = self.backend.get_value(self.keys.generation)
-        return None if raw is None else self.decode(raw)
+        kv = self.backend.get_kv(self.keys.generation)
+        return None if kv is None else self.decode(kv.value, kv.mod_rev)
 
     # -- publishing (leader) ---------------------------------------------------------------------
 
@@ -83,7 +114,7 @@ class GenerationStore:
         detail: Mapping[str, Any],
     ) -> int:
         """Write ``g`` (``current``: the head now in the store, or None); the revision."""
-        head, chunks = encode_generation(g)
+        head, chunks = self.records.seal_generation(self.keys.generation, g)
         present = set(current.chunks) if current is not None else set()
         new = {s: d for s, d in chunks.items() if s not in present}
         stale = sorted(s for s in self._older if s not in present and s not in chunks)

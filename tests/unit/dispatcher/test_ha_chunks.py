@@ -14,6 +14,7 @@ import pytest
 from cluster.backend import LocalBackend
 from cluster.election import Elector
 from cluster.errors import ClusterError
+from cluster.signing import RecordSigner
 from dispatcher.ha.manifest import (
     CHUNK_FILES,
     Entry,
@@ -24,8 +25,11 @@ from dispatcher.ha.manifest import (
     encode_generation,
     manifest_hash,
 )
+from dispatcher.ha.records import Records
 from dispatcher.ha.sync.store import GenerationStore
 from ops.lab.proc import wait_until
+
+RECORDS = Records(RecordSigner(b"k" * 32), "test")
 
 
 def registry(n: int, changed: int | None = None) -> dict[str, Entry]:
@@ -129,16 +133,16 @@ def test_publish_writes_only_new_chunks_within_the_limits_and_collects_old_ones(
     backend, el = leader
     epoch = el.epoch
     assert epoch is not None
-    store = GenerationStore(backend)
+    store = GenerationStore(backend, RECORDS)
     store.MAX_BYTES = 48 * 1024  # as if etcd's limit were smaller: several transactions
     g1 = gen(registry(5_000), 1, epoch)
     store.publish(el, epoch, g1, None, {})
     assert store.last_write["chunks_written"] == 16 and store.last_write["transactions"] > 1
-    reader = GenerationStore(backend)
+    reader = GenerationStore(backend, RECORDS)
     assert reader.read() == g1
     g2 = gen(registry(5_000, changed=5), 2, epoch)
-    store.publish(el, epoch, g2, decode_generation(backend.get_value(backend.keys.generation)
-                                                   or b""), {})  # fmt: skip
+    store.publish(el, epoch, g2, store.head(backend.get_value(backend.keys.generation)
+                                            or b""), {})  # fmt: skip
     assert store.last_write["chunks_written"] == 1 and store.last_write["transactions"] == 1
     assert store.last_write["bytes"] < 20 * 1024
     assert reader.read() == g2
@@ -154,7 +158,7 @@ def test_a_fenced_leader_writes_nothing(leader: tuple[LocalBackend, Elector]) ->
     backend, el = leader
     epoch = el.epoch
     assert epoch is not None
-    store = GenerationStore(backend)
+    store = GenerationStore(backend, RECORDS)
     store.MAX_BYTES = 16 * 1024
 
     with pytest.raises(ClusterError):
@@ -166,13 +170,15 @@ def test_a_new_leader_sweeps_chunks_no_head_names(leader: tuple[LocalBackend, El
     backend, el = leader
     epoch = el.epoch
     assert epoch is not None
-    store = GenerationStore(backend)
+    store = GenerationStore(backend, RECORDS)
     g = gen(registry(3_000), 1, epoch)
     store.publish(el, epoch, g, None, {})
     backend.put_value(backend.keys.generation_chunk("e" * 64), b"orphan")
-    named = decode_generation(backend.get_value(backend.keys.generation) or b"").chunks
+    head = store.head(backend.get_value(backend.keys.generation) or b"")
+    assert head is not None
+    named = head.chunks
     assert set(named) == set(encode_generation(g)[1])
-    assert GenerationStore(backend).sweep(epoch, named) == 1
+    assert GenerationStore(backend, RECORDS).sweep(epoch, named) == 1
     assert chunk_keys(backend) == set(named)
 
 
@@ -185,7 +191,10 @@ def test_a_follower_refuses_a_head_whose_chunk_fails_its_hash_once_and_keeps_its
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
     assert rig.syncer.follower.handle(rig.put(generation_of(rig.leader_cfg, 1, 5)))
     populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
-    head, chunks = encode_generation(generation_of(rig.leader_cfg, 2, 5))
+    head_raw, chunks = rig.leader_records.seal_generation(
+        rig.backend.keys.generation, generation_of(rig.leader_cfg, 2, 5)
+    )
+    head = head_raw.encode()
     for sha, data in chunks.items():  # every chunk stored under its name, but altered
         rows = json.loads(zlib.decompress(data))
         rows[0][2] += 1

@@ -141,7 +141,7 @@ def test_an_ex_leader_with_unpublished_files_takes_the_leaders_generation(tmp_pa
 
 
 @pytest.fixture
-def peer(tmp_path: Path) -> Iterator[tuple[TestCA, Issued, int, list[str]]]:
+def peer(tmp_path: Path) -> Iterator[tuple[TestCA, Issued, Issued, int, list[str]]]:
     ca = TestCA(tmp_path / "pki")
     published = ca.issue("published")
     server = ca.issue("server")
@@ -172,7 +172,7 @@ def peer(tmp_path: Path) -> Iterator[tuple[TestCA, Issued, int, list[str]]]:
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     try:
-        yield ca, published, httpd.server_address[1], seen
+        yield ca, published, server, httpd.server_address[1], seen
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -180,16 +180,16 @@ def peer(tmp_path: Path) -> Iterator[tuple[TestCA, Issued, int, list[str]]]:
 
 
 def test_refused_with_an_unpublished_certificate_the_fetcher_presents_the_kept_one(
-    tmp_path: Path, peer: tuple[TestCA, Issued, int, list[str]]
+    tmp_path: Path, peer: tuple[TestCA, Issued, Issued, int, list[str]]
 ) -> None:
-    ca, published, port, seen = peer
+    ca, published, server, port, seen = peer
     unpublished = ca.issue("unpublished")
     cfg = make_cfg(tmp_path / "exleader", ca=str(ca.cert_path), cert=str(unpublished.cert),
                    key=str(unpublished.key))  # fmt: skip
     body = b"the published CA file"
     e = Entry("ca/ca.crt", 0o644, len(body), hashlib.sha256(body).hexdigest())
     src = [MemberInfo("leader", advertise_url=f"https://127.0.0.1:{port}", generation=2)]
-    f = Fetcher(cfg, "exleader", lambda _fresh: src)
+    f = Fetcher(cfg, "exleader", lambda _fresh: src, lambda: {server.serial_hex})
     with pytest.raises(SyncError, match="HTTP 403"):  # no kept pair: refused, nothing else
         f.fetch(src, {}, e, 2)
     assert seen == [unpublished.serial_hex.lstrip("0")]
