@@ -206,7 +206,8 @@ class Publisher:
         self.state.record(g)
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
-           manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason, certs_changed=certs, instance=self.me)  # fmt: skip
+           manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,
+           certs_changed=certs, instance=self.me)  # fmt: skip
         return g
 
 
