@@ -35,6 +35,7 @@ class Publisher:
     DEBOUNCE = 0.05  # quiet time after the last write before publishing
     RESCAN = 2.0  # rescan the files this often (hand edits get published)
     STORE_CHECK = 5.0  # check that the store still holds this leader's generation
+    CHUNK_CHECK = 30.0  # and that its chunks are intact (one prefix read)
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class Publisher:
         self._last_change = 0.0
         self._next_rescan = 0.0
         self._store_due = 0.0
+        self._chunks_due = 0.0
 
     # -- what the rest of the instance asks ----------------------------------------------------
 
@@ -193,6 +195,13 @@ class Publisher:
         kv = self.backend.get_kv(self.key)
         ours = kv is not None and kv.mod_rev == self._published_rev
         if not force and ours and mine is not None and mine.manifest_sha256 == mh:
+            if now >= self._chunks_due:  # chunks altered or deleted in the store: rewrite
+                self._chunks_due = now + self.CHUNK_CHECK
+                fixed = self.gstore.repair(epoch, mine)
+                if fixed:
+                    ev("generation-repair", logging.WARNING, generation=mine.number,
+                       chunks=fixed, instance=self.me,
+                       reason="chunks in the store did not match their names")  # fmt: skip
             return None
         current: Generation | None = None
         if kv is not None:

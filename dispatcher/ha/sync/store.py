@@ -18,6 +18,7 @@ them the head and the chunks that changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,13 @@ from cluster.backend import KVBackend
 from cluster.election import Elector
 from cluster.errors import Fenced
 from cluster.signing import RecordRejected
-from dispatcher.ha.manifest import Entry, Generation, ManifestError, decode_generation
+from dispatcher.ha.manifest import (
+    Entry,
+    Generation,
+    ManifestError,
+    decode_generation,
+    encode_generation,
+)
 from dispatcher.ha.records import GENERATION, Records
 
 
@@ -138,6 +145,24 @@ class GenerationStore:
             "transactions": max(1, len(batches)) + (1 if stale[room:] else 0),
         }
         return rec.revision
+
+    def repair(self, epoch: int, g: Generation) -> int:
+        """Rewrite the chunks of ``g`` (published by this leader) that the store lost or
+        holds altered (an etcd writer without the cluster key can do that: followers then
+        refuse the generation, never apply it); how many were rewritten."""
+        _head, chunks = encode_generation(g)
+        stored = {
+            kv.key.rsplit("/", 1)[-1]: kv.value
+            for kv in self.backend.get_prefix(self.keys.generation_chunks)
+        }
+        bad = {
+            s: d
+            for s, d in chunks.items()
+            if s not in stored or hashlib.sha256(stored[s]).hexdigest() != s
+        }
+        for batch in self._pack(bad, 0):
+            self._fenced(epoch, {self.keys.generation_chunk(s): d for s, d in batch.items()})
+        return len(bad)
 
     def sweep(self, epoch: int, keep: Sequence[str]) -> int:
         """A new leader: delete every chunk no head names (``keep``: the current head's)."""

@@ -207,3 +207,25 @@ def test_a_follower_refuses_a_head_whose_chunk_fails_its_hash_once_and_keeps_its
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
     assert rig.syncer.generation == 1 and rig.fetched == 2
     assert "hash check" in str(rig.syncer.sync_view()["error"])
+
+
+def test_the_leader_rewrites_chunks_altered_or_lost_in_the_store(
+    leader: tuple[LocalBackend, Elector],
+) -> None:
+    backend, el = leader
+    epoch = el.epoch
+    assert epoch is not None
+    store = GenerationStore(backend, RECORDS)
+    g = gen(registry(1_500), 1, epoch)
+    store.publish(el, epoch, g, None, {})
+    good = {kv.key: kv.value for kv in backend.get_prefix(backend.keys.generation_chunks)}
+    assert store.repair(epoch, g) == 0
+    victim, gone = sorted(good)[:2]
+    backend.put_value(victim, zlib.compress(b"[]"))  # altered by an etcd writer
+    backend.delete_value(gone)  # or deleted
+    reader = GenerationStore(backend, RECORDS)
+    with pytest.raises(ManifestError):
+        reader.read()
+    assert store.repair(epoch, g) == 2
+    assert {kv.key: kv.value for kv in backend.get_prefix(backend.keys.generation_chunks)} == good
+    assert reader.read() == g
