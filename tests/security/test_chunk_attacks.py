@@ -50,10 +50,15 @@ def snapshot(*dirs: Path) -> str:
 
 
 def test_an_altered_chunk_changes_no_file_and_is_rewritten(cluster: Cluster) -> None:
-    g = cluster.converged()
+    before_g = cluster.converged()
     victim = cluster.followers()[0]
     before = snapshot(victim.ca_dir, victim.registry_dir)
     assert victim.stop() == 0
+    # a genuine change the victim has not applied yet: it must read the new chunks
+    leader = cluster.one_leader()
+    (leader.ca_dir / "genuine-change.txt").write_text("published while the victim was down\n")
+    g = wait_until(lambda: (x := cluster.published()).number > before_g.number
+                   and "ca/genuine-change.txt" in x.files and x, 20, "the new generation")  # fmt: skip
     b = cluster.backend(2.0)
     try:
         forged_key = ""
@@ -73,12 +78,16 @@ def test_an_altered_chunk_changes_no_file_and_is_rewritten(cluster: Cluster) -> 
     assert code == 503 and "not in sync" in str(body.get("reason")), body
     assert snapshot(victim.ca_dir, victim.registry_dir) == before  # nothing changed
     assert (victim.ca_dir / "ca.key").stat().st_mode & 0o7777 == 0o600
+    assert not (victim.ca_dir / "genuine-change.txt").exists()
     # the leader notices (every 30 s) and writes the genuine chunk again
     leader = cluster.one_leader()
     wait_until(lambda: "ACTION=generation-repair" in leader.logtext(), 60, "the repair")
     wait_until(lambda: get(f"{victim.health_url}/ready", 2)[0] == 200, 30, "the victim ready")
     assert victim.status()["generation"] >= g.number
     assert (victim.ca_dir / "ca.key").stat().st_mode & 0o7777 == 0o600
+    assert (victim.ca_dir / "genuine-change.txt").exists()
+    (leader.ca_dir / "genuine-change.txt").unlink()
+    cluster.converged(30)
     print(
         f"\n[attack] altered manifest chunk (ca.key 4777): refused (hash check failed on "
         f"{victim.name}: no file changed, /ready 503 until the leader rewrote the chunk)"

@@ -13,6 +13,7 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.election import Elector
-from dispatcher.ha.manifest import Generation, Scanner, manifest_hash
+from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState
@@ -159,7 +160,14 @@ class Publisher:
                 return
         store_g: Generation | None = None
         if kv is not None:  # a record that fails verification is no generation at all
-            store_g = self.gstore.decode(kv.value, kv.mod_rev)
+            try:
+                store_g = self.gstore.decode(kv.value, kv.mod_rev)
+            except ManifestError as exc:  # chunks altered or lost: nobody can apply it
+                head = self.gstore.head(kv.value, kv.mod_rev)
+                files = self.scanner.scan()
+                if head is not None and head.manifest_sha256 == manifest_hash(files):
+                    store_g = dataclasses.replace(head, files=files)  # ours: repaired below
+                ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -178,6 +186,9 @@ class Publisher:
         ev("sync-leader-ready", swept_chunks=swept, instance=self.me, epoch=epoch,
            generation=store_g.number if store_g else 0)  # fmt: skip
         self.publish(epoch, force=True)
+        if self.state.applied is not None:
+            self.gstore.repair(epoch, self.state.applied)
+            self._chunks_due = self._clock() + self.CHUNK_CHECK
 
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         """Publish the local files as a new generation if they changed (or ``force``)."""
