@@ -1,6 +1,6 @@
 """Leader failover time (kill -9 and SIGTERM) and requests lost during instance kills.
 
-Usage: ``bench/failover_bench.py [--trials 20] [--ttl 2] [--keep]``
+Usage: ``bench/failover_bench.py [--trials 20] [--signals kill9,sigterm] [--ttl 2] [--keep]``
 
 Brings up the real stack under a temporary directory (``ops/lab/hacluster.py``): a
 3-member etcd, three ``ctrl-exec-api`` instances with ``lease_ttl`` 2 s and shared state
@@ -10,12 +10,14 @@ agents) and ``POST /run`` (one agent) through HAProxy's API frontend all the tim
 connection per attempt, one retry allowed.
 
 Each trial signals the current leader (``--trials`` with SIGKILL, then as many with
-SIGTERM), measures the time from the signal to another instance's ``/leader`` answering
-200 (polled every ~2 ms over kept-alive connections), restarts the victim and waits until
-it is healthy and back in HAProxy. Printed: median / p90 / max / min per signal, and the
-client's failed first attempts and failures after the retry during the kills (requests
-in flight from each signal until the victim is back), against the targets: SIGTERM
-handover under 250 ms, kill -9 failover under TTL + 1 s, no request lost with one retry.
+SIGTERM; ``--signals sigterm`` for the SIGTERM trials alone), measures the time from the
+signal to another instance's ``/leader`` answering 200 (polled every ~2 ms over
+kept-alive connections), restarts the victim and waits until it is healthy and back in
+HAProxy. Printed: median / p90 / max / min per signal, and the client's failed first
+attempts and failures after the retry during the kills (requests in flight from each
+signal until the victim is back), against the targets: SIGTERM handover under 250 ms
+with no failed first attempt, kill -9 failover under TTL + 1 s, no request lost with one
+retry.
 
 A run in flight on a killed instance leaves its host:script lock in etcd until the
 victim's session lease expires (<= TTL): its retry, and new runs of that host:script
@@ -180,8 +182,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         with c.load(interval=args.interval, max_seconds=args.max_seconds,
                     max_requests=1_000_000) as load:  # fmt: skip
             load.wait_requests(20, 30)
-            plan = [(signal.SIGKILL, args.ttl + 3.0)] * args.trials
-            plan += [(signal.SIGTERM, 5.0)] * args.trials
+            plan = (
+                [(signal.SIGKILL, args.ttl + 3.0)] * args.trials if "kill9" in args.signals else []
+            )
+            plan += [(signal.SIGTERM, 5.0)] * args.trials if "sigterm" in args.signals else []
             for n, (sig, bound) in enumerate(plan, 1):
                 if time.monotonic() > deadline:
                     print(f"stopping early: --max-seconds {args.max_seconds} reached", flush=True)
@@ -212,18 +216,35 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "load_during_kill9": load_numbers(d_kill, l_kill),
         "load_during_sigterm": load_numbers(d_term, l_term),
         "load_outside_the_trials": load_numbers(outside, outside.failures),
-        "targets": {
-            "sigterm_under_250ms": bool(term) and max(t.seconds for t in term) < SIGTERM_TARGET,
-            "kill9_under_ttl_plus_1s": bool(kill) and max(t.seconds for t in kill) < args.ttl + 1,
-            "zero_lost_with_one_retry": not (l_kill or l_term or outside.failures),
-        },
+        "targets": targets(args, kill, term, d_term, not (l_kill or l_term or outside.failures)),
         "seconds": round(time.monotonic() - t_start, 1),
     }
+
+
+def targets(args: argparse.Namespace, kill: list[Trial], term: list[Trial], during_term: LoadReport,
+            none_lost: bool) -> dict[str, bool]:  # fmt: skip
+    """The targets of the trials that ran: SIGTERM handover under 250 ms with no failed
+    first attempt (issue 6: "0 failed first attempts over 20 SIGTERMs under load"),
+    kill -9 failover under TTL + 1 s, nothing lost with one retry."""
+    out: dict[str, bool] = {}
+    if "sigterm" in args.signals:
+        out["sigterm_under_250ms"] = bool(term) and max(t.seconds for t in term) < SIGTERM_TARGET
+        out["sigterm_zero_failed_first_attempts"] = bool(term) and not during_term.first_failures
+    if "kill9" in args.signals:
+        out["kill9_under_ttl_plus_1s"] = bool(kill) and max(t.seconds for t in kill) < args.ttl + 1
+    out["zero_lost_with_one_retry"] = none_lost
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--trials", type=int, default=20, help="trials per signal (default 20)")
+    p.add_argument(
+        "--signals",
+        default="kill9,sigterm",
+        type=lambda v: set(v.split(",")) - {""},
+        help="which trials: kill9, sigterm or both (default kill9,sigterm)",
+    )
     p.add_argument("--ttl", type=int, default=2, help="lease_ttl of the instances (s)")
     p.add_argument("--interval", type=float, default=0.02, help="client pause between requests")
     p.add_argument("--max-seconds", type=float, default=900, help="stop starting trials after")
@@ -272,6 +293,8 @@ def print_summary(doc: dict[str, Any]) -> None:
                       ("load_during_sigterm", "client load during the SIGTERM trials"),
                       ("load_outside_the_trials", "client load between the trials")):  # fmt: skip
         d = doc[key]
+        if not d["requests"] and key != "load_outside_the_trials":
+            continue  # a signal whose trials did not run (--signals)
         print(f"{what}: {d['requests']} requests, {d['first_attempt_failures']} failed first "
               f"attempts {d['first_attempt_errors'] or ''}, {d['failures_after_retry']} failed "
               f"after one retry ({d['locked_explained_by_a_cut_run']} of them 409 locked by a "

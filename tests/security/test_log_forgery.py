@@ -31,7 +31,9 @@ pytestmark = pytest.mark.integration
 FORGED = "ACTION=auth RESULT=pass USER=root"
 HOSTILE_USER = f'mallory"\n{FORGED}\r\n{FORGED} \\" \u2028{FORGED}\u2029\x85\t'
 NUL_USER = f"eve\x00\n{FORGED}"  # no environment can carry it: the agent's hook denies
-PREFIX = re.compile(r"^(ctrl-exec-api|ctrl-exec-agent)\[\d+\]: (.*)$")
+PREFIX = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (ctrl-exec-api|ctrl-exec-agent)\[\d+\]: (.*)$"
+)  # stderr: an ISO 8601 timestamp, then the program
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +65,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory,
 
 def _our_lines(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
     """``(program, fields)`` of every event line; each line must be one of ours, and an
-    event line (``ACTION=`` first) must parse. Other lines are the free text of the
-    cluster modules (``session lease ... granted``), escaped onto one line."""
+    event line (``ACTION=`` first) must parse (free text of the cluster modules is an
+    ``ACTION=log`` event too)."""
     out = []
     for line in text.splitlines():
         m = PREFIX.match(line)
         assert m is not None, f"a line that is not ours: {line!r}"
-        if m.group(2).startswith("ACTION="):
-            out.append((m.group(1), parse(m.group(2))))
+        assert m.group(2).startswith("ACTION="), f"not a KEY=value line: {line!r}"
+        out.append((m.group(1), parse(m.group(2))))
     return out
 
 
