@@ -9,7 +9,8 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     members/<instance_id>   MemberInfo JSON, bound to the member's lease; created only if
                             absent, changed and deleted only by the lease that holds it
     locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
-    generation              the published config generation (leader-only, fenced)
+    generation              the published config generation's head (leader-only, fenced)
+    generation-chunks/<sha> a chunk of a generation's manifest, named by its sha256 (fenced)
     effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
     runs/<reqid>            metadata of an async run (any instance), bound to a day-long lease
     switchover              a request that the leader of a given epoch resign, short lease
@@ -145,6 +146,7 @@ class ClusterKeys:
         self.members = f"{self.prefix}members/"
         self.locks = f"{self.prefix}locks/"
         self.generation = f"{self.prefix}generation"
+        self.generation_chunks = f"{self.prefix}generation-chunks/"
         self.effects = f"{self.prefix}effects/"
         self.runs = f"{self.prefix}runs/"
         self.switchover = f"{self.prefix}switchover"
@@ -154,6 +156,9 @@ class ClusterKeys:
         self.history = f"{self.prefix}history/"
         self.handover = f"{self.prefix}handover"
         self.paused = f"{self.prefix}paused"
+
+    def generation_chunk(self, sha256: str) -> str:
+        return f"{self.generation_chunks}{sha256}"
 
     def member(self, instance_id: str) -> str:
         return f"{self.members}{instance_id}"

@@ -260,6 +260,7 @@ class Instance:
             self.state.presented_serial = lambda: sync.loaded_serial
             self.state.restart_pending = sync.restart_pending
             self.state.not_ready = sync.ready_problem
+            self.state.sync_view = sync.sync_view
         self.restart_requested = False
         self.restart_reason = ""
         self._restart_task: asyncio.Task[None] | None = None

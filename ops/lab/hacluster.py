@@ -52,7 +52,7 @@ import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
 from cluster.signing import KEY_FILE, RecordRejected, RecordSigner, parse_key, write_key
-from dispatcher.ha.manifest import Generation
+from dispatcher.ha.manifest import Generation, ManifestError, decode_generation
 from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
@@ -226,15 +226,20 @@ class Cluster:
         backend = self.backend(2.0)
         try:
             kv = backend.get_kv(backend.keys.generation)
+            if kv is None:
+                return None
+
+            def chunks(shas: Sequence[str]) -> dict[str, bytes]:
+                got = {s: backend.get_value(backend.keys.generation_chunk(s)) for s in shas}
+                return {s: v for s, v in got.items() if v is not None}
+
+            try:  # a record an attack test forged is no generation: wait for the genuine one
+                body = self.signer.open("generation", backend.keys.generation, kv.value)
+                return decode_generation(json.dumps(body), chunks)
+            except (RecordRejected, ManifestError):
+                return None
         finally:
             backend.close()
-        if kv is None:
-            return None
-        try:  # a record an attack test forged is no generation: wait for the genuine one
-            body = self.signer.open("generation", backend.keys.generation, kv.value)
-        except RecordRejected:
-            return None
-        return Generation.from_json(json.dumps(body))
 
     def published(self) -> Generation:
         """The generation the leader published in etcd."""

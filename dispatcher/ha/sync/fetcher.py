@@ -43,6 +43,12 @@ class Fetcher:
         self.members = members
         self.allowed = allowed  # the cluster's dispatcher serials
         self.identity: dict[str, int] = {}  # instance id -> index in identities() that works
+        self.conns: Conns = {}  # kept between generations (no TLS handshake per apply)
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
 
     def identities(self) -> list[DispatcherConfig]:
         """The config to connect with: the dispatcher pair, then the kept previous pair,
@@ -57,9 +63,12 @@ class Fetcher:
                 out.append(kept)
         return out
 
-    def sources(self, g: Generation) -> list[MemberInfo]:
-        """Who can serve ``g``: its publisher first, then members that applied it."""
-        members = [m for m in self.members(True) if m.instance_id != self.me and m.advertise_url]
+    def sources(self, g: Generation, fresh: bool = False) -> list[MemberInfo]:
+        """Who can serve ``g``: its publisher first, then members that applied it (from
+        the members last read unless ``fresh`` or the publisher is not among them)."""
+        members = [m for m in self.members(fresh) if m.instance_id != self.me and m.advertise_url]
+        if not fresh and not any(m.instance_id == g.leader for m in members):
+            return self.sources(g, fresh=True)
         first = [m for m in members if m.instance_id == g.leader]
         rest = sorted((m for m in members if m.instance_id != g.leader and m.generation == g.number),
                       key=lambda m: m.instance_id)  # fmt: skip
@@ -114,6 +123,8 @@ class Fetcher:
                 continue
             if resp.status != 200:
                 self.identity.pop(m.instance_id, None)  # start again from the first pair
+                conn.close()
+                conns.pop(m.instance_id, None)
                 errors.append(f"{m.instance_id}: HTTP {resp.status} {data[:200]!r}")
                 return None
             if len(data) != e.size or hashlib.sha256(data).hexdigest() != e.sha256:
