@@ -64,6 +64,8 @@ Modes:
   cluster haproxy-config     print HAProxy sections (TCP passthrough) for every instance
                              [--full] whole file  [--bind ADDR,...] listen addresses
   cluster forget <id>        take a removed instance out of the roster
+  cluster adopt-local <id> --yes
+                             let a leader lacking the published generation publish its own
   cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
                              [--priority N] [--router-id N]
                              print keepalived (VRRP) config for one of two load balancers

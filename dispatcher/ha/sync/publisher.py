@@ -75,6 +75,8 @@ class Publisher:
         self.caught_up = False
         self.lead_epoch: int | None = None
         self._catch_up_deadline = 0.0
+        self._behind = 0  # the published generation this leader lacks and waits for (0: none)
+        self._behind_logged = -1e9
         self._published_rev = 0
         self._dirty = False
         self._last_change = 0.0
@@ -90,8 +92,21 @@ class Publisher:
         if epoch is None:
             return None
         if self.lead_epoch != epoch or not self.caught_up:
+            if self._behind:
+                return (
+                    f"the leader lacks generation {self._behind} and no member that has it "
+                    "is reachable: leader-only work waits (start a member that applied it, "
+                    f"or run 'ced cluster adopt-local {self.me}' to accept the loss)"
+                )
             return "the leader is catching up with the published generation; retry shortly"
         return None
+
+    def _adopted(self, generation: int) -> bool:
+        """An operator accepted this leader's files over ``generation`` (``ced cluster
+        adopt-local``: a record sealed with the cluster key, for this instance)."""
+        from dispatcher.ha.sync import adopt
+
+        return adopt.granted(self.backend, self.records, self.me, generation)
 
     def published_current(self) -> bool:
         """Leading, caught up, and the files are exactly the generation last published."""
@@ -175,14 +190,35 @@ class Publisher:
                     if self._clock() < self._catch_up_deadline:
                         self._stop.wait(0.3)
                         return
+                    behind = (
+                        self.state.applied is None or self.state.applied.number < store_g.number
+                    )
+                    if behind and not self._adopted(store_g.number):
+                        # Publishing our files now would erase changes acknowledged in the
+                        # generations we never applied: wait for a member that has them.
+                        self._behind = store_g.number
+                        now = self._clock()
+                        if now >= self._behind_logged + 30:
+                            self._behind_logged = now
+                            ev("sync-behind", logging.ERROR, instance=self.me, epoch=epoch,
+                               generation=store_g.number,
+                               applied=self.state.applied.number if self.state.applied else 0,
+                               reason="no member that applied the published generation is "
+                                      "reachable; leader-only work waits for one (or for "
+                                      f"'ced cluster adopt-local {self.me}')")  # fmt: skip
+                        self._stop.wait(0.5)
+                        return
                     ev("sync-diverged", logging.WARNING, instance=self.me, epoch=epoch,
                        generation=store_g.number,
                        reason="no member serves the published generation; publishing this "
-                              "instance's files instead")  # fmt: skip
+                              "instance's files instead" + (
+                                  " (adopted by an operator)" if behind else
+                                  " (it holds that generation, plus unpublished changes)"))  # fmt: skip
             elif self.state.applied is None or self.state.applied.number != store_g.number:
                 self.state.record(store_g)
         swept = self.gstore.sweep(epoch, store_g.chunks if store_g is not None else ())
         self.caught_up = True
+        self._behind = 0
         ev("sync-leader-ready", swept_chunks=swept, instance=self.me, epoch=epoch,
            generation=store_g.number if store_g else 0)  # fmt: skip
         self.publish(epoch, force=True)
