@@ -483,8 +483,9 @@ class EtcdBackend(KVBackend):
         from cluster.etcd import EtcdClient  # only here: the local backend needs no client library
 
         client = EtcdClient(
-            endpoints, ca=ca, cert=cert, key=key, user=user, password=password, timeout=timeout
-        )
+            endpoints, ca=ca, cert=cert, key=key, user=user, password=password,
+            probe_key=ClusterKeys(cluster_name).prefix, timeout=timeout,
+        )  # fmt: skip
         super().__init__(client, cluster_name)
 
 

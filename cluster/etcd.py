@@ -136,7 +136,8 @@ class EtcdClient:
 
     ``endpoints`` are URLs such as ``https://10.0.0.1:2379``; with ``https``, ``ca`` is the
     etcd CA file and ``cert``/``key`` the client certificate. ``user``/``password`` are an
-    etcd user's (both or neither; combinable with the certificate). ``timeout`` bounds
+    etcd user's (both or neither; combinable with the certificate). ``probe_key`` is the
+    key :meth:`revision` reads (one the user may read: under the cluster's prefix). ``timeout`` bounds
     every request (connect and read), so one dead member costs at most that much per call.
     """
 
@@ -149,6 +150,7 @@ class EtcdClient:
         key: str | None = None,
         user: str | None = None,
         password: str | None = None,
+        probe_key: str = "\0",
         timeout: float = 1.0,
     ) -> None:
         if not endpoints:
@@ -158,6 +160,7 @@ class EtcdClient:
         self.user = user or None
         self._password = password or None
         self._token: str | None = None  # None: authenticate before the next call
+        self.probe_key = probe_key  # read for the revision: a role may cover only a prefix
         self.timeout = timeout
         self._session = requests.Session()
         self._session.trust_env = False  # never let REQUESTS_CA_BUNDLE & co. replace the CA
@@ -483,7 +486,8 @@ class EtcdClient:
 
     def revision(self) -> int:
         """The store's current revision."""
-        return _header_rev(self._post("revision", "/kv/range", {"key": _b64("\0"), "limit": 1}))
+        payload = {"key": _b64(self.probe_key), "limit": 1, "keys_only": True}
+        return _header_rev(self._post("revision", "/kv/range", payload))
 
     def watch_once(
         self, key: str, timeout: float, start_revision: int | None = None
