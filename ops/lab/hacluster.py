@@ -287,9 +287,9 @@ def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> 
 @contextlib.contextmanager
 def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     """Bring the cluster of ``spec`` up under ``tmp``; stop everything on the way out."""
-    name = f"ha{secrets.token_hex(4)}"
+    cluster_name = f"ha{secrets.token_hex(4)}"
     if spec.etcd_secure:
-        etcd = secure_etcd(tmp / "etcd", f"/{name}/", size=spec.etcd_size).start()
+        etcd = secure_etcd(tmp / "etcd", f"/{cluster_name}/", size=spec.etcd_size).start()
     else:
         etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
     ca_dir = tmp / "ca"
@@ -310,6 +310,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     for name, agent in agents.items():
         reg.register(name, ip=agent.host, port=agent.port, lookup_by="ip",
                      dispatcher_serial=dispatcher.serial_hex)  # fmt: skip
+    name = cluster_name
     shared = {
         "api_bind": "127.0.0.1", "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
         **etcd.client_conf(), "cluster_name": name,
