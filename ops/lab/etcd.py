@@ -89,6 +89,56 @@ def _write_secret(path: Path, value: str) -> None:
     os.replace(tmp, path)
 
 
+def gateway(
+    url: str, ctx: ssl.SSLContext | None, path: str, payload: dict[str, object], token: str = ""
+) -> dict[str, object]:
+    """POST to a member's gateway (``<url>/v3/<path>``); the JSON answer, or RuntimeError
+    with etcd's error text."""
+    req = urllib.request.Request(
+        f"{url}/v3/{path}", data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": token} if token else {})},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            answer: dict[str, object] = json.loads(r.read() or b"{}")
+            return answer
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(
+            f"etcd {path}: {exc.code} {exc.read().decode(errors='replace')}"
+        ) from None
+
+
+def add_user(url: str, ctx: ssl.SSLContext | None, directory: Path, user: str, prefix: str,
+             token: str = "") -> Path:  # fmt: skip
+    """A user (and a role of the same name) with readwrite on ``prefix`` only
+    (``etcdctl role grant-permission --prefix``); its password in ``directory/<user>.password``
+    (0600). Before auth is enabled no ``token`` is needed, after it root's."""
+    password = secrets.token_urlsafe(18)
+    path = directory / f"{user}.password"
+    _write_secret(path, password)
+    perm = {"permType": "READWRITE", "key": _b64(prefix), "range_end": _b64(_range_end(prefix))}
+    calls: tuple[tuple[str, dict[str, object]], ...] = (
+        ("auth/role/add", {"name": user}),
+        ("auth/role/grant", {"name": user, "perm": perm}),
+        ("auth/user/add", {"name": user, "password": password}),
+        ("auth/user/grant", {"user": user, "role": user}),
+    )
+    for call, payload in calls:
+        gateway(url, ctx, call, payload, token)
+    return path
+
+
+def enable_auth(url: str, ctx: ssl.SSLContext | None, auth: AuthFiles) -> None:
+    """root (role root), ``auth.user`` limited to ``auth.prefix``, then ``auth enable``."""
+    root_password = secrets.token_urlsafe(18)
+    _write_secret(auth.root_password_file, root_password)
+    gateway(url, ctx, "auth/user/add", {"name": "root", "password": root_password})
+    gateway(url, ctx, "auth/user/grant", {"user": "root", "role": "root"})
+    made = add_user(url, ctx, auth.password_file.parent, auth.user, auth.prefix)
+    assert made == auth.password_file, (made, auth.password_file)
+    gateway(url, ctx, "auth/enable", {})
+
+
 @dataclass
 class Member:
     name: str
@@ -201,20 +251,8 @@ class EtcdCluster:
         return ctx
 
     def gateway(self, path: str, payload: dict[str, object], token: str = "") -> dict[str, object]:
-        """POST to the first member's gateway (``/v3/<path>``); the JSON answer, or
-        RuntimeError with etcd's error text."""
-        req = urllib.request.Request(
-            f"{self.members[0].client_url}/v3/{path}", data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json", **({"Authorization": token} if token else {})},
-        )  # fmt: skip
-        try:
-            with urllib.request.urlopen(req, timeout=10, context=self.ssl_context()) as r:
-                answer: dict[str, object] = json.loads(r.read() or b"{}")
-                return answer
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(
-                f"etcd {path}: {exc.code} {exc.read().decode(errors='replace')}"
-            ) from None
+        """POST to the first member's gateway (see :func:`gateway`)."""
+        return gateway(self.members[0].client_url, self.ssl_context(), path, payload, token)
 
     def root_token(self) -> str:
         assert self.auth is not None, "this etcd runs without authentication"
@@ -224,30 +262,12 @@ class EtcdCluster:
         return str(answer["token"])
 
     def add_user(self, user: str, prefix: str, token: str = "") -> Path:
-        """A user (and a role of the same name) with readwrite on ``prefix`` only; its
-        password file (0600). Before :meth:`start` enabled auth, no token is needed."""
-        password = secrets.token_urlsafe(18)
-        path = self.root / f"{user}.password"
-        _write_secret(path, password)
-        perm = {"permType": "READWRITE", "key": _b64(prefix), "range_end": _b64(_range_end(prefix))}
-        calls: tuple[tuple[str, dict[str, object]], ...] = (
-            ("auth/role/add", {"name": user}),
-            ("auth/role/grant", {"name": user, "perm": perm}),
-            ("auth/user/add", {"name": user, "password": password}),
-            ("auth/user/grant", {"user": user, "role": user}),
-        )
-        for call, payload in calls:
-            self.gateway(call, payload, token)
-        return path
+        """A user limited to ``prefix`` (see :func:`add_user`); its password file."""
+        return add_user(self.members[0].client_url, self.ssl_context(), self.root, user,
+                        prefix, token)  # fmt: skip
 
     def _enable_auth(self, auth: AuthFiles) -> None:
-        """root (role root), the prefix-limited user, then ``auth enable``."""
-        root_password = secrets.token_urlsafe(18)
-        _write_secret(auth.root_password_file, root_password)
-        self.gateway("auth/user/add", {"name": "root", "password": root_password})
-        self.gateway("auth/user/grant", {"user": "root", "role": "root"})
-        assert self.add_user(auth.user, auth.prefix) == auth.password_file
-        self.gateway("auth/enable", {})
+        enable_auth(self.members[0].client_url, self.ssl_context(), auth)
 
     def _spawn(self, m: Member, state: str) -> None:
         assert ETCD is not None
