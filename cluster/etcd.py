@@ -250,6 +250,9 @@ class EtcdClient:
         who = f"user '{self.user}'" if self.user else "no user (etcd_user is not set)"
         if "invalid auth token" in error:
             return _TokenExpired(f"etcd {what} on {client.base_url}: {error}")
+        if "user name is empty" in error and self.user and self._token == "":
+            # we skipped authentication while it was off: etcd has turned it on since
+            return _TokenExpired(f"etcd {what} on {client.base_url}: {error}")
         if "user name is empty" in error or "user name not found" in error:
             return EtcdAccessDenied(
                 f"etcd at {client.base_url} requires authentication and refused {what} by "

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from cluster.backend import EtcdBackend
+from cluster.errors import AccessDenied
 from ops.lab.apidaemon import make_daemon
-from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, secure_etcd
+from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, add_user, gateway, secure_etcd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -126,3 +127,30 @@ def test_a_lapsed_token_is_renewed_once(
         assert 3 <= len(renewals) <= 4  # 4: the timer's put and the watch raced to renew
     finally:
         b.close()
+
+
+def test_credentials_before_auth_is_on_and_after(tmp_path: Path) -> None:
+    """A rollout: the dispatchers get etcd_user first, etcd turns auth on later; the
+    client works throughout (no token while auth is off, then it authenticates)."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    plain = EtcdCluster(tmp_path / "etcd", size=1).start()
+    try:
+        url = plain.endpoints[0]
+        password = add_user(url, None, tmp_path, "ctrl-exec", f"/{CLUSTER}/").read_text().strip()
+        b = EtcdBackend(plain.endpoints, cluster_name=CLUSTER, user="ctrl-exec", password=password)
+        try:
+            b.store.put(f"/{CLUSTER}/k", "1")  # auth off: a warning, no token
+            assert b.store._token == ""
+            root_pw = "root-" + password
+            gateway(url, None, "auth/user/add", {"name": "root", "password": root_pw})
+            gateway(url, None, "auth/user/grant", {"user": "root", "role": "root"})
+            gateway(url, None, "auth/enable", {})
+            b.store.put(f"/{CLUSTER}/k", "2")  # "user name is empty" -> authenticate -> put
+            assert b.store._token
+            with pytest.raises(AccessDenied):
+                b.store.put("/elsewhere", "x")
+        finally:
+            b.close()
+    finally:
+        plain.close()
