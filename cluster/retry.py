@@ -42,6 +42,12 @@ class _Custom(tenacity.stop.stop_base):
         return self._fn(retry_state)
 
 
+#: what the time-bounded policies repeat: an unreachable store, not refused credentials
+_retryable = tenacity.retry_if_exception_type(
+    BackendUnavailable
+) & tenacity.retry_if_not_exception_type(AccessDenied)
+
+
 def backend_call(
     fn: Callable[[], T],
     *,
@@ -124,12 +130,6 @@ def reauth_call(
         reraise=True,
     )
     return retrying(fn)
-
-
-#: what the time-bounded policies repeat: an unreachable store, not refused credentials
-_retryable = tenacity.retry_if_exception_type(
-    BackendUnavailable
-) & tenacity.retry_if_not_exception_type(AccessDenied)
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
