@@ -137,8 +137,9 @@ class EtcdClient:
     ``endpoints`` are URLs such as ``https://10.0.0.1:2379``; with ``https``, ``ca`` is the
     etcd CA file and ``cert``/``key`` the client certificate. ``user``/``password`` are an
     etcd user's (both or neither; combinable with the certificate). ``probe_key`` is the
-    key :meth:`revision` reads (one the user may read: under the cluster's prefix). ``timeout`` bounds
-    every request (connect and read), so one dead member costs at most that much per call.
+    key :meth:`revision` reads (one the user may read: under the cluster's prefix).
+    ``timeout`` bounds every request (connect and read), so one dead member costs at most
+    that much per call.
     """
 
     def __init__(
