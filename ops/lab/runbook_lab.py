@@ -4,8 +4,6 @@ Everything lives under one directory (``LAB_DIR``) on free loopback ports:
 
 * a 3-member etcd, each member started from its own config file
   (``etcd/m1.yml``: ``etcd --config-file``), so a runbook can restart one on its data dir;
-  on TLS with auth (docs/trust-model.md): the instances connect as ``ctrl-exec`` (a role
-  on ``/<cluster_name>/`` only), the runbooks' ``etcdctl`` as root (``ETCDCTL_USER``);
 * the CA and dispatcher identity made by the real ``ced setup-ca`` / ``ced setup-ctrl-exec``
   under ``etc/ctrl-exec.conf`` (``$CED_CONFIG``); the shared state paths ``ca/`` and
   ``state/`` (``sync_mode = shared-fs``);
@@ -43,19 +41,16 @@ import secrets
 import shlex
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ops.lab.agent import PairingAgent
-from ops.lab.etcd import AuthFiles, Member, enable_auth
-from ops.lab.etcdpki import make_etcd_tls
+from ops.lab.etcd import Member
 from ops.lab.haproxy import socket_path
 from ops.lab.net import free_port, http_get, wait_listening
 from ops.lab.proc import processes, terminate, wait_until
@@ -108,15 +103,8 @@ class RunbookLab:
         for d in ("etc/instances", "ca", "state", "etcd", "haproxy", "run", "logs", "agents",
                   "backup", "tmp"):  # fmt: skip
             (root / d).mkdir(parents=True, exist_ok=True)
-        # etcd on TLS with auth (docs/trust-model.md): the instances as user ctrl-exec
-        # (readwrite on /<cluster_name>/ only), etcdctl in the runbooks as root
-        self.etcd_tls = make_etcd_tls(root / "etcd" / "pki")
-        self.etcd_auth = AuthFiles(f"/{self.cluster_name}/", "ctrl-exec",
-                                   root / "etc" / "ctrl-exec.password",
-                                   root / "etcd" / "root.password")  # fmt: skip
         self.etcd = [Member(n, free_port(), free_port(), root / "etcd" / f"{n}.data",
-                            root / "logs" / f"etcd-{n}.log", scheme="https")
-                     for n in ETCD_MEMBERS]  # fmt: skip
+                            root / "logs" / f"etcd-{n}.log") for n in ETCD_MEMBERS]  # fmt: skip
         self.instances = [
             LabInstance(i, free_port(), free_port(), free_port(), free_port()) for i in INSTANCES
         ]
@@ -166,10 +154,6 @@ class RunbookLab:
             "HAPROXY_BIND": "127.0.0.1",
             "ETCDCTL_API": "3",
             "ETCDCTL_ENDPOINTS": ",".join(m.client_url for m in self.etcd),
-            "ETCDCTL_CACERT": str(self.etcd_tls.ca),
-            "ETCDCTL_CERT": str(self.etcd_tls.client_cert),
-            "ETCDCTL_KEY": str(self.etcd_tls.client_key),
-            **self._etcdctl_user(),
             "ETCD_MEMBERS": " ".join(f"{m.name}={m.client_url}" for m in self.etcd),
             "NEW_INSTANCE": new.id,
             "NEW_HOST": "127.0.0.1",
@@ -179,11 +163,6 @@ class RunbookLab:
             "NEW_PROXY_PORT": str(new.proxy),
             "TMPDIR": str(self.root / "tmp"),
         }
-
-    def _etcdctl_user(self) -> dict[str, str]:
-        """``ETCDCTL_USER=root:PASSWORD`` once auth is on (before: nothing)."""
-        f = self.etcd_auth.root_password_file
-        return {"ETCDCTL_USER": f"root:{self.etcd_auth.root_password}"} if f.exists() else {}
 
     def full_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CED_", "ETCDCTL_"))}
@@ -210,7 +189,6 @@ class RunbookLab:
         self._write_etcd()
         self.sh('for m in $(etcd_names); do etcd_start "$m"; done')
         self.wait_etcd()
-        enable_auth(self.etcd[0].client_url, self._etcd_ssl(), self.etcd_auth)
         self._write_config()
         self.ced("setup-ca")
         self.ced("setup-ctrl-exec")
@@ -229,32 +207,17 @@ class RunbookLab:
         token = f"{self.cluster_name}-etcd"
         for m in self.etcd:
             settings = "".join(f"{k}: {v}\n" for k, v in m.settings(initial, token, "new").items())
-            tls = self.etcd_tls  # no client-cert-auth: with auth on, the gateway would refuse
             (self.root / "etcd" / f"{m.name}.yml").write_text(
                 settings + "pre-vote: true\nenable-grpc-gateway: true\nlogger: zap\n"
-                "log-outputs: [stderr]\nauth-token: simple\nbcrypt-cost: 4\n"
-                f"client-transport-security:\n  cert-file: {tls.server_cert}\n"
-                f"  key-file: {tls.server_key}\n  trusted-ca-file: {tls.ca}\n"
+                "log-outputs: [stderr]\n"
             )
 
-    def _etcd_ssl(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.etcd_tls.ca))
-        ctx.load_cert_chain(self.etcd_tls.client_cert, self.etcd_tls.client_key)
-        return ctx
-
     def wait_etcd(self, timeout: float = 30) -> None:
-        ctx = self._etcd_ssl()
-
         def healthy() -> bool:
-            for m in self.etcd:
-                try:
-                    with urllib.request.urlopen(f"{m.client_url}/health", timeout=0.5,
-                                                context=ctx) as r:  # fmt: skip
-                        if json.loads(r.read()) != {"health": "true"}:
-                            return False
-                except (OSError, ValueError):
-                    return False
-            return True
+            return all(
+                http_get(f"{m.client_url}/health", 0.5) == (200, {"health": "true"})
+                for m in self.etcd
+            )
 
         _wait(healthy, timeout, "a healthy 3-member etcd")
 
@@ -271,9 +234,6 @@ class RunbookLab:
             f"ca_dir = {ca}\nstate_dir = {state}\nsync_mode = shared-fs\n"
             "dispatcher_id = lab-dispatcher\nlog_target = stderr\n"
             f"etcd_endpoints = {','.join(m.client_url for m in self.etcd)}\n"
-            f"etcd_cacert = {self.etcd_tls.ca}\netcd_cert = {self.etcd_tls.client_cert}\n"
-            f"etcd_key = {self.etcd_tls.client_key}\netcd_user = {self.etcd_auth.user}\n"
-            f"etcd_password_file = {self.etcd_auth.password_file}\n"
             f"cluster_name = {self.cluster_name}\nlease_ttl = {TTL}\n"
             "# the load balancer's ports (what `ced cluster haproxy-config` binds)\n"
             f"api_port = {self.lb_api}\npairing_port = {self.lb_pairing}\n"
