@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _framed("cannot start - configuration error.", [str(exc)])
         return EX_CONFIG
-    logfmt.setup("ctrl-exec-agent", cfg.log_target)
+    logfmt.setup("ctrl-exec-agent", cfg.log_target, fmt=cfg.log_format)
     for w in cfg.warnings:
         logfmt.event("config-warn", 30, reason=w)
     if missing := _missing_credentials(cfg):
@@ -155,7 +155,11 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    logfmt.setup("ctrl-exec-agent", "stderr" if cfg.log_target == "auto" else cfg.log_target)
+    logfmt.setup(
+        "ctrl-exec-agent",
+        "stderr" if cfg.log_target == "auto" else cfg.log_target,
+        fmt=cfg.log_format,
+    )
     host = cfg.host
     try:
         pairing.preflight([cfg.cert, cfg.key, cfg.ca])
@@ -342,7 +346,7 @@ def cmd_promote_cert(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 0
-    logfmt.setup("ctrl-exec-agent", cfg.log_target)
+    logfmt.setup("ctrl-exec-agent", cfg.log_target, fmt=cfg.log_format)
     try:
         result = certs.promote(cfg.cert_staging_path, cfg.cert, cfg.ca, cfg.key)
     except OSError as exc:

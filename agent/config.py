@@ -31,7 +31,7 @@ KNOWN_KEYS = {
     # removed upstream, accepted and ignored
     "dispatcher_serial_path", "dispatcher_cn", "sandbox", "writable_paths",
     # ours
-    "bind", "state_dir", "hostname", "script_timeout", "max_output", "log_target",
+    "bind", "state_dir", "hostname", "script_timeout", "max_output", "log_target", "log_format",
     "key_type", "handshake_timeout", "request_timeout", "async_ttl",
 }  # fmt: skip
 IGNORED_KEYS = {"dispatcher_serial_path", "dispatcher_cn", "sandbox", "writable_paths",
@@ -70,6 +70,7 @@ class AgentConfig:
     async_ttl: int = 86400
     hostname: str = ""
     log_target: str = "auto"
+    log_format: str = "kv"  # kv or json
     key_type: str = "rsa-3072"
     tags: dict[str, str] = field(default_factory=dict)
     profiles: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -176,6 +177,10 @@ def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
         if v[1] not in ("auto", "syslog", "stderr"):
             raise ConfigError("log_target must be auto, syslog or stderr", path, v[0])
         cfg.log_target = v[1]
+    if (v := get("log_format")) is not None:
+        if v[1] not in ("kv", "json"):
+            raise ConfigError("log_format must be kv or json", path, v[0])
+        cfg.log_format = v[1]
     if (v := get("key_type")) is not None:
         if v[1] not in KEY_TYPES:
             raise ConfigError(f"key_type must be one of {', '.join(KEY_TYPES)}", path, v[0])

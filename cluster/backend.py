@@ -456,6 +456,8 @@ class KVBackend:
             doc = json.loads(raw)
         except ValueError:
             return 0
+        if isinstance(doc, dict) and isinstance(doc.get("body"), dict):
+            doc = doc["body"]  # a sealed record (cluster.signing): shown, not trusted
         value = doc.get("generation", 0) if isinstance(doc, dict) else doc
         return int(value) if isinstance(value, int) else 0
 

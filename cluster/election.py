@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from cluster import history, retry
 from cluster.backend import Backend, EffectRecord, LeaderInfo, Lease
 from cluster.errors import BackendUnavailable, Fenced, NotLeader, StaleEpoch
+from cluster.signing import RecordSigner
 
 log = logging.getLogger("ctrl-exec.cluster")
 
@@ -56,6 +57,7 @@ class Elector:
         on_demoted: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         gate: Callable[[], bool] | None = None,
+        signer: RecordSigner | None = None,
     ) -> None:
         if ttl < 1:
             raise ValueError("lease ttl must be at least 1 s")
@@ -67,6 +69,7 @@ class Elector:
         self.on_elected = on_elected
         self.on_demoted = on_demoted
         self.gate = gate  # campaign only while it says yes (the instance holds its member key)
+        self.signer = signer  # handover notes and terms are sealed with it (cluster.signing)
         self._clock = clock
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -131,8 +134,9 @@ class Elector:
             note = history.Handover(epoch, self.instance_id, reason, to, requested_by,
                                     time.time())  # fmt: skip
             try:  # fenced, but not an effect: the history is its own record
-                if not self.backend.fenced_commit(epoch, {self.backend.keys.handover:
-                                                          note.to_json()}):  # fmt: skip
+                key = self.backend.keys.handover
+                if not self.backend.fenced_commit(epoch, {key: history.seal(note, key,
+                                                                            self.signer)}):  # fmt: skip
                     log.warning("handover note not recorded, epoch=%d: fenced", epoch)
             except BackendUnavailable as exc:
                 log.warning("handover note not recorded, epoch=%d: %s", epoch, exc)
@@ -320,7 +324,7 @@ class Elector:
         can delay a failover by that much, never prevent it."""
         with self._lock:
             last = self._last_leader
-        note = history.read_handover(self.backend)
+        note = history.read_handover(self.backend, self.signer)
         if note is None or not note.to or note.to == self.instance_id:
             return False
         if last is not None and note.epoch < last.epoch:
@@ -332,7 +336,8 @@ class Elector:
     def _record_term(self, epoch: int) -> None:
         """The history record of this epoch (best effort: leadership never waits on it)."""
         try:
-            term, puts, deletes = history.takeover(self.backend, self.instance_id, epoch)
+            term, puts, deletes = history.takeover(self.backend, self.instance_id, epoch,
+                                                   signer=self.signer)  # fmt: skip
             if self.epoch != epoch or not self.backend.fenced_commit(epoch, puts, deletes):
                 log.warning("leadership history not recorded, epoch=%d: fenced", epoch)
                 return

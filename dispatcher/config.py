@@ -6,6 +6,7 @@ Errors name ``file:line``. ``state_dir`` only sets defaults: upstream's explicit
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -15,6 +16,12 @@ from agent.common.errors import ConfigError
 from agent.common.records import field, fields, record
 
 DEFAULT_CONFIG = "/etc/ctrl-exec/ctrl-exec.conf"
+CONFIG_ENV = "CTRL_EXEC_CONFIG"  # overrides DEFAULT_CONFIG for ced and ctrl-exec-api
+
+
+def default_config_path() -> str:
+    """``$CTRL_EXEC_CONFIG`` when set, else :data:`DEFAULT_CONFIG`."""
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
 
 def sanitise_id(name: str) -> str:
@@ -43,6 +50,7 @@ class DispatcherConfig:
     api_cert: str = ""
     api_key: str = ""
     api_client_ca: str = ""
+    api_names: list[str] = field(default_factory=list)  # subjectAltName of the API cert
     api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
     api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64
@@ -80,6 +88,7 @@ class DispatcherConfig:
     instance_id: str = ""
     lease_ttl: float = 5.0
     log_target: str = "auto"
+    log_format: str = "kv"  # kv (KEY=value lines) or json (one object per line)
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # key -> its line in the file
 
@@ -314,6 +323,8 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("api_auth_default", "api_auth_default must be deny or allow"))
     if cfg.sync_mode not in ("push", "shared-fs"):
         errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
+    if cfg.log_format not in ("kv", "json"):
+        errors.append(cfg.error("log_format", "log_format must be kv or json"))
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:
@@ -426,6 +437,19 @@ def _etcd_file_problems(cfg: DispatcherConfig) -> list[ConfigError]:
             read_password_file(cfg.etcd_password_file)
         except PasswordFileError as exc:
             out.append(cfg.error("etcd_password_file", f"etcd_password_file: {exc}"))
+    return out
+
+
+def instance_warnings(cfg: DispatcherConfig) -> list[str]:
+    """What ``ctrl-exec-api`` warns about at start (and ``check-config`` prints) but runs
+    with: a plain-HTTP API on an address other hosts reach."""
+    out = []
+    if not (cfg.api_cert and cfg.api_key) and not is_loopback_host(cfg.api_bind or "0.0.0.0"):
+        where = f"{cfg.path}:{cfg.lines['api_bind']}" if "api_bind" in cfg.lines else cfg.path
+        out.append(
+            f"{where}: the API listens on {cfg.api_bind} in plain HTTP: anyone who reaches "
+            "it needs no certificate; set api_cert and api_key (or bind it to 127.0.0.1)"
+        )
     return out
 
 

@@ -22,6 +22,14 @@ written at once, straight to the syslog socket or stderr, without the ``logging`
 (which this module imports only when it needs it: several milliseconds of ``ced``'s
 start-up). Levels are the ``logging`` numbers, also available here (:data:`WARNING`...).
 
+On stderr every line starts with an ISO 8601 UTC timestamp with milliseconds
+(``2026-12-06T09:49:12.345Z ident[pid]: ACTION=...``; syslog and the journal stamp lines
+themselves). ``setup(..., fmt="json")`` (the ``log_format = json`` key) writes one JSON
+object per line instead: ``ts``, ``level``, ``ident``, ``pid``, ``action`` and every field
+under its own lower-case name (a field that would shadow one of those is prefixed
+``field_``). Records of other loggers under ``ctrl-exec`` become events too
+(``ACTION=log LEVEL=... LOGGER=... MSG=...``), so every line is ``KEY=value``.
+
 :func:`context` adds fields to every event logged in a block (and in tasks and threads
 started from it, which copy the context): the dispatcher puts the leader's epoch on every
 line of a leader-only action this way.
@@ -47,6 +55,11 @@ if TYPE_CHECKING:
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 
 _LOGGER_NAME = "ctrl-exec"
+FORMATS = ("kv", "json")
+_format = "kv"  # "kv" (upstream's KEY=value lines) or "json" (one object per line)
+_LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error",
+                CRITICAL: "critical"}  # fmt: skip
+_RESERVED = frozenset({"ts", "level", "ident", "pid", "action"})
 _listener: logging.handlers.QueueListener | None = None
 _direct: _DirectSink | None = None
 _context: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar(
@@ -62,6 +75,37 @@ def format_fields(action: str, fields: dict[str, Any]) -> str:
     for key in sorted(fields, key=str):
         parts.append(f"{keys[key]}={_quote(fields[key])}")
     return " ".join(parts)
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return value if type(value) is str else str(value)
+
+
+def format_json(action: str, fields: dict[str, Any], level: int, ident: str, pid: int,
+                ts: float) -> str:  # fmt: skip
+    """One JSON object: ``ts``, ``level``, ``ident``, ``pid``, ``action``, then the fields."""
+    import json
+
+    doc: dict[str, Any] = {"ts": iso_time(ts), "level": _LEVEL_NAMES.get(level, str(level)),
+                           "ident": ident, "pid": pid, "action": action}  # fmt: skip
+    for key in sorted(fields, key=str):
+        name = str(key).lower()
+        while name in doc:
+            name = f"field_{name}"
+        doc[name] = _json_value(fields[key])
+    return json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
+
+
+def iso_time(ts: float) -> str:
+    """``2026-12-06T09:49:12.345Z`` (UTC, milliseconds)."""
+    import time
+
+    whole = int(ts)
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((ts - whole) * 1000):03d}Z"
+    )
 
 
 # Characters that make a value need quoting (the space) or escaping (everything else
@@ -238,21 +282,27 @@ def event(action: str, level: int = INFO, **fields: Any) -> None:
     extra = _context.get()
     if extra:
         fields = {**dict(extra), **fields}
-    line = format_fields(action, fields)
     if log is not None:
-        log.log(level, "%s", line)
+        line = format_fields(action, fields) if _format == "kv" else action
+        log.log(level, "%s", line, extra={"ce_event": (action, fields)})
     elif sink is not None:
-        sink.emit(level, line)
+        sink.emit(level, action, fields)
 
 
-def setup(ident: str, target: str = "auto", level: int = INFO, *, queued: bool = True) -> None:
+def setup(
+    ident: str, target: str = "auto", level: int = INFO, *, queued: bool = True,
+    fmt: str = "kv",
+) -> None:  # fmt: skip
     """Send the project's log to syslog (``target`` syslog/auto) or stderr.
 
     ``auto`` uses ``/dev/log`` when it exists and stderr otherwise. ``queued=False`` is
     for short-lived processes (``ced``): lines are written at once by the caller, with
-    no listener thread and no ``logging`` module.
+    no listener thread and no ``logging`` module. ``fmt``: ``kv`` or ``json``.
     """
-    global _listener, _direct
+    global _listener, _direct, _format
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    _format = fmt
     if _listener is not None:
         _listener.stop()
         _listener = None
@@ -271,12 +321,12 @@ def setup(ident: str, target: str = "auto", level: int = INFO, *, queued: bool =
 
         try:
             handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(_formatter(ident))
+            handler.setFormatter(_formatter(ident, stamped=False))
         except OSError:
             use_syslog = False
     if not use_syslog:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_formatter(ident))
+        handler.setFormatter(_formatter(ident, stamped=True))
     import queue
     from logging.handlers import QueueHandler, QueueListener
 
@@ -291,17 +341,37 @@ def setup(ident: str, target: str = "auto", level: int = INFO, *, queued: bool =
     _listener.start()
 
 
-def _formatter(ident: str) -> logging.Formatter:
-    """``ident[pid]: message``; free text of other loggers (not :func:`event` lines,
-    which are safe already) escaped onto one line."""
+def _formatter(ident: str, stamped: bool) -> logging.Formatter:
+    """What :func:`render` makes of each record (``stamped``: with a timestamp, for
+    stderr); records of other loggers (free text) become ``log`` events."""
     import logging
 
-    class OneLine(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            text = super().format(record)
-            return text if record.name == _LOGGER_NAME else escape_text(text)
+    pid = os.getpid()
 
-    return OneLine(f"{ident}[{os.getpid()}]: %(message)s")
+    class Lines(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            event = getattr(record, "ce_event", None)
+            if event is None:
+                text = record.getMessage()
+                if record.exc_info:
+                    text += "\n" + self.formatException(record.exc_info)
+                event = ("log", {"level": _LEVEL_NAMES.get(record.levelno, record.levelname),
+                                 "logger": record.name, "msg": text})  # fmt: skip
+            return render(ident, pid, record.levelno, event[0], event[1], record.created,
+                          stamped)  # fmt: skip
+
+    return Lines()
+
+
+def render(ident: str, pid: int, level: int, action: str, fields: dict[str, Any], ts: float,
+           stamped: bool) -> str:  # fmt: skip
+    """One log line as the current format writes it (without the newline): stamped for
+    stderr; for syslog, after the ``ident[pid]: `` tag instead."""
+    if _format == "json":
+        doc = format_json(action, fields, level, ident, pid, ts)
+        return doc if stamped else f"{ident}[{pid}]: {doc}"
+    line = f"{ident}[{pid}]: {format_fields(action, fields)}"
+    return f"{iso_time(ts)} {line}" if stamped else line
 
 
 def shutdown() -> None:
@@ -330,7 +400,7 @@ class _DirectSink:
     def __init__(self, ident: str, syslog: str | None, level: int) -> None:
         self.lock = threading.Lock()  # the blocking client logs from its worker threads
         self.level = level
-        self.prefix = f"{ident}[{os.getpid()}]: "
+        self.ident, self.pid = ident, os.getpid()
         self.syslog = syslog
         self.sock: socket.socket | None = None
         if syslog is not None:
@@ -359,10 +429,13 @@ class _DirectSink:
                 raise
         return sock
 
-    def emit(self, level: int, line: str) -> None:
-        text = self.prefix + line
+    def emit(self, level: int, action: str, fields: dict[str, Any]) -> None:
+        import time
+
+        now = time.time()
         with self.lock:
             if self.syslog is not None:
+                text = render(self.ident, self.pid, level, action, fields, now, False)
                 prio = _FACILITY_DAEMON << 3 | _SYSLOG_PRIORITY.get(level, 4)
                 data = f"<{prio}>{text}\0".encode()
                 for _attempt in range(2):
@@ -373,7 +446,7 @@ class _DirectSink:
                         return
                     except OSError:
                         self._close()
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(render(self.ident, self.pid, level, action, fields, now, True) + "\n")
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     server.socket_path = os.path.abspath(
         args.socket or cfg.executor_socket or DEFAULT_EXECUTOR_SOCKET
     )
-    logfmt.setup("ctrl-exec-executor", cfg.log_target, queued=False)
+    logfmt.setup("ctrl-exec-executor", cfg.log_target, queued=False, fmt=cfg.log_format)
     try:
         asyncio.run(server.serve())
     except OSError as exc:

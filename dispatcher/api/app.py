@@ -74,7 +74,8 @@ def create_app(
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 
-        registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes))
+        registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes,
+                                           ha.records.rejections.counts))  # fmt: skip
     app.state.api = ApiState(d=d, ha=ha, issuers=operator_issuers, registry=registry)
     app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
                        issuers=operator_issuers)  # fmt: skip

@@ -70,7 +70,14 @@ from dispatcher.api.healthport import (
     RoleProvider,
     create_health_app,
 )
-from dispatcher.config import DEFAULT_CONFIG, DispatcherConfig, instance_problems
+from dispatcher.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DispatcherConfig,
+    default_config_path,
+    instance_problems,
+    instance_warnings,
+)
 from dispatcher.core import Dispatcher, open_dispatcher
 
 if TYPE_CHECKING:
@@ -467,20 +474,23 @@ class Instance:
 
 def check_config(path: str) -> int:
     """``--check-config``: every problem on stderr (file:line each); 0 or 78."""
-    from dispatcher.config import check
+    from dispatcher.config import check, load
 
     problems = check(path)
     for problem in problems:
         print(f"{IDENT}: {problem}", file=sys.stderr)
     if problems:
         return EX_CONFIG
+    for warning in instance_warnings(load(path)):
+        print(f"{IDENT}: warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=IDENT, description="ctrl-exec API instance daemon")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="ctrl-exec.conf path")
+    parser.add_argument("--config", default=default_config_path(),
+                        help=f"ctrl-exec.conf path (default ${CONFIG_ENV} or {DEFAULT_CONFIG})")  # fmt: skip
     parser.add_argument(
         "--check-config", action="store_true",
         help="validate the config (no network, no port binding) and exit: 0 fine, 78 not",
@@ -492,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     listeners: Listeners | None = None
     try:
         d = open_dispatcher(args.config)
-        logfmt.setup(IDENT, d.cfg.log_target)
-        for warning in d.cfg.warnings:
+        logfmt.setup(IDENT, d.cfg.log_target, fmt=d.cfg.log_format)
+        for warning in [*d.cfg.warnings, *instance_warnings(d.cfg)]:
             logfmt.event("config-warn", logging.WARNING, detail=warning)
         problems = instance_problems(d.cfg)
         if problems:

@@ -13,9 +13,9 @@ from dispatcher.errors import ExitCode
 
 
 def cmd_check_config(inv: Invocation) -> ExitCode:
-    from dispatcher.config import DEFAULT_CONFIG, check
+    from dispatcher.config import check, default_config_path
 
-    path = inv.ns.config or DEFAULT_CONFIG
+    path = inv.ns.config or default_config_path()
     problems = check(path)
     if inv.json:
         out_json({"ok": 0 if problems else 1, "config": path, "problems": problems})

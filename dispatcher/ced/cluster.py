@@ -16,7 +16,9 @@ etcd client credentials, needs no API credentials, and needs no instance to be h
 * ``pause [--reason TEXT]`` / ``resume``: maintenance mode (:mod:`cluster.maintenance`):
   no automatic restarts or periodic leader work while paused;
 * ``haproxy-config``: a working HAProxy configuration (:mod:`dispatcher.haproxy`) for the
-  registered members.
+  registered members;
+* ``keepalived-config``: the keepalived (VRRP) configuration of one of two load balancers
+  sharing a virtual IP (:mod:`dispatcher.keepalived`); it needs no store.
 
 ``rotate-cert`` in a cluster waits until every member presents the new serial
 (:func:`wait_converged`).
@@ -42,6 +44,7 @@ from dispatcher.ha.actions import requested_by
 
 if TYPE_CHECKING:
     from cluster.backend import KVBackend, LeaderInfo, MemberInfo
+    from cluster.signing import RecordSigner
     from dispatcher.config import DispatcherConfig
     from dispatcher.haproxy import Member
 
@@ -49,6 +52,15 @@ T = TypeVar("T")
 
 PROG = "ced cluster"
 CLI_TIMEOUT = 2.0  # per etcd call: an operator would rather wait than see a false alarm
+
+
+def _signer(cfg: DispatcherConfig) -> RecordSigner | None:
+    """The cluster key (records the instances act on are sealed with it), on etcd only."""
+    if not cfg.etcd_endpoints:
+        return None
+    from dispatcher.ha.records import Records
+
+    return Records.for_ca_dir(cfg.ca_dir).signer
 
 
 def _backend(cfg: DispatcherConfig) -> KVBackend:
@@ -65,7 +77,8 @@ def _fail(as_json: bool, msg: str, **extra: Any) -> ExitCode:
 
 
 USAGE = ("usage: ced cluster status [--json] | switchover [--to MEMBER] | history [--json] | "
-         "pause [--reason TEXT] | resume | haproxy-config")  # fmt: skip
+         "pause [--reason TEXT] | resume | haproxy-config | keepalived-config --vip IP "
+         "--interface IF --address OWN_IP --peer PEER_IP [--priority N] [--router-id N]")  # fmt: skip
 
 
 def cmd_cluster(inv: Invocation) -> ExitCode:
@@ -74,7 +87,8 @@ def cmd_cluster(inv: Invocation) -> ExitCode:
     inv.d  # noqa: B018  (the config is read, and checked, before the sub-verb)
     handler = {"status": cluster_status, "switchover": cluster_switchover,
                "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
-               "haproxy-config": cluster_haproxy_config}.get(verb)  # fmt: skip
+               "haproxy-config": cluster_haproxy_config,
+               "keepalived-config": cluster_keepalived_config}.get(verb)  # fmt: skip
     if handler is None:
         raise UsageError(USAGE)
     return handler(inv)
@@ -176,7 +190,7 @@ def _switch(inv: Invocation, backend: KVBackend, ttl: int) -> dict[str, Any] | E
             if problem is not None:
                 return _fail(inv.json, f"cannot switch over to {to}", detail=problem)
         t0 = time.monotonic()
-        switchover.post_request(backend, old, requested_by(), to)
+        switchover.post_request(backend, old, requested_by(), to, _signer(inv.d.cfg))
     except BackendUnavailable as exc:
         return _fail(inv.json, "cluster unavailable", detail=str(exc))
     new = _wait_new_leader(backend, old.epoch, 2 * ttl + 1)
@@ -258,7 +272,8 @@ def cluster_history(inv: Invocation) -> ExitCode:
 
 
 def cluster_pause(inv: Invocation) -> ExitCode:
-    p = _in_store(inv, lambda b: maintenance.pause(b, requested_by(), inv.ns.reason or ""))
+    signer = _signer(inv.d.cfg)
+    p = _in_store(inv, lambda b: maintenance.pause(b, requested_by(), inv.ns.reason or "", signer))
     if isinstance(p, ExitCode):
         return p
     if inv.json:
@@ -320,6 +335,28 @@ def cluster_haproxy_config(inv: Invocation) -> ExitCode:
     proxy = any(m.proxy_port for m in members)
     sys.stdout.write(render(members, api_port=cfg.api_port, pairing_port=cfg.pairing_port,
                             proxy_protocol=proxy))  # fmt: skip
+    return ExitCode.OK
+
+
+def cluster_keepalived_config(inv: Invocation) -> ExitCode:
+    """Print the keepalived configuration of one load balancer of a pair."""
+    import sys
+
+    from dispatcher.keepalived import KeepalivedConfigError, render
+
+    ns = inv.ns
+    missing = [f"--{n}" for n in ("vip", "interface", "address", "peer") if not getattr(ns, n)]
+    if missing:
+        raise UsageError(f"ced cluster keepalived-config: missing {', '.join(missing)}")
+    try:
+        text = render(
+            vip=ns.vip, interface=ns.interface, address=ns.address, peers=list(ns.peer),
+            priority=ns.priority or 100, router_id=ns.router_id or 74,
+            check_port=inv.d.cfg.api_port,
+        )  # fmt: skip
+    except KeepalivedConfigError as exc:
+        raise UsageError(f"ced cluster keepalived-config: {exc}") from None
+    sys.stdout.write(text)
     return ExitCode.OK
 
 

@@ -97,14 +97,15 @@ class Invocation:
 def open_dispatcher(path: str | None) -> Dispatcher:
     """Load the config (defaults when the default file is absent) and start logging."""
     from agent.common import logfmt
-    from dispatcher.config import load
+    from dispatcher.config import CONFIG_ENV, load
     from dispatcher.core import Dispatcher
 
-    cfg = load(path or DEFAULT_CONFIG, required=path is not None)
+    explicit = path or os.environ.get(CONFIG_ENV)
+    cfg = load(explicit or DEFAULT_CONFIG, required=bool(explicit))
     target = cfg.log_target
     syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
     level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING
-    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False)
+    logfmt.setup(PROG, "syslog" if syslog else "stderr", level, queued=False, fmt=cfg.log_format)
     for w in cfg.warnings:
         err(f"Warning: {w}")
     d = Dispatcher(cfg)

@@ -56,6 +56,9 @@ Modes:
   cluster pause [--reason T] maintenance: no automatic restarts or maintenance
   cluster resume             end maintenance
   cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+  cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
+                             [--priority N] [--router-id N]
+                             print keepalived (VRRP) config for one of two load balancers
 
 Options:
   --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
@@ -133,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename")
     p.add_argument("--to")
     p.add_argument("--reason")
+    p.add_argument("--vip")  # cluster keepalived-config
+    p.add_argument("--interface")
+    p.add_argument("--address")
+    p.add_argument("--peer", action="append")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--router-id", type=int)
     p.add_argument("--tags")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
@@ -222,6 +231,18 @@ def _interrupted(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.INTERRUPTED
 
 
+def _missing_module(_inv: Invocation | None, exc: BaseException) -> ExitCode:
+    from dispatcher.api.entry import EXTRA_MODULES
+
+    assert isinstance(exc, ModuleNotFoundError)
+    top = (exc.name or "").split(".", 1)[0]
+    if top not in EXTRA_MODULES:
+        raise exc  # a bug or a broken install: keep the traceback
+    err(f"Error: this needs the dispatcher extra (module '{top}' is missing): "
+        "pip install 'ctrl-exec[dispatcher]'")  # fmt: skip
+    return ExitCode.FAILURE
+
+
 def _broken_pipe(_inv: Invocation | None, _exc: BaseException) -> ExitCode:
     return ExitCode.FAILURE  # the reader went away: nothing to say, nowhere to say it
 
@@ -246,6 +267,7 @@ def error_table() -> dict[type[BaseException], OnError]:
         ClusterError: _other,  # exit 1 (the coordination store: unreachable, fenced, ...)
         KeyboardInterrupt: _interrupted,  # exit 130
         BrokenPipeError: _broken_pipe,  # exit 1
+        ModuleNotFoundError: _missing_module,  # exit 1 (the dispatcher extra is missing)
     }
 
 
@@ -289,7 +311,8 @@ def _run(argv: list[str]) -> int:
     inv = Invocation(ns, script_args)
     try:
         return verb(mode)(inv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         return on_error(inv, exc)
 
 
@@ -299,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     code: int = ExitCode.FAILURE
     try:
         code = _run(sys.argv[1:] if argv is None else argv)
-    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError) as exc:
+    except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
+            ModuleNotFoundError) as exc:  # fmt: skip
         code = on_error(None, exc)  # before the verb ran: a usage error, or ^C
     finally:
         try:

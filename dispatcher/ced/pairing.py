@@ -181,7 +181,7 @@ def _pairing_daemon(inv: Invocation, port: int, timeout: int, wfd: int) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     cfg = inv.d.cfg
-    logfmt.setup(PROG, cfg.log_target if cfg.log_target != "stderr" else "auto")
+    logfmt.setup(PROG, cfg.log_target if cfg.log_target != "stderr" else "auto", fmt=cfg.log_format)
     try:
         return asyncio.run(_daemon_main(inv, port, timeout, wfd))
     finally:

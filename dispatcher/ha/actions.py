@@ -135,12 +135,26 @@ def edit_agent(
     return record
 
 
+def _cluster_key(d: Dispatcher) -> str:
+    """Create ``<ca_dir>/cluster.key`` (0600, through the writer: replicated with the CA
+    files) unless it exists; its path. Records the instances act on are sealed with it."""
+    import secrets
+
+    from cluster.signing import KEY_BYTES, KEY_FILE
+
+    path = Path(d.cfg.ca_dir) / KEY_FILE
+    if not path.exists():
+        d.writer.write(path, secrets.token_bytes(KEY_BYTES).hex() + "\n", 0o600)
+    return str(path)
+
+
 def setup_ca(d: Dispatcher) -> dict[str, Any]:
     from dispatcher.pki import ca as pki
 
     ca_dir = Path(d.cfg.ca_dir)
     pki.create_ca(ca_dir, writer=d.writer)
-    return {"key": str(ca_dir / "ca.key"), "cert": str(ca_dir / "ca.crt")}
+    return {"key": str(ca_dir / "ca.key"), "cert": str(ca_dir / "ca.crt"),
+            "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
 def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
@@ -148,8 +162,11 @@ def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
 
     cfg = d.cfg
     ca = pki.load_ca(cfg.ca_dir, cfg.ca or None)
-    cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer)
-    return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}"}
+    from dispatcher.pki.names import cert_names
+
+    cert = pki.issue_dispatcher_cert(ca, cfg.cert, cfg.key, writer=d.writer, names=cert_names(cfg))
+    return {"key": cfg.key, "cert": cfg.cert, "serial": f"{cert.serial_number:x}",
+            "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
 def rotate_cert(d: Dispatcher) -> dict[str, Any]:
@@ -276,17 +293,25 @@ def request(
     if not d.cfg.etcd_endpoints:
         return _local(d, action, args)
     from cluster.errors import BackendUnavailable
+    from cluster.signing import NoClusterKey
     from dispatcher.ha import leader_requests
     from dispatcher.ha.coordination import backend_from_config
+    from dispatcher.ha.records import Records
 
+    signer = Records.for_ca_dir(d.cfg.ca_dir).signer  # requests are sealed with the cluster key
     backend = backend_from_config(d.cfg, timeout=2.0)
     try:
         if backend.leader() is None:
             if action.bootstrap and not backend.members():
                 return _local(d, action, args)  # no instance runs yet: bootstrap here
             raise ActionFailed("Error: the cluster has no leader right now; try again shortly")
-        rid = leader_requests.post(backend, name, dict(args or {}), requested_by)
-        doc = leader_requests.wait(backend, rid, timeout)
+        rid = leader_requests.post(backend, signer, name, dict(args or {}), requested_by)
+        doc = leader_requests.wait(backend, signer, rid, timeout)
+    except NoClusterKey as exc:
+        raise ActionFailed(
+            f"Error: this host holds no cluster key ({d.cfg.ca_dir}/cluster.key): requests "
+            "to the leader are sealed with it; run this on a dispatcher host of the cluster"
+        ) from exc
     except BackendUnavailable as exc:
         raise ActionFailed(f"Error: cluster unavailable: {exc}") from exc
     except (leader_requests.RequestFailed, TimeoutError) as exc:

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.common import logfmt
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
+from cluster.signing import RecordRejected
 from dispatcher.ha import actions, leader_requests
+from dispatcher.ha.records import RESULT
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
@@ -57,6 +59,7 @@ class LeaderWork:
         self.busy = False  # carrying out a request or a maintenance run right now
         self.rejected = 0  # request records dropped as malformed
         self._dropped: set[str] = set()  # their keys, each logged once
+        self._done: dict[str, float] = {}  # request ids carried out (replays are refused)
 
     def start(self) -> LeaderWork:
         self._thread.start()
@@ -107,17 +110,38 @@ class LeaderWork:
         """Carry out every queued request, each on its own: a record that does not parse
         (or names no valid id) is dropped and logged once, never stops the others."""
         backend = self.node.data
+        records = self.node.records
         for kv in backend.get_prefix(backend.keys.requests):
             rid = kv.key[len(backend.keys.requests) :]
+            if not REQUEST_ID.fullmatch(rid):
+                self._drop(kv.key, epoch, "bad request id")
+                continue
             try:
-                doc = json.loads(kv.value)
+                doc = records.signer.open(leader_requests.REQUEST, kv.key, kv.value)
+            except RecordRejected as exc:  # not sealed by a dispatcher host: never acted on
+                records.rejections.note(exc, lambda _exc: None)  # counted; logged below
+                self._drop(kv.key, epoch, exc.reason)
+                continue
+            try:
                 kind, args = str(doc["kind"]), doc.get("args") or {}
-                if not REQUEST_ID.fullmatch(rid) or not isinstance(args, dict):
+                if doc.get("id") != rid or not isinstance(args, dict):
                     raise ValueError("bad request id or arguments")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 self._drop(kv.key, epoch, f"malformed: {exc}")
                 continue
+            if not leader_requests.fresh(doc) or rid in self._done:
+                self._drop(kv.key, epoch, "expired or replayed request")
+                continue
+            self._remember(rid)
             self._request(epoch, rid, kind, args, str(doc.get("requested_by", "")))
+
+    def _remember(self, rid: str) -> None:
+        """Request ids carried out recently: a sealed request replayed is refused."""
+        now = time.monotonic()
+        if len(self._done) >= 10000:  # bounded: older than a request can live go first
+            self._done = {k: t for k, t in self._done.items()
+                          if now - t < leader_requests.REQUEST_TTL + 30}  # fmt: skip
+        self._done[rid] = now
 
     def _drop(self, key: str, epoch: int, reason: str) -> None:
         self.rejected += 1
@@ -127,14 +151,15 @@ class LeaderWork:
             self._dropped.add(key)
             ev("request-drop", logging.WARNING, key=key, reason=reason, epoch=epoch)
         self.node.elector.commit("request-drop", deletes=[key], epoch=epoch,
-                                 detail={"key": key, "reason": "malformed"})  # fmt: skip
+                                 detail={"key": key, "reason": "refused"})  # fmt: skip
 
     def _request(self, epoch: int, rid: str, kind: str, args: dict[str, Any], by: str) -> None:
         keys = self.node.data.keys
+        seal = self.node.records.seal
         running = {"state": "running", "id": rid, "kind": kind, "epoch": epoch,
                    "leader": self.node.instance_id, "at": time.time()}  # fmt: skip
         self.node.elector.commit(
-            "request-claim", puts={keys.result(rid): json.dumps(running)},
+            "request-claim", puts={keys.result(rid): seal(RESULT, keys.result(rid), running)},
             deletes=[keys.request(rid)], epoch=epoch, detail={"id": rid, "kind": kind},
         )  # fmt: skip
         ev("leader-request", id=rid, kind=kind, epoch=epoch, requested_by=by)
@@ -149,7 +174,9 @@ class LeaderWork:
                             error_type=type(exc).__name__)  # fmt: skip
             done["seconds"] = round(self._clock() - t0, 3)
             self.node.elector.commit(
-                "request-done", puts={keys.result(rid): json.dumps(done, default=str)},
+                "request-done",
+                puts={keys.result(rid): seal(RESULT, keys.result(rid),
+                                             json.loads(json.dumps(done, default=str)))},
                 epoch=epoch, detail={"id": rid, "kind": kind, "ok": done["ok"]},
             )  # fmt: skip
         finally:
@@ -215,9 +242,10 @@ class LeaderWork:
         backend = self.node.data
         old = []
         for kv in backend.get_prefix(backend.keys.results):
+            doc = self.node.records.open_dict(RESULT, kv.key, kv.value)  # forged: pruned
             try:
-                at = float(json.loads(kv.value).get("at", 0))
-            except (ValueError, TypeError, AttributeError):
+                at = float(doc.get("at", 0)) if doc is not None else 0.0
+            except (ValueError, TypeError):
                 at = 0.0
             if time.time() - at > leader_requests.RESULT_KEEP:
                 old.append(kv.key)

@@ -5,7 +5,9 @@
 * ``ctrl_exec_lease_time_left_seconds`` (gauge): 0 when not leading;
 * ``ctrl_exec_sync_generation`` (gauge): the config generation this instance runs;
 * ``ctrl_exec_cluster_epoch`` (gauge) and ``ctrl_exec_cluster_store_up`` (gauge: 1 while
-  etcd, or the local store, answers).
+  etcd, or the local store, answers);
+* ``ctrl_exec_records_rejected_total{kind}`` (counter): store records this instance
+  refused to act on (not sealed with the cluster key, or malformed; :mod:`cluster.signing`).
 
 Requests by route and outcome are ``ctrl_exec_api_requests_total`` of the API app.
 """
@@ -21,9 +23,11 @@ from dispatcher.ha.role import RoleSnapshot
 
 
 class ClusterCollector(Collector):
-    def __init__(self, snapshot: Callable[[], RoleSnapshot], changes: Callable[[], int]) -> None:
+    def __init__(self, snapshot: Callable[[], RoleSnapshot], changes: Callable[[], int],
+                 rejected: Callable[[], dict[str, int]] = dict) -> None:  # fmt: skip
         self._snapshot = snapshot
         self._changes = changes
+        self._rejected = rejected
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
@@ -55,6 +59,14 @@ class ClusterCollector(Collector):
             "1 while the coordination store (etcd or local) answers",
             value=1 if snap.etcd == "ok" else 0,
         )
+        rejected = CounterMetricFamily(
+            "ctrl_exec_records_rejected",
+            "Store records refused: not sealed with the cluster key, or malformed",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self._rejected().items()):
+            rejected.add_metric([kind], n)
+        yield rejected
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

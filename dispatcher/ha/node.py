@@ -44,12 +44,14 @@ from cluster.election import Elector
 from cluster.errors import AccessDenied, BackendUnavailable, MemberConflict
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
+from cluster.signing import RecordSigner
 from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
 from dispatcher.errors import NotLeaderError
 from dispatcher.ha import switchover
 from dispatcher.ha.coordination import advertise_url, backend_from_config, lease_ttl
 from dispatcher.ha.leaderwork import LeaderWork
+from dispatcher.ha.records import Records
 from dispatcher.ha.replication import Replication
 from dispatcher.ha.restart import OrderWatcher, RestartCoordinator
 from dispatcher.ha.role import ClusterRole
@@ -98,6 +100,8 @@ class HANode:
             raise cfg.error("etcd_endpoints", f"cluster: {exc}") from None
         self.kind = self.data.kind
         self.health = ClusterHealth()
+        # what this instance acts on from the store is sealed with the cluster key
+        self.records = Records.for_ca_dir(cfg.ca_dir, self.instance_id)
         self._listeners: list[Listener] = []
         self.on_conflict: Callable[[MemberConflict], None] | None = None
         self.session = Session(self.data, ttl=self.ttl, member=self._member_info(),
@@ -106,6 +110,7 @@ class HANode:
         self.elector = Elector(
             self.coord, self.instance_id, ttl=self.ttl,
             on_elected=self._elected, on_demoted=self._demoted, gate=self.session.holds_member,
+            signer=self._signer(),
         )  # fmt: skip
         self.role = ClusterRole(
             self.elector, backend_kind=self.kind, health=self.health,
@@ -150,7 +155,7 @@ class HANode:
                 )  # fmt: skip
             self.sync = Syncer(
                 cfg, self.data, self.elector, self.session, self.role.guard, self.health,
-                lambda fresh: self.members(fresh=fresh),
+                lambda fresh: self.members(fresh=fresh), self.records,
                 active_operations=self.writer.active_operations,
             )  # fmt: skip
             self.replication = Replication(
@@ -261,6 +266,7 @@ class HANode:
         unreachable it starts anyway (run and ping never depend on it); the session
         claims the key when it can, and campaigns only after that.
         """
+        self._ensure_key()
         self._probe(0)
         self.session.update_member(since=time.time())
         try:
@@ -281,6 +287,20 @@ class HANode:
                      cluster=self.cfg.cluster_name, ttl=self.ttl,
                      etcd="ok" if self.health.ok else "unreachable")  # fmt: skip
         return self
+
+    def _signer(self) -> RecordSigner | None:
+        """The cluster key's signer on etcd; None on the embedded single-host store (its
+        files are this host's own, no other writer to guard against)."""
+        return self.records.signer if self.kind == "etcd" else None
+
+    def _ensure_key(self) -> None:
+        """Say so when this instance has no cluster key: it refuses every record until it
+        has one (the first leader of a new cluster creates it; a follower fetches it once
+        from a verified peer, :mod:`dispatcher.ha.sync.keyboot`)."""
+        problem = self.records.problem
+        if self.kind == "etcd" and problem is not None:
+            logfmt.event("cluster-key", logging.WARNING, instance=self.instance_id,
+                         result="missing", reason=problem)  # fmt: skip
 
     def _member_conflict(self, exc: MemberConflict) -> None:
         """The session found this instance's key held by another process (never ours to
@@ -393,7 +413,8 @@ class HANode:
             raise LookupError("no leader to switch over from")
         if to == info.instance_id:
             raise ValueError(f"{to} leads already")
-        switchover.post_request(self.data, info, requested_by or self.instance_id, to)
+        switchover.post_request(self.data, info, requested_by or self.instance_id, to,
+                                self._signer())  # fmt: skip
         return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested", "to": to}
 
     def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
@@ -447,7 +468,7 @@ class HANode:
             logfmt.event("cluster-monitor", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _check_switchover(self) -> None:
-        req = switchover.read_request(self.data)
+        req = switchover.read_request(self.data, self._signer(), self.records.reject)
         if req is None:
             return
         epoch = self.elector.epoch
@@ -464,7 +485,8 @@ class HANode:
             self.data.delete_value(self.data.keys.switchover)  # stale request
 
     def _check_paused(self) -> None:
-        was, self.paused = self.paused, maintenance.read(self.data)
+        was, self.paused = self.paused, maintenance.read(self.data, self._signer(),
+                                                         self.records.reject)  # fmt: skip
         if (was is None) != (self.paused is None):
             p = self.paused
             logfmt.event("cluster-paused" if p else "cluster-resumed", instance=self.instance_id,

@@ -4,15 +4,29 @@ The client context presents the dispatcher certificate (read from disk at each c
 swapped pair is used at once) and verifies the peer's API certificate against the
 dispatcher CA (and the operator CA, when the API certificate comes from there). Instances
 are told apart by the chain, not the host name: the API certificate names the service.
+
+The chain alone says nothing about *who* the peer is (an agent certificate comes from the
+same CA): before fetching files from a peer or forwarding a request to it, the caller
+checks that the certificate it presented carries one of the cluster's dispatcher serials
+(:func:`check_serial`, :func:`connect_checked`); anything else is refused with
+:class:`PeerRefused` and a ``peer-refused`` log line.
 """
 
 from __future__ import annotations
 
 import http.client
+import logging
 import ssl
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
+from agent.common import logfmt
+from agent.common.serial import serial_to_hex
 from dispatcher.config import DispatcherConfig
+
+
+class PeerRefused(ssl.SSLError):
+    """The peer's certificate is not a dispatcher certificate of this cluster."""
 
 
 def client_ctx(cfg: DispatcherConfig) -> ssl.SSLContext:
@@ -36,6 +50,47 @@ def connect(cfg: DispatcherConfig, url: str, timeout: float) -> http.client.HTTP
         return http.client.HTTPSConnection(host, port or 443, timeout=timeout,
                                            context=client_ctx(cfg))  # fmt: skip
     return http.client.HTTPConnection(host, port or 80, timeout=timeout)
+
+
+def presented_serial(conn: http.client.HTTPConnection) -> str:
+    """The (hex) serial of the certificate the connected peer presented ("" if none)."""
+    sock = conn.sock
+    if not isinstance(sock, ssl.SSLSocket):
+        return ""
+    cert = sock.getpeercert()
+    return serial_to_hex(str((cert or {}).get("serialNumber", "")))
+
+
+def check_serial(conn: http.client.HTTPConnection, allowed: set[str], url: str,
+                 purpose: str) -> None:  # fmt: skip
+    """Raise :class:`PeerRefused` (and log it) unless the connected peer presented one of
+    the ``allowed`` dispatcher serials."""
+    serial = presented_serial(conn)
+    if serial and serial in allowed:
+        return
+    logfmt.event("peer-refused", logging.WARNING, url=url, purpose=purpose,
+                 serial=serial or "-",
+                 reason="the peer's certificate is not a dispatcher certificate of this cluster")  # fmt: skip
+    conn.close()
+    raise PeerRefused(
+        f"{url}: certificate serial {serial or '-'} is not a dispatcher serial of this cluster"
+    )
+
+
+def connect_checked(cfg: DispatcherConfig, url: str, timeout: float,
+                    allowed: Callable[[], set[str]], purpose: str) -> http.client.HTTPSConnection:  # fmt: skip
+    """A connected TLS connection to a peer whose certificate passed :func:`check_serial`
+    (plain ``http`` is refused: no identity)."""
+    if urlsplit(url).scheme != "https":
+        logfmt.event("peer-refused", logging.WARNING, url=url, purpose=purpose,
+                     reason="no TLS: the peer's identity cannot be checked")  # fmt: skip
+        raise PeerRefused(f"{url}: no TLS, the peer's identity cannot be checked")
+    conn = connect(cfg, url, timeout)
+    assert isinstance(conn, http.client.HTTPSConnection)
+    conn.auto_open = 0  # never a silent reconnect that skips the check
+    conn.connect()
+    check_serial(conn, allowed(), url, purpose)
+    return conn
 
 
 def base_path(url: str) -> str:

@@ -15,6 +15,8 @@ time:
 3. the leader waits until that member is back: member key ``serving``, not pending, on
    the generation, and its ``/ready`` answers 200, then ``drain_wait`` more so the load
    balancer has seen it up; it deletes the order and goes on with the next member;
+   Orders are sealed with the cluster key (:mod:`dispatcher.ha.records`): an order
+   that fails verification is logged once, counted and deleted, never acted on;
 4. when only the leader is left pending it hands over (resigns; a peer that already
    restarted takes over and restarts it like any follower). Alone, it restarts itself.
 
@@ -24,7 +26,6 @@ for that generation (logged ``restart-timeout``).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from cluster.backend import KVBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from dispatcher.ha import peer
+from dispatcher.ha.records import ORDER
 from dispatcher.ha.sync import Syncer
 
 ev = logfmt.event
@@ -153,8 +155,9 @@ class RestartCoordinator:
         order_id = uuid.uuid4().hex
         doc = {"order": "restart", "id": order_id, "epoch": epoch, "generation": gen,
                "leader": self.me, "at": time.time()}  # fmt: skip
+        key = self.backend.keys.order(m.instance_id)
         self.elector.commit(
-            "restart-order", puts={self.backend.keys.order(m.instance_id): json.dumps(doc)},
+            "restart-order", puts={key: self.syncer.records.seal(ORDER, key, doc)},
             detail={"instance": m.instance_id, "generation": gen}, epoch=epoch,
         )  # fmt: skip
         self._target = {"instance": m.instance_id, "generation": gen, "id": order_id,
@@ -197,9 +200,10 @@ class RestartCoordinator:
         """A new leader deletes the orders of older epochs (the old leader's campaign)."""
         stale = []
         for kv in self.backend.get_prefix(self.backend.keys.orders):
+            doc = self.syncer.records.open_dict(ORDER, kv.key, kv.value)  # forged: deleted
             try:
-                e = int(json.loads(kv.value).get("epoch", 0))
-            except (ValueError, TypeError, AttributeError):
+                e = int(doc.get("epoch", 0)) if doc is not None else 0
+            except (ValueError, TypeError):
                 e = 0
             if e < epoch:
                 stale.append(kv.key)
@@ -232,8 +236,11 @@ class OrderWatcher:
         raw = self.backend.get_value(key)
         if raw is None:
             return
+        doc = self.syncer.records.open_dict(ORDER, key, raw)
+        if doc is None:  # not sealed by a leader: logged once and counted; deleted
+            self.backend.delete_value(key)
+            return
         try:
-            doc = json.loads(raw)
             order_id, epoch, gen = str(doc["id"]), int(doc["epoch"]), int(doc["generation"])
         except (ValueError, KeyError, TypeError):
             ev("order-refused", logging.WARNING, instance=self.me, reason="malformed order")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,14 +132,22 @@ def load_ca(ca_dir: str | Path, cert_path: str | Path | None = None) -> CA:
 
 
 def _leaf(
-    ca: CA, public_key: object, cn: str, days: int, serial: int | None = None
-) -> x509.Certificate:
+    ca: CA, public_key: object, cn: str, days: int, serial: int | None = None,
+    names: Sequence[str] = (),
+) -> x509.Certificate:  # fmt: skip
     if _sign_guard is not None:
         _sign_guard(f"certificate for CN={cn}")
     now = _now()
+    builder = x509.CertificateBuilder()
+    if names:
+        from dispatcher.pki.names import san_entries
+
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address(v)) if kind == "ip" else x509.DNSName(v)
+            for kind, v in san_entries(names)
+        ]), critical=False)  # fmt: skip
     return (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        builder.subject_name(_name(cn))
         .issuer_name(ca.cert.subject)
         .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(serial or new_serial())
@@ -163,12 +172,13 @@ def _leaf(
 
 def issue_dispatcher_cert(
     ca: CA, cert_path: str | Path, key_path: str | Path, days: int = 825,
-    writer: StateWriter | None = None,
+    writer: StateWriter | None = None, names: Sequence[str] = (),
 ) -> x509.Certificate:  # fmt: skip
     """A new EC P-256 key and cert, written atomically (key 0600, cert 0644) through
-    ``writer`` (default local writes)."""
+    ``writer`` (default local writes); ``names`` go into its subjectAltName
+    (:func:`dispatcher.pki.names.cert_names`)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _leaf(ca, key.public_key(), DISPATCHER_CN, days)
+    cert = _leaf(ca, key.public_key(), DISPATCHER_CN, days, names=names)
     w = writer or LocalWriter()
     w.write(key_path, _key_bytes(key), 0o600)
     w.write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)

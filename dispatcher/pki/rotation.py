@@ -208,7 +208,10 @@ def _new_pair(d: Dispatcher) -> tuple[bytes, bytes, str]:
 
     ca = pki.load_ca(d.cfg.ca_dir, d.cfg.ca)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki._leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days)
+    from dispatcher.pki.names import cert_names
+
+    cert = pki._leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days,
+                     names=cert_names(d.cfg))  # fmt: skip
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),

@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
+from cluster.signing import KEY_FILE, RecordRejected, RecordSigner, parse_key, write_key
 from dispatcher.ha.manifest import Generation
 from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
@@ -127,6 +128,7 @@ class ClusterSpec:
     proxy_protocol: bool = True  # with tls: a PROXY v2 API port per instance, used by HAProxy
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+    cluster_key: bool = True  # start with <ca_dir>/cluster.key (else the first leader makes it)
 
 
 @dataclass
@@ -146,6 +148,16 @@ class Cluster:
     @property
     def ca_cert(self) -> Path:
         return self.tmp / "ca" / "ca.crt"
+
+    @property
+    def signer(self) -> RecordSigner:
+        """The cluster key the instances started with (what a dispatcher host holds), else
+        the one the first leader made."""
+        path = self.tmp / "ca" / KEY_FILE
+        if not path.exists():
+            path = next(i.ca_dir / KEY_FILE for i in self.insts.values()
+                        if (i.ca_dir / KEY_FILE).exists())  # fmt: skip
+        return RecordSigner(parse_key(path.read_bytes()))
 
     def running(self) -> list[Inst]:
         return [i for i in self.insts.values() if i.alive]
@@ -214,7 +226,13 @@ class Cluster:
             kv = backend.get_kv(backend.keys.generation)
         finally:
             backend.close()
-        return None if kv is None else Generation.from_json(kv.value)
+        if kv is None:
+            return None
+        try:  # a record an attack test forged is no generation: wait for the genuine one
+            body = self.signer.open("generation", backend.keys.generation, kv.value)
+        except RecordRejected:
+            return None
+        return Generation.from_json(json.dumps(body))
 
     def published(self) -> Generation:
         """The generation the leader published in etcd."""
@@ -295,6 +313,8 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
+    if spec.cluster_key:
+        write_key(ca_dir / KEY_FILE)  # the cluster key: every instance starts with a copy
     keep = tmp / "original"
     keep.mkdir()
     for f in ("dispatcher.crt", "dispatcher.key"):

@@ -286,12 +286,21 @@ def test_malformed_request_records_are_dropped_and_never_stop_the_loop(cluster: 
     leader = cluster.one_leader()
     backend = cluster.backend()
     prefix = backend.keys.requests
+
+    def sealed(rid: str, doc: dict[str, Any]) -> str:  # as a dispatcher host would write it
+        return cluster.signer.seal("request", prefix + rid, {**doc, "id": rid, "at": time.time()})
+
     junk = {
-        f"{prefix}evil/../x": json.dumps({"kind": "list-requests", "args": {}}),
+        f"{prefix}evil/../x": sealed("evil/../x", {"kind": "list-requests", "args": {}}),
         f"{prefix}not-json": "{",
-        f"{prefix}args-list": json.dumps({"kind": "deny", "args": ["a"]}),
-        f"{prefix}no-kind": json.dumps({"args": {}}),
-        f"{prefix}bad-args": json.dumps({"kind": "approve", "args": {"reqid": 1, "sudo": 1}}),
+        f"{prefix}unsealed": json.dumps(
+            {"id": "unsealed", "kind": "list-requests", "args": {}, "at": time.time()}
+        ),
+        f"{prefix}args-list": sealed("args-list", {"kind": "deny", "args": ["a"]}),
+        f"{prefix}no-kind": sealed("no-kind", {"args": {}}),
+        f"{prefix}bad-args": sealed(
+            "bad-args", {"kind": "approve", "args": {"reqid": 1, "sudo": 1}}
+        ),
     }
     try:
         for key, value in junk.items():
@@ -302,12 +311,12 @@ def test_malformed_request_records_are_dropped_and_never_stop_the_loop(cluster: 
         assert wait_until(lambda: not backend.get_prefix(prefix), 10, "junk dropped")
         result = backend.get_value(backend.keys.result("bad-args"))
         assert result is not None  # a well-formed record with bad arguments gets an answer
-        doc = json.loads(result)
+        doc = cluster.signer.open("result", backend.keys.result("bad-args"), result)
         assert doc["ok"] is False and "unknown argument(s) sudo" in doc["error"], doc
     finally:
         backend.close()
     log = leader.logtext()
-    for name in ("evil/../x", "not-json", "args-list", "no-kind"):
+    for name in ("evil/../x", "not-json", "unsealed", "args-list", "no-kind"):
         lines = [ln for ln in log.splitlines()
                  if "ACTION=request-drop " in ln and f" KEY={prefix}{name} " in ln]  # fmt: skip
         assert len(lines) == 1, (name, lines)
@@ -425,7 +434,8 @@ def test_switchover_to_a_named_member_and_the_history_of_terms(cluster: Cluster)
         # a request naming a bad target straight in the store: the leader refuses it
         info = backend.leader()
         assert info is not None
-        switchover.post_request(backend, info, "pytest", to="no-such-member")
+        switchover.post_request(backend, info, "pytest", to="no-such-member",
+                                signer=cluster.signer)  # fmt: skip
         assert wait_until(lambda: backend.get_value(backend.keys.switchover) is None, 5, "seen")
         time.sleep(2 * TTL)
         assert backend.leader() == info

@@ -295,8 +295,10 @@ def test_generation_and_order_from_an_old_epoch_are_refused(cluster: Cluster) ->
     pids = {i.name: i.proc.pid for i in followers if i.proc is not None}
     b = cluster.backend()
     try:
-        b.put_value(b.keys.generation, stale.to_json())  # unfenced: only a test can do this
-        b.put_value(b.keys.order(followers[0].id), json.dumps(order))
+        # unfenced, sealed with the cluster key (an old leader's records): only a test can
+        gkey, okey = b.keys.generation, b.keys.order(followers[0].id)
+        b.put_value(gkey, cluster.signer.seal("generation", gkey, json.loads(stale.to_json())))
+        b.put_value(okey, cluster.signer.seal("order", okey, order))
     finally:
         b.close()
     for inst in followers:

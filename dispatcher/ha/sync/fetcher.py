@@ -1,7 +1,10 @@
 """Follower side: fetch the files of a generation from a peer over mTLS and verify them.
 
 The generation's publisher is asked first, then every member that applied it (the old
-leader may be gone). A file is accepted only when its size and sha256 match the manifest.
+leader may be gone). A peer is asked only when its certificate carries one of the
+cluster's dispatcher serials (:func:`dispatcher.ha.peer.connect_checked`: an agent
+certificate behind a forged member record gets nothing). A file is accepted only when its
+size and sha256 match the (verified) manifest.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ Conns = dict[str, http.client.HTTPConnection]
 class Fetcher:
     TIMEOUT = 10.0
 
-    def __init__(self, cfg: DispatcherConfig, me: str, members: MembersFn) -> None:
+    def __init__(self, cfg: DispatcherConfig, me: str, members: MembersFn,
+                 allowed: Callable[[], set[str]]) -> None:  # fmt: skip
         self.cfg = cfg
         self.me = me
         self.members = members
+        self.allowed = allowed  # the cluster's dispatcher serials
 
     def sources(self, g: Generation) -> list[MemberInfo]:
         """Who can serve ``g``: its publisher first, then members that applied it."""
@@ -55,15 +60,20 @@ class Fetcher:
     ) -> bytes | None:
         for attempt in (1, 2):  # a kept-alive connection may have been closed meanwhile
             conn = conns.get(m.instance_id)
-            if conn is None:
-                conn = conns[m.instance_id] = peer.connect(self.cfg, m.advertise_url,
-                                                           self.TIMEOUT)  # fmt: skip
             try:
+                if conn is None:
+                    conn = conns[m.instance_id] = peer.connect_checked(
+                        self.cfg, m.advertise_url, self.TIMEOUT, self.allowed, "fetch"
+                    )
                 conn.request("GET", peer.file_url_path(m.advertise_url, e.path, number))
                 resp = conn.getresponse()
                 data = resp.read(MAX_FILE + 1)
+            except peer.PeerRefused as exc:
+                errors.append(f"{m.instance_id}: refused: {exc}")
+                return None
             except (OSError, http.client.HTTPException) as exc:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 conns.pop(m.instance_id, None)
                 if attempt == 2:
                     errors.append(f"{m.instance_id}: {type(exc).__name__}: {exc}")

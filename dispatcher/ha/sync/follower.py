@@ -17,6 +17,7 @@ from cluster.backend import KVBackend
 from cluster.election import EpochGuard
 from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
+from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState, SyncError
 from dispatcher.ha.sync.swapper import Swapper
@@ -27,6 +28,7 @@ ev = logfmt.event
 class Follower:
     WATCH = 0.25  # longest wait on the generation key before looking again
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
+    BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
 
     def __init__(
         self,
@@ -35,6 +37,7 @@ class Follower:
         swapper: Swapper,
         health: ClusterHealth,
         leader_guard: EpochGuard,
+        records: Records,
         *,
         mode: str,
         clock: Callable[[], float],
@@ -47,6 +50,7 @@ class Follower:
         self.me = state.me
         self.mode = mode
         self.leader_guard = leader_guard  # newest leader epoch seen (the role's)
+        self.records = records  # generations are sealed with the cluster key
         self.guard = EpochGuard()  # newest generation epoch accepted
         self._clock = clock
         self._seen_rev = 0
@@ -56,6 +60,9 @@ class Follower:
         self.retry_at: float | None = None
         self._backoff = 0.25
         self._refused_rev = 0
+        self._boot_next = 0.0
+        # fetch the cluster key from a verified peer when this instance has none
+        self.bootstrap: Callable[[bytes], bool] | None = None
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -106,13 +113,17 @@ class Follower:
         return True
 
     def _accept(self, raw: bytes, rev: int, as_leader: bool) -> Generation | None:
-        """The generation in ``raw`` unless it is malformed or (for a follower) stale."""
-        try:
-            g = Generation.from_json(raw)
-        except ManifestError as exc:
-            if rev != self._refused_rev:
-                self._refused_rev = rev
-                ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
+        """The generation in ``raw`` unless it fails verification (not sealed with the
+        cluster key: logged once, counted, ignored; it never moves the epoch guard), is
+        malformed or (for a follower) stale."""
+        if not self.records.signer.available and self.bootstrap is not None:
+            now = self._clock()
+            if now >= self._boot_next:  # at most one try every BOOT_RETRY s
+                self._boot_next = now + self.BOOT_RETRY
+                if not self.bootstrap(raw):
+                    self.retry_at = now + self.BOOT_RETRY  # the key may be served soon
+        g = self.records.open_generation(self.key, raw, rev)
+        if g is None:
             return None
         if as_leader:
             return g

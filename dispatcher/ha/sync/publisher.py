@@ -13,7 +13,6 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -22,7 +21,8 @@ from collections.abc import Callable
 from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.election import Elector
-from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
+from dispatcher.ha.manifest import Generation, Scanner, manifest_hash
+from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState
 
@@ -43,6 +43,7 @@ class Publisher:
         scanner: Scanner,
         health: ClusterHealth,
         apply: ApplyFn,
+        records: Records,
         *,
         mode: str,
         catch_up_limit: float,
@@ -58,6 +59,7 @@ class Publisher:
         self.scanner = scanner
         self.health = health
         self.apply = apply
+        self.records = records  # seals what it publishes, opens what it reads
         self.mode = mode
         self.catch_up_limit = catch_up_limit
         self.active_operations = active_operations
@@ -143,10 +145,16 @@ class Publisher:
         this instance's files (``sync-diverged``). Then publish N+1 under this epoch."""
         kv = self.backend.get_kv(self.key)
         self.health.mark_ok()
+        if kv is None and not self.records.signer.available:
+            self.records.create_key()  # the first leader of a new cluster makes the key
+        if kv is not None and not self.records.signer.available:
+            self.apply(kv.value, as_leader=True)  # fetches the key from a verified member
+            if not self.records.signer.available:  # nothing can be sealed: stay gated
+                self._stop.wait(0.5)
+                return
         store_g: Generation | None = None
-        if kv is not None:
-            with contextlib.suppress(ManifestError):
-                store_g = Generation.from_json(kv.value)
+        if kv is not None:  # a record that fails verification is no generation at all
+            store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -185,13 +193,14 @@ class Publisher:
             return None
         store_n = 0
         if kv is not None:
-            with contextlib.suppress(ManifestError):
-                store_n = Generation.from_json(kv.value).number
+            store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
+            store_n = store_g.number if store_g is not None else 0
         number = max(store_n, mine.number if mine is not None else 0) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
         certs = mine is None or _material_paths(mine) != _material_paths(g)
         rec = self.elector.commit(
-            "generation-publish", puts={self.key: g.to_json()}, epoch=epoch,
+            "generation-publish", puts={self.key: self.records.seal_generation(self.key, g)},
+            epoch=epoch,
             detail={"generation": number, "manifest_sha256": mh, "files": len(files)},
         )  # fmt: skip
         self._published_rev = rec.revision

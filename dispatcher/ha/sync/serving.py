@@ -65,6 +65,17 @@ class PeerFiles:
         self._serials = (now, out)
         return out
 
+    def server_serials(self) -> set[str]:
+        """Serials a peer's API may present when this instance fetches from it or forwards
+        to it: :meth:`peer_serials`, plus this instance's own API certificate (instances
+        that serve their API with a certificate other than the dispatcher's share one)."""
+        out = set(self.peer_serials())
+        if self.cfg.api_cert:
+            s = serial_to_hex(cert_serial(self.cfg.api_cert))
+            if s:
+                out.add(s)
+        return out
+
     def serve(self, logical: str, number: int) -> tuple[int, bytes | str, Entry | None]:
         """``(200, bytes, entry)`` for a file of generation ``number``, else an error."""
         g = self.state.applied

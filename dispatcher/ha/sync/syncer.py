@@ -25,9 +25,11 @@ from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from cluster.session import Session
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.manifest import Entry, Generation, Layout, Scanner, material
+from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.fetcher import Fetcher
 from dispatcher.ha.sync.follower import Follower
+from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
 from dispatcher.ha.sync.state import AppliedState
@@ -50,6 +52,7 @@ class Syncer:
         guard: EpochGuard,
         health: ClusterHealth,
         members: MembersFn,
+        records: Records,
         *,
         active_operations: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
@@ -72,16 +75,20 @@ class Syncer:
         self.layout = Layout(cfg)
         self.scanner = Scanner(self.layout)
         self.state = AppliedState(cfg.state_dir, self.me, self.refresh_member)
-        self.fetcher = Fetcher(cfg, self.me, members)
+        self.records = records
+        self.files = PeerFiles(cfg, self.layout, self.state, clock)
+        self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
-        self.follower = Follower(backend, self.state, self.swapper, health, guard,
+        self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
                                  mode=self.mode, clock=clock)  # fmt: skip
         self.publisher = Publisher(
-            backend, elector, self.state, self.scanner, health, self.follower.handle,
+            backend, elector, self.state, self.scanner, health, self.follower.handle, records,
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
         )  # fmt: skip
-        self.files = PeerFiles(cfg, self.layout, self.state, clock)
+        self.follower.bootstrap = lambda raw: bootstrap_key(
+            records, self.fetcher, self.layout, backend.keys.generation, raw
+        )
         self.state.load(self.scanner, check_files=self.mode == "push")
         if self.mode == "push":
             self.swapper.clean_stage()
@@ -139,6 +146,10 @@ class Syncer:
     def peer_serials(self) -> set[str]:
         """Serials a peer may present to fetch files (see :class:`PeerFiles`)."""
         return self.files.peer_serials()
+
+    def server_serials(self) -> set[str]:
+        """Serials a peer's API may present to be fetched from or forwarded to."""
+        return self.files.server_serials()
 
     def serve(self, logical: str, number: int) -> tuple[int, bytes | str, Entry | None]:
         """``(200, bytes, entry)`` for a file of generation ``number``, else an error."""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -60,9 +62,13 @@ def test_direct_stderr_sink_writes_what_the_handler_writes(
 ) -> None:
     _emit_both_ways("ced-test", "stderr")
     lines = capfd.readouterr().err.splitlines()
-    assert len(lines) == 4 and lines[:2] == lines[2:]
-    assert lines[1].endswith("]: ACTION=serial-reject EPOCH=7 PEER=1.2.3.4")
-    assert lines[0].startswith("ced-test[")
+    stamps = [ln.split(" ", 1)[0] for ln in lines]
+    for stamp in stamps:  # ISO 8601, UTC, milliseconds
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+    bodies = [ln.split(" ", 1)[1] for ln in lines]
+    assert len(lines) == 4 and bodies[:2] == bodies[2:]
+    assert bodies[1].endswith("]: ACTION=serial-reject EPOCH=7 PEER=1.2.3.4")
+    assert bodies[0].startswith("ced-test[")
 
 
 @pytest.mark.usefixtures("restore_logfmt")
@@ -97,3 +103,36 @@ def test_direct_sink_does_not_import_logging() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=ROOT)  # fmt: skip
     assert p.stdout.strip() == "False" and p.stderr.endswith("]: ACTION=a\n")
+
+
+@pytest.mark.usefixtures("restore_logfmt")
+@pytest.mark.parametrize("queued", [True, False])
+def test_json_lines(capfd: pytest.CaptureFixture[str], queued: bool) -> None:
+    logfmt.setup("ced-test", "stderr", logfmt.INFO, queued=queued, fmt="json")
+    try:
+        with logfmt.context(epoch=7, reqid="r1"):
+            logfmt.event("run", logfmt.WARNING, script="s", ident="spoof", ok=True, n=None)
+        if queued:
+            import logging
+
+            logging.getLogger("ctrl-exec.cluster").error("free\ntext")
+    finally:
+        logfmt.shutdown()
+        logfmt.setup("ced-test", "stderr", queued=False)  # back to KEY=value for the others
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == (2 if queued else 1), lines
+    doc = json.loads(lines[0])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc.pop("ts"))
+    assert isinstance(doc.pop("pid"), int)
+    assert doc == {"level": "warning", "ident": "ced-test", "action": "run", "epoch": 7,
+                   "reqid": "r1", "script": "s", "field_ident": "spoof", "ok": True,
+                   "n": None}  # fmt: skip
+    if queued:
+        free = json.loads(lines[1])
+        assert (free["action"], free["logger"], free["msg"]) == ("log", "ctrl-exec.cluster",
+                                                                "free\ntext")  # fmt: skip
+
+
+def test_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="log format must be one of kv, json"):
+        logfmt.setup("x", "stderr", queued=False, fmt="yaml")

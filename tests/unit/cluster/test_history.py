@@ -109,3 +109,51 @@ def test_forged_handover_notes_delay_a_failover_but_never_prevent_it(tmp_path: P
         stop.set()
         for x in (ba, bb, bw):
             x.close()
+
+
+def test_with_a_signer_notes_terms_and_pauses_are_sealed_and_forgeries_ignored(
+    tmp_path: Path,
+) -> None:
+    from cluster.signing import RecordSigner
+
+    signer, forger = RecordSigner(b"s" * 32), RecordSigner(b"f" * 32)
+    ba, bb = LocalBackend(tmp_path / "s"), LocalBackend(tmp_path / "s")
+    a = Elector(ba, "a", ttl=TTL, signer=signer).start()
+    try:
+        wait_for(a.is_leader)
+        wait_for(lambda: len(history.terms(ba, signer)) == 1)
+        # a forged note naming a target: no member defers to it (not even 2 TTLs)
+        kh = ba.keys.handover
+        note = history.Handover(10**12, "a", "switchover", to="ghost", at=time.time())
+        ba.put_value(kh, forger.seal("handover", kh, {**note.__dict__}))
+        assert history.read_handover(ba, signer) is None
+        assert history.read_handover(ba) is not None  # unverified display still reads it
+        b = Elector(bb, "b", ttl=TTL, signer=signer).start()
+        wait_for(lambda: b.last_leader is not None)
+        a.stop(resign=False)
+        ba.close()
+        t0 = time.monotonic()
+        wait_for(b.is_leader, timeout=10)
+        assert time.monotonic() - t0 < (history.HANDOVER_WAIT_TTLS + 0.5) * TTL  # no deferral
+        # a forged term is skipped and deleted by the next leader's record
+        kt = bb.keys.history_term(999)
+        bb.put_value(kt, forger.seal("term", kt, {"term": 99, "epoch": 999, "leader": "x",
+                                                  "previous": "", "previous_epoch": 0,
+                                                  "reason": "forged", "at": 0.0}))  # fmt: skip
+        assert all(t.leader != "x" for t in history.terms(bb, signer))
+        _, puts, deletes = history.takeover(bb, "b", 5000, signer=signer)
+        assert kt in deletes
+        ((key, value),) = puts.items()
+        assert history.parse_term(value, signer, key) is not None
+        # pauses: a forged one is no pause; a sealed one is
+        rejected: list[str] = []
+        bb.put_value(bb.keys.paused, forger.seal("paused", bb.keys.paused,
+                                                 {"by": "x", "reason": "", "at": 1.0}))  # fmt: skip
+        assert maintenance.read(bb, signer, lambda e: rejected.append(e.reason)) is None
+        assert rejected and "bad MAC" in rejected[0]
+        p = maintenance.pause(bb, "ced:alice@h1", "upgrade", signer)
+        assert maintenance.read(bb, signer) == p
+        b.stop(resign=True, timeout=3)
+    finally:
+        a.stop(resign=True, timeout=3)
+        bb.close()

@@ -12,6 +12,7 @@ import pytest
 from cluster.backend import LocalBackend, MemberInfo
 from cluster.election import Elector, EpochGuard
 from cluster.session import Session
+from cluster.signing import RecordSigner, write_key
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.manifest import (
     Entry,
@@ -22,10 +23,13 @@ from dispatcher.ha.manifest import (
     check_logical,
     manifest_hash,
 )
+from dispatcher.ha.records import ORDER, Records
 from dispatcher.ha.restart import OrderWatcher
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync import Syncer, SyncError
 from dispatcher.pki import ca as pki
+
+KEY = b"K" * 32
 
 
 def make_cfg(root: Path, **kw: Any) -> DispatcherConfig:
@@ -113,13 +117,24 @@ def test_generation_document_round_trip_and_tampering(tmp_path: Path) -> None:
 class Rig:
     """A follower :class:`Syncer` whose "leader" is a directory on the same machine."""
 
-    def __init__(self, tmp: Path, fail_after: int | None = None) -> None:
+    def __init__(self, tmp: Path, fail_after: int | None = None,
+                 records: Records | None = None) -> None:  # fmt: skip
         self.leader_cfg = make_cfg(tmp / "leader")
         self.cfg = make_cfg(tmp / "follower")
         self.backend = LocalBackend(tmp / "store")
         self.fail_after = fail_after
         self.fetched = 0
+        self.records = records or Records(RecordSigner(b"k" * 32), "follower")
+        self.leader_records = self.records if records is None else Records(RecordSigner(KEY))
         self.syncer = self.make()
+
+    def sealed(self, g: Generation) -> bytes:
+        """``g`` as the leader publishes it (sealed with the cluster key)."""
+        return self.leader_records.seal_generation(self.backend.keys.generation, g).encode()
+
+    def order(self, doc: dict[str, Any]) -> None:
+        key = self.backend.keys.order("follower")
+        self.backend.put_value(key, self.leader_records.seal(ORDER, key, doc))
 
     def make(self) -> Syncer:
         elector = Elector(self.backend, "follower", ttl=5)
@@ -129,7 +144,7 @@ class Rig:
         health.mark_ok()
         leader = MemberInfo("leader", advertise_url="https://127.0.0.1:1", generation=1)
         s = Syncer(self.cfg, self.backend, elector, session, guard, health,
-                   lambda _fresh: [leader])  # fmt: skip
+                   lambda _fresh: [leader], self.records)  # fmt: skip
         leader_layout = Layout(self.leader_cfg)
 
         def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
@@ -154,7 +169,7 @@ def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
         "agents/web1.json": b'{"n":1}', "agents/web9.json": b"{}",
     })  # fmt: skip
     g = generation_of(rig.leader_cfg)
-    assert rig.syncer.follower.handle(g.to_json().encode())
+    assert rig.syncer.follower.handle(rig.sealed(g))
     f = tmp_path / "follower"
     assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
     assert (f / "etc" / "bundle" / "a").read_bytes() == b"A"
@@ -175,7 +190,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
     populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
     g = generation_of(rig.leader_cfg)
-    assert not rig.syncer.follower.handle(g.to_json().encode())  # fetch 3 fails: retried later
+    assert not rig.syncer.follower.handle(rig.sealed(g))  # fetch 3 fails: retried later
     f = tmp_path / "follower" / "etc"
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"old-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
@@ -186,7 +201,7 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     fresh = rig.make()  # a restart removes the leftovers, then converges
     assert not stage.exists()
     rig.fail_after = None
-    assert fresh.follower.handle(g.to_json().encode())
+    assert fresh.follower.handle(rig.sealed(g))
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
 
@@ -194,16 +209,16 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 1, epoch=9).to_json().encode())
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1, epoch=9)))
     populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
     stale = generation_of(rig.leader_cfg, 2, epoch=4)
-    assert not rig.syncer.follower.handle(stale.to_json().encode(), rev=77)
+    assert not rig.syncer.follower.handle(rig.sealed(stale), rev=77)
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
     assert rig.syncer.generation == 1
     rig.syncer.leader_guard.check(12)  # a newer leader was seen: its epoch counts too
     newer = generation_of(rig.leader_cfg, 3, epoch=10)
-    assert not rig.syncer.follower.handle(newer.to_json().encode(), rev=78)
-    assert rig.syncer.follower.handle(generation_of(rig.leader_cfg, 4, epoch=12).to_json().encode())
+    assert not rig.syncer.follower.handle(rig.sealed(newer), rev=78)
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 4, epoch=12)))
 
 
 def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
@@ -213,18 +228,49 @@ def test_restart_order_from_an_older_epoch_is_refused(tmp_path: Path) -> None:
     watcher = OrderWatcher(rig.backend, "follower", guard, rig.syncer, lambda: False)
     watcher.on_restart = restarts.append
     key = rig.backend.keys.order("follower")
-    rig.backend.put_value(key, json.dumps({"id": "o1", "epoch": 3, "generation": 0}))
+    rig.order({"id": "o1", "epoch": 3, "generation": 0})
     watcher.check()
     assert restarts == [] and rig.backend.get_value(key) is None
     # current epoch, but nothing changed on disk since this process loaded it: nothing to do
-    rig.backend.put_value(key, json.dumps({"id": "o2", "epoch": 10, "generation": 0}))
+    rig.order({"id": "o2", "epoch": 10, "generation": 0})
     watcher.check()
     assert restarts == []
     populate(tmp_path / "follower", {"etc/dispatcher.crt": b"rotated"})
-    rig.backend.put_value(key, json.dumps({"id": "o3", "epoch": 11, "generation": 0}))
+    rig.order({"id": "o3", "epoch": 11, "generation": 0})
     watcher.check()
     watcher.check()  # an order is carried out once
     assert len(restarts) == 1 and "epoch 11" in restarts[0]
+
+
+def test_unsealed_or_forged_records_are_ignored_and_never_move_the_epoch(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca"})
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1, epoch=9)))
+    populate(tmp_path / "leader", {"etc/ca.crt": b"forged"})
+    huge = generation_of(rig.leader_cfg, 2, epoch=10**12)
+    key = rig.backend.keys.generation
+    forger = Records(RecordSigner(b"x" * 32))  # a key that is not the cluster's
+    for n, raw in enumerate([huge.to_json().encode(),  # unsigned
+                             forger.seal_generation(key, huge).encode(),  # wrong key
+                             rig.records.seal_generation("/other/key", huge).encode(),  # moved
+                             b"{not json", b"[]"]):  # fmt: skip
+        assert not rig.syncer.follower.handle(raw, rev=100 + n)
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"
+    assert rig.syncer.follower.guard.newest == 9  # the forged epoch moved nothing
+    assert rig.records.rejections.counts() == {"generation": 5}
+    populate(tmp_path / "leader", {"etc/ca.crt": b"genuine"})
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 3, epoch=10)))
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"genuine"
+    # a forged restart order is deleted, never acted on
+    restarts: list[str] = []
+    watcher = OrderWatcher(rig.backend, "follower", EpochGuard(10), rig.syncer, lambda: False)
+    watcher.on_restart = restarts.append
+    populate(tmp_path / "follower", {"etc/dispatcher.crt": b"rotated"})  # a restart is due
+    okey = rig.backend.keys.order("follower")
+    rig.backend.put_value(okey, json.dumps({"id": "o9", "epoch": 11, "generation": 0}))
+    watcher.check()
+    assert restarts == [] and rig.backend.get_value(okey) is None
+    assert rig.records.rejections.counts()["order"] == 1
 
 
 # ----- only the leader signs -------------------------------------------------------------------
@@ -311,3 +357,23 @@ def test_ready_while_draining_is_404_for_the_balancer_and_503_otherwise(tmp_path
     r = asyncio.run(get("/ready?drain=404"))
     assert r.status_code == 404 and r.json()["reason"] == "draining"
     assert asyncio.run(get("/status")).json()["draining"] is True
+
+
+def test_a_follower_without_the_key_takes_it_only_when_it_seals_the_generation(
+    tmp_path: Path,
+) -> None:
+    follower_ca = tmp_path / "follower" / "etc"
+    rig = Rig(tmp_path, records=Records.for_ca_dir(follower_ca, "follower"))
+    assert rig.records.problem is not None  # no key: every record refused
+    rig.syncer.follower.BOOT_RETRY = 0.0  # no wait between two tries here
+    # the leader serves a key that is not the one it sealed with: refused, nothing written
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "etc/cluster.key": b"ab" * 32 + b"\n"})
+    assert not rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 1)), rev=1)
+    assert not (follower_ca / "cluster.key").exists() and rig.syncer.generation == 0
+    # the real key: fetched, checked against the generation's MAC, written 0600, applied
+    write_key(tmp_path / "leader" / "etc" / "cluster.key", KEY)
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg, 2)), rev=2)
+    assert (follower_ca / "cluster.key").read_bytes() == (
+        tmp_path / "leader" / "etc" / "cluster.key").read_bytes()  # fmt: skip
+    assert os.stat(follower_ca / "cluster.key").st_mode & 0o777 == 0o600
+    assert rig.records.problem is None and rig.syncer.generation == 2
