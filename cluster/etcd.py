@@ -13,7 +13,8 @@ fenced transactions compare the epoch.
 
 With ``user``/``password`` (etcd's own authentication; etcd3gw has none) the client
 authenticates through the gateway (``POST /v3/auth/authenticate``) on first use and sends
-the token in the ``Authorization`` header of its session. A token that lapsed (simple
+the token in the ``Authorization`` header of every request (passed per request: the
+shared session's headers are never changed while other threads use it). A token that lapsed (simple
 tokens after 5 idle minutes) is renewed once per call (:func:`cluster.retry.reauth_call`).
 Refused credentials, an etcd that wants credentials we do not have, and a role that does
 not cover a key raise :class:`EtcdAccessDenied`, naming the endpoint and the user.
@@ -207,18 +208,21 @@ class EtcdClient:
     def _forget_token(self) -> None:
         with self._lock:
             self._token = None
-        self._session.headers.pop("Authorization", None)
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of the next request (per request: the session's
+        own headers are never changed, other threads merge them while they send)."""
+        token = self._token
+        return {"Authorization": token} if token else {}
 
     def _ensure_token(self, client: etcd3gw.Etcd3Client) -> None:
         """Authenticate on ``client`` unless a token is held (no-op without a user)."""
         if self.user is None or self._token is not None:
             return
         try:
-            # no stale token on this request: requests drops a header set to None
             resp = client.post(
                 client.get_url("/auth/authenticate"),
                 json={"name": self.user, "password": self._password},
-                headers={"Authorization": None},
             )
         except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError):
             raise
@@ -241,8 +245,6 @@ class EtcdClient:
                 raise ValueError(f"etcd authenticate: no token in {resp!r}")
         with self._lock:
             self._token = token
-        if token:
-            self._session.headers["Authorization"] = token
 
     def _refusal(
         self, what: str, client: etcd3gw.Etcd3Client, error: str
@@ -300,7 +302,7 @@ class EtcdClient:
 
     def _post(self, what: str, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         def go(c: etcd3gw.Etcd3Client) -> dict[str, Any]:
-            resp = c.post(c.get_url(path), json=payload)
+            resp = c.post(c.get_url(path), json=payload, headers=self._auth_headers())
             if not isinstance(resp, dict):
                 raise ValueError(f"unexpected etcd answer {resp!r}")
             return resp
@@ -539,6 +541,7 @@ class EtcdClient:
         resp = self._session.post(
             client.get_url("/watch"),
             json=request,
+            headers=self._auth_headers(),
             stream=True,
             timeout=(min(self.timeout, left), left),
         )
