@@ -49,3 +49,32 @@ def not_after_der(der: bytes) -> dt.datetime:
 def not_after(path: str | Path) -> dt.datetime:
     pem = Path(path).read_text()
     return not_after_der(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def identity_der(der: bytes) -> tuple[str, str]:
+    """``(serial, pubkey_sha256)`` of a DER certificate: the lower-case hex serial
+    (``agent.common.serial.serial_to_hex`` form) and the hex SHA-256 of its DER
+    SubjectPublicKeyInfo (what ``cryptography`` gives for ``public_bytes(DER, SPKI)``).
+
+    ValueError when the DER is not a certificate this walker understands.
+    """
+    import hashlib
+
+    try:
+        _, cert_start, _ = _tlv(der, 0)  # Certificate
+        _, pos, _ = _tlv(der, cert_start)  # TBSCertificate
+        tag, _, end = _tlv(der, pos)
+        if tag == 0xA0:  # explicit version
+            pos = end
+        tag, start, pos = _tlv(der, pos)  # serialNumber
+        if tag != 0x02:
+            raise ValueError("no serial number")
+        serial = int.from_bytes(der[start:pos], "big", signed=True)
+        for _ in range(4):  # signature, issuer, validity, subject
+            _, _, pos = _tlv(der, pos)
+        tag, _, end = _tlv(der, pos)  # subjectPublicKeyInfo, hashed whole
+        if tag != 0x30 or end > len(der):
+            raise ValueError("no public key")
+    except IndexError:
+        raise ValueError("truncated certificate") from None
+    return format(serial, "x"), hashlib.sha256(der[pos:end]).hexdigest()

@@ -181,7 +181,7 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
                 return 0
             os.setsid()
         session.sock.settimeout(timeout)
-        result = session.wait(req)
+        result, session = pairing.wait_reconnecting(session, req, hints, timeout)
         session.close()
         pairing.store(result, req, cfg.cert, cfg.key, cfg.ca, cfg.trusted_dispatchers_path)
     except pairing.PairingError as exc:

@@ -32,7 +32,8 @@ KNOWN_KEYS = {
     "dispatcher_serial_path", "dispatcher_cn", "sandbox", "writable_paths",
     # ours
     "bind", "state_dir", "hostname", "script_timeout", "max_output", "log_target", "log_format",
-    "key_type", "handshake_timeout", "request_timeout", "async_ttl",
+    "key_type", "handshake_timeout", "request_timeout", "async_ttl", "max_conns_per_ip",
+    "dispatcher_reserved_slots",
 }  # fmt: skip
 IGNORED_KEYS = {"dispatcher_serial_path", "dispatcher_cn", "sandbox", "writable_paths",
                 "pairing_port"}  # fmt: skip
@@ -62,6 +63,8 @@ class AgentConfig:
     rate_limit_probe: RateSpec = DEFAULT_PROBE
     rate_limit_disable: bool = False
     max_children: int = 256
+    max_conns_per_ip: int = 8  # open connections per client IP before TLS (0: no cap)
+    dispatcher_reserved_slots: int = 16  # of max_children, only for recent dispatcher IPs
     stdin_timeout: float = 10.0
     script_timeout: float = 3600.0
     max_output: int = 8 * 1024 * 1024
@@ -189,9 +192,17 @@ def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
                 "request_timeout"):  # fmt: skip
         if (v := get(key)) is not None:
             setattr(cfg, key, _number(v[1], path, v[0], key, float))
-    for key in ("max_children", "max_output", "async_ttl"):
+    for key in ("max_children", "max_output", "async_ttl", "max_conns_per_ip",
+                "dispatcher_reserved_slots"):  # fmt: skip
         if (v := get(key)) is not None:
             setattr(cfg, key, int(_number(v[1], path, v[0], key)))
+    if (v := get("dispatcher_reserved_slots")) is None:  # the default fits any max_children
+        cfg.dispatcher_reserved_slots = min(cfg.dispatcher_reserved_slots, cfg.max_children // 4)
+    elif cfg.dispatcher_reserved_slots >= cfg.max_children:
+        raise ConfigError(
+            f"dispatcher_reserved_slots ({cfg.dispatcher_reserved_slots}) must be below "
+            f"max_children ({cfg.max_children})", path, v[0],
+        )  # fmt: skip
     if (v := get("rate_limit_volume")) is not None:
         cfg.rate_limit_volume = _rate(v[1], path, v[0], "rate_limit_volume")
     if (v := get("rate_limit_probe")) is not None:

@@ -11,6 +11,16 @@ certificate (neither expired); our dispatcher sends its CA after its certificate
 0.12.x dispatcher sends its certificate alone and cannot be pinned. The approval's CA must
 then be that same CA. Whether pinned or not, the approved certificate must be issued by
 the approval's CA and carry the agent's own public key.
+
+Reconnection (beyond upstream): when the connection drops while the agent waits for the
+decision (the dispatcher that held it died or stopped leading; behind a load balancer the
+next connection reaches the new leader), :func:`wait_reconnecting` connects again and
+sends the same request (same CSR, same nonce) up to ``RECONNECTS`` times with a growing
+pause, within the approval timeout. Our dispatcher answers it as the same request: still
+pending, or approved (an approval survives the leader), so an acknowledged approval
+ends with the agent holding its certificate. After a failover a request that was still
+pending is new to the new leader and waits for the operator again. An upstream (Perl)
+agent does not reconnect: its ``request-pairing`` fails and must be run again.
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ import os
 import secrets
 import socket
 import ssl
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +51,17 @@ class PairingError(CtrlExecError):
     def __init__(self, message: str, denied: bool = False):
         super().__init__(message)
         self.denied = denied
+
+
+class ConnectionLost(PairingError):
+    """The pairing connection ended without a decision: asking again may succeed."""
+
+
+RECONNECTS = 8
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 8.0
+# answers that mean "this dispatcher cannot take the request now", not "no"
+RETRY_REASONS = ("pairing mode stopped", "pairing unavailable, try again later")
 
 
 @dataclass
@@ -157,7 +181,7 @@ def _read_response(fh: Any) -> dict[str, Any]:
     while not head.endswith(b"\r\n\r\n"):
         line = fh.readline(16384)
         if not line:
-            raise PairingError("dispatcher closed the pairing connection")
+            raise ConnectionLost("dispatcher closed the pairing connection")
         head += line
         if line in (b"\n",):
             break
@@ -206,7 +230,10 @@ class Session:
         self.sock.sendall(head.encode() + data)
         first = _read_response(self.fh)
         if first.get("status") != "pending":
-            raise PairingError(f"pairing refused: {first.get('reason') or first.get('status')}")
+            reason = first.get("reason") or first.get("status")
+            if reason in RETRY_REASONS:
+                raise ConnectionLost(f"pairing refused: {reason}")
+            raise PairingError(f"pairing refused: {reason}")
         return str(first.get("reqid", ""))
 
     def wait(self, req: PairingRequest) -> dict[str, Any]:
@@ -214,8 +241,13 @@ class Session:
             second = _read_response(self.fh)
         except TimeoutError:
             raise PairingError("timed out waiting for approval") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionLost(f"pairing connection lost: {exc}") from None
         if second.get("status") != "approved":
-            raise PairingError(f"pairing denied: {second.get('reason') or 'denied'}", denied=True)
+            reason = second.get("reason") or "denied"
+            if reason in RETRY_REASONS:
+                raise ConnectionLost(f"pairing interrupted: {reason}")
+            raise PairingError(f"pairing denied: {reason}", denied=True)
         if second.get("nonce") != req.nonce:
             raise PairingError("nonce mismatch in pairing result")
         for k in ("cert", "ca"):
@@ -223,6 +255,64 @@ class Session:
                 raise PairingError(f"pairing result has no usable '{k}'")
         self.ca_fingerprint = check_approval(second, req, self.ca_pin)
         return second
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wait_reconnecting(
+    session: Session,
+    req: PairingRequest,
+    hints: dict[str, Any],
+    timeout: float,
+    *,
+    reconnects: int = RECONNECTS,
+    say: Callable[[str], None] = _say,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict[str, Any], Session]:
+    """The decision, waiting on ``session`` and, when the connection drops, on new
+    connections carrying the same request (see the module docstring); returns the result
+    and the session it came on. PairingError when denied, timed out or out of retries."""
+    deadline = time.monotonic() + timeout
+    pause = BACKOFF_FIRST
+    tries = 0
+    while True:
+        try:
+            return session.wait(req), session
+        except ConnectionLost as exc:
+            lost: PairingError = exc
+        session.close()
+        while True:
+            tries += 1
+            left = deadline - time.monotonic()
+            if tries > reconnects or left <= pause:
+                raise PairingError(f"{lost} (gave up after {tries - 1} reconnects)")
+            say(f"{lost}; reconnecting in {pause:.1f} s ({tries}/{reconnects})...")
+            sleep(pause)
+            pause = min(pause * 2, BACKOFF_MAX)
+            try:
+                session = Session(session.host, session.port,
+                                  timeout=max(1.0, deadline - time.monotonic()),
+                                  ca_pin=session.ca_pin)  # fmt: skip
+            except (OSError, ssl.SSLError) as exc:
+                lost = ConnectionLost(f"cannot reconnect: {exc}")
+                continue
+            try:
+                reqid = session.submit(req, hints)
+            except ConnectionLost as exc:
+                session.close()
+                lost = exc
+                continue
+            except (OSError, ssl.SSLError) as exc:
+                session.close()
+                lost = ConnectionLost(f"pairing connection lost: {exc}")
+                continue
+            except PairingError:
+                session.close()
+                raise
+            say(f"Reconnected: request {reqid} is waiting for approval.")
+            break
 
 
 def store(

@@ -1,6 +1,11 @@
 """The agent's mTLS server on 7443 (``ctrl-exec-agent serve``).
 
-One asyncio loop. Each connection: ``allowed_ips`` and rate limits on the TCP peer, the
+One asyncio loop. Each connection: ``allowed_ips``, rate limits and slots on the TCP peer
+(before TLS: at most ``max_conns_per_ip`` open per address until they show a trusted
+dispatcher certificate, and the last
+``dispatcher_reserved_slots`` of ``max_children`` only for addresses that completed an
+mTLS handshake with a trusted dispatcher certificate in the last
+:data:`TRUSTED_IP_TTL` seconds, which are also exempt from the per-address cap), the
 TLS handshake with a deadline (a silent client never blocks others), the revocation
 check before the request is read, one request with upstream's limits, one response, close.
 Scripts run as subprocesses of the loop, so many runs proceed at once.
@@ -36,6 +41,8 @@ from agent.handlers.base import Handler, Peer, Reply
 from agent.version import __version__
 
 ev = logfmt.event
+TRUSTED_IP_TTL = 3600.0  # how long an address that showed a trusted dispatcher cert is one
+MAX_TRUSTED_IPS = 1024
 
 __all__ = ["AgentServer", "Peer"]
 
@@ -59,6 +66,9 @@ class AgentServer:
             on_event=lambda action, ip, reason: ev(action, logging.WARNING, peer=ip, reason=reason),
         )
         self.ssl_ctx: ssl.SSLContext | None = None
+        self.per_ip: dict[str, int] = {}  # open connections by client address
+        self.dispatcher_ips: dict[str, float] = {}  # address -> last trusted handshake
+        self._cap_logged: dict[str, float] = {}
         self._stopping: asyncio.Event | None = None
 
     # ----- loading and reloading -------------------------------------------------
@@ -181,14 +191,17 @@ class AgentServer:
                 return
             if self.limiter.blocked(ip):
                 return
-            if self.live >= self.cfg.max_children:
-                ev("overload", logging.WARNING, peer=ip, live=self.live)
+            if not self._slot_free(ip):
                 return
             self.live += 1
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            pending = [True]  # counted against max_conns_per_ip until a dispatcher shows up
             try:
-                await self._connection(reader, writer, ip)
+                await self._connection(reader, writer, ip, pending)
             finally:
                 self.live -= 1
+                if pending[0]:
+                    self._release(ip)
         except Exception as exc:  # one connection never takes the listener down
             ev("error", logging.ERROR, peer=ip, reason=f"{exc.__class__.__name__}: {exc}")
         finally:
@@ -196,8 +209,56 @@ class AgentServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
+    def _recent_dispatcher(self, ip: str) -> bool:
+        seen = self.dispatcher_ips.get(ip)
+        return seen is not None and time.monotonic() - seen < TRUSTED_IP_TTL
+
+    def _slot_free(self, ip: str) -> bool:
+        """A slot for a new connection from ``ip`` (before TLS); logs the refusal."""
+        cfg = self.cfg
+        if self._recent_dispatcher(ip):
+            if self.live < cfg.max_children:
+                return True
+            ev("overload", logging.WARNING, peer=ip, live=self.live)
+            return False
+        if self.live >= cfg.max_children - cfg.dispatcher_reserved_slots:
+            reason = "reserved-for-dispatchers" if self.live < cfg.max_children else None
+            self._refused(ip, "overload", reason)
+            return False
+        if cfg.max_conns_per_ip and self.per_ip.get(ip, 0) >= cfg.max_conns_per_ip:
+            self._refused(ip, "conn-cap", f"more than {cfg.max_conns_per_ip} open")
+            return False
+        return True
+
+    def _refused(self, ip: str, action: str, reason: str | None) -> None:
+        """Log a refused connection, at most once per address every 10 s."""
+        now = time.monotonic()
+        if now - self._cap_logged.get(ip, -10.0) < 10.0:
+            return
+        if len(self._cap_logged) >= MAX_TRUSTED_IPS:
+            self._cap_logged.clear()
+        self._cap_logged[ip] = now
+        ev(action, logging.WARNING, peer=ip, live=self.live, open=self.per_ip.get(ip, 0),
+           reason=reason)  # fmt: skip
+
+    def _release(self, ip: str) -> None:
+        if (left := self.per_ip.get(ip, 1) - 1) > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+
+    def _mark_dispatcher(self, ip: str) -> None:
+        if ip not in self.dispatcher_ips and len(self.dispatcher_ips) >= MAX_TRUSTED_IPS:
+            oldest = min(self.dispatcher_ips, key=self.dispatcher_ips.__getitem__)
+            del self.dispatcher_ips[oldest]
+        self.dispatcher_ips[ip] = time.monotonic()
+
     async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ip: str,
+        pending: list[bool] | None = None,
     ) -> None:
         assert self.ssl_ctx is not None
         try:
@@ -211,6 +272,11 @@ class AgentServer:
         cert = sslobj.getpeercert() if sslobj is not None else None
         peer = Peer(ip, serial_to_hex(cert.get("serialNumber", "")) if cert else "")
         peer.dispatcher = self.trusted.get(peer.serial) if peer.serial else None
+        if peer.dispatcher is not None and not (self.revoked and peer.serial in self.revoked):
+            self._mark_dispatcher(ip)
+            if pending is not None and pending[0]:  # authenticated: no longer pre-TLS
+                pending[0] = False
+                self._release(ip)
         # Authenticated dispatchers are exempt from the volume limit (they fan out to us).
         if peer.dispatcher is None and self.limiter.record_connection(ip):
             return

@@ -73,6 +73,7 @@ class MemberInfo:
     health_port: int = 0  # where load balancers check this instance (0: unknown)
     pairing_port: int = 0  # where it listens for pairing while it leads (0: unknown)
     proxy_port: int = 0  # API port expecting a PROXY v2 header from the load balancer (0: none)
+    pairing_proxy_port: int = 0  # pairing port expecting a PROXY v2 header (0: none)
     restart_pending: bool = False  # its certificates changed on disk since it loaded them
     pid: int = 0  # the process that holds the member key (0: not recorded)
     host: str = ""  # the host it runs on ("": not recorded)
@@ -94,6 +95,7 @@ class MemberInfo:
             health_port=int(d.get("health_port", 0)),
             pairing_port=int(d.get("pairing_port", 0)),
             proxy_port=int(d.get("proxy_port", 0)),
+            pairing_proxy_port=int(d.get("pairing_proxy_port", 0) or 0),
             restart_pending=bool(d.get("restart_pending", False)),
             pid=int(d.get("pid", 0) or 0),
             host=str(d.get("host", "") or ""),

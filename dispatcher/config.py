@@ -51,9 +51,12 @@ class DispatcherConfig:
     api_key: str = ""
     api_client_ca: str = ""
     api_names: list[str] = field(default_factory=list)  # subjectAltName of the API cert
+    api_require_client_cert: bool = False  # yes: no API request without an operator cert
     api_proxy_port: int = 0  # PROXY v2 API listener for HAProxy (0: off)
     api_proxy_sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     api_max_children: int = 64
+    api_header_timeout: float = 10.0  # seconds to send a request's head once connected
+    api_max_conns_per_ip: int = 64  # open API connections per client IP (PROXY v2: the real one)
     read_timeout: float = 60.0
     max_parallel: int = 256
     max_hosts: int = 5000
@@ -70,6 +73,10 @@ class DispatcherConfig:
     pairing_rate_limit_disable: bool = False
     pairing_port: int = 7444
     pairing_bind: str = "0.0.0.0"
+    # PROXY v2 pairing listener for HAProxy (0: off); peers from api_proxy_sources only
+    pairing_proxy_port: int = 0
+    # with etcd unreachable: run under the local lock alone ("local") or refuse ("refuse")
+    run_lock_without_etcd: str = "local"
     health_port: int = 7446
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
@@ -325,6 +332,9 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("sync_mode", "sync_mode must be push or shared-fs"))
     if cfg.log_format not in ("kv", "json"):
         errors.append(cfg.error("log_format", "log_format must be kv or json"))
+    if cfg.run_lock_without_etcd not in ("local", "refuse"):
+        errors.append(cfg.error("run_lock_without_etcd",
+                                "run_lock_without_etcd must be local or refuse"))  # fmt: skip
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:
@@ -334,6 +344,11 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
         errors.append(cfg.error("drain_wait", "drain_wait must be between 0 and 300 seconds"))
     if cfg.lease_ttl < 1:
         errors.append(cfg.error("lease_ttl", "lease_ttl must be at least 1 second"))
+    if not 0 < cfg.api_header_timeout <= 3600:
+        errors.append(cfg.error("api_header_timeout",
+                                "api_header_timeout must be between 0 and 3600 seconds"))  # fmt: skip
+    if cfg.api_max_conns_per_ip < 1:
+        errors.append(cfg.error("api_max_conns_per_ip", "api_max_conns_per_ip must be at least 1"))
     for key in ("api_port", "health_port", "pairing_port"):
         if not 0 < getattr(cfg, key) < 65536:
             errors.append(cfg.error(key, f"{key} must be a port number (1-65535)"))
@@ -359,7 +374,8 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
 
 def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     """What ``ctrl-exec-api`` also needs, checked without network and without binding:
-    the API certificate files exist and load, ``sync_mode = push`` in a cluster has the
+    the API certificate files exist and load, ``api_client_ca`` is no CA that signs agents
+    and ``api_require_client_cert`` has an operator CA, ``sync_mode = push`` in a cluster has the
     API on TLS, an advertised address that is not loopback while etcd is remote when it
     is derived from ``api_bind`` (``ced`` on an operator host advertises nothing), the
     PROXY v2 settings, distinct ports, the etcd TLS files and a private password file."""
@@ -406,18 +422,28 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
         "api_port": cfg.api_port,
         "health_port": cfg.health_port,
         "pairing_port": cfg.pairing_port,
+        "pairing_proxy_port": cfg.pairing_proxy_port,
     }  # api_proxy_port: proxyproto.check_config
     seen: dict[int, str] = {}
     for key, port in ports.items():
         if port and port in seen:
             out.append(cfg.error(key, f"{key} {port} is also {seen[port]}"))
         seen.setdefault(port, key)
-    from dispatcher.api import proxyproto
+    from dispatcher.api import operatorcerts, proxyproto
+    from dispatcher.proxyv2 import check_pairing_config
 
-    try:
-        proxyproto.check_config(cfg)
-    except ConfigError as exc:
-        out.append(exc)
+    for check in (proxyproto.check_config, check_pairing_config):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            out.append(exc)
+    if (problem := operatorcerts.no_trust_problem(cfg)) is not None:
+        out.append(problem)
+    if cfg.api_client_ca and Path(cfg.api_client_ca).is_file():
+        try:  # operators are not agents: never a CA that signs agents
+            operatorcerts.check_client_ca(cfg)
+        except ConfigError as exc:
+            out.append(exc)
     return out
 
 

@@ -65,10 +65,17 @@ class Dispatcher:
 
     @property
     def locks(self) -> RunLocks:
+        """The run locks: set by the API daemon (its session lease); else, with etcd, the
+        cluster-wide locks under a lease of this process (``ced``), else local ``flock``."""
         if self.run_locks is None:
-            from dispatcher.runlocks import LocalRunLocks
+            if self.cfg.etcd_endpoints:
+                from dispatcher.ha.runlocks import cli_run_locks
 
-            self.run_locks = LocalRunLocks(self.cfg.locks_dir)
+                self.run_locks = cli_run_locks(self.cfg)
+            else:
+                from dispatcher.runlocks import LocalRunLocks
+
+                self.run_locks = LocalRunLocks(self.cfg.locks_dir)
         return self.run_locks
 
     def client_ctx(self) -> ssl.SSLContext:

@@ -44,11 +44,34 @@ class Caller:
     username: str = ""
     token: str = ""
     source_ip: str = "127.0.0.1"
-    identity: str = ""  # operator identity from an API client certificate, "" otherwise
+    identity: str = ""  # API: the operator certificate's CN; CLI: the Unix user
+    cert_serial: str = ""  # API: the operator certificate's serial (hex)
+    issuer_fingerprint: str = ""  # API: SHA256:<hex> of the CA that issued it
+    sudo_user: str = ""  # CLI: $SUDO_USER when set
 
     @property
     def submitter(self) -> dict[str, str]:
         return {"username": self.username, "source_ip": self.source_ip}
+
+    def identity_doc(self) -> dict[str, str] | None:
+        """The auth hook's ``identity`` object (None without an identity)."""
+        if not self.identity:
+            return None
+        doc = {"cn": self.identity, "serial": self.cert_serial,
+               "issuer_fingerprint": self.issuer_fingerprint}  # fmt: skip
+        if self.sudo_user:
+            doc["sudo_user"] = self.sudo_user
+        return doc
+
+    def attribution(self) -> dict[str, Any]:
+        """What a run record says about who asked, besides upstream's ``submitter``."""
+        if self.kind == "cli":
+            out: dict[str, Any] = {"unix_user": self.identity} if self.identity else {}
+            if self.sudo_user:
+                out["sudo_user"] = self.sudo_user
+            return out
+        doc = self.identity_doc()
+        return {"identity": doc} if doc else {}
 
 
 class Denied(CtrlExecError):
@@ -91,8 +114,9 @@ async def authorise(
     """
     user = caller.username or "(none)"
     log: dict[str, Any] = {"authaction": action, "user": user, "ip": caller.source_ip}
-    if caller.identity:
+    if caller.identity and caller.kind == "api":
         log["identity"] = caller.identity
+        log["cert_serial"] = caller.cert_serial
     hook = d.cfg.auth_hook
     if not hook:
         if caller.kind == "cli":
@@ -109,7 +133,7 @@ async def authorise(
         action, script=script, hosts=hosts, args=args, username=caller.username,
         token=caller.token, source_ip=caller.source_ip, dispatcher=d.cfg.dispatcher_id,
         dispatcher_serial=_dispatcher_serial(d), reqid=reqid,
-        submitter=dict(submitter) if submitter else None,
+        submitter=dict(submitter) if submitter else None, identity=caller.identity_doc(),
     )  # fmt: skip
     decision = await resolve_io(io).hook(hook, ctx, d.cfg.auth_hook_timeout)
     if decision.allowed:
@@ -130,6 +154,22 @@ def _reach(d: Dispatcher, io: AgentIO | None) -> fanout.Reach:
     """The dispatcher's client context, ``read_timeout`` per host and fan-out limits."""
     return fanout.Reach(d.client_ctx(), float(d.cfg.read_timeout), d.cfg.max_parallel,
                         d.cfg.max_hosts, io=io)  # fmt: skip
+
+
+async def _resolve(
+    d: Dispatcher,
+    hosts: Sequence[str],
+    default_port: int,
+    io: AgentIO | None,
+    limited: bool = True,
+) -> list[Target]:
+    """``max_hosts`` first (ValueError, before any per-host work), then the registry
+    lookup (linear) off the event loop."""
+    limit = d.cfg.max_hosts
+    if limited and len(hosts) > limit and len(set(hosts)) > limit:
+        raise ValueError(f"too many hosts (max {limit})")
+    refs = list(hosts)
+    return await resolve_io(io).offload(lambda: resolve(d.registry, refs, default_port))
 
 
 def _names(targets: Sequence[Target]) -> list[str]:
@@ -158,12 +198,12 @@ async def do_run(
 ) -> dict[str, Any]:
     """Run ``script`` on ``hosts``; returns ``{"reqid", "results"}``.
 
-    Order: resolve (RegistryError), authorise ``run`` (Denied), take every host:script
+    Order: ``max_hosts`` (ValueError), resolve (RegistryError), authorise ``run`` (Denied), take every host:script
     lock (LockConflict), fan out. The locks are held until the run returns (sync) or
     until every agent has answered the submission (async). An async run is recorded in
     the run store; a sync run only with ``record_sync`` (the API records, the CLI not).
     """
-    targets = resolve(d.registry, hosts, default_port)
+    targets = await _resolve(d, hosts, default_port, io)
     rid = reqid or new_reqid()
     await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
                     reqid=rid, io=io)  # fmt: skip
@@ -179,12 +219,13 @@ async def do_run(
     if async_:
         from dispatcher.runstore import async_record
 
-        rec = async_record(rid, script, results, submitter)
+        rec = async_record(rid, script, results, submitter, attribution=caller.attribution())
         await offload(lambda: d.runstore.save(rec))
     elif record_sync:
         from dispatcher.runstore import sync_record
 
-        rec = sync_record(rid, script, _names(targets), results, submitter)
+        rec = sync_record(rid, script, _names(targets), results, submitter,
+                          attribution=caller.attribution())  # fmt: skip
         await offload(lambda: d.runstore.save(rec))
     return {"reqid": rid, "results": results}
 
@@ -247,7 +288,7 @@ async def do_ping(
 
     With ``renew`` each ``ok`` result is handed to ``dispatcher.pki.renewal.maybe_renew``.
     """
-    targets = resolve(d.registry, hosts, default_port)
+    targets = await _resolve(d, hosts, default_port, io)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
     results = await fanout.ping_all(targets, rid, _reach(d, io))
@@ -365,7 +406,7 @@ async def do_discovery(
     names = list(hosts) if hosts is not None else d.registry.names()
     if not names:
         return {"hosts": {}}
-    targets = resolve(d.registry, names, default_port)
+    targets = await _resolve(d, names, default_port, io, limited=hosts is not None)
     rid = new_reqid()
     await authorise(d, caller, "ping", hosts=names, reqid=rid, io=io)
     reach = _reach(d, io)

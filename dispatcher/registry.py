@@ -1,6 +1,10 @@
 """Agent registry: one JSON record per agent, ``<registry_dir>/<name>.json`` (spec 7.1).
 
-Record fields are upstream's exactly. Every write goes through a :class:`StateWriter`;
+Record fields are upstream's, plus the agent certificate pins ``cert_serial``,
+``pubkey_sha256`` and ``cert_serial_next`` (a renewed cert not yet adopted): an upstream
+dispatcher reads the record by key and ignores them, and its read-modify-write updates keep
+them; an upstream record without them is accepted and pinned on first contact
+(:mod:`dispatcher.client.pins`). Every write goes through a :class:`StateWriter`;
 read-modify-write updates hold an exclusive ``flock`` on ``.registry.lock``. The lock is
 re-entrant within one process (per thread), so ``with reg.locked(): reg.update(...)``
 does not deadlock.
@@ -22,6 +26,7 @@ from typing import Any, TypeGuard
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from agent.common.records import record
+from dispatcher.client.pins import Pins, from_record
 from dispatcher.statewrite import StateWriter, default_writer, write_json
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -43,8 +48,14 @@ FIELDS = (
     "serial_status",
     "serial_broadcast",
     "serial_confirmed",
+    "cert_serial",
+    "pubkey_sha256",
+    "cert_serial_next",
 )
+PIN_FIELDS = ("cert_serial", "pubkey_sha256", "cert_serial_next")
+_HEX_RE = re.compile(r"^[0-9a-f]*$")
 _TARGET_RE = re.compile(r"^(.+):(\d+)$")
+_LIST_FROM = 16  # resolve more references than this against one directory listing
 
 
 class RegistryError(CtrlExecError):
@@ -80,6 +91,8 @@ def _check_fields(fields: dict[str, Any]) -> None:
             raise RegistryError("tags must be an object of strings")
         if key not in ("port", "tags") and not isinstance(value, str):
             raise RegistryError(f"{key} must be a string")
+        if key in PIN_FIELDS and not _HEX_RE.fullmatch(value):
+            raise RegistryError(f"{key} must be lower-case hex, got {value!r}")
 
 
 class _FileLock:
@@ -201,8 +214,13 @@ class Registry:
         expiry: str = "",
         dispatcher_serial: str = "",
         tags: dict[str, str] | None = None,
+        cert_serial: str = "",
+        pubkey_sha256: str = "",
     ) -> dict[str, Any]:
-        """Write (or overwrite) the record of a newly paired agent."""
+        """Write (or overwrite) the record of a newly paired agent.
+
+        ``cert_serial`` and ``pubkey_sha256`` pin the certificate signed at approval.
+        """
         self.path_of(name)
         now = utc_now()
         record: dict[str, Any] = {
@@ -219,6 +237,9 @@ class Registry:
             "serial_broadcast": "",
             "serial_confirmed": now if dispatcher_serial else "",
         }
+        if cert_serial:
+            record.update(cert_serial=cert_serial, pubkey_sha256=pubkey_sha256,
+                          cert_serial_next="")  # fmt: skip
         _check_fields({k: v for k, v in record.items() if k != "hostname"})
         with self.locked():
             self._write(name, record)
@@ -285,11 +306,25 @@ class Target:
     name: str
     address: str
     port: int
+    pins: Pins | None = None
 
 
 def _record_port(record: dict[str, Any], default_port: int) -> int:
     port = record.get("port")
     return port if valid_port(port) else default_port
+
+
+def _target(
+    registry: Registry, name: str, explicit: int | None, default_port: int
+) -> Target | None:
+    record = registry.get(name)
+    if record is None:
+        return None
+    address = str(record.get("hostname") or name)
+    if record.get("lookup_by") == "ip" and record.get("ip"):
+        address = str(record["ip"])
+    port = explicit if explicit is not None else _record_port(record, default_port)
+    return Target(name, address, port, from_record(record))
 
 
 def resolve(
@@ -299,26 +334,35 @@ def resolve(
 
     Port: explicit ``:port`` > record port > ``default_port``. Exact duplicates are
     dropped. Any unknown (or invalid) name raises RegistryError naming all of them.
+    Linear in the number of references: a long list is checked against one directory
+    listing before any record is read, and each record is read once.
     """
-    resolved: list[Target] = []
-    unknown: list[str] = []
+    known = set(registry.names()) if len(targets) > _LIST_FROM else None
+    made: dict[tuple[str, int | None], Target | None] = {}
+    resolved: dict[Target, None] = {}
+    unknown: dict[str, None] = {}
     for ref in targets:
         m = _TARGET_RE.match(ref)
         name, explicit = (m.group(1), int(m.group(2))) if m else (ref, None)
         if explicit is not None and not valid_port(explicit):
-            raise RegistryError(f"invalid port in '{ref}'")
-        record = registry.get(name) if valid_name(name) else None
-        if record is None:
-            if ref not in unknown:
-                unknown.append(ref)
+            raise RegistryError(f"invalid port in '{ref[:80]}'")
+        if not valid_name(name) or (known is not None and name not in known):
+            unknown[ref] = None
             continue
-        address = str(record.get("hostname") or name)
-        if record.get("lookup_by") == "ip" and record.get("ip"):
-            address = str(record["ip"])
-        port = explicit if explicit is not None else _record_port(record, default_port)
-        target = Target(name=name, address=address, port=port)
-        if target not in resolved:
-            resolved.append(target)
+        key = (name, explicit)
+        if key in made:  # a repeated reference: nothing new
+            if made[key] is None:
+                unknown[ref] = None
+            continue
+        target = made[key] = _target(registry, name, explicit, default_port)
+        if target is None:
+            unknown[ref] = None
+        else:
+            resolved.setdefault(target, None)
     if unknown:
-        raise RegistryError(f"unknown agent(s): {', '.join(unknown)}")
-    return resolved
+        names = list(unknown)
+        shown = ", ".join(names[:20]) + (
+            f" (and {len(names) - 20} more)" if len(names) > 20 else ""
+        )
+        raise RegistryError(f"unknown agent(s): {shown}")
+    return list(resolved)

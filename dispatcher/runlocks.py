@@ -19,13 +19,14 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from cluster.locks import LockConflict, LockHandle, try_flock
+from cluster.locks import LockConflict, LockHandle, LockUnavailable, try_flock
 
 __all__ = [
     "HeldLocks",
     "LocalRunLocks",
     "LockConflict",
     "LockHandle",
+    "LockUnavailable",
     "RunLocks",
     "acquire_all",
     "list_held",

@@ -73,8 +73,11 @@ def sync_record(
     results: list[dict[str, Any]],
     submitter: dict[str, str] | None = None,
     now: float | None = None,
+    attribution: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Record of a finished synchronous (API) run."""
+    """Record of a finished synchronous (API) run; ``attribution`` (who asked: the
+    operator certificate's ``identity``, or ``unix_user``/``sudo_user`` of a local run)
+    adds keys upstream readers ignore."""
     record: dict[str, Any] = {
         "reqid": reqid,
         "script": script,
@@ -86,6 +89,7 @@ def sync_record(
     }
     if submitter:
         record["submitter"] = dict(submitter)
+    record.update(_attribution(attribution))
     return record
 
 
@@ -95,8 +99,10 @@ def async_record(
     dispatch_results: Iterable[Mapping[str, Any]],
     submitter: dict[str, str] | None = None,
     now: float | None = None,
+    attribution: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Record of an async submission; each result is ``{host, status, error?}``."""
+    """Record of an async submission; each result is ``{host, status, error?}``
+    (``attribution`` as for :func:`sync_record`)."""
     hosts: dict[str, dict[str, Any]] = {}
     for r in dispatch_results:
         host = r.get("host")
@@ -115,7 +121,16 @@ def async_record(
     }
     if submitter:
         record["submitter"] = dict(submitter)
+    record.update(_attribution(attribution))
     return summarise(record)
+
+
+ATTRIBUTION_KEYS = frozenset({"identity", "unix_user", "sudo_user"})
+
+
+def _attribution(attribution: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Only the attribution keys (never one that would overwrite a record field)."""
+    return {k: copy.deepcopy(v) for k, v in (attribution or {}).items() if k in ATTRIBUTION_KEYS}
 
 
 def pending_hosts(record: Mapping[str, Any]) -> list[str]:

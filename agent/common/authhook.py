@@ -41,7 +41,11 @@ def build_context(
     dispatcher_serial: str = "",
     reqid: str = "",
     submitter: dict[str, str] | None = None,
+    identity: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The hook's stdin document: upstream's keys, plus ``identity`` (ours): the caller's
+    certificate ``{cn, serial, issuer_fingerprint}`` (API), the Unix user as ``cn`` (local
+    ``ced``), or null."""
     return {
         "action": action,
         "script": script,
@@ -55,6 +59,7 @@ def build_context(
         "reqid": reqid,
         "submitter": submitter,
         "timestamp": utc_now(),
+        "identity": dict(identity) if identity else None,
     }
 
 
@@ -64,6 +69,7 @@ BAD_CONTEXT = "auth hook context holds a character the environment cannot carry"
 def build_env(ctx: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     sub = ctx.get("submitter") or {}
+    ident = ctx.get("identity") or {}
     env.update(
         {
             "ENVEXEC_ACTION": ctx["action"],
@@ -80,6 +86,7 @@ def build_env(ctx: dict[str, Any], base: dict[str, str] | None = None) -> dict[s
             "ENVEXEC_SUBMITTER": sub.get("username", ""),
             "ENVEXEC_SUBMITTER_IP": sub.get("source_ip", ""),
             "ENVEXEC_TIMESTAMP": ctx["timestamp"],
+            "ENVEXEC_IDENTITY": str(ident.get("cn", "")),
         }
     )
     return env

@@ -13,7 +13,7 @@ from agent import allowlist
 from agent.common import authhook, logfmt
 from agent.config import AgentConfig
 
-REQID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+REQID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # names a file: bounded
 ev = logfmt.event
 
 Reply = tuple[int, dict[str, Any]]

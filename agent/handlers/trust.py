@@ -1,5 +1,8 @@
 """Trust and certificates: ``POST /rotate-serial``, ``/renew`` and ``/renew-complete``.
 
+All three are gated by the trusted-dispatcher map like every other endpoint (upstream
+exempts ``/renew*``, which let any CA-signed certificate fetch a CSR or stage a cert).
+
 ``cryptography`` (via :mod:`agent.common.certs`) is imported only by the renewal handlers.
 """
 
@@ -61,6 +64,8 @@ async def renew(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
     from agent.common import certs
 
     reqid = reqid_of(parse_json(body))
+    if (denied := gate(peer, reqid)) is not None:
+        return denied
     try:
         key = certs.load_key(agent.cfg.key)
     except (OSError, ValueError, AssertionError) as exc:
@@ -80,6 +85,8 @@ async def renew_complete(agent: AgentState, peer: Peer, body: bytes, arg: str) -
 
     obj = parse_json(body)
     reqid = reqid_of(obj)
+    if (denied := gate(peer, reqid)) is not None:
+        return denied
     cert = obj.get("cert") if isinstance(obj, dict) else None
     if not isinstance(cert, str) or not cert.strip():
         return 200, {"status": "error", "error": "cert required"}

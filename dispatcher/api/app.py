@@ -12,8 +12,10 @@ its own docs say it should not, DESIGN.md section 2) and the peers' ``/cluster/f
 The routes are :class:`~fastapi.APIRouter` objects in :mod:`dispatcher.api.routes`; they
 take the application's state (:class:`~dispatcher.api.deps.ApiState` on
 ``app.state.api``) and the caller through the dependencies of :mod:`dispatcher.api.deps`.
-The operator identity of a TLS client certificate (see :mod:`dispatcher.api.peercert`)
-goes into ``Caller.identity`` and into the ``api-request`` log line.
+The operator identity of a TLS client certificate from an operator CA (CN, serial,
+issuer fingerprint: :mod:`dispatcher.api.operatorcerts`) becomes the caller's username
+and ``Caller.identity``, reaches the auth hook and the run records, and is on every log
+line of the request; any other certificate is refused outside the peer routes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from agent.version import __version__
 from dispatcher.api import errors
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
+from dispatcher.api.operatorcerts import OperatorTrust
+from dispatcher.api.pinmetrics import PinCollector
 from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
 from dispatcher.core import Dispatcher
 
@@ -50,11 +54,12 @@ class ApiApp(FastAPI):
 
 def create_app(
     d: Dispatcher, ha: HANode | None = None, *, draining: Callable[[], bool] | None = None,
-    operator_issuers: frozenset[str] | None = None,
+    operators: OperatorTrust | None = None,
 ) -> FastAPI:  # fmt: skip
     """The API application of dispatcher ``d`` (``ha``: the instance's cluster node;
-    ``draining``: while true every response closes its connection; ``operator_issuers``:
-    see :func:`dispatcher.api.peercert.operator_identity`)."""
+    ``draining``: while true every response closes its connection; ``operators``: the
+    operator CAs, by default as the config says, :class:`OperatorTrust`)."""
+    operators = operators or OperatorTrust.from_config(d.cfg)
     app = ApiApp(
         title="ctrl-exec-api",
         version=__version__,
@@ -71,14 +76,15 @@ def create_app(
     registry = CollectorRegistry()
     requests = Counter("ctrl_exec_api_requests", "API requests by route and outcome",
                        ["route", "outcome"], registry=registry)  # fmt: skip
+    registry.register(PinCollector())
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 
         registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes,
                                            ha.records.rejections.counts))  # fmt: skip
-    app.state.api = ApiState(d=d, ha=ha, issuers=operator_issuers, registry=registry)
+    app.state.api = ApiState(d=d, ha=ha, operators=operators, registry=registry)
     app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
-                       issuers=operator_issuers)  # fmt: skip
+                       operators=operators, peer_serials=_peer_serials(ha))  # fmt: skip
     app.add_exception_handler(RequestValidationError, errors.on_validation)
     app.add_exception_handler(StarletteHTTPException, errors.on_http)
     app.add_exception_handler(errors.Answer, errors.on_answer)
@@ -87,6 +93,14 @@ def create_app(
     add_routes(app, service.router, runs.router, spec.router, pairing.router,
                cluster_control.router, cluster_files.router)  # fmt: skip
     return app
+
+
+def _peer_serials(ha: HANode | None) -> Callable[[], set[str]]:
+    """The cluster's dispatcher serials (peers forward to the leader with that cert)."""
+    sync = ha.sync if ha is not None else None
+    if sync is None:
+        return set
+    return sync.peer_serials
 
 
 def add_routes(app: FastAPI, *routers: APIRouter) -> None:

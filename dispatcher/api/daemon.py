@@ -34,11 +34,12 @@ joins the cluster), or a cluster identity taken by another live process (its
 found later while running; 1 when a server stopped by itself. ``--check-config``
 validates without starting (exit 0 or 78).
 
-Peers: with etcd and ``sync_mode = push`` the API also verifies client certificates
-issued by the dispatcher CA (``ca``), so followers can fetch generation files with the
-dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
-by the auth hook). When ``api_client_ca`` is another CA, only its certificates give an
-operator identity.
+Peers: with etcd the API also verifies client certificates issued by the dispatcher CA
+(``ca``), so followers can fetch generation files (``sync_mode = push``) and forward
+leader-only requests with the dispatcher certificate (``GET /cluster/files/...``, authorised by the serial only, never
+by the auth hook). Only certificates of the operator CA (and ``api_client_ca``) give an
+operator identity; any other certificate is refused outside the peer routes, unless it
+carries a dispatcher serial of the cluster (a peer forwarding to the leader).
 """
 
 from __future__ import annotations
@@ -92,18 +93,23 @@ def api_tls_enabled(cfg: DispatcherConfig) -> bool:
     return bool(cfg.api_cert and cfg.api_key)
 
 
-def peer_sync(cfg: DispatcherConfig) -> bool:
-    """Followers fetch generation files from this instance's API (etcd, push mode)."""
-    return bool(cfg.etcd_endpoints) and cfg.sync_mode == "push"
-
-
 def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
     """The API server context (None for plain HTTP); raises ConfigError if unusable.
 
-    With ``api_client_ca`` a client certificate is verified when presented
-    (``CERT_OPTIONAL``): its CN becomes the operator identity given to the auth hook.
-    With peer sync the dispatcher CA verifies too (peers present the dispatcher cert).
+    Client certificates are verified against the operator CA (``<ca_dir>/operator-ca.crt``,
+    when set up) and ``api_client_ca`` (when set; never a CA that signs agents:
+    :func:`~dispatcher.api.operatorcerts.check_client_ca`): optional, or required with
+    ``api_require_client_cert``. Their CN, serial and issuer become the operator identity.
+    In a cluster the dispatcher CA verifies too (peers present the dispatcher cert to
+    fetch files and to forward leader-only requests): the gate lets such a certificate
+    through only on the peer routes or with a dispatcher serial of the cluster, never as
+    an operator (an agent's certificate is refused with 403).
     """
+    from dispatcher.api.operatorcerts import check_client_ca, no_trust_problem, operator_cas
+
+    problem = no_trust_problem(cfg)
+    if problem is not None:
+        raise problem
     if not api_tls_enabled(cfg):
         return None
     from agent.common.tlsconf import server_context
@@ -112,38 +118,21 @@ def build_ssl(cfg: DispatcherConfig) -> ssl.SSLContext | None:
         path = getattr(cfg, key)
         if path and not Path(path).is_file():
             raise cfg.error(key, f"{key} {path} does not exist")
-    cas = [cfg.api_client_ca] if cfg.api_client_ca else []
-    if peer_sync(cfg) and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
+    check_client_ca(cfg)
+    cas = operator_cas(cfg)
+    # peers present the dispatcher cert (file fetches, requests forwarded to the leader)
+    if cfg.etcd_endpoints and cfg.ca and os.path.abspath(cfg.ca) not in map(os.path.abspath, cas):
         cas.append(cfg.ca)
     try:
         ctx = server_context(
-            cfg.api_cert, cfg.api_key, ca=cas[0] if cas else None, require_client_cert=False
-        )
+            cfg.api_cert, cfg.api_key, ca=cas[0] if cas else None,
+            require_client_cert=cfg.api_require_client_cert,
+        )  # fmt: skip
         for extra in cas[1:]:
             ctx.load_verify_locations(cafile=extra)
         return ctx
     except (OSError, ssl.SSLError) as exc:
         raise cfg.error("api_cert", f"cannot load the API certificate: {exc}") from None
-
-
-def operator_issuers(cfg: DispatcherConfig) -> frozenset[str] | None:
-    """Issuers whose client certificates carry an operator identity; None: any verified.
-
-    Only when the API verifies peers with the dispatcher CA besides a different operator
-    CA: then a certificate from the dispatcher CA (an agent's, a peer's) is no operator.
-    """
-    if not (api_tls_enabled(cfg) and peer_sync(cfg) and cfg.api_client_ca):
-        return None
-    if os.path.abspath(cfg.api_client_ca) == os.path.abspath(cfg.ca):
-        return None
-    from cryptography import x509
-
-    try:
-        data = Path(cfg.api_client_ca).read_bytes()
-        certs = x509.load_pem_x509_certificates(data)
-    except (OSError, ValueError) as exc:
-        raise cfg.error("api_client_ca", f"cannot read api_client_ca: {exc}") from None
-    return frozenset(c.subject.rfc4514_string() for c in certs)
 
 
 def reload_cert(
@@ -237,6 +226,8 @@ class Instance:
         self, d: Dispatcher, role: RoleProvider | None = None, listeners: Listeners | None = None
     ) -> None:
         from dispatcher.api.app import create_app  # FastAPI: only when serving
+        from dispatcher.api.connlimits import bounded_protocol_class
+        from dispatcher.api.operatorcerts import OperatorTrust
         from dispatcher.api.peercert import protocol_class
 
         cfg = d.cfg
@@ -280,8 +271,10 @@ class Instance:
         self.api = uvicorn.Server(
             _server_config(
                 create_app(d, self.ha, draining=lambda: self.state.draining,
-                           operator_issuers=operator_issuers(cfg)),
-                cfg.api_bind, cfg.api_port, http=protocol_class(),
+                           operators=OperatorTrust.from_config(cfg)),
+                cfg.api_bind, cfg.api_port,
+                http=bounded_protocol_class(protocol_class(), cfg.api_header_timeout,
+                                            cfg.api_max_conns_per_ip),
                 timeout_graceful_shutdown=int(cfg.read_timeout) + 5, **tls,
             )
         )  # fmt: skip
@@ -446,7 +439,8 @@ class Instance:
             logfmt.event(
                 "api-start", port=cfg.api_port, bind=cfg.api_bind,
                 tls="yes" if self.ctx else "no",
-                client_certs="yes" if self.ctx and cfg.api_client_ca else "no",
+                client_certs=("required" if cfg.api_require_client_cert else "optional")
+                if self.ctx and self.ctx.verify_mode != ssl.CERT_NONE else "no",
                 health_port=cfg.health_port, instance=cfg.instance_id,
             )  # fmt: skip
             done, _ = await asyncio.wait(

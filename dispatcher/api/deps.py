@@ -18,9 +18,12 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 from starlette.types import Scope
 
-from dispatcher.api.peercert import operator_identity, state_of
+from dispatcher.api.operatorcerts import CertIdentity, OperatorTrust
 from dispatcher.core import Dispatcher
 from dispatcher.operations import Caller
+
+#: ``scope["state"]`` key where the gate leaves the request's operator identity
+OPERATOR_KEY = "operator"
 
 if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
@@ -32,7 +35,7 @@ class ApiState:
 
     d: Dispatcher
     ha: HANode | None  # the instance's cluster node; None without one (tests, spec dump)
-    issuers: frozenset[str] | None  # see dispatcher.api.peercert.operator_identity
+    operators: OperatorTrust  # which client certificates name an operator
     registry: CollectorRegistry  # what GET /metrics exposes
 
 
@@ -56,14 +59,18 @@ class ApiCall:
     request: Request
     state: ApiState
     source_ip: str
-    identity: str  # operator identity of the TLS client certificate, "" for none
+    cert: CertIdentity | None  # the operator certificate's identity (the gate's), or None
 
     @classmethod
     def of(cls, request: Request) -> Self:
         state: ApiState = request.app.state.api
-        peer = state_of(request.scope.get("state"))
         return cls(request=request, state=state, source_ip=peer_ip(request.scope),
-                   identity=operator_identity(peer, state.issuers))  # fmt: skip
+                   cert=operator_of(request.scope))  # fmt: skip
+
+    @property
+    def identity(self) -> str:
+        """The operator's CN ("" without an operator certificate)."""
+        return self.cert.cn if self.cert else ""
 
     @property
     def d(self) -> Dispatcher:
@@ -75,9 +82,25 @@ class ApiCall:
         return bearer_token(self.request.headers.get("authorization"))
 
     def caller(self, username: str = "", token: str = "") -> Caller:
-        """The :class:`Caller` the operations authorise, with the body's credentials."""
-        return Caller(kind="api", username=username, token=token,
-                      source_ip=self.source_ip, identity=self.identity)  # fmt: skip
+        """The :class:`Caller` the operations authorise, with the body's credentials (the
+        username is the certificate's CN when there is one: the gate logged a different
+        body username)."""
+        return api_caller(username, token, self.source_ip, self.cert)
+
+
+def operator_of(scope: Scope) -> CertIdentity | None:
+    state = scope.get("state")
+    found = state.get(OPERATOR_KEY) if isinstance(state, dict) else None
+    return found if isinstance(found, CertIdentity) else None
+
+
+def api_caller(username: str, token: str, source_ip: str, cert: CertIdentity | None) -> Caller:
+    """An API :class:`Caller`; with an operator certificate its CN is the username."""
+    if cert is None:
+        return Caller(kind="api", username=username, token=token, source_ip=source_ip)
+    return Caller(kind="api", username=cert.cn, token=token, source_ip=source_ip,
+                  identity=cert.cn, cert_serial=cert.serial,
+                  issuer_fingerprint=cert.issuer_fingerprint)  # fmt: skip
 
 
 async def api_state(request: Request) -> ApiState:

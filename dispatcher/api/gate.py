@@ -2,9 +2,19 @@
 check do, as a plain ASGI middleware in front of FastAPI.
 
 * at most :data:`MAX_HEADERS` header lines (431) and :data:`MAX_BODY` bytes of body
-  (413), a Content-Length that is a number (400);
-* one ``api-request`` log line (with the operator identity of a TLS client certificate,
-  and ``via`` the load balancer on the PROXY v2 port);
+  (413), a Content-Length that is a number (400), JSON nested at most
+  ``MAX_JSON_DEPTH`` deep (400, checked before anything parses it; off the event loop
+  for a large body);
+* operators are not agents: a client certificate names an operator only when the operator
+  CA (or ``api_client_ca``) issued it (:class:`~dispatcher.api.operatorcerts.OperatorTrust`);
+  any other verified certificate (an agent's) is refused with 403 and logged with its CN
+  and serial (``api-refused``), except on the peer routes and for the cluster's own
+  dispatcher serials (a peer forwarding to the leader); with ``api_require_client_cert``
+  a request without an operator certificate is refused;
+* every log line of a request with an operator certificate carries ``IDENTITY`` (its CN)
+  and ``CERT_SERIAL``; its CN is the username (a different body ``username`` is ignored,
+  logged as ``username-ignored``);
+* one ``api-request`` log line (with ``via`` the load balancer on the PROXY v2 port);
 * the ``api`` auth hook call (with ``username``/``token`` of a JSON body, or the bearer
   token), and at most ``api_max_children`` such requests at once (503 ``busy``), for
   every route except ``/health``, ``/metrics`` and the peers' ``/cluster/files/``;
@@ -16,6 +26,7 @@ check do, as a plain ASGI middleware in front of FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -23,15 +34,19 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.common import logfmt
-from dispatcher.api.deps import bearer_token, peer_ip
+from agent.common.serial import serial_to_hex
+from agent.common.wire import MAX_JSON_DEPTH, json_too_deep
+from dispatcher.api.deps import OPERATOR_KEY, api_caller, bearer_token, peer_ip
 from dispatcher.api.errors import denial, error
-from dispatcher.api.peercert import operator_identity, state_of
+from dispatcher.api.operatorcerts import CertIdentity, OperatorTrust, describe
+from dispatcher.api.peercert import state_of
 from dispatcher.api.routes import PEER_PREFIX, route_label
 from dispatcher.core import Dispatcher
-from dispatcher.operations import Caller, Denied, authorise
+from dispatcher.operations import Denied, authorise
 
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
+DEPTH_SCAN_INLINE = 64 * 1024  # bodies larger than this are depth-checked in a thread
 UNGATED = frozenset({"/health", "/metrics"})
 
 
@@ -75,13 +90,15 @@ class ApiGate:
 
     def __init__(
         self, app: ASGIApp, d: Dispatcher, requests: Counter,
-        draining: Callable[[], bool] | None = None, issuers: frozenset[str] | None = None,
+        draining: Callable[[], bool] | None = None, operators: OperatorTrust | None = None,
+        peer_serials: Callable[[], set[str]] = set,
     ) -> None:  # fmt: skip
         self.app = app
         self.d = d
         self.requests = requests
         self.draining = draining or (lambda: False)
-        self.issuers = issuers
+        self.operators = operators or OperatorTrust([])
+        self.peer_serials = peer_serials
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,17 +124,37 @@ class ApiGate:
             self.requests.labels(route_label(scope["path"]), outcome_label(status[0])).inc()
 
     async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method, path = scope["method"], scope["path"]
         state = scope.setdefault("state", {})
-        peer = state_of(state)
+        der = state_of(state).get("peer_cert_der")
+        cert = self.operators.identify(der) if der else None
+        if cert is None:
+            await self._checked(scope, receive, send, der, None)
+            return
+        state[OPERATOR_KEY] = cert
+        with logfmt.context(identity=cert.cn, cert_serial=cert.serial):
+            await self._checked(scope, receive, send, der, cert)
+
+    async def _checked(
+        self, scope: Scope, receive: Receive, send: Send, der: bytes | None,
+        cert: CertIdentity | None,
+    ) -> None:  # fmt: skip
+        method, path = scope["method"], scope["path"]
+        state = scope["state"]
         length_hdr = _header(scope, b"content-length")
         via = state.get("proxy_peer")  # the load balancer, on the PROXY v2 port only
-        identity = operator_identity(peer, self.issuers)
         logfmt.event(
             "api-request", method=method, path=path, peer=peer_ip(scope),
-            len=length_hdr or 0, identity=identity,
-            **({"via": via} if via else {}),
+            len=length_hdr or 0, **({"via": via} if via else {}),
         )  # fmt: skip
+        if der and cert is None and not await self._foreign_cert(scope, der, receive, send):
+            return
+        if not der and self.d.cfg.api_require_client_cert and path not in UNGATED:
+            logfmt.event("api-refused", logfmt.WARNING, path=path, peer=peer_ip(scope),
+                         reason="no client certificate")  # fmt: skip
+            await error(403, "forbidden", "an operator certificate is required")(
+                scope, receive, send
+            )
+            return
         data = await self._read_body(scope, length_hdr, receive, send)
         if data is None:
             return
@@ -130,10 +167,28 @@ class ApiGate:
             return
         self.inflight += 1
         try:
-            if await self._authorised(scope, data, identity, receive, send):
+            if await self._authorised(scope, data, cert, receive, send):
                 await self._pass_on(scope, data, receive, send)
         finally:
             self.inflight -= 1
+
+    async def _foreign_cert(self, scope: Scope, der: bytes, receive: Receive, send: Send) -> bool:
+        """A verified certificate that no operator CA issued (an agent's, a peer's): on
+        the peer routes, or with a dispatcher serial of the cluster (a peer forwarding to
+        the leader), it passes naming no operator; anything else is refused (403)."""
+        path = scope["path"]
+        if path.startswith(PEER_PREFIX):
+            return True
+        cn, serial, issuer = describe(der)
+        if serial_to_hex(serial) in await asyncio.to_thread(self.peer_serials):
+            return True
+        logfmt.event(
+            "api-refused", logfmt.WARNING, path=path, peer=peer_ip(scope),
+            reason="not an operator certificate", cert_cn=cn, cert_serial=serial, issuer=issuer,
+        )  # fmt: skip
+        detail = "the client certificate is not an operator certificate"
+        await error(403, "forbidden", detail)(scope, receive, send)
+        return False
 
     async def _read_body(
         self, scope: Scope, length_hdr: str | None, receive: Receive, send: Send
@@ -162,18 +217,27 @@ class ApiGate:
             if len(body) > MAX_BODY:
                 await self._too_large(scope, receive, send)
                 return None
-        return bytes(body)
+        data = bytes(body)
+        if len(data) <= DEPTH_SCAN_INLINE:
+            deep = json_too_deep(data)
+        else:
+            deep = await asyncio.to_thread(json_too_deep, data)
+        if deep:
+            detail = f"JSON nested deeper than {MAX_JSON_DEPTH}"
+            await error(400, "invalid request", detail)(scope, receive, send)
+            return None
+        return data
 
     async def _authorised(
-        self, scope: Scope, data: bytes, identity: str, receive: Receive, send: Send
+        self, scope: Scope, data: bytes, cert: CertIdentity | None, receive: Receive, send: Send
     ) -> bool:
         """The ``api`` auth hook call; False when it refused (the 403 is sent)."""
         user, token = _body_fields(data)
-        caller = Caller(
-            kind="api", username=user,
-            token=token or bearer_token(_header(scope, b"authorization")),
-            source_ip=peer_ip(scope), identity=identity,
-        )  # fmt: skip
+        if cert is not None and user and user != cert.cn:
+            logfmt.event("username-ignored", logfmt.WARNING, body_username=user,
+                         reason="the operator certificate names the user")  # fmt: skip
+        token = token or bearer_token(_header(scope, b"authorization"))
+        caller = api_caller(user, token, peer_ip(scope), cert)
         try:
             await authorise(self.d, caller, "api")
         except Denied as exc:

@@ -188,8 +188,9 @@ class ClusterCall(ApiCall):
                          peer=self.source_ip, by=request.headers.get(FORWARDED_BY, ""),
                          reason=reason)  # fmt: skip
             raise Answer(error(403, "forbidden", f"forwarded request refused: {reason}"))
-        return Caller(kind="api", username=who.username, token="", source_ip=who.ip,
-                      identity=who.cn)  # fmt: skip
+        return Caller(kind="api", username=who.cn or who.username, token="", source_ip=who.ip,
+                      identity=who.cn, cert_serial=who.serial,
+                      issuer_fingerprint=who.issuer)  # fmt: skip
 
     async def _to_leader(self, node: HANode, body: Credentials | None) -> Response:
         """Find the leader and forward the request to it (a follower's answer)."""
@@ -213,9 +214,9 @@ class ClusterCall(ApiCall):
         request = self.request
         payload = (body.model_dump_json(exclude_none=True, exclude={"token"}).encode()
                    if body is not None else None)  # fmt: skip
-        peer = state_of(request.scope.get("state"))
-        who = {"cn": self.identity, "serial": str(peer["peer_serial"] or "") if self.identity
-               else "", "issuer": str(peer["peer_issuer"] or "") if self.identity else ""}  # fmt: skip
+        cert = self.cert  # the operator certificate's identity, asserted (never the cert)
+        who = {"cn": cert.cn, "serial": cert.serial, "issuer": cert.issuer_fingerprint} if cert \
+            else {"cn": "", "serial": "", "issuer": ""}  # fmt: skip
         try:
             assertion = forwarding.make(
                 node.records.signer, by=node.instance_id, who=who,

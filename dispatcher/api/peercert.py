@@ -80,18 +80,6 @@ def peer_state(transport: asyncio.BaseTransport) -> dict[str, Any]:
     }
 
 
-def operator_identity(peer: dict[str, Any], issuers: frozenset[str] | None) -> str:
-    """The operator identity of a connection's certificate ("" for none).
-
-    ``issuers`` (when the API also verifies peers' dispatcher certificates against another
-    CA than the operators'): only certificates from these issuers name an operator.
-    """
-    ident = peer.get("peer_identity") or ""
-    if ident and issuers is not None and peer.get("peer_issuer") not in issuers:
-        return ""
-    return str(ident)
-
-
 def state_of(scope_state: object) -> dict[str, Any]:
     """The peer keys from a request's ``scope["state"]`` (None where absent)."""
     src = scope_state if isinstance(scope_state, dict) else {}

@@ -15,8 +15,10 @@ etcd client credentials, needs no API credentials, and needs no instance to be h
   from, to, why (:mod:`cluster.history`);
 * ``pause [--reason TEXT]`` / ``resume``: maintenance mode (:mod:`cluster.maintenance`):
   no automatic restarts or periodic leader work while paused;
-* ``haproxy-config``: a working HAProxy configuration (:mod:`dispatcher.haproxy`) for the
-  registered members;
+* ``haproxy-config [--full] [--bind ADDR,...]``: a working HAProxy configuration
+  (:mod:`dispatcher.haproxy`) for every instance of the roster, down ones included: only
+  the ctrl-exec sections (for a shared load balancer), or a whole file with ``--full``;
+* ``forget ID``: take a removed instance out of the roster (refused while it is live);
 * ``keepalived-config``: the keepalived (VRRP) configuration of one of two load balancers
   sharing a virtual IP (:mod:`dispatcher.keepalived`); it needs no store.
 
@@ -77,7 +79,8 @@ def _fail(as_json: bool, msg: str, **extra: Any) -> ExitCode:
 
 
 USAGE = ("usage: ced cluster status [--json] | switchover [--to MEMBER] | history [--json] | "
-         "pause [--reason TEXT] | resume | haproxy-config | keepalived-config --vip IP "
+         "pause [--reason TEXT] | resume | haproxy-config [--full] [--bind ADDR,...] | "
+         "forget INSTANCE_ID | keepalived-config --vip IP "
          "--interface IF --address OWN_IP --peer PEER_IP [--priority N] [--router-id N]")  # fmt: skip
 
 
@@ -88,7 +91,8 @@ def cmd_cluster(inv: Invocation) -> ExitCode:
     handler = {"status": cluster_status, "switchover": cluster_switchover,
                "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
                "haproxy-config": cluster_haproxy_config,
-               "keepalived-config": cluster_keepalived_config}.get(verb)  # fmt: skip
+               "keepalived-config": cluster_keepalived_config,
+               "forget": cluster_forget}.get(verb)  # fmt: skip
     if handler is None:
         raise UsageError(USAGE)
     return handler(inv)
@@ -312,12 +316,13 @@ def haproxy_members(cfg: DispatcherConfig, members: list[MemberInfo]) -> list[Me
             instance_id=m.instance_id, host=parts.hostname, api_port=port,
             health_port=m.health_port or cfg.health_port,
             pairing_port=m.pairing_port or cfg.pairing_port, proxy_port=m.proxy_port,
+            pairing_proxy_port=m.pairing_proxy_port,
         ))  # fmt: skip
     return found
 
 
 def cluster_haproxy_config(inv: Invocation) -> ExitCode:
-    """Print an HAProxy configuration for the members registered right now."""
+    """Print an HAProxy configuration for every instance of the roster (down ones too)."""
     import sys
 
     from dispatcher.haproxy import render
@@ -325,16 +330,53 @@ def cluster_haproxy_config(inv: Invocation) -> ExitCode:
     cfg = inv.d.cfg
     backend = _backend(cfg)
     try:
-        members = haproxy_members(cfg, backend.members())
+        members = haproxy_members(cfg, _configured(cfg, backend))
     except BackendUnavailable as exc:
         return _fail(False, "cluster unavailable", detail=str(exc))
     finally:
         backend.close()
     if not members:
         return _fail(False, "no members registered (is any ctrl-exec-api running?)")
-    proxy = any(m.proxy_port for m in members)
+    proxy = any(m.proxy_port or m.pairing_proxy_port for m in members)
+    binds = [b.strip() for b in (inv.ns.bind or "0.0.0.0").split(",") if b.strip()]
     sys.stdout.write(render(members, api_port=cfg.api_port, pairing_port=cfg.pairing_port,
-                            proxy_protocol=proxy))  # fmt: skip
+                            proxy_protocol=proxy, bind=binds, full=bool(inv.ns.full),
+                            pairing_timeout=cfg.pairing_timeout))  # fmt: skip
+    return ExitCode.OK
+
+
+def _configured(cfg: DispatcherConfig, backend: KVBackend) -> list[MemberInfo]:
+    """Live members plus the roster's (:mod:`dispatcher.ha.roster`; etcd only)."""
+    if backend.kind != "etcd":
+        return backend.members()
+    from dispatcher.ha import roster
+    from dispatcher.ha.records import Records
+
+    return roster.configured(backend, Records.for_ca_dir(cfg.ca_dir))
+
+
+def cluster_forget(inv: Invocation) -> ExitCode:
+    """``cluster forget ID``: take a removed instance out of the roster (not while live)."""
+    from dispatcher.ha import roster
+
+    target = inv.words[1] if len(inv.words) > 1 else ""
+    if not target:
+        raise UsageError("usage: ced cluster forget INSTANCE_ID")
+
+    def forget(b: KVBackend) -> str:
+        if any(m.instance_id == target for m in b.members()):
+            return "live"
+        return "forgotten" if roster.forget(b, target) else "unknown"
+
+    got = _in_store(inv, forget)
+    if isinstance(got, ExitCode):
+        return got
+    if got == "live":
+        return _fail(inv.json, f"{target} is a live member: stop it first")
+    if inv.json:
+        out_json({"ok": 1, "instance_id": target, "result": got})
+    else:
+        out(f"{target}: {'removed from the roster' if got == 'forgotten' else 'not in the roster'}")
     return ExitCode.OK
 
 

@@ -53,7 +53,9 @@ class Invocation:
 
         user = self.ns.username if self.ns.username is not None else os.environ.get("USER", "")
         token = self.ns.token if self.ns.token is not None else os.environ.get("ENVEXEC_TOKEN", "")
-        return Caller("cli", username=user, token=token, source_ip="127.0.0.1")
+        who = local_user()
+        return Caller("cli", username=user, token=token, source_ip="127.0.0.1",
+                      identity=who["unix_user"], sudo_user=who.get("sudo_user", ""))  # fmt: skip
 
     def leader_action(
         self, name: str, args: dict[str, Any], timeout: float = 120.0, failed: str = ""
@@ -92,6 +94,21 @@ class Invocation:
         sys.stdout.flush()
         answer = sys.stdin.readline().strip().lower()
         return answer == "y"
+
+
+def local_user() -> dict[str, str]:
+    """``unix_user`` (the real user of this process, not ``$USER``) and ``sudo_user``
+    (``$SUDO_USER``, when set): what a local run records and logs."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    out = {"unix_user": user}
+    if os.environ.get("SUDO_USER"):
+        out["sudo_user"] = os.environ["SUDO_USER"]
+    return out
 
 
 def open_dispatcher(path: str | None) -> Dispatcher:

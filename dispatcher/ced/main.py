@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from agent.common import logfmt
 from cluster.errors import ClusterError
-from dispatcher.ced.invocation import Invocation
+from dispatcher.ced.invocation import Invocation, local_user
 from dispatcher.ced.output import PROG, err, out, out_json
 from dispatcher.errors import ConfigError, CtrlExecError, ExitCode, Fail, UsageError
 
@@ -38,6 +39,9 @@ Modes:
                              [--lookup-by ip|hostname] [--ip addr] [--agent-port n]
   deny <reqid>               deny a pairing request
   setup-ca                   one-time CA initialisation
+  setup-operator-ca          one-time operator CA initialisation (the API trusts it)
+  issue-operator <name>      client certificate for an operator or automation account
+                             [--days n] [--out dir] (writes dir/name.crt, dir/name.key)
   setup-ctrl-exec            generate the dispatcher key and certificate [--yes]
   list-agents [--tags k=v,...]
                              list registered agents
@@ -55,7 +59,9 @@ Modes:
   cluster history [--json]   every change of leader: term, epoch, time, from, to, why
   cluster pause [--reason T] maintenance: no automatic restarts or maintenance
   cluster resume             end maintenance
-  cluster haproxy-config     print a TCP-passthrough HAProxy config for the members
+  cluster haproxy-config     print HAProxy sections (TCP passthrough) for every instance
+                             [--full] whole file  [--bind ADDR,...] listen addresses
+  cluster forget <id>        take a removed instance out of the roster
   cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
                              [--priority N] [--router-id N]
                              print keepalived (VRRP) config for one of two load balancers
@@ -87,6 +93,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "approve": ("pairing", "cmd_approve"),
     "deny": ("pairing", "cmd_deny"),
     "setup-ca": ("pki", "cmd_setup_ca"),
+    "setup-operator-ca": ("pki", "cmd_setup_operator_ca"),
+    "issue-operator": ("pki", "cmd_issue_operator"),
     "setup-ctrl-exec": ("pki", "cmd_setup_dispatcher"),
     "list-agents": ("agents", "cmd_list_agents"),
     "edit-agent": ("agents", "cmd_edit_agent"),
@@ -136,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename")
     p.add_argument("--to")
     p.add_argument("--reason")
+    p.add_argument("--full", action="store_true")  # cluster haproxy-config
+    p.add_argument("--bind")
     p.add_argument("--vip")  # cluster keepalived-config
     p.add_argument("--interface")
     p.add_argument("--address")
@@ -145,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tags")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
+    p.add_argument("--days", type=int)
+    p.add_argument("--out")
     p.add_argument("--yes", "-y", action="store_true")
     p.add_argument("--version", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
@@ -310,7 +322,8 @@ def _run(argv: list[str]) -> int:
         return ExitCode.USAGE
     inv = Invocation(ns, script_args)
     try:
-        return verb(mode)(inv)
+        with logfmt.context(**local_user()):  # every line names who ran ced
+            return verb(mode)(inv)
     except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
             ModuleNotFoundError) as exc:  # fmt: skip
         return on_error(inv, exc)

@@ -1,6 +1,8 @@
-"""``ced setup-ca``, ``setup-ctrl-exec``, ``rotate-cert``, ``serial-status`` and ``maintain``.
+"""``ced setup-ca``, ``setup-operator-ca``, ``issue-operator``, ``setup-ctrl-exec``,
+``rotate-cert``, ``serial-status`` and ``maintain``.
 
-All but ``serial-status`` are leader-only actions (:mod:`dispatcher.ha.actions`): carried
+All but ``serial-status`` and ``issue-operator`` (it signs locally with the operator CA
+key and writes only to ``--out``) are leader-only actions (:mod:`dispatcher.ha.actions`): carried
 out here without etcd, by the cluster leader with it. In a cluster ``rotate-cert`` then
 follows the members converging on the new serial
 (:func:`dispatcher.ced.cluster.wait_converged`).
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dispatcher.ced.invocation import Invocation
+from dispatcher.ced.invocation import Invocation, local_user
 from dispatcher.ced.output import PROG, err, out, out_json
 from dispatcher.errors import ExitCode, Fail
 
@@ -24,6 +26,37 @@ def cmd_setup_ca(inv: Invocation) -> ExitCode:
     out(f"  Key:  {doc['key']}")
     out(f"  Cert: {doc['cert']}")
     out("Keep ca.key secure - it never leaves this host.")
+    return ExitCode.OK
+
+
+def cmd_setup_operator_ca(inv: Invocation) -> ExitCode:
+    out("Setting up the operator CA...")
+    doc = inv.leader_action("setup-operator-ca", {}, failed="Error: ").data
+    out("Operator CA created:")
+    out(f"  Key:         {doc['key']}")
+    out(f"  Cert:        {doc['cert']}")
+    out(f"  Fingerprint: {doc['fingerprint']}")
+    out("The API trusts it without configuration (every instance, once replicated).")
+    out(f"Issue operator certificates with '{PROG} issue-operator NAME'.")
+    return ExitCode.OK
+
+
+def cmd_issue_operator(inv: Invocation) -> ExitCode:
+    from dispatcher.pki import operatorca
+
+    inv.need(1, "issue-operator NAME [--days N] [--out DIR]")
+    days = int(inv.ns.days) if inv.ns.days is not None else operatorca.DEFAULT_DAYS
+    issued = operatorca.issue_operator(inv.d.cfg.ca_dir, inv.words[0], days, inv.ns.out or ".",
+                                       issued_by=local_user())  # fmt: skip
+    if inv.json:
+        out_json({"ok": 1, "cn": issued.cn, "serial": issued.serial, "days": issued.days,
+                  "cert": str(issued.cert), "key": str(issued.key)})  # fmt: skip
+        return ExitCode.OK
+    out(f"Operator certificate issued for {issued.cn}:")
+    out(f"  Cert:   {issued.cert}")
+    out(f"  Key:    {issued.key}")
+    out(f"  Serial: {issued.serial}")
+    out(f"  Valid:  {issued.days} days")
     return ExitCode.OK
 
 

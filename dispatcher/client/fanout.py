@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.common import logfmt
 from agent.common.records import record
 from dispatcher.client.io import AgentIO, resolve_io
+from dispatcher.client.pins import COUNTERS
 from dispatcher.client.wire import AgentRequest, TargetLike
 
 if TYPE_CHECKING:
@@ -51,13 +52,25 @@ class Reach:
     max_hosts: int = MAX_HOSTS
     sessions: SessionCache | None = None
     io: AgentIO | None = None
+    observed: dict[str, tuple[str, str]] | None = None
 
     async def call(
         self, t: TargetLike, method: str, path: str, body: dict[str, Any] | None
     ) -> AgentReply:
-        """One request to ``t``; never raises for transport or HTTP failures."""
+        """One request to ``t``; never raises for transport or HTTP failures.
+
+        The agent's certificate is checked against the target's pins (if it has any);
+        with ``observed``, the ``(serial, pubkey_sha256)`` of every agent that answered
+        is kept there by registry name (for the leader to pin or promote).
+        """
         req = AgentRequest.to(t, method, path, body, self.ctx, self.timeout, self.sessions)
-        return await resolve_io(self.io).call(req)
+        reply = await resolve_io(self.io).call(req)
+        if reply.code is not None and reply.peer is not None:
+            if self.observed is not None:
+                self.observed[t.name] = reply.peer
+            if req.pins is None and hasattr(t, "pins"):
+                COUNTERS.accepted_unpinned(t.name)
+        return reply
 
     def check_hosts(self, targets: Sequence[TargetLike]) -> None:
         if len(targets) > self.max_hosts:

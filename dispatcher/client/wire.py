@@ -13,6 +13,8 @@ and move bytes; everything else is here and imports neither asyncio nor threads:
   :func:`sessions_for` keeps one cache per context;
 * the reply: a head plus exactly ``Content-Length`` bytes (a body that ends at EOF is
   accepted), parsed into an :class:`AgentReply`;
+* the agent's certificate checked against the registry's pins right after the handshake,
+  before a byte of the request is written (:mod:`dispatcher.client.pins`);
 * transport failures rewritten to upstream's strings (:meth:`Attempt.transport_error`,
   ``_transport_error`` in upstream's engine): the ``<h>`` in them is the connect address,
   as upstream's is.
@@ -43,6 +45,7 @@ from typing import Any, Protocol
 from agent.common.errors import ProtocolError
 from agent.common.records import record
 from agent.common.wire import parse_head, request_bytes
+from dispatcher.client.pins import COUNTERS, PinMismatch, Pins, peer_identity
 
 MAX_RESPONSE = 128 * 1024 * 1024
 READ_CHUNK = 256 * 1024
@@ -86,6 +89,7 @@ class AgentRequest:
     name: str
     sessions: SessionCache | None = None
     use_sessions: bool = True
+    pins: Pins | None = None
 
     @classmethod
     def to(
@@ -98,8 +102,9 @@ class AgentRequest:
         timeout: float,
         sessions: SessionCache | None = None,
     ) -> AgentRequest:
-        """The request to target ``t`` (its address, port and registry name)."""
-        return cls(t.address, t.port, method, path, body, ctx, timeout, t.name, sessions)
+        """The request to target ``t`` (its address, port, registry name and pins)."""
+        return cls(t.address, t.port, method, path, body, ctx, timeout, t.name, sessions,
+                   pins=getattr(t, "pins", None))  # fmt: skip
 
 
 @record
@@ -112,6 +117,7 @@ class AgentReply:
     error: str = ""
     status_line: str = ""
     resumed: bool = False
+    peer: tuple[str, str] | None = None  # (serial, pubkey_sha256) the agent presented
 
     @property
     def rtt(self) -> str:
@@ -180,7 +186,7 @@ class HandshakeRefused(ProtocolError):
 
 #: Everything a request may raise that :meth:`Attempt.failed` turns into an error string.
 TRANSPORT_ERRORS = (OSError, ssl.SSLError, TimeoutError, ValueError, ResponseTooLarge,
-                    HandshakeRefused)  # fmt: skip
+                    HandshakeRefused, PinMismatch)  # fmt: skip
 
 
 def host_header(address: str, port: int) -> str:
@@ -205,6 +211,7 @@ class Attempt:
         self.phase = "connect"  # connect -> tls -> request -> response
         self.resumed = False
         self.got_data = False
+        self.peer: tuple[str, str] | None = None
         self.t0 = time.monotonic()
 
     def exchange(self) -> Exchange:
@@ -236,6 +243,7 @@ class Attempt:
         version = sslobj.version()
         if resumed and sessions is not None:
             sessions.resumed += 1
+        self._check_peer(sslobj.getpeercert(binary_form=True))
 
         self.phase = "request"
         sslobj.write(self.payload)
@@ -285,6 +293,18 @@ class Attempt:
                 sessions.put(address, port, s)
         return bytes(buf)
 
+    def _check_peer(self, der: bytes | None) -> None:
+        """Record who answered; :class:`PinMismatch` (before any request byte is written)
+        unless the certificate is one the registry pinned for this agent."""
+        pins = self.req.pins
+        if pins is not None:
+            self.peer = pins.check(der)
+            return
+        try:
+            self.peer = peer_identity(der)
+        except PinMismatch:
+            self.peer = None
+
     def _rtt(self) -> int:
         return round((time.monotonic() - self.t0) * 1000)
 
@@ -292,15 +312,18 @@ class Attempt:
         """The reply for a transport failure (one of :data:`TRANSPORT_ERRORS`)."""
         rtt = self._rtt()
         req = self.req
-        if isinstance(exc, ssl.SSLError | HandshakeRefused) and self.sessions is not None:
+        refused = isinstance(exc, ssl.SSLError | HandshakeRefused | PinMismatch)
+        if refused and self.sessions is not None:
             self.sessions.drop(req.address, req.port)
+        if isinstance(exc, PinMismatch):
+            COUNTERS.mismatch(req.name, f"{req.address}:{req.port}", str(exc))
         err = self.transport_error(exc)
         logging = sys.modules.get("logging")  # not imported: nothing can show a debug line
         if logging is not None:
             logging.getLogger("ctrl-exec.agentclient").debug(
                 "%s %s to %s (%s:%s) failed in %s: %r", req.method, req.path, req.name,
                 req.address, req.port, self.phase, exc)  # fmt: skip
-        return AgentReply(None, None, rtt, err, resumed=self.resumed)
+        return AgentReply(None, None, rtt, err, resumed=self.resumed, peer=self.peer)
 
     def transport_error(self, exc: BaseException) -> str:
         """Upstream's string for ``exc``; ``<h>`` in it is the connect address."""
@@ -330,6 +353,8 @@ class Attempt:
             return tls
         if isinstance(exc, HandshakeRefused):
             return tls
+        if isinstance(exc, PinMismatch):
+            return str(exc)
         if isinstance(exc, ResponseTooLarge):
             return "500 response too large"
         if isinstance(exc, OSError):
@@ -344,7 +369,9 @@ class Attempt:
 
     def done(self, raw: bytes) -> AgentReply:
         """The reply parsed from the raw response bytes."""
-        return parse_reply(raw, self._rtt(), self.resumed)
+        reply = parse_reply(raw, self._rtt(), self.resumed)
+        reply.peer = self.peer
+        return reply
 
 
 def _feed(incoming: ssl.MemoryBIO, data: bytes) -> None:

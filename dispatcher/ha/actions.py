@@ -157,6 +157,16 @@ def setup_ca(d: Dispatcher) -> dict[str, Any]:
             "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
+def setup_operator_ca(d: Dispatcher) -> dict[str, Any]:
+    """The operators' own CA under ``ca_dir`` (:mod:`dispatcher.pki.operatorca`)."""
+    from dispatcher.pki import operatorca
+    from dispatcher.pki.ca import fingerprint
+
+    ca = operatorca.create_operator_ca(d.cfg.ca_dir, writer=d.writer)
+    return {"key": str(operatorca.key_path(d.cfg.ca_dir)), "cert": str(ca.cert_path),
+            "fingerprint": fingerprint(ca.cert)}  # fmt: skip
+
+
 def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
     from dispatcher.pki import ca as pki
 
@@ -194,6 +204,7 @@ ACTIONS: dict[str, Action] = {
         Action("unpair", "agent-unpair", unpair),
         Action("edit-agent", "agent-edit", edit_agent),
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
+        Action("setup-operator-ca", "setup-operator-ca", setup_operator_ca, bootstrap=True),
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
         Action("rotate-cert", "cert-rotate", rotate_cert),
         Action("maintain", "maintain", maintain),

@@ -45,7 +45,7 @@ class Asserted:
     by: str  # the forwarding instance
     cn: str  # operator identity of the original client certificate ("" for none)
     serial: str
-    issuer: str
+    issuer: str  # SHA256:<hex> of the CA that issued the operator certificate
     username: str
     ip: str
 

@@ -312,4 +312,9 @@ def material(cfg: DispatcherConfig) -> dict[str, str]:
             out[k] = file_sha256(Path(path))
         except OSError:
             out[k] = "missing"
+    # the operator CA (trusted by the API without a config key): its arrival is a restart
+    try:
+        out["operator_ca"] = file_sha256(Path(cfg.ca_dir) / "operator-ca.crt")
+    except OSError:
+        out["operator_ca"] = "-"
     return out

@@ -126,6 +126,7 @@ class HANode:
         self.run_locks = HARunLocks(
             ClusterRunLocks(self.data, self.session, owner=self.instance_id),
             LocalRunLocks(cfg.locks_dir), self.health,
+            refuse=cfg.run_lock_without_etcd == "refuse",
         )  # fmt: skip
         self.runs: RunStore = (
             ClusterRunStore(cfg.runs_dir, self.data, self.health)
@@ -185,6 +186,7 @@ class HANode:
             cert_serial=_cert_serial(cfg.cert), generation=0, state="serving",
             health_port=cfg.health_port, pairing_port=cfg.pairing_port,
             proxy_port=int(getattr(cfg, "api_proxy_port", 0) or 0),
+            pairing_proxy_port=int(cfg.pairing_proxy_port or 0),
             pid=os.getpid(), host=socket.gethostname(),
         )  # fmt: skip
 
@@ -456,6 +458,8 @@ class HANode:
             elif self.orders is not None:
                 self.orders.check()
             self.run_locks.retry_releases()
+            if cycle % 20 == 1:
+                self._record_roster()
             if self.sync is not None:
                 self.sync.refresh_member()
             elif cycle % 10 == 0:
@@ -466,6 +470,15 @@ class HANode:
                              status="unreachable", error=exc)  # fmt: skip
         except Exception as exc:  # the monitor never dies
             logfmt.event("cluster-monitor", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _record_roster(self) -> None:
+        """This instance's roster entry (``dispatcher.ha.roster``), once we hold a key."""
+        if self.kind != "etcd" or self.records.problem is not None:
+            return
+        from dispatcher.ha import roster
+
+        if roster.record(self.data, self.records, self._member_info()):
+            logfmt.event("roster", instance=self.instance_id, url=advertise_url(self.cfg))
 
     def _check_switchover(self) -> None:
         req = switchover.read_request(self.data, self._signer(), self.records.reject)

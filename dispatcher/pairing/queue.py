@@ -29,6 +29,21 @@ one host must not be able to fill the queue or pass for another):
   keeps a code from ever being shown for two requests. Every agent makes a new key for
   each ``request-pairing``, so an honest agent never hits this.
 
+A request sent again on a new connection (our agent reconnects when its connection
+drops, with the same CSR and nonce) is the same request, recognised by its CSR and nonce:
+:func:`submit` returns it marked ``resumed`` instead of refusing it as a duplicate:
+``"pending"`` while it waits in this queue, ``"approved"`` once approved (the record then
+carries the ``approval`` to deliver). A pending request is resumed only from the address
+that sent it; the same key with another nonce, or from another address, is still refused.
+
+Approvals survive the leader: :func:`approve` also writes the approval document to
+``<ca_dir>/pairing-approved/<key sha256>.json`` (before ``<reqid>.approved``), a file the
+cluster's generations carry, so the approve action is acknowledged (``sync_ack``) only
+once members hold it, and a new leader answers the agent's resubmission with the
+certificate. These documents hold public material only (certificate, CA certificate,
+nonce) and are pruned after ``APPROVED_KEEP`` seconds. Pending requests and denials stay
+the leader's own: after a failover, a waiting agent's resubmission is a new request.
+
 Deviation from upstream (on purpose): :func:`approve` registers the agent *before* it
 writes ``<reqid>.approved``. If the registry write fails, no certificate has left the
 dispatcher; upstream's order can hand out a certificate for an agent that is then
@@ -45,12 +60,14 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.certinfo import identity_der
 from agent.common.certs import pairing_code
 from agent.common.errors import CtrlExecError
 from agent.common.logfmt import event
@@ -76,6 +93,9 @@ SEEN_KEYS = ".seen-keys"  # JSON {sha256: time}; not *.json, which are requests
 SEEN_KEYS_FOR = 30 * 86400.0
 SEEN_KEYS_MAX = 5_000
 DEFAULT_MAX_PER_SOURCE = 3
+APPROVED_DIR = "pairing-approved"  # under ca_dir: carried by the cluster's generations
+APPROVED_KEEP = 86400.0
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class PairingQueueError(CtrlExecError):
@@ -178,7 +198,7 @@ def csr_facts(csr: str, hostname: str) -> tuple[str, str]:
     return cn, pki.public_key_sha256(parsed.public_key())
 
 
-def _key_of(record: dict[str, Any]) -> str:
+def key_of(record: dict[str, Any]) -> str:
     """The public-key hash of a queued record (computed for records written without it)."""
     known = record.get("key_sha256")
     if isinstance(known, str) and known:
@@ -234,6 +254,57 @@ def _locked(pairing_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def approvals_dir(cfg: DispatcherConfig) -> Path:
+    """Where approvals are kept for agents that reconnect (replicated with ``ca_dir``)."""
+    return Path(cfg.ca_dir) / APPROVED_DIR
+
+
+def approval_path(approvals: str | Path, key: str) -> Path | None:
+    """``<approvals>/<key>.json`` for a public-key sha256 (None for anything else)."""
+    return Path(approvals) / f"{key}.json" if _SHA256_RE.fullmatch(key) else None
+
+
+def _csr_sha256(csr: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(csr.encode()).hexdigest()
+
+
+def _same_request(stored_csr: object, stored_nonce: object, csr: str, nonce: object) -> bool:
+    """A resubmission of one request: the same CSR and the same (non-empty) nonce."""
+    return (isinstance(nonce, str) and bool(nonce) and stored_nonce == nonce
+            and stored_csr == csr)  # fmt: skip
+
+
+def resumed_approval(approvals: str | Path, key: str, csr: str, nonce: object
+                     ) -> dict[str, Any] | None:  # fmt: skip
+    """The kept approval of this very request (same key, CSR and nonce), else None;
+    :class:`Refused` when the key was approved for another request."""
+    path = approval_path(approvals, key)
+    doc = _read_json(path) if path is not None else None
+    if doc is None:
+        return None
+    approval, request = doc.get("approval"), doc.get("request")
+    if not isinstance(approval, dict) or not isinstance(request, dict):
+        return None
+    if not _same_request(doc.get("csr_sha256"), approval.get("nonce"), _csr_sha256(csr), nonce):
+        raise Refused("duplicate request: this key was submitted before - run "
+                      "request-pairing again for a new key", "reused-key")  # fmt: skip
+    return {**request, "resumed": "approved", "approval": approval}
+
+
+def _prune_approvals(approvals: Path, writer: StateWriter, now: float) -> None:
+    if not approvals.is_dir():
+        return
+    for p in sorted(approvals.glob("*.json")):
+        try:
+            old = now - p.stat().st_mtime > APPROVED_KEEP
+        except FileNotFoundError:
+            continue
+        if old:
+            writer.delete(p)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -308,7 +379,7 @@ def _refuse_duplicates(
     ):
         raise Refused("too many pending requests from this address", "source-limit")
     for rec in pending:
-        if rec.get("csr") == csr or _key_of(rec) == key:
+        if rec.get("csr") == csr or key_of(rec) == key:
             raise Refused("duplicate request: this key is already waiting for approval",
                           "duplicate-key")  # fmt: skip
     seen = _seen_keys(pairing_dir, now)
@@ -338,9 +409,14 @@ def submit(
     reqid: str | None = None,
     writer: StateWriter | None = None,
     now: float | None = None,
+    approvals: str | Path | None = None,
 ) -> dict[str, Any]:
     """Queue one request; returns the record written. Raises :class:`QueueFull` or
     :class:`Refused` (nothing is written then).
+
+    A resubmission (same CSR and nonce) writes nothing and returns the request marked
+    ``resumed``: ``"approved"`` (with the ``approval``, found in ``approvals``, the kept
+    approvals dir) or ``"pending"`` (the queued record).
 
     ``source_ip`` is the client's real address (the per-source cap counts it); ``ip`` is
     the agent-reported address (used when it is a valid literal, else the source address);
@@ -352,6 +428,10 @@ def submit(
     if not isinstance(csr, str):
         raise Refused("invalid CSR: not a string", "invalid-csr")
     cn, key = csr_facts(csr, hostname)
+    if approvals is not None:
+        resumed = resumed_approval(approvals, key, csr, nonce)
+        if resumed is not None:
+            return resumed
     rid = _check(reqid or new_reqid())
     w = writer or default_writer()
     t = time.time() if now is None else now
@@ -374,6 +454,10 @@ def submit(
     }
     with _locked(pairing_dir):
         expire_stale(pairing_dir, writer=w)
+        for rec in list_pending(pairing_dir, expire=False):
+            if (_same_request(rec.get("csr"), rec.get("nonce"), csr, nonce)
+                    and rec.get("source_ip") == source_ip):  # fmt: skip
+                return {**rec, "resumed": "pending"}
         if count(pairing_dir) >= max_queue:
             raise QueueFull()
         seen = _refuse_duplicates(pairing_dir, source_ip=source_ip, csr=csr, key=key,
@@ -515,10 +599,12 @@ def approve(
         warnings: list[str] = []
         serial = _dispatcher_serial(cfg, warnings)
         expiry = pki.cert_not_after(cert)
+        cert_serial, pubkey = identity_der(ssl.PEM_cert_to_DER_cert(cert))  # the pins
         try:
             record = Registry(cfg.registry_dir, w).register(
                 name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
-                expiry=expiry, dispatcher_serial=serial,
+                expiry=expiry, dispatcher_serial=serial, cert_serial=cert_serial,
+                pubkey_sha256=pubkey,
             )  # fmt: skip
         except (RegistryError, LeaderOnlyRefused) as exc:
             raise PairingQueueError(f"cannot register '{name}': {exc}") from None
@@ -530,6 +616,7 @@ def approve(
             "dispatcher_serial": serial,
             "dispatcher_id": cfg.dispatcher_id,
         }
+        _keep_approval(cfg, w, rec, approval)
         w.write(apath, dumps(approval), FILE_MODE)
     for msg in warnings:
         event("pair-warn", logging.WARNING, reqid=reqid, reason=msg)
@@ -537,6 +624,20 @@ def approve(
           reqid=reqid, serial=serial)  # fmt: skip
     return ApprovalResult(reqid, name, eff_lookup, eff_ip, eff_port, cert, expiry, serial,
                           cfg.dispatcher_id, record, warnings)  # fmt: skip
+
+
+def _keep_approval(cfg: DispatcherConfig, w: StateWriter, rec: dict[str, Any],
+                   approval: dict[str, Any]) -> None:  # fmt: skip
+    """Keep the approval where every member gets it (see the module docstring)."""
+    path = approval_path(approvals_dir(cfg), key_of(rec))
+    if path is None:
+        return
+    now = time.time()
+    _prune_approvals(path.parent, w, now)
+    request = {k: rec.get(k) for k in ("id", "hostname", "ip", "source_ip", "code")}
+    doc = {"request": request, "csr_sha256": _csr_sha256(str(rec.get("csr", ""))),
+           "approved": iso_now(now), "approval": approval}  # fmt: skip
+    w.write(path, dumps(doc), 0o640)
 
 
 def deny(

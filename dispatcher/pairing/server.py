@@ -12,15 +12,26 @@ up to 64 KiB, JSON with ``csr`` and ``hostname``, hint validation, queue, respon
 ``{"status":"denied","reason":"approval timeout"}``. Every response is HTTP 200.
 
 Beyond upstream: when the agent closes its connection before a decision, its request is
-withdrawn from the queue (nobody could receive the certificate); when the listener is
-stopped, waiting agents get ``{"status":"denied","reason":"pairing mode stopped"}``.
+withdrawn from the queue (nobody could receive the certificate) unless the agent is back
+on another connection; when the listener is stopped, waiting agents get
+``{"status":"denied","reason":"pairing mode stopped"}``. Our agent reconnects when its
+connection drops (an upstream agent does not) and sends the same request again: it is
+answered as the same request (:func:`dispatcher.pairing.queue.submit`, ``resumed``):
+``pending`` with the same reqid, then the decision; an approval made by a leader that has
+died since is delivered from the approvals kept in ``ca_dir``.
+
+Fault injection for tests: while the file named by ``CTRL_EXEC_TEST_HOLD_PAIRING_DELIVERY``
+exists, no approval is delivered (the decision is kept, the connection stays open).
 
 Trust boundaries (beyond upstream, same framing): the name must be an RFC 1123 host name
 and the CSR's CN exactly that name; one client address holds at most
 ``pairing_max_per_source`` pending requests; a key or code already pending is refused
 (:func:`dispatcher.pairing.queue.submit`). The rate limiter and the per-source cap are
-keyed on the *client* address :meth:`PairingServer.handle` is given, which a PROXY-protocol
-front end sets to the address behind the load balancer (default: the TCP peer). The TLS
+keyed on the *client* address :meth:`PairingServer.handle` is given: the TCP peer, or on
+the PROXY v2 port (``pairing_proxy_port``, for HAProxy's ``send-proxy-v2``) the client
+address from the header. That port takes connections only from ``api_proxy_sources`` (the
+API's rule, :mod:`dispatcher.proxyv2`): anyone else is closed before a byte is read, and
+a missing, malformed or slow header closes the connection before TLS. The TLS
 certificate message carries the CA after the dispatcher certificate, so an agent that pins
 the CA (``request-pairing --ca-fingerprint``) can check the chain before it sends anything.
 """
@@ -31,17 +42,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.common.logfmt import event
 from agent.common.ratelimit import RateLimiter, RateSpec
 from agent.common.tlsconf import server_context
-from agent.common.wire import response_bytes
+from agent.common.wire import dumps, response_bytes
+from dispatcher import proxyv2
+from dispatcher.client.aio import ASYNCIO
 from dispatcher.config import DispatcherConfig
+from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq
 from dispatcher.registry import Registry
@@ -50,8 +65,11 @@ from dispatcher.statewrite import StateWriter, default_writer
 MAX_BODY = 65_536
 MAX_HEAD = 65_536
 DEFAULT_VOLUME = RateSpec(10, 60, 300)
+HOLD_ENV = "CTRL_EXEC_TEST_HOLD_PAIRING_DELIVERY"
+UNAVAILABLE = "pairing unavailable, try again later"
 
 OnRequest = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 def parse_rate(value: str) -> RateSpec:
@@ -89,6 +107,11 @@ def _context_with_ca(cert: str, key: str, ca: str) -> ssl.SSLContext:
         chain = os.path.join(tmp, "chain.pem")  # public certificates only
         Path(chain).write_text(leaf.rstrip("\n") + "\n" + ca_pem)
         return server_context(chain, key)
+
+
+def _close(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()
 
 
 def _reverse_dns(ip: str) -> tuple[str, bool]:
@@ -158,8 +181,12 @@ class PairingServer:
         )  # fmt: skip
         self.ssl_ctx: ssl.SSLContext | None = None
         self.server: asyncio.Server | None = None
+        self.proxy_port = 0  # the PROXY v2 listener's port once started (0: none)
+        self._proxy_sock: socket.socket | None = None
+        self._proxy_accept: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
+        self._attached: dict[str, int] = {}  # reqid -> connections waiting for it
 
     @property
     def live(self) -> int:
@@ -169,15 +196,23 @@ class PairingServer:
         """Load the dispatcher cert/key, expire stale requests and listen."""
         self.ssl_ctx = _context_with_ca(self.cfg.cert, self.cfg.key, self.cfg.ca)
         self._stopping = asyncio.Event()
-        pq._dir(self.pairing_dir)
-        pq.expire_stale(self.pairing_dir, writer=self.writer)
+        await asyncio.to_thread(pq._dir, self.pairing_dir)
+        await self._offload(lambda: pq.expire_stale(self.pairing_dir, writer=self.writer))
         self.server = await asyncio.start_server(
             self._on_connect, host=self.host, port=self.port, backlog=128,
             limit=MAX_HEAD + 1024,
         )  # fmt: skip
         sock = self.server.sockets[0]
         self.port = int(sock.getsockname()[1])
-        event("pairing-mode-start", port=self.port, bind=self.host)
+        if self.cfg.pairing_proxy_port:
+            try:
+                await self._start_proxy()
+            except BaseException:
+                self.server.close()
+                self.server = None
+                raise
+        event("pairing-mode-start", port=self.port, bind=self.host,
+              proxy_port=self.proxy_port or None)  # fmt: skip
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening; waiting agents get a final answer, then connections close."""
@@ -186,6 +221,7 @@ class PairingServer:
         assert self._stopping is not None
         self._stopping.set()
         self.server.close()
+        await self._stop_proxy()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for t in pending:
@@ -196,6 +232,85 @@ class PairingServer:
             await asyncio.wait_for(self.server.wait_closed(), 2)
         self.server = None
         event("pairing-mode-stop", port=self.port)
+
+    # ----- the PROXY v2 listener -----------------------------------------------------------
+
+    async def _start_proxy(self) -> None:
+        networks = proxyv2.parse_sources(self.cfg.api_proxy_sources)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.cfg.pairing_proxy_port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._proxy_sock = sock
+        self.proxy_port = int(sock.getsockname()[1])
+        self._proxy_accept = asyncio.create_task(self._proxy_loop(sock, networks))
+
+    async def _stop_proxy(self) -> None:
+        task, self._proxy_accept = self._proxy_accept, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sock, self._proxy_sock = self._proxy_sock, None
+        if sock is not None:
+            sock.close()
+
+    async def _proxy_loop(self, sock: socket.socket, networks: list[proxyv2.Network]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: do not spin
+                event("pairing-proxy-error", logging.ERROR, error=exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = plain_ip(str(addr[0]), keep_zone=True)
+            if not proxyv2.trusted(peer, networks):
+                event("pairing-proxy-refuse", logging.WARNING, peer=peer,
+                      reason="not-a-trusted-proxy")  # fmt: skip
+                _close(conn)
+                continue
+            task = asyncio.create_task(self._proxied(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _proxied(self, conn: socket.socket, peer: str) -> None:
+        """Read the PROXY v2 header off the raw socket (nothing after it), then serve the
+        connection as the client the header names."""
+        conn.setblocking(False)
+        try:
+            header = await asyncio.wait_for(proxyv2.read_header(conn), self.handshake_timeout)
+        except (proxyv2.ProxyProtocolError, TimeoutError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            event("pairing-proxy-reject", logging.WARNING, peer=peer, reason=reason)
+            _close(conn)
+            return
+        except asyncio.CancelledError:
+            _close(conn)
+            raise
+        client = header.client[0] if header.client is not None else peer
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD + 1024, loop=loop)
+        served: list[asyncio.Future[None]] = []
+
+        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            served.append(asyncio.ensure_future(self.handle(r, w, client_ip=client)))
+
+        try:
+            await loop.connect_accepted_socket(
+                lambda: asyncio.StreamReaderProtocol(reader, connected, loop=loop), conn
+            )
+        except OSError:
+            _close(conn)
+            return
+        if served:
+            await served[0]
 
     # ----- connections ------------------------------------------------------------------
 
@@ -273,23 +388,86 @@ class PairingServer:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             return
         reqid = str(record["id"])
+        resumed = str(record.get("resumed") or "")
         fields: dict[str, Any] = {"agent": record["hostname"], "ip": ip, "reqid": reqid,
                                   "status": "pending", "code": record["code"]}  # fmt: skip
         if record["ip"] != ip:
             fields["reported_ip"] = record["ip"]
+        if resumed:
+            fields["resumed"] = resumed
         event("pair-request", **fields)
-        if not await self._send(writer, response_bytes(200, {"status": "pending",
-                                                              "reqid": reqid})):  # fmt: skip
-            self._withdraw(reqid, "disconnected")
+        if resumed == "approved":
+            await self._resume_approved(reader, writer, record)
             return
-        if self.on_request is not None:
-            try:
-                registry = Registry(self.cfg.registry_dir)
-                shown = await asyncio.to_thread(pq.describe, [record], registry)
-                self.on_request(shown[0])
-            except Exception as exc:
-                event("pair-error", logging.ERROR, reqid=reqid, reason=f"on_request: {exc}")
-        await self._await_decision(reader, writer, reqid)
+        self._attached[reqid] = self._attached.get(reqid, 0) + 1
+        try:
+            if not await self._send(writer, response_bytes(200, {"status": "pending",
+                                                                  "reqid": reqid})):  # fmt: skip
+                await self._withdraw(reqid, "disconnected")
+                return
+            if self.on_request is not None and not resumed:
+                await self._show(record)
+            await self._await_decision(reader, writer, record)
+        finally:
+            left = self._attached.get(reqid, 1) - 1
+            if left > 0:
+                self._attached[reqid] = left
+            else:
+                self._attached.pop(reqid, None)
+
+    def _kept_approval(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return pq.resumed_approval(pq.approvals_dir(self.cfg), pq.key_of(record),
+                                       str(record.get("csr", "")), record.get("nonce"))  # fmt: skip
+        except pq.Refused:
+            return None
+
+    async def _resume_approved(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        record: dict[str, Any], answered: bool = False,
+    ) -> None:  # fmt: skip
+        """A resubmitted request that was approved (maybe by a leader gone since):
+        ``pending`` with its reqid (unless ``answered``), then the kept approval."""
+        reqid = str(record["id"])
+        if not answered and not await self._send(
+            writer, response_bytes(200, {"status": "pending", "reqid": reqid})
+        ):
+            return
+        if not await self._hold(reader):
+            return
+        sent = await self._send(writer, frame(dumps(record["approval"])))
+        with contextlib.suppress(pq.PairingQueueError):
+            qpath, apath, _ = pq.paths(self.pairing_dir, reqid)
+            if await asyncio.to_thread(apath.exists):  # approved here, not delivered yet
+                await self._delete(apath, qpath)
+        event("pair-deliver", logging.INFO if sent else logging.WARNING, reqid=reqid,
+              status="approved", sent=int(sent), resumed="approved")  # fmt: skip
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bool:
+        """Test fault injection (``HOLD_ENV``): wait while the hold file exists; False
+        when the agent hung up or the listener stops meanwhile."""
+        hold = os.environ.get(HOLD_ENV, "")
+        if not hold or not os.path.exists(hold):
+            return True
+        assert self._stopping is not None
+        event("pair-hold", logging.WARNING, reason=f"{HOLD_ENV} exists")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.approval_timeout
+        while os.path.exists(hold):
+            if self._stopping.is_set() or reader.at_eof() or loop.time() > deadline:
+                return False
+            await asyncio.sleep(self.poll_interval)
+        return True
+
+    async def _show(self, record: dict[str, Any]) -> None:
+        assert self.on_request is not None
+        try:
+            registry = Registry(self.cfg.registry_dir)
+            shown = await asyncio.to_thread(pq.describe, [record], registry)
+            self.on_request(shown[0])
+        except Exception as exc:
+            event("pair-error", logging.ERROR, reqid=str(record["id"]),
+                  reason=f"on_request: {exc}")  # fmt: skip
 
     async def _read_and_queue(self, reader: asyncio.StreamReader, ip: str) -> dict[str, Any]:
         try:
@@ -334,17 +512,23 @@ class PairingServer:
         lookup_by = obj.get("lookup_by") if obj.get("lookup_by") in pq.LOOKUP_BY else None
         rdns, confirmed = await self._rdns(ip)
         try:
-            return pq.submit(
-                self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
-                ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
-                reverse_dns=rdns, reverse_confirmed=confirmed,
-                max_queue=self.cfg.pairing_max_queue,
-                max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
+            return await self._offload(
+                lambda: pq.submit(
+                    self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
+                    ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
+                    reverse_dns=rdns, reverse_confirmed=confirmed,
+                    max_queue=self.cfg.pairing_max_queue,
+                    max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
+                    approvals=pq.approvals_dir(self.cfg),
+                ),
+                undo=lambda rec: self._withdraw_now(str(rec["id"]), "cancelled"),
             )  # fmt: skip
         except pq.QueueFull:
             raise _Reject("pairing queue full", "queue-full") from None
         except pq.Refused as exc:
             raise _Reject(exc.reason, exc.log_reason) from None
+        except LeaderOnlyRefused as exc:  # not the leader any more, or etcd unreachable
+            raise _Reject(UNAVAILABLE, f"not-queued: {exc}") from None
 
     async def _rdns(self, ip: str) -> tuple[str, bool]:
         if not self.reverse_dns:
@@ -357,8 +541,29 @@ class PairingServer:
         except (TimeoutError, OSError):
             return "", False
 
-    def _withdraw(self, reqid: str, reason: str) -> None:
-        """Drop an undecided request whose agent is gone."""
+    @staticmethod
+    async def _offload(fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+        """Queue work off the event loop: every queue write goes through the state writer,
+        which in a cluster commits to etcd first (a slow or frozen etcd must not stall the
+        other connections). The work runs to its end; a cancelled caller's result goes to
+        ``undo`` (a request queued for a connection that is gone is withdrawn)."""
+        return await ASYNCIO.offload(fn, undo)
+
+    async def _delete(self, *paths: Path) -> None:
+        def go() -> None:
+            for p in paths:
+                self.writer.delete(p)
+
+        await self._offload(go)
+
+    async def _withdraw(self, reqid: str, reason: str) -> None:
+        if self._attached.get(reqid, 0) > 1:  # the agent is back on another connection
+            event("pair-reattach", reqid=reqid, reason=reason)
+            return
+        await self._offload(lambda: self._withdraw_now(reqid, reason))
+
+    def _withdraw_now(self, reqid: str, reason: str) -> None:
+        """Drop an undecided request whose agent is gone (blocking: the state writer)."""
         qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
         decided = apath.exists() or dpath.exists()
         for p in (qpath, apath, dpath):
@@ -367,8 +572,10 @@ class PairingServer:
               decided=int(decided))  # fmt: skip
 
     async def _await_decision(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reqid: str
-    ) -> None:
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        record: dict[str, Any],
+    ) -> None:  # fmt: skip
+        reqid = str(record["id"])
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.approval_timeout
@@ -377,25 +584,30 @@ class PairingServer:
         qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
         try:
             while True:
-                found = pq.outcome(self.pairing_dir, reqid)
+                found = await asyncio.to_thread(pq.outcome, self.pairing_dir, reqid)
+                if found is not None and found[0] == "approved" and not await self._hold(reader):
+                    return
+                if found is None and not await asyncio.to_thread(qpath.exists):
+                    # decided and delivered on another connection of the same agent:
+                    # an approval is kept, so this connection gets it too
+                    kept = await asyncio.to_thread(self._kept_approval, record)
+                    if kept is not None:
+                        await self._resume_approved(reader, writer, kept, answered=True)
+                    return
                 if found is not None:
                     status, raw = found
                     sent = await self._send(writer, frame(raw.strip()))
-                    if status == "approved":
-                        self.writer.delete(apath)
-                        self.writer.delete(qpath)
-                    else:
-                        self.writer.delete(dpath)
+                    await self._delete(*((apath, qpath) if status == "approved" else (dpath,)))
                     event("pair-deliver", logging.INFO if sent else logging.WARNING,
                           reqid=reqid, status=status, sent=int(sent))  # fmt: skip
                     return
                 if eof.done() and (eof.exception() is not None or eof.result() == b""):
-                    self._withdraw(reqid, "disconnected")
+                    await self._withdraw(reqid, "disconnected")
                     return
                 remaining = deadline - loop.time()
                 if remaining <= 0 or stop.done():
                     reason = "approval timeout" if remaining <= 0 else "pairing mode stopped"
-                    self.writer.delete(qpath)
+                    await self._delete(qpath)
                     event("pair-timeout" if remaining <= 0 else "pair-abandon",
                           logging.WARNING, reqid=reqid, reason=reason)  # fmt: skip
                     await self._send(writer, response_bytes(200, {"status": "denied",

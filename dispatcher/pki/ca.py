@@ -73,7 +73,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _key_bytes(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+def key_bytes(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -85,16 +85,24 @@ def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None =
     """Write ``ca.key`` (0600) and ``ca.crt`` (through ``writer``, default atomic local
     writes); refuses to overwrite an existing key."""
     d = Path(ca_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    key_path, cert_path = d / "ca.key", d / "ca.crt"
+    return create_self_signed(d / "ca.key", d / "ca.crt", CA_CN, days, writer)
+
+
+def create_self_signed(
+    key_path: Path, cert_path: Path, cn: str, days: int = 3650,
+    writer: StateWriter | None = None,
+) -> CA:  # fmt: skip
+    """A new EC P-256 CA: key (0600) and self-signed cert written through ``writer``;
+    refuses to overwrite an existing key (the dispatcher CA, the operator CA)."""
+    key_path.parent.mkdir(parents=True, exist_ok=True)
     if key_path.exists():
         raise PKIError(f"{key_path} already exists; refusing to overwrite the CA")
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(CA_CN))
-        .issuer_name(_name(CA_CN))
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(new_serial())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -110,29 +118,35 @@ def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None =
     w = writer or LocalWriter()
     old = os.umask(0o077)
     try:
-        w.write(key_path, _key_bytes(key), 0o600)
+        w.write(key_path, key_bytes(key), 0o600)
     finally:
         os.umask(old)
     w.write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return CA(cert, key, cert_path)
 
 
-def load_ca(ca_dir: str | Path, cert_path: str | Path | None = None) -> CA:
+def load_ca(
+    ca_dir: str | Path, cert_path: str | Path | None = None, key_name: str = "ca.key",
+    setup_verb: str = "setup-ca",
+) -> CA:  # fmt: skip
     d = Path(ca_dir)
-    cp = Path(cert_path) if cert_path else d / "ca.crt"
+    cp = Path(cert_path) if cert_path else d / key_name.replace(".key", ".crt")
     try:
         cert = x509.load_pem_x509_certificate(cp.read_bytes())
-        key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+        key = serialization.load_pem_private_key((d / key_name).read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise PKIError(f"CA not set up: {exc.filename} missing (run setup-ca)") from None
+        raise PKIError(f"CA not set up: {exc.filename} missing (run {setup_verb})") from None
     except ValueError as exc:
         raise PKIError(f"CA material unreadable: {exc}") from None
     assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
     return CA(cert, key, cp)
 
 
-def _leaf(
+def leaf(
     ca: CA, public_key: object, cn: str, days: int, serial: int | None = None,
+    usages: tuple[x509.ObjectIdentifier, ...] = (
+        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH,
+    ),
     names: Sequence[str] = (),
 ) -> x509.Certificate:  # fmt: skip
     if _sign_guard is not None:
@@ -155,9 +169,7 @@ def _leaf(
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage(list(usages)),
             critical=False,
         )
         .add_extension(
@@ -178,9 +190,9 @@ def issue_dispatcher_cert(
     ``writer`` (default local writes); ``names`` go into its subjectAltName
     (:func:`dispatcher.pki.names.cert_names`)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _leaf(ca, key.public_key(), DISPATCHER_CN, days, names=names)
+    cert = leaf(ca, key.public_key(), DISPATCHER_CN, days, names=names)
     w = writer or LocalWriter()
-    w.write(key_path, _key_bytes(key), 0o600)
+    w.write(key_path, key_bytes(key), 0o600)
     w.write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert
 
@@ -236,7 +248,7 @@ def public_key_sha256(public_key: object) -> str:
 def sign_csr(ca: CA, csr_pem: str, days: int = 825, expected_cn: str | None = None) -> str:
     csr = validate_csr(csr_pem, expected_cn)
     cn = str(csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-    cert = _leaf(ca, csr.public_key(), cn, days)
+    cert = leaf(ca, csr.public_key(), cn, days)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -249,3 +261,6 @@ def cert_serial_hex(path: str | Path) -> str:
 def cert_not_after(pem: str | bytes) -> str:
     data = pem.encode() if isinstance(pem, str) else pem
     return openssl_date(x509.load_pem_x509_certificate(data).not_valid_after_utc)
+
+
+_leaf = leaf  # the name rotation.py knows

@@ -509,7 +509,7 @@ async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     retire -> run-store purge. A failing phase is logged and recorded under ``errors``.
     """
     from dispatcher.client import fanout
-    from dispatcher.pki.renewal import maybe_renew
+    from dispatcher.pki.renewal import maybe_renew, pin_contacts
     from dispatcher.reqid import new_reqid
 
     out: dict[str, Any] = {"ok": 1, "agents": 0, "pinged": 0, "errors": {}}
@@ -522,9 +522,11 @@ async def maintain(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
         targets = _targets(d, d.registry.names())
         out["agents"] = len(targets)
         reach = fanout.Reach(d.client_ctx(), d.cfg.read_timeout, d.cfg.max_parallel,
-                             max(d.cfg.max_hosts, len(targets)))  # fmt: skip
+                             max(d.cfg.max_hosts, len(targets)), observed={})  # fmt: skip
         results = await fanout.ping_all(targets, new_reqid(), reach)
         out["pinged"] = sum(1 for r in results if r.get("status") == "ok")
+        ok = {str(r.get("host")) for r in results if r.get("status") == "ok"}
+        out["pinned"] = pin_contacts(d, reach.observed or {}, ok)
         renewed: list[str] = []
         by_name = {t.name: t for t in targets}
         for res in results:

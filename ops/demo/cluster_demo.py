@@ -56,6 +56,7 @@ from ops.lab.agent import PairingAgent  # noqa: E402
 from ops.lab.etcd import ETCD, EtcdCluster, secure_etcd  # noqa: E402
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy  # noqa: E402
 from ops.lab.net import client_ssl, free_port, port_free, wait_listening  # noqa: E402
+from ops.lab.pki import Issued  # noqa: E402
 from ops.lab.proc import ApiProcess, processes, terminate  # noqa: E402
 
 AGENT_ADDRS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -69,7 +70,7 @@ printf 'context: '; cat; echo
 """
 AUTH_HOOK = """#!/bin/sh
 # Demo auth hook: record who asked for what, from where; allow everything.
-echo "$ENVEXEC_ACTION source_ip=$ENVEXEC_SOURCE_IP user=$ENVEXEC_USERNAME" >> "{log}"
+echo "$ENVEXEC_ACTION source_ip=$ENVEXEC_SOURCE_IP user=$ENVEXEC_USERNAME identity=$ENVEXEC_IDENTITY" >> "{log}"
 exit 0
 """
 T0 = time.monotonic()
@@ -195,13 +196,15 @@ class Demo:
             f"ca_dir = {etc}\nstate_dir = {state}\n"
             f"dispatcher_id = demo-dispatcher\nlog_target = stderr\n{cluster}"
             f"api_bind = 127.0.0.1\napi_cert = {etc}/dispatcher.crt\n"
-            f"api_key = {etc}/dispatcher.key\napi_client_ca = {etc}/ca.crt\n"
+            f"api_key = {etc}/dispatcher.key\n"  # operators: etc/operator-ca.crt, no key needed
             f"api_proxy_sources = 127.0.0.1\nauth_hook = {hook}\nread_timeout = 20\n"
             f"health_bind = 127.0.0.1\npairing_bind = 127.0.0.1\n"
         )
         say(f"config: {self.base_conf}")
         self.ced("setup-ca")
         self.ced("setup-ctrl-exec")
+        self.ced("setup-operator-ca")  # operators are not agents: their own CA
+        self.ced("issue-operator", "demo-operator", "--out", str(etc))
 
     def start_etcd(self) -> None:
         if ETCD is None:
@@ -360,7 +363,9 @@ class Demo:
 
     def run_through_haproxy(self) -> None:
         assert self.haproxy is not None
-        ctx = client_ssl(self.work / "etc" / "ca.crt")
+        etc = self.work / "etc"
+        operator = Issued(etc / "demo-operator.crt", etc / "demo-operator.key", 0)
+        ctx = client_ssl(etc / "ca.crt", operator)
         transport = httpx.HTTPTransport(verify=ctx, local_address=CLIENT_ADDR)
         url = self.haproxy.api_url
         body = {"hosts": [a.name for a in self.agents], "script": "hello",
@@ -403,6 +408,8 @@ class Demo:
             raise DemoError(f"the auth hook never saw {CLIENT_ADDR}: {hook}")
         if any("source_ip=127.0.0.1" in ln for ln in hook):
             raise DemoError(f"the auth hook saw HAProxy's address instead of the client: {hook}")
+        if not any("user=demo-operator identity=demo-operator" in ln for ln in hook):
+            raise DemoError(f"the auth hook never saw the operator certificate's CN: {hook}")
 
     def ping(self) -> None:
         self.ced("ping", *[a.name for a in self.agents])

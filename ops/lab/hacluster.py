@@ -17,11 +17,11 @@ the benchmark can use it as well.
   copy of the CA dir and the registry and keeps ``rotation.json`` in its state dir (the
   files travel from the leader over mTLS);
 * with ``tls``: the API over TLS (the dispatcher certificate; operator client
-  certificates checked against the CA), plus a PROXY v2 API port per instance unless
+  certificates from the operator CA, ``ops.lab.operators``), plus a PROXY v2 API port per instance unless
   ``proxy_protocol`` is off;
 * with ``haproxy``: HAProxy configured by ``dispatcher.haproxy.render`` (what ``ced cluster
   haproxy-config`` prints) through :mod:`ops.lab.haproxy`, TCP passthrough, PROXY v2 to
-  the instances when they have a PROXY port.
+  the instances when they have a PROXY port (with ``pairing_proxy``: the pairing port too).
 
 Everything is stopped by PID at the end; :attr:`Cluster.exit_codes` then holds each
 instance's exit status (0 after its SIGTERM drain).
@@ -64,6 +64,7 @@ from ops.lab.etcd import EtcdCluster, secure_etcd
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
+from ops.lab.operators import OperatorCA
 from ops.lab.pairing import make_csr, pair_request, read_framed
 from ops.lab.pki import Issued
 from ops.lab.proc import ENV, ApiProcess, WaitTimeout, wait_until
@@ -91,6 +92,7 @@ class Inst(ApiProcess):
     proxy_port: int = 0
     scheme: str = "http"
     proc: subprocess.Popen[bytes] | None = None
+    pairing_proxy_port: int = 0  # the PROXY v2 pairing port (0: none)
 
     @property
     def id(self) -> str:
@@ -104,7 +106,7 @@ class Inst(ApiProcess):
     def member(self) -> Member:
         """This instance as HAProxy's configuration generator sees it."""
         return Member(self.id, "127.0.0.1", self.api_port, self.health_port, self.pairing_port,
-                      self.proxy_port)  # fmt: skip
+                      self.proxy_port, self.pairing_proxy_port)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         code, body = get(f"{self.health_url}/status", 2)
@@ -127,6 +129,7 @@ class ClusterSpec:
     tls: bool = False  # API over TLS (operator client certs)
     proxy_protocol: bool = True  # with tls: a PROXY v2 API port per instance, used by HAProxy
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
+    pairing_proxy: bool = False  # a PROXY v2 pairing port per instance, used by HAProxy
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
     cluster_key: bool = True  # start with <ca_dir>/cluster.key (else the first leader makes it)
 
@@ -291,12 +294,14 @@ def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> 
         "health_port": str(inst.health_port), "pairing_port": str(inst.pairing_port),
         "instance_id": inst.id,
     }  # fmt: skip
-    if spec.tls:
+    if spec.tls:  # operators: <ca_dir>/operator-ca.crt, trusted without configuration
         conf.update(api_cert=str(inst.ca_dir / "dispatcher.crt"),
-                    api_key=str(inst.ca_dir / "dispatcher.key"),
-                    api_client_ca=str(inst.ca_dir / "ca.crt"))  # fmt: skip
+                    api_key=str(inst.ca_dir / "dispatcher.key"))  # fmt: skip
     if inst.proxy_port:
         conf["api_proxy_port"] = str(inst.proxy_port)
+        conf["api_proxy_sources"] = "127.0.0.1"
+    if inst.pairing_proxy_port:
+        conf["pairing_proxy_port"] = str(inst.pairing_proxy_port)
         conf["api_proxy_sources"] = "127.0.0.1"
     conf.update(spec.extra)
     return "".join(f"{k} = {v}\n" for k, v in conf.items())
@@ -321,7 +326,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         shutil.copy(ca_dir / f, keep / f)
     dispatcher = Issued(keep / "dispatcher.crt", keep / "dispatcher.key", dcert.serial_number)
     agent_ca = DispatcherCA(ca, tmp / "agent-certs")
-    operator = agent_ca.issue("operator", cn="chaos-operator") if spec.tls else None
+    operator = OperatorCA(ca_dir, tmp / "operators").issue("chaos-operator") if spec.tls else None
     agents = {name: make_agent(tmp / name, agent_ca, {"disp": dispatcher}, dict(spec.scripts),
                                host=addr) for name, addr in spec.agents.items()}  # fmt: skip
     registry_dir = tmp / "agents"
@@ -351,7 +356,8 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         inst = Inst(n, tmp / f"{n}.conf", tmp / f"{n}.log", free_port(), free_port(),
                     free_port(), state, inst_ca, inst_registry,
                     proxy_port=free_port() if spec.tls and spec.proxy_protocol else 0,
-                    scheme="https" if spec.tls else "http")  # fmt: skip
+                    scheme="https" if spec.tls else "http",
+                    pairing_proxy_port=free_port() if spec.pairing_proxy else 0)  # fmt: skip
         inst.config.write_text(_instance_conf(spec, inst, shared))
         insts[n] = inst
     c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
@@ -361,8 +367,8 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
             a.start(wait=False)
         if spec.haproxy:
             members = [i.member for i in insts.values()]
-            c.haproxy = HAProxy(tmp / "haproxy", members,
-                                proxy_protocol=spec.tls and spec.proxy_protocol).start()  # fmt: skip
+            proxied = (spec.tls and spec.proxy_protocol) or spec.pairing_proxy
+            c.haproxy = HAProxy(tmp / "haproxy", members, proxy_protocol=proxied).start()
         c.ensure_all_running()
         yield c
     finally:

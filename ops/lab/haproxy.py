@@ -81,7 +81,7 @@ class HAProxy:
         return render(
             self.members, bind=self.bind, api_port=self.api_port,
             pairing_port=self.pairing_port, stats_socket=str(self.stats_socket),
-            proxy_protocol=self.proxy_protocol, log_stdout=True,
+            proxy_protocol=self.proxy_protocol, log_stdout=True, full=True,
         )  # fmt: skip
 
     def write_config(self) -> Path:

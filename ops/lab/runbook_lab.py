@@ -145,8 +145,8 @@ class RunbookLab:
             "CED_CONF_DIR": str(self.conf_dir),
             "CED_INSTANCES": " ".join(f"{i.id}={i.health_url}" for i in self.instances),
             "CED_CA": str(self.ca_dir / "ca.crt"),
-            "CED_OPERATOR_CERT": str(self.root / "etc" / "operator.crt"),
-            "CED_OPERATOR_KEY": str(self.root / "etc" / "operator.key"),
+            "CED_OPERATOR_CERT": str(self.root / "etc" / "runbook-operator.crt"),
+            "CED_OPERATOR_KEY": str(self.root / "etc" / "runbook-operator.key"),
             "CED_LB_API": f"127.0.0.1:{self.lb_api}",
             "CED_BACKUP_DIR": str(self.root / "backup"),
             "CED_SHARED_PATHS": " ".join(str(p) for p in self.shared_paths),
@@ -238,7 +238,7 @@ class RunbookLab:
             "# the load balancer's ports (what `ced cluster haproxy-config` binds)\n"
             f"api_port = {self.lb_api}\npairing_port = {self.lb_pairing}\n"
             f"api_bind = 127.0.0.1\napi_cert = {ca}/dispatcher.crt\n"
-            f"api_key = {ca}/dispatcher.key\napi_client_ca = {ca}/ca.crt\n"
+            f"api_key = {ca}/dispatcher.key\n"
             f"api_proxy_sources = 127.0.0.1\nauth_hook = {hook}\nread_timeout = 20\n"
             "health_bind = 127.0.0.1\npairing_bind = 127.0.0.1\n"
         )
@@ -254,18 +254,10 @@ class RunbookLab:
         return path
 
     def _operator_cert(self) -> None:
-        """An operator client certificate from the lab CA (CN runbook-operator)."""
-        from dispatcher.pki import ca as pki
-
-        etc = self.root / "etc"
-        subprocess.run(
-            ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-subj", "/CN=runbook-operator", "-keyout", str(etc / "operator.key"),
-             "-out", str(etc / "operator.csr")],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
-        ca = pki.load_ca(self.ca_dir)
-        (etc / "operator.crt").write_text(pki.sign_csr(ca, (etc / "operator.csr").read_text()))
+        """The operator CA and an operator client certificate (CN runbook-operator), as an
+        SRE makes them: ``ced setup-operator-ca``, ``ced issue-operator``."""
+        self.ced("setup-operator-ca")
+        self.ced("issue-operator", "runbook-operator", "--out", str(self.root / "etc"))
 
     def _start_haproxy(self) -> None:
         self.sh(

@@ -1,9 +1,11 @@
 """The real ``ctrl-exec-api`` daemon (subprocess) in front of real agents.
 
-One dispatcher CA (``dispatcher.pki.ca``) signs everything: the dispatcher cert, the agents'
-CSRs, the API server cert and the operators' client certs. Daemons:
+One dispatcher CA (``dispatcher.pki.ca``) signs the dispatcher cert, the agents' CSRs and
+the API server cert; the operator CA (``ced setup-operator-ca``) signs the operators'
+client certs. Daemons:
 
-* ``tls``: TLS with operator client certs, ``api_auth_default = allow``;
+* ``tls``: TLS with operator client certs (the operator CA, no ``api_client_ca``),
+  ``api_auth_default = allow``;
 * ``deny``: plain HTTP, no hook, ``api_auth_default = deny``;
 * ``generic``: as ``deny`` with ``auth_deny_generic``;
 * ``hook``: plain HTTP with an auth hook that refuses some things.
@@ -35,6 +37,7 @@ from ops.lab.agentproc import AgentProc, make_agent
 from ops.lab.apicalls import STATUS_KEYS, overlapping_runs
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.net import client_ssl, served_serial
+from ops.lab.operators import OperatorCA
 from ops.lab.pki import Issued, TestCA
 
 pytestmark = pytest.mark.integration
@@ -55,6 +58,7 @@ esac
 class Env:
     tmp: Path
     ca: PairingCA
+    operators: OperatorCA
     dispatcher_cert: Issued
     api_cert: Path
     api_key: Path
@@ -63,7 +67,7 @@ class Env:
     registry_dir: Path
 
     def operator(self, name: str) -> Issued:
-        return self.ca.issue(f"op-{name}", cn=name)
+        return self.operators.issue(name)
 
     def client(self, daemon: str, who: Issued | None = None) -> httpx.Client:
         d = self.daemons[daemon]
@@ -78,6 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[
     tmp = tmp_path_factory.mktemp("api")
     ca_dir = tmp / "ca"
     ca = PairingCA(ca_dir)
+    operators = OperatorCA(ca_dir, tmp / "operators")
     dcert = dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     dispatcher = Issued(ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key", dcert.serial_number)
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
@@ -95,7 +100,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[
     for (name, addr), agent in zip(AGENT_HOSTS.items(), agents, strict=True):
         reg.register(name, ip=addr, port=agent.port, lookup_by="ip")
     tls = {"api_cert": str(api_cert), "api_key": str(api_key),
-           "api_client_ca": str(ca.cert_path), "api_auth_default": "allow"}  # fmt: skip
+           "api_auth_default": "allow"}  # fmt: skip
     daemons = {
         "tls": make_daemon(tmp, "tls", ca_dir, registry_dir, tls),
         "deny": make_daemon(tmp, "deny", ca_dir, registry_dir, {"api_auth_default": "deny"}),
@@ -110,7 +115,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, script_dir: Path) -> Iterator[
             d.start()
         for d in daemons.values():
             d.wait_healthy()
-        yield Env(tmp, ca, dispatcher, api_cert, api_key, agents, daemons, registry_dir)
+        yield Env(tmp, ca, operators, dispatcher, api_cert, api_key, agents, daemons, registry_dir)
     finally:
         codes = {name: d.stop() for name, d in daemons.items()}
         for a in agents:

@@ -27,6 +27,7 @@ from dispatcher.pki import ca as dpki
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
 from ops.lab.haproxy import API_BACKEND, HAProxy
 from ops.lab.net import free_port
+from ops.lab.operators import OperatorCA
 from ops.lab.pki import Issued, TestCA
 from tests.support.haproxy import Factory, haproxy_factory, needs_haproxy
 
@@ -85,6 +86,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("api-proxy")
     ca_dir = tmp / "ca"
     ca = PairingCA(ca_dir)
+    operators = OperatorCA(ca_dir, tmp / "operators")  # trusted without configuration
     dpki.issue_dispatcher_cert(ca.ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
     api_cert, api_key = tmp / "api.crt", tmp / "api.key"
     dpki.issue_dispatcher_cert(ca.ca, api_cert, api_key)
@@ -96,13 +98,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     proxy_port = free_port()
     daemon = make_daemon(tmp, "px", ca_dir, tmp / "agents", {
         "api_cert": str(api_cert), "api_key": str(api_key),
-        "api_client_ca": str(ca.cert_path), "auth_hook": str(hook),
+        "auth_hook": str(hook),
         "api_proxy_port": str(proxy_port), "api_proxy_sources": "127.0.0.1, ::1",
     })  # fmt: skip
     daemon.start()
     try:
         daemon.wait_healthy()
-        yield Env(tmp, ca, daemon, proxy_port, hooks / "hook.log", ca.issue("op-alice", "alice"))
+        yield Env(tmp, ca, daemon, proxy_port, hooks / "hook.log", operators.issue("alice"))
     finally:
         rc = daemon.stop()
     assert rc == 0, daemon.logtext()
@@ -130,7 +132,9 @@ def test_real_client_address_through_haproxy(env: Env, hap: HAProxy) -> None:
             r = c.post("/ping", json={"hosts": ["nosuch"], "username": "ops"})
             assert r.status_code == 404, r.text  # authorised, then an unknown agent
     hook = env.hook_lines()[before:]
-    assert hook.count(f"api {CLIENT_IP} ops") == 2, hook
+    # the username is the operator certificate's CN, not the body's "ops" (logged)
+    assert hook.count(f"api {CLIENT_IP} alice") == 2, hook
+    assert env.wait_lines("username-ignored", "BODY_USERNAME=ops", 2), env.daemon.logtext()
     assert not any(" 127.0.0.1 " in ln for ln in hook), hook
     reqs = env.wait_lines("api-request", "PATH=/ping", 2)
     assert len(reqs) == 2
@@ -149,7 +153,7 @@ def test_direct_api_port_still_sees_the_tcp_peer(env: Env) -> None:
     before = len(env.hook_lines())
     with env.client(env.daemon.url, source="127.0.0.6", who=env.alice) as c:
         assert c.get("/").status_code == 200
-    assert env.hook_lines()[before:] == ["api 127.0.0.6 "]
+    assert env.hook_lines()[before:] == ["api 127.0.0.6 alice"]  # the certificate's CN
     last = env.wait_lines("api-request", "PEER=127.0.0.6")
     assert last and "VIA=" not in last[-1]
 
@@ -205,7 +209,7 @@ def test_trusted_proxy_header_is_believed_and_tls_still_checked(env: Env) -> Non
             while chunk := s.recv(65536):
                 data += chunk
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
-    assert env.hook_lines()[before:] == ["api 192.0.2.44 "]
+    assert env.hook_lines()[before:] == ["api 192.0.2.44 alice"]  # the certificate's CN
     # a certificate from another CA still fails the handshake; the log names the client
     stranger = TestCA(env.tmp / "stranger").issue("mallory", cn="mallory")
     with socket.create_connection(("127.0.0.1", env.proxy_port), timeout=5) as raw:

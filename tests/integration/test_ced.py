@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import subprocess
 import sys
@@ -206,13 +208,16 @@ def test_ping_table_and_json(env: Env) -> None:
 
 def test_async_status_wait(env: Env) -> None:
     fast = {"CED_WAIT_INTERVAL": "0.2"}
-    p = ced("run", "--async", "web1", "web2", "sleep1", conf=env.conf)
+    p = ced("run", "--async", "web1", "web2", "sleep1", conf=env.conf,
+            env={"SUDO_USER": "carol"})  # fmt: skip
     assert p.returncode == 0, p.stderr
     m = re.match(r"^Submitted async run  req:([0-9a-f]{16})$", p.stdout.splitlines()[0])
     assert m, p.stdout
     reqid = m.group(1)
     assert re.search(r"^==> web1  \[accepted  \d+ms\]$", p.stdout, re.M)
-    assert (env.state / "runs" / f"{reqid}.json").exists()
+    record = json.loads((env.state / "runs" / f"{reqid}.json").read_text())
+    me = pwd.getpwuid(os.getuid()).pw_name  # the real user, not $USER ("tester")
+    assert (record["unix_user"], record["sudo_user"]) == (me, "carol"), record
     t = ced("wait", reqid, "--timeout", "0", conf=env.conf)
     assert t.returncode == 2 and "[PENDING]" in t.stdout
     s = ced("--json", "status", reqid, conf=env.conf)
@@ -300,6 +305,10 @@ def test_auth_hook_allow_sees_context(env: Env) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", ctx["reqid"])
     lines = seen.read_text().splitlines()
     assert "ENVEXEC_ACTION=run" in lines and "ENVEXEC_USERNAME=alice" in lines
+    me = pwd.getpwuid(os.getuid()).pw_name  # a local run: the Unix user is the identity
+    assert ctx["identity"] == {"cn": me, "serial": "", "issuer_fingerprint": ""}
+    assert f"ENVEXEC_IDENTITY={me}" in lines
+    assert all(f"UNIX_USER={me}" in ln for ln in p.stderr.splitlines() if "ACTION=" in ln)
     q = ced("ping", "web2", conf=conf)
     assert q.returncode == 0
     assert json.loads((env.tmp / "hook-seen.json").read_text())["action"] == "ping"

@@ -46,6 +46,8 @@ def test_cluster_demo_runs_end_to_end() -> None:
     for needle in (
         "$ ced setup-ca",
         "$ ced setup-ctrl-exec",
+        "$ ced setup-operator-ca",
+        "$ ced issue-operator demo-operator",
         "be_ctrl_exec_api: {'i1': 'UP', 'i2': 'UP', 'i3': 'UP'}",
         "send-proxy-v2",
         "$ ced list-requests",
@@ -53,7 +55,8 @@ def test_cluster_demo_runs_end_to_end() -> None:
         "addr=127.0.0.3:",
         "addr=127.0.0.4:",
         "PEER=127.0.0.9 VIA=127.0.0.1",
-        "auth hook saw: run source_ip=127.0.0.9 user=demo",
+        # the operator certificate's CN, not the body's username "demo"
+        "auth hook saw: run source_ip=127.0.0.9 user=demo-operator identity=demo-operator",
         "$ ced ping agent1.demo agent2.demo agent3.demo",
         "cluster status",
         "cluster demo: OK",

@@ -226,10 +226,41 @@ def test_unusable_csrs(dispatcher: Dispatcher) -> None:
 
 def test_same_csr_twice_is_refused(dispatcher: Dispatcher, events: Events) -> None:
     """The code is SHA-256(CSR) (upstream agents compute it): the same CSR again would show
-    the operator the same code for a second request."""
+    the operator the same code for a second request. Only the agent's own resubmission
+    (same CSR, same nonce, same address: it reconnects) is the same request."""
     replay = {k: v for k, v in dispatcher.honest.items() if k not in ("key", "reqid")}
-    dispatcher.refused("replayed-csr", replay, r"^duplicate request: this key is already waiting")
+    dispatcher.refused("replayed-csr-new-nonce", {**replay, "nonce": "cd" * 16},
+                       r"^duplicate request: this key is already waiting")  # fmt: skip
     wait_until(lambda: events.has("pair-reject", reason="duplicate-key"), 5, "log")
+    dispatcher.refused("replayed-csr-and-nonce-from-another-address", replay,
+                       r"^duplicate request: this key is already waiting")  # fmt: skip
+
+
+def test_resubmission_is_the_same_request(dispatcher: Dispatcher, events: Events) -> None:
+    """The honest agent reconnecting (same CSR and nonce, same address) gets its request
+    back, pending under the same reqid: no second request, and its first connection
+    going away does not withdraw it."""
+    replay = {k: v for k, v in dispatcher.honest.items() if k not in ("key", "reqid")}
+    before = snapshot(dispatcher.cfg.pairing_dir)
+    s, fh, again = open_pairing(dispatcher.port, replay, HONEST_SOURCE)
+    with s, fh:
+        assert again == {"status": "pending", "reqid": dispatcher.honest["reqid"]}
+        assert snapshot(dispatcher.cfg.pairing_dir) == before
+        first_s, first_fh = dispatcher.held.pop(0)  # the first connection drops
+        first_fh.close()
+        first_s.close()
+        wait_until(lambda: events.has("pair-reattach", reqid=dispatcher.honest["reqid"]), 5,
+                   "the first connection's end seen")  # fmt: skip
+        assert pq.get_request(dispatcher.cfg.pairing_dir, dispatcher.honest["reqid"])
+        pq.approve(dispatcher.cfg, dispatcher.honest["reqid"])
+        decision = json.loads(read_response(fh)[2])
+    assert decision["status"] == "approved" and decision["nonce"] == replay["nonce"]
+    # delivered: once more (the answer lost on the way) gets the kept approval again
+    late = ask(dispatcher.port, replay, "127.0.0.7")
+    assert late == {"status": "pending", "reqid": dispatcher.honest["reqid"]}
+    # an approved key with another nonce is a replay, not the agent
+    dispatcher.refused("approved-key-new-nonce", {**replay, "nonce": "ef" * 16},
+                       r"^duplicate request: this key was submitted before")  # fmt: skip
 
 
 def test_same_key_in_a_new_csr_is_refused(dispatcher: Dispatcher) -> None:

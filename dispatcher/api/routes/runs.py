@@ -28,11 +28,11 @@ from dispatcher.api.errors import (
 from dispatcher.api.routes import TAG_RUN, TAG_STATUS
 from dispatcher.operations import Denied, do_discovery, do_ping, do_run, do_status
 from dispatcher.registry import RegistryError
-from dispatcher.runlocks import LockConflict
+from dispatcher.runlocks import LockConflict, LockUnavailable
 from dispatcher.runstore import RunStoreError
 
-REQID_RE = re.compile(r"[a-f0-9]+")
-OPERATION_ERRORS = (Denied, LockConflict, RegistryError, ValueError)
+REQID_RE = re.compile(r"[a-f0-9]{1,64}")  # ours are 16; bounded so no path is ever too long
+OPERATION_ERRORS = (Denied, LockConflict, LockUnavailable, RegistryError, ValueError)
 
 router = APIRouter()
 
@@ -43,6 +43,8 @@ def operation_error(exc: Exception, generic: bool) -> JSONResponse:
         return denial(exc, generic)
     if isinstance(exc, LockConflict):
         return error(409, "locked", code=4, conflicts=list(exc.conflicts))
+    if isinstance(exc, LockUnavailable):  # run_lock_without_etcd = refuse, etcd down
+        return error(503, "cluster unavailable", str(exc))
     if isinstance(exc, RegistryError):
         return _unknown_agent(exc)
     return error(400, "invalid request", str(exc))  # fan-out limits such as "too many hosts"

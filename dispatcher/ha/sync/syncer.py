@@ -111,7 +111,7 @@ class Syncer:
         """SIGHUP reloaded the API certificate: what is loaded now, unless a CA changed
         (a CA is in the TLS contexts' trust stores, which only a restart renews)."""
         now = material(self.cfg)
-        if all(now[k] == self.loaded[k] for k in ("ca", "api_client_ca")):
+        if all(now[k] == self.loaded[k] for k in ("ca", "api_client_ca", "operator_ca")):
             self.loaded = now
             self.loaded_serial = cert_serial(self.cfg.cert)
         self.refresh_member()

@@ -105,3 +105,13 @@ def test_flat_dialect_ignores_indented_lines() -> None:
 def test_is_true() -> None:
     assert kvconf.is_true("1") and kvconf.is_true("yes") and kvconf.is_true("Y")
     assert not kvconf.is_true("0") and not kvconf.is_true("no") and not kvconf.is_true(None)
+
+
+def test_connection_slot_keys(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, BASE))
+    assert (cfg.max_conns_per_ip, cfg.dispatcher_reserved_slots) == (8, 16)
+    cfg = load(_write(tmp_path, BASE + "max_children = 10\nmax_conns_per_ip = 0\n"))
+    assert (cfg.max_conns_per_ip, cfg.dispatcher_reserved_slots) == (0, 2)  # default scaled
+    path = _write(tmp_path, BASE + "max_children = 10\ndispatcher_reserved_slots = 10\n")
+    with pytest.raises(ConfigError, match=r":\d+: dispatcher_reserved_slots \(10\) must be below"):
+        load(path)

@@ -115,3 +115,17 @@ def test_eviction_at_capacity() -> None:
     for ip in ("a", "b", "c"):
         rl.record_connection(ip)
     assert ("rate-evict", "a", "capacity") in events
+
+
+def test_json_depth_limit() -> None:
+    import json as _json
+
+    from agent.common.wire import MAX_JSON_DEPTH, json_too_deep
+
+    n = MAX_JSON_DEPTH
+    assert not json_too_deep(b"[" * n + b"]" * n)
+    assert json_too_deep(b"[" * (n + 1) + b"]" * (n + 1))
+    assert json_too_deep(b'{"a":' * (n + 1) + b"1" + b"}" * (n + 1))
+    assert json_too_deep(b"[" * 100_000)  # unbalanced: still refused before parsing
+    assert not json_too_deep(_json.dumps({"s": "[" * 1000, "t": '\\"[[[' * 100}).encode())
+    assert not json_too_deep(b"[" + b"[1]," * 10_000 + b"1]")  # many brackets, shallow

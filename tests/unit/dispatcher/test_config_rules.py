@@ -301,3 +301,14 @@ def test_ced_check_config_exits_78_with_every_problem(tmp_path: Path) -> None:
                         "--config", str(good)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"ok": 1, "config": str(good), "problems": []}
+
+
+def test_connection_bound_keys(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, ""))
+    assert (cfg.api_header_timeout, cfg.api_max_conns_per_ip) == (10.0, 64)
+    cfg = load(write(tmp_path, "api_header_timeout = 2.5\napi_max_conns_per_ip = 3\n"))
+    assert (cfg.api_header_timeout, cfg.api_max_conns_per_ip) == (2.5, 3)
+    msg = error_of(write(tmp_path, "api_header_timeout = 0\n"))
+    assert msg.endswith(":3: api_header_timeout must be between 0 and 3600 seconds")
+    msg = error_of(write(tmp_path, "api_max_conns_per_ip = 0\n"))
+    assert msg.endswith(":3: api_max_conns_per_ip must be at least 1")

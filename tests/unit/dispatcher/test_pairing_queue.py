@@ -140,6 +140,10 @@ def test_approve_signs_registers_and_writes_approval(cfg: DispatcherConfig, csr:
     assert reg["reqid"] == rec["id"] and reg["expiry"] == pki.cert_not_after(approval["cert"])
     assert reg["dispatcher_serial"] == approval["dispatcher_serial"]
     assert reg["serial_status"] == "current"
+    # pinned: the approved cert's serial and public key (what the client checks)
+    assert reg["cert_serial"] == format(cert.serial_number, "x")
+    assert reg["pubkey_sha256"] == pki.public_key_sha256(cert.public_key())
+    assert reg["cert_serial_next"] == ""
     assert res.name == "web1.example.net" and res.expiry == reg["expiry"]
     assert res.addr == "web1.example.net" and res.warnings == []
     assert pq.outcome(cfg.pairing_dir, rec["id"]) == (
@@ -276,7 +280,8 @@ def test_submit_refusals_write_nothing(cfg: DispatcherConfig) -> None:
         ({"csr": _fresh("other.example")}, "csr-cn-mismatch"),
         ({"csr": "garbage"}, "invalid-csr"),
         ({"hostname": "bad_name", "csr": _fresh("bad_name")}, "invalid-hostname"),
-        ({"csr": first["csr"]}, "duplicate-key"),
+        ({"csr": first["csr"], "nonce": "cd" * 16}, "duplicate-key"),
+        ({"csr": first["csr"], "source_ip": "10.0.0.99"}, "duplicate-key"),
     ]
     for kw, why in cases:
         with pytest.raises(pq.Refused) as info:
@@ -295,6 +300,48 @@ def test_a_key_is_never_queued_twice(cfg: DispatcherConfig, csr: str) -> None:
     with pytest.raises(pq.Refused, match="submitted before") as info:
         _submit(cfg, csr)
     assert info.value.log_reason == "reused-key"
+
+
+def test_a_resubmission_is_the_same_request(cfg: DispatcherConfig) -> None:
+    csr = _fresh()
+    first = _submit(cfg, csr, max_per_source=1)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.pairing_dir).iterdir())
+    again = _submit(cfg, csr, max_per_source=1)  # at the cap: still the same request
+    assert again == {**first, "resumed": "pending"}
+    assert sorted((p.name, p.stat().st_mtime_ns)
+                  for p in Path(cfg.pairing_dir).iterdir()) == before  # fmt: skip
+
+
+def test_an_approval_outlives_the_queue_that_held_it(cfg: DispatcherConfig, tmp_path: Path
+                                                     ) -> None:  # fmt: skip
+    """A new leader (another pairing dir, the same replicated ca_dir) answers the agent's
+    resubmission with the approval; another nonce for that key is refused."""
+    csr = _fresh()
+    rec = _submit(cfg, csr)
+    res = pq.approve(cfg, rec["id"])
+    kept = pq.approvals_dir(cfg)
+    assert kept.parent == Path(cfg.ca_dir)
+    new_queue = tmp_path / "new-leader-pairing"
+    back = pq.submit(new_queue, hostname="web1.example.net", csr=csr, nonce="ab" * 16,
+                     source_ip="10.0.0.77", approvals=kept)  # fmt: skip
+    assert back["resumed"] == "approved" and back["id"] == rec["id"]
+    assert back["approval"]["cert"] == res.cert and back["approval"]["nonce"] == "ab" * 16
+    assert not new_queue.exists() or not list(new_queue.iterdir())  # nothing queued
+    with pytest.raises(pq.Refused) as info:
+        _submit(cfg, csr, approvals=kept, nonce="cd" * 16)
+    assert info.value.log_reason == "reused-key"
+
+
+def test_kept_approvals_are_pruned(cfg: DispatcherConfig) -> None:
+    rec = _submit(cfg, _fresh())
+    pq.approve(cfg, rec["id"])
+    kept = list(pq.approvals_dir(cfg).glob("*.json"))
+    assert len(kept) == 1
+    old = time.time() - pq.APPROVED_KEEP - 10
+    os.utime(kept[0], (old, old))
+    pq.approve(cfg, _submit(cfg, _fresh("web2.example.net"), hostname="web2.example.net")["id"])
+    left = list(pq.approvals_dir(cfg).glob("*.json"))
+    assert len(left) == 1 and left[0] != kept[0]
 
 
 def test_describe(cfg: DispatcherConfig) -> None:

@@ -189,3 +189,19 @@ def test_proxied_protocol_class_overrides_client() -> None:
     q.proxy_peer = "127.0.0.1"
     q.connection_made(None)  # LOCAL: the TCP peer stays
     assert q.client == ("127.0.0.1", 5555)
+
+
+def test_pairing_proxy_port_config(tmp_path: Path) -> None:
+    from dispatcher.proxyv2 import check_pairing_config
+
+    conf = tmp_path / "c.conf"
+    conf.write_text("pairing_proxy_port = 7448\n")
+    cfg = dconfig.load(str(conf))
+    assert cfg.pairing_proxy_port == 7448 and not cfg.warnings
+    check_pairing_config(cfg)  # the default api_proxy_sources: 127.0.0.1
+    cfg.api_proxy_sources = []
+    with pytest.raises(ConfigError, match="pairing_proxy_port is set but api_proxy_sources"):
+        check_pairing_config(cfg)
+    conf.write_text("pairing_proxy_port = 7444\n")  # the pairing port itself
+    problems = dconfig.instance_problems(dconfig.load(str(conf)))
+    assert any("pairing_proxy_port 7444 is also pairing_port" in str(p) for p in problems)
