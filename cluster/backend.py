@@ -485,13 +485,17 @@ class EtcdBackend(KVBackend):
         ca: str | None = None,
         cert: str | None = None,
         key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
         timeout: float = 1.0,
     ) -> None:
         from cluster.etcd import EtcdClient  # only here: the local backend needs no client library
 
-        super().__init__(
-            EtcdClient(endpoints, ca=ca, cert=cert, key=key, timeout=timeout), cluster_name
-        )
+        client = EtcdClient(
+            endpoints, ca=ca, cert=cert, key=key, user=user, password=password,
+            probe_key=ClusterKeys(cluster_name).prefix, timeout=timeout,
+        )  # fmt: skip
+        super().__init__(client, cluster_name)
 
 
 class LocalBackend(KVBackend):
@@ -515,11 +519,15 @@ def make_backend(
     etcd_cacert: str | None = None,
     etcd_cert: str | None = None,
     etcd_key: str | None = None,
+    etcd_user: str | None = None,
+    etcd_password: str | None = None,
     timeout: float = 1.0,
 ) -> KVBackend:
     """:class:`EtcdBackend` when endpoints are configured, else :class:`LocalBackend`.
 
-    ``etcd_endpoints`` may be the comma-separated config value.
+    ``etcd_endpoints`` may be the comma-separated config value. ``etcd_user`` and
+    ``etcd_password`` (the password itself: :func:`cluster.credentials.read_password_file`
+    reads the file) are etcd's own authentication, with or without a client certificate.
     """
     if isinstance(etcd_endpoints, str):
         etcd_endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
@@ -530,6 +538,8 @@ def make_backend(
             ca=etcd_cacert,
             cert=etcd_cert,
             key=etcd_key,
+            user=etcd_user,
+            password=etcd_password,
             timeout=timeout,
         )
     return LocalBackend(state_dir, cluster_name=cluster_name)

@@ -6,7 +6,8 @@ the benchmark can use it as well.
 
 :func:`running_cluster` brings up, under one directory:
 
-* a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`);
+* a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`), by default on TLS with
+  authentication and a role limited to the cluster's prefix (``etcd_secure``);
 * a dispatcher CA and certificate (``dispatcher.pki.ca``), and real agents (one per entry
   of ``agents``, each on its own loopback address) that trust it and are registered;
 * ``ctrl-exec-api`` instances (:class:`ops.lab.proc.ApiProcess`), each with its own state
@@ -59,7 +60,7 @@ from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 from ops.lab.agentproc import AgentProc, make_agent
 from ops.lab.dispatcherenv import DispatcherCA
-from ops.lab.etcd import EtcdCluster
+from ops.lab.etcd import EtcdCluster, secure_etcd
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
@@ -122,6 +123,7 @@ class ClusterSpec:
     scripts: Mapping[str, str]  # the agents' allowlist: name -> script path
     ttl: int = 2
     etcd_size: int = 1
+    etcd_secure: bool = True  # etcd on TLS with auth, a role on /<cluster_name>/ only
     names: tuple[str, ...] = ("a", "b", "c")
     sync_mode: str = "shared-fs"  # or "push": each instance its own CA dir and registry
     tls: bool = False  # API over TLS (operator client certs)
@@ -213,7 +215,8 @@ class Cluster:
         )  # fmt: skip
 
     def backend(self, timeout: float = 1.0) -> EtcdBackend:
-        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=timeout)
+        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=timeout,
+                           **self.etcd.client_kwargs())  # fmt: skip
 
     def effects(self) -> list[EffectRecord]:
         backend = self.backend()
@@ -314,7 +317,11 @@ def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> 
 @contextlib.contextmanager
 def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     """Bring the cluster of ``spec`` up under ``tmp``; stop everything on the way out."""
-    etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
+    cluster_name = f"ha{secrets.token_hex(4)}"
+    if spec.etcd_secure:
+        etcd = secure_etcd(tmp / "etcd", f"/{cluster_name}/", size=spec.etcd_size).start()
+    else:
+        etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
@@ -335,10 +342,10 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     for name, agent in agents.items():
         reg.register(name, ip=agent.host, port=agent.port, lookup_by="ip",
                      dispatcher_serial=dispatcher.serial_hex)  # fmt: skip
-    name = f"ha{secrets.token_hex(4)}"
+    name = cluster_name
     shared = {
         "api_bind": "127.0.0.1", "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
-        "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
+        **etcd.client_conf(), "cluster_name": name,
         "lease_ttl": str(spec.ttl), "api_auth_default": "allow", "log_target": "stderr",
         "read_timeout": "10", "sync_mode": spec.sync_mode, "dispatcher_id": "disp",
     }  # fmt: skip
