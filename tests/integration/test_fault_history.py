@@ -403,13 +403,6 @@ def test_every_instance_converged_on_one_generation(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37, 2cdadaa and 2cea770: a follower that could not apply a generation becomes leader when both "
-    "members that applied it die, waits 3 TTLs, logs sync-diverged and publishes its stale "
-    "files: the acknowledged edit is gone everywhere. Flip once ready-means-in-sync keeps "
-    "an instance that is not in sync from leading.",
-)  # fmt: skip
 def test_an_acknowledged_edit_survives_the_loss_of_both_members_that_applied_it(
     tmp_path: Path,
 ) -> None:
