@@ -433,7 +433,6 @@ def cluster_keepalived_config(inv: Invocation) -> ExitCode:
         text = render(
             vip=ns.vip, interface=ns.interface, address=ns.address, peers=list(ns.peer),
             priority=ns.priority or 100, router_id=ns.router_id or 74,
-            check_port=inv.d.cfg.api_port,
         )  # fmt: skip
     except KeepalivedConfigError as exc:
         raise UsageError(f"ced cluster keepalived-config: {exc}") from None

@@ -348,7 +348,17 @@ class Lab:
         shutil.copyfile(self.root / "hosts", hosts_file)
         mounts.append(f"mount --bind {shlex.quote(str(hosts_file))} /etc/hosts")
         script = " && ".join(
-            [*mounts, f"hostname {host.name}", "echo ready", "exec sleep infinity"]
+            [
+                *mounts,
+                f"hostname {host.name}",
+                # as at boot: the packages' run-time directories (/run/haproxy, ...)
+                "{ systemd-tmpfiles --create --prefix=/run >/dev/null 2>&1 || true; }",
+                # daemons notify readiness (sd_notify) only when systemd looks booted; the
+                # lab's systemctl (ops/lab/systemctl.py) listens for it
+                "mkdir -p /run/systemd/system",
+                "echo ready",
+                "exec sleep infinity",
+            ]
         )
         keeper = subprocess.Popen(
             ["ip", "netns", "exec", host.netns,

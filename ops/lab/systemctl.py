@@ -13,7 +13,8 @@ for real. It implements the part of systemd that our units and Debian's ``etcd``
   failure ignored), ``ExecStart=``, ``ExecReload=`` (with ``$MAINPID``),
   ``StateDirectory=``/``RuntimeDirectory=``/``LogsDirectory=`` and their ``*Mode=``,
   ``KillSignal=``, ``TimeoutStopSec=``, ``Type=notify`` (waits for ``READY=1`` on a
-  ``NOTIFY_SOCKET``, as systemd does);
+  ``NOTIFY_SOCKET``, as systemd does, or :data:`QUIET_READY` s of the process running:
+  keepalived notifies only a parent that is PID 1);
 * verbs ``start``, ``stop``, ``restart``, ``reload``, ``enable [--now]``, ``disable``,
   ``is-active``, ``status``, ``show -p MainPID``, ``daemon-reload``; and ``journalctl -u
   NAME`` (``ops/lab/bin/journalctl``) prints the unit's output.
@@ -251,9 +252,17 @@ def start(name: str) -> None:
                             f"(journalctl -u {unit.name})")  # fmt: skip
 
 
+#: Some daemons (keepalived) notify only when their parent is PID 1: one that runs this long
+#: without exiting or notifying counts as started (systemd would wait TimeoutStartSec).
+QUIET_READY = 5.0
+
+
 def _wait_ready(unit: Unit, sock: socket.socket, p: subprocess.Popen[bytes], limit: float) -> None:
     deadline = time.monotonic() + limit
+    quiet = time.monotonic() + QUIET_READY
     while time.monotonic() < deadline:
+        if time.monotonic() > quiet and p.poll() is None:
+            return
         if p.poll() is not None:
             raise UnitError(f"{unit.name}: exited {p.returncode} before it was ready")
         sock.settimeout(0.2)

@@ -99,6 +99,7 @@ def haproxy_conf(backend: Host) -> str:
     return textwrap.dedent(f"""
         global
             maxconn 100
+            stats socket /run/haproxy/ctrl-exec.sock mode 600 level admin
         defaults
             mode tcp
             timeout connect 1s
