@@ -108,8 +108,6 @@ class Live:
         self.done: list[tuple[Result, str]] = []
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
-        if outdir is not None:
-            os.makedirs(outdir, mode=0o755, exist_ok=True)
 
     def expect(self, total: int) -> None:
         """The number of hosts (the fan-out's ``on_targets``); draws the first line."""
@@ -129,7 +127,8 @@ class Live:
                 self.failure = exc
 
     def _emit(self, r: Result, outcome: str) -> None:
-        if self.outdir is not None:
+        if self.outdir is not None:  # made on the first result: a refused run leaves nothing
+            os.makedirs(self.outdir, mode=0o755, exist_ok=True)
             save_output(self.outdir, r)
         if self.ndjson:
             line = json.dumps({**r, "outcome": outcome}, ensure_ascii=False,
