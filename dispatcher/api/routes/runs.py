@@ -56,6 +56,8 @@ def _unknown_agent(exc: RegistryError) -> JSONResponse:
     prefix = "unknown agent(s): "
     if msg.startswith(prefix):
         return error(404, "unknown agent", f"not a registered agent: {msg[len(prefix) :]}")
+    if msg.startswith("no registered agent matches"):
+        return error(404, "unknown agent", msg)
     return error(400, "invalid host", msg)
 
 
