@@ -202,6 +202,7 @@ def test_recap_lists_at_most_ten_names() -> None:
 def test_output_dir_files(tmp_path: Path) -> None:
     outdir = tmp_path / "out" / "run1"
     live = Live(outdir=str(outdir))
+    assert not outdir.exists()  # made on the first result only
     live(_r("web1", 0, 1, stdout="line1\nline2\n", stderr="warn\n"), "ok")
     live(_r("web2", -1, 1, error="host 'web2' did not respond"), "unreachable")
     live({"host": "../escape", "status": "unknown", "rtt": "0ms"}, "unknown")
@@ -219,9 +220,8 @@ def test_output_dir_files(tmp_path: Path) -> None:
 def test_a_failed_write_is_raised_once_at_close(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    live = Live(outdir=str(tmp_path / "d"))
-    (tmp_path / "d").rmdir()
     (tmp_path / "d").symlink_to(blocker)  # not a directory: every write fails
+    live = Live(outdir=str(tmp_path / "d"))
     live(_r("web1", 0, 1), "ok")
     live(_r("web2", 0, 1), "ok")
     assert live.counts["ok"] == 2  # still counted
