@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from dispatcher.ced.invocation import Invocation, dispatch
 from dispatcher.ced.live import Live, progress_wanted, recap, show_run
@@ -30,6 +30,8 @@ from dispatcher.ced.output import (
 from dispatcher.errors import ExitCode, UsageError
 from dispatcher.targets import Selection, parse_tags, read_stdin_names
 
+T = TypeVar("T")
+
 
 def _all_ok(results: list[dict[str, Any]]) -> ExitCode:
     return ExitCode.OK if all(exit_of(r.get("exit")) == 0 for r in results) else ExitCode.FAILURE
@@ -47,6 +49,16 @@ def selection(inv: Invocation, refs: list[str]) -> Selection:
     return Selection(tuple(refs), tags, bool(inv.ns.all), bool(inv.ns.strict))
 
 
+def _limited(fn: Callable[[], T]) -> T:
+    """``fn()``, with ``max_hosts`` refusals (ValueError) as usage errors (exit 2)."""
+    try:
+        return fn()
+    except ValueError as exc:
+        if str(exc).startswith("too many hosts"):
+            raise UsageError(str(exc)) from None
+        raise
+
+
 def _split_run_words(inv: Invocation) -> tuple[list[str], str]:
     by_option = bool(inv.ns.all or inv.ns.tags)
     usage = "run <host>[:<port>]|<glob>|- [<host>...] <script> [-- <arg>...]  (or --tags/--all)"
@@ -58,7 +70,7 @@ def _dry_run(inv: Invocation, sel: Selection) -> ExitCode:
     from dispatcher.targets import select
 
     d = inv.d
-    got = select(d.registry, sel, inv.default_port, d.cfg.max_hosts)
+    got = _limited(lambda: select(d.registry, sel, inv.default_port, d.cfg.max_hosts))
     if inv.json:
         out_json({"ok": 1, "dry_run": True, "unknown": got.unknown,
                   "targets": [{"host": t.name, "address": t.address, "port": t.port}
@@ -98,9 +110,10 @@ def cmd_run(inv: Invocation) -> ExitCode:
     live = _live(inv, show_run)
     if inv.ns.async_:
         live = Live()  # the submission is quick: printed once, below
-    res = dispatch(lambda io: do_run(d, caller, refs, script, inv.script_args,
-                                     async_=inv.ns.async_, default_port=inv.default_port, io=io,
-                                     select_=sel, on_result=live, on_targets=live.expect))  # fmt: skip
+    res = _limited(lambda: dispatch(lambda io: do_run(
+        d, caller, refs, script, inv.script_args, async_=inv.ns.async_,
+        default_port=inv.default_port, io=io, select_=sel, on_result=live,
+        on_targets=live.expect)))  # fmt: skip
     results: list[dict[str, Any]] = res["results"]
     counts: dict[str, int] = res["counts"]
     if inv.ns.async_:
@@ -133,9 +146,9 @@ def cmd_ping(inv: Invocation) -> ExitCode:
         format_ping_head()
         sys.stdout.flush()
     live = _live(inv, lambda r: format_ping_rows([r]))
-    res = dispatch(lambda io: do_ping(d, caller, inv.words, renew=True, io=io,
-                                      default_port=inv.default_port, select_=sel,
-                                      on_result=live, on_targets=live.expect))  # fmt: skip
+    res = _limited(lambda: dispatch(lambda io: do_ping(
+        d, caller, inv.words, renew=True, io=io, default_port=inv.default_port, select_=sel,
+        on_result=live, on_targets=live.expect)))  # fmt: skip
     counts: dict[str, int] = res["counts"]
     if inv.json:
         out_json({"ok": 1, "results": res["results"], "counts": counts})
