@@ -25,6 +25,7 @@ Result = dict[str, Any]
 #: outcome keys, in the recap's order (as dispatcher.client.fanout.OUTCOMES)
 OUTCOMES = ("ok", "failed", "unreachable", "denied", "locked", "unknown")
 SLOWEST = 3
+TICK_S = 1.0  # the progress line's redraw period on a terminal
 LISTED = 10
 
 
@@ -108,12 +109,27 @@ class Live:
         self.done: list[tuple[Result, str]] = []
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def expect(self, total: int) -> None:
         """The number of hosts (the fan-out's ``on_targets``); draws the first line."""
         with self.lock:
             self.total = total
             self._draw()
+        if self.tty and self._ticker is None:  # elapsed keeps moving while hosts are slow
+            self._ticker = threading.Thread(target=self._tick, name="ced-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_S):
+            with self.lock:
+                if self._stop.is_set() or self.failure is not None:
+                    return
+                try:
+                    self._draw()
+                except Exception as exc:
+                    self.failure = exc
 
     def __call__(self, r: Result, outcome: str) -> None:
         with self.lock:
@@ -165,6 +181,9 @@ class Live:
 
     def close(self) -> None:
         """End the progress line; re-raise what a write failed with."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2 * TICK_S)
         with self.lock:
             if self.progress is not None and self.tty and self.done:
                 self.progress.write("\n")

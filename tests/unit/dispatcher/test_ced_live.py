@@ -164,6 +164,7 @@ def test_progress_on_a_tty_rewrites_one_line() -> None:
     live(_r("a", 0, 1), "ok")
     live.close()
     text = bar.getvalue()
+    assert live._ticker is not None and not live._ticker.is_alive()  # stopped by close
     assert text.count("\r\x1b[K") >= 2 and text.endswith(
         "[1/1] ok 1  failed 0  unreachable 0  elapsed 0.0s\n"
     )
@@ -227,3 +228,19 @@ def test_a_failed_write_is_raised_once_at_close(tmp_path: Path) -> None:
     assert live.counts["ok"] == 2  # still counted
     with pytest.raises(OSError):
         live.close()
+
+
+def test_the_tty_ticker_redraws_elapsed_while_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("dispatcher.ced.live.TICK_S", 0.05)
+    bar = Tty()
+    live = Live(progress=bar)
+    live.expect(1)
+    deadline = time.monotonic() + 5
+    while bar.getvalue().count("[0/1]") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    live.close()
+    assert bar.getvalue().count("[0/1]") >= 3  # redrawn with no host finished
