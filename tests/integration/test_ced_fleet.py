@@ -191,3 +191,42 @@ def test_ping_targets_and_counts(fleet: Fleet) -> None:
     rows = q.stdout.splitlines()
     assert rows[0].startswith("HOST") and len(rows) == 5
     assert sorted(r.split()[0] for r in rows[2:]) == ["db1", "web1", "web2"]
+
+
+def test_progress_on_a_real_terminal(fleet: Fleet) -> None:
+    """stderr on a pty: the progress line rewrites itself; stdout (a pipe) stays clean."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from ops.lab.proc import ROOT
+    from tests.integration.test_ced import CED
+
+    master, slave = pty.openpty()
+    cmd = [str(CED)] if CED.exists() else [sys.executable, "-m", "dispatcher.ced"]
+    env = {"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT)}
+    try:
+        p = subprocess.run([*cmd, "--config", str(fleet.conf), "run", "web2", "web1", "race"],
+                           stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                           env=env, timeout=30, text=True)  # fmt: skip
+        os.close(slave)
+        slave = -1
+        chunks: list[bytes] = []
+        for _ in range(64):  # bounded: the pty holds what the process wrote
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    tty = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0
+    assert "\r\x1b[K[2/2] ok 2  failed 0  unreachable 0  elapsed " in tty
+    assert "--- 2 hosts in " in tty
+    assert "\x1b" not in p.stdout and heads(p.stdout) == [("web1", "OK"), ("web2", "OK")]
