@@ -109,6 +109,7 @@ class Live:
         self.done: list[tuple[Result, str]] = []
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
+        self.drawn = False  # a progress line is on the terminal
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -175,20 +176,22 @@ class Live:
             return
         if self.tty:
             self.progress.write("\r\x1b[K" + self.line())
+            self.drawn = True
         else:
             self.progress.write(self.line() + "\n")
         self.progress.flush()
 
-    def close(self) -> None:
-        """End the progress line; re-raise what a write failed with."""
+    def close(self, quiet: bool = False) -> None:
+        """End the progress line; re-raise what a write failed with (unless ``quiet``)."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=2 * TICK_S)
         with self.lock:
-            if self.progress is not None and self.tty and self.done:
+            if self.progress is not None and self.drawn:
                 self.progress.write("\n")
                 self.progress.flush()
-            if self.failure is not None:
+                self.drawn = False
+            if self.failure is not None and not quiet:
                 raise self.failure
 
 

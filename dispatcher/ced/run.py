@@ -84,12 +84,24 @@ def _dry_run(inv: Invocation, sel: Selection) -> ExitCode:
     return ExitCode.FAILURE if got.unknown else ExitCode.OK
 
 
-def _live(inv: Invocation, show: Callable[[dict[str, Any]], None] | None) -> Live:
+def _live(
+    inv: Invocation, show: Callable[[dict[str, Any]], None] | None, files: bool = True
+) -> Live:
     machine = inv.json or inv.ns.stream
     progress = None if machine or not progress_wanted(sys.stderr) else sys.stderr
     by_host = inv.ns.order == "host"
     return Live(show=None if machine or by_host else show, ndjson=bool(inv.ns.stream),
-                progress=progress, outdir=inv.ns.output_dir)  # fmt: skip
+                progress=progress, outdir=inv.ns.output_dir if files else None)  # fmt: skip
+
+
+def _running(live: Live, fn: Callable[[], T]) -> T:
+    """``fn()`` (the operation) with ``max_hosts`` as a usage error; when it fails, the
+    progress line is ended before the error is reported."""
+    try:
+        return _limited(fn)
+    except BaseException:
+        live.close(quiet=True)
+        raise
 
 
 def _finish(inv: Invocation, live: Live) -> None:
@@ -110,7 +122,7 @@ def cmd_run(inv: Invocation) -> ExitCode:
     live = _live(inv, show_run)
     if inv.ns.async_:
         live = Live()  # the submission is quick: printed once, below
-    res = _limited(lambda: dispatch(lambda io: do_run(
+    res = _running(live, lambda: dispatch(lambda io: do_run(
         d, caller, refs, script, inv.script_args, async_=inv.ns.async_,
         default_port=inv.default_port, io=io, select_=sel, on_result=live,
         on_targets=live.expect)))  # fmt: skip
@@ -140,20 +152,26 @@ def cmd_ping(inv: Invocation) -> ExitCode:
     sel = selection(inv, inv.words)
     if inv.ns.dry_run:
         return _dry_run(inv, sel)
+    if inv.ns.output_dir:
+        raise UsageError("-o/--output-dir is for run (ping has no output to save)")
     d, caller = inv.d, inv.caller()
-    streaming = not inv.json and not inv.ns.stream and inv.ns.order != "host"
-    if streaming:
-        format_ping_head()
-        sys.stdout.flush()
-    live = _live(inv, lambda r: format_ping_rows([r]))
-    res = _limited(lambda: dispatch(lambda io: do_ping(
+    headed: list[bool] = []
+
+    def row(r: dict[str, Any]) -> None:  # under the Live lock: the header once, first
+        if not headed:
+            headed.append(True)
+            format_ping_head()
+        format_ping_rows([r])
+
+    live = _live(inv, row, files=False)
+    res = _running(live, lambda: dispatch(lambda io: do_ping(
         d, caller, inv.words, renew=True, io=io, default_port=inv.default_port, select_=sel,
         on_result=live, on_targets=live.expect)))  # fmt: skip
     counts: dict[str, int] = res["counts"]
     if inv.json:
         out_json({"ok": 1, "results": res["results"], "counts": counts})
-    elif not inv.ns.stream and not streaming:
-        format_ping(res["results"])
+    elif not inv.ns.stream and live.show is None:
+        format_ping(res["results"])  # --order host
     _finish(inv, live)
     return ExitCode.FAILURE if counts["unknown"] else ExitCode.OK
 

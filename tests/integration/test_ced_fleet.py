@@ -122,6 +122,9 @@ def test_strict_runs_nothing(fleet: Fleet) -> None:
     # all unknown: nothing to run even without --strict (upstream's exit 2)
     a = ced("--json", "ping", "ghost", conf=fleet.conf)
     assert a.returncode == 2 and one_json(a)["ok"] == 0
+    t = ced("ping", "ghost", conf=fleet.conf, env={"CED_PROGRESS": "1"})
+    assert t.returncode == 2 and t.stdout == ""  # no table header for nothing
+    assert ced("ping", "-o", str(marker), "web1", conf=fleet.conf).returncode == 2
 
 
 def test_stream_is_completion_order(fleet: Fleet) -> None:
