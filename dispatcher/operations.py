@@ -17,7 +17,7 @@ coroutine with :func:`dispatcher.client.io.run_blocking` and never imports async
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.common import logfmt
@@ -29,6 +29,7 @@ from dispatcher.core import Dispatcher
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
+from dispatcher.targets import Selection, select
 
 if TYPE_CHECKING:
     from dispatcher.runstore import FetchOutcome
@@ -172,6 +173,50 @@ async def _resolve(
     return await resolve_io(io).offload(lambda: resolve(d.registry, refs, default_port))
 
 
+async def _select(
+    d: Dispatcher, sel: Selection, default_port: int, io: AgentIO | None
+) -> tuple[list[Target], list[str]]:
+    """:func:`dispatcher.targets.select` off the event loop: the targets and the unknown
+    references (``max_hosts`` checked before any per-host work)."""
+    limit = d.cfg.max_hosts
+    if len(sel.refs) > limit and len(set(sel.refs)) > limit:
+        raise ValueError(f"too many hosts (max {limit})")
+    got = await resolve_io(io).offload(lambda: select(d.registry, sel, default_port, limit))
+    return got.targets, got.unknown
+
+
+def unknown_result(ref: str, script: str | None, reqid: str, async_: bool = False) -> Result:
+    """A reference that named no agent, as a per-host result (``status: unknown``)."""
+    res: Result = {"host": ref}
+    if script is not None:
+        res["script"] = script
+        if not async_:
+            res["exit"] = -1
+    res.update({"status": "unknown", "error": "unknown agent", "rtt": "0ms", "reqid": reqid})
+    return res
+
+
+def count_outcomes(outcomes: Sequence[str]) -> dict[str, int]:
+    """``counts``: how many hosts came to each outcome (every key present)."""
+    counts = dict.fromkeys(fanout.OUTCOMES, 0)
+    for o in outcomes:
+        counts[o] = counts.get(o, 0) + 1
+    return counts
+
+
+class _Tally:
+    """Collects every host's outcome and passes each result on to ``on_result``."""
+
+    def __init__(self, on_result: fanout.OnResult | None) -> None:
+        self.outcomes: list[str] = []
+        self.on_result = on_result
+
+    def __call__(self, res: Result, outcome: str) -> None:
+        self.outcomes.append(outcome)  # list.append is atomic: fan-out threads call this
+        if self.on_result is not None:
+            self.on_result(res, outcome)
+
+
 def _names(targets: Sequence[Target]) -> list[str]:
     out: list[str] = []
     for t in targets:
@@ -195,24 +240,41 @@ async def do_run(
     record_sync: bool = False,
     default_port: int = DEFAULT_PORT,
     io: AgentIO | None = None,
+    select_: Selection | None = None,
+    on_result: fanout.OnResult | None = None,
+    on_targets: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``script`` on ``hosts``; returns ``{"reqid", "results"}``.
+    """Run ``script`` on ``hosts``; returns ``{"reqid", "results", "counts"}``.
+
+    ``select_`` (default: ``hosts`` as plain names, strict) may add globs, tags, all and
+    non-strict resolution: unknown references then come back as per-host results with
+    ``status: unknown`` (after the others, reported to ``on_result`` first) and count as
+    ``unknown``. ``on_targets`` hears how many hosts there are once resolved (unknown
+    ones included); ``on_result`` hears of every host as soon as it finishes.
 
     Order: ``max_hosts`` (ValueError), resolve (RegistryError), authorise ``run`` (Denied), take every host:script
     lock (LockConflict), fan out. The locks are held until the run returns (sync) or
     until every agent has answered the submission (async). An async run is recorded in
     the run store; a sync run only with ``record_sync`` (the API records, the CLI not).
     """
-    targets = await _resolve(d, hosts, default_port, io)
+    sel = select_ if select_ is not None else Selection(tuple(hosts))
+    targets, unknown = await _select(d, sel, default_port, io)
     rid = reqid or new_reqid()
-    await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
+    asked = list(hosts) if sel.plain else _names(targets)
+    await authorise(d, caller, "run", script=script, hosts=asked, args=list(args),
                     reqid=rid, io=io)  # fmt: skip
+    missing = [unknown_result(ref, script, rid, async_) for ref in unknown]
+    if on_targets is not None:
+        on_targets(len(targets) + len(missing))
+    tally = _Tally(on_result)
+    for res in missing:
+        tally(res, fanout.UNKNOWN)
     pairs = [(name, script) for name in _names(targets)]
     reach, offload = _reach(d, io), resolve_io(io).offload
     held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
     try:
         results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
-                                       reach, async_=async_)  # fmt: skip
+                                       reach, async_=async_, on_result=tally)  # fmt: skip
     finally:
         await offload(held.release)
     submitter = caller.submitter if caller.kind == "api" else None
@@ -226,6 +288,7 @@ async def do_run(
 
         rec = sync_record(rid, script, _names(targets), results, submitter,
                           attribution=caller.attribution())  # fmt: skip
+    counts = count_outcomes(tally.outcomes)
     if rec is not None:
         saved = rec
         try:
@@ -238,8 +301,9 @@ async def do_run(
 
             logfmt.event("run-record-failed", logfmt.ERROR, reqid=rid, script=script,
                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-            return {"reqid": rid, "results": results, "record": "not saved"}
-    return {"reqid": rid, "results": results}
+            return {"reqid": rid, "results": results + missing, "counts": counts,
+                    "record": "not saved"}  # fmt: skip
+    return {"reqid": rid, "results": results + missing, "counts": counts}
 
 
 # ----- ping ------------------------------------------------------------------------------
@@ -295,18 +359,30 @@ async def do_ping(
     renew: bool = False,
     default_port: int = DEFAULT_PORT,
     io: AgentIO | None = None,
+    select_: Selection | None = None,
+    on_result: fanout.OnResult | None = None,
+    on_targets: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """``POST /ping`` on every host; returns ``{"reqid", "results"}``.
+    """``POST /ping`` on every host; returns ``{"reqid", "results", "counts"}``.
 
     With ``renew`` each ``ok`` result is handed to ``dispatcher.pki.renewal.maybe_renew``.
+    ``select_``, ``on_result`` and ``on_targets`` as for :func:`do_run`.
     """
-    targets = await _resolve(d, hosts, default_port, io)
+    sel = select_ if select_ is not None else Selection(tuple(hosts))
+    targets, unknown = await _select(d, sel, default_port, io)
     rid = new_reqid()
-    await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
-    results = await fanout.ping_all(targets, rid, _reach(d, io))
+    asked = list(hosts) if sel.plain else _names(targets)
+    await authorise(d, caller, "ping", hosts=asked, reqid=rid, io=io)
+    missing = [unknown_result(ref, None, rid) for ref in unknown]
+    if on_targets is not None:
+        on_targets(len(targets) + len(missing))
+    tally = _Tally(on_result)
+    for res in missing:
+        tally(res, fanout.UNKNOWN)
+    results = await fanout.ping_all(targets, rid, _reach(d, io), on_result=tally)
     if renew:
         await _maybe_renew(d, targets, results, io)
-    return {"reqid": rid, "results": results}
+    return {"reqid": rid, "results": results + missing, "counts": count_outcomes(tally.outcomes)}
 
 
 # ----- async status ----------------------------------------------------------------------

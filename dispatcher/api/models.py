@@ -48,8 +48,40 @@ class HealthResponse(BaseModel):
     version: str
 
 
-class PingRequest(BaseModel):
-    hosts: list[str] = Field(min_length=1, description="registered agent names (name or name:port)")
+class Targets(BaseModel):
+    """Which agents: ``hosts`` (names, ``name:port``, globs), ``tags``, ``all``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="registered agent names (name or name:port) or globs (web*, db[12]); "
+        "required unless tags or all is given",
+    )
+    tags: dict[str, str] | None = Field(
+        None, description="key=value pairs every selected agent's registry tags must have "
+        "(filters hosts when given, else every registered agent)",
+    )  # fmt: skip
+    all_: bool = Field(False, alias="all", description="every registered agent")
+    strict: bool | None = Field(
+        None, description="any unknown host refuses the whole request (404); default: true "
+        "for a plain list of names (upstream), false with globs, tags or all (unknown hosts "
+        "come back as per-host results with status unknown, the rest run)",
+    )  # fmt: skip
+
+
+class Counts(BaseModel):
+    """How many hosts came to each outcome."""
+
+    ok: int
+    failed: int
+    unreachable: int
+    denied: int
+    locked: int
+    unknown: int
+
+
+class PingRequest(Targets):
     username: str = ""
     token: str = ""
 
@@ -67,12 +99,10 @@ class PingResult(_Open):
 class PingResponse(BaseModel):
     ok: bool
     results: list[PingResult]
+    counts: Counts
 
 
-class RunRequest(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    hosts: list[str] = Field(min_length=1)
+class RunRequest(Targets):
     script: str = Field(pattern=SCRIPT_PATTERN, description="allowlisted script name")
     args: list[str] = Field(default_factory=list)
     username: str = ""
@@ -84,6 +114,7 @@ class RunResult(_Open):
     host: str
     script: str | None = None
     exit: int = Field(description="script exit status; -1 when it did not run")
+    status: str | None = Field(None, description="unknown: no such agent (nothing ran)")
     stdout: str | None = None
     stderr: str | None = None
     error: str | None = None
@@ -96,11 +127,12 @@ class RunResponse(BaseModel):
     ok: bool
     reqid: str
     results: list[RunResult]
+    counts: Counts
 
 
 class AsyncSubmitResult(_Open):
     host: str
-    status: Literal["accepted", "busy", "error"]
+    status: Literal["accepted", "busy", "error", "unknown"]
     error: str | None = None
     reqid: str | None = None
     rtt: str | None = None
@@ -113,6 +145,7 @@ class AsyncSubmitResponse(BaseModel):
     reqid: str
     async_: Literal[True] = Field(True, alias="async")
     results: list[AsyncSubmitResult]
+    counts: Counts
 
 
 class HostStatus(_Open):

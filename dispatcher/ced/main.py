@@ -24,14 +24,13 @@ USAGE = """\
 Usage: ced [options] <mode> [args] [-- script-args...]
 
 Modes:
-  run <host>[:<port>] [<host>...] <script> [-- <arg>...]
+  run <target>... <script> [-- <arg>...]
                              run a script on one or more agents
                              [--async] submit detached; poll with status/wait
   status <reqid>             show the state of an async run
   wait <reqid> [--timeout n] poll an async run until complete (default 300 s);
                              exit 0 all ok, 1 some failed, 2 timed out
-  ping <host>[:<port>] [<host>...]
-                             check mTLS connectivity (renews agent certs when due)
+  ping <target>...           check mTLS connectivity (renews agent certs when due)
   pairing-mode [start|stop]  accept agent pairing requests on port 7444
                              [--timeout 1..600] [--port n]
   list-requests              show pending pairing requests
@@ -70,6 +69,36 @@ Modes:
                              [--priority N] [--router-id N]
                              print keepalived (VRRP) config for one of two load balancers
 
+Targets (run, ping):
+  <host>[:<port>]            a registered agent name
+  'web*', 'db[12]'           a glob over the registered names (quote it)
+  -                          names on stdin (whitespace-separated, # comments)
+  --tags k=v[,k=v...]        agents whose registry tags (from discovery, the agents'
+                             [tags]) have every pair; filters the names when given
+  --all                      every registered agent
+  --strict                   any unknown name refuses the whole run (nothing runs);
+                             by default unknown names are reported and the rest run
+  --dry-run                  print the resolved targets and exit (nothing runs)
+
+Output (run, ping):
+  results print as each host finishes; a progress line (done/total, ok, failed,
+  unreachable, elapsed) shows on stderr when it is a terminal (CED_PROGRESS=1 forces
+  it, 0 hides it); a recap (counts, hosts not ok, slowest) ends on stderr
+  --order host               print every result at the end, in target order
+  --json                     one JSON document: results plus "counts" (ok, failed,
+                             unreachable, denied, locked, unknown)
+  --stream                   one JSON object per host as it finishes (NDJSON), with
+                             its "outcome"
+  -o, --output-dir <dir>     run: write <dir>/<host>.stdout, .stderr and .exit
+
+Exit status (run):
+  0 every host ran the script and it exited 0
+  1 any host failed, was unreachable, denied, locked or unknown; denied by the auth
+    hook; a host:script lock already held
+  2 usage or config error; unknown names with --strict (or nothing known at all)
+  ping exits 0 once every known host was asked (1 with unknown names, 2 as above);
+  wait: 0 all ok, 1 some failed, 2 timed out; 130 when interrupted
+
 Options:
   --config <path>            ctrl-exec.conf (default /etc/ctrl-exec/ctrl-exec.conf)
   --json                     one JSON document on stdout
@@ -81,6 +110,9 @@ Options:
 Examples:
   ced run web1 web2 check-disk -- /var
   ced --json ping web1
+  ced run --tags role=web,env=prod restart-nginx
+  ced run 'web*' --dry-run uptime
+  grep -v '^#' hosts.txt | ced run --stream - check-disk | jq -c 'select(.outcome != "ok")'
   ced run --async db1 backup && ced wait <reqid> --timeout 600
 """
 
@@ -158,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int)
     p.add_argument("--router-id", type=int)
     p.add_argument("--tags")
+    p.add_argument("--all", action="store_true")  # run, ping: targets
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--stream", action="store_true")  # run, ping: output
+    p.add_argument("--order", choices=("host", "done"), default="done")
+    p.add_argument("-o", "--output-dir")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
     p.add_argument("--days", type=int)

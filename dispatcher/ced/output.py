@@ -65,6 +65,9 @@ def format_run(results: list[dict[str, Any]]) -> None:
     for r in results:
         code = exit_of(r.get("exit"))
         status = "OK" if code == 0 else "FAIL"
+        if r.get("status") == "unknown":
+            out(f"==> {host_label(r)}  [UNKNOWN  not a registered agent]")
+            continue
         out(f"==> {host_label(r)}  [{status}  exit:{code}  {r.get('rtt', '')}  "
             f"req:{r.get('reqid', '')}]")  # fmt: skip
         if r.get("error"):
@@ -115,13 +118,24 @@ def format_status(record: dict[str, Any]) -> None:
         _format_host_status(host, hosts[host] if isinstance(hosts[host], dict) else {})
 
 
-def format_ping(results: list[dict[str, Any]]) -> None:
-    fmt = "{:<30}  {:<8}  {:<8}  {:<28}  {}"
-    out(fmt.format("HOST", "STATUS", "RTT", "CERT EXPIRY", "VERSION"))
+PING_ROW = "{:<30}  {:<8}  {:<8}  {:<28}  {}"
+
+
+def format_ping_head() -> None:
+    out(PING_ROW.format("HOST", "STATUS", "RTT", "CERT EXPIRY", "VERSION"))
     out("-" * 85)
+
+
+def format_ping_rows(results: list[dict[str, Any]]) -> None:
     for r in results:
-        out(fmt.format(host_label(r), str(r.get("status") or "error"), str(r.get("rtt") or "?"),
-                       str(r.get("expiry") or "?"), str(r.get("version") or "?")))  # fmt: skip
+        out(PING_ROW.format(host_label(r), str(r.get("status") or "error"),
+                            str(r.get("rtt") or "?"), str(r.get("expiry") or "?"),
+                            str(r.get("version") or "?")))  # fmt: skip
+
+
+def format_ping(results: list[dict[str, Any]]) -> None:
+    format_ping_head()
+    format_ping_rows(results)
 
 
 def days_left(expiry: object, now: float | None = None) -> str:

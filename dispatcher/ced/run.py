@@ -9,60 +9,171 @@ a fast start (``bench/ced_bench.py``, ``tests/unit/dispatcher/test_cli_imports.p
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dispatcher.ced.invocation import Invocation, dispatch
+from dispatcher.ced.live import Live, progress_wanted, recap, show_run
 from dispatcher.ced.output import (
     err,
     exit_of,
     format_async_submit,
     format_ping,
+    format_ping_head,
+    format_ping_rows,
     format_run,
     format_status,
+    out,
     out_json,
 )
-from dispatcher.errors import ExitCode
+from dispatcher.errors import ExitCode, UsageError
+from dispatcher.targets import Selection, parse_tags, read_stdin_names
+
+T = TypeVar("T")
 
 
 def _all_ok(results: list[dict[str, Any]]) -> ExitCode:
     return ExitCode.OK if all(exit_of(r.get("exit")) == 0 for r in results) else ExitCode.FAILURE
 
 
+def selection(inv: Invocation, refs: list[str]) -> Selection:
+    """The targets the options and ``refs`` ask for (``-`` reads names from stdin)."""
+    if "-" in refs:
+        given = read_stdin_names(sys.stdin.read())
+        refs = [n for r in refs for n in (given if r == "-" else [r])]
+    try:
+        tags = parse_tags(inv.ns.tags) if inv.ns.tags else ()
+    except ValueError as exc:
+        raise UsageError(f"--tags: {exc}") from None
+    return Selection(tuple(refs), tags, bool(inv.ns.all), bool(inv.ns.strict))
+
+
+def _limited(fn: Callable[[], T]) -> T:
+    """``fn()``, with ``max_hosts`` refusals (ValueError) as usage errors (exit 2)."""
+    try:
+        return fn()
+    except ValueError as exc:
+        if str(exc).startswith("too many hosts"):
+            raise UsageError(str(exc)) from None
+        raise
+
+
+def _split_run_words(inv: Invocation) -> tuple[list[str], str]:
+    by_option = bool(inv.ns.all or inv.ns.tags)
+    usage = "run <host>[:<port>]|<glob>|- [<host>...] <script> [-- <arg>...]  (or --tags/--all)"
+    inv.need(1 if by_option else 2, usage)
+    return inv.words[:-1], inv.words[-1]
+
+
+def _dry_run(inv: Invocation, sel: Selection) -> ExitCode:
+    from dispatcher.targets import select
+
+    d = inv.d
+    got = _limited(lambda: select(d.registry, sel, inv.default_port, d.cfg.max_hosts))
+    if inv.json:
+        out_json({"ok": 1, "dry_run": True, "unknown": got.unknown,
+                  "targets": [{"host": t.name, "address": t.address, "port": t.port}
+                              for t in got.targets]})  # fmt: skip
+    else:
+        for t in got.targets:
+            out(f"{t.name}  {t.address}:{t.port}")
+        for ref in got.unknown:
+            out(f"{ref}  UNKNOWN (not a registered agent)")
+        err(f"{len(got.targets)} target(s), {len(got.unknown)} unknown (dry run: nothing ran)")
+    return ExitCode.FAILURE if got.unknown else ExitCode.OK
+
+
+def _live(
+    inv: Invocation, show: Callable[[dict[str, Any]], None] | None, files: bool = True
+) -> Live:
+    machine = inv.json or inv.ns.stream
+    progress = None if machine or not progress_wanted(sys.stderr) else sys.stderr
+    by_host = inv.ns.order == "host"
+    return Live(show=None if machine or by_host else show, ndjson=bool(inv.ns.stream),
+                progress=progress, outdir=inv.ns.output_dir if files else None)  # fmt: skip
+
+
+def _running(live: Live, fn: Callable[[], T]) -> T:
+    """``fn()`` (the operation) with ``max_hosts`` as a usage error; when it fails, the
+    progress line is ended before the error is reported."""
+    try:
+        return _limited(fn)
+    except BaseException:
+        live.close(quiet=True)
+        raise
+
+
+def _finish(inv: Invocation, live: Live) -> None:
+    live.close()
+    if not inv.json and not inv.ns.stream:
+        for line in recap(live.done, live.counts, live.elapsed()):
+            err(line)
+
+
 def cmd_run(inv: Invocation) -> ExitCode:
     from dispatcher.operations import do_run
 
-    inv.need(2, "run <host>[:<port>] [<host>...] <script> [-- <arg>...]")
-    hosts, script = inv.words[:-1], inv.words[-1]
+    refs, script = _split_run_words(inv)
+    sel = selection(inv, refs)
+    if inv.ns.dry_run:
+        return _dry_run(inv, sel)
     d, caller = inv.d, inv.caller()
-    res = dispatch(lambda io: do_run(d, caller, hosts, script, inv.script_args,
-                                     async_=inv.ns.async_, default_port=inv.default_port, io=io))  # fmt: skip
-    results: list[dict[str, Any]] = res["results"]
+    live = _live(inv, show_run)
     if inv.ns.async_:
+        live = Live()  # the submission is quick: printed once, below
+    res = _running(live, lambda: dispatch(lambda io: do_run(
+        d, caller, refs, script, inv.script_args, async_=inv.ns.async_,
+        default_port=inv.default_port, io=io, select_=sel, on_result=live,
+        on_targets=live.expect)))  # fmt: skip
+    results: list[dict[str, Any]] = res["results"]
+    counts: dict[str, int] = res["counts"]
+    if inv.ns.async_:
+        live.close()
         if inv.json:
-            out_json({"ok": 1, "reqid": res["reqid"], "results": results})
+            out_json({"ok": 1, "reqid": res["reqid"], "results": results, "counts": counts})
         else:
             format_async_submit(res["reqid"], results)
         accepted = any(r.get("status") == "accepted" for r in results)
         return ExitCode.OK if accepted else ExitCode.FAILURE
     if inv.json:
-        out_json({"ok": 1, "results": results})
-    else:
-        format_run(results)
-    return _all_ok(results)
+        out_json({"ok": 1, "results": results, "counts": counts})
+    elif not inv.ns.stream and live.show is None:
+        format_run(results)  # --order host: today's order, once every host has finished
+    _finish(inv, live)
+    return ExitCode.OK if counts["ok"] == len(results) else ExitCode.FAILURE
 
 
 def cmd_ping(inv: Invocation) -> ExitCode:
     from dispatcher.operations import do_ping
 
-    inv.need(1, "ping <host>[:<port>] [<host>...]")
+    by_option = bool(inv.ns.all or inv.ns.tags)
+    inv.need(0 if by_option else 1, "ping <host>[:<port>]|<glob>|- [<host>...]  (or --tags/--all)")
+    sel = selection(inv, inv.words)
+    if inv.ns.dry_run:
+        return _dry_run(inv, sel)
+    if inv.ns.output_dir:
+        raise UsageError("-o/--output-dir is for run (ping has no output to save)")
     d, caller = inv.d, inv.caller()
-    res = dispatch(lambda io: do_ping(d, caller, inv.words, renew=True,
-                                      default_port=inv.default_port, io=io))  # fmt: skip
+    headed: list[bool] = []
+
+    def row(r: dict[str, Any]) -> None:  # under the Live lock: the header once, first
+        if not headed:
+            headed.append(True)
+            format_ping_head()
+        format_ping_rows([r])
+
+    live = _live(inv, row, files=False)
+    res = _running(live, lambda: dispatch(lambda io: do_ping(
+        d, caller, inv.words, renew=True, io=io, default_port=inv.default_port, select_=sel,
+        on_result=live, on_targets=live.expect)))  # fmt: skip
+    counts: dict[str, int] = res["counts"]
     if inv.json:
-        out_json({"ok": 1, "results": res["results"]})
-    else:
-        format_ping(res["results"])
-    return ExitCode.OK
+        out_json({"ok": 1, "results": res["results"], "counts": counts})
+    elif not inv.ns.stream and live.show is None:
+        format_ping(res["results"])  # --order host
+    _finish(inv, live)
+    return ExitCode.FAILURE if counts["unknown"] else ExitCode.OK
 
 
 def _not_found(inv: Invocation, reqid: str) -> ExitCode:

@@ -35,6 +35,15 @@ Result = dict[str, Any]
 R = TypeVar("R")
 ev = logfmt.event
 
+#: the outcome of one host (``counts`` keys); ``unknown`` is the resolver's, never the fan-out's
+OK, FAILED, UNREACHABLE, DENIED, LOCKED, UNKNOWN = (
+    "ok", "failed", "unreachable", "denied", "locked", "unknown")  # fmt: skip
+OUTCOMES = (OK, FAILED, UNREACHABLE, DENIED, LOCKED, UNKNOWN)
+
+#: called once per host as soon as its result is known (on a fan-out thread with the
+#: blocking client): the result and its outcome
+OnResult = Callable[[Result, str], None]
+
 
 @record(frozen=True)
 class Reach:
@@ -148,6 +157,48 @@ async def fan_out_results(
     return await fan_out(targets, one, reach.max_parallel, internal, io=reach.io)
 
 
+def _watched(
+    one: Callable[[TargetLike], Awaitable[tuple[Result, str]]],
+    failed: Callable[[str, str, str], Result],
+    on_result: OnResult | None,
+) -> Callable[[TargetLike], Awaitable[Result]]:
+    """``one`` that reports each result and its outcome to ``on_result`` as it finishes
+    (an exception from ``one`` is the ``failed`` result, outcome ``failed``)."""
+
+    async def watched(t: TargetLike) -> Result:
+        try:
+            res, outcome = await one(t)
+        except Exception as exc:
+            res, outcome = failed(t.name, f"internal error: {exc}", "0ms"), FAILED
+        if on_result is not None:
+            on_result(res, outcome)
+        return res
+
+    return watched
+
+
+_DENIED_ERRORS = ("script not permitted", "not authorised", "forbidden")
+
+
+def run_outcome(res: Result, reply: AgentReply | None, async_: bool) -> str:
+    """What one ``/run`` came to: no answer is ``unreachable``; the agent refusing the
+    script or the dispatcher is ``denied``; a busy script is ``locked``."""
+    if reply is None or reply.code is None:
+        return UNREACHABLE
+    error = res.get("error")
+    if async_:
+        status = res.get("status")
+        if status == "accepted":
+            return OK
+        if status == "busy" or reply.code == 409:
+            return LOCKED
+    elif res.get("exit") == 0 and not isinstance(res.get("exit"), bool):
+        return OK
+    if reply.code == 403 or (isinstance(error, str) and error.startswith(_DENIED_ERRORS)):
+        return DENIED
+    return FAILED
+
+
 def host_error(name: str, error: str, rtt: str) -> Result:
     """A ping (or discovery) without an agent's answer."""
     return {"host": name, "status": "error", "error": error, "rtt": rtt}
@@ -179,6 +230,20 @@ async def run_one(
     reach: Reach,
     async_: bool = False,
 ) -> Result:
+    res, _ = await _run_one(t, script, args, reqid, username, token, reach, async_)
+    return res
+
+
+async def _run_one(
+    t: TargetLike,
+    script: str,
+    args: Sequence[str],
+    reqid: str,
+    username: str,
+    token: str,
+    reach: Reach,
+    async_: bool = False,
+) -> tuple[Result, str]:
     body: dict[str, Any] = {
         "script": script, "args": list(args), "reqid": reqid, "username": username,
         "token": token,
@@ -192,11 +257,12 @@ async def run_one(
         ev(action, logfmt.WARNING, script=script, target=_target(t), status="busy", rtt=r.rtt,
            reqid=reqid)  # fmt: skip
         busy = err if err is not None else "script already running"
-        return _run_failed(script, reqid, async_, t.name, busy, r.rtt, "busy")
+        return _run_failed(script, reqid, async_, t.name, busy, r.rtt, "busy"), LOCKED
     if r.error:
         ev(action, logfmt.ERROR, script=script, target=_target(t), error=r.error, rtt=r.rtt,
            reqid=reqid)  # fmt: skip
-        return _run_failed(script, reqid, async_, t.name, r.error, r.rtt)
+        res = _run_failed(script, reqid, async_, t.name, r.error, r.rtt)
+        return res, run_outcome(res, r, async_)
     if async_:
         res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON response"})
         ev(action, script=script, target=_target(t), status=res.get("status", "accepted"),
@@ -209,7 +275,7 @@ async def run_one(
     res["rtt"] = r.rtt
     if res.get("reqid") is None:
         res["reqid"] = reqid
-    return canonicalise(res, t.name)
+    return canonicalise(res, t.name), run_outcome(res, r, async_)
 
 
 async def run_all(
@@ -221,36 +287,54 @@ async def run_all(
     token: str,
     reach: Reach,
     async_: bool = False,
+    on_result: OnResult | None = None,
 ) -> list[Result]:
-    """``POST /run`` on every target (``async_``: submit detached, collect acceptance)."""
+    """``POST /run`` on every target (``async_``: submit detached, collect acceptance);
+    ``on_result`` hears of each host as it finishes."""
     reach.check_hosts(targets)
     ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
        mode="async" if async_ else "sync")  # fmt: skip
-    return await fan_out_results(
-        targets,
-        lambda t: run_one(t, script, args, reqid, username, token, reach, async_),
-        partial(_run_failed, script, reqid, async_), reach)  # fmt: skip
+    failed = partial(_run_failed, script, reqid, async_)
+    one = _watched(lambda t: _run_one(t, script, args, reqid, username, token, reach, async_),
+                   failed, on_result)  # fmt: skip
+    return await fan_out_results(targets, one, failed, reach)
 
 
 # ----- /ping -----------------------------------------------------------------------------
 
 
 async def ping_one(t: TargetLike, reqid: str, reach: Reach) -> Result:
+    res, _ = await _ping_one(t, reqid, reach)
+    return res
+
+
+def _ping_outcome(res: Result, r: AgentReply) -> str:
+    if r.code is None:
+        return UNREACHABLE
+    if res.get("status") == "ok":
+        return OK
+    return DENIED if r.code == 403 else FAILED
+
+
+async def _ping_one(t: TargetLike, reqid: str, reach: Reach) -> tuple[Result, str]:
     r = await reach.call(t, "POST", "/ping", {"reqid": reqid})
     if r.error:
         ev("ping", logfmt.ERROR, target=_target(t), error=r.error, rtt=r.rtt, reqid=reqid)
-        return host_error(t.name, r.error, r.rtt)
+        return host_error(t.name, r.error, r.rtt), _ping_outcome({}, r)
     res = _from_body(t.name, r, {"status": "error", "error": "invalid JSON"})
     _reported(res, r)
     res["rtt"] = r.rtt
     ev("ping", target=_target(t), result="ok", rtt=r.rtt, reqid=reqid)
-    return canonicalise(res, t.name)
+    return canonicalise(res, t.name), _ping_outcome(res, r)
 
 
-async def ping_all(targets: Sequence[TargetLike], reqid: str, reach: Reach) -> list[Result]:
-    """``POST /ping`` on every target."""
+async def ping_all(
+    targets: Sequence[TargetLike], reqid: str, reach: Reach, on_result: OnResult | None = None
+) -> list[Result]:
+    """``POST /ping`` on every target; ``on_result`` hears of each host as it finishes."""
     reach.check_hosts(targets)
-    return await fan_out_results(targets, lambda t: ping_one(t, reqid, reach), host_error, reach)
+    one = _watched(lambda t: _ping_one(t, reqid, reach), host_error, on_result)
+    return await fan_out_results(targets, one, host_error, reach)
 
 
 # ----- GET /result/<reqid> -----------------------------------------------------------------

@@ -278,6 +278,46 @@ def test_unknown_agent_route_and_reqid_are_404(env: Env) -> None:
                             "detail": "no result for reqid 0123456789abcdef"}  # fmt: skip
 
 
+def test_run_and_ping_by_tags_globs_and_unknown(env: Env) -> None:
+    reg = Registry(env.registry_dir)
+    before = {n: (reg.get(n) or {}).get("tags", {}) for n in AGENT_HOSTS}
+    reg.update("web1", tags={"role": "web", "env": "prod"})
+    reg.update("web2", tags={"role": "db"})
+    zero = dict.fromkeys(("ok", "failed", "unreachable", "denied", "locked", "unknown"), 0)
+    try:
+        with env.client("tls") as c:
+            r = c.post("/run", json={"tags": {"role": "web"}, "script": "echo-args"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [x["host"] for x in body["results"]] == ["web1"]
+            assert body["counts"] == {**zero, "ok": 1}
+            st = c.get(f"/status/{body['reqid']}").json()
+            assert st["hosts"] == ["web1"]  # the record names what ran
+            # a glob and an unknown name: the rest run, the unknown is a per-host entry
+            r = c.post("/run", json={"hosts": ["web*", "ghost"], "script": "exit3"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [(x["host"], x["exit"]) for x in body["results"]] == [
+                ("web1", 3), ("web2", 3), ("ghost", -1)]  # fmt: skip
+            assert body["results"][2]["status"] == "unknown"
+            assert body["counts"] == {**zero, "failed": 2, "unknown": 1}
+            # strict restores all-or-nothing; a plain list is strict unless told otherwise
+            r = c.post("/run", json={"hosts": ["web*", "ghost"], "script": "exit3",
+                                     "strict": True})  # fmt: skip
+            assert r.status_code == 404 and r.json()["error"] == "unknown agent"
+            r = c.post("/ping", json={"hosts": ["web1", "ghost"], "strict": False})
+            assert r.status_code == 200 and r.json()["counts"] == {**zero, "ok": 1, "unknown": 1}
+            r = c.post("/ping", json={"all": True, "tags": {"role": "db"}})
+            assert [x["host"] for x in r.json()["results"]] == ["web2"]
+            r = c.post("/ping", json={"tags": {"role": 7}})
+            assert r.status_code == 400
+            r = c.post("/ping", json={"tags": {"role": "nothing"}})
+            assert r.status_code == 404 and "no registered agent matches" in r.json()["detail"]
+    finally:
+        for name, tags in before.items():
+            reg.update(name, tags=tags)
+
+
 def test_size_limits(env: Env) -> None:
     with env.client("tls") as c:
         r = c.post("/ping", content=b"{" + b" " * (1024 * 1024) + b"}")

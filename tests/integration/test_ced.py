@@ -116,7 +116,8 @@ def env(
 
 
 def test_run_text_output_and_args_verbatim(env: Env) -> None:
-    p = ced("run", "web1", "web2", "echo-args", "--", "two words", WEIRD_ARG, conf=env.conf)
+    p = ced("run", "--order", "host", "web1", "web2", "echo-args", "--", "two words", WEIRD_ARG,
+            conf=env.conf)  # fmt: skip
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     heads = [(i, RUN_LINE.match(line)) for i, line in enumerate(lines)]
@@ -161,10 +162,16 @@ def test_run_agent_refusal_is_a_failure(env: Env) -> None:
 
 
 def test_unknown_agents(env: Env) -> None:
-    p = ced("run", "nosuch", "web1", "other", "echo-args", conf=env.conf)
+    p = ced("run", "--strict", "nosuch", "web1", "other", "echo-args", conf=env.conf)
     assert p.returncode == 2
     assert "Error: unknown agent(s): nosuch, other" in p.stderr.splitlines()
     assert p.stdout == ""
+    # without --strict the known ones run and the unknown ones are reported per host
+    q = ced("run", "nosuch", "web1", "other", "echo-args", conf=env.conf)
+    assert q.returncode == 1
+    assert "==> nosuch  [UNKNOWN  not a registered agent]" in q.stdout.splitlines()
+    assert "==> other  [UNKNOWN  not a registered agent]" in q.stdout.splitlines()
+    assert "[OK  exit:0  " in q.stdout
     j = ced("--json", "ping", "ghost", conf=env.conf)
     assert j.returncode == 2 and one_json(j)["ok"] == 0
     assert "unknown agent(s): ghost" in one_json(j)["error"]
@@ -185,7 +192,7 @@ def test_usage_errors(env: Env) -> None:
 
 
 def test_ping_table_and_json(env: Env) -> None:
-    p = ced("ping", "web1", "web2", conf=env.conf)
+    p = ced("ping", "--order", "host", "web1", "web2", conf=env.conf)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0] == f"{'HOST':<30}  {'STATUS':<8}  {'RTT':<8}  {'CERT EXPIRY':<28}  VERSION"

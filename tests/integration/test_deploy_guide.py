@@ -71,8 +71,9 @@ def ced(host: Host, *args: str) -> str:
 
 
 def run_via_vip(ops: Host) -> dict[str, object]:
-    body = json.dumps({"hosts": ["web1.lab.test", "web2.lab.test"], "script": "disk-usage",
-                       "args": ["/"]})
+    body = json.dumps(
+        {"hosts": ["web1.lab.test", "web2.lab.test"], "script": "disk-usage", "args": ["/"]}
+    )
     got = ops.run(
         ["curl", "-sS", "--fail-with-body", "--max-time", "20", "--retry", "3",
          "--retry-all-errors", "--cacert", "/root/ca.crt", "--cert", "/root/alice.crt",

@@ -30,6 +30,7 @@ from dispatcher.operations import Denied, do_discovery, do_ping, do_run, do_stat
 from dispatcher.registry import RegistryError
 from dispatcher.runlocks import LockConflict, LockUnavailable
 from dispatcher.runstore import RunStoreError
+from dispatcher.targets import Selection, is_glob, tags_of
 
 REQID_RE = re.compile(r"[a-f0-9]{1,64}")  # ours are 16; bounded so no path is ever too long
 OPERATION_ERRORS = (Denied, LockConflict, LockUnavailable, RegistryError, ValueError)
@@ -55,7 +56,22 @@ def _unknown_agent(exc: RegistryError) -> JSONResponse:
     prefix = "unknown agent(s): "
     if msg.startswith(prefix):
         return error(404, "unknown agent", f"not a registered agent: {msg[len(prefix) :]}")
+    if msg.startswith("no registered agent matches"):
+        return error(404, "unknown agent", msg)
     return error(400, "invalid host", msg)
+
+
+def selection(body: m.Targets) -> Selection | JSONResponse:
+    """The body's targets, or upstream's 400 when there are none (or bad tags)."""
+    if not body.hosts and not body.tags and not body.all_:
+        return error(400, "hosts must be a non-empty array", "give hosts, tags or all")
+    try:
+        tags = tags_of(body.tags) if body.tags else ()
+    except ValueError as exc:
+        return error(400, "invalid tags", str(exc))
+    plain = not tags and not body.all_ and not any(is_glob(h) for h in body.hosts)
+    strict = body.strict if body.strict is not None else plain
+    return Selection(tuple(body.hosts), tags, body.all_, strict)
 
 
 @router.post(
@@ -66,9 +82,13 @@ def _unknown_agent(exc: RegistryError) -> JSONResponse:
     responses={200: {"model": m.PingResponse}, **BAD_REQUEST, **FORBIDDEN, **NOT_FOUND},
 )
 async def ping(body: m.PingRequest, call: CallDep) -> Response:
+    sel = selection(body)
+    if isinstance(sel, JSONResponse):
+        return sel
     try:
-        out = await do_ping(call.d, call.caller(body.username, body.token), body.hosts)
-        return JSONResponse({"ok": True, "results": out["results"]})
+        out = await do_ping(call.d, call.caller(body.username, body.token), body.hosts,
+                            select_=sel)  # fmt: skip
+        return JSONResponse({"ok": True, "results": out["results"], "counts": out["counts"]})
     except OPERATION_ERRORS as exc:
         return operation_error(exc, call.d.cfg.auth_deny_generic)
 
@@ -88,17 +108,22 @@ async def ping(body: m.PingRequest, call: CallDep) -> Response:
     },
 )
 async def run(body: m.RunRequest, call: CallDep) -> Response:
+    sel = selection(body)
+    if isinstance(sel, JSONResponse):
+        return sel
     try:
         out = await do_run(
             call.d, call.caller(body.username, body.token), body.hosts, body.script, body.args,
-            async_=body.async_, record_sync=not body.async_,
+            async_=body.async_, record_sync=not body.async_, select_=sel,
         )  # fmt: skip
         if body.async_:
             return JSONResponse(
-                {"ok": True, "reqid": out["reqid"], "async": True, "results": out["results"]},
+                {"ok": True, "reqid": out["reqid"], "async": True, "results": out["results"],
+                 "counts": out["counts"]},
                 status_code=202,
-            )
-        return JSONResponse({"ok": True, "reqid": out["reqid"], "results": out["results"]})
+            )  # fmt: skip
+        return JSONResponse({"ok": True, "reqid": out["reqid"], "results": out["results"],
+                             "counts": out["counts"]})  # fmt: skip
     except OPERATION_ERRORS as exc:
         return operation_error(exc, call.d.cfg.auth_deny_generic)
 

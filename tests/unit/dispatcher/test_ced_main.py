@@ -51,7 +51,7 @@ def test_only_the_chosen_verb_module_is_imported() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        check=True)  # fmt: skip
     loaded = ast.literal_eval(p.stdout)  # a printed list of module names
-    assert loaded == ["dispatcher.ced.invocation", "dispatcher.ced.main",
+    assert loaded == ["dispatcher.ced.invocation", "dispatcher.ced.live", "dispatcher.ced.main",
                       "dispatcher.ced.output", "dispatcher.ced.run"]  # fmt: skip
 
 
