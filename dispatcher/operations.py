@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from agent.common.records import record
+from cluster.locks import LockConflict
 from dispatcher.client import fanout
 from dispatcher.client.io import AgentIO, resolve_io
 from dispatcher.core import Dispatcher
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
+from dispatcher.runoutcome import report, report_all
 
 if TYPE_CHECKING:
     from dispatcher.runstore import FetchOutcome
@@ -205,16 +207,26 @@ async def do_run(
     """
     targets = await _resolve(d, hosts, default_port, io)
     rid = reqid or new_reqid()
-    await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
-                    reqid=rid, io=io)  # fmt: skip
-    pairs = [(name, script) for name in _names(targets)]
+    t0, names = time.monotonic(), _names(targets)
+    try:
+        await authorise(d, caller, "run", script=script, hosts=list(hosts), args=list(args),
+                        reqid=rid, io=io)  # fmt: skip
+    except Denied:
+        report_all(d.observer, "run", script, names, "denied", time.monotonic() - t0)
+        raise
+    pairs = [(name, script) for name in names]
     reach, offload = _reach(d, io), resolve_io(io).offload
-    held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
+    try:
+        held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
+    except LockConflict:
+        report_all(d.observer, "run", script, names, "locked", time.monotonic() - t0)
+        raise
     try:
         results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
                                        reach, async_=async_)  # fmt: skip
     finally:
         await offload(held.release)
+    report(d.observer, "run", script, results, time.monotonic() - t0)
     submitter = caller.submitter if caller.kind == "api" else None
     if async_:
         from dispatcher.runstore import async_record
@@ -290,8 +302,14 @@ async def do_ping(
     """
     targets = await _resolve(d, hosts, default_port, io)
     rid = new_reqid()
-    await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
+    t0 = time.monotonic()
+    try:
+        await authorise(d, caller, "ping", hosts=list(hosts), reqid=rid, io=io)
+    except Denied:
+        report_all(d.observer, "ping", "", _names(targets), "denied", time.monotonic() - t0)
+        raise
     results = await fanout.ping_all(targets, rid, _reach(d, io))
+    report(d.observer, "ping", "", results, time.monotonic() - t0)
     if renew:
         await _maybe_renew(d, targets, results, io)
     return {"reqid": rid, "results": results}

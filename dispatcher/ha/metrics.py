@@ -4,6 +4,10 @@
 * ``ctrl_exec_leader_changes_total`` (counter): new epochs this instance has seen;
 * ``ctrl_exec_lease_time_left_seconds`` (gauge): 0 when not leading;
 * ``ctrl_exec_sync_generation`` (gauge): the config generation this instance runs;
+* ``ctrl_exec_sync_published_generation`` (gauge): the generation the leader runs (its
+  member record; this instance's own while it leads), absent while no leader is known;
+  ``ctrl_exec_sync_lag_generations`` (gauge): how many generations this instance is behind
+  it (0 when not behind or unknown);
 * ``ctrl_exec_cluster_epoch`` (gauge) and ``ctrl_exec_cluster_store_up`` (gauge: 1 while
   etcd, or the local store, answers);
 * ``ctrl_exec_records_rejected_total{kind}`` (counter): store records this instance
@@ -14,18 +18,34 @@ Requests by route and outcome are ``ctrl_exec_api_requests_total`` of the API ap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cluster.backend import MemberInfo
 from dispatcher.ha.role import RoleSnapshot
+
+
+def published_generation(snap: RoleSnapshot, members: Iterable[MemberInfo]) -> int | None:
+    """The generation the leader runs: this instance's own while it leads, else the
+    leader's member record (None while no leader is known)."""
+    if snap.role == "leader":
+        return snap.generation
+    if snap.leader_id is None:
+        return None
+    for m in members:
+        if m.instance_id == snap.leader_id:
+            return m.generation
+    return None
 
 
 class ClusterCollector(Collector):
     def __init__(self, snapshot: Callable[[], RoleSnapshot], changes: Callable[[], int],
-                 rejected: Callable[[], dict[str, int]] = dict) -> None:  # fmt: skip
+                 rejected: Callable[[], dict[str, int]] = dict,
+                 members: Callable[[], Iterable[MemberInfo]] = tuple) -> None:  # fmt: skip
         self._snapshot = snapshot
+        self._members = members
         self._changes = changes
         self._rejected = rejected
 
@@ -50,6 +70,19 @@ class ClusterCollector(Collector):
             "ctrl_exec_sync_generation",
             "Config generation this instance has applied",
             value=snap.generation,
+        )
+        published = published_generation(snap, self._members())
+        pub = GaugeMetricFamily(
+            "ctrl_exec_sync_published_generation",
+            "Config generation the leader runs (absent while no leader is known)",
+        )
+        if published is not None:
+            pub.add_metric([], published)
+        yield pub
+        yield GaugeMetricFamily(
+            "ctrl_exec_sync_lag_generations",
+            "Generations this instance is behind the leader (0 when not behind or unknown)",
+            value=max(0, published - snap.generation) if published is not None else 0,
         )
         yield GaugeMetricFamily(
             "ctrl_exec_cluster_epoch", "Newest epoch this instance has seen", value=snap.epoch or 0
