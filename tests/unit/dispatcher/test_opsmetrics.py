@@ -130,7 +130,7 @@ def _dispatcher(tmp_path: Path) -> tuple[Dispatcher, TestCA]:
 
 
 def test_ops_collector_expiry_pairing_restart(tmp_path: Path) -> None:
-    d, ca = _dispatcher(tmp_path)
+    d, _ca = _dispatcher(tmp_path)
     d.registry.register("web1", ip="127.0.0.2", expiry="Jan  2 03:04:05 2031 GMT")
     d.registry.register("web2", ip="127.0.0.3")  # upstream record without an expiry
     pending = [False]
