@@ -7,6 +7,8 @@
   runs and pings through the API ``promtool check metrics`` finds no error in that text;
 * every metric name the rules and the dashboard use is served (so they cannot silently
   refer to nothing);
+* in a real cluster (etcd, two instances) the follower reports the published generation
+  and no lag, one leader in all;
 * the run outcome counters move: a run to a live agent counts ``ok``, a script exiting 3
   counts ``failed``, a script not in the allowlist ``denied``, a run to the agent that
   does not answer ``unreachable`` (and ``ctrl_exec_agents_unreachable`` counts it).
@@ -20,6 +22,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +36,12 @@ from dispatcher.pki import ca as dpki
 from dispatcher.registry import Registry
 from ops.lab.agentproc import AgentProc, make_agent
 from ops.lab.apidaemon import Daemon, PairingCA, make_daemon
+from ops.lab.etcd import ETCD
+from ops.lab.etcd import SKIP_REASON as ETCD_SKIP
+from ops.lab.hacluster import ClusterSpec, Inst, running_cluster
 from ops.lab.net import free_port
 from ops.lab.pki import Issued
-from ops.lab.proc import ROOT
+from ops.lab.proc import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +237,52 @@ def test_every_metric_the_rules_and_dashboard_use_is_served(lab: Lab) -> None:
         assert not missing, f"{where} uses metrics no instance serves: {missing}"
     assert {"ctrl_exec_runs_total", "ctrl_exec_cert_expiry_timestamp_seconds",
             "ctrl_exec_sync_lag_generations"} <= used["alerts.yml"]  # fmt: skip
+
+
+# ----- a real cluster on etcd ----------------------------------------------------------------
+
+
+def test_cluster_instances_report_one_leader_and_the_published_generation(
+    tmp_path_factory: pytest.TempPathFactory, script_dir: Path
+) -> None:
+    """Two instances on a real etcd: each health port serves the cluster view; the follower
+    reports the generation the leader published and no lag; promtool finds no error, and
+    the rules' and the dashboard's names are served by cluster members too."""
+    if ETCD is None:
+        pytest.skip(ETCD_SKIP)
+    spec = ClusterSpec(agents={"web1": "127.0.0.2"}, scripts={"echo-args": str(script_dir /
+                       "echo-args.sh")}, ttl=2, names=("a", "b"))  # fmt: skip
+    with running_cluster(tmp_path_factory.mktemp("mon-ha"), spec) as c:
+        leader = c.one_leader()
+        follower = c.followers()[0]
+        g = c.converged()
+
+        def scrape(inst: Inst) -> str:
+            with httpx.Client(base_url=inst.health_url, trust_env=False, timeout=10) as h:
+                return _scrape(h)
+
+        def follower_caught_up() -> str | None:
+            text = scrape(follower)
+            published = _value(text, "ctrl_exec_sync_published_generation")
+            return text if published == g.number else None
+
+        t0 = time.monotonic()
+        text = wait_until(follower_caught_up, 30, "the follower sees the published generation")
+        print(f"follower reported published generation {g.number} after "
+              f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+        assert _value(text, "ctrl_exec_sync_lag_generations") == 0
+        assert _value(text, "ctrl_exec_sync_generation") == g.number
+        assert _value(text, "ctrl_exec_cluster_is_leader") == 0
+        assert _value(text, "ctrl_exec_restart_pending") == 0
+        lead = scrape(leader)
+        assert _value(lead, "ctrl_exec_cluster_is_leader") == 1
+        assert _value(lead, "ctrl_exec_sync_published_generation") == g.number
+        assert _value(lead, "ctrl_exec_cluster_store_up") == 1
+        for name, names in _used_names().items():
+            missing = sorted(names - _served(text))
+            assert not missing, f"{name}: not served by a cluster follower: {missing}"
+        if PROMTOOL is not None:
+            p = _promtool("check", "metrics", stdin=text)
+            lint = (p.stdout + p.stderr).strip()
+            print(f"promtool check metrics (cluster follower): rc={p.returncode} {lint or 'clean'}")
+            assert "error while linting" not in lint, lint
