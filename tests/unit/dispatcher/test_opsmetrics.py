@@ -3,6 +3,7 @@ instance (dispatcher.api.opsmetrics, dispatcher.ha.metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -12,11 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cluster.backend import MemberInfo
+from cluster.locks import LockConflict
 from dispatcher.api.opsmetrics import MAX_SCRIPTS, OTHER, OpsCollector, RunMetrics
 from dispatcher.config import DispatcherConfig
 from dispatcher.core import Dispatcher
 from dispatcher.ha.metrics import ClusterCollector, published_generation
 from dispatcher.ha.role import RoleSnapshot
+from dispatcher.operations import Caller, Denied, do_ping, do_run
+from dispatcher.registry import RegistryError
 from dispatcher.runoutcome import classify, report, seconds_of
 from ops.lab.pki import TestCA
 
@@ -184,3 +188,58 @@ def test_sync_lag_from_the_leader_member_record() -> None:
     snap = _snap("unknown", None, 4)
     assert _value(reg, "ctrl_exec_sync_lag_generations") == 0
     assert reg.get_sample_value("ctrl_exec_sync_published_generation") is None
+
+
+# ----- what do_run and do_ping report, before any agent call ------------------------------
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, str]] = []
+
+    def observe(self, kind: str, script: str, host: str, outcome: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.calls.append((kind, script, host, outcome))
+
+
+def _ops_dispatcher(tmp_path: Path, **kw: str) -> tuple[Dispatcher, Seen]:
+    cfg = DispatcherConfig(ca_dir=str(tmp_path / "ca"), state_dir=str(tmp_path / "state"),
+                           **kw).finish()  # type: ignore[arg-type]  # fmt: skip
+    disp = TestCA(tmp_path / "ca").issue("dispatcher")
+    os.replace(disp.cert, cfg.cert)
+    os.replace(disp.key, cfg.key)
+    d = Dispatcher(cfg)
+    d.registry.register("web1", ip="127.0.0.2")
+    d.registry.register("web2", ip="127.0.0.3")
+    seen = Seen()
+    d.observer = seen
+    return d, seen
+
+
+def test_denied_by_the_dispatcher_is_reported_per_host(tmp_path: Path) -> None:
+    d, seen = _ops_dispatcher(tmp_path, api_auth_default="deny")
+    caller = Caller(kind="api", username="eve")
+    with pytest.raises(Denied):
+        asyncio.run(do_run(d, caller, ["web1", "web2"], "deploy", []))
+    with pytest.raises(Denied):
+        asyncio.run(do_ping(d, caller, ["web1"]))
+    assert seen.calls == [("run", "deploy", "web1", "denied"), ("run", "deploy", "web2", "denied"),
+                          ("ping", "", "web1", "denied")]  # fmt: skip
+
+
+def test_locked_is_reported_per_host(tmp_path: Path) -> None:
+    d, seen = _ops_dispatcher(tmp_path)
+    held = d.locks.acquire_all([("web2", "deploy")])
+    try:
+        with pytest.raises(LockConflict):
+            asyncio.run(do_run(d, Caller(kind="cli"), ["web1", "web2"], "deploy", []))
+    finally:
+        held.release()
+    assert seen.calls == [("run", "deploy", "web1", "locked"), ("run", "deploy", "web2", "locked")]
+
+
+def test_unknown_hosts_are_not_reported(tmp_path: Path) -> None:
+    d, seen = _ops_dispatcher(tmp_path)
+    with pytest.raises(RegistryError):
+        asyncio.run(do_run(d, Caller(kind="cli"), ["nope"], "deploy", []))
+    assert seen.calls == []
