@@ -25,6 +25,7 @@ leader, epoch 1.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -250,8 +251,6 @@ async def status(port: PortDep) -> JSONResponse:
 async def metrics(port: PortDep) -> Response:
     if port.metrics is None:
         return JSONResponse({"ok": False, "status": "unavailable", "reason": "no metrics"}, 404)
-    import asyncio
-
     body = await asyncio.to_thread(generate_latest, port.metrics)  # collectors read files
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
