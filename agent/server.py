@@ -271,6 +271,8 @@ class AgentServer:
         sslobj = writer.get_extra_info("ssl_object")
         cert = sslobj.getpeercert() if sslobj is not None else None
         peer = Peer(ip, serial_to_hex(cert.get("serialNumber", "")) if cert else "")
+        if cert and sslobj is not None:
+            peer.cert_der = sslobj.getpeercert(binary_form=True) or b""
         peer.dispatcher = self.trusted.get(peer.serial) if peer.serial else None
         if peer.dispatcher is not None and not (self.revoked and peer.serial in self.revoked):
             self._mark_dispatcher(ip)
@@ -307,6 +309,12 @@ class AgentServer:
         """Re-read the trust map (after ``/rotate-serial`` changed it)."""
         self._load_trust(strict=False)
 
+    def reload_ca(self) -> None:
+        """Trust exactly the CA file now (after ``/ca-bundle`` changed it): a new server
+        context for the next connections (one in progress keeps its own)."""
+        self.ssl_ctx = server_context(self.cfg.cert, self.cfg.key, self.cfg.ca)
+        ev("ca-reload", path=self.cfg.ca)
+
     async def route(self, method: str, path: str, body: bytes, peer: Peer) -> Reply:
         handler = ROUTES.get((method, path))
         if handler is not None:
@@ -324,5 +332,6 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/rotate-serial"): trust.rotate_serial,
     ("POST", "/renew"): trust.renew,
     ("POST", "/renew-complete"): trust.renew_complete,
+    ("POST", "/ca-bundle"): trust.ca_bundle,
 }
 PREFIX_ROUTES: tuple[tuple[str, str, Handler], ...] = (("GET", "/result/", asyncrun.result),)

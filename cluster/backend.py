@@ -9,7 +9,8 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     members/<instance_id>   MemberInfo JSON, bound to the member's lease; created only if
                             absent, changed and deleted only by the lease that holds it
     locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
-    generation              the published config generation (leader-only, fenced)
+    generation              the published config generation's head (leader-only, fenced)
+    generation-chunks/<sha> a chunk of a generation's manifest, named by its sha256 (fenced)
     effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
     runs/<reqid>            metadata of an async run (any instance), bound to a day-long lease
     switchover              a request that the leader of a given epoch resign, short lease
@@ -145,6 +146,7 @@ class ClusterKeys:
         self.members = f"{self.prefix}members/"
         self.locks = f"{self.prefix}locks/"
         self.generation = f"{self.prefix}generation"
+        self.generation_chunks = f"{self.prefix}generation-chunks/"
         self.effects = f"{self.prefix}effects/"
         self.runs = f"{self.prefix}runs/"
         self.switchover = f"{self.prefix}switchover"
@@ -154,6 +156,9 @@ class ClusterKeys:
         self.history = f"{self.prefix}history/"
         self.handover = f"{self.prefix}handover"
         self.paused = f"{self.prefix}paused"
+
+    def generation_chunk(self, sha256: str) -> str:
+        return f"{self.generation_chunks}{sha256}"
 
     def member(self, instance_id: str) -> str:
         return f"{self.members}{instance_id}"
@@ -480,13 +485,17 @@ class EtcdBackend(KVBackend):
         ca: str | None = None,
         cert: str | None = None,
         key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
         timeout: float = 1.0,
     ) -> None:
         from cluster.etcd import EtcdClient  # only here: the local backend needs no client library
 
-        super().__init__(
-            EtcdClient(endpoints, ca=ca, cert=cert, key=key, timeout=timeout), cluster_name
-        )
+        client = EtcdClient(
+            endpoints, ca=ca, cert=cert, key=key, user=user, password=password,
+            probe_key=ClusterKeys(cluster_name).prefix, timeout=timeout,
+        )  # fmt: skip
+        super().__init__(client, cluster_name)
 
 
 class LocalBackend(KVBackend):
@@ -510,11 +519,15 @@ def make_backend(
     etcd_cacert: str | None = None,
     etcd_cert: str | None = None,
     etcd_key: str | None = None,
+    etcd_user: str | None = None,
+    etcd_password: str | None = None,
     timeout: float = 1.0,
 ) -> KVBackend:
     """:class:`EtcdBackend` when endpoints are configured, else :class:`LocalBackend`.
 
-    ``etcd_endpoints`` may be the comma-separated config value.
+    ``etcd_endpoints`` may be the comma-separated config value. ``etcd_user`` and
+    ``etcd_password`` (the password itself: :func:`cluster.credentials.read_password_file`
+    reads the file) are etcd's own authentication, with or without a client certificate.
     """
     if isinstance(etcd_endpoints, str):
         etcd_endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
@@ -525,6 +538,8 @@ def make_backend(
             ca=etcd_cacert,
             cert=etcd_cert,
             key=etcd_key,
+            user=etcd_user,
+            password=etcd_password,
             timeout=timeout,
         )
     return LocalBackend(state_dir, cluster_name=cluster_name)

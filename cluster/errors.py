@@ -11,6 +11,14 @@ class BackendUnavailable(ClusterError):
     """The coordination store (etcd, or the local state directory) did not answer."""
 
 
+class AccessDenied(BackendUnavailable):
+    """The coordination store refused our credentials or our role (etcd auth).
+
+    A :class:`BackendUnavailable` (the instance serves on as with etcd unreachable) that
+    is never retried: repeating a wrong password changes nothing.
+    """
+
+
 class NotLeader(ClusterError):
     """A leader-only action was asked of an instance that does not hold the lease."""
 

@@ -10,6 +10,14 @@ over time is the caller's business (``cluster.retry``).
 Every failure surfaces as :class:`EtcdUnavailable`. Writes are made safe to repeat on
 another member: create-if-absent recognises its own lease, puts are idempotent, and
 fenced transactions compare the epoch.
+
+With ``user``/``password`` (etcd's own authentication; etcd3gw has none) the client
+authenticates through the gateway (``POST /v3/auth/authenticate``) on first use and sends
+the token in the ``Authorization`` header of every request (passed per request: the
+shared session's headers are never changed while other threads use it). A token that lapsed (simple
+tokens after 5 idle minutes) is renewed once per call (:func:`cluster.retry.reauth_call`).
+Refused credentials, an etcd that wants credentials we do not have, and a role that does
+not cover a key raise :class:`EtcdAccessDenied`, naming the endpoint and the user.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import etcd3gw
 import requests
 from etcd3gw import exceptions as gw_exc
 
-from cluster.errors import BackendUnavailable
+from cluster import retry
+from cluster.errors import AccessDenied, BackendUnavailable
 from cluster.store import KeyValue, WatchEvent
 
 log = logging.getLogger("ctrl-exec.cluster")
@@ -39,6 +48,26 @@ MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
 class EtcdUnavailable(BackendUnavailable):
     """etcd could not be reached, timed out or refused the request."""
+
+
+class EtcdAccessDenied(EtcdUnavailable, AccessDenied):
+    """etcd refused our credentials, wants some, or our role does not cover the key."""
+
+
+class _TokenExpired(EtcdUnavailable):
+    """etcd no longer knows our auth token (renewed once by :meth:`EtcdClient._call`)."""
+
+
+def _etcd_error(exc: gw_exc.Etcd3Exception) -> str:
+    """The ``error`` text of a gateway error answer (else the raw text)."""
+    text = exc.detail_text or ""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text or repr(exc)
+    if isinstance(doc, dict):
+        return str(doc.get("error") or doc.get("message") or text)
+    return text
 
 
 def _b64(data: str | bytes) -> str:
@@ -107,8 +136,11 @@ class EtcdClient:
     """A small typed client over several etcd members (see the module docstring).
 
     ``endpoints`` are URLs such as ``https://10.0.0.1:2379``; with ``https``, ``ca`` is the
-    etcd CA file and ``cert``/``key`` the client certificate. ``timeout`` bounds every
-    request (connect and read), so one dead member costs at most that much per call.
+    etcd CA file and ``cert``/``key`` the client certificate. ``user``/``password`` are an
+    etcd user's (both or neither; combinable with the certificate). ``probe_key`` is the
+    key :meth:`revision` reads (one the user may read: under the cluster's prefix).
+    ``timeout`` bounds every request (connect and read), so one dead member costs at most
+    that much per call.
     """
 
     def __init__(
@@ -118,10 +150,19 @@ class EtcdClient:
         ca: str | None = None,
         cert: str | None = None,
         key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        probe_key: str = "\0",
         timeout: float = 1.0,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
+        if bool(user) != bool(password):
+            raise ValueError("etcd user and password go together")
+        self.user = user or None
+        self._password = password or None
+        self._token: str | None = None  # None: authenticate before the next call
+        self.probe_key = probe_key  # read for the revision: a role may cover only a prefix
         self.timeout = timeout
         self._session = requests.Session()
         self._session.trust_env = False  # never let REQUESTS_CA_BUNDLE & co. replace the CA
@@ -152,7 +193,82 @@ class EtcdClient:
     # -- plumbing ------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
-        """Run ``fn`` on the current member, failing over once around the member list."""
+        """Run ``fn`` on the current member, failing over once around the member list;
+        with a user, renew a lapsed token once."""
+        if self.user is None:
+            return self._call_members(what, fn)
+        return retry.reauth_call(
+            lambda: self._call_members(what, fn),
+            expired=lambda exc: isinstance(exc, _TokenExpired),
+            renew=self._forget_token,
+        )
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def _forget_token(self) -> None:
+        with self._lock:
+            self._token = None
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of the next request (per request: the session's
+        own headers are never changed, other threads merge them while they send)."""
+        token = self._token
+        return {"Authorization": token} if token else {}
+
+    def _ensure_token(self, client: etcd3gw.Etcd3Client) -> None:
+        """Authenticate on ``client`` unless a token is held (no-op without a user)."""
+        if self.user is None or self._token is not None:
+            return
+        try:
+            resp = client.post(
+                client.get_url("/auth/authenticate"),
+                json={"name": self.user, "password": self._password},
+            )
+        except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError):
+            raise
+        except gw_exc.Etcd3Exception as exc:
+            error = _etcd_error(exc)
+            if "authentication is not enabled" in error:
+                log.warning("etcd at %s has authentication off; etcd_user %r is not used",
+                            client.base_url, self.user)  # fmt: skip
+                token = ""
+            elif "invalid user ID or password" in error or "authentication failed" in error:
+                raise EtcdAccessDenied(
+                    f"etcd at {client.base_url} refused user '{self.user}': {error} (check "
+                    "etcd_user and etcd_password_file)"
+                ) from None
+            else:
+                raise EtcdUnavailable(f"etcd authenticate on {client.base_url}: {error}") from exc
+        else:
+            token = str(resp.get("token", "")) if isinstance(resp, dict) else ""
+            if not token:
+                raise ValueError(f"etcd authenticate: no token in {resp!r}")
+        with self._lock:
+            self._token = token
+
+    def _refusal(
+        self, what: str, client: etcd3gw.Etcd3Client, error: str
+    ) -> EtcdUnavailable | None:
+        """The error for an auth refusal of a call (None: not an auth refusal)."""
+        who = f"user '{self.user}'" if self.user else "no user (etcd_user is not set)"
+        if "invalid auth token" in error:
+            return _TokenExpired(f"etcd {what} on {client.base_url}: {error}")
+        if "user name is empty" in error and self.user and self._token == "":
+            # we skipped authentication while it was off: etcd has turned it on since
+            return _TokenExpired(f"etcd {what} on {client.base_url}: {error}")
+        if "user name is empty" in error or "user name not found" in error:
+            return EtcdAccessDenied(
+                f"etcd at {client.base_url} requires authentication and refused {what} by "
+                f"{who}: {error} (set etcd_user and etcd_password_file)"
+            )
+        if "permission denied" in error:
+            return EtcdAccessDenied(
+                f"etcd at {client.base_url} refused {what} by {who}: {error} (its role must "
+                "grant readwrite on the cluster prefix /<cluster_name>/)"
+            )
+        return None
+
+    def _call_members(self, what: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
         with self._lock:
             start = self._current
         n = len(self._clients)
@@ -161,13 +277,18 @@ class EtcdClient:
             idx = (start + i) % n
             client = self._clients[idx]
             try:
+                self._ensure_token(client)
                 result = fn(client)
             except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError) as exc:
                 last = exc
                 log.debug("etcd %s on %s failed: %r", what, client.base_url, exc)
                 continue
             except gw_exc.Etcd3Exception as exc:
-                raise EtcdUnavailable(f"etcd {what}: {exc.detail_text or exc!r}") from exc
+                error = _etcd_error(exc)
+                refusal = self._refusal(what, client, error)
+                if refusal is not None:
+                    raise refusal from None
+                raise EtcdUnavailable(f"etcd {what}: {error}") from exc
             except (requests.RequestException, ValueError, KeyError) as exc:
                 last = exc
                 log.debug("etcd %s on %s failed: %r", what, client.base_url, exc)
@@ -181,7 +302,7 @@ class EtcdClient:
 
     def _post(self, what: str, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         def go(c: etcd3gw.Etcd3Client) -> dict[str, Any]:
-            resp = c.post(c.get_url(path), json=payload)
+            resp = c.post(c.get_url(path), json=payload, headers=self._auth_headers())
             if not isinstance(resp, dict):
                 raise ValueError(f"unexpected etcd answer {resp!r}")
             return resp
@@ -371,7 +492,8 @@ class EtcdClient:
 
     def revision(self) -> int:
         """The store's current revision."""
-        return _header_rev(self._post("revision", "/kv/range", {"key": _b64("\0"), "limit": 1}))
+        payload = {"key": _b64(self.probe_key), "limit": 1, "keys_only": True}
+        return _header_rev(self._post("revision", "/kv/range", payload))
 
     def watch_once(
         self, key: str, timeout: float, start_revision: int | None = None
@@ -381,6 +503,15 @@ class EtcdClient:
         create: dict[str, Any] = {"key": _b64(key)}
         if start_revision:
             create["start_revision"] = start_revision
+        if self.user is None:
+            return self._watch_members(create, deadline)
+        return retry.reauth_call(
+            lambda: self._watch_members(create, deadline),
+            expired=lambda exc: isinstance(exc, _TokenExpired),
+            renew=self._forget_token,
+        )
+
+    def _watch_members(self, create: Mapping[str, Any], deadline: float) -> WatchEvent | None:
         with self._lock:
             start = self._current
         n = len(self._clients)
@@ -391,7 +522,11 @@ class EtcdClient:
                 return None
             client = self._clients[(start + i) % n]
             try:
+                self._ensure_token(client)
                 return self._watch_on(client, {"create_request": create}, deadline)
+            except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError) as exc:
+                last = exc
+                log.debug("etcd watch on %s failed: %r", client.base_url, exc)
             except (requests.RequestException, ValueError, KeyError) as exc:
                 if time.monotonic() >= deadline - 0.01:
                     return None  # the read timeout is how a quiet watch ends
@@ -406,12 +541,17 @@ class EtcdClient:
         resp = self._session.post(
             client.get_url("/watch"),
             json=request,
+            headers=self._auth_headers(),
             stream=True,
             timeout=(min(self.timeout, left), left),
         )
         try:
             if resp.status_code != 200:
-                raise ValueError(f"watch answered HTTP {resp.status_code}")
+                error = _etcd_error(gw_exc.Etcd3Exception(resp.text))
+                refusal = self._refusal("watch", client, error)
+                if refusal is not None:
+                    raise refusal
+                raise ValueError(f"watch answered HTTP {resp.status_code}: {error}")
             buf = b""
             for chunk in resp.iter_content(chunk_size=None):
                 buf += chunk
@@ -421,7 +561,11 @@ class EtcdClient:
                         continue
                     result = json.loads(line).get("result", {})
                     if result.get("canceled"):
-                        raise ValueError(f"watch canceled: {result.get('cancel_reason')}")
+                        reason = str(result.get("cancel_reason", ""))
+                        refusal = self._refusal("watch", client, reason)
+                        if refusal is not None:
+                            raise refusal
+                        raise ValueError(f"watch canceled: {reason}")
                     for ev in result.get("events") or []:
                         kv = _kv(ev["kv"])
                         return WatchEvent(

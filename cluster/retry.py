@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import tenacity
 
-from cluster.errors import BackendUnavailable
+from cluster.errors import AccessDenied, BackendUnavailable
 
 log = logging.getLogger("ctrl-exec.cluster")
 
@@ -42,6 +42,12 @@ class _Custom(tenacity.stop.stop_base):
         return self._fn(retry_state)
 
 
+#: what the time-bounded policies repeat: an unreachable store, not refused credentials
+_retryable = tenacity.retry_if_exception_type(
+    BackendUnavailable
+) & tenacity.retry_if_not_exception_type(AccessDenied)
+
+
 def backend_call(
     fn: Callable[[], T],
     *,
@@ -60,7 +66,7 @@ def backend_call(
         return clock() >= deadline or (stop is not None and stop.is_set())
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(BackendUnavailable),
+        retry=_retryable,
         stop=tenacity.stop_after_attempt(attempts) | _Custom(out_of_time),
         wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
         sleep=_sleeper(stop),
@@ -88,12 +94,40 @@ def keepalive_call(
         return clock() + interval >= give_up_at or (stop is not None and stop.is_set())
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(BackendUnavailable),
+        retry=_retryable,
         stop=tenacity.stop_after_attempt(50) | _Custom(out_of_time),
         wait=tenacity.wait_fixed(interval),
         sleep=_sleeper(stop),
         reraise=True,
         before_sleep=_log_retry,
+    )
+    return retrying(fn)
+
+
+def reauth_call(
+    fn: Callable[[], T],
+    *,
+    expired: Callable[[BaseException], bool],
+    renew: Callable[[], None],
+) -> T:
+    """Call ``fn``; when it fails because the auth token ``expired``, ``renew`` it (drop the
+    token so the next call authenticates again) and call ``fn`` once more, at once.
+
+    etcd's simple tokens lapse after 5 idle minutes (``--auth-token-ttl``) and JWTs at
+    their expiry; one fresh authentication is all a lapsed token needs, so a second
+    "expired" answer is an error for the caller.
+    """
+
+    def before_retry(state: tenacity.RetryCallState) -> None:
+        log.info("etcd auth token expired, authenticating again")
+        renew()
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(expired),
+        stop=tenacity.stop_after_attempt(2),
+        wait=tenacity.wait_none(),
+        before_sleep=before_retry,
+        reraise=True,
     )
     return retrying(fn)
 

@@ -88,6 +88,9 @@ class DispatcherConfig:
     etcd_cacert: str = ""
     etcd_cert: str = ""
     etcd_key: str = ""
+    etcd_user: str = ""  # etcd's own authentication (with etcd_password_file)
+    etcd_password_file: str = ""  # first line: the password; not readable by others
+    etcd_insecure: bool = False  # allow http:// etcd endpoints on non-loopback addresses
     cluster_name: str = "ctrl-exec"
     instance_id: str = ""
     lease_ttl: float = 5.0
@@ -142,6 +145,7 @@ _IGNORED = {"port": "not used (as upstream: give the agent port with --port)"}
 CLUSTER_KEYS = (
     "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode",
     "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
+    "etcd_user", "etcd_password_file", "etcd_insecure",
 )  # fmt: skip
 
 
@@ -241,6 +245,7 @@ def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) ->
             return out
     if not endpoints_ok:
         return out
+    out.extend(_etcd_access_problems(cfg))
     remote = _remote_etcd(cfg)
     if remote and cfg.advertise_url:
         host = parse_url(cfg.advertise_url, "advertise_url")[1]
@@ -250,6 +255,29 @@ def _cluster_problems(cfg: DispatcherConfig, raw: dict[str, tuple[int, str]]) ->
                 f"({remote}): peers on other hosts cannot reach this instance; advertise "
                 "an address they reach", path, cfg.lines.get("advertise_url"),
             ))  # fmt: skip
+    return out
+
+
+def _etcd_access_problems(cfg: DispatcherConfig) -> list[ConfigError]:
+    """Plain HTTP to etcd only on loopback (unless ``etcd_insecure``); user and password
+    file together."""
+    out: list[ConfigError] = []
+    if not cfg.etcd_insecure:
+        for url in cfg.etcd_endpoints:
+            scheme, host, _ = parse_url(url, "etcd_endpoints entry", "http")
+            if scheme == "http" and not is_loopback_host(host):
+                out.append(cfg.error("etcd_endpoints", (
+                    f"etcd endpoint {url} is plain HTTP on a non-loopback address: anyone on "
+                    "the path reads and rewrites the cluster's coordination records; use "
+                    "https:// with etcd_cacert (and etcd_cert/etcd_key or etcd_user), or set "
+                    "etcd_insecure = yes to accept it"
+                )))  # fmt: skip
+                break
+    if cfg.etcd_user and not cfg.etcd_password_file:
+        out.append(cfg.error("etcd_user", "etcd_user needs etcd_password_file (a file whose "
+                             "first line is the password, mode 0600)"))  # fmt: skip
+    elif cfg.etcd_password_file and not cfg.etcd_user:
+        out.append(cfg.error("etcd_password_file", "etcd_password_file needs etcd_user"))
     return out
 
 
@@ -334,7 +362,9 @@ def load(path: str = DEFAULT_CONFIG, required: bool = True) -> DispatcherConfig:
     With ``required=False`` a missing file gives the defaults. These rules hold for
     ``ced`` and ``ctrl-exec-api`` alike: unknown keys, numbers, enumerations, the
     cluster keys without ``etcd_endpoints``, unparsable URLs, a loopback ``advertise_url``
-    while etcd is remote. The daemon checks more (:func:`instance_problems`).
+    while etcd is remote, plain-HTTP etcd off loopback without ``etcd_insecure``,
+    ``etcd_user`` and ``etcd_password_file`` apart. The daemon checks more
+    (:func:`instance_problems`).
     """
     cfg, errors = _parse(path, required)
     if errors:
@@ -348,7 +378,7 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     and ``api_require_client_cert`` has an operator CA, ``sync_mode = push`` in a cluster has the
     API on TLS, an advertised address that is not loopback while etcd is remote when it
     is derived from ``api_bind`` (``ced`` on an operator host advertises nothing), the
-    PROXY v2 settings, and distinct ports."""
+    PROXY v2 settings, distinct ports, the etcd TLS files and a private password file."""
     out: list[ConfigError] = []
     for key in ("api_cert", "api_key", "api_client_ca"):
         value = getattr(cfg, key)
@@ -375,6 +405,7 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
     if cfg.etcd_endpoints and bool(cfg.etcd_cert) != bool(cfg.etcd_key):
         out.append(cfg.error("etcd_cert" if cfg.etcd_cert else "etcd_key",
                              "etcd_cert and etcd_key go together"))  # fmt: skip
+    out.extend(_etcd_file_problems(cfg))
     remote = _remote_etcd(cfg)
     if (
         remote
@@ -413,6 +444,25 @@ def instance_problems(cfg: DispatcherConfig) -> list[ConfigError]:
             operatorcerts.check_client_ca(cfg)
         except ConfigError as exc:
             out.append(exc)
+    return out
+
+
+def _etcd_file_problems(cfg: DispatcherConfig) -> list[ConfigError]:
+    """The etcd TLS files exist; the password file is usable and private."""
+    if not cfg.etcd_endpoints:
+        return []
+    out: list[ConfigError] = []
+    for key in ("etcd_cacert", "etcd_cert", "etcd_key"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_file():
+            out.append(cfg.error(key, f"{key} {value} does not exist"))
+    if cfg.etcd_user and cfg.etcd_password_file:
+        from cluster.credentials import PasswordFileError, read_password_file
+
+        try:
+            read_password_file(cfg.etcd_password_file)
+        except PasswordFileError as exc:
+            out.append(cfg.error("etcd_password_file", f"etcd_password_file: {exc}"))
     return out
 
 

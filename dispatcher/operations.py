@@ -228,17 +228,29 @@ async def do_run(
         await offload(held.release)
     report(d.observer, "run", script, results, time.monotonic() - t0)
     submitter = caller.submitter if caller.kind == "api" else None
+    rec: dict[str, Any] | None = None
     if async_:
         from dispatcher.runstore import async_record
 
         rec = async_record(rid, script, results, submitter, attribution=caller.attribution())
-        await offload(lambda: d.runstore.save(rec))
     elif record_sync:
         from dispatcher.runstore import sync_record
 
         rec = sync_record(rid, script, _names(targets), results, submitter,
                           attribution=caller.attribution())  # fmt: skip
-        await offload(lambda: d.runstore.save(rec))
+    if rec is not None:
+        saved = rec
+        try:
+            await offload(lambda: d.runstore.save(saved))
+        except OSError as exc:
+            # the scripts ran: answering an error now would invite a retry that runs them
+            # twice. The results go back; the missing record is logged (and a status query
+            # for this reqid answers "not found").
+            from agent.common import logfmt
+
+            logfmt.event("run-record-failed", logfmt.ERROR, reqid=rid, script=script,
+                         error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return {"reqid": rid, "results": results, "record": "not saved"}
     return {"reqid": rid, "results": results}
 
 

@@ -119,13 +119,18 @@ def validate_for_key(
     except ValueError:
         raise ValueError("cert is not a PEM certificate") from None
     try:
-        ca = load_cert(ca_path)
+        cas = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
     except (OSError, ValueError):
         raise ValueError("agent CA certificate not available") from None
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature is not a ValueError
-        raise ValueError(f"cert not issued by the agent CA: {exc.__class__.__name__}") from None
+    why = "no CA"
+    for ca in cas:  # a bundle during a CA rotation: any of its CAs
+        try:
+            cert.verify_directly_issued_by(ca)
+            break
+        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature: not ValueError
+            why = exc.__class__.__name__
+    else:
+        raise ValueError(f"cert not issued by the agent CA: {why}") from None
     now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         raise ValueError("cert is not within its validity period")

@@ -24,6 +24,7 @@ class Peer:
     ip: str
     serial: str  # canonical hex, "" when the client sent no certificate
     dispatcher: str | None = None
+    cert_der: bytes = b""  # the client certificate (DER), b"" without one
 
 
 class AgentState(Protocol):
@@ -35,6 +36,8 @@ class AgentState(Protocol):
     expiry: str
 
     def reload_trust(self) -> None: ...
+
+    def reload_ca(self) -> None: ...
 
 
 Handler = Callable[[AgentState, Peer, bytes, str], Awaitable[Reply]]

@@ -1,9 +1,11 @@
-"""Trust and certificates: ``POST /rotate-serial``, ``/renew`` and ``/renew-complete``.
+"""Trust and certificates: ``POST /rotate-serial``, ``/renew``, ``/renew-complete`` and
+``/ca-bundle`` (ours: CA rotation; upstream agents answer 404 and are reported as such).
 
-All three are gated by the trusted-dispatcher map like every other endpoint (upstream
+All of them are gated by the trusted-dispatcher map like every other endpoint (upstream
 exempts ``/renew*``, which let any CA-signed certificate fetch a CSR or stage a cert).
 
-``cryptography`` (via :mod:`agent.common.certs`) is imported only by the renewal handlers.
+``cryptography`` (via :mod:`agent.common.certs`, :mod:`agent.cabundle`) is imported only by
+the renewal and bundle handlers.
 """
 
 from __future__ import annotations
@@ -98,3 +100,55 @@ async def renew_complete(agent: AgentState, peer: Peer, body: bytes, arg: str) -
         return 200, {"status": "error", "error": str(exc)}
     ev("renew-complete", peer=peer.ip, reqid=reqid, status="cert-staged")
     return 200, {"status": "ok", "reqid": reqid, "staged": True}
+
+
+async def ca_bundle(agent: AgentState, peer: Peer, body: bytes, arg: str) -> Reply:
+    """``{"action": "add", "bundle": PEM}`` or ``{"action": "drop", "fingerprint": ...}``:
+    change the CA file (checked by :mod:`agent.cabundle`), then trust exactly it."""
+    obj = parse_json(body)
+    if (denied := gate(peer, reqid_of(obj))) is not None:
+        return denied
+    if not isinstance(obj, dict):
+        return 200, {"status": "error", "error": "invalid JSON"}
+    action = obj.get("action")
+    if action not in ("add", "drop"):
+        return 200, {"status": "error", "error": f"invalid action '{action}'"}
+    if agent.cfg.auth_hook:
+        token = obj.get("token") if isinstance(obj.get("token"), str) else ""
+        d = await hook(agent, "ca-bundle", peer, args=[str(action)], token=str(token))
+        if not d.allowed:
+            ev("ca-bundle-deny", logging.WARNING, peer=peer.ip, reason=d.reason,
+               dispatcher=peer.dispatcher)  # fmt: skip
+            return 403, {"error": f"not authorised: {d.reason}"}
+    from cryptography import x509
+
+    from agent import cabundle
+    from agent.common.certs import fingerprint
+
+    path = agent.cfg.ca
+    try:
+        current = cabundle.load(path)
+        if action == "add":
+            cas = cabundle.merged(current, str(obj.get("bundle") or ""))
+        else:
+            try:
+                own: x509.Certificate | None = cabundle.load(agent.cfg.cert)[0]
+            except (OSError, ValueError, IndexError):
+                own = None
+            caller = x509.load_der_x509_certificate(peer.cert_der) if peer.cert_der else None
+            cas = cabundle.dropped(current, str(obj.get("fingerprint") or ""), own, caller)
+        changed = [fingerprint(c) for c in cas] != [fingerprint(c) for c in current]
+        if changed:
+            cabundle.write(path, cas)
+        agent.reload_ca()  # also when the file already said so (changed by another hand)
+    except cabundle.BundleError as exc:
+        ev("ca-bundle-fail", logging.WARNING, peer=peer.ip, reason=str(exc),
+           dispatcher=peer.dispatcher)  # fmt: skip
+        return 200, {"status": "error", "error": str(exc)}
+    except (OSError, ValueError) as exc:
+        ev("ca-bundle-fail", logging.ERROR, peer=peer.ip, reason=str(exc))
+        return 200, {"status": "error", "error": f"could not update the CA file: {exc}"}
+    fps = [fingerprint(c) for c in cas]
+    ev("ca-bundle", dispatcher=peer.dispatcher, bundle_action=action, cas=",".join(fps),
+       changed=int(changed), peer=peer.ip)  # fmt: skip
+    return 200, {"status": "ok", "action": action, "cas": fps, "changed": changed}

@@ -62,7 +62,7 @@ import uvicorn
 from agent.common import logfmt
 from agent.common.errors import ConfigError
 from agent.version import __version__
-from cluster.errors import MemberConflict
+from cluster.errors import AccessDenied, MemberConflict
 from dispatcher.api import proxyproto
 from dispatcher.api.healthport import (
     TICK_INTERVAL,
@@ -260,6 +260,7 @@ class Instance:
             self.state.presented_serial = lambda: sync.loaded_serial
             self.state.restart_pending = sync.restart_pending
             self.state.not_ready = sync.ready_problem
+            self.state.sync_view = sync.sync_view
         self.restart_requested = False
         self.restart_reason = ""
         self._restart_task: asyncio.Task[None] | None = None
@@ -371,6 +372,12 @@ class Instance:
         except MemberConflict as exc:
             logfmt.event("member-conflict", logging.ERROR, instance=self.d.cfg.instance_id,
                          kind=exc.kind, holder=exc.holder_id, detail=str(exc))  # fmt: skip
+            await asyncio.to_thread(ha.close)
+            self._fail(EX_CONFIG, f"{self.d.cfg.path}: refusing to start: {exc}")
+            return None
+        except AccessDenied as exc:  # etcd refused etcd_user's password, or its role
+            logfmt.event("etcd-access-denied", logging.ERROR, instance=self.d.cfg.instance_id,
+                         detail=str(exc))  # fmt: skip
             await asyncio.to_thread(ha.close)
             self._fail(EX_CONFIG, f"{self.d.cfg.path}: refusing to start: {exc}")
             return None

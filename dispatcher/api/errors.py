@@ -97,6 +97,11 @@ async def on_http(request: Request, exc: Exception) -> Response:
 
 
 async def on_internal(request: Request, exc: Exception) -> Response:
+    from cluster.errors import BackendUnavailable
+
+    if isinstance(exc, BackendUnavailable):  # etcd down or restarting: try again, not a bug
+        logfmt.event("api-unavailable", logging.WARNING, path=request.url.path, error=exc)
+        return error(503, "cluster unavailable", str(exc))
     logfmt.event("api-error", logging.ERROR, path=request.url.path, error=exc)
     return error(500, "internal error", type(exc).__name__)
 

@@ -9,8 +9,9 @@ read it.
 * ``/health``: the instance can serve run/ping: the API listener is up, the instance is
   not draining, and the event loop ticked recently.
 * ``/ready``: ``/health`` plus the dispatcher certificate and key are readable (without
-  them no agent call can succeed) and, in a cluster, the first sync with the published
-  generation after start is done. ``/ready?drain=404`` answers 404 instead of 503 while
+  them no agent call can succeed) and, in a cluster, the instance runs the cluster's
+  current generation (never on a timer: a diverged instance stays out until it converges;
+  ``/status`` says why under ``sync``). ``/ready?drain=404`` answers 404 instead of 503 while
   the instance drains: with HAProxy's ``http-check disable-on-404`` the server then
   takes no new connections while established ones finish (a 503 would mark it down and
   ``on-marked-down shutdown-sessions`` would cut requests in flight).
@@ -104,6 +105,7 @@ class InstanceState:
     presented_serial: Callable[[], str] | None = None
     restart_pending: Callable[[], bool] | None = None
     not_ready: Callable[[], str | None] | None = None
+    sync_view: Callable[[], dict[str, Any]] | None = None  # /status "sync"
     _serial_cache: dict[str, Any] = field(default_factory=dict)
 
     def ticked(self) -> None:
@@ -162,6 +164,7 @@ def status_document(
         "draining": state.draining,
         "restart_pending": bool(state.restart_pending()) if state.restart_pending else False,
         "sync_mode": cfg.sync_mode if snap.backend == "etcd" else "local",
+        "sync": state.sync_view() if state.sync_view is not None else None,
     }
 
 

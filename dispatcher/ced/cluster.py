@@ -19,6 +19,8 @@ etcd client credentials, needs no API credentials, and needs no instance to be h
   (:mod:`dispatcher.haproxy`) for every instance of the roster, down ones included: only
   the ctrl-exec sections (for a shared load balancer), or a whole file with ``--full``;
 * ``forget ID``: take a removed instance out of the roster (refused while it is live);
+* ``adopt-local ID --yes``: a leader that lacks the published generation waits for a member
+  that has it; this lets it publish its own files instead (those changes are lost);
 * ``keepalived-config``: the keepalived (VRRP) configuration of one of two load balancers
   sharing a virtual IP (:mod:`dispatcher.keepalived`); it needs no store.
 
@@ -80,7 +82,7 @@ def _fail(as_json: bool, msg: str, **extra: Any) -> ExitCode:
 
 USAGE = ("usage: ced cluster status [--json] | switchover [--to MEMBER] | history [--json] | "
          "pause [--reason TEXT] | resume | haproxy-config [--full] [--bind ADDR,...] | "
-         "forget INSTANCE_ID | keepalived-config --vip IP "
+         "forget INSTANCE_ID | adopt-local INSTANCE_ID --yes | keepalived-config --vip IP "
          "--interface IF --address OWN_IP --peer PEER_IP [--priority N] [--router-id N]")  # fmt: skip
 
 
@@ -92,7 +94,7 @@ def cmd_cluster(inv: Invocation) -> ExitCode:
                "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
                "haproxy-config": cluster_haproxy_config,
                "keepalived-config": cluster_keepalived_config,
-               "forget": cluster_forget}.get(verb)  # fmt: skip
+               "forget": cluster_forget, "adopt-local": cluster_adopt_local}.get(verb)  # fmt: skip
     if handler is None:
         raise UsageError(USAGE)
     return handler(inv)
@@ -353,6 +355,43 @@ def _configured(cfg: DispatcherConfig, backend: KVBackend) -> list[MemberInfo]:
     from dispatcher.ha.records import Records
 
     return roster.configured(backend, Records.for_ca_dir(cfg.ca_dir))
+
+
+def cluster_adopt_local(inv: Invocation) -> ExitCode:
+    """``cluster adopt-local ID``: let leader ID publish its own files over a published
+    generation no reachable member has (it waits otherwise; the changes it lacks are lost)."""
+    from dispatcher.ha.records import Records
+    from dispatcher.ha.sync import adopt
+
+    target = inv.words[1] if len(inv.words) > 1 else ""
+    if not target:
+        raise UsageError("usage: ced cluster adopt-local INSTANCE_ID --yes")
+    if not inv.ns.yes:
+        return _fail(inv.json, "adopt-local loses every change of the generations that "
+                     f"{target} never applied: add --yes")  # fmt: skip
+    records = Records.for_ca_dir(inv.d.cfg.ca_dir)
+    if records.problem is not None:
+        return _fail(inv.json, records.problem)
+
+    def grant(b: KVBackend) -> int:
+        leader = b.leader()
+        if leader is None or leader.instance_id != target:
+            return -1
+        generation = b.generation()
+        adopt.grant(b, records, target, generation, requested_by())
+        return generation
+
+    got = _in_store(inv, grant)
+    if isinstance(got, ExitCode):
+        return got
+    if got < 0:
+        return _fail(inv.json, f"{target} does not lead: only a leader waiting for a "
+                     "generation it lacks can adopt its own files")  # fmt: skip
+    if inv.json:
+        out_json({"ok": 1, "instance_id": target, "generation": got})
+    else:
+        out(f"{target} may now publish its own files over generation {got}")
+    return ExitCode.OK
 
 
 def cluster_forget(inv: Invocation) -> ExitCode:

@@ -51,6 +51,8 @@ Modes:
   list-locks                 show held host:script locks
   rotate-cert                rotate the dispatcher certificate and broadcast it
   serial-status              show the dispatcher serial and per-agent state
+  rotate-ca [--status|--finish]
+                             start or resume a CA rotation; --finish drops the old CA
   maintain                   ping all agents (renewals), rotation checks, purge
   check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
@@ -62,6 +64,8 @@ Modes:
   cluster haproxy-config     print HAProxy sections (TCP passthrough) for every instance
                              [--full] whole file  [--bind ADDR,...] listen addresses
   cluster forget <id>        take a removed instance out of the roster
+  cluster adopt-local <id> --yes
+                             let a leader lacking the published generation publish its own
   cluster keepalived-config --vip IP[/LEN] --interface IF --address OWN_IP --peer PEER_IP
                              [--priority N] [--router-id N]
                              print keepalived (VRRP) config for one of two load balancers
@@ -101,6 +105,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "list-locks": ("agents", "cmd_list_locks"),
     "rotate-cert": ("pki", "cmd_rotate_cert"),
     "serial-status": ("pki", "cmd_serial_status"),
+    "rotate-ca": ("pki", "cmd_rotate_ca"),
     "unpair": ("agents", "cmd_unpair"),
     "maintain": ("pki", "cmd_maintain"),
     "cluster": ("cluster", "cmd_cluster"),
@@ -158,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int)
     p.add_argument("--out")
     p.add_argument("--yes", "-y", action="store_true")
+    p.add_argument("--status", action="store_true")
+    p.add_argument("--finish", action="store_true")
     p.add_argument("--version", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     return p

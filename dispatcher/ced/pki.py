@@ -213,6 +213,41 @@ def cmd_serial_status(inv: Invocation) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_rotate_ca(inv: Invocation) -> ExitCode:
+    """``rotate-ca``: start or resume; ``--status`` reports; ``--finish`` drops the old CA."""
+    if inv.ns.status and inv.ns.finish:
+        raise Fail("rotate-ca: --status and --finish exclude each other")
+    mode = "status" if inv.ns.status else ("finish" if inv.ns.finish else "run")
+    if (
+        mode != "status"
+        and sys.stdin.isatty()
+        and not inv.json
+        and not inv.ns.yes
+        and not inv.confirm("Rotate the CA (agents get a CA bundle, then new certs)?")
+    ):
+        out("Aborted.")
+        return ExitCode.OK
+    res = inv.leader_action("rotate-ca", {"mode": mode}, timeout=600.0).data or {}
+    if inv.json:
+        out_json({"ok": 1, **res})
+        return ExitCode.OK
+    if not res.get("phase"):
+        out("No CA rotation recorded.")
+        return ExitCode.OK
+    out(f"Phase:   {res['phase']}")
+    out(f"Old CA:  {res.get('old_fingerprint')}")
+    out(f"New CA:  {res.get('new_fingerprint')}")
+    for key in ("done", "renewed", "pending", "offline", "upstream"):
+        names = res.get(key) or []
+        out(f"{key + ':':<9}{' '.join(names) if names else '-'}")
+    for name, error in sorted((res.get("errors") or {}).items()):
+        out(f"  {name}: {error}")
+    out(f"Operator: {res.get('operator')}")
+    if res["phase"] == "drop":
+        out("Run 'ced rotate-ca --finish' once every agent runs its renewed certificate.")
+    return ExitCode.OK if not (res.get("offline") or res.get("upstream")) else ExitCode.FAILURE
+
+
 def cmd_maintain(inv: Invocation) -> ExitCode:
     res = inv.leader_action("maintain", {}, timeout=600.0).data or {}
     if inv.json:

@@ -60,6 +60,7 @@ class Action:
     operation: str  # the fenced operation's name (effects history, logs)
     fn: Callable[..., Any]
     bootstrap: bool = False  # may run locally while the cluster has no member at all
+    phased: bool = False  # runs its own fenced operations, each acknowledged (rotate-cert)
 
 
 # ----- the actions ---------------------------------------------------------------------
@@ -180,11 +181,37 @@ def setup_dispatcher(d: Dispatcher) -> dict[str, Any]:
 
 
 def rotate_cert(d: Dispatcher) -> dict[str, Any]:
+    """Intent first in a cluster (:mod:`dispatcher.ha.rotation_intent`), else in one go."""
     import asyncio
 
+    from dispatcher.ha.writer import FencedWriter
     from dispatcher.pki import rotation
 
+    if isinstance(d.writer, FencedWriter):
+        from dispatcher.ha import rotation_intent
+
+        return rotation_intent.rotate(d)
     return asyncio.run(rotation.rotate(d))
+
+
+def rotate_ca(d: Dispatcher, *, mode: str = "run") -> dict[str, Any]:
+    """CA rotation (:mod:`dispatcher.pki.carotation`): ``run`` starts or resumes it,
+    ``finish`` also drops the old CA, ``status`` only reports."""
+    import asyncio
+
+    from dispatcher.ha.writer import FencedWriter
+    from dispatcher.pki import carotation
+
+    if mode not in ("run", "finish", "status"):
+        raise ActionFailed(f"rotate-ca: unknown mode {mode!r}")
+    if mode == "status":
+        return carotation.status(d)
+    if isinstance(d.writer, FencedWriter):
+        from dispatcher.ha import rotation_intent
+
+        return rotation_intent.rotate_ca(d, finish=mode == "finish")
+    carotation.record(d)
+    return asyncio.run(carotation.advance(d, finish=mode == "finish"))
 
 
 def maintain(d: Dispatcher) -> dict[str, Any]:
@@ -206,7 +233,8 @@ ACTIONS: dict[str, Action] = {
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),
         Action("setup-operator-ca", "setup-operator-ca", setup_operator_ca, bootstrap=True),
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
-        Action("rotate-cert", "cert-rotate", rotate_cert),
+        Action("rotate-cert", "cert-rotate", rotate_cert, phased=True),
+        Action("rotate-ca", "ca-rotate", rotate_ca, phased=True),
         Action("maintain", "maintain", maintain),
     )
 }
@@ -276,6 +304,11 @@ def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> Act
     writer = d.writer
     if not isinstance(writer, FencedWriter):
         return ActionResult(name, action.fn(d, **kwargs))
+    if action.phased:  # its own operations and acknowledgements; its document says which
+        data = action.fn(d, **kwargs)
+        generation = data.pop("generation", None) if isinstance(data, dict) else None
+        return ActionResult(name, data, leader=d.cfg.instance_id, epoch=writer.epoch(),
+                            generation=generation)  # fmt: skip
     rep = d.replication
     before, changes = (rep.generation, rep.changes) if rep is not None else (0, 0)
     with writer.operation(action.operation) as epoch:

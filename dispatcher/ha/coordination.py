@@ -23,6 +23,9 @@ def advertise_url(cfg: DispatcherConfig) -> str:
 def backend_from_config(cfg: DispatcherConfig, timeout: float | None = None) -> KVBackend:
     """etcd when ``etcd_endpoints`` is set, else the embedded backend in ``state_dir``.
 
+    Raises a :class:`ConfigError` (``etcd_password_file``'s line) for an unusable password
+    file.
+
     The default per-call timeout is a quarter of the lease TTL (0.3 to 1 s), so a dead
     etcd member costs a keep-alive round little of its margin.
     """
@@ -31,5 +34,19 @@ def backend_from_config(cfg: DispatcherConfig, timeout: float | None = None) -> 
     return make_backend(
         etcd_endpoints=cfg.etcd_endpoints, state_dir=cfg.state_dir,
         cluster_name=cfg.cluster_name, etcd_cacert=cfg.etcd_cacert or None,
-        etcd_cert=cfg.etcd_cert or None, etcd_key=cfg.etcd_key or None, timeout=timeout,
+        etcd_cert=cfg.etcd_cert or None, etcd_key=cfg.etcd_key or None,
+        etcd_user=cfg.etcd_user or None, etcd_password=etcd_password(cfg), timeout=timeout,
     )  # fmt: skip
+
+
+def etcd_password(cfg: DispatcherConfig) -> str | None:
+    """The password of ``etcd_password_file`` (None without it); a :class:`ConfigError`
+    naming that line when the file is missing, empty or readable by others."""
+    if not (cfg.etcd_endpoints and cfg.etcd_password_file):
+        return None
+    from cluster.credentials import PasswordFileError, read_password_file
+
+    try:
+        return read_password_file(cfg.etcd_password_file)
+    except PasswordFileError as exc:
+        raise cfg.error("etcd_password_file", f"etcd_password_file: {exc}") from None

@@ -8,6 +8,9 @@ One thread, active only while this instance leads:
   as soon as every live member presents the new serial (and every agent acknowledged it,
   or the overlap is over): every second for ten minutes after the rotation, then every
   minute;
+* at start-up (once caught up) and every ten seconds while one remains: an unfinished
+  rotation left by a previous leader is finished or its orphan serial retired
+  (:func:`dispatcher.ha.rotation_intent.recover`);
 * ``maintain`` (ping with agent renewals, rotation check, broadcast, stale expiry,
   retirement, run purge) every ``cert_check_interval`` seconds (0: never).
 
@@ -56,6 +59,7 @@ class LeaderWork:
         self._next_retire = 0.0
         self._next_maintain = 0.0
         self._next_prune = 0.0
+        self._next_recover = 0.0
         self.busy = False  # carrying out a request or a maintenance run right now
         self.rejected = 0  # request records dropped as malformed
         self._dropped: set[str] = set()  # their keys, each logged once
@@ -82,6 +86,7 @@ class LeaderWork:
                 interval = self.d.cfg.cert_check_interval
                 self._next_maintain = now + interval if interval > 0 else float("inf")
                 self._next_retire = now + 1.0
+                self._next_recover = now  # start-up: a predecessor's unfinished rotation
             sync = self.node.sync
             if sync is not None and sync.gate_reason() is not None:
                 continue  # catching up: no leader-only work yet
@@ -89,6 +94,8 @@ class LeaderWork:
                 self._requests(epoch)
                 if self.node.paused is not None:
                     continue  # maintenance mode: operator requests only
+                if now >= self._next_recover:
+                    self._recover_check(now)
                 if now >= self._next_retire:
                     self._retire_check(now)
                 if now >= self._next_maintain:
@@ -195,6 +202,16 @@ class LeaderWork:
         res = actions.perform(self.d, kind, args)
         self._next_retire = min(self._next_retire, self._clock() + 1.0)
         return {"result": res.data, "generation": res.generation}
+
+    # -- an unfinished rotation ------------------------------------------------------------
+
+    def _recover_check(self, now: float) -> None:
+        from dispatcher.ha import rotation_intent
+
+        self._next_recover = now + rotation_intent.RECHECK
+        res = self._busy(lambda: rotation_intent.recover(self.d))
+        if res is not None and res.get("outcome") != "retiring":
+            self._next_retire = min(self._next_retire, now + 1.0)
 
     # -- retirement ----------------------------------------------------------------------
 

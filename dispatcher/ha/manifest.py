@@ -28,7 +28,8 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ class Generation:
     files: dict[str, Entry] = field(default_factory=dict)
     published_at: float = 0.0
     sync_mode: str = "push"
+    # sha256 of each manifest chunk in the store (derived from files: not compared)
+    chunks: tuple[str, ...] = field(default=(), compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -133,6 +136,163 @@ class Generation:
             raise ManifestError("manifest_sha256 does not match the file list")
         return cls(number, epoch, leader, mh, files, float(d.get("published_at") or 0.0),
                    str(d.get("sync_mode") or "push"))  # fmt: skip
+
+
+# ----- the generation in the store: a small head and content-addressed chunks ---------------
+#
+# ``/<cluster>/generation`` holds the head (number, epoch, leader, manifest hash, file count
+# and the sha256 of each chunk, in order); each chunk holds the manifest rows of the files
+# whose path hashes to its bucket (``chunk_index``), as zlib-compressed JSON, under
+# ``/<cluster>/generation-chunks/<sha256 of the stored bytes>``. Bucketing by path hash
+# keeps every other chunk byte-identical when one file changes, so a generation writes one
+# chunk and the head. Signing (or any other envelope) goes in this one function pair.
+
+HEAD_FORMAT = 2
+CHUNK_FILES = 512  # target files per chunk (the chunk count is a power of two)
+MAX_CHUNKS = 4096
+MAX_CHUNK_RAW = 16 * 1024 * 1024  # a chunk inflating past this is refused (zip bomb)
+ChunkGetter = Callable[[Sequence[str]], Mapping[str, bytes]]
+_ENCODED: dict[tuple[tuple[str, int, int, str], ...], tuple[str, bytes]] = {}
+
+
+def chunk_count(files: int) -> int:
+    """Chunks for ``files`` files: the smallest power of two giving at most CHUNK_FILES each."""
+    n = 1
+    while n * CHUNK_FILES < files and n < MAX_CHUNKS:
+        n *= 2
+    return n
+
+
+def chunk_index(path: str, count: int) -> int:
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "big") % count
+
+
+def encode_generation(g: Generation) -> tuple[bytes, dict[str, bytes]]:
+    """``(head, {chunk sha256: chunk bytes})``: what the leader writes to the store."""
+    count = chunk_count(len(g.files))
+    buckets: list[list[tuple[str, int, int, str]]] = [[] for _ in range(count)]
+    for path, e in sorted(g.files.items()):
+        buckets[chunk_index(path, count)].append((e.path, e.mode, e.size, e.sha256))
+    chunks: dict[str, bytes] = {}
+    order: list[str] = []
+    for rows in buckets:
+        key = tuple(rows)
+        hit = _ENCODED.get(key)  # an unchanged chunk is not encoded again
+        if hit is None:
+            raw = json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode()
+            data = zlib.compress(raw, 6)
+            hit = (hashlib.sha256(data).hexdigest(), data)
+        sha, data = hit
+        chunks[sha] = data
+        order.append(sha)
+    if len(_ENCODED) > 4 * count:
+        _ENCODED.clear()
+    _ENCODED.update(
+        (tuple(rows), (sha, chunks[sha])) for rows, sha in zip(buckets, order, strict=True)
+    )
+    head = json.dumps(
+        {
+            "format": HEAD_FORMAT,
+            "generation": g.number,
+            "epoch": g.epoch,
+            "leader": g.leader,
+            "manifest_sha256": g.manifest_sha256,
+            "published_at": g.published_at,
+            "sync_mode": g.sync_mode,
+            "files": len(g.files),
+            "chunks": order,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return head, chunks
+
+
+def decode_generation(
+    raw: bytes | str,
+    get_chunks: ChunkGetter | None = None,
+    parsed: dict[str, list[Entry]] | None = None,
+) -> Generation:
+    """The generation of a head read from the store, its chunks fetched with ``get_chunks``
+    and verified (each chunk's sha256, every row, the manifest hash); ManifestError.
+
+    Without ``get_chunks`` only the head is decoded (``files`` empty, ``chunks`` set).
+    ``parsed`` holds the rows of chunks verified before, by sha256 (only those not in it
+    are fetched); it is left holding exactly this generation's chunks."""
+    try:
+        d = json.loads(raw)
+    except ValueError as exc:
+        raise ManifestError(f"generation head is not JSON: {exc}") from None
+    if not isinstance(d, dict) or d.get("format") != HEAD_FORMAT:
+        raise ManifestError("generation head is not an object of format 2")
+    try:
+        number, epoch = int(d["generation"]), int(d["epoch"])
+        leader, mh = str(d.get("leader", "")), str(d["manifest_sha256"])
+        n_files, order = int(d["files"]), d["chunks"]
+        at, mode = float(d.get("published_at") or 0.0), str(d.get("sync_mode") or "push")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"generation head lacks {exc}") from None
+    if (
+        not isinstance(order, list)
+        or not 1 <= len(order) <= MAX_CHUNKS
+        or any(not _is_sha(c) for c in order)
+        or len(order) != chunk_count(n_files)
+    ):
+        raise ManifestError("generation head has a bad chunk list")
+    chunks = tuple(str(c) for c in order)
+    if get_chunks is None:
+        return Generation(number, epoch, leader, mh, {}, at, mode, chunks)
+    known = parsed if parsed is not None else {}
+    got = get_chunks([c for c in chunks if c not in known])
+    files: dict[str, Entry] = {}
+    rows_of: dict[str, list[Entry]] = {}
+    for i, sha in enumerate(chunks):
+        rows = known.get(sha)
+        if rows is None:
+            data = got.get(sha)
+            if data is None:
+                raise ManifestError(f"chunk {i} ({sha[:16]}) of generation {number} is missing")
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ManifestError(f"chunk {i} of generation {number} fails its hash check")
+            rows = [Entry.from_json(item) for item in _inflate_rows(data, i)]
+            if any(chunk_index(e.path, len(chunks)) != i for e in rows):
+                raise ManifestError(f"chunk {i} of generation {number} holds a foreign path")
+        rows_of[sha] = rows
+        for e in rows:
+            if e.path in files:
+                raise ManifestError(f"{e.path} listed twice")
+            files[e.path] = e
+    if len(files) != n_files or manifest_hash(files) != mh:
+        raise ManifestError("manifest_sha256 does not match the file list")
+    if parsed is not None:
+        parsed.clear()
+        parsed.update(rows_of)
+    return Generation(number, epoch, leader, mh, files, at, mode, chunks)
+
+
+def _inflate_rows(data: bytes, i: int) -> list[dict[str, Any]]:
+    try:
+        z = zlib.decompressobj()
+        raw = z.decompress(data, MAX_CHUNK_RAW)
+        if z.unconsumed_tail or not z.eof:
+            raise ManifestError(f"chunk {i} is truncated or inflates too far")
+        rows = json.loads(raw)
+    except (zlib.error, ValueError) as exc:
+        raise ManifestError(f"chunk {i} is unreadable: {exc}") from None
+    if not isinstance(rows, list):
+        raise ManifestError(f"chunk {i} is not a list")
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        if not isinstance(r, list) or len(r) != 4:
+            raise ManifestError(f"chunk {i} has a bad row")
+        out.append({"path": r[0], "mode": r[1], "size": r[2], "sha256": r[3]})
+    return out
+
+
+def _is_sha(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def check_logical(path: str) -> None:
@@ -207,23 +367,35 @@ class Layout:
             raise ManifestError(f"logical path {logical!r} is not synced")
         return p
 
-    def walk(self) -> Iterator[tuple[str, Path]]:
-        """Every synced file that exists: ``(logical, local path)``."""
+    def walk(self) -> Iterator[tuple[str, str | Path]]:
+        """Every synced file that exists: ``(logical, local path)``.
+
+        Plain string work (no per-file pathlib): with 20,000 registry records it runs once
+        per publish and per apply."""
+        skip = self.excluded | {str(f) for f in self.files.values()}
         for name, root in self.roots.items():
             if not root.is_dir():
                 continue
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            top = str(root)
+            # a root nested in another (registry_dir under ca_dir) belongs to the inner one
+            inner = {
+                str(r)
+                for other, r in self.roots.items()
+                if other != name and _under(r, root) and len(str(r)) > len(top)
+            }
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames[:] = sorted(
+                    d for d in dirnames if not d.startswith(".") and f"{dirpath}/{d}" not in inner
+                )
+                rel_dir = dirpath[len(top) + 1 :]
+                prefix = f"{name}/{rel_dir}/" if rel_dir else f"{name}/"
                 for fn in sorted(filenames):
                     if fn.startswith("."):
                         continue
-                    p = Path(dirpath) / fn
-                    if self._skip(p, name):
-                        continue
-                    rel = p.relative_to(root).as_posix()
-                    yield f"{name}/{rel}", p
-        for logical, p in self.files.items():
-            yield logical, p
+                    full = f"{dirpath}/{fn}"
+                    if full not in skip:
+                        yield prefix + fn, full
+        yield from self.files.items()
 
     def stage_dirs(self) -> Iterator[Path]:
         """Every leftover stage directory under the synced roots and files."""
@@ -255,7 +427,8 @@ class Scanner:
         self._cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._lock = threading.Lock()
 
-    def entry(self, logical: str, path: Path) -> Entry | None:
+    def entry(self, logical: str, path: str | Path) -> Entry | None:
+        path = str(path)
         try:
             st = os.lstat(path)
         except OSError:
@@ -264,7 +437,7 @@ class Scanner:
             return None
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
-            cached = self._cache.get(str(path))
+            cached = self._cache.get(path)
         if cached is not None and cached[0] == key:
             digest = cached[1]
         else:
@@ -273,8 +446,18 @@ class Scanner:
             except OSError:
                 return None
             with self._lock:
-                self._cache[str(path)] = (key, digest)
+                self._cache[path] = (key, digest)
         return Entry(logical, st.st_mode & 0o777, st.st_size, digest)
+
+    def known(self, path: Path, sha256: str) -> None:
+        """``path`` was just written with content of ``sha256`` (verified by the writer)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            self._cache[str(path)] = (key, sha256)
 
     def scan(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
@@ -285,7 +468,7 @@ class Scanner:
         return out
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 16):

@@ -41,7 +41,7 @@ from agent.version import __version__
 from cluster import maintenance
 from cluster.backend import LeaderInfo, MemberInfo
 from cluster.election import Elector
-from cluster.errors import BackendUnavailable, MemberConflict
+from cluster.errors import AccessDenied, BackendUnavailable, MemberConflict
 from cluster.locks import ClusterRunLocks
 from cluster.session import Session
 from cluster.signing import RecordSigner
@@ -261,7 +261,8 @@ class HANode:
     def start(self) -> HANode:
         """Join the cluster: the member key first (exclusive), then the election.
 
-        Raises :class:`~cluster.errors.MemberConflict` when another live process holds
+        Raises :class:`~cluster.errors.AccessDenied` when etcd refuses the credentials or
+        the role, :class:`~cluster.errors.MemberConflict` when another live process holds
         this ``instance_id`` (after waiting a lease TTL for a crashed predecessor's key to
         expire) or another live member advertises this ``advertise_url``. With the store
         unreachable it starts anyway (run and ping never depend on it); the session
@@ -272,6 +273,8 @@ class HANode:
         self.session.update_member(since=time.time())
         try:
             self.session.join(wait=self.ttl + 1.5)
+        except AccessDenied:
+            raise  # wrong credentials or role: waiting changes nothing (the daemon exits 78)
         except BackendUnavailable as exc:
             self.health.mark_failed(exc)
             logfmt.event("member-register", logging.WARNING, instance=self.instance_id,

@@ -26,7 +26,13 @@ from cluster.signing import (
     ensure_key,
 )
 from dispatcher.ha.leader_requests import REQUEST, RESULT
-from dispatcher.ha.manifest import Generation, ManifestError
+from dispatcher.ha.manifest import (
+    ChunkGetter,
+    Generation,
+    ManifestError,
+    decode_generation,
+    encode_generation,
+)
 
 ev = logfmt.event
 __all__ = ["GENERATION", "ORDER", "PAUSED", "REQUEST", "RESULT", "SWITCHOVER", "Records",
@@ -111,16 +117,26 @@ class Records:
 
     # -- generations ----------------------------------------------------------------------
 
-    def seal_generation(self, key: str, g: Generation) -> str:
-        return self.seal(GENERATION, key, json.loads(g.to_json()))
+    def seal_generation(self, key: str, g: Generation) -> tuple[str, dict[str, bytes]]:
+        """The sealed head and its chunks (:func:`~dispatcher.ha.manifest.encode_generation`):
+        the chunks need no seal, the sealed head names each by its sha256."""
+        head, chunks = encode_generation(g)
+        return self.seal(GENERATION, key, json.loads(head)), chunks
 
-    def open_generation(self, key: str, raw: bytes | str | None, rev: int = 0) -> Generation | None:
-        """The verified generation, or None (rejected: logged once per revision)."""
+    def open_generation(
+        self,
+        key: str,
+        raw: bytes | str | None,
+        rev: int = 0,
+        get_chunks: ChunkGetter | None = None,
+    ) -> Generation | None:
+        """The verified generation (its chunks read with ``get_chunks``; without it the
+        head alone), or None (rejected: logged once per revision)."""
         body = self.open(GENERATION, key, raw, f"@{rev}")
         if body is None:
             return None
         try:
-            return Generation.from_json(json.dumps(body))
+            return decode_generation(json.dumps(body), get_chunks)
         except ManifestError as exc:
             self.reject(RecordRejected(GENERATION, key, f"malformed: {exc}"), f"@{rev}")
             return None

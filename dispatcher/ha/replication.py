@@ -57,7 +57,8 @@ def needed(mode: str, members: int) -> int:
 class Replication:
     """:class:`dispatcher.core.Replication` of an instance in an etcd cluster."""
 
-    POLL = 0.02
+    POLL = 0.01  # reading the member records (one etcd range)
+    POLL_LOCAL = 0.002  # waiting for the local publisher (no I/O)
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class Replication:
                     f"published within {self.timeout:g} s; it may be lost if the leader "
                     "dies now"
                 )
-            time.sleep(self.POLL)
+            time.sleep(self.POLL_LOCAL)
         generation = self.published.generation
         if self.mode == "none":
             return generation

@@ -81,11 +81,13 @@ def key_bytes(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     )
 
 
-def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None) -> CA:
+def create_ca(ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None,
+              cn: str = CA_CN) -> CA:  # fmt: skip
     """Write ``ca.key`` (0600) and ``ca.crt`` (through ``writer``, default atomic local
-    writes); refuses to overwrite an existing key."""
+    writes); refuses to overwrite an existing key. A rotated CA needs its own ``cn``: TLS
+    stacks look issuers up by name, so two CAs of one name in a bundle do not verify."""
     d = Path(ca_dir)
-    return create_self_signed(d / "ca.key", d / "ca.crt", CA_CN, days, writer)
+    return create_self_signed(d / "ca.key", d / "ca.crt", cn, days, writer)
 
 
 def create_self_signed(
@@ -261,6 +263,3 @@ def cert_serial_hex(path: str | Path) -> str:
 def cert_not_after(pem: str | bytes) -> str:
     data = pem.encode() if isinstance(pem, str) else pem
     return openssl_date(x509.load_pem_x509_certificate(data).not_valid_after_utc)
-
-
-_leaf = leaf  # the name rotation.py knows

@@ -36,8 +36,11 @@ def host_names() -> list[str]:
 
 
 def cert_names(cfg: DispatcherConfig) -> list[str]:
-    """``api_names`` when set, else :func:`host_names`."""
-    return list(cfg.api_names) if cfg.api_names else host_names()
+    """The certificate's common name (clients that verify the name upstream's certificate
+    carries keep working), then ``api_names`` when set, else :func:`host_names`."""
+    from dispatcher.pki.ca import DISPATCHER_CN
+
+    return [DISPATCHER_CN, *(cfg.api_names or host_names())]
 
 
 def san_entries(names: Sequence[str]) -> list[tuple[str, str]]:

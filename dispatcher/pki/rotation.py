@@ -6,10 +6,16 @@ practically never reached (spec 6.3). Here:
 
 1. the old cert/key are kept as ``<cert>.prev`` / ``<key>.prev`` and the new pair is
    staged as ``<cert>.next`` / ``<key>.next`` (so a crash never loses the new key);
-2. ``rotation.json`` is written and every registry agent marked ``pending`` (one batch);
+2. ``rotation.json`` is written with ``phase = announcing`` (the intent: new serial, old
+   serial, the staged pair) and every registry agent marked ``pending`` (one batch):
+   :func:`prepare`. In a cluster the intent is also recorded in etcd and acknowledged by
+   replication before step 3 (:mod:`dispatcher.ha.rotation_intent`), so a new leader can
+   finish it (:func:`finish`) or, if the pair is lost, retire the orphan serial from every
+   agent (:func:`retire_orphan`);
 3. ``{"serial": <new>, "action": "add"}`` goes to every pending/unknown agent **with the
    old credentials** (still trusted); successes become ``current``;
-4. only then is the new pair installed at ``cert`` / ``key``;
+4. only then is the new pair installed at ``cert`` / ``key`` and ``phase`` dropped
+   (:func:`finish`);
 5. :func:`broadcast` retries stragglers while the overlap lasts (old credentials first,
    then the installed ones if an agent refuses the old serial);
 6. :func:`retire` removes the old serial, with the new cert, from every ``current`` agent
@@ -55,6 +61,21 @@ ev = logfmt.event
 
 class RotationError(CtrlExecError):
     """Rotation cannot proceed (no cert, no CA, unreadable material)."""
+
+
+PAUSE_ENV = "CTRL_EXEC_TEST_PAUSE_AT"
+PAUSE_SECONDS = 120.0
+
+
+def pause_point(step: str) -> None:
+    """Fault injection for the failover tests: when ``$CTRL_EXEC_TEST_PAUSE_AT`` names
+    ``step`` (``rotation-intent``: the intent is acknowledged, no agent told;
+    ``rotation-told``: agents were told, the new cert is not installed), log
+    ``test-pause`` and stall this thread for up to :data:`PAUSE_SECONDS` so the test can
+    kill -9 the process at exactly that point. Unset in production: a no-op."""
+    if os.environ.get(PAUSE_ENV) == step:
+        ev("test-pause", logging.WARNING, step=step, pid=os.getpid())
+        time.sleep(PAUSE_SECONDS)
 
 
 # ----- pure decision logic -------------------------------------------------------------
@@ -210,7 +231,7 @@ def _new_pair(d: Dispatcher) -> tuple[bytes, bytes, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     from dispatcher.pki.names import cert_names
 
-    cert = pki._leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days,
+    cert = pki.leaf(ca, key.public_key(), pki.DISPATCHER_CN, d.cfg.cert_days,
                      names=cert_names(d.cfg))  # fmt: skip
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -229,8 +250,8 @@ def _install(d: Dispatcher, cert_pem: bytes, key_pem: bytes) -> None:
 
 def _recover_install(d: Dispatcher, state: RotationState | None) -> bool:
     """Finish an installation interrupted by a crash (``.next`` holds the current serial)."""
-    if state is None or _same(installed_serial(d), state.current_serial):
-        return False
+    if state is None or state.unfinished or _same(installed_serial(d), state.current_serial):
+        return False  # an unfinished rotation is installed by finish(), after its broadcast
     nxt = _Paths.of(d, ".next")
     if not _same(_serial_of(nxt.cert), state.current_serial):
         return False
@@ -296,7 +317,8 @@ async def _send_serial(
     return dict(results)
 
 
-async def _broadcast(d: Dispatcher, state: RotationState, now: float) -> dict[str, Any]:
+async def _broadcast(d: Dispatcher, state: RotationState, now: float,
+                     pause: bool = False) -> dict[str, Any]:  # fmt: skip
     records = d.registry.all()
     names = [
         str(r["hostname"]) for r in records
@@ -309,7 +331,11 @@ async def _broadcast(d: Dispatcher, state: RotationState, now: float) -> dict[st
     ev("serial-broadcast", hosts=",".join(t.name for t in targets), serial=serial,
        dispatcher=d.cfg.dispatcher_id)  # fmt: skip
     ctxs = [c for c in (_prev_ctx(d, state), _current_ctx(d, serial)) if c is not None]
+    if not ctxs:  # no .prev kept (an old rotation's leftovers): what is installed
+        ctxs = [c for c in (_ctx(d, d.cfg.cert, d.cfg.key),) if c is not None]
     outcome = await _send_serial(d, targets, serial, "add", ctxs)
+    if pause and any(not err for err in outcome.values()):
+        pause_point("rotation-told")
     updated = [n for n, err in outcome.items() if not err]
     failed = [{"host": n, "error": err} for n, err in outcome.items() if err]
     if updated:
@@ -325,14 +351,21 @@ async def _broadcast(d: Dispatcher, state: RotationState, now: float) -> dict[st
 # ----- public operations -------------------------------------------------------------------
 
 
-async def rotate(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
-    """Rotate the dispatcher certificate; see the module docstring for the order.
+async def prepare(d: Dispatcher, now: float | None = None) -> tuple[RotationState, int]:
+    """Record a rotation as intent; no agent is told yet. ``(state, agents pending)``.
 
+    Keeps the old pair as ``.prev``, stages the new one as ``.next``, writes
+    ``rotation.json`` with ``phase = announcing`` and marks every agent ``pending``.
     Raises RotationError (logged ``cert-rotation-fail``) if nothing was changed.
     """
     now = time.time() if now is None else now
     cfg = d.cfg
     state = rs.load(cfg.rotation_file)
+    if state is not None and state.unfinished:  # finish (or undo) the interrupted one first
+        ev("cert-rotation-warn", logging.WARNING, serial=state.current_serial,
+           reason="an earlier rotation is unfinished; finishing it before rotating")  # fmt: skip
+        await broadcast(d, now)
+        state = rs.load(cfg.rotation_file)
     _recover_install(d, state)
     if state is not None and state.previous_serial:
         # A second rotation while the first one's old serial is still trusted: retire
@@ -355,29 +388,127 @@ async def rotate(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     # Keep the old credentials (they authorise the broadcast) and stage the new pair.
     _write_pair(d, _Paths.of(d, ".prev"), old_cert_pem, old_key_pem, like=live)
     _write_pair(d, _Paths.of(d, ".next"), new_cert_pem, new_key_pem, like=live)
-    state = RotationState.new(new_serial, old_serial, cfg.cert_overlap_days, now)
+    state = RotationState.new(new_serial, old_serial, cfg.cert_overlap_days, now).announcing()
     rs.save(state, cfg.rotation_file, d.writer)
     names = d.registry.names()
     pending = d.registry.update_many(names, serial_status="pending",
                                      serial_broadcast=format_iso(now))  # fmt: skip
     ev("cert-rotated", old_serial=old_serial, new_serial=new_serial,
-       overlap_expires=state.overlap_expires, agents=pending)  # fmt: skip
+       overlap_expires=state.overlap_expires, agents=pending, phase=state.phase)  # fmt: skip
+    return state, pending
 
+
+def has_material(d: Dispatcher, state: RotationState) -> bool:
+    """This instance holds the key pair of ``state.current_serial`` (staged or installed)."""
+    nxt = _Paths.of(d, ".next")
+    staged = _same(_serial_of(nxt.cert), state.current_serial) and nxt.key.is_file()
+    return staged or _same(installed_serial(d), state.current_serial)
+
+
+async def finish(d: Dispatcher, state: RotationState, now: float | None = None, *,
+                 pause: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Carry out a recorded rotation: broadcast the new serial (old credentials), install
+    the staged pair, mark the rotation finished. Idempotent: a new leader calls it again
+    for an intent its predecessor did not finish (``pause`` off: no test pause point).
+    Raises RotationError if the key pair of the new serial is not here.
+    """
+    now = time.time() if now is None else now
+    if not has_material(d, state):
+        raise RotationError(f"the key pair of serial {state.current_serial} is not here")
+    nxt = _Paths.of(d, ".next")
+    staged: tuple[bytes, bytes] | None = None
+    if not _same(installed_serial(d), state.current_serial):
+        try:
+            staged = nxt.cert.read_bytes(), nxt.key.read_bytes()
+        except OSError as exc:
+            raise RotationError(f"cannot read the staged pair: {exc}") from None
     try:
-        report = await _broadcast(d, state, now)
+        report = await _broadcast(d, state, now, pause=pause)
     finally:  # every agent still trusts the old serial too, so installing is always safe
-        _install(d, new_cert_pem, new_key_pem)
-    ev("cert-install", serial=new_serial, updated=len(report["updated"]),
+        if staged is not None:
+            _install(d, *staged)
+    rs.save(state.finished(), d.cfg.rotation_file, d.writer)
+    ev("cert-install", serial=state.current_serial, updated=len(report["updated"]),
        failed=len(report["failed"]))  # fmt: skip
+    return report
+
+
+async def rotate(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+    """Rotate the dispatcher certificate on one host: :func:`prepare` then :func:`finish`
+    (in a cluster :mod:`dispatcher.ha.rotation_intent` acknowledges the intent between the
+    two). Raises RotationError (logged ``cert-rotation-fail``) if nothing was changed.
+    """
+    now = time.time() if now is None else now
+    state, pending = await prepare(d, now)
+    report = await finish(d, state, now)
+    return result(state, pending, report)
+
+
+def result(state: RotationState, pending: int, report: dict[str, Any]) -> dict[str, Any]:
+    """The ``rotate-cert`` document."""
     return {
         "rotated": 1,
-        "new_serial": new_serial,
-        "old_serial": old_serial,
+        "new_serial": state.current_serial,
+        "old_serial": state.previous_serial,
         "overlap_expires": state.overlap_expires,
         "agents_pending": pending,
         "updated": report["updated"],
         "failed": report["failed"],
     }
+
+
+async def retire_orphan(d: Dispatcher, orphan: str, now: float | None = None) -> dict[str, Any]:
+    """Undo a recorded rotation whose key pair is lost: ``remove`` the orphan serial from
+    every registered agent (upstream agents accept it; an absent serial is a no-op), with
+    the installed credentials (and the kept ``.prev`` ones); registry records naming the
+    orphan go back to the installed serial; ``rotation.json`` naming it is rewritten.
+    ``{serial, removed, failed}``; agents in ``failed`` may still trust it (retry).
+    """
+    now = time.time() if now is None else now
+    cfg = d.cfg
+    installed = installed_serial(d)
+    if installed is None or _same(installed, orphan):
+        raise RotationError(f"cannot retire serial {orphan}: it is the installed one")
+    ctxs = [c for c in (_ctx(d, cfg.cert, cfg.key), _prev_any_ctx(d, orphan)) if c is not None]
+    records = d.registry.all()
+    names = [str(r["hostname"]) for r in records if r.get("hostname")]
+    ev("serial-orphan-retire", serial=orphan, hosts=",".join(names), installed=installed)
+    outcome = await _send_serial(d, _targets(d, names), orphan, "remove", ctxs) if names else {}
+    failed = [{"host": n, "error": e} for n, e in outcome.items() if e]
+    failed += [{"host": n, "error": "not resolvable"} for n in names if n not in outcome]
+    for f in failed:
+        ev("serial-orphan-retire-error", logging.WARNING, agent=f["host"], error=f["error"])
+    removed = [n for n, e in outcome.items() if not e]
+    naming = [str(r["hostname"]) for r in records
+              if _same(str(r.get("dispatcher_serial") or ""), orphan)]  # fmt: skip
+    if naming:
+        d.registry.update_many(naming, serial_status="current", dispatcher_serial=installed,
+                               serial_confirmed=format_iso(now))  # fmt: skip
+    state = rs.load(cfg.rotation_file)
+    if state is None or _same(state.current_serial, orphan):
+        extra = dict(state.extra) if state is not None else {}
+        extra["orphan_retired"] = orphan
+        back = RotationState(installed, None, format_iso(now), format_iso(now), 0,
+                             previous_retired=format_iso(now), extra=extra)  # fmt: skip
+        rs.save(back, cfg.rotation_file, d.writer)
+    nxt = _Paths.of(d, ".next")
+    if _same(_serial_of(nxt.cert), orphan):
+        d.writer.delete(nxt.cert)
+        d.writer.delete(nxt.key)
+    prev = _Paths.of(d, ".prev")
+    if _same(_serial_of(prev.cert), installed):
+        d.writer.delete(prev.key)
+        d.writer.delete(prev.cert)
+    return {"serial": orphan, "removed": removed, "failed": failed}
+
+
+def _prev_any_ctx(d: Dispatcher, orphan: str) -> ssl.SSLContext | None:
+    """The kept ``.prev`` credentials, unless they present ``orphan``."""
+    cert, key = prev_paths(d)
+    serial = _serial_of(cert)
+    if serial is None or _same(serial, orphan):
+        return None
+    return _ctx(d, cert, key)
 
 
 async def broadcast(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
@@ -388,6 +519,12 @@ async def broadcast(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
     """
     now = time.time() if now is None else now
     state = rs.load(d.cfg.rotation_file)
+    if state is not None and state.unfinished:  # a rotation interrupted before its install
+        if has_material(d, state):
+            return await finish(d, state, now, pause=False)
+        orphan = await retire_orphan(d, state.current_serial, now)
+        return {"serial": installed_serial(d), "updated": [], "failed": orphan["failed"],
+                "orphan_retired": orphan}  # fmt: skip
     _recover_install(d, state)
     if state is None or not state.current_serial:
         serial = installed_serial(d)
@@ -409,6 +546,8 @@ async def retire(d: Dispatcher, now: float | None = None, force: bool = False) -
     state = rs.load(cfg.rotation_file)
     if state is None or not state.previous_serial:
         return {"retired": False, "reason": "no previous serial to retire"}
+    if state.unfinished:
+        return {"retired": False, "reason": "rotation not finished yet"}
     records = d.registry.all()
     reason = retirement_reason(state, records, now, force)
     if reason is None:

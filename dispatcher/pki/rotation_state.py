@@ -4,6 +4,13 @@ Keys are upstream's: ``current_serial``, ``previous_serial`` (absent after retir
 ``rotated_at``, ``overlap_expires``, ``overlap_days`` and, after retirement,
 ``previous_retired``. Unknown keys are kept on a rewrite. Written 0640 through a
 :class:`StateWriter`.
+
+Ours: ``phase`` = ``announcing`` while a rotation is recorded (the new serial, its staged
+key pair ``<cert>.next``/``<key>.next``, the old serial) but not yet finished (broadcast,
+install); the key is absent once the new cert is installed. A new leader that finds
+``announcing`` finishes the rotation or retires the orphan serial
+(:mod:`dispatcher.ha.rotation_intent`). Upstream never reads the file written by us, and
+our reader ignores a missing ``phase`` (an upstream file is a finished rotation).
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ _KNOWN = (
     "overlap_expires",
     "overlap_days",
     "previous_retired",
+    "phase",
 )
+ANNOUNCING = "announcing"
 
 
 def format_iso(ts: float | None = None) -> str:
@@ -53,6 +62,7 @@ class RotationState:
     overlap_expires: str
     overlap_days: int
     previous_retired: str | None = None
+    phase: str | None = None  # ANNOUNCING while the rotation is unfinished, else None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -80,7 +90,7 @@ class RotationState:
             if not isinstance(value, str):
                 raise ValueError(f"{key} must be a string")
             strings[key] = value
-        for key in ("previous_serial", "previous_retired"):
+        for key in ("previous_serial", "previous_retired", "phase"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{key} must be a string")
         days = data.get("overlap_days", 0)
@@ -93,6 +103,7 @@ class RotationState:
             overlap_expires=strings["overlap_expires"],
             overlap_days=int(days),
             previous_retired=data.get("previous_retired"),
+            phase=data.get("phase"),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -109,7 +120,20 @@ class RotationState:
             out["previous_serial"] = self.previous_serial
         if self.previous_retired is not None:
             out["previous_retired"] = self.previous_retired
+        if self.phase is not None:
+            out["phase"] = self.phase
         return out
+
+    @property
+    def unfinished(self) -> bool:
+        """A rotation recorded as intent whose new cert is not installed yet."""
+        return self.phase == ANNOUNCING
+
+    def announcing(self) -> RotationState:
+        return replace(self, phase=ANNOUNCING)
+
+    def finished(self) -> RotationState:
+        return replace(self, phase=None)
 
     def overlap_expires_at(self) -> float | None:
         return parse_iso(self.overlap_expires)

@@ -4,7 +4,10 @@ In a temporary directory:
 
 1. ``ced setup-ca`` and ``ced setup-ctrl-exec`` (the real CLI) make the CA and the
    dispatcher identity under a generated ``ctrl-exec.conf``;
-2. a 3-member etcd on loopback ports (or, without etcd installed, the embedded backend);
+2. a 3-member etcd on loopback ports, on TLS (a lab CA; client certificates required)
+   with authentication: user ``ctrl-exec`` whose role reads and writes
+   ``/ctrl-exec-demo/`` only (``--plain-etcd``: plain HTTP, no auth; without etcd
+   installed, the embedded backend);
 3. three ``ctrl-exec-api`` instances sharing the state paths (``sync_mode = shared-fs``;
    without etcd one instance: the embedded backend serves one instance per state dir),
    each with a TLS API port, a PROXY v2 API port, a health port and a pairing port;
@@ -50,7 +53,7 @@ import httpx  # noqa: E402
 
 from dispatcher.haproxy import Member  # noqa: E402
 from ops.lab.agent import PairingAgent  # noqa: E402
-from ops.lab.etcd import ETCD, EtcdCluster  # noqa: E402
+from ops.lab.etcd import ETCD, EtcdCluster, secure_etcd  # noqa: E402
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy  # noqa: E402
 from ops.lab.net import client_ssl, free_port, port_free, wait_listening  # noqa: E402
 from ops.lab.pki import Issued  # noqa: E402
@@ -59,6 +62,7 @@ from ops.lab.proc import ApiProcess, processes, terminate  # noqa: E402
 AGENT_ADDRS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 AGENT_PORT = 17443
 CLIENT_ADDR = "127.0.0.9"  # the operator's "workstation"
+CLUSTER = "ctrl-exec-demo"  # cluster_name: the etcd role covers /ctrl-exec-demo/ only
 HAPROXY_API, HAPROXY_PAIRING = 7545, 7544
 SCRIPT = """#!/bin/sh
 echo "hello from $(hostname) as $(id -un); args: $*"
@@ -119,6 +123,7 @@ class Instance(ApiProcess):
 class Demo:
     work: Path
     free_ports: bool
+    plain_etcd: bool = False
     env: dict[str, str] = field(default_factory=dict)
     instances: list[Instance] = field(default_factory=list)
     agents: list[PairingAgent] = field(default_factory=list)
@@ -181,8 +186,8 @@ class Demo:
         etc, state = self.work / "etc", self.work / "state"
         # cluster keys only with etcd: without etcd_endpoints they are a config error
         cluster = (
-            f"etcd_endpoints = {','.join(self.etcd.endpoints)}\ncluster_name = ctrl-exec-demo\n"
-            "sync_mode = shared-fs\n"
+            "".join(f"{k} = {v}\n" for k, v in self.etcd.client_conf().items())
+            + f"cluster_name = {CLUSTER}\nsync_mode = shared-fs\n"
             if self.etcd
             else ""
         )
@@ -205,8 +210,13 @@ class Demo:
         if ETCD is None:
             say("etcd is not installed (apt-get install etcd-server): embedded backend")
             return
-        say("starting a 3-member etcd on loopback")
-        self.etcd = EtcdCluster(self.work / "etcd", size=3).start()
+        if self.plain_etcd:
+            say("starting a 3-member etcd on loopback (plain HTTP, no authentication)")
+            self.etcd = EtcdCluster(self.work / "etcd", size=3).start()
+        else:
+            say("starting a 3-member etcd on loopback: TLS (client certificates required) and "
+                f"authentication, user ctrl-exec with readwrite on /{CLUSTER}/ only")  # fmt: skip
+            self.etcd = secure_etcd(self.work / "etcd", f"/{CLUSTER}/", size=3).start()
         say(f"  etcd healthy: {', '.join(self.etcd.endpoints)}")
 
     def start_instances(self) -> None:
@@ -468,13 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--free-ports", action="store_true", help="use free ports only")
+    ap.add_argument("--plain-etcd", action="store_true",
+                    help="run etcd on plain HTTP without authentication")  # fmt: skip
     args = ap.parse_args(argv)
     _become_subreaper()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as well
     work = Path(tempfile.mkdtemp(prefix="ctrl-exec-cluster-"))
     say(f"work dir: {work}")
-    demo = Demo(work, args.free_ports)
+    demo = Demo(work, args.free_ports, args.plain_etcd)
     ok = interrupted = False
     try:
         demo.start_etcd()

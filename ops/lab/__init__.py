@@ -18,7 +18,9 @@ stopped by its PID.
 * :mod:`~ops.lab.apidaemon`: one ``ctrl-exec-api`` from its own config, and a CA it trusts;
 * :mod:`~ops.lab.pairing`: the pairing protocol from the agent's side, raw;
 * :mod:`~ops.lab.apicalls`: API calls several tests make the same way;
-* :mod:`~ops.lab.etcd`, :mod:`~ops.lab.haproxy`: real etcd members, a real HAProxy;
+* :mod:`~ops.lab.etcd`, :mod:`~ops.lab.haproxy`: real etcd members (plain, or on TLS with
+  auth and a role per cluster prefix: ``secure_etcd``, certificates from
+  :mod:`~ops.lab.etcdpki`), a real HAProxy;
 * :mod:`~ops.lab.hacluster`: a whole HA cluster (etcd, instances, agents, HAProxy);
 * :mod:`~ops.lab.elector_proc`: one elector in its own process (election tests);
 * :mod:`~ops.lab.runbook_lab`: the cluster the runbooks run against.

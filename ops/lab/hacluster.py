@@ -6,7 +6,8 @@ the benchmark can use it as well.
 
 :func:`running_cluster` brings up, under one directory:
 
-* a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`);
+* a real etcd of ``etcd_size`` members (:mod:`ops.lab.etcd`), by default on TLS with
+  authentication and a role limited to the cluster's prefix (``etcd_secure``);
 * a dispatcher CA and certificate (``dispatcher.pki.ca``), and real agents (one per entry
   of ``agents``, each on its own loopback address) that trust it and are registered;
 * ``ctrl-exec-api`` instances (:class:`ops.lab.proc.ApiProcess`), each with its own state
@@ -52,14 +53,14 @@ import httpx
 
 from cluster.backend import EffectRecord, EtcdBackend
 from cluster.signing import KEY_FILE, RecordRejected, RecordSigner, parse_key, write_key
-from dispatcher.ha.manifest import Generation
+from dispatcher.ha.manifest import Generation, ManifestError, decode_generation
 from dispatcher.haproxy import Member
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry
 from dispatcher.statewrite import LocalWriter
 from ops.lab.agentproc import AgentProc, make_agent
 from ops.lab.dispatcherenv import DispatcherCA
-from ops.lab.etcd import EtcdCluster
+from ops.lab.etcd import EtcdCluster, secure_etcd
 from ops.lab.haproxy import API_BACKEND, PAIRING_BACKEND, HAProxy
 from ops.lab.net import client_ssl, free_port
 from ops.lab.net import http_get as get
@@ -122,6 +123,7 @@ class ClusterSpec:
     scripts: Mapping[str, str]  # the agents' allowlist: name -> script path
     ttl: int = 2
     etcd_size: int = 1
+    etcd_secure: bool = True  # etcd on TLS with auth, a role on /<cluster_name>/ only
     names: tuple[str, ...] = ("a", "b", "c")
     sync_mode: str = "shared-fs"  # or "push": each instance its own CA dir and registry
     tls: bool = False  # API over TLS (operator client certs)
@@ -129,6 +131,7 @@ class ClusterSpec:
     haproxy: bool = False  # HAProxy in front (dispatcher.haproxy.render)
     pairing_proxy: bool = False  # a PROXY v2 pairing port per instance, used by HAProxy
     extra: Mapping[str, str] = field(default_factory=dict)  # more ctrl-exec.conf keys
+    env: Mapping[str, str] = field(default_factory=dict)  # more environment (test hooks)
     cluster_key: bool = True  # start with <ca_dir>/cluster.key (else the first leader makes it)
 
 
@@ -145,6 +148,7 @@ class Cluster:
     operator: Issued | None = None  # an operator client certificate (with tls)
     haproxy: HAProxy | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # added to every instance's environment
 
     @property
     def ca_cert(self) -> Path:
@@ -189,7 +193,7 @@ class Cluster:
         HAProxy, until HAProxy sends it traffic again)."""
         for i in self.insts.values():
             if not i.alive:
-                i.start()
+                i.start(env={**ENV, **self.env})
         for i in self.insts.values():
             i.wait_healthy()
         if self.haproxy is not None:
@@ -198,7 +202,7 @@ class Cluster:
     def restart(self, inst: Inst) -> None:
         """Start a stopped instance again and wait until it serves (through HAProxy too)."""
         assert not inst.alive, f"{inst.name} is still running"
-        inst.start()
+        inst.start(env={**ENV, **self.env})
         inst.wait_healthy()
         if self.haproxy is not None:
             self.haproxy.wait_status(API_BACKEND, {inst.id: "UP"})
@@ -211,7 +215,8 @@ class Cluster:
         )  # fmt: skip
 
     def backend(self, timeout: float = 1.0) -> EtcdBackend:
-        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=timeout)
+        return EtcdBackend(self.etcd.endpoints, cluster_name=self.name, timeout=timeout,
+                           **self.etcd.client_kwargs())  # fmt: skip
 
     def effects(self) -> list[EffectRecord]:
         backend = self.backend()
@@ -224,15 +229,20 @@ class Cluster:
         backend = self.backend(2.0)
         try:
             kv = backend.get_kv(backend.keys.generation)
+            if kv is None:
+                return None
+
+            def chunks(shas: Sequence[str]) -> dict[str, bytes]:
+                got = {s: backend.get_value(backend.keys.generation_chunk(s)) for s in shas}
+                return {s: v for s, v in got.items() if v is not None}
+
+            try:  # a record an attack test forged is no generation: wait for the genuine one
+                body = self.signer.open("generation", backend.keys.generation, kv.value)
+                return decode_generation(json.dumps(body), chunks)
+            except (RecordRejected, ManifestError):
+                return None
         finally:
             backend.close()
-        if kv is None:
-            return None
-        try:  # a record an attack test forged is no generation: wait for the genuine one
-            body = self.signer.open("generation", backend.keys.generation, kv.value)
-        except RecordRejected:
-            return None
-        return Generation.from_json(json.dumps(body))
 
     def published(self) -> Generation:
         """The generation the leader published in etcd."""
@@ -307,7 +317,11 @@ def _instance_conf(spec: ClusterSpec, inst: Inst, shared: Mapping[str, str]) -> 
 @contextlib.contextmanager
 def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     """Bring the cluster of ``spec`` up under ``tmp``; stop everything on the way out."""
-    etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
+    cluster_name = f"ha{secrets.token_hex(4)}"
+    if spec.etcd_secure:
+        etcd = secure_etcd(tmp / "etcd", f"/{cluster_name}/", size=spec.etcd_size).start()
+    else:
+        etcd = EtcdCluster(tmp / "etcd", size=spec.etcd_size).start()
     ca_dir = tmp / "ca"
     ca = pki.create_ca(ca_dir)
     dcert = pki.issue_dispatcher_cert(ca, ca_dir / "dispatcher.crt", ca_dir / "dispatcher.key")
@@ -328,10 +342,10 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
     for name, agent in agents.items():
         reg.register(name, ip=agent.host, port=agent.port, lookup_by="ip",
                      dispatcher_serial=dispatcher.serial_hex)  # fmt: skip
-    name = f"ha{secrets.token_hex(4)}"
+    name = cluster_name
     shared = {
         "api_bind": "127.0.0.1", "health_bind": "127.0.0.1", "pairing_bind": "127.0.0.1",
-        "etcd_endpoints": ",".join(etcd.endpoints), "cluster_name": name,
+        **etcd.client_conf(), "cluster_name": name,
         "lease_ttl": str(spec.ttl), "api_auth_default": "allow", "log_target": "stderr",
         "read_timeout": "10", "sync_mode": spec.sync_mode, "dispatcher_id": "disp",
     }  # fmt: skip
@@ -354,7 +368,7 @@ def running_cluster(tmp: Path, spec: ClusterSpec) -> Iterator[Cluster]:
         inst.config.write_text(_instance_conf(spec, inst, shared))
         insts[n] = inst
     c = Cluster(tmp, etcd, name, insts, agents, dispatcher, registry_dir, ttl=spec.ttl,
-                operator=operator)  # fmt: skip
+                operator=operator, env=dict(spec.env))  # fmt: skip
     try:
         for a in agents.values():
             a.start(wait=False)

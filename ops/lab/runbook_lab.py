@@ -261,9 +261,8 @@ class RunbookLab:
 
     def _start_haproxy(self) -> None:
         self.sh(
-            'ced --config "$CED_CONFIG" cluster haproxy-config |\n'
-            '  sed -e "s|/run/haproxy/ctrl-exec.sock|$HAPROXY_SOCK|" '
-            '-e "s|bind 0.0.0.0:|bind $HAPROXY_BIND:|" > "$LAB_DIR/haproxy/haproxy.cfg"\n'
+            'ced --config "$CED_CONFIG" cluster haproxy-config --full --bind "$HAPROXY_BIND" |\n'
+            '  sed -e "s|/run/haproxy/ctrl-exec.sock|$HAPROXY_SOCK|" > "$LAB_DIR/haproxy/haproxy.cfg"\n'
             'haproxy -c -q -f "$LAB_DIR/haproxy/haproxy.cfg"\nlab_haproxy_start'
         )
         wait_listening("127.0.0.1", self.lb_api, None, 15)

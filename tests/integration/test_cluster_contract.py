@@ -1,8 +1,9 @@
 """One contract for both coordination backends: embedded (local state dir) and etcd.
 
-Every test runs twice: against :class:`LocalBackend` in a temp dir, and against
+Every test runs three times: against :class:`LocalBackend` in a temp dir, against
 :class:`EtcdBackend` on a real one-member etcd (skipped, with the reason, when etcd is
-not installed). "Two clients" are two backend objects, as two instances would have.
+not installed), and on one with TLS and authentication, as a user whose role covers only
+the test's cluster prefix. "Two clients" are two backend objects, as two instances would have.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cluster.election import Elector, EpochGuard
 from cluster.errors import BackendUnavailable, Fenced, MemberConflict, NotLeader, StaleEpoch
 from cluster.locks import ClusterRunLocks, LockConflict
 from cluster.session import Session
-from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, TLSFiles
+from ops.lab.etcd import ETCD, SKIP_REASON, EtcdCluster, TLSFiles, secure_etcd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -38,7 +39,19 @@ def etcd1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         cluster.close()
 
 
-@pytest.fixture(params=["local", "etcd"])
+@pytest.fixture(scope="module")
+def etcd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """TLS and auth on (docs/trust-model.md); every test adds a user for its own prefix."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    cluster = secure_etcd(tmp_path_factory.mktemp("etcd-auth"), "/contract-unused/")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["local", "etcd", "etcd-auth"])
 def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     name = f"t{secrets.token_hex(4)}"  # one cluster namespace per test
     made: list[KVBackend] = []
@@ -47,6 +60,16 @@ def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fac
 
         def factory() -> KVBackend:
             b = EtcdBackend(etcd.endpoints, cluster_name=name, timeout=1.0)
+            made.append(b)
+            return b
+    elif request.param == "etcd-auth":
+        # a role limited to this test's /<name>/: any key outside it fails the test
+        secure: EtcdCluster = request.getfixturevalue("etcd_auth")
+        password = secure.add_user(name, f"/{name}/", secure.root_token()).read_text().strip()
+        kw = {**secure.client_kwargs(), "user": name, "password": password}
+
+        def factory() -> KVBackend:
+            b = EtcdBackend(secure.endpoints, cluster_name=name, timeout=1.0, **kw)
             made.append(b)
             return b
     else:

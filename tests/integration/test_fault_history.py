@@ -375,14 +375,6 @@ def test_no_script_run_twice_for_one_request(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=746219712, lane 1 run 4, a follower's disk read-"
-    "only): the follower dispatched reqid c0a2262ce7435b56, the agent ran it (EXIT=0), then"
-    " writing the run record state/runs/<reqid>.json failed (EROFS) and the API answered "
-    "500 'internal error OSError': a retry runs the script twice. Flip once a run that ran "
-    "is reported as such (or an instance that cannot write its state is not ready).",
-)  # fmt: skip
 def test_no_run_reported_failed_that_ran(results: Results) -> None:
     _no_violations(results, "honest")
 
@@ -411,13 +403,6 @@ def test_every_instance_converged_on_one_generation(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37, 2cdadaa and 2cea770: a follower that could not apply a generation becomes leader when both "
-    "members that applied it die, waits 3 TTLs, logs sync-diverged and publishes its stale "
-    "files: the acknowledged edit is gone everywhere. Flip once ready-means-in-sync keeps "
-    "an instance that is not in sync from leading.",
-)  # fmt: skip
 def test_an_acknowledged_edit_survives_the_loss_of_both_members_that_applied_it(
     tmp_path: Path,
 ) -> None:

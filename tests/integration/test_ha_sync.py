@@ -24,7 +24,13 @@ import httpx
 import pytest
 
 from dispatcher.config import load as load_config
-from dispatcher.ha.manifest import Generation, Layout, Scanner, manifest_hash
+from dispatcher.ha.manifest import (
+    Generation,
+    Layout,
+    Scanner,
+    encode_generation,
+    manifest_hash,
+)
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
 from ops.lab.etcd import ETCD, SKIP_REASON
@@ -297,7 +303,10 @@ def test_generation_and_order_from_an_old_epoch_are_refused(cluster: Cluster) ->
     try:
         # unfenced, sealed with the cluster key (an old leader's records): only a test can
         gkey, okey = b.keys.generation, b.keys.order(followers[0].id)
-        b.put_value(gkey, cluster.signer.seal("generation", gkey, json.loads(stale.to_json())))
+        head, chunks = encode_generation(stale)
+        for sha, data in chunks.items():
+            b.put_value(b.keys.generation_chunk(sha), data)
+        b.put_value(gkey, cluster.signer.seal("generation", gkey, json.loads(head)))
         b.put_value(okey, cluster.signer.seal("order", okey, order))
     finally:
         b.close()

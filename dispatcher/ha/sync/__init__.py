@@ -13,15 +13,25 @@ One module per job; the rest of the instance uses :class:`Syncer` only.
 * :mod:`~dispatcher.ha.sync.swapper`: stage next to each target, fsync, rename into place
   keys first, remove what the generation no longer has, clean leftover stage directories;
 * :mod:`~dispatcher.ha.sync.serving`: serve this member's generation files to peers;
-* :mod:`~dispatcher.ha.sync.state`: the applied generation (``<state_dir>/sync/applied.json``).
+* :mod:`~dispatcher.ha.sync.state`: the applied generation (``<state_dir>/sync/applied.json``,
+  written again each tick until it succeeds) and the newest epoch seen (``epoch.json``);
+* :mod:`~dispatcher.ha.sync.store`: the generation in the store: a small head under
+  ``/<cluster>/generation`` and content-addressed manifest chunks under
+  ``/<cluster>/generation-chunks/`` (one changed agent rewrites one chunk), published in
+  fenced transactions within etcd's default limits, old chunks collected.
+
+``/ready`` (:meth:`Syncer.ready_problem`) answers 200 only while this instance runs the
+generation last published (a leader: once caught up); there is no timer: a diverged
+instance says so in ``/status`` (``sync``) and stays out of the load balancer until it
+converges.
 
 The manifest model (logical paths, :class:`~dispatcher.ha.manifest.Generation`) is
 :mod:`dispatcher.ha.manifest`.
 
 Leader: every leader-only write goes through the fenced writer, which marks the state
 dirty; once no leader-only operation is running (and 50 ms passed since the last write),
-the leader scans its files and, if the manifest changed, publishes generation N+1 under
-``/<cluster>/generation`` through a fenced transaction (it applies only while the leader
+the leader scans its files and, if the manifest changed, publishes generation N+1 (head
+under ``/<cluster>/generation``, changed chunks) through fenced transactions (it applies only while the leader
 key's create revision is the leader's epoch). It also rescans every 2 s (files edited by
 hand are published too) and republishes when the key in the store is not the one it wrote.
 

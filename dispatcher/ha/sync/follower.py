@@ -1,9 +1,14 @@
 """Follower side: watch the generation key, refuse stale generations, apply new ones.
 
-A generation from an epoch older than the newest seen (of generations or of leaders) is
-refused; a new one is applied by the :class:`~dispatcher.ha.sync.swapper.Swapper`
+A generation from an epoch older than the newest seen (of generations or of leaders, kept
+on disk across restarts: :class:`~dispatcher.ha.sync.state.EpochRecord`) is refused; a
+head whose chunks fail their hash check is refused (logged once, the current state kept);
+a new one is applied by the :class:`~dispatcher.ha.sync.swapper.Swapper`
 (``sync_mode = push``) or only recorded (``shared-fs``). A failed apply is retried with
 backoff (0.25 s doubling up to 5 s).
+
+:attr:`Follower.head` is the head last read from the store: ``/ready`` compares it with the
+applied generation (:meth:`Follower.in_sync`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
-from dispatcher.ha.sync.state import AppliedState, SyncError
+from dispatcher.ha.sync.state import AppliedState, EpochRecord, SyncError
+from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
 
 ev = logfmt.event
@@ -38,6 +44,8 @@ class Follower:
         health: ClusterHealth,
         leader_guard: EpochGuard,
         records: Records,
+        gstore: GenerationStore,
+        epochs: EpochRecord,
         *,
         mode: str,
         clock: Callable[[], float],
@@ -51,7 +59,14 @@ class Follower:
         self.mode = mode
         self.leader_guard = leader_guard  # newest leader epoch seen (the role's)
         self.records = records  # generations are sealed with the cluster key
-        self.guard = EpochGuard()  # newest generation epoch accepted
+        self.gstore = gstore
+        self.epochs = epochs  # the newest epoch seen, on disk
+        self.guard = EpochGuard(epochs.saved)  # newest generation epoch accepted
+        if epochs.saved > leader_guard.newest:
+            leader_guard.check(epochs.saved)
+        self.head: Generation | None = None  # the head last read from the store (no files)
+        self.read_once = False  # the store has been read since start
+        self.last_error = ""
         self._clock = clock
         self._seen_rev = 0
         self._watch_rev = 0
@@ -76,17 +91,28 @@ class Follower:
             self._watch_rev = self.backend.revision()
             kv = self.backend.get_kv(self.key)
             self.health.mark_ok()
+            self.read_once = True
             if kv is None:
-                self.state.synced_once = True  # nothing published yet
+                self.head = None
             elif kv.mod_rev != self._seen_rev or retry_due:
                 self._seen_rev = kv.mod_rev
                 self.retry_at = None
                 self.handle(kv.value, kv.mod_rev)
+        self.epochs.save(max(self.guard.newest, self.leader_guard.newest))
         wait = self.WATCH
         if self.retry_at is not None:
             wait = max(0.01, min(wait, self.retry_at - self._clock()))
         start = self._watch_rev + 1 if self._watch_rev else None
-        if self.backend.watch_key(self.key, wait, start) is not None:
+        event = self.backend.watch_key(self.key, wait, start)
+        if event is None:
+            return
+        if event.kind == "PUT" and event.mod_rev > self._seen_rev:
+            # the event carries the new head: apply it without reading the key again
+            self.health.mark_ok()
+            self._watch_rev = self._seen_rev = event.mod_rev
+            self.retry_at = None
+            self.handle(event.value, event.mod_rev)
+        else:
             self._need_read = True
 
     def handle(self, raw: bytes, rev: int = 0, *, as_leader: bool = False) -> bool:
@@ -96,33 +122,49 @@ class Follower:
             return False
         cur = self.state.applied
         if cur is not None and (cur.number, cur.manifest_sha256) == (g.number, g.manifest_sha256):
-            self.state.synced_once = True
             return True
         t0 = self._clock()
         try:
             report: dict[str, Any] = self.swapper.apply(g) if self.mode == "push" else {"copied": 0}
         except (SyncError, ManifestError, OSError) as exc:
-            self.retry_at = self._clock() + self._backoff
-            self._backoff = min(self._backoff * 2, 5.0)
+            self._retry_later()
+            self.last_error = f"{type(exc).__name__}: {exc}"
             ev("sync-failed", logging.WARNING, instance=self.me, generation=g.number,
                error=f"{type(exc).__name__}: {exc}", retry_in=round(self._backoff / 2, 2))  # fmt: skip
             return False
         self._backoff = 0.25
+        self.last_error = ""
         took = round((self._clock() - t0) * 1000)
         self.state.record(g, took_ms=took, mode=self.mode, **report)
         return True
 
     def _accept(self, raw: bytes, rev: int, as_leader: bool) -> Generation | None:
         """The generation in ``raw`` unless it fails verification (not sealed with the
-        cluster key: logged once, counted, ignored; it never moves the epoch guard), is
-        malformed or (for a follower) stale."""
+        cluster key: logged once, counted, ignored; it never moves the epoch guard), its
+        chunks fail their hash check (logged once, the current state kept), or (for a
+        follower) it is stale."""
         if not self.records.signer.available and self.bootstrap is not None:
             now = self._clock()
             if now >= self._boot_next:  # at most one try every BOOT_RETRY s
                 self._boot_next = now + self.BOOT_RETRY
                 if not self.bootstrap(raw):
                     self.retry_at = now + self.BOOT_RETRY  # the key may be served soon
-        g = self.records.open_generation(self.key, raw, rev)
+        head = self.gstore.head(raw, rev)
+        if head is None:
+            self.last_error = "refused: the generation record does not verify"
+            return None
+        if not as_leader:
+            self.head = head
+        try:
+            g = self.gstore.decode(raw, rev)
+        except ManifestError as exc:
+            self.last_error = f"refused: {exc}"
+            if not as_leader:
+                self._retry_later()  # a chunk collected meanwhile: read the head again
+            if rev != self._refused_rev:
+                self._refused_rev = rev
+                ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
+            return None
         if g is None:
             return None
         if as_leader:
@@ -138,6 +180,20 @@ class Follower:
                 ev("sync-refused", logging.WARNING, instance=self.me, generation=g.number,
                    epoch=g.epoch, newest_epoch=exc.newest,
                    reason="generation from an epoch older than the newest seen")  # fmt: skip
-            self.state.synced_once = True  # wait for the current leader's generation
             return None
+        self.epochs.save(g.epoch)
         return g
+
+    def _retry_later(self) -> None:
+        self.retry_at = self._clock() + self._backoff
+        self._backoff = min(self._backoff * 2, 5.0)
+
+    def in_sync(self) -> bool:
+        """The applied generation is the head last read (or nothing is published)."""
+        head, cur = self.head, self.state.applied
+        if head is None:
+            return self.read_once
+        return cur is not None and (cur.number, cur.manifest_sha256) == (
+            head.number,
+            head.manifest_sha256,
+        )

@@ -21,23 +21,24 @@ import logging
 
 from agent.common import logfmt
 from cluster.signing import KEY_FILE, RecordRejected, RecordSigner, parse_key, write_key
-from dispatcher.ha.manifest import Generation, Layout, ManifestError
+from dispatcher.ha.manifest import Layout, ManifestError, decode_generation
 from dispatcher.ha.records import GENERATION, Records
 from dispatcher.ha.sync.fetcher import Conns, Fetcher
 from dispatcher.ha.sync.state import SyncError
+from dispatcher.ha.sync.store import GenerationStore
 
 ev = logfmt.event
 LOGICAL = f"ca/{KEY_FILE}"
 
 
 def bootstrap_key(records: Records, fetcher: Fetcher, layout: Layout, store_key: str,
-                  raw: bytes) -> bool:  # fmt: skip
+                  raw: bytes, store: GenerationStore) -> bool:  # fmt: skip
     """True when the key was fetched, verified against ``raw`` and written."""
     if records.signer.available:
         return False
     try:
         doc = json.loads(raw)
-        g = Generation.from_json(json.dumps(doc["body"]))
+        g = decode_generation(json.dumps(doc["body"]), store.chunks)  # not verified yet
     except (ValueError, KeyError, TypeError, ManifestError):
         return False
     e = g.files.get(LOGICAL)

@@ -13,6 +13,7 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,10 +22,11 @@ from collections.abc import Callable
 from agent.common import logfmt
 from cluster.backend import KVBackend
 from cluster.election import Elector
-from dispatcher.ha.manifest import Generation, Scanner, manifest_hash
+from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.ha.sync.state import AppliedState
+from dispatcher.ha.sync.store import GenerationStore
 
 ev = logfmt.event
 ApplyFn = Callable[..., bool]  # Follower.handle(raw, rev=0, *, as_leader=False)
@@ -34,6 +36,7 @@ class Publisher:
     DEBOUNCE = 0.05  # quiet time after the last write before publishing
     RESCAN = 2.0  # rescan the files this often (hand edits get published)
     STORE_CHECK = 5.0  # check that the store still holds this leader's generation
+    CHUNK_CHECK = 30.0  # and that its chunks are intact (one prefix read)
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class Publisher:
         health: ClusterHealth,
         apply: ApplyFn,
         records: Records,
+        gstore: GenerationStore,
         *,
         mode: str,
         catch_up_limit: float,
@@ -59,7 +63,8 @@ class Publisher:
         self.scanner = scanner
         self.health = health
         self.apply = apply
-        self.records = records  # seals what it publishes, opens what it reads
+        self.records = records  # its key seals what it publishes (through gstore)
+        self.gstore = gstore
         self.mode = mode
         self.catch_up_limit = catch_up_limit
         self.active_operations = active_operations
@@ -70,11 +75,14 @@ class Publisher:
         self.caught_up = False
         self.lead_epoch: int | None = None
         self._catch_up_deadline = 0.0
+        self._behind = 0  # the published generation this leader lacks and waits for (0: none)
+        self._behind_logged = -1e9
         self._published_rev = 0
         self._dirty = False
         self._last_change = 0.0
         self._next_rescan = 0.0
         self._store_due = 0.0
+        self._chunks_due = 0.0
 
     # -- what the rest of the instance asks ----------------------------------------------------
 
@@ -84,8 +92,21 @@ class Publisher:
         if epoch is None:
             return None
         if self.lead_epoch != epoch or not self.caught_up:
+            if self._behind:
+                return (
+                    f"the leader lacks generation {self._behind} and no member that has it "
+                    "is reachable: leader-only work waits (start a member that applied it, "
+                    f"or run 'ced cluster adopt-local {self.me}' to accept the loss)"
+                )
             return "the leader is catching up with the published generation; retry shortly"
         return None
+
+    def _adopted(self, generation: int) -> bool:
+        """An operator accepted this leader's files over ``generation`` (``ced cluster
+        adopt-local``: a record sealed with the cluster key, for this instance)."""
+        from dispatcher.ha.sync import adopt
+
+        return adopt.granted(self.backend, self.records, self.me, generation)
 
     def published_current(self) -> bool:
         """Leading, caught up, and the files are exactly the generation last published."""
@@ -154,7 +175,14 @@ class Publisher:
                 return
         store_g: Generation | None = None
         if kv is not None:  # a record that fails verification is no generation at all
-            store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
+            try:
+                store_g = self.gstore.decode(kv.value, kv.mod_rev)
+            except ManifestError as exc:  # chunks altered or lost: nobody can apply it
+                head = self.gstore.head(kv.value, kv.mod_rev)
+                files = self.scanner.scan()
+                if head is not None and head.manifest_sha256 == manifest_hash(files):
+                    store_g = dataclasses.replace(head, files=files)  # ours: repaired below
+                ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -162,17 +190,41 @@ class Publisher:
                     if self._clock() < self._catch_up_deadline:
                         self._stop.wait(0.3)
                         return
+                    behind = (
+                        self.state.applied is None or self.state.applied.number < store_g.number
+                    )
+                    if behind and not self._adopted(store_g.number):
+                        # Publishing our files now would erase changes acknowledged in the
+                        # generations we never applied: wait for a member that has them.
+                        self._behind = store_g.number
+                        now = self._clock()
+                        if now >= self._behind_logged + 30:
+                            self._behind_logged = now
+                            ev("sync-behind", logging.ERROR, instance=self.me, epoch=epoch,
+                               generation=store_g.number,
+                               applied=self.state.applied.number if self.state.applied else 0,
+                               reason="no member that applied the published generation is "
+                                      "reachable; leader-only work waits for one (or for "
+                                      f"'ced cluster adopt-local {self.me}')")  # fmt: skip
+                        self._stop.wait(0.5)
+                        return
                     ev("sync-diverged", logging.WARNING, instance=self.me, epoch=epoch,
                        generation=store_g.number,
                        reason="no member serves the published generation; publishing this "
-                              "instance's files instead")  # fmt: skip
+                              "instance's files instead" + (
+                                  " (adopted by an operator)" if behind else
+                                  " (it holds that generation, plus unpublished changes)"))  # fmt: skip
             elif self.state.applied is None or self.state.applied.number != store_g.number:
                 self.state.record(store_g)
+        swept = self.gstore.sweep(epoch, store_g.chunks if store_g is not None else ())
         self.caught_up = True
-        self.state.synced_once = True
-        ev("sync-leader-ready", instance=self.me, epoch=epoch,
+        self._behind = 0
+        ev("sync-leader-ready", swept_chunks=swept, instance=self.me, epoch=epoch,
            generation=store_g.number if store_g else 0)  # fmt: skip
         self.publish(epoch, force=True)
+        if self.state.applied is not None:
+            self.gstore.repair(epoch, self.state.applied)
+            self._chunks_due = self._clock() + self.CHUNK_CHECK
 
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         """Publish the local files as a new generation if they changed (or ``force``)."""
@@ -190,24 +242,28 @@ class Publisher:
         kv = self.backend.get_kv(self.key)
         ours = kv is not None and kv.mod_rev == self._published_rev
         if not force and ours and mine is not None and mine.manifest_sha256 == mh:
+            if now >= self._chunks_due:  # chunks altered or deleted in the store: rewrite
+                self._chunks_due = now + self.CHUNK_CHECK
+                fixed = self.gstore.repair(epoch, mine)
+                if fixed:
+                    ev("generation-repair", logging.WARNING, generation=mine.number,
+                       chunks=fixed, instance=self.me,
+                       reason="chunks in the store did not match their names")  # fmt: skip
             return None
-        store_n = 0
+        current: Generation | None = None
         if kv is not None:
-            store_g = self.records.open_generation(self.key, kv.value, kv.mod_rev)
-            store_n = store_g.number if store_g is not None else 0
+            current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
+        store_n = current.number if current is not None else 0
         number = max(store_n, mine.number if mine is not None else 0) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
         certs = mine is None or _material_paths(mine) != _material_paths(g)
-        rec = self.elector.commit(
-            "generation-publish", puts={self.key: self.records.seal_generation(self.key, g)},
-            epoch=epoch,
-            detail={"generation": number, "manifest_sha256": mh, "files": len(files)},
-        )  # fmt: skip
-        self._published_rev = rec.revision
+        detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
+        self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
         self.state.record(g)
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
-           manifest=mh[:16], reason=reason, certs_changed=certs, instance=self.me)  # fmt: skip
+           manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,
+           certs_changed=certs, instance=self.me)  # fmt: skip
         return g
 
 

@@ -1,20 +1,30 @@
-"""The generation this instance runs: ``<state_dir>/sync/applied.json``.
+"""The generation this instance runs (``<state_dir>/sync/applied.json``) and the newest
+epoch it has seen (``<state_dir>/sync/epoch.json``).
 
 Recorded only after a generation is fully in place (a swap, a publish, or a catch-up that
 found the files already matching), so a restarted follower whose files no longer match the
-record diffs again and converges.
+record diffs again and converges. The files are in place once swapped, so the generation
+counts at once (in memory, the member key); when ``applied.json`` cannot be written (disk
+full, read-only) the write is retried every tick of the sync thread (:meth:`flush`) until
+it succeeds. The newest epoch is kept on disk so a restarted follower still refuses
+generations and orders from an older epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
-from agent.common.fsutil import atomic_write
+from agent.common.fsutil import atomic_write_json
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 
 ev = logfmt.event
@@ -25,14 +35,15 @@ class SyncError(CtrlExecError):
 
 
 class AppliedState:
-    """The applied generation (in memory and on disk) and whether a first sync happened."""
+    """The applied generation (in memory, and on disk once the write succeeds)."""
 
     def __init__(self, state_dir: str, me: str, on_record: Callable[[], None]) -> None:
         self.path = Path(state_dir) / "sync" / "applied.json"
         self.me = me
         self.on_record = on_record  # the coordinator refreshes the member key
         self.applied: Generation | None = None
-        self.synced_once = False
+        self.unsaved: Generation | None = None  # recorded, not yet written to applied.json
+        self.write_error = ""
 
     @property
     def number(self) -> int:
@@ -40,26 +51,118 @@ class AppliedState:
         return g.number if g is not None else 0
 
     def load(self, scanner: Scanner, check_files: bool) -> None:
-        """The recorded generation, trusted only while the files still match it."""
+        """The recorded generation, trusted only while the files still match it (its file
+        list is then the scan: the manifest hash covers every path, mode, size and sha256)."""
         try:
-            g = Generation.from_json(self.path.read_bytes())
+            raw = self.path.read_bytes()
+            d = json.loads(raw)
+            if isinstance(d, dict) and isinstance(d.get("files"), list):
+                g = Generation.from_json(raw)  # a record written before the small format
+            elif isinstance(d, dict):
+                g = Generation(int(d["generation"]), int(d["epoch"]), str(d.get("leader", "")),
+                               str(d["manifest_sha256"]), {}, float(d.get("published_at") or 0),
+                               str(d.get("sync_mode") or "push"))  # fmt: skip
+            else:
+                raise ManifestError("applied.json is not an object")
         except FileNotFoundError:
             return
-        except (OSError, ManifestError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             ev("sync-state", logging.WARNING, path=self.path, error=exc)
             return
-        if check_files and manifest_hash(scanner.scan()) != g.manifest_sha256:
+        files = scanner.scan()
+        if manifest_hash(files) == g.manifest_sha256:
+            g = dataclasses.replace(g, files=files)
+        elif check_files:
             ev("sync-state", logging.WARNING, generation=g.number,
                reason="local files differ from the recorded generation; will sync again")  # fmt: skip
             return
         self.applied = g
 
     def record(self, g: Generation, **detail: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, g.to_json(), 0o600)
         self.applied = g
-        self.synced_once = True
+        self.unsaved = g
+        self.flush()
         self.on_record()
         if detail:
             ev("sync-applied", generation=g.number, epoch=g.epoch, leader=g.leader,
                instance=self.me, **detail)  # fmt: skip
+
+    def flush(self) -> bool:
+        """Write the recorded generation to ``applied.json`` if not done yet; True when done.
+
+        A failure is logged once (``sync-state``) and retried at the next call."""
+        g = self.unsaved
+        if g is None:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _replace(self.path, _record(g))
+        except OSError as exc:
+            if not self.write_error:
+                ev("sync-state", logging.WARNING, path=self.path, generation=g.number,
+                   error=exc, reason="cannot record the applied generation; retrying")  # fmt: skip
+            self.write_error = str(exc) or type(exc).__name__
+            return False
+        if self.unsaved is g:
+            self.unsaved = None
+        if self.write_error:
+            ev("sync-state", path=self.path, generation=g.number, reason="recorded")
+            self.write_error = ""
+        return True
+
+
+def _replace(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (temp file and rename), without fsync: a record lost in a
+    crash only makes the restarted instance diff its files again (see :meth:`load`), and
+    this write is on the path of every acknowledged change."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _record(g: Generation) -> str:
+    """``applied.json``: the generation without its file list (the files on disk are it)."""
+    return json.dumps({"generation": g.number, "epoch": g.epoch, "leader": g.leader,
+                       "manifest_sha256": g.manifest_sha256, "published_at": g.published_at,
+                       "sync_mode": g.sync_mode, "files": len(g.files)}, sort_keys=True)  # fmt: skip
+
+
+class EpochRecord:
+    """The newest epoch this instance has seen, kept on disk (``<state_dir>/sync/epoch.json``)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "sync" / "epoch.json"
+        self.saved = self._load()
+        self._failed = False
+
+    def _load(self) -> int:
+        try:
+            d = json.loads(self.path.read_bytes())
+            value = d["epoch"] if isinstance(d, dict) else None
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError) as exc:
+            ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            return 0
+        return value if isinstance(value, int) and value > 0 else 0
+
+    def save(self, epoch: int) -> None:
+        """Remember ``epoch`` if newer than the one on disk (retried at the next call)."""
+        if epoch <= self.saved:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"epoch": epoch}, 0o600)
+        except OSError as exc:
+            if not self._failed:
+                ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            self._failed = True
+            return
+        self.saved, self._failed = epoch, False

@@ -32,7 +32,8 @@ from dispatcher.ha.sync.follower import Follower
 from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
-from dispatcher.ha.sync.state import AppliedState
+from dispatcher.ha.sync.state import AppliedState, EpochRecord
+from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
 
 ev = logfmt.event
@@ -41,7 +42,6 @@ MembersFn = Callable[[bool], list[MemberInfo]]
 
 class Syncer:
     FETCH_TIMEOUT = Fetcher.TIMEOUT
-    INITIAL_SYNC_MAX = 30.0  # /ready waits at most this long for the first sync
 
     def __init__(
         self,
@@ -67,7 +67,6 @@ class Syncer:
         self._clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ha-sync", daemon=True)
-        self._started = clock()
         # what this process loaded (its TLS contexts present these)
         self.loaded = material(cfg)
         self.loaded_serial = cert_serial(cfg.cert)
@@ -79,15 +78,18 @@ class Syncer:
         self.files = PeerFiles(cfg, self.layout, self.state, clock)
         self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
+        self.store = GenerationStore(backend, records)
         self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
-                                 mode=self.mode, clock=clock)  # fmt: skip
+                                 self.store, EpochRecord(cfg.state_dir), mode=self.mode,
+                                 clock=clock)  # fmt: skip
         self.publisher = Publisher(
             backend, elector, self.state, self.scanner, health, self.follower.handle, records,
+            self.store,
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
         )  # fmt: skip
         self.follower.bootstrap = lambda raw: bootstrap_key(
-            records, self.fetcher, self.layout, backend.keys.generation, raw
+            records, self.fetcher, self.layout, backend.keys.generation, raw, self.store
         )
         self.state.load(self.scanner, check_files=self.mode == "push")
         if self.mode == "push":
@@ -121,12 +123,54 @@ class Syncer:
         return self.publisher.gate_reason()
 
     def ready_problem(self) -> str | None:
-        """``/ready`` waits for the first sync after start (not while etcd is down)."""
-        if self.state.synced_once or not self.health.ok:
+        """``/ready`` waits until this instance runs the cluster's current generation.
+
+        Leading: once caught up. Following: once the applied generation is the head last
+        read from the store (while the store is unreachable, the last one read). Never on a
+        timer: a diverged instance stays out of the load balancer until it converges."""
+        if self.elector.epoch is not None:
+            return self.publisher.gate_reason()
+        f = self.follower
+        if not f.read_once:
+            return "waiting to read the published generation"
+        if f.in_sync():
             return None
-        if self._clock() - self._started > self.INITIAL_SYNC_MAX:
-            return None
-        return "initial sync with the published generation"
+        head = f.head
+        have = self.state.number
+        want = head.number if head is not None else 0
+        why = f" ({f.last_error})" if f.last_error else ""
+        return f"not in sync: runs generation {have}, the cluster published {want}{why}"
+
+    def sync_view(self) -> dict[str, object]:
+        """The sync part of ``/status``: the generation this instance runs, the one
+        published, and whether they agree."""
+        f = self.follower
+        head = f.head
+        leading = self.elector.epoch is not None
+        applied = self.state.applied
+        if leading:
+            state = "in-sync" if self.publisher.caught_up else "catching-up"
+        elif not f.read_once:
+            state = "unknown"
+        elif f.in_sync():
+            state = "in-sync"
+        elif f.last_error or f.retry_at is not None:
+            state = "diverged"
+        else:
+            state = "behind"
+        published = applied if leading else head
+        return {
+            "state": state,
+            "generation": applied.number if applied is not None else 0,
+            "manifest": applied.manifest_sha256[:16] if applied is not None else None,
+            "published": published.number if published is not None else 0,
+            "published_epoch": published.epoch if published is not None else None,
+            "published_manifest": (
+                published.manifest_sha256[:16] if published is not None else None
+            ),
+            "error": f.last_error or None,
+            "record_error": self.state.write_error or None,
+        }
 
     def published_current(self) -> bool:
         """Leading, caught up, and the files are exactly the generation last published."""
@@ -165,10 +209,13 @@ class Syncer:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.FETCH_TIMEOUT + 2)
+        if not self._thread.is_alive():
+            self.fetcher.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.state.flush()  # applied.json, until a failed write succeeds
                 epoch = self.elector.epoch
                 if epoch is not None:
                     self.publisher.step(epoch)

@@ -80,6 +80,7 @@ def test_the_cluster_keys() -> None:
     assert set(CLUSTER_KEYS) == {
         "cluster_name", "instance_id", "lease_ttl", "advertise_url", "sync_mode",
         "sync_ack", "sync_ack_timeout", "etcd_cacert", "etcd_cert", "etcd_key",
+        "etcd_user", "etcd_password_file", "etcd_insecure",
     }  # fmt: skip
 
 
@@ -89,7 +90,8 @@ def test_cluster_key_without_etcd_endpoints_is_an_error(tmp_path: Path, key: str
              "sync_ack_timeout": "5", "advertise_url": "https://10.0.0.7:7445"}.get(key, "x")  # fmt: skip
     path = write(tmp_path, f"{key} = {value}\n")
     assert error_of(path).startswith(f"{path}:3: {key} is set but etcd_endpoints is not")
-    assert load(write(tmp_path, ETCD + f"{key} = {value}\n")) is not None
+    partner = {"etcd_user": "etcd_password_file = /x\n", "etcd_password_file": "etcd_user = u\n"}
+    assert load(write(tmp_path, ETCD + f"{key} = {value}\n" + partner.get(key, ""))) is not None
 
 
 def test_cluster_key_with_an_empty_etcd_endpoints_is_an_error(tmp_path: Path) -> None:

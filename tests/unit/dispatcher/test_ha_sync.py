@@ -119,6 +119,7 @@ class Rig:
 
     def __init__(self, tmp: Path, fail_after: int | None = None,
                  records: Records | None = None) -> None:  # fmt: skip
+        self.now = 1000.0  # the syncer's clock (tests move it)
         self.leader_cfg = make_cfg(tmp / "leader")
         self.cfg = make_cfg(tmp / "follower")
         self.backend = LocalBackend(tmp / "store")
@@ -129,8 +130,12 @@ class Rig:
         self.syncer = self.make()
 
     def sealed(self, g: Generation) -> bytes:
-        """``g`` as the leader publishes it (sealed with the cluster key)."""
-        return self.leader_records.seal_generation(self.backend.keys.generation, g).encode()
+        """``g`` as the leader publishes it: its chunks stored, the head sealed with the
+        cluster key (returned)."""
+        head, chunks = self.leader_records.seal_generation(self.backend.keys.generation, g)
+        for sha, data in chunks.items():
+            self.backend.put_value(self.backend.keys.generation_chunk(sha), data)
+        return head.encode()
 
     def order(self, doc: dict[str, Any]) -> None:
         key = self.backend.keys.order("follower")
@@ -144,7 +149,7 @@ class Rig:
         health.mark_ok()
         leader = MemberInfo("leader", advertise_url="https://127.0.0.1:1", generation=1)
         s = Syncer(self.cfg, self.backend, elector, session, guard, health,
-                   lambda _fresh: [leader], self.records)  # fmt: skip
+                   lambda _fresh: [leader], self.records, clock=lambda: self.now)  # fmt: skip
         leader_layout = Layout(self.leader_cfg)
 
         def fetch(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
@@ -155,6 +160,8 @@ class Rig:
 
         s.fetcher.fetch = fetch  # type: ignore[method-assign]
         return s
+
+    put = sealed
 
 
 def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
@@ -251,8 +258,8 @@ def test_unsealed_or_forged_records_are_ignored_and_never_move_the_epoch(tmp_pat
     key = rig.backend.keys.generation
     forger = Records(RecordSigner(b"x" * 32))  # a key that is not the cluster's
     for n, raw in enumerate([huge.to_json().encode(),  # unsigned
-                             forger.seal_generation(key, huge).encode(),  # wrong key
-                             rig.records.seal_generation("/other/key", huge).encode(),  # moved
+                             forger.seal_generation(key, huge)[0].encode(),  # wrong key
+                             rig.records.seal_generation("/other/key", huge)[0].encode(),  # moved
                              b"{not json", b"[]"]):  # fmt: skip
         assert not rig.syncer.follower.handle(raw, rev=100 + n)
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca"

@@ -177,7 +177,7 @@ def test_rotate_without_agents_then_retire_early(tmp_path: Path) -> None:
     assert rotation.serial_status(d)["state"]["previous_retired"] == rs.format_iso(NOW + 1)
 
 
-def test_interrupted_install_is_completed_before_retiring(
+def test_interrupted_install_is_finished_before_retiring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = make_env(tmp_path)
@@ -192,9 +192,13 @@ def test_interrupted_install_is_completed_before_retiring(
     with pytest.raises(OSError):
         asyncio.run(rotation.rotate(d, now=time.time()))
     s = rs.load(cfg.rotation_file)
-    assert s is not None and s.previous_serial == old
+    assert s is not None and s.previous_serial == old and s.unfinished
     assert pki.cert_serial_hex(cfg.cert) == old  # the crash left the old pair live
     monkeypatch.setattr(rotation, "_install", real_install)
+    res = asyncio.run(rotation.retire(d))  # the intent is not finished: nothing to retire
+    assert res["retired"] is False and res["reason"] == "rotation not finished yet"
+    asyncio.run(rotation.broadcast(d))  # maintain's broadcast finishes it (the pair is here)
+    assert not rs.load(cfg.rotation_file).unfinished  # type: ignore[union-attr]
     res = asyncio.run(rotation.retire(d))
     assert res["retired"] is True
     assert pki.cert_serial_hex(cfg.cert) == s.current_serial
