@@ -83,7 +83,8 @@ def create_app(
         from dispatcher.ha.metrics import ClusterCollector
 
         registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes,
-                                           ha.records.rejections.counts, ha.members))  # fmt: skip
+                                           ha.records.rejections.counts, ha.members,
+                                           sync.sync_view if sync is not None else None))  # fmt: skip
     app.state.api = ApiState(d=d, ha=ha, operators=operators, registry=registry)
     app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
                        operators=operators, peer_serials=_peer_serials(ha))  # fmt: skip

@@ -243,3 +243,20 @@ def test_unknown_hosts_are_not_reported(tmp_path: Path) -> None:
     with pytest.raises(RegistryError):
         asyncio.run(do_run(d, Caller(kind="cli"), ["nope"], "deploy", []))
     assert seen.calls == []
+
+
+def test_sync_lag_from_the_syncer_view_first() -> None:
+    """With a syncer its view (the sealed generation record it read) wins over the member
+    records; before its first read nothing is published; ``diverged`` is a gauge."""
+    members = [MemberInfo("me", generation=4), MemberInfo("lead", generation=99)]
+    snap = _snap("follower", "lead", 4)
+    view: dict[str, object] = {"state": "behind", "generation": 4, "published": 6}
+    assert published_generation(snap, members, view) == 6
+    assert published_generation(snap, members, {"state": "unknown", "published": 0}) is None
+    reg = CollectorRegistry()
+    reg.register(ClusterCollector(lambda: snap, lambda: 0, dict, lambda: members, lambda: view))
+    assert _value(reg, "ctrl_exec_sync_lag_generations") == 2
+    assert _value(reg, "ctrl_exec_sync_diverged") == 0
+    view = {"state": "diverged", "generation": 4, "published": 4}
+    assert _value(reg, "ctrl_exec_sync_lag_generations") == 0
+    assert _value(reg, "ctrl_exec_sync_diverged") == 1
