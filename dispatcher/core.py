@@ -33,6 +33,7 @@ class Replication(Protocol):
 
 if TYPE_CHECKING:  # imported where used: ``ced ping`` needs neither
     from dispatcher.runlocks import RunLocks
+    from dispatcher.runoutcome import RunObserver
     from dispatcher.runstore import RunStore
 
 
@@ -49,6 +50,9 @@ class Dispatcher:
     # In a cluster: how a leader-only change becomes acknowledged (the generation carrying
     # it, applied by the members ``sync_ack`` asks for; see dispatcher.ha.replication).
     replication: Replication | None = None
+    # Told the outcome of every host of every run and ping (the API daemon's metrics,
+    # dispatcher.api.opsmetrics); None in ``ced``.
+    observer: RunObserver | None = None
 
     def signing_refused(self) -> str | None:
         return self.sign_guard() if self.sign_guard is not None else None

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from agent.common.records import record
+from cluster.locks import LockConflict
 from dispatcher.client import fanout
 from dispatcher.client.io import AgentIO, resolve_io
 from dispatcher.core import Dispatcher
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
+from dispatcher.runoutcome import report, report_all
 from dispatcher.targets import Selection, select
 
 if TYPE_CHECKING:
@@ -260,23 +262,33 @@ async def do_run(
     sel = select_ if select_ is not None else Selection(tuple(hosts))
     targets, unknown = await _select(d, sel, default_port, io)
     rid = reqid or new_reqid()
-    asked = list(hosts) if sel.plain else _names(targets)
-    await authorise(d, caller, "run", script=script, hosts=asked, args=list(args),
-                    reqid=rid, io=io)  # fmt: skip
+    t0, names = time.monotonic(), _names(targets)
+    asked = list(hosts) if sel.plain else names
+    try:
+        await authorise(d, caller, "run", script=script, hosts=asked, args=list(args),
+                        reqid=rid, io=io)  # fmt: skip
+    except Denied:
+        report_all(d.observer, "run", script, names, "denied", time.monotonic() - t0)
+        raise
     missing = [unknown_result(ref, script, rid, async_) for ref in unknown]
     if on_targets is not None:
         on_targets(len(targets) + len(missing))
     tally = _Tally(on_result)
     for res in missing:
         tally(res, fanout.UNKNOWN)
-    pairs = [(name, script) for name in _names(targets)]
+    pairs = [(name, script) for name in names]
     reach, offload = _reach(d, io), resolve_io(io).offload
-    held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
+    try:
+        held = await offload(lambda: d.locks.acquire_all(pairs), undo=lambda h: h.release())
+    except LockConflict:
+        report_all(d.observer, "run", script, names, "locked", time.monotonic() - t0)
+        raise
     try:
         results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
                                        reach, async_=async_, on_result=tally)  # fmt: skip
     finally:
         await offload(held.release)
+    report(d.observer, "run", script, results, time.monotonic() - t0)
     submitter = caller.submitter if caller.kind == "api" else None
     rec: dict[str, Any] | None = None
     if async_:
@@ -371,8 +383,13 @@ async def do_ping(
     sel = select_ if select_ is not None else Selection(tuple(hosts))
     targets, unknown = await _select(d, sel, default_port, io)
     rid = new_reqid()
+    t0 = time.monotonic()
     asked = list(hosts) if sel.plain else _names(targets)
-    await authorise(d, caller, "ping", hosts=asked, reqid=rid, io=io)
+    try:
+        await authorise(d, caller, "ping", hosts=asked, reqid=rid, io=io)
+    except Denied:
+        report_all(d.observer, "ping", "", _names(targets), "denied", time.monotonic() - t0)
+        raise
     missing = [unknown_result(ref, None, rid) for ref in unknown]
     if on_targets is not None:
         on_targets(len(targets) + len(missing))
@@ -380,6 +397,7 @@ async def do_ping(
     for res in missing:
         tally(res, fanout.UNKNOWN)
     results = await fanout.ping_all(targets, rid, _reach(d, io), on_result=tally)
+    report(d.observer, "ping", "", results, time.monotonic() - t0)
     if renew:
         await _maybe_renew(d, targets, results, io)
     return {"reqid": rid, "results": results + missing, "counts": count_outcomes(tally.outcomes)}

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.version import __version__
-from dispatcher.api import errors
+from dispatcher.api import errors, opsmetrics
 from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
 from dispatcher.api.operatorcerts import OperatorTrust
@@ -77,11 +77,14 @@ def create_app(
     requests = Counter("ctrl_exec_api_requests", "API requests by route and outcome",
                        ["route", "outcome"], registry=registry)  # fmt: skip
     registry.register(PinCollector())
+    sync = ha.sync if ha is not None else None
+    opsmetrics.install(registry, d, sync.restart_pending if sync is not None else None)
     if ha is not None:
         from dispatcher.ha.metrics import ClusterCollector
 
         registry.register(ClusterCollector(ha.role.snapshot, lambda: ha.role.leader_changes,
-                                           ha.records.rejections.counts))  # fmt: skip
+                                           ha.records.rejections.counts, ha.members,
+                                           sync.sync_view if sync is not None else None))  # fmt: skip
     app.state.api = ApiState(d=d, ha=ha, operators=operators, registry=registry)
     app.add_middleware(ApiGate, d=d, requests=requests, draining=draining,
                        operators=operators, peer_serials=_peer_serials(ha))  # fmt: skip

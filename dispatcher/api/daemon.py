@@ -269,11 +269,11 @@ class Instance:
         tls: dict[str, object] = {}
         if ctx is not None:
             tls["ssl_context_factory"] = lambda _config, _default: ctx
+        api_app = create_app(d, self.ha, draining=lambda: self.state.draining,
+                             operators=OperatorTrust.from_config(cfg))  # fmt: skip
         self.api = uvicorn.Server(
             _server_config(
-                create_app(d, self.ha, draining=lambda: self.state.draining,
-                           operators=OperatorTrust.from_config(cfg)),
-                cfg.api_bind, cfg.api_port,
+                api_app, cfg.api_bind, cfg.api_port,
                 http=bounded_protocol_class(protocol_class(), cfg.api_header_timeout,
                                             cfg.api_max_conns_per_ip),
                 timeout_graceful_shutdown=int(cfg.read_timeout) + 5, **tls,
@@ -281,7 +281,8 @@ class Instance:
         )  # fmt: skip
         self.health = uvicorn.Server(
             _server_config(
-                create_health_app(cfg, self.role, self.state), cfg.health_bind, cfg.health_port,
+                create_health_app(cfg, self.role, self.state, api_app.state.api.registry),
+                cfg.health_bind, cfg.health_port,
                 timeout_graceful_shutdown=2,
             )
         )  # fmt: skip

@@ -16,6 +16,8 @@ read it.
   takes no new connections while established ones finish (a 503 would mark it down and
   ``on-marked-down shutdown-sessions`` would cut requests in flight).
 * ``/leader``: 200 only while this instance holds the lease with time to spare.
+* ``/metrics``: the API's Prometheus registry (:mod:`dispatcher.api.opsmetrics`), so
+  Prometheus scrapes without an operator certificate; 404 when the daemon gave none.
 
 Who leads comes from a :class:`RoleProvider`. Until the cluster layer plugs in its etcd
 implementation, :class:`LocalRole` is the embedded single-host backend: always the
@@ -24,6 +26,7 @@ leader, epoch 1.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.role import RoleSnapshot
@@ -201,6 +205,7 @@ class HealthPort:
     cfg: DispatcherConfig
     role: RoleProvider
     state: InstanceState
+    metrics: CollectorRegistry | None = None
 
 
 async def _port(request: Request) -> HealthPort:
@@ -245,9 +250,21 @@ async def status(port: PortDep) -> JSONResponse:
     return JSONResponse(status_document(port.cfg, port.role, port.state))
 
 
-def create_health_app(cfg: DispatcherConfig, role: RoleProvider, state: InstanceState) -> FastAPI:
-    """The health-port application (no OpenAPI document, no auth)."""
+@router.get("/metrics")
+async def metrics(port: PortDep) -> Response:
+    if port.metrics is None:
+        return JSONResponse({"ok": False, "status": "unavailable", "reason": "no metrics"}, 404)
+    body = await asyncio.to_thread(generate_latest, port.metrics)  # collectors read files
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def create_health_app(
+    cfg: DispatcherConfig, role: RoleProvider, state: InstanceState,
+    metrics: CollectorRegistry | None = None,
+) -> FastAPI:  # fmt: skip
+    """The health-port application (no OpenAPI document, no auth); ``metrics``: the
+    registry ``GET /metrics`` serves."""
     app = FastAPI(title="ctrl-exec-health", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.port = HealthPort(cfg, role, state)
+    app.state.port = HealthPort(cfg, role, state, metrics)
     app.router.routes.extend(router.routes)  # see dispatcher.api.app.add_routes
     return app
