@@ -86,15 +86,20 @@ USAGE = ("usage: ced cluster status [--json] | switchover [--to MEMBER] | histor
          "--interface IF --address OWN_IP --peer PEER_IP [--priority N] [--router-id N]")  # fmt: skip
 
 
+def subverbs() -> dict[str, Callable[[Invocation], ExitCode]]:
+    """Every ``ced cluster`` sub-verb and its handler."""
+    return {"status": cluster_status, "switchover": cluster_switchover,
+            "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
+            "haproxy-config": cluster_haproxy_config,
+            "keepalived-config": cluster_keepalived_config, "forget": cluster_forget,
+            "adopt-local": cluster_adopt_local}  # fmt: skip
+
+
 def cmd_cluster(inv: Invocation) -> ExitCode:
     """``ced cluster status | switchover | history | pause | resume | haproxy-config``."""
     verb = inv.words[0] if inv.words else ""
     inv.d  # noqa: B018  (the config is read, and checked, before the sub-verb)
-    handler = {"status": cluster_status, "switchover": cluster_switchover,
-               "history": cluster_history, "pause": cluster_pause, "resume": cluster_resume,
-               "haproxy-config": cluster_haproxy_config,
-               "keepalived-config": cluster_keepalived_config,
-               "forget": cluster_forget, "adopt-local": cluster_adopt_local}.get(verb)  # fmt: skip
+    handler = subverbs().get(verb)
     if handler is None:
         raise UsageError(USAGE)
     return handler(inv)

@@ -14,6 +14,7 @@ from dispatcher.errors import Fail, UsageError
 
 if TYPE_CHECKING:
     from dispatcher.client.io import AgentIO
+    from dispatcher.config import DispatcherConfig
     from dispatcher.core import Dispatcher
     from dispatcher.ha.actions import ActionResult
     from dispatcher.operations import Caller
@@ -36,7 +37,8 @@ class Invocation:
     @property
     def d(self) -> Dispatcher:
         if self._d is None:
-            self._d = open_dispatcher(self.ns.config)
+            verb = self.ns.words[0] if self.ns.words else ""
+            self._d = open_dispatcher(self.ns.config, as_service_user=verb not in KEEP_ROOT)
         return self._d
 
     @property
@@ -96,9 +98,22 @@ class Invocation:
         return answer == "y"
 
 
+#: verbs that keep root: they write where the operator says (``issue-operator --out``)
+KEEP_ROOT = frozenset({"issue-operator"})
+_who: dict[str, str] | None = None
+
+
 def local_user() -> dict[str, str]:
-    """``unix_user`` (the real user of this process, not ``$USER``) and ``sudo_user``
-    (``$SUDO_USER``, when set): what a local run records and logs."""
+    """``unix_user`` (the real user who ran ``ced``, not ``$USER``; remembered before
+    :func:`become_service_user`) and ``sudo_user`` (``$SUDO_USER``, when set): what a
+    local run records and logs."""
+    global _who
+    if _who is None:
+        _who = _local_user()
+    return dict(_who)
+
+
+def _local_user() -> dict[str, str]:
     import pwd
 
     try:
@@ -111,14 +126,39 @@ def local_user() -> dict[str, str]:
     return out
 
 
-def open_dispatcher(path: str | None) -> Dispatcher:
-    """Load the config (defaults when the default file is absent) and start logging."""
+def become_service_user(cfg: DispatcherConfig) -> bool:
+    """As root, act as ``service_user`` when it owns ``state_dir`` (upstream gives it the
+    keys; the instance daemon runs as it): every file ``ced`` creates (locks, run records,
+    certificates, the registry) is then the daemon's to use. True when switched."""
+    if os.geteuid() != 0 or not cfg.service_user:
+        return False
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(cfg.service_user)
+        owner = os.stat(cfg.state_dir).st_uid
+    except (KeyError, OSError):
+        return False  # no such user, or no state yet: stay as we are
+    if owner != pw.pw_uid or pw.pw_uid == 0:
+        return False
+    local_user()  # who ran ced, remembered before the switch
+    os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    return True
+
+
+def open_dispatcher(path: str | None, as_service_user: bool = True) -> Dispatcher:
+    """Load the config (defaults when the default file is absent), act as the service
+    user when root (:func:`become_service_user`) and start logging."""
     from agent.common import logfmt
     from dispatcher.config import CONFIG_ENV, load
     from dispatcher.core import Dispatcher
 
     explicit = path or os.environ.get(CONFIG_ENV)
     cfg = load(explicit or DEFAULT_CONFIG, required=bool(explicit))
+    if as_service_user:
+        become_service_user(cfg)
     target = cfg.log_target
     syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
     level = 20 if syslog or target == "stderr" else 30  # INFO / WARNING

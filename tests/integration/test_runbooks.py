@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.ced.cluster import subverbs
 from ops.lab.runbook_exec import SECTIONS, Runbook, parse, run
 from ops.lab.runbook_lab import RunbookLab, lab_diagnostics, missing_tools, running_lab
 
@@ -36,7 +37,7 @@ ORDER = (
     "disaster-recovery.md",
     "cert-rotation-ha.md",
 )
-CLUSTER_VERBS = {"status", "switchover", "haproxy-config"}
+CLUSTER_VERBS = set(subverbs())
 _CED = re.compile(r'\bced --config "\$[A-Z_]+" ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?')
 _VAR = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")
 _ASSIGN = re.compile(r"(?:^|[\s;(])([A-Z][A-Z0-9_]*)=")
