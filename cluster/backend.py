@@ -441,6 +441,11 @@ class KVBackend:
         """The store's current revision (watch from ``revision() + 1`` to miss nothing)."""
         return self.store.revision()
 
+    def store_id(self) -> str:
+        """The store's identity: etcd's cluster id, or the embedded store's; a rebuilt
+        etcd (new, empty, or restored from a snapshot) has a new one."""
+        return self.store.identity()
+
     def watch_key(
         self, key: str, timeout: float, start_revision: int | None = None
     ) -> WatchEvent | None:

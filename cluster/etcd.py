@@ -495,6 +495,12 @@ class EtcdClient:
         payload = {"key": _b64(self.probe_key), "limit": 1, "keys_only": True}
         return _header_rev(self._post("revision", "/kv/range", payload))
 
+    def identity(self) -> str:
+        """The etcd cluster's id (a rebuilt or restored etcd has a new one)."""
+        payload = {"key": _b64(self.probe_key), "limit": 1, "keys_only": True}
+        return str(self._post("identity", "/kv/range", payload).get("header", {}).get(
+            "cluster_id", ""))  # fmt: skip
+
     def watch_once(
         self, key: str, timeout: float, start_revision: int | None = None
     ) -> WatchEvent | None:

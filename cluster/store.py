@@ -47,6 +47,10 @@ class WatchEvent:
 class Store(Protocol):
     """Key-value operations with leases, revisions and transactions (etcd v3 shaped)."""
 
+    def identity(self) -> str:
+        """Which store this is (a rebuilt etcd is another one)."""
+        ...
+
     def lease_grant(self, ttl: int) -> tuple[int, int]: ...
 
     def lease_keepalive(self, lease_id: int) -> int: ...
@@ -145,6 +149,25 @@ class _Data:
 
 class LocalStore:
     """:class:`Store` in a local directory (see the module docstring)."""
+
+    def identity(self) -> str:
+        """This store's id (``store-id`` in its directory, made once; a new directory is a
+        new store)."""
+        path = self.dir / "store-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            import uuid
+
+            tmp = self.dir / f".store-id.{os.getpid()}"
+            tmp.write_text(uuid.uuid4().hex + "\n")
+            try:
+                os.link(tmp, path)  # the first writer wins
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+            return path.read_text().strip()
 
     POLL = 0.025
 

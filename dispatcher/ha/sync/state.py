@@ -135,23 +135,45 @@ def _record(g: Generation) -> str:
 
 
 class EpochRecord:
-    """The newest epoch this instance has seen, kept on disk (``<state_dir>/sync/epoch.json``)."""
+    """The newest epoch this instance has seen, kept on disk (``<state_dir>/sync/epoch.json``)
+    with the identity of the store it came from: epochs of a rebuilt etcd (a new cluster id)
+    start low again, so the kept one is forgotten then (DR: the instances rejoin)."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, store_id: Callable[[], str] | None = None) -> None:
         self.path = Path(state_dir) / "sync" / "epoch.json"
+        self._store_id = store_id
+        self.store = ""
         self.saved = self._load()
         self._failed = False
+
+    def _current_store(self) -> str:
+        if self._store_id is None:
+            return ""
+        try:
+            return self._store_id()
+        except Exception:  # unreachable now: judged by the id on disk alone
+            return ""
 
     def _load(self) -> int:
         try:
             d = json.loads(self.path.read_bytes())
             value = d["epoch"] if isinstance(d, dict) else None
+            store = str(d.get("store", "")) if isinstance(d, dict) else ""
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError) as exc:
             ev("sync-state", logging.WARNING, path=self.path, error=exc)
             return 0
-        return value if isinstance(value, int) and value > 0 else 0
+        epoch = value if isinstance(value, int) and value > 0 else 0
+        current = self._current_store()
+        if epoch and store and current and store != current:
+            ev("sync-state", logging.WARNING, path=self.path, forgotten_epoch=epoch,
+               reason=f"the store is a new one ({current}, was {store}): its epochs start "
+                      "again")  # fmt: skip
+            self.store = current
+            return 0
+        self.store = current or store
+        return epoch
 
     def save(self, epoch: int) -> None:
         """Remember ``epoch`` if newer than the one on disk (retried at the next call)."""
@@ -159,7 +181,9 @@ class EpochRecord:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.path, {"epoch": epoch}, 0o600)
+            store = self.store or self._current_store()
+            atomic_write_json(self.path, {"epoch": epoch, "store": store}, 0o600)
+            self.store = store
         except OSError as exc:
             if not self._failed:
                 ev("sync-state", logging.WARNING, path=self.path, error=exc)

@@ -80,7 +80,7 @@ class Syncer:
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
         self.store = GenerationStore(backend, records)
         self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
-                                 self.store, EpochRecord(cfg.state_dir), mode=self.mode,
+                                 self.store, EpochRecord(cfg.state_dir, backend.store_id), mode=self.mode,
                                  clock=clock)  # fmt: skip
         self.publisher = Publisher(
             backend, elector, self.state, self.scanner, health, self.follower.handle, records,

@@ -229,3 +229,23 @@ def test_a_failed_member_record_update_is_retried_at_the_next_tick(tmp_path: Pat
     s.refresh_member()
     s.refresh_member()  # written once, not at every tick
     assert written == [1]
+
+
+def test_the_kept_epoch_belongs_to_its_store(tmp_path: Path) -> None:
+    """A rebuilt etcd (new cluster id) starts its epochs low again: the kept epoch of the
+    old one is forgotten, so the instances rejoin after a disaster recovery."""
+    from dispatcher.ha.sync.state import EpochRecord
+
+    old = EpochRecord(str(tmp_path), lambda: "etcd-A")
+    old.save(512)
+    assert EpochRecord(str(tmp_path), lambda: "etcd-A").saved == 512
+    assert EpochRecord(str(tmp_path), None).saved == 512
+
+    def unreachable() -> str:
+        raise OSError("etcd down")
+
+    assert EpochRecord(str(tmp_path), unreachable).saved == 512  # cannot tell: keep it
+    fresh = EpochRecord(str(tmp_path), lambda: "etcd-B")
+    assert fresh.saved == 0
+    fresh.save(3)
+    assert EpochRecord(str(tmp_path), lambda: "etcd-B").saved == 3
