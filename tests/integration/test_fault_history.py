@@ -353,16 +353,6 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37: an instance that is not in sync can win an election, and after "
-    "3 TTLs without a member serving the published generation it publishes its own stale "
-    "files (sync-diverged). CTRL_EXEC_FAULT_SEED=1431650544: 8 acknowledged approvals and 4 "
-    "edits lost on every instance (inst-c, locked out by a rotation, led epoch 512); "
-    "CTRL_EXEC_FAULT_SEED=353436813: one acknowledged edit lost (SIGTERM, partition, SIGTERM "
-    "during a rotation). Deterministic case: the test below. Flip once ready-means-in-sync "
-    "keeps such an instance from leading.",
-)  # fmt: skip
 def test_no_acknowledged_change_lost(results: Results) -> None:
     _no_violations(results, "changes")
 
@@ -381,19 +371,6 @@ def test_no_run_reported_failed_that_ran(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="main d5e5c37 (CTRL_EXEC_FAULT_SEED=1431650544, lane 0 run 1: read-only follower, "
-    "kill -9 and SIGTERM of leaders during a rotation): inst-c, restarted across the "
-    "rotation, presents the old dispatcher certificate; its peers refuse its fetches (403 "
-    "'a dispatcher certificate of this cluster is required'), it stays on generation 7 "
-    "(published 22) for 40 s and never gets UP in HAProxy. Later it won an election "
-    "(epoch 512), logged sync-diverged and published its generation-7 files: 8 "
-    "acknowledged approvals and 4 edits lost on every instance. Also on 2cea770 "
-    "(CTRL_EXEC_FAULT_SEED=2041648547, lane 1 run 5: kill -9 during a rotation): inst-c "
-    "came back on generation 0 and stayed there, its fetches refused ('certificate serial "
-    "... is not a dispatcher serial of this cluster'); the serials of the instances differ.",
-)  # fmt: skip
 def test_every_instance_converged_on_one_generation(results: Results) -> None:
     _no_violations(results, "convergence")
 
