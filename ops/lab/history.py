@@ -326,6 +326,7 @@ class Observed:
     runs: dict[str, list[tuple[str, str]]]  # reqid -> [(agent, token)]
     converge_error: str = ""
     converge_seconds: float = 0.0
+    unreachable: dict[str, str] = field(default_factory=dict)  # agent -> last ping error
 
 
 def manifest(config: Path) -> dict[str, str]:
@@ -373,6 +374,7 @@ def observe(c: Cluster, runs_dir: Path, converge_within: float = 30.0) -> Observ
     except AssertionError as exc:
         error = str(exc)
     took = time.monotonic() - t0
+    unreachable = _unreachable_agents(c, within=30.0)
     gens: dict[str, int | None] = {}
     for i in c.insts.values():
         code, st = get(f"{i.health_url}/status", 2)
@@ -385,7 +387,32 @@ def observe(c: Cluster, runs_dir: Path, converge_within: float = 30.0) -> Observ
         manifests={i.name: manifest(i.config) for i in c.insts.values()},
         generations=gens, published=None if g is None else g.number,
         runs=executions(runs_dir), converge_error=error, converge_seconds=round(took, 2),
+        unreachable=unreachable,
     )  # fmt: skip
+
+
+def _unreachable_agents(c: Cluster, within: float) -> dict[str, str]:
+    """The real agents a ping through the load balancer still cannot reach after ``within``
+    s of trying (an agent that missed a rotation's broadcast answers 'serial mismatch')."""
+    names = sorted(c.agents)
+    deadline = time.monotonic() + within
+    errors: dict[str, str] = {}
+    while True:
+        errors = {}
+        try:
+            with c.api_client(10) as client:
+                r = client.post("/ping", json={"hosts": names})
+            results = r.json().get("results", []) if r.status_code == 200 else []
+            for res in results:
+                if res.get("status") != "ok":
+                    errors[str(res.get("host"))] = str(res.get("error", res.get("status")))[:120]
+            if r.status_code != 200:
+                errors = {n: f"HTTP {r.status_code}" for n in names}
+        except (httpx.HTTPError, ValueError) as exc:
+            errors = {n: f"{type(exc).__name__}: {exc}"[:120] for n in names}
+        if not errors or time.monotonic() > deadline:
+            return errors
+        time.sleep(1.0)
 
 
 def _rotation_dir(c: Cluster, state: Path) -> Path:
@@ -533,7 +560,16 @@ def check_convergence(obs: Observed) -> Verdict:
     return v
 
 
-CHECKS = ("epochs", "changes", "runs", "honest", "convergence")
+def check_liveness(obs: Observed) -> Verdict:
+    """(5) once the faults are healed, every agent answers through the load balancer."""
+    v = Verdict()
+    v.checked["agents"] = len(obs.unreachable) if obs.unreachable else 0
+    for agent, error in sorted(obs.unreachable.items()):
+        v.violations.append(f"agent {agent} unreachable after the faults healed: {error}")
+    return v
+
+
+CHECKS = ("epochs", "changes", "runs", "honest", "convergence", "liveness")
 
 
 def check(ops: Sequence[Op], obs: Observed) -> dict[str, Verdict]:
@@ -544,6 +580,7 @@ def check(ops: Sequence[Op], obs: Observed) -> dict[str, Verdict]:
         "runs": check_runs(obs),
         "honest": check_honest(ops, obs),
         "convergence": check_convergence(obs),
+        "liveness": check_liveness(obs),
     }
 
 
