@@ -351,6 +351,12 @@ async def _broadcast(d: Dispatcher, state: RotationState, now: float,
 # ----- public operations -------------------------------------------------------------------
 
 
+def _unacknowledged(d: Dispatcher, state: RotationState) -> list[str]:
+    """Registered agents that have not acknowledged ``state.current_serial``."""
+    return sorted(str(r.get("hostname")) for r in d.registry.all()
+                  if not acknowledged(r, state.current_serial))  # fmt: skip
+
+
 async def prepare(d: Dispatcher, now: float | None = None) -> tuple[RotationState, int]:
     """Record a rotation as intent; no agent is told yet. ``(state, agents pending)``.
 
@@ -368,8 +374,24 @@ async def prepare(d: Dispatcher, now: float | None = None) -> tuple[RotationStat
         state = rs.load(cfg.rotation_file)
     _recover_install(d, state)
     if state is not None and state.previous_serial:
-        # A second rotation while the first one's old serial is still trusted: retire
-        # that one first, or it would stay trusted on agents for good.
+        # A second rotation while the first one's old serial is still trusted. An agent
+        # that never acknowledged the current serial trusts only the previous one, whose
+        # pair this rotation is about to drop: it would be cut off for good. Tell them
+        # first (with the kept previous pair); refuse while any still cannot be told.
+        if not state.overlap_over(now):
+            if _unacknowledged(d, state):
+                await broadcast(d, now)
+            behind = _unacknowledged(d, state)
+            if behind:
+                shown = ", ".join(behind[:10]) + (" ..." if len(behind) > 10 else "")
+                error = (f"{len(behind)} agent(s) have not acknowledged serial "
+                         f"{state.current_serial} yet and trust only {state.previous_serial}: "
+                         f"{shown}. A new rotation now would cut them off; retry once they "
+                         "are reachable (ced maintain tells them), or unpair them")  # fmt: skip
+                ev("cert-rotation-fail", logging.ERROR, error=error)
+                raise RotationError(f"rotation refused: {error}")
+        # Every agent has the current serial: retire the previous one first, or it would
+        # stay trusted on agents for good.
         ev("cert-rotation-warn", logging.WARNING, serial=state.previous_serial,
            reason="previous serial not yet retired; retiring it before rotating")  # fmt: skip
         await retire(d, now, force=True)

@@ -262,3 +262,21 @@ def test_phase_round_trips_and_is_absent_once_finished() -> None:
     assert not rs.RotationState.from_json({"current_serial": "b2"}).unfinished  # upstream file
     with pytest.raises(ValueError):
         rs.RotationState.from_json({"current_serial": "b2", "phase": 3})
+
+
+def test_a_second_rotation_never_cuts_off_an_agent_that_missed_the_first(lab: Lab) -> None:
+    """An agent down during a rotation trusts only the old serial. A second rotation would
+    drop the pair it trusts: it is told first (with the kept pair), and while it cannot be
+    told the second rotation is refused, with its name."""
+    down = AGENTS[0]
+    lab.agents.down.add(down)
+    first = actions.perform(lab.d, "rotate-cert").data["new_serial"]
+    assert serial_to_hex(first) not in lab.agents.maps[down]
+    with pytest.raises(rotation.RotationError) as refused:
+        actions.perform(lab.d, "rotate-cert")
+    assert down in str(refused.value) and "would cut them off" in str(refused.value)
+    assert lab.installed() == serial_to_hex(first)  # nothing changed
+    lab.agents.down.clear()  # it is back: the second rotation tells it first, then rotates
+    second = actions.perform(lab.d, "rotate-cert").data["new_serial"]
+    assert serial_to_hex(second) in lab.agents.maps[down]
+    assert all(serial_to_hex(second) in m for m in lab.agents.maps.values())
