@@ -11,7 +11,8 @@
 #   instance_logs ID     the last lines of its log
 #   etcd_start NAME      start etcd member NAME on its data dir
 #   etcd_stop NAME       stop it (succeeds if it was not running)
-#   etcd_wipe NAME       set a stopped member's data dir aside (a new, empty member)
+#   etcd_wipe NAME [TOKEN] set a stopped member's data dir aside (a new, empty member),
+#                        with TOKEN as its new initial-cluster-token
 #   haproxy_install FILE check FILE with `haproxy -c`, make it HAProxy's config, reload
 #
 # Below them are lab_* functions that only the runbook test uses: they make the failures
@@ -87,12 +88,15 @@ etcd_stop() {
     _lab_signal "etcd-$1" TERM 20
 }
 
-etcd_wipe() {
+etcd_wipe() {  # NAME [NEW_CLUSTER_TOKEN]
     if _lab_alive "etcd-$1"; then
         echo "etcd member $1 is running: stop it first" >&2
         return 1
     fi
     rm -rf "$LAB_DIR/etcd/$1.data"
+    if [ -n "${2:-}" ]; then  # a new cluster: a new token gives it a new cluster id
+        sed -i "s/^initial-cluster-token: .*/initial-cluster-token: $2/" "$LAB_DIR/etcd/$1.yml"
+    fi
 }
 
 haproxy_install() {

@@ -62,6 +62,9 @@ etcd_wipe() {
     host=$(_site_lookup "$SITE_ETCD_HOSTS" "$1")
     _site_on "$host" "systemctl is-active --quiet etcd && { echo 'etcd runs: stop it first' >&2; exit 1; };" \
         "if [ -d '$SITE_ETCD_DATA' ]; then sudo mv '$SITE_ETCD_DATA' '$SITE_ETCD_DATA.broken.\$(date +%s)'; fi"
+    if [ -n "${2:-}" ]; then  # a new cluster: a new token gives it a new cluster id
+        _site_on "$host" "sudo sed -i 's/^ETCD_INITIAL_CLUSTER_TOKEN=.*/ETCD_INITIAL_CLUSTER_TOKEN=$2/' /etc/default/etcd"
+    fi
 }
 
 haproxy_install() {

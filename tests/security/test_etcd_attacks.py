@@ -421,6 +421,12 @@ def test_forged_member_record_gets_no_fetch_no_forward_no_credentials(steady: Cl
         handshakes = evil.handshakes
         # the record healed by the leader's next update, everything converges again
         (leader.ca_dir / "during-member-attack.txt").unlink()
+
+        def healed() -> bool:
+            return any(m.instance_id == leader.id and m.advertise_url != evil.url
+                       for m in b.members())  # fmt: skip
+
+        wait_until(healed, 30, "the leader's member record rewritten by the leader")
         b.close()
         cluster.converged(40)
     assert (leader.state / "pairing" / f"{pending['id']}.json").exists()  # still pending

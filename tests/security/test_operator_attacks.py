@@ -32,6 +32,7 @@ from ops.lab.hacluster import ClusterSpec, running_cluster
 from ops.lab.net import client_ssl
 from ops.lab.operators import OperatorCA
 from ops.lab.pki import Issued, TestCA
+from ops.lab.proc import wait_until
 from tests.support.haproxy import needs_haproxy
 
 pytestmark = pytest.mark.integration
@@ -310,8 +311,13 @@ def test_peers_forward_to_the_leader_but_agents_are_refused(tmp_path: Path) -> N
     with running_cluster(tmp_path / "c", spec) as c:
         leader = c.one_leader(timeout=20)
         follower = next(i for i in c.running() if i is not leader)
-        with c.client(follower) as h:  # the operator certificate
-            r = h.get("/pairing")
+
+        def listed() -> httpx.Response | None:  # a new leader answers 503 while catching up
+            with c.client(follower) as h:  # the operator certificate
+                got = h.get("/pairing")
+            return got if got.status_code != 503 else None
+
+        r = wait_until(listed, 30, "the leader caught up")
         assert r.status_code == 200, r.text
         assert r.json()["leader"] == leader.id
         agent = c.agents["web1"].agent_cert
