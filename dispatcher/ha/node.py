@@ -162,6 +162,7 @@ class HANode:
             self.replication = Replication(
                 self.instance_id, self.sync, lambda: self.members(fresh=True),
                 mode=cfg.sync_ack, timeout=cfg.sync_ack_timeout, covers=self.sync.layout.covers,
+                on_acknowledged=self._acknowledged,
             )  # fmt: skip
             self.writer.on_change = self._changed
             self.writer.gate = self.sync.gate_reason
@@ -195,6 +196,14 @@ class HANode:
         assert self.sync is not None and self.replication is not None
         self.sync.mark_dirty(path)
         self.replication.note(path)
+
+    def _acknowledged(self, generation: int) -> None:
+        """Record the generation an operator is told is kept (a later leader lacking it
+        waits for a member that has it instead of publishing over it)."""
+        from dispatcher.ha.sync import adopt
+
+        if self.cfg.sync_ack != "none":
+            adopt.record_acked(self.data, self.records, generation)
 
     def _generation(self) -> int:
         member = self.session.member

@@ -69,6 +69,7 @@ class Replication:
         timeout: float = 10.0,
         covers: Callable[[Path], bool] = lambda _p: True,
         clock: Callable[[], float] = time.monotonic,
+        on_acknowledged: Callable[[int], None] = lambda _g: None,
     ) -> None:
         self.instance_id = instance_id
         self.covers = covers  # whether a generation carries a file
@@ -79,6 +80,7 @@ class Replication:
         self.mode = mode
         self.timeout = timeout
         self._clock = clock
+        self.on_acknowledged = on_acknowledged  # recorded before the operator is answered
 
     @property
     def generation(self) -> int:
@@ -116,6 +118,7 @@ class Replication:
                 applied.append(self.instance_id)
             want = needed(self.mode, max(len(members), 1))
             if len(applied) >= want:
+                self.on_acknowledged(generation)
                 return generation
             if self._clock() > deadline:
                 raise NotAcknowledged(

@@ -36,3 +36,35 @@ def granted(backend: KVBackend, records: Records, instance_id: str, generation: 
         return False
     body = records.open_dict(KIND, k, raw)
     return body is not None and body.get("generation") == generation
+
+
+# ----- the newest acknowledged generation ----------------------------------------------------
+
+ACKED = "acked"
+
+
+def acked_key(backend: KVBackend) -> str:
+    return f"{backend.keys.prefix}acked"
+
+
+def acked(backend: KVBackend, records: Records) -> int:
+    """The newest generation acknowledged to an operator (0: none on record). A leader
+    that lacks it must wait for a member that has it; a newer generation that was never
+    acknowledged may be superseded (nobody was told it was kept)."""
+    k = acked_key(backend)
+    raw = backend.get_value(k)
+    if raw is None:
+        return 0
+    body = records.open_dict(ACKED, k, raw)
+    try:
+        return int(body.get("generation", 0)) if body is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def record_acked(backend: KVBackend, records: Records, generation: int) -> None:
+    """Remember that ``generation`` was acknowledged (kept if newer than the one on record)."""
+    if generation <= acked(backend, records):
+        return
+    k = acked_key(backend)
+    backend.put_value(k, records.seal(ACKED, k, {"generation": generation, "at": time.time()}))

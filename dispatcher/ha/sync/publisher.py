@@ -101,6 +101,16 @@ class Publisher:
             return "the leader is catching up with the published generation; retry shortly"
         return None
 
+    def _acked_beyond(self, mine: int) -> bool:
+        """A generation newer than ``mine`` was acknowledged to an operator (or the record
+        cannot be read: assume so). A newer one never acknowledged may be superseded."""
+        from dispatcher.ha.sync import adopt
+
+        try:
+            return adopt.acked(self.backend, self.records) > mine
+        except Exception:
+            return True
+
     def _adopted(self, generation: int) -> bool:
         """An operator accepted this leader's files over ``generation`` (``ced cluster
         adopt-local``: a record sealed with the cluster key, for this instance)."""
@@ -190,10 +200,9 @@ class Publisher:
                     if self._clock() < self._catch_up_deadline:
                         self._stop.wait(0.3)
                         return
-                    behind = (
-                        self.state.applied is None or self.state.applied.number < store_g.number
-                    )
-                    if behind and not self._adopted(store_g.number):
+                    mine = self.state.applied.number if self.state.applied is not None else 0
+                    behind = mine < store_g.number
+                    if behind and self._acked_beyond(mine) and not self._adopted(store_g.number):
                         # Publishing our files now would erase changes acknowledged in the
                         # generations we never applied: wait for a member that has them.
                         self._behind = store_g.number
@@ -212,7 +221,8 @@ class Publisher:
                        generation=store_g.number,
                        reason="no member serves the published generation; publishing this "
                               "instance's files instead" + (
-                                  " (adopted by an operator)" if behind else
+                                  " (nothing newer than its own was acknowledged, or an "
+                                  "operator adopted its files)" if behind else
                                   " (it holds that generation, plus unpublished changes)"))  # fmt: skip
             elif self.state.applied is None or self.state.applied.number != store_g.number:
                 self.state.record(store_g)
