@@ -82,6 +82,13 @@ def available() -> str | None:
     for tool in ("ip", "unshare", "nsenter", "mount"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    try:  # root in a container may still lack the right to make namespaces
+        probe = subprocess.run(["unshare", "--net", "--mount", "--uts", "--", "true"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot make namespaces: {exc}"
+    if probe.returncode != 0:
+        return f"cannot make namespaces: {probe.stderr.strip()[:200]}"
     return None
 
 
