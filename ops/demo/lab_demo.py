@@ -21,30 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from ops.lab import guide_exec
-from ops.lab.hosts import Host, Lab, available
-from ops.lab.proc import ROOT
-
-ROLES = {
-    "etcd": ("etcd1", "etcd2", "etcd3"),
-    "dispatcher": ("disp1", "disp2", "disp3"),
-    "lb": ("lb1", "lb2"),
-    "agent": ("web1", "web2"),
-    "operator": ("ops",),
-}
+from ops.lab.deployment import deployed, run_via_vip
+from ops.lab.hosts import Host, available
 
 
-def run_via_vip(ops: Host) -> list[dict[str, object]]:
-    body = json.dumps({"hosts": ["web1.lab.test", "web2.lab.test"], "script": "disk-usage",
-                       "args": ["/"]})  # fmt: skip
-    got = ops.run(["curl", "-sS", "--fail-with-body", "--retry", "3", "--retry-all-errors",
-                   "--cacert", "/root/ca.crt", "--cert", "/root/alice.crt",
-                   "--key", "/root/alice.key", "-H", "Content-Type: application/json",
-                   "-d", body, "https://ctrl-exec.lab.test:7445/run"],
-                  env=ops.env(), timeout=90)  # fmt: skip
-    results = json.loads(got.stdout)["results"]
-    assert isinstance(results, list)
-    return results
+def results(ops: Host) -> list[dict[str, object]]:
+    got = run_via_vip(ops)["results"]
+    assert isinstance(got, list)
+    return got
 
 
 def main() -> int:
@@ -57,28 +41,18 @@ def main() -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="ctrl-exec-lab-"))
     t0 = time.monotonic()
-    with Lab(root, binds={"/opt/ctrl-exec/venv": ROOT / ".venv"}) as lab:
-        roles = {role: [lab.add(n) for n in names] for role, names in ROLES.items()}
-        vip = lab.address(200)
-        lab.add_name("ctrl-exec.lab.test", vip)
-        site = "\n".join([
-            "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
-            'LBS="lb1 lb2"', f"VIP={vip}", "VIP_PREFIX=24", "VIP_NAME=ctrl-exec.lab.test",
-            "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
-        ])  # fmt: skip
-        guide = guide_exec.parse(ROOT / "docs" / "deploy.md")
-        guide_exec.run(guide, roles, site, timeout=240, log=lambda line: None)
+    with deployed(root, log=lambda line: None) as (lab, roles, _report):
         print(f"deployed from docs/deploy.md on {len(lab.hosts)} hosts in "
               f"{time.monotonic() - t0:.1f} s (work dir {root})")  # fmt: skip
         ops, disp1 = roles["operator"][0], roles["dispatcher"][0]
-        for r in run_via_vip(ops):
+        for r in results(ops):
             print(f"  {r['host']}: exit {r['exit']}, {str(r.get('stdout', '')).strip()}")
         status = json.loads(disp1.run(["/opt/ctrl-exec/venv/bin/ced", "cluster", "status",
                                        "--json"], env=disp1.env()).stdout)  # fmt: skip
         leader = lab.hosts[status["leader"]]
         leader.run("systemctl stop ctrl-exec-api", env=leader.env())
         print(f"stopped ctrl-exec-api on {leader.name} (the leader); through the VIP again:")
-        for r in run_via_vip(ops):
+        for r in results(ops):
             print(f"  {r['host']}: exit {r['exit']}, {str(r.get('stdout', '')).strip()}")
         other = next(h for h in roles["dispatcher"] if h is not leader)
         print(other.run(["/opt/ctrl-exec/venv/bin/ced", "cluster", "status"],

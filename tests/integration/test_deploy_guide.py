@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from ops.lab import guide_exec
+from ops.lab import deployment
 from ops.lab.hosts import Host, Lab, available
-from ops.lab.proc import ROOT
 
-GUIDE = Path(os.environ.get("CTRL_EXEC_GUIDE", ROOT / "docs" / "deploy.md"))
+GUIDE = Path(os.environ.get("CTRL_EXEC_GUIDE", deployment.GUIDE))
 NEEDS = ("etcd", "haproxy", "keepalived", "openssl", "iptables", "jq", "curl")
 MISSING = [t for t in NEEDS if shutil.which(t) is None]
 
@@ -35,31 +34,13 @@ pytestmark = [
     pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING}"),
 ]
 
-ROLES = {
-    "etcd": ("etcd1", "etcd2", "etcd3"),
-    "dispatcher": ("disp1", "disp2", "disp3"),
-    "lb": ("lb1", "lb2"),
-    "agent": ("web1", "web2"),
-    "operator": ("ops",),
-}
-
 
 @pytest.fixture(scope="module")
 def deployed(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Lab, dict[str, list[Host]]]]:
-    root = tmp_path_factory.mktemp("deploy")
-    with Lab(root, binds={"/opt/ctrl-exec/venv": ROOT / ".venv"}) as lab:
-        roles = {role: [lab.add(n) for n in names] for role, names in ROLES.items()}
-        vip = lab.address(200)
-        lab.add_name("ctrl-exec.lab.test", vip)
-        site = "\n".join([
-            "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
-            'LBS="lb1 lb2"', f"VIP={vip}", "VIP_PREFIX=24", "VIP_NAME=ctrl-exec.lab.test",
-            "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
-        ])  # fmt: skip
-        t0 = time.monotonic()
-        report = guide_exec.run(guide_exec.parse(GUIDE), roles, site, timeout=240)
+    t0 = time.monotonic()
+    with deployment.deployed(tmp_path_factory.mktemp("deploy"), GUIDE) as (lab, roles, report):
         print(f"[deploy] guide ran in {time.monotonic() - t0:.1f} s "
               f"({len(report.timings)} blocks on hosts)")  # fmt: skip
         yield lab, roles
@@ -70,20 +51,7 @@ def ced(host: Host, *args: str) -> str:
     return got.stdout
 
 
-def run_via_vip(ops: Host) -> dict[str, object]:
-    body = json.dumps(
-        {"hosts": ["web1.lab.test", "web2.lab.test"], "script": "disk-usage", "args": ["/"]}
-    )
-    got = ops.run(
-        ["curl", "-sS", "--fail-with-body", "--max-time", "20", "--retry", "3",
-         "--retry-all-errors", "--cacert", "/root/ca.crt", "--cert", "/root/alice.crt",
-         "--key", "/root/alice.key", "-H", "Content-Type: application/json",
-         "-d", body, "https://ctrl-exec.lab.test:7445/run"],
-        env=ops.env(), timeout=90,
-    )  # fmt: skip
-    doc = json.loads(got.stdout)
-    assert isinstance(doc, dict)
-    return doc
+run_via_vip = deployment.run_via_vip
 
 
 def test_the_guide_deploys_a_working_cluster(deployed: tuple[Lab, dict[str, list[Host]]]) -> None:
@@ -95,7 +63,7 @@ def test_the_guide_deploys_a_working_cluster(deployed: tuple[Lab, dict[str, list
     assert len({m["generation"] for m in status["members"]}) == 1, status
     doc = run_via_vip(ops)
     results = {r["host"]: r for r in doc["results"]}  # type: ignore[union-attr]
-    assert sorted(results) == ["web1.lab.test", "web2.lab.test"]
+    assert sorted(results) == sorted(deployment.AGENTS)
     assert all(r["exit"] == 0 for r in results.values()), results
 
 
