@@ -8,7 +8,11 @@ The convention (``docs/deploy.md``): a fenced block whose info string is ``sh`` 
 * ``lab=skip``: not run in the lab (installing packages: the lab hosts share the machine's
   ``/usr``, which ``ops/setup.sh`` provisioned);
 * ``async``: started, not waited for; it must have ended when the next block has (an agent
-  waiting for its pairing approval while the next block approves it).
+  waiting for its pairing approval while the next block approves it);
+* ``simulate`` (runbooks): the event the runbook answers ("the leader's host died"): the
+  on-call engineer does not run it, it already happened; the lab runs it at that point;
+* ``diagnose`` (runbooks): read-only diagnostics under "When this fails"; the lab runs it
+  after Verify, on the recovered cluster, and it must exit 0 too.
 
 One block ``sh site`` sets the site's variables (host names, the virtual IP); the lab
 replaces it with its own values and prepends them to every block. Any other ``sh`` or
@@ -50,6 +54,8 @@ class Block:
     code: str
     skip: bool = False
     background: bool = False
+    simulate: bool = False
+    diagnose: bool = False
 
     @property
     def title(self) -> str:
@@ -89,7 +95,8 @@ def parse(path: Path) -> list[Block]:
                     "command in the guide runs in the lab test"
                 )
             blocks.append(Block(len(blocks) + 1, i + 1, section, target, "\n".join(body) + "\n",
-                                skip="lab=skip" in words, background="async" in words))  # fmt: skip
+                                skip="lab=skip" in words, background="async" in words,
+                                simulate="simulate" in words, diagnose="diagnose" in words))  # fmt: skip
         i = j + 1
     return blocks
 
