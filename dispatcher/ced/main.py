@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--stream", action="store_true")  # run, ping: output
     p.add_argument("--order", choices=("host", "done"), default="done")
+    p.add_argument("--batch")  # run, ping: rolling (dispatcher.rolling)
+    p.add_argument("--max-fail")
+    p.add_argument("--fail-fast", action="store_true")
     p.add_argument("-o", "--output-dir")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
