@@ -267,3 +267,21 @@ def test_api_bad_rolling_values_are_400_and_run_nothing(
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "invalid rolling options" and r.json()["detail"] == detail
     assert fleet.spans() == {}
+
+
+def test_completion_offers_the_agents_scripts_from_discovery(fleet: Fleet) -> None:
+    from tests.unit.dispatcher.test_ced_completion import bash_complete
+
+    site = fleet.tmp / "completion"
+    (site / "cache").mkdir(parents=True, exist_ok=True)
+    conf = str(fleet.conf)
+    t0 = time.monotonic()
+    got = bash_complete(site, "ced", "--config", conf, "run", "h2", "")
+    took = time.monotonic() - t0
+    assert got == [*HOSTS, "roll", "roll-fail"]  # hosts, then the scripts h2 (and others) offer
+    cached = list((site / "cache" / "ctrl-exec").glob("scripts-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["scripts"] == ["roll",
+                                                                                 "roll-fail"]  # fmt: skip
+    assert bash_complete(site, "ced", "--config", conf, "run", "--tags", "tier=roll",
+                         "roll-") == ["roll-fail"]  # fmt: skip
+    print(f"[completion] 'ced run h2 <TAB>': hosts and discovered scripts in {took:.2f}s")
