@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,7 @@ _ced_ask() {
 
 _ced_complete() {
     local -a w=() rest=() _ced_conf=()
-    local i t cur verb="" skip=0 prev="" tagged=0 cands="" strip
+    local i t cur verb="" skip=0 prev="" tagged=0 cands="" strip from_value=0
     # join what COMP_WORDBREAKS split (role=web, host:port): one word each
     for ((i = 0; i <= COMP_CWORD; i++)); do
         t="${COMP_WORDS[i]}"
@@ -114,7 +115,7 @@ _ced_complete() {
 %(values)s
         -*) COMPREPLY=(); return 0 ;;
     esac
-    if [[ -z "$cands" ]]; then
+    if ((!from_value)); then
         if [[ "$cur" == -* ]]; then
             if [[ -z "$verb" ]]; then cands="$_ced_global"; else cands="$(_ced_opts "$verb")"; fi
         elif [[ -z "$verb" ]]; then
@@ -132,7 +133,11 @@ _ced_complete() {
             esac
         fi
     fi
-    COMPREPLY=($(compgen -W "$cands" -- "$cur"))
+    # literal prefix matches: never compgen -W, which expands every word it is given
+    COMPREPLY=()
+    while IFS= read -r t; do
+        [[ -n "$t" && "$t" == "$cur"* ]] && COMPREPLY+=("$t")
+    done <<< "${cands// /$'\n'}"
     # bash replaces only the part after the last '=' or ':' (COMP_WORDBREAKS)
     if [[ "$cur" == *[=:]* ]]; then
         strip="${cur%%"${cur##*[=:]}"}"
@@ -143,12 +148,15 @@ _ced_complete() {
 complete -o default -F _ced_complete ced ctrl-exec-dispatcher
 """
 
-BASH_VALUES = """        --config) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+BASH_VALUES = r"""        --config) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         -o|--output-dir|--out) COMPREPLY=($(compgen -d -- "$cur")); return 0 ;;
         --tags)
             local head=""
+            from_value=1
             [[ "$cur" == *,* ]] && head="${cur%%,*},"
-            cands="$(_ced_ask tags | sed "s/^/$head/")" ;;
+            while IFS= read -r t; do
+                [[ -n "$t" ]] && cands+="$head$t"$'\n'
+            done < <(_ced_ask tags) ;;
 %s"""
 
 
@@ -163,7 +171,7 @@ def bash_script() -> str:
         kinds = DOCS[v].complete
         positional[v] = ("hosts+scripts" if kinds == ("hosts", "scripts") else
                          "hosts" if kinds == ("hosts",) else " ".join(kinds))  # fmt: skip
-    choices = "\n".join(f'        {o}) cands="{c}" ;;' for o, c in CHOICES.items())
+    choices = "\n".join(f'        {o}) from_value=1; cands="{c}" ;;' for o, c in CHOICES.items())
     return BASH % {
         "valued": " ".join(valued()), "verbs": " ".join(verbs()),
         "global": " ".join(GLOBAL), "opts": _case(opts), "positional": _case(positional),
@@ -285,8 +293,19 @@ def _registry(inv: Invocation) -> Registry:
     return Registry(cfg.registry_dir)
 
 
+#: what a candidate may look like: the shells get nothing else (a tag or script name is
+#: the agents' word, and a shell must never be handed ``$(...)`` to complete with)
+SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def safe(words: list[str]) -> list[str]:
+    return [w for w in words if SAFE.fullmatch(w)]
+
+
 def host_names(inv: Invocation) -> list[str]:
-    return sorted(_registry(inv).names())
+    from dispatcher.registry import valid_name
+
+    return sorted(n for n in _registry(inv).names() if valid_name(n))
 
 
 def tag_pairs(inv: Invocation, budget_s: float = TAGS_BUDGET_S) -> list[str]:
@@ -299,7 +318,8 @@ def tag_pairs(inv: Invocation, budget_s: float = TAGS_BUDGET_S) -> list[str]:
             break
         tags = (reg.get(name) or {}).get("tags")
         if isinstance(tags, dict):
-            pairs.update(f"{k}={v}" for k, v in tags.items())
+            pairs.update(f"{k}={v}" for k, v in tags.items()
+                         if SAFE.fullmatch(str(k)) and SAFE.fullmatch(str(v)))  # fmt: skip
     return sorted(pairs)
 
 
@@ -313,7 +333,7 @@ def _read_cache(path: str) -> tuple[float, list[str]]:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        names = [str(n) for n in doc["scripts"]]
+        names = safe([str(n) for n in doc["scripts"]])
         return float(doc["at"]), names
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0, []
@@ -347,7 +367,7 @@ async def _discover(d: Dispatcher, inv: Invocation, names: list[str]) -> list[st
         return [str(s["name"]) for s in scripts if isinstance(s, dict) and "name" in s]
 
     got = await fanout.fan_out(targets, one, DISCOVER_HOSTS, lambda _t, _e: [], io=BLOCKING)
-    return sorted({n for names_ in got for n in names_})
+    return sorted({n for names_ in got for n in safe(names_)})
 
 
 def script_names(inv: Invocation, named: list[str]) -> list[str]:
