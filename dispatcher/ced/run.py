@@ -81,21 +81,26 @@ def _split_run_words(inv: Invocation) -> tuple[list[str], str]:
     return inv.words[:-1], inv.words[-1]
 
 
-def _dry_run(inv: Invocation, sel: Selection) -> ExitCode:
+def _dry_run(inv: Invocation, sel: Selection, policy: Rolling | None = None) -> ExitCode:
     from dispatcher.targets import select
 
     d = inv.d
     got = _limited(lambda: select(d.registry, sel, inv.default_port, d.cfg.max_hosts))
+    sizes = policy.waves(len(got.targets)) if policy is not None and policy.batch else []
+    waves = [n for n, size in enumerate(sizes, 1) for _ in range(size)]
     if inv.json:
-        out_json({"ok": 1, "dry_run": True, "unknown": got.unknown,
-                  "targets": [{"host": t.name, "address": t.address, "port": t.port}
-                              for t in got.targets]})  # fmt: skip
+        targets = [{"host": t.name, "address": t.address, "port": t.port,
+                    **({"wave": waves[i]} if waves else {})}
+                   for i, t in enumerate(got.targets)]  # fmt: skip
+        out_json({"ok": 1, "dry_run": True, "unknown": got.unknown, "targets": targets})
     else:
-        for t in got.targets:
-            out(f"{t.name}  {t.address}:{t.port}")
+        for i, t in enumerate(got.targets):
+            out(f"{t.name}  {t.address}:{t.port}" + (f"  wave {waves[i]}" if waves else ""))
         for ref in got.unknown:
             out(f"{ref}  UNKNOWN (not a registered agent)")
-        err(f"{len(got.targets)} target(s), {len(got.unknown)} unknown (dry run: nothing ran)")
+        in_waves = f" in {len(sizes)} waves" if sizes else ""
+        err(f"{len(got.targets)} target(s){in_waves}, {len(got.unknown)} unknown "
+            "(dry run: nothing ran)")  # fmt: skip
     return ExitCode.FAILURE if got.unknown else ExitCode.OK
 
 
@@ -137,7 +142,7 @@ def cmd_run(inv: Invocation) -> ExitCode:
     sel = selection(inv, refs)
     policy = rolling(inv, "run")
     if inv.ns.dry_run:
-        return _dry_run(inv, sel)
+        return _dry_run(inv, sel, policy)
     d, caller = inv.d, inv.caller()
     live = _live(inv, show_run)
     if inv.ns.async_:
@@ -172,7 +177,7 @@ def cmd_ping(inv: Invocation) -> ExitCode:
     sel = selection(inv, inv.words)
     policy = rolling(inv, "ping")
     if inv.ns.dry_run:
-        return _dry_run(inv, sel)
+        return _dry_run(inv, sel, policy)
     if inv.ns.output_dir:
         raise UsageError("-o/--output-dir is for run (ping has no output to save)")
     d, caller = inv.d, inv.caller()

@@ -285,3 +285,17 @@ def test_completion_offers_the_agents_scripts_from_discovery(fleet: Fleet) -> No
     assert bash_complete(site, "ced", "--config", conf, "run", "--tags", "tier=roll",
                          "roll-") == ["roll-fail"]  # fmt: skip
     print(f"[completion] 'ced run h2 <TAB>': hosts and discovered scripts in {took:.2f}s")
+
+
+def test_dry_run_shows_the_waves(fleet: Fleet) -> None:
+    fleet.clear()
+    p = ced("run", "--dry-run", "--batch", "2", "--fail-fast", *HOSTS, "roll", conf=fleet.conf)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines()]
+    assert [(r[0], r[-1]) for r in rows] == [("h1", "1"), ("h2", "1"), ("h3", "2"), ("h4", "2"),
+                                             ("h5", "3")]  # fmt: skip
+    assert "5 target(s) in 3 waves, 0 unknown (dry run: nothing ran)" in p.stderr
+    j = one_json(ced("--json", "run", "--dry-run", "--batch", "60%", *HOSTS, "roll",
+                     conf=fleet.conf))  # fmt: skip
+    assert [t["wave"] for t in j["targets"]] == [1, 1, 1, 2, 2]
+    assert fleet.spans() == {}
