@@ -108,9 +108,8 @@ def read_token(token_file: str | None, token: str | None, env: Mapping[str, str]
     else:
         text = env.get(TOKEN_ENV, "")
     value = text.strip()
-    if token_file is not None or token == "-":
-        if not value:
-            raise PairingError("the pairing token is empty")
+    if (token_file is not None or token == "-") and not value:
+        raise PairingError("the pairing token is empty")
     if len(value) > MAX_TOKEN or any(not (c.isascii() and c.isprintable()) or c.isspace()
                                      for c in value):  # fmt: skip
         raise PairingError("the pairing token is malformed (one line of printable ASCII)")
