@@ -100,8 +100,10 @@ def test_etcd_writer_cannot_mint_a_pairing_token(cluster: Cluster) -> None:
                 for i in cluster.insts.values()} == before  # fmt: skip
         with pytest.raises(tk.TokenRefused, match="unknown"):
             tk.peek(leader.ca_dir, token)
-        print("[attack] pairing token minted by an etcd writer: refused (3 requests not "
-              "sealed with the cluster key dropped; no token stored on any instance)")
+        print(
+            "[attack] pairing token minted by an etcd writer: refused (3 requests not "
+            "sealed with the cluster key dropped; no token stored on any instance)"
+        )
 
         # the control: the genuine, sealed request creates it
         rid = leader_requests.post(b, cluster.signer, "pairing-token-create", args, "test")
