@@ -4,8 +4,9 @@ with pairing tokens and answer a ping.
 The lab is ``docs/deploy.md`` deployed (:func:`ops.lab.deployment.deployed`: etcd with TLS
 and auth, three dispatchers, HAProxy and keepalived, two agents paired by hand) plus
 ``FLEET_HOSTS`` new agent hosts; the runbook's ``simulate`` block installs
-``PER_HOST`` agent instances on each (200 agents from 25 source addresses, within the
-pairing listener's per-address connection limit), its blocks pair them through the
+``PER_HOST`` agent instances on each (200 agents from 50 source addresses: each
+``request-pairing`` opens two connections, within the pairing listener's limit of 10 per
+address and minute), its blocks pair them through the
 virtual IP, each with its own token, start them and ping them all. Memory: one agent
 process (about 30 MB) per agent while the test runs.
 """
@@ -24,8 +25,8 @@ from ops.lab import deployment, guide_exec
 from ops.lab.hosts import Host, Lab, available
 
 RUNBOOK = Path(__file__).resolve().parents[2] / "ops" / "runbooks" / "onboard-agents.md"
-FLEET_HOSTS = 25
-PER_HOST = 8  # fixed by the runbook's simulate block
+FLEET_HOSTS = 50
+PER_HOST = 4  # fixed by the runbook's simulate block
 NEEDS = ("etcd", "haproxy", "keepalived", "openssl", "iptables", "jq", "curl")
 MISSING = [t for t in NEEDS if shutil.which(t) is None]
 
