@@ -189,6 +189,7 @@ class PairingServer:
         self._stopping: asyncio.Event | None = None
         self._attached: dict[str, int] = {}  # reqid -> connections waiting for it
         self.tokens = tokengate.TokenGate(cfg, self.writer)
+        self._claims: dict[str, tokengate.Claimed] = {}  # reqid -> token outcome to settle
 
     @property
     def live(self) -> int:
@@ -403,11 +404,16 @@ class PairingServer:
             return
         self._attached[reqid] = self._attached.get(reqid, 0) + 1
         try:
+            claim = self._claims.pop(reqid, None)
             if not await self._send(writer, response_bytes(200, {"status": "pending",
                                                                   "reqid": reqid})):  # fmt: skip
                 await self._withdraw(reqid, "disconnected")
+                if claim is not None:
+                    await self._offload(lambda: self.tokens.release(claim, reqid))
                 return
-            if self.on_request is not None and not resumed:
+            if claim is not None:  # approved now, or why not logged
+                await self._offload(lambda: self.tokens.settle(claim, record))
+            if self.on_request is not None and not resumed and (claim is None or not claim.ok):
                 await self._show(record)
             await self._await_decision(reader, writer, record)
         finally:
@@ -534,7 +540,7 @@ class PairingServer:
                     max_per_source=0 if claimed else self.cfg.pairing_max_per_source,
                     writer=self.writer, approvals=pq.approvals_dir(self.cfg), reqid=rid,
                 ),
-                undo=lambda rec: self._withdraw_now(str(rec["id"]), "cancelled"),
+                undo=lambda rec: self._withdraw_claimed(str(rec["id"]), claim),
             )  # fmt: skip
         except (pq.QueueFull, pq.Refused, LeaderOnlyRefused) as exc:
             if claim is not None:
@@ -548,8 +554,8 @@ class PairingServer:
         if claim is not None:
             if record.get("resumed"):  # the same request again: its token is its own
                 await self._offload(lambda: self.tokens.release(claim, rid))
-            else:
-                await self._offload(lambda: self.tokens.settle(claim, record))
+            else:  # settled once the agent has its pending answer (no read timeout then)
+                self._claims[rid] = claim
         return record
 
     async def _rdns(self, ip: str) -> tuple[str, bool]:
@@ -583,6 +589,12 @@ class PairingServer:
             event("pair-reattach", reqid=reqid, reason=reason)
             return
         await self._offload(lambda: self._withdraw_now(reqid, reason))
+
+    def _withdraw_claimed(self, reqid: str, claim: tokengate.Claimed | None) -> None:
+        """A request queued for a connection that is gone: withdrawn, its token released."""
+        self._withdraw_now(reqid, "cancelled")
+        if claim is not None:
+            self.tokens.release(claim, reqid)
 
     def _withdraw_now(self, reqid: str, reason: str) -> None:
         """Drop an undecided request whose agent is gone (blocking: the state writer)."""

@@ -11,9 +11,11 @@ loop):
 1. :meth:`TokenGate.claim` before the request is queued: a valid, unused, unexpired token
    is marked used by this request id (atomic: two agents with one token, one claim wins);
 2. the request is queued (with a claim, not held to ``pairing_max_queue`` and
-   ``pairing_max_per_source``: the token bounds it); when it cannot be queued the claim
-   is :meth:`released <TokenGate.release>`;
-3. :meth:`TokenGate.settle`: with a claim, the request is approved at once (signed,
+   ``pairing_max_per_source``: the token bounds it); when it cannot be queued, or the
+   agent is gone before its ``pending`` answer, the claim is
+   :meth:`released <TokenGate.release>` (the token is unused again);
+3. :meth:`TokenGate.settle`, once the agent has its ``pending`` answer (outside the
+   listener's read deadline): with a claim, the request is approved at once (signed,
    registered with the token's tags) and logged ``ACTION=pair-auto TOKEN_ID=...``; the
    listener then delivers the approval as any other. Without one (malformed, unknown,
    forged, revoked, expired or used token; a name already registered, unless the token
