@@ -32,7 +32,7 @@ MISSING = [t for t in NEEDS if shutil.which(t) is None]
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.timeout(1500),  # the deployment included (about 1 min unloaded)
+    pytest.mark.timeout(2400),  # the deployment included; a loaded machine is slow
     pytest.mark.skipif(available() is not None, reason=f"no lab: {available()}"),
     pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING}"),
 ]
@@ -81,7 +81,7 @@ def test_runbook_onboards_200_agents_with_tokens(
     )
     guide_exec.run(first, roles, values, timeout=240)
     t0 = time.monotonic()
-    guide_exec.run(middle, roles, values, timeout=240)
+    guide_exec.run(middle, roles, values, timeout=900)
     took = time.monotonic() - t0
     guide_exec.run(last, roles, values, timeout=120)
     total = FLEET_HOSTS * PER_HOST
