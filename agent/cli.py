@@ -23,9 +23,11 @@ USAGE = f"""usage: ctrl-exec-agent [--config PATH] [--allowlist PATH] MODE [opti
 modes:
   serve             run the mTLS agent (port from agent.conf, default 7443)
   request-pairing   --dispatcher HOST [--port 7444] [--background] [--timeout N]
-                    [--lookup-by ip|hostname] [--ca-fingerprint SHA256:HEX]:
+                    [--lookup-by ip|hostname] [--ca-fingerprint SHA256:HEX]
+                    [--token-file F | --token - | env CTRL_EXEC_PAIRING_TOKEN]:
                     pair with a dispatcher (the fingerprint pins its CA, as
-                    ced pairing-mode prints it)
+                    ced pairing-mode prints it; a pairing token from ced
+                    pairing-token create is approved without an operator)
   pairing-status    is this agent paired? prints the cert expiry
   paired            exit 0 when cert, key and CA exist, else 1
   self-check        check config, allowlist and scripts
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int)
     p.add_argument("--lookup-by", choices=("ip", "hostname"))
     p.add_argument("--ca-fingerprint")
+    p.add_argument("--token-file")
+    p.add_argument("--token")
     p.add_argument("--version", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     return p
@@ -151,6 +155,11 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
             print(f"--ca-fingerprint: {exc}", file=sys.stderr)
             return 2
     try:
+        token = pairing.read_token(args.token_file, args.token, os.environ)
+    except pairing.PairingError as exc:
+        print(f"request-pairing: {exc}", file=sys.stderr)
+        return 2
+    try:
         cfg = _config(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -173,6 +182,10 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
         hints: dict[str, object] = {"port": cfg.port}
         if args.lookup_by:
             hints["lookup_by"] = args.lookup_by
+        if token:
+            hints[pairing.TOKEN_FIELD] = token
+            print("Presenting a pairing token: approval needs no operator if it is valid.",
+                  flush=True)  # fmt: skip
         session = pairing.Session(args.dispatcher, args.port, timeout=timeout + 60, ca_pin=pin)
         reqid = session.submit(req, hints)
         if args.background:

@@ -12,6 +12,12 @@ certificate (neither expired); our dispatcher sends its CA after its certificate
 then be that same CA. Whether pinned or not, the approved certificate must be issued by
 the approval's CA and carry the agent's own public key.
 
+Pairing tokens (beyond upstream): ``request-pairing --token-file F`` (or ``--token -``
+for stdin, or ``$CTRL_EXEC_PAIRING_TOKEN``) sends a token from ``ced pairing-token create``
+in the request's ``pairing_token`` field; our dispatcher approves the request at once when
+the token is valid, an upstream dispatcher ignores the field. Without a token the request
+is exactly upstream's.
+
 Reconnection (beyond upstream): when the connection drops while the agent waits for the
 decision (the dispatcher that held it died or stopped leading; behind a load balancer the
 next connection reaches the new leader), :func:`wait_reconnecting` connects again and
@@ -32,7 +38,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,9 @@ class ConnectionLost(PairingError):
 
 
 RECONNECTS = 8
+TOKEN_FIELD = "pairing_token"  # in the request body; upstream dispatchers ignore it
+TOKEN_ENV = "CTRL_EXEC_PAIRING_TOKEN"
+MAX_TOKEN = 256
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
 # answers that mean "this dispatcher cannot take the request now", not "no"
@@ -78,6 +87,33 @@ def prepare(hostname: str, key_type: str) -> PairingRequest:
     csr = certs.make_csr(key, hostname)
     return PairingRequest(hostname, csr, certs.key_pem(key), secrets.token_hex(16),
                           certs.pairing_code(csr))  # fmt: skip
+
+
+def read_token(token_file: str | None, token: str | None, env: Mapping[str, str]) -> str:
+    """The pairing token to present ("" for none): from ``--token-file F``, from stdin with
+    ``--token -``, else from ``$CTRL_EXEC_PAIRING_TOKEN``. A token given in clear on the
+    command line is refused (argv is visible to every user of the host)."""
+    if token is not None and token != "-":
+        raise PairingError("--token takes only '-' (read it from stdin): a token on the "
+                           "command line is visible to other users; use --token-file F")  # fmt: skip
+    if token_file is not None and token is not None:
+        raise PairingError("give --token-file or --token -, not both")
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="ascii", errors="replace")
+        except OSError as exc:
+            raise PairingError(f"cannot read the token file {token_file}: {exc}") from None
+    elif token == "-":
+        text = sys.stdin.readline(MAX_TOKEN + 2)
+    else:
+        text = env.get(TOKEN_ENV, "")
+    value = text.strip()
+    if (token_file is not None or token == "-") and not value:
+        raise PairingError("the pairing token is empty")
+    if len(value) > MAX_TOKEN or any(not (c.isascii() and c.isprintable()) or c.isspace()
+                                     for c in value):  # fmt: skip
+        raise PairingError("the pairing token is malformed (one line of printable ASCII)")
+    return value
 
 
 def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:

@@ -37,6 +37,11 @@ Modes:
   approve <reqid>            approve a pairing request
                              [--lookup-by ip|hostname] [--ip addr] [--agent-port n]
   deny <reqid>               deny a pairing request
+  pairing-token create --count N --expires T[s|m|h|d] [--tags k=v,...] [--re-pair]
+                             tokens that approve pairing requests, each once (printed once)
+  pairing-token list         the tokens (no secrets): unused, used, expired, revoked
+  pairing-token revoke ID[,ID...]|--all
+                             revoke tokens (--all: every unused one)
   setup-ca                   one-time CA initialisation
   setup-operator-ca          one-time operator CA initialisation (the API trusts it)
   issue-operator <name>      client certificate for an operator or automation account
@@ -137,6 +142,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "list-requests": ("pairing", "cmd_list_requests"),
     "approve": ("pairing", "cmd_approve"),
     "deny": ("pairing", "cmd_deny"),
+    "pairing-token": ("pairingtoken", "cmd_pairing_token"),
     "setup-ca": ("pki", "cmd_setup_ca"),
     "setup-operator-ca": ("pki", "cmd_setup_operator_ca"),
     "issue-operator": ("pki", "cmd_issue_operator"),
@@ -212,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
+    p.add_argument("--count", type=int)  # pairing-token create
+    p.add_argument("--expires")
+    p.add_argument("--re-pair", action="store_true")
     p.add_argument("--days", type=int)
     p.add_argument("--out")
     p.add_argument("--yes", "-y", action="store_true")

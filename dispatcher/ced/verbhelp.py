@@ -59,6 +59,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--days": ("N", "certificate lifetime in days"),
     "--out": ("DIR", "where to write NAME.crt and NAME.key"),
     "--yes": ("", "do not ask for confirmation"),
+    "--count": ("N", "pairing-token create: how many tokens"),
+    "--expires": ("T[s|m|h|d]", "pairing-token create: how long they stay valid"),
+    "--re-pair": ("", "pairing-token create: may take over an already registered name"),
     "--status": ("", "show the rotation's state only"),
     "--finish": ("", "drop the old CA (once every agent trusts the new one)"),
     "--to": ("MEMBER", "switchover: the member to take over"),
@@ -133,6 +136,19 @@ DOCS: dict[str, VerbDoc] = {
         ("--timeout", "--port"),
         ("ced pairing-mode --timeout 120", "ced pairing-mode stop"),
         ("start", "stop"),
+    ),
+    "pairing-token": VerbDoc(
+        "<create|list|revoke> [ID[,ID...]]",
+        "Pairing tokens for bulk onboarding: an agent that presents a valid, unused, "
+        "unexpired token (request-pairing --token-file) is approved automatically, once. "
+        "Tokens are printed once at creation; only their hashes are kept.",
+        ("--count", "--expires", "--tags", "--re-pair", "--all", "--json"),
+        (
+            "ced pairing-token create --count 200 --expires 2h --tags role=web > tokens.txt",
+            "ced pairing-token list",
+            "ced pairing-token revoke --all",
+        ),
+        ("create", "list", "revoke"),
     ),
     "list-requests": VerbDoc(
         "", "Show pending pairing requests.", ("--json",), ("ced list-requests",)

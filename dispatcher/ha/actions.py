@@ -98,6 +98,42 @@ def list_requests(d: Dispatcher) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in ("csr", "nonce")} for r in pending]
 
 
+def token_create(
+    d: Dispatcher, *, hashes: str, expires_in: int, tags: str = "", re_pair: bool = False
+) -> dict[str, Any]:
+    """Store new pairing tokens' hashes (``hashes``: JSON ``{id: sha256}``, made by ``ced``:
+    the clear tokens never reach the leader nor etcd; :mod:`dispatcher.pairing.tokens`)."""
+    import json
+
+    from dispatcher.pairing import tokens
+
+    try:
+        entries = json.loads(hashes)
+    except ValueError:
+        raise ActionFailed("pairing-token-create: hashes must be a JSON object") from None
+    if not isinstance(entries, dict):
+        raise ActionFailed("pairing-token-create: hashes must be a JSON object")
+    ids = tokens.add(d.cfg.ca_dir, entries, expires_in=expires_in,
+                     tags=tokens.parse_tags(tags), re_pair=re_pair, writer=d.writer)  # fmt: skip
+    return {"ids": ids, "expires_in": expires_in}
+
+
+def token_list(d: Dispatcher) -> list[dict[str, Any]]:
+    from dispatcher.pairing import tokens
+
+    return tokens.listing(d.cfg.ca_dir)
+
+
+def token_revoke(d: Dispatcher, *, ids: str = "", every: bool = False) -> dict[str, Any]:
+    """Revoke the comma-separated ``ids``, or every unused token (``every``)."""
+    from dispatcher.pairing import tokens
+
+    chosen = [i for i in ids.split(",") if i] if not every else None
+    if chosen is not None and not chosen:
+        raise ActionFailed("pairing-token-revoke: name token ids, or --all")
+    return {"revoked": tokens.revoke(d.cfg.ca_dir, chosen, writer=d.writer)}
+
+
 def unpair(d: Dispatcher, *, name: str) -> dict[str, Any]:
     from agent.common import logfmt
     from dispatcher.registry import RegistryError
@@ -228,6 +264,9 @@ ACTIONS: dict[str, Action] = {
         Action("approve", "pairing-approve", approve),
         Action("deny", "pairing-deny", deny),
         Action("list-requests", "pairing-list", list_requests),
+        Action("pairing-token-create", "pairing-token-create", token_create),
+        Action("pairing-token-list", "pairing-token-list", token_list),
+        Action("pairing-token-revoke", "pairing-token-revoke", token_revoke),
         Action("unpair", "agent-unpair", unpair),
         Action("edit-agent", "agent-edit", edit_agent),
         Action("setup-ca", "setup-ca", setup_ca, bootstrap=True),

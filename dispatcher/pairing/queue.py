@@ -567,11 +567,13 @@ def approve(
     ip: str | None = None,
     agent_port: int | None = None,
     writer: StateWriter | None = None,
+    tags: dict[str, str] | None = None,
 ) -> ApprovalResult:
     """Sign the queued CSR, register the agent and write ``<reqid>.approved`` (spec 5.3).
 
     Effective values: ``lookup_by`` operator > agent hint > ``hostname``; port operator >
-    reported > 7443; ip operator > queued ip.
+    reported > 7443; ip operator > queued ip. ``tags`` (a pairing token's) go into the
+    registry record.
     """
     if lookup_by is not None and lookup_by not in LOOKUP_BY:
         raise PairingQueueError(f"--lookup-by must be ip or hostname, got '{lookup_by}'")
@@ -604,7 +606,7 @@ def approve(
             record = Registry(cfg.registry_dir, w).register(
                 name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
                 expiry=expiry, dispatcher_serial=serial, cert_serial=cert_serial,
-                pubkey_sha256=pubkey,
+                pubkey_sha256=pubkey, tags=tags,
             )  # fmt: skip
         except (RegistryError, LeaderOnlyRefused) as exc:
             raise PairingQueueError(f"cannot register '{name}': {exc}") from None

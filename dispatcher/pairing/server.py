@@ -59,6 +59,7 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.netaddr import plain_ip
 from dispatcher.pairing import queue as pq
+from dispatcher.pairing import tokengate
 from dispatcher.registry import Registry
 from dispatcher.statewrite import StateWriter, default_writer
 
@@ -187,6 +188,8 @@ class PairingServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
         self._attached: dict[str, int] = {}  # reqid -> connections waiting for it
+        self.tokens = tokengate.TokenGate(cfg, self.writer)
+        self._claims: dict[str, tokengate.Claimed] = {}  # reqid -> token outcome to settle
 
     @property
     def live(self) -> int:
@@ -401,11 +404,16 @@ class PairingServer:
             return
         self._attached[reqid] = self._attached.get(reqid, 0) + 1
         try:
+            claim = self._claims.pop(reqid, None)
             if not await self._send(writer, response_bytes(200, {"status": "pending",
                                                                   "reqid": reqid})):  # fmt: skip
                 await self._withdraw(reqid, "disconnected")
+                if claim is not None:
+                    await self._offload(lambda: self.tokens.release(claim, reqid))
                 return
-            if self.on_request is not None and not resumed:
+            if claim is not None:  # approved now, or why not logged
+                await self._offload(lambda: self.tokens.settle(claim, record))
+            if self.on_request is not None and not resumed and (claim is None or not claim.ok):
                 await self._show(record)
             await self._await_decision(reader, writer, record)
         finally:
@@ -511,24 +519,44 @@ class PairingServer:
         reported_ip = obj.get("ip") if pq.valid_ip(obj.get("ip")) else None
         lookup_by = obj.get("lookup_by") if obj.get("lookup_by") in pq.LOOKUP_BY else None
         rdns, confirmed = await self._rdns(ip)
+        rid = pq.new_reqid()
+        claim: tokengate.Claimed | None = None
+        if obj.get(tokengate.FIELD) is not None:  # upstream agents send no token
+            token = obj[tokengate.FIELD]
+            claim = await self._offload(
+                lambda: self.tokens.claim(token, reqid=rid, hostname=hostname, source_ip=ip),
+                undo=lambda c: self.tokens.release(c, rid),
+            )  # fmt: skip
+        claimed = claim is not None and claim.ok
         try:
-            return await self._offload(
+            # a request with a claimed token is not held to the queue's caps: the token
+            # bounds it (each token approves one request, once)
+            record = await self._offload(
                 lambda: pq.submit(
                     self.pairing_dir, hostname=hostname, csr=csr, nonce=nonce, source_ip=ip,
                     ip=reported_ip, lookup_by=lookup_by, port=pq.valid_port(obj.get("port")),
                     reverse_dns=rdns, reverse_confirmed=confirmed,
-                    max_queue=self.cfg.pairing_max_queue,
-                    max_per_source=self.cfg.pairing_max_per_source, writer=self.writer,
-                    approvals=pq.approvals_dir(self.cfg),
+                    max_queue=tokengate.NO_CAP if claimed else self.cfg.pairing_max_queue,
+                    max_per_source=0 if claimed else self.cfg.pairing_max_per_source,
+                    writer=self.writer, approvals=pq.approvals_dir(self.cfg), reqid=rid,
                 ),
-                undo=lambda rec: self._withdraw_now(str(rec["id"]), "cancelled"),
+                undo=lambda rec: self._withdraw_claimed(str(rec["id"]), claim),
             )  # fmt: skip
-        except pq.QueueFull:
-            raise _Reject("pairing queue full", "queue-full") from None
-        except pq.Refused as exc:
-            raise _Reject(exc.reason, exc.log_reason) from None
-        except LeaderOnlyRefused as exc:  # not the leader any more, or etcd unreachable
+        except (pq.QueueFull, pq.Refused, LeaderOnlyRefused) as exc:
+            if claim is not None:
+                await self._offload(lambda: self.tokens.release(claim, rid))
+            if isinstance(exc, pq.QueueFull):
+                raise _Reject("pairing queue full", "queue-full") from None
+            if isinstance(exc, pq.Refused):
+                raise _Reject(exc.reason, exc.log_reason) from None
+            # not the leader any more, or etcd unreachable
             raise _Reject(UNAVAILABLE, f"not-queued: {exc}") from None
+        if claim is not None:
+            if record.get("resumed"):  # the same request again: its token is its own
+                await self._offload(lambda: self.tokens.release(claim, rid))
+            else:  # settled once the agent has its pending answer (no read timeout then)
+                self._claims[rid] = claim
+        return record
 
     async def _rdns(self, ip: str) -> tuple[str, bool]:
         if not self.reverse_dns:
@@ -561,6 +589,12 @@ class PairingServer:
             event("pair-reattach", reqid=reqid, reason=reason)
             return
         await self._offload(lambda: self._withdraw_now(reqid, reason))
+
+    def _withdraw_claimed(self, reqid: str, claim: tokengate.Claimed | None) -> None:
+        """A request queued for a connection that is gone: withdrawn, its token released."""
+        self._withdraw_now(reqid, "cancelled")
+        if claim is not None:
+            self.tokens.release(claim, reqid)
 
     def _withdraw_now(self, reqid: str, reason: str) -> None:
         """Drop an undecided request whose agent is gone (blocking: the state writer)."""
