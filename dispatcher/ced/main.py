@@ -53,6 +53,10 @@ Modes:
   rotate-ca [--status|--finish]
                              start or resume a CA rotation; --finish drops the old CA
   maintain                   ping all agents (renewals), rotation checks, purge
+  history                    runs of every instance, newest first [--host H] [--script S]
+                             [--since 2h|ISO] [--user U] [--limit N (20)] [--json]
+  show <reqid>               one run: each host's outcome, exit, stdout and stderr
+                             (from the instance that ran it)
   check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
   cluster switchover [--to MEMBER]
@@ -142,6 +146,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "maintain": ("pki", "cmd_maintain"),
     "cluster": ("cluster", "cmd_cluster"),
     "check-config": ("checks", "cmd_check_config"),
+    "history": ("history", "cmd_history"),
+    "show": ("history", "cmd_show"),
 }
 
 
@@ -204,6 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true")
     p.add_argument("--finish", action="store_true")
     p.add_argument("--version", action="store_true")
+    p.add_argument("--host")  # history: filters
+    p.add_argument("--script")
+    p.add_argument("--since")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int)
     p.add_argument("-h", "--help", action="store_true")
     return p
 
