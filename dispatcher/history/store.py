@@ -8,6 +8,10 @@ daemon, or ``ced`` acting as the service user)::
     outbox/<key>             "not yet in etcd": the API daemon publishes and removes it
     refused.json             runs refused by every agent (made-up script names): counted
 
+Writes are atomic (a temporary file renamed over the name: readers see the whole record
+or none) but not flushed to disk one by one: ``ced run`` must stay fast, and a record
+lost to a power cut costs history, never state; an unreadable file is skipped.
+
 A run is listed once its index entry exists (written after the record). Listing reads
 the index names (one ``listdir``, sorted) newest first and opens only the summaries it
 needs. Retention runs after every write: names past ``history_max_runs`` or older than
@@ -26,11 +30,26 @@ from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
-from agent.common.fsutil import atomic_write_json
 from dispatcher.history import records as hr
 
 MODE = 0o640
 DIR_MODE = 0o770
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON (0640) by rename, without fsync."""
+    data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), MODE)  # whatever the umask
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class HistoryStore:
@@ -56,8 +75,8 @@ class HistoryStore:
         dirs = (self.runs, self.index, self.outbox) if self.publish else (self.runs, self.index)
         for d in dirs:
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        atomic_write_json(self.runs / f"{reqid}.json", dict(record), MODE)
-        atomic_write_json(self.index / f"{key}.json", summary, MODE)
+        write_json(self.runs / f"{reqid}.json", dict(record))
+        write_json(self.index / f"{key}.json", summary)
         if self.publish:
             fd = os.open(self.outbox / key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, MODE)
             os.close(fd)
@@ -76,7 +95,7 @@ class HistoryStore:
             doc["count"] = int(doc.get("count", 0)) + 1
             doc["last"] = hr.iso(time.time() if now is None else now)
             doc["last_script"] = script[:200]
-            atomic_write_json(path, doc, MODE)
+            write_json(path, doc)
             return int(doc["count"])
         finally:
             os.close(fd)
