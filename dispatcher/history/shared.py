@@ -108,6 +108,8 @@ class Publisher:
                 self.backend.put_value(full, sealed, self._lease_id())
             self.store.published(key)
             done += 1
+        if done:
+            self.store.retain()
         self._since_trim += done
         if self._since_trim >= TRIM_EVERY:
             self._since_trim = 0

@@ -14,8 +14,12 @@ lost to a power cut costs history, never state; an unreadable file is skipped.
 
 A run is listed once its index entry exists (written after the record). Listing reads
 the index names (one ``listdir``, sorted) newest first and opens only the summaries it
-needs. Retention runs after every write: names past ``history_max_runs`` or older than
-``history_max_age`` go, oldest first, so no scan is ever larger than the kept runs.
+needs. Retention (:meth:`HistoryStore.retain`) removes names past ``history_max_runs``
+or older than ``history_max_age``, oldest first, reading only the index names (never more
+than the kept runs plus a few). It runs after one write in :data:`RETAIN_EVERY` (chosen at
+random, so concurrent ``ced`` processes need no shared counter: the store overshoots its
+limit by about that many runs, never by more than a few times it in practice), after each
+round in which the API daemon published new runs, and whenever a listing sees too many.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,6 +39,7 @@ from dispatcher.history import records as hr
 
 MODE = 0o640
 DIR_MODE = 0o770
+RETAIN_EVERY = 32
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -54,7 +60,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 class HistoryStore:
     def __init__(self, state_dir: str | Path, *, max_runs: int = 10000,
-                 max_age: float = 30 * 86400, publish: bool = False) -> None:  # fmt: skip
+                 max_age: float = 30 * 86400, publish: bool = False,
+                 retain_every: int = RETAIN_EVERY) -> None:  # fmt: skip
         self.root = Path(state_dir) / "history"
         self.runs = self.root / "runs"
         self.index = self.root / "index"
@@ -62,6 +69,7 @@ class HistoryStore:
         self.max_runs = max_runs
         self.max_age = max_age
         self.publish = publish  # mark new runs for the daemon to publish (etcd configured)
+        self.retain_every = retain_every
 
     # -- writing --------------------------------------------------------------------------
 
@@ -80,7 +88,8 @@ class HistoryStore:
         if self.publish:
             fd = os.open(self.outbox / key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, MODE)
             os.close(fd)
-        self.retain(now)
+        if self.retain_every <= 1 or random.randrange(self.retain_every) == 0:
+            self.retain(now)
         return key
 
     def count_refused(self, script: str, now: float | None = None) -> int:
@@ -163,7 +172,11 @@ class HistoryStore:
         """``(key, summary)`` newest first, matching ``flt``, keys below ``before``."""
         flt = flt or hr.Filter()
         low = flt.since_key() if flt.since is not None else ""
-        for key in reversed(self._keys()):
+        keys = self._keys()
+        if len(keys) > self.max_runs:
+            self.retain()
+            keys = keys[len(keys) - self.max_runs :]
+        for key in reversed(keys):
             if before is not None and key >= before:
                 continue
             if key < low:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.common.records import field, record
-from cluster.backend import KVBackend
-from cluster.errors import BackendUnavailable
-from dispatcher.config import DispatcherConfig
 from dispatcher.history import records as hr
 from dispatcher.history.store import HistoryStore, for_config
+
+if TYPE_CHECKING:  # the etcd side is imported only with etcd configured
+    from cluster.backend import KVBackend
+    from dispatcher.config import DispatcherConfig
 
 MAX_LIMIT = 1000
 
@@ -51,6 +52,8 @@ def listing(cfg: DispatcherConfig, flt: hr.Filter, limit: int, before: str | Non
     warnings: list[str] = []
     with cluster_of(cfg) as cl:
         if cl is not None:
+            from cluster.errors import BackendUnavailable
+
             try:
                 for key, s in _shared(cl, flt, before):
                     merged.setdefault(str(s["reqid"]), (key, s))

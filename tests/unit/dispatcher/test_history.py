@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def test_host_filter_sees_every_target_of_a_big_run(tmp_path: Path) -> None:
 
 
 def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
-    st = HistoryStore(tmp_path, max_runs=10, publish=True)
+    st = HistoryStore(tmp_path, max_runs=10, publish=True, retain_every=1)
     for i in range(25):
         st.save(rec(f"r{i:02d}", T0 + i), now=T0 + 30)
     assert [s["reqid"] for _, s in st.entries()] == [f"r{i:02d}" for i in range(24, 14, -1)]
@@ -148,13 +149,25 @@ def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
 
 
 def test_retention_by_age(tmp_path: Path) -> None:
-    st = HistoryStore(tmp_path, max_age=3600)
+    st = HistoryStore(tmp_path, max_age=3600, retain_every=1)
     st.save(rec("old", T0), now=T0)
     st.save(rec("mid", T0 + 1800), now=T0 + 1800)
     assert [s["reqid"] for _, s in st.entries()] == ["mid", "old"]
     st.save(rec("new", T0 + 4000), now=T0 + 4000)
     assert [s["reqid"] for _, s in st.entries()] == ["new", "mid"]
     assert st.load("old") is None
+
+
+def test_random_retention_stays_near_the_limit(tmp_path: Path) -> None:
+    random.seed(12)  # the store draws from random: the same draws every time
+    st = HistoryStore(tmp_path, max_runs=20)  # retention after one write in 32, at random
+    now = time.time()
+    for i in range(400):
+        st.save(rec(f"r{i:03d}", now - 1000 + i))
+    assert len(os.listdir(st.index)) <= 20 + 32 * 6
+    got = [s["reqid"] for _, s in st.entries()]  # a listing never shows more than the limit
+    assert got == [f"r{i:03d}" for i in range(399, 379, -1)]
+    assert len(os.listdir(st.index)) == 20
 
 
 def test_corrupt_summary_is_skipped_not_fatal(tmp_path: Path) -> None:
