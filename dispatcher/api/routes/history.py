@@ -2,6 +2,10 @@
 peers' route ``GET /cluster/runs/{reqid}`` (this instance's full record, for an instance
 whose operator asked ``ced show`` or ``GET /runs/{reqid}`` about a run made here).
 
+Both public routes ask the auth hook for action ``history`` (with the reqid for one run;
+without a hook ``api_auth_default`` decides), besides the gate's ``api`` check: the
+history carries arguments and outputs of every operator's runs.
+
 The peer route is allowed only for a client certificate presenting one of the cluster's
 dispatcher serials, over TLS, never through the auth hook (as ``/cluster/files/``).
 """
@@ -17,16 +21,26 @@ from agent.common import logfmt
 from agent.common.serial import serial_to_hex
 from cluster.errors import BackendUnavailable
 from dispatcher.api import models as m
-from dispatcher.api.deps import CallDep, StateDep, peer_ip
-from dispatcher.api.errors import BAD_REQUEST, ERR, FORBIDDEN, NOT_FOUND, error
+from dispatcher.api.deps import ApiCall, CallDep, StateDep, peer_ip
+from dispatcher.api.errors import BAD_REQUEST, ERR, FORBIDDEN, NOT_FOUND, denial, error
 from dispatcher.api.peercert import state_of
 from dispatcher.api.routes import PEER_RUNS, TAG_STATUS
 from dispatcher.history import records as hr
 from dispatcher.history.owner import OwnerUnreachable, RecordGone
 from dispatcher.history.store import for_config
 from dispatcher.history.view import listing, show
+from dispatcher.operations import Denied, authorise
 
 router = APIRouter()
+
+
+async def refused(call: ApiCall, reqid: str = "") -> Response | None:
+    """The auth hook's answer to action ``history``: None when allowed, else the 403."""
+    try:
+        await authorise(call.d, call.caller("", call.bearer), "history", reqid=reqid)
+    except Denied as exc:
+        return denial(exc, call.d.cfg.auth_deny_generic)
+    return None
 
 
 @router.get(
@@ -45,6 +59,8 @@ async def runs(
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = Query(None, pattern=r"^\d{13}-[A-Za-z0-9_-]{1,64}$"),
 ) -> Response:
+    if (no := await refused(call)) is not None:
+        return no
     try:
         flt = hr.Filter(host, script, hr.parse_since(since) if since else None, user)
     except ValueError as exc:
@@ -69,6 +85,8 @@ async def runs(
 async def run_record(reqid: str, call: CallDep) -> Response:
     if not hr.valid_reqid(reqid):
         return error(404, "not found", f"no run {reqid}")
+    if (no := await refused(call, reqid)) is not None:
+        return no
     try:
         rec = await asyncio.to_thread(show, call.d.cfg, reqid)
     except (LookupError, RecordGone) as exc:

@@ -261,3 +261,42 @@ def test_discard_never_removes_a_held_lock(tmp_path: Path) -> None:
         assert lock_path(tmp_path, "h", "s").exists()
     assert discard(tmp_path, [("h", "s"), ("never", "made")]) == 1
     assert not lock_path(tmp_path, "h", "s").exists()
+
+
+# ----- the API routes ----------------------------------------------------------------------
+
+
+def test_api_runs_ask_the_hook_for_action_history(tmp_path: Path) -> None:
+    """``GET /runs`` and ``/runs/{reqid}`` list and show, and a hook that allows the API
+    but not ``history`` gets a 403 with nothing listed."""
+    import asyncio
+
+    import httpx
+
+    from dispatcher.api.app import create_app
+
+    hook = tmp_path / "hook.sh"
+    hook.write_text('#!/bin/sh\n[ "$ENVEXEC_ACTION" = history ] && [ -e "$0.deny" ] && exit 3\n'
+                    "exit 0\n")  # fmt: skip
+    hook.chmod(0o755)
+    cfg = DispatcherConfig(state_dir=str(tmp_path), ca_dir=str(tmp_path / "ca"),
+                           instance_id="disp-a", auth_hook=str(hook)).finish()  # fmt: skip
+    HistoryStore(tmp_path).save(rec("r1", time.time() - 60))
+    app = create_app(Dispatcher(cfg))
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            page = (await http.get("/runs", params={"host": "web2", "since": "1h"})).json()
+            assert [s["reqid"] for s in page["runs"]] == ["r1"] and page["next"] is None
+            assert "hosts" not in page["runs"][0]
+            got = (await http.get("/runs/r1")).json()
+            assert got["hosts"]["web1"]["stdout"] == "hi\n"
+            assert (await http.get("/runs/nope")).status_code == 404
+            assert (await http.get("/runs", params={"limit": 0})).status_code in (400, 422)
+            Path(f"{hook}.deny").touch()
+            for path in ("/runs", "/runs/r1"):
+                r = await http.get(path)
+                assert r.status_code == 403 and "r1" not in r.text, r.text
+
+    asyncio.run(go())
