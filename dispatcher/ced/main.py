@@ -118,6 +118,8 @@ Examples:
   ced run 'web*' --dry-run uptime
   grep -v '^#' hosts.txt | ced run --stream - check-disk | jq -c 'select(.outcome != "ok")'
   ced run --async db1 backup && ced wait <reqid> --timeout 600
+  ced history --since 2h --script restart-nginx
+  ced show <reqid> --json
 """
 
 Verb = Callable[[Invocation], int]
