@@ -17,7 +17,8 @@ coroutine with :func:`dispatcher.client.io.run_blocking` and never imports async
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agent.common import logfmt
@@ -30,6 +31,7 @@ from dispatcher.core import Dispatcher
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
 from dispatcher.reqid import new_reqid
+from dispatcher.rolling import OnWave, Rolling, in_waves
 from dispatcher.runoutcome import report, report_all
 from dispatcher.targets import Selection, select
 
@@ -198,9 +200,10 @@ def unknown_result(ref: str, script: str | None, reqid: str, async_: bool = Fals
     return res
 
 
-def count_outcomes(outcomes: Sequence[str]) -> dict[str, int]:
-    """``counts``: how many hosts came to each outcome (every key present)."""
-    counts = dict.fromkeys(fanout.OUTCOMES, 0)
+def count_outcomes(outcomes: Sequence[str], rolling: bool = False) -> dict[str, int]:
+    """``counts``: how many hosts came to each outcome (every key present; ``skipped``
+    too when the run was rolling)."""
+    counts = dict.fromkeys((*fanout.OUTCOMES, fanout.SKIPPED) if rolling else fanout.OUTCOMES, 0)
     for o in outcomes:
         counts[o] = counts.get(o, 0) + 1
     return counts
@@ -219,6 +222,11 @@ class _Tally:
         self.by_host[str(res.get("host", ""))] = outcome
         if self.on_result is not None:
             self.on_result(res, outcome)
+
+
+def _started(results: list[Result]) -> list[Result]:
+    """The results of hosts that were asked (not those a rolling run skipped)."""
+    return [r for r in results if r.get("status") != fanout.SKIPPED]
 
 
 def _names(targets: Sequence[Target]) -> list[str]:
@@ -247,8 +255,14 @@ async def do_run(
     select_: Selection | None = None,
     on_result: fanout.OnResult | None = None,
     on_targets: Callable[[int], None] | None = None,
+    rolling: Rolling | None = None,
+    on_wave: OnWave | None = None,
 ) -> dict[str, Any]:
     """Run ``script`` on ``hosts``; returns ``{"reqid", "results", "counts"}``.
+
+    ``rolling`` (:mod:`dispatcher.rolling`, sync runs only) runs the hosts in waves
+    (``on_wave`` hears of each) and stops starting hosts once the failure budget is spent;
+    the answer then has ``rolling`` and ``counts`` a ``skipped`` key.
 
     ``select_`` (default: ``hosts`` as plain names, strict) may add globs, tags, all and
     non-strict resolution: unknown references then come back as per-host results with
@@ -261,6 +275,9 @@ async def do_run(
     until every agent has answered the submission (async). An async run is recorded in
     the run store; a sync run only with ``record_sync`` (the API records, the CLI not).
     """
+    if rolling is not None and async_:
+        raise ValueError("--batch/--max-fail need a synchronous run (an async submission "
+                         "finishes at once, so there is no wave to wait for)")  # fmt: skip
     sel = select_ if select_ is not None else Selection(tuple(hosts))
     targets, unknown = await _select(d, sel, default_port, io)
     rid = reqid or new_reqid()
@@ -285,12 +302,20 @@ async def do_run(
     except LockConflict:
         report_all(d.observer, "run", script, names, "locked", time.monotonic() - t0)
         raise
+
+    def wave(
+        part: Sequence[Target], gate: fanout.Gate, told: fanout.OnResult
+    ) -> Awaitable[list[Result]]:
+        return fanout.run_all(part, script, args, rid, caller.username, caller.token, reach,
+                              async_=async_, on_result=told, gate=gate)  # fmt: skip
+
     try:
-        results = await fanout.run_all(targets, script, args, rid, caller.username, caller.token,
-                                       reach, async_=async_, on_result=tally)  # fmt: skip
+        rolled = await in_waves(targets, rolling, wave, partial(fanout.run_skipped, script, rid),
+                                tally, on_wave)  # fmt: skip
     finally:
         await offload(held.release)
-    report(d.observer, "run", script, results, time.monotonic() - t0)
+    results = rolled.results
+    report(d.observer, "run", script, _started(results), time.monotonic() - t0)
     submitter = caller.submitter if caller.kind == "api" else None
     rec: dict[str, Any] | None = None
     if async_:
@@ -302,7 +327,8 @@ async def do_run(
 
         rec = sync_record(rid, script, _names(targets), results, submitter,
                           attribution=caller.attribution())  # fmt: skip
-    counts = count_outcomes(tally.outcomes)
+    counts = count_outcomes(tally.outcomes, rolling is not None)
+    extra = {"rolling": rolled.summary(rolling)} if rolling is not None else {}
     from dispatcher.history.hook import record_run
 
     refused = await offload(lambda: record_run(
@@ -321,8 +347,8 @@ async def do_run(
             logfmt.event("run-record-failed", logfmt.ERROR, reqid=rid, script=script,
                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip
             return {"reqid": rid, "results": results + missing, "counts": counts,
-                    "record": "not saved"}  # fmt: skip
-    return {"reqid": rid, "results": results + missing, "counts": counts}
+                    "record": "not saved", **extra}  # fmt: skip
+    return {"reqid": rid, "results": results + missing, "counts": counts, **extra}
 
 
 # ----- ping ------------------------------------------------------------------------------
@@ -381,11 +407,14 @@ async def do_ping(
     select_: Selection | None = None,
     on_result: fanout.OnResult | None = None,
     on_targets: Callable[[int], None] | None = None,
+    rolling: Rolling | None = None,
+    on_wave: OnWave | None = None,
 ) -> dict[str, Any]:
     """``POST /ping`` on every host; returns ``{"reqid", "results", "counts"}``.
 
     With ``renew`` each ``ok`` result is handed to ``dispatcher.pki.renewal.maybe_renew``.
-    ``select_``, ``on_result`` and ``on_targets`` as for :func:`do_run`.
+    ``select_``, ``on_result``, ``on_targets``, ``rolling`` and ``on_wave`` as for
+    :func:`do_run`.
     """
     sel = select_ if select_ is not None else Selection(tuple(hosts))
     targets, unknown = await _select(d, sel, default_port, io)
@@ -403,11 +432,21 @@ async def do_ping(
     tally = _Tally(on_result)
     for res in missing:
         tally(res, fanout.UNKNOWN)
-    results = await fanout.ping_all(targets, rid, _reach(d, io), on_result=tally)
-    report(d.observer, "ping", "", results, time.monotonic() - t0)
+    reach = _reach(d, io)
+
+    def wave(
+        part: Sequence[Target], gate: fanout.Gate, told: fanout.OnResult
+    ) -> Awaitable[list[Result]]:
+        return fanout.ping_all(part, rid, reach, on_result=told, gate=gate)
+
+    rolled = await in_waves(targets, rolling, wave, fanout.ping_skipped, tally, on_wave)
+    results = rolled.results
+    report(d.observer, "ping", "", _started(results), time.monotonic() - t0)
     if renew:
         await _maybe_renew(d, targets, results, io)
-    return {"reqid": rid, "results": results + missing, "counts": count_outcomes(tally.outcomes)}
+    extra = {"rolling": rolled.summary(rolling)} if rolling is not None else {}
+    return {"reqid": rid, "results": results + missing,
+            "counts": count_outcomes(tally.outcomes, rolling is not None), **extra}  # fmt: skip
 
 
 # ----- async status ----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 # and the project venv at .venv with the dispatcher and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="etcd-server etcd-client haproxy keepalived systemd iptables iproute2 openssl socat jq curl prometheus"
+PKGS="etcd-server etcd-client haproxy keepalived systemd iptables iproute2 openssl socat jq curl prometheus zsh"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -79,9 +79,35 @@ class Counts(BaseModel):
     denied: int
     locked: int
     unknown: int
+    skipped: int | None = Field(
+        None, description="rolling runs only: hosts the failure budget kept from starting"
+    )
 
 
-class PingRequest(Targets):
+class Rolled(BaseModel):
+    """How a rolling run went (present when batch, max_fail or fail_fast was given)."""
+
+    batch: str | None = Field(None, description="wave size asked for (N or N%)")
+    max_fail: str | None = Field(None, description="failure budget asked for (N or N%)")
+    waves: int
+    waves_started: int
+    stopped: bool = Field(description="the budget was spent: some hosts never started")
+    skipped: int
+
+
+_SIZE_DOC = "a number of hosts N (>= 1) or a share of the targets N% (1..100)"
+
+
+class Rolling(BaseModel):
+    """Waves and a failure budget (sync runs; ping takes batch only)."""
+
+    batch: int | str | None = Field(
+        None, description=f"run in waves of this many hosts, the next wave once the current "
+        f"one has finished: {_SIZE_DOC}",
+    )  # fmt: skip
+
+
+class PingRequest(Targets, Rolling):
     username: str = ""
     token: str = ""
 
@@ -100,21 +126,31 @@ class PingResponse(BaseModel):
     ok: bool
     results: list[PingResult]
     counts: Counts
+    rolling: Rolled | None = None
 
 
-class RunRequest(Targets):
+class RunRequest(Targets, Rolling):
     script: str = Field(pattern=SCRIPT_PATTERN, description="allowlisted script name")
     args: list[str] = Field(default_factory=list)
     username: str = ""
     token: str = ""
     async_: bool = Field(False, alias="async", description="submit and return at once (202)")
+    max_fail: int | str | None = Field(
+        None, description="stop starting hosts once this many have failed or were "
+        f"unreachable (those running finish; the rest come back skipped): {_SIZE_DOC}",
+    )  # fmt: skip
+    fail_fast: bool = Field(False, description="max_fail 1")
 
 
 class RunResult(_Open):
     host: str
     script: str | None = None
     exit: int = Field(description="script exit status; -1 when it did not run")
-    status: str | None = Field(None, description="unknown: no such agent (nothing ran)")
+    status: str | None = Field(
+        None, description="unknown: no such agent; skipped: a rolling run's failure budget "
+        "was spent before this host started (nothing ran on either)",
+    )  # fmt: skip
+    wave: int | None = Field(None, description="rolling runs with batch: the host's wave")
     stdout: str | None = None
     stderr: str | None = None
     error: str | None = None
@@ -128,6 +164,7 @@ class RunResponse(BaseModel):
     reqid: str
     results: list[RunResult]
     counts: Counts
+    rolling: Rolled | None = None
 
 
 class AsyncSubmitResult(_Open):

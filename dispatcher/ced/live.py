@@ -22,8 +22,10 @@ from dispatcher.ced.output import format_run, host_label
 
 Result = dict[str, Any]
 
-#: outcome keys, in the recap's order (as dispatcher.client.fanout.OUTCOMES)
+#: outcome keys, in the recap's order (as dispatcher.client.fanout.OUTCOMES); a rolling
+#: run adds ``skipped`` (hosts its failure budget kept from starting)
 OUTCOMES = ("ok", "failed", "unreachable", "denied", "locked", "unknown")
+SKIPPED = "skipped"
 SLOWEST = 3
 TICK_S = 1.0  # the progress line's redraw period on a terminal
 LISTED = 10
@@ -110,6 +112,7 @@ class Live:
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
         self.drawn = False  # a progress line is on the terminal
+        self.waves = ""  # "wave 2/5" while a rolling run goes
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -121,6 +124,17 @@ class Live:
         if self.tty and self._ticker is None:  # elapsed keeps moving while hosts are slow
             self._ticker = threading.Thread(target=self._tick, name="ced-progress", daemon=True)
             self._ticker.start()
+
+    def wave(self, n: int, total: int, size: int) -> None:
+        """A wave starts (the operation's ``on_wave``): the progress line names it; on a
+        stream that is not a terminal, a line says so."""
+        with self.lock:
+            if total <= 1:
+                return
+            self.waves = f"wave {n}/{total}  "
+            if self.progress is not None and not self.tty:
+                self.progress.write(f"wave {n}/{total}: {size} host{'s' if size != 1 else ''}\n")
+            self._draw()
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -163,8 +177,9 @@ class Live:
 
     def line(self) -> str:
         c = self.counts
-        return (f"[{len(self.done)}/{self.total}] ok {c['ok']}  failed {c['failed']}  "
-                f"unreachable {c['unreachable']}  elapsed {self.elapsed():.1f}s")  # fmt: skip
+        skipped = f"  skipped {c[SKIPPED]}" if c.get(SKIPPED) else ""
+        return (f"[{len(self.done)}/{self.total}] {self.waves}ok {c['ok']}  failed {c['failed']}  "
+                f"unreachable {c['unreachable']}{skipped}  elapsed {self.elapsed():.1f}s")  # fmt: skip
 
     def _clear(self) -> None:
         if self.progress is not None and self.tty:
@@ -199,12 +214,21 @@ def show_run(r: Result) -> None:
     format_run([r])
 
 
-def recap(done: list[tuple[Result, str]], counts: dict[str, int], elapsed: float) -> list[str]:
-    """The final recap: counts by outcome, the hosts that were not ok, the slowest."""
+def recap(
+    done: list[tuple[Result, str]],
+    counts: dict[str, int],
+    elapsed: float,
+    rolled: dict[str, Any] | None = None,
+) -> list[str]:
+    """The final recap: counts by outcome, the hosts that were not ok, the slowest; for a
+    rolling run (``rolled``: the answer's ``rolling``), the waves and where it stopped."""
     total = sum(counts.values())
-    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in OUTCOMES)
+    kinds = (*OUTCOMES, SKIPPED) if rolled is not None or counts.get(SKIPPED) else OUTCOMES
+    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in kinds)
     lines = [f"--- {total} host{'s' if total != 1 else ''} in {elapsed:.1f}s: {parts}"]
-    for kind in OUTCOMES[1:]:
+    if rolled is not None:
+        lines.append(_rolling_line(rolled))
+    for kind in kinds[1:]:
         names = [host_label(r) for r, o in done if o == kind]
         if names:
             more = f" (and {len(names) - LISTED} more)" if len(names) > LISTED else ""
@@ -215,3 +239,14 @@ def recap(done: list[tuple[Result, str]], counts: dict[str, int], elapsed: float
     if slow and total > 1:
         lines.append(f"slowest: {', '.join(slow)}")
     return lines
+
+
+def _rolling_line(rolled: dict[str, Any]) -> str:
+    waves, started = rolled.get("waves", 0), rolled.get("waves_started", 0)
+    batch = f" of {rolled['batch']}" if rolled.get("batch") else ""
+    line = f"waves: {started}/{waves} started{batch}"
+    if rolled.get("max_fail"):
+        line += f", --max-fail {rolled['max_fail']}"
+    if rolled.get("stopped"):
+        line += f": stopped, {rolled.get('skipped', 0)} host(s) never started (skipped)"
+    return line

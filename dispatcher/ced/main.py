@@ -58,6 +58,7 @@ Modes:
   show <reqid>               one run: each host's outcome, exit, stdout and stderr
                              (from the instance that ran it)
   check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
+  completion bash|zsh        print the shell completion script (eval "$(ced completion bash)")
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
   cluster switchover [--to MEMBER]
                              the leader resigns; a peer (or MEMBER) takes over
@@ -84,6 +85,13 @@ Targets (run, ping):
                              by default unknown names are reported and the rest run
   --dry-run                  print the resolved targets and exit (nothing runs)
 
+Rolling (run; ping takes --batch):
+  --batch N|N%               waves of N hosts (N% of the targets, rounded up); the next
+                             wave starts when every host of the current one has finished
+  --max-fail N|N%            stop starting hosts once N (N%) failed or were unreachable;
+                             running ones finish, the rest come back "skipped"
+  --fail-fast                the same as --max-fail 1
+
 Output (run, ping):
   results print as each host finishes; a progress line (done/total, ok, failed,
   unreachable, elapsed) shows on stderr when it is a terminal (CED_PROGRESS=1 forces
@@ -97,8 +105,8 @@ Output (run, ping):
 
 Exit status (run):
   0 every host ran the script and it exited 0
-  1 any host failed, was unreachable, denied, locked or unknown; denied by the auth
-    hook; a host:script lock already held
+  1 any host failed, was unreachable, denied, locked, unknown or skipped (a run
+    stopped by --max-fail); denied by the auth hook; a host:script lock already held
   2 usage or config error; unknown names with --strict (or nothing known at all)
   ping exits 0 once every known host was asked (1 with unknown names, 2 as above);
   wait: 0 all ok, 1 some failed, 2 timed out; 130 when interrupted
@@ -110,6 +118,7 @@ Options:
   --username <name>          user for the auth hook (default $USER)
   --token <token>            token for the auth hook (default $ENVEXEC_TOKEN)
   --version                  print the version
+  -h, --help                 this text; 'ced <mode> --help': the mode's options, examples
 
 Examples:
   ced run web1 web2 check-disk -- /var
@@ -150,6 +159,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "check-config": ("checks", "cmd_check_config"),
     "history": ("history", "cmd_history"),
     "show": ("history", "cmd_show"),
+    "completion": ("completion", "cmd_completion"),
+    "__complete": ("completion", "cmd_candidates"),  # for the completion scripts (hidden)
 }
 
 
@@ -203,6 +214,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--stream", action="store_true")  # run, ping: output
     p.add_argument("--order", choices=("host", "done"), default="done")
+    p.add_argument("--batch")  # run, ping: rolling (dispatcher.rolling)
+    p.add_argument("--max-fail")
+    p.add_argument("--fail-fast", action="store_true")
     p.add_argument("-o", "--output-dir")
     p.add_argument("--async", dest="async_", action="store_true")
     p.add_argument("--timeout", type=int)
@@ -369,7 +383,13 @@ def _run(argv: list[str]) -> int:
         _version()
         return ExitCode.OK
     if ns.help:
-        sys.stdout.write(USAGE)
+        mode = ns.words[0] if ns.words else ""
+        if mode in VERBS and not mode.startswith("_"):
+            from dispatcher.ced.verbhelp import help_text
+
+            sys.stdout.write(help_text(mode))  # ced <verb> --help: usage, options, examples
+        else:
+            sys.stdout.write(USAGE)
         return ExitCode.OK
     if not ns.words:
         raise UsageError("no mode given")

@@ -68,6 +68,9 @@ def format_run(results: list[dict[str, Any]]) -> None:
         if r.get("status") == "unknown":
             out(f"==> {host_label(r)}  [UNKNOWN  not a registered agent]")
             continue
+        if r.get("status") == "skipped":
+            out(f"==> {host_label(r)}  [SKIPPED  {r.get('error') or 'not started'}]")
+            continue
         out(f"==> {host_label(r)}  [{status}  exit:{code}  {r.get('rtt', '')}  "
             f"req:{r.get('reqid', '')}]")  # fmt: skip
         if r.get("error"):

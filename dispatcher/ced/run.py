@@ -28,6 +28,7 @@ from dispatcher.ced.output import (
     out_json,
 )
 from dispatcher.errors import ExitCode, UsageError
+from dispatcher.rolling import Rolling
 from dispatcher.targets import Selection, parse_tags, read_stdin_names
 
 T = TypeVar("T")
@@ -49,6 +50,20 @@ def selection(inv: Invocation, refs: list[str]) -> Selection:
     return Selection(tuple(refs), tags, bool(inv.ns.all), bool(inv.ns.strict))
 
 
+def rolling(inv: Invocation, verb: str) -> Rolling | None:
+    """``--batch``, ``--max-fail`` and ``--fail-fast`` as a policy (None: not rolling)."""
+    ns = inv.ns
+    if verb == "ping" and (ns.max_fail is not None or ns.fail_fast):
+        raise UsageError("--max-fail/--fail-fast are for run (ping takes --batch)")
+    try:
+        policy = Rolling.parse(ns.batch, ns.max_fail, bool(ns.fail_fast))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if policy is not None and getattr(ns, "async_", False):
+        raise UsageError("--batch/--max-fail/--fail-fast need a synchronous run (not --async)")
+    return policy
+
+
 def _limited(fn: Callable[[], T]) -> T:
     """``fn()``, with ``max_hosts`` refusals (ValueError) as usage errors (exit 2)."""
     try:
@@ -66,21 +81,26 @@ def _split_run_words(inv: Invocation) -> tuple[list[str], str]:
     return inv.words[:-1], inv.words[-1]
 
 
-def _dry_run(inv: Invocation, sel: Selection) -> ExitCode:
+def _dry_run(inv: Invocation, sel: Selection, policy: Rolling | None = None) -> ExitCode:
     from dispatcher.targets import select
 
     d = inv.d
     got = _limited(lambda: select(d.registry, sel, inv.default_port, d.cfg.max_hosts))
+    sizes = policy.waves(len(got.targets)) if policy is not None and policy.batch else []
+    waves = [n for n, size in enumerate(sizes, 1) for _ in range(size)]
     if inv.json:
-        out_json({"ok": 1, "dry_run": True, "unknown": got.unknown,
-                  "targets": [{"host": t.name, "address": t.address, "port": t.port}
-                              for t in got.targets]})  # fmt: skip
+        targets = [{"host": t.name, "address": t.address, "port": t.port,
+                    **({"wave": waves[i]} if waves else {})}
+                   for i, t in enumerate(got.targets)]  # fmt: skip
+        out_json({"ok": 1, "dry_run": True, "unknown": got.unknown, "targets": targets})
     else:
-        for t in got.targets:
-            out(f"{t.name}  {t.address}:{t.port}")
+        for i, t in enumerate(got.targets):
+            out(f"{t.name}  {t.address}:{t.port}" + (f"  wave {waves[i]}" if waves else ""))
         for ref in got.unknown:
             out(f"{ref}  UNKNOWN (not a registered agent)")
-        err(f"{len(got.targets)} target(s), {len(got.unknown)} unknown (dry run: nothing ran)")
+        in_waves = f" in {len(sizes)} waves" if sizes else ""
+        err(f"{len(got.targets)} target(s){in_waves}, {len(got.unknown)} unknown "
+            "(dry run: nothing ran)")  # fmt: skip
     return ExitCode.FAILURE if got.unknown else ExitCode.OK
 
 
@@ -104,10 +124,14 @@ def _running(live: Live, fn: Callable[[], T]) -> T:
         raise
 
 
-def _finish(inv: Invocation, live: Live) -> None:
+def _rolled(res: dict[str, Any]) -> dict[str, Any]:
+    return {"rolling": res["rolling"]} if "rolling" in res else {}
+
+
+def _finish(inv: Invocation, live: Live, rolled: dict[str, Any] | None = None) -> None:
     live.close()
     if not inv.json and not inv.ns.stream:
-        for line in recap(live.done, live.counts, live.elapsed()):
+        for line in recap(live.done, live.counts, live.elapsed(), rolled):
             err(line)
 
 
@@ -116,8 +140,9 @@ def cmd_run(inv: Invocation) -> ExitCode:
 
     refs, script = _split_run_words(inv)
     sel = selection(inv, refs)
+    policy = rolling(inv, "run")
     if inv.ns.dry_run:
-        return _dry_run(inv, sel)
+        return _dry_run(inv, sel, policy)
     d, caller = inv.d, inv.caller()
     live = _live(inv, show_run)
     if inv.ns.async_:
@@ -125,7 +150,7 @@ def cmd_run(inv: Invocation) -> ExitCode:
     res = _running(live, lambda: dispatch(lambda io: do_run(
         d, caller, refs, script, inv.script_args, async_=inv.ns.async_,
         default_port=inv.default_port, io=io, select_=sel, on_result=live,
-        on_targets=live.expect)))  # fmt: skip
+        on_targets=live.expect, rolling=policy, on_wave=live.wave)))  # fmt: skip
     results: list[dict[str, Any]] = res["results"]
     counts: dict[str, int] = res["counts"]
     if inv.ns.async_:
@@ -137,10 +162,10 @@ def cmd_run(inv: Invocation) -> ExitCode:
         accepted = any(r.get("status") == "accepted" for r in results)
         return ExitCode.OK if accepted else ExitCode.FAILURE
     if inv.json:
-        out_json({"ok": 1, "results": results, "counts": counts})
+        out_json({"ok": 1, "results": results, "counts": counts, **_rolled(res)})
     elif not inv.ns.stream and live.show is None:
         format_run(results)  # --order host: today's order, once every host has finished
-    _finish(inv, live)
+    _finish(inv, live, res.get("rolling"))
     return ExitCode.OK if counts["ok"] == len(results) else ExitCode.FAILURE
 
 
@@ -150,8 +175,9 @@ def cmd_ping(inv: Invocation) -> ExitCode:
     by_option = bool(inv.ns.all or inv.ns.tags)
     inv.need(0 if by_option else 1, "ping <host>[:<port>]|<glob>|- [<host>...]  (or --tags/--all)")
     sel = selection(inv, inv.words)
+    policy = rolling(inv, "ping")
     if inv.ns.dry_run:
-        return _dry_run(inv, sel)
+        return _dry_run(inv, sel, policy)
     if inv.ns.output_dir:
         raise UsageError("-o/--output-dir is for run (ping has no output to save)")
     d, caller = inv.d, inv.caller()
@@ -166,13 +192,13 @@ def cmd_ping(inv: Invocation) -> ExitCode:
     live = _live(inv, row, files=False)
     res = _running(live, lambda: dispatch(lambda io: do_ping(
         d, caller, inv.words, renew=True, io=io, default_port=inv.default_port, select_=sel,
-        on_result=live, on_targets=live.expect)))  # fmt: skip
+        on_result=live, on_targets=live.expect, rolling=policy, on_wave=live.wave)))  # fmt: skip
     counts: dict[str, int] = res["counts"]
     if inv.json:
-        out_json({"ok": 1, "results": res["results"], "counts": counts})
+        out_json({"ok": 1, "results": res["results"], "counts": counts, **_rolled(res)})
     elif not inv.ns.stream and live.show is None:
         format_ping(res["results"])  # --order host
-    _finish(inv, live)
+    _finish(inv, live, res.get("rolling"))
     return ExitCode.FAILURE if counts["unknown"] else ExitCode.OK
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent.common import logfmt
 from agent.common.records import record
@@ -43,6 +43,18 @@ OUTCOMES = (OK, FAILED, UNREACHABLE, DENIED, LOCKED, UNKNOWN)
 #: called once per host as soon as its result is known (on a fan-out thread with the
 #: blocking client): the result and its outcome
 OnResult = Callable[[Result, str], None]
+
+#: a host the failure budget kept from starting (dispatcher.rolling); not in OUTCOMES: only
+#: a rolling run counts it
+SKIPPED = "skipped"
+
+
+class Gate(Protocol):
+    """Asked before each host starts (:class:`dispatcher.rolling.Gate`)."""
+
+    def admit(self) -> bool: ...
+
+    def reason(self) -> str: ...
 
 
 @record(frozen=True)
@@ -161,13 +173,19 @@ def _watched(
     one: Callable[[TargetLike], Awaitable[tuple[Result, str]]],
     failed: Callable[[str, str, str], Result],
     on_result: OnResult | None,
+    gate: Gate | None = None,
+    skipped: Callable[[str, str], Result] | None = None,
 ) -> Callable[[TargetLike], Awaitable[Result]]:
     """``one`` that reports each result and its outcome to ``on_result`` as it finishes
-    (an exception from ``one`` is the ``failed`` result, outcome ``failed``)."""
+    (an exception from ``one`` is the ``failed`` result, outcome ``failed``); a host the
+    ``gate`` does not admit is ``skipped(name, reason)``, outcome ``skipped``."""
 
     async def watched(t: TargetLike) -> Result:
         try:
-            res, outcome = await one(t)
+            if gate is not None and skipped is not None and not gate.admit():
+                res, outcome = skipped(t.name, gate.reason()), SKIPPED
+            else:
+                res, outcome = await one(t)
         except Exception as exc:
             res, outcome = failed(t.name, f"internal error: {exc}", "0ms"), FAILED
         if on_result is not None:
@@ -218,6 +236,12 @@ def _run_failed(
         res["exit"] = -1
     res.update({"error": error, "rtt": rtt, "reqid": reqid})
     return res
+
+
+def run_skipped(script: str, reqid: str, name: str, reason: str) -> Result:
+    """A host of a rolling run that was never started (``status: skipped``)."""
+    return {"host": name, "script": script, "exit": -1, "status": SKIPPED, "error": reason,
+            "rtt": "0ms", "reqid": reqid}  # fmt: skip
 
 
 async def run_one(
@@ -288,15 +312,16 @@ async def run_all(
     reach: Reach,
     async_: bool = False,
     on_result: OnResult | None = None,
+    gate: Gate | None = None,
 ) -> list[Result]:
     """``POST /run`` on every target (``async_``: submit detached, collect acceptance);
-    ``on_result`` hears of each host as it finishes."""
+    ``on_result`` hears of each host as it finishes; ``gate`` may keep hosts from starting."""
     reach.check_hosts(targets)
     ev("dispatch", script=script, hosts=",".join(t.name for t in targets), reqid=reqid,
        mode="async" if async_ else "sync")  # fmt: skip
     failed = partial(_run_failed, script, reqid, async_)
     one = _watched(lambda t: _run_one(t, script, args, reqid, username, token, reach, async_),
-                   failed, on_result)  # fmt: skip
+                   failed, on_result, gate, partial(run_skipped, script, reqid))  # fmt: skip
     return await fan_out_results(targets, one, failed, reach)
 
 
@@ -328,12 +353,22 @@ async def _ping_one(t: TargetLike, reqid: str, reach: Reach) -> tuple[Result, st
     return canonicalise(res, t.name), _ping_outcome(res, r)
 
 
+def ping_skipped(name: str, reason: str) -> Result:
+    """A host of a rolling ping that was never asked (``status: skipped``)."""
+    return {"host": name, "status": SKIPPED, "error": reason, "rtt": "0ms"}
+
+
 async def ping_all(
-    targets: Sequence[TargetLike], reqid: str, reach: Reach, on_result: OnResult | None = None
+    targets: Sequence[TargetLike],
+    reqid: str,
+    reach: Reach,
+    on_result: OnResult | None = None,
+    gate: Gate | None = None,
 ) -> list[Result]:
     """``POST /ping`` on every target; ``on_result`` hears of each host as it finishes."""
     reach.check_hosts(targets)
-    one = _watched(lambda t: _ping_one(t, reqid, reach), host_error, on_result)
+    one = _watched(lambda t: _ping_one(t, reqid, reach), host_error, on_result, gate,
+                   ping_skipped)  # fmt: skip
     return await fan_out_results(targets, one, host_error, reach)
 
 

@@ -31,10 +31,10 @@ def results(ops: Host) -> list[dict[str, object]]:
     return got
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep the lab's directory")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     why = available()
     if why:
         print(f"lab demo: {why}; run ops/demo/cluster_demo.py (loopback) instead", file=sys.stderr)
@@ -62,6 +62,7 @@ def main() -> int:
 
         shutil.rmtree(root, ignore_errors=True)
     print(f"done in {time.monotonic() - t0:.1f} s")
+    print("lab demo: OK")
     return 0
 
 

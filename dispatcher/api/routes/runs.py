@@ -28,6 +28,7 @@ from dispatcher.api.errors import (
 from dispatcher.api.routes import TAG_RUN, TAG_STATUS
 from dispatcher.operations import Denied, do_discovery, do_ping, do_run, do_status
 from dispatcher.registry import RegistryError
+from dispatcher.rolling import Rolling
 from dispatcher.runlocks import LockConflict, LockUnavailable
 from dispatcher.runstore import RunStoreError
 from dispatcher.targets import Selection, is_glob, tags_of
@@ -74,6 +75,27 @@ def selection(body: m.Targets) -> Selection | JSONResponse:
     return Selection(tuple(body.hosts), tags, body.all_, strict)
 
 
+API_NAMES = ("batch", "max_fail", "fail_fast")
+
+
+def rolling(body: m.RunRequest | m.PingRequest) -> Rolling | JSONResponse | None:
+    """The body's rolling policy, or a 400 naming the bad value."""
+    max_fail = body.max_fail if isinstance(body, m.RunRequest) else None
+    fail_fast = body.fail_fast if isinstance(body, m.RunRequest) else False
+    try:
+        policy = Rolling.parse(body.batch, max_fail, fail_fast, API_NAMES)
+    except ValueError as exc:
+        return error(400, "invalid rolling options", str(exc))
+    if policy is not None and isinstance(body, m.RunRequest) and body.async_:
+        return error(400, "invalid rolling options",
+                     "batch, max_fail and fail_fast need a synchronous run (async is false)")  # fmt: skip
+    return policy
+
+
+def _rolled(out: dict[str, Any]) -> dict[str, Any]:
+    return {"rolling": out["rolling"]} if "rolling" in out else {}
+
+
 @router.post(
     "/ping",
     operation_id="ping",
@@ -85,10 +107,14 @@ async def ping(body: m.PingRequest, call: CallDep) -> Response:
     sel = selection(body)
     if isinstance(sel, JSONResponse):
         return sel
+    policy = rolling(body)
+    if isinstance(policy, JSONResponse):
+        return policy
     try:
         out = await do_ping(call.d, call.caller(body.username, body.token), body.hosts,
-                            select_=sel)  # fmt: skip
-        return JSONResponse({"ok": True, "results": out["results"], "counts": out["counts"]})
+                            select_=sel, rolling=policy)  # fmt: skip
+        return JSONResponse({"ok": True, "results": out["results"], "counts": out["counts"],
+                             **_rolled(out)})  # fmt: skip
     except OPERATION_ERRORS as exc:
         return operation_error(exc, call.d.cfg.auth_deny_generic)
 
@@ -111,10 +137,13 @@ async def run(body: m.RunRequest, call: CallDep) -> Response:
     sel = selection(body)
     if isinstance(sel, JSONResponse):
         return sel
+    policy = rolling(body)
+    if isinstance(policy, JSONResponse):
+        return policy
     try:
         out = await do_run(
             call.d, call.caller(body.username, body.token), body.hosts, body.script, body.args,
-            async_=body.async_, record_sync=not body.async_, select_=sel,
+            async_=body.async_, record_sync=not body.async_, select_=sel, rolling=policy,
         )  # fmt: skip
         if body.async_:
             return JSONResponse(
@@ -123,7 +152,7 @@ async def run(body: m.RunRequest, call: CallDep) -> Response:
                 status_code=202,
             )  # fmt: skip
         return JSONResponse({"ok": True, "reqid": out["reqid"], "results": out["results"],
-                             "counts": out["counts"]})  # fmt: skip
+                             "counts": out["counts"], **_rolled(out)})  # fmt: skip
     except OPERATION_ERRORS as exc:
         return operation_error(exc, call.d.cfg.auth_deny_generic)
 
