@@ -78,6 +78,12 @@ class DispatcherConfig:
     # with etcd unreachable: run under the local lock alone ("local") or refuse ("refuse")
     run_lock_without_etcd: str = "local"
     health_port: int = 7446
+    # job history (dispatcher/history/): arguments kept or only their SHA-256 ("hash"),
+    # retention by age (seconds) and count, and the bytes of each host's stdout/stderr kept
+    history_args: str = "keep"
+    history_max_age: int = 30 * 86400
+    history_max_runs: int = 10000
+    history_output_max: int = 65536
     health_bind: str = "127.0.0.1"
     advertise_url: str = ""
     sync_mode: str = "push"
@@ -335,6 +341,11 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
     if cfg.run_lock_without_etcd not in ("local", "refuse"):
         errors.append(cfg.error("run_lock_without_etcd",
                                 "run_lock_without_etcd must be local or refuse"))  # fmt: skip
+    if cfg.history_args not in ("keep", "hash"):
+        errors.append(cfg.error("history_args", "history_args must be keep or hash"))
+    for key in ("history_max_age", "history_max_runs", "history_output_max"):
+        if getattr(cfg, key) < 1:
+            errors.append(cfg.error(key, f"{key} must be a positive number"))
     if cfg.sync_ack not in ("majority", "one", "none"):
         errors.append(cfg.error("sync_ack", "sync_ack must be majority, one or none"))
     if not 0 < cfg.sync_ack_timeout <= 600:

@@ -214,10 +214,12 @@ class _Tally:
 
     def __init__(self, on_result: fanout.OnResult | None) -> None:
         self.outcomes: list[str] = []
+        self.by_host: dict[str, str] = {}
         self.on_result = on_result
 
     def __call__(self, res: Result, outcome: str) -> None:
         self.outcomes.append(outcome)  # list.append is atomic: fan-out threads call this
+        self.by_host[str(res.get("host", ""))] = outcome
         if self.on_result is not None:
             self.on_result(res, outcome)
 
@@ -279,7 +281,7 @@ async def do_run(
     sel = select_ if select_ is not None else Selection(tuple(hosts))
     targets, unknown = await _select(d, sel, default_port, io)
     rid = reqid or new_reqid()
-    t0, names = time.monotonic(), _names(targets)
+    t0, names, started = time.monotonic(), _names(targets), time.time()
     asked = list(hosts) if sel.plain else names
     try:
         await authorise(d, caller, "run", script=script, hosts=asked, args=list(args),
@@ -327,7 +329,12 @@ async def do_run(
                           attribution=caller.attribution())  # fmt: skip
     counts = count_outcomes(tally.outcomes, rolling is not None)
     extra = {"rolling": rolled.summary(rolling)} if rolling is not None else {}
-    if rec is not None:
+    from dispatcher.history.hook import record_run
+
+    refused = await offload(lambda: record_run(
+        d, caller, reqid=rid, script=script, args=args, async_=async_, results=results + missing,
+        outcomes=tally.by_host, started=started))  # fmt: skip
+    if rec is not None and not refused:  # refused everywhere: counted, not kept
         saved = rec
         try:
             await offload(lambda: d.runstore.save(saved))

@@ -2,9 +2,14 @@
 
 Unlike upstream, which only probes, the lock is held for the whole run: take it with
 ``with acquire_all(locks_dir, pairs):``. All pairs or none; a conflict raises
-:class:`LockConflict` listing every conflicting ``host:script``. Lock files are never
-deleted (removing one would let two processes lock different inodes). The holder writes
+:class:`LockConflict` listing every conflicting ``host:script``. The holder writes
 ``host`` and ``script`` into the file so :func:`list_held` reports the real names.
+
+Lock files stay, except those of a run that every agent refused (a made-up script name):
+:func:`discard` removes them under the ``flock``, so a caller naming a thousand made-up
+scripts leaves no file behind. A process that opened a file just before it was removed
+would lock an inode nobody else can find, so after taking a ``flock`` the taker checks that
+the path still names the inode it locked, and tries again when it does not.
 
 :class:`RunLocks` is the interface a cluster-wide (etcd) lock implements as well; the
 conflict (:class:`~cluster.locks.LockConflict`) and the handle base
@@ -29,6 +34,7 @@ __all__ = [
     "LockUnavailable",
     "RunLocks",
     "acquire_all",
+    "discard",
     "list_held",
     "lock_path",
 ]
@@ -57,6 +63,53 @@ def _open(path: Path) -> int:
         if os.fstat(fd).st_mode & 0o777 != LOCK_MODE:
             os.fchmod(fd, LOCK_MODE)
     return fd
+
+
+_REOPEN_TRIES = 8  # a file removed under us this many times in a row: report a conflict
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the inode open on ``fd`` (not removed or replaced)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _lock_one(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its flock, or None when someone holds it."""
+    for _ in range(_REOPEN_TRIES):
+        fd = _open(path)
+        if not try_flock(fd):
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # its holder removed it after we opened it: lock the new file
+    return None
+
+
+def discard(locks_dir: str | Path, pairs: list[tuple[str, str]]) -> int:
+    """Remove the lock files of ``pairs`` that nobody holds (taking each ``flock`` first,
+    so a holder's file is never removed); how many went."""
+    gone = 0
+    for host, script in pairs:
+        path = lock_path(locks_dir, host, script)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if try_flock(fd) and _same_file(fd, path):
+                path.unlink()
+                gone += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return gone
 
 
 class HeldLocks(LockHandle):
@@ -92,13 +145,12 @@ def acquire_all(locks_dir: str | Path, pairs: list[tuple[str, str]]) -> HeldLock
             if path in seen:  # same file twice would conflict with ourselves
                 continue
             seen.add(path)
-            fd = _open(path)
-            if try_flock(fd):
-                fds.append(fd)
-                taken.append((host, script))
-            else:
-                os.close(fd)
+            fd = _lock_one(path)
+            if fd is None:
                 conflicts.append(f"{host}:{script}")
+                continue
+            fds.append(fd)
+            taken.append((host, script))
         if conflicts:
             raise LockConflict(conflicts)
         for fd, (host, script) in zip(fds, taken, strict=True):

@@ -34,7 +34,15 @@ from dispatcher.api.deps import ApiState
 from dispatcher.api.gate import ApiGate
 from dispatcher.api.operatorcerts import OperatorTrust
 from dispatcher.api.pinmetrics import PinCollector
-from dispatcher.api.routes import cluster_control, cluster_files, pairing, runs, service, spec
+from dispatcher.api.routes import (
+    cluster_control,
+    cluster_files,
+    history,
+    pairing,
+    runs,
+    service,
+    spec,
+)
 from dispatcher.core import Dispatcher
 
 if TYPE_CHECKING:
@@ -93,7 +101,7 @@ def create_app(
     app.add_exception_handler(errors.Answer, errors.on_answer)
     app.add_exception_handler(Exception, errors.on_internal)
     # in this order: the order of the paths in the OpenAPI document
-    add_routes(app, service.router, runs.router, spec.router, pairing.router,
+    add_routes(app, service.router, runs.router, history.router, spec.router, pairing.router,
                cluster_control.router, cluster_files.router)  # fmt: skip
     return app
 

@@ -40,7 +40,7 @@ from dispatcher.api.deps import OPERATOR_KEY, api_caller, bearer_token, peer_ip
 from dispatcher.api.errors import denial, error
 from dispatcher.api.operatorcerts import CertIdentity, OperatorTrust, describe
 from dispatcher.api.peercert import state_of
-from dispatcher.api.routes import PEER_PREFIX, route_label
+from dispatcher.api.routes import PEER_PREFIXES, route_label
 from dispatcher.core import Dispatcher
 from dispatcher.operations import Denied, authorise
 
@@ -159,7 +159,7 @@ class ApiGate:
         if data is None:
             return
         # peer routes authenticate the dispatcher certificate themselves, never the hook
-        if path in UNGATED or path.startswith(PEER_PREFIX):
+        if path in UNGATED or path.startswith(PEER_PREFIXES):
             await self._pass_on(scope, data, receive, send)
             return
         if self.inflight >= max(1, self.d.cfg.api_max_children):
@@ -177,7 +177,7 @@ class ApiGate:
         the peer routes, or with a dispatcher serial of the cluster (a peer forwarding to
         the leader), it passes naming no operator; anything else is refused (403)."""
         path = scope["path"]
-        if path.startswith(PEER_PREFIX):
+        if path.startswith(PEER_PREFIXES):
             return True
         cn, serial, issuer = describe(der)
         if serial_to_hex(serial) in await asyncio.to_thread(self.peer_serials):

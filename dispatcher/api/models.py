@@ -287,3 +287,32 @@ class SwitchoverResponse(BaseModel):
     leader: str = Field(description="the leader asked to resign")
     epoch: int
     action: str = Field(description="resigned (this instance led) or requested (through etcd)")
+
+
+class RunSummary(_Open):
+    """One run of the job history (dispatcher/history): no output."""
+
+    reqid: str
+    script: str
+    user: str
+    user_source: str | None = None
+    targets: list[str]
+    targets_total: int | None = Field(None, description="when more targets than listed")
+    counts: dict[str, int]
+    started: str
+    finished: str
+    instance: str
+
+
+class RunsPage(BaseModel):
+    ok: bool
+    runs: list[RunSummary]
+    next: str | None = Field(None, description="pass as ?cursor= for the next page")
+    warnings: list[str] = []
+
+
+class RunRecord(RunSummary):
+    """A run with each host's outcome, exit, stdout and stderr."""
+
+    ok: bool
+    hosts: dict[str, dict[str, Any]]

@@ -58,6 +58,10 @@ Modes:
   rotate-ca [--status|--finish]
                              start or resume a CA rotation; --finish drops the old CA
   maintain                   ping all agents (renewals), rotation checks, purge
+  history                    runs of every instance, newest first [--host H] [--script S]
+                             [--since 2h|ISO] [--user U] [--limit N (20)] [--json]
+  show <reqid>               one run: each host's outcome, exit, stdout and stderr
+                             (from the instance that ran it)
   check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
   completion bash|zsh        print the shell completion script (eval "$(ced completion bash)")
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
@@ -128,6 +132,8 @@ Examples:
   ced run 'web*' --dry-run uptime
   grep -v '^#' hosts.txt | ced run --stream - check-disk | jq -c 'select(.outcome != "ok")'
   ced run --async db1 backup && ced wait <reqid> --timeout 600
+  ced history --since 2h --script restart-nginx
+  ced show <reqid> --json
 """
 
 Verb = Callable[[Invocation], int]
@@ -157,6 +163,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "maintain": ("pki", "cmd_maintain"),
     "cluster": ("cluster", "cmd_cluster"),
     "check-config": ("checks", "cmd_check_config"),
+    "history": ("history", "cmd_history"),
+    "show": ("history", "cmd_show"),
     "completion": ("completion", "cmd_completion"),
     "__complete": ("completion", "cmd_candidates"),  # for the completion scripts (hidden)
 }
@@ -227,6 +235,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true")
     p.add_argument("--finish", action="store_true")
     p.add_argument("--version", action="store_true")
+    p.add_argument("--host")  # history: filters
+    p.add_argument("--script")
+    p.add_argument("--since")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int)
     p.add_argument("-h", "--help", action="store_true")
     return p
 

@@ -74,6 +74,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--peer": ("PEER_IP", "keepalived-config: the other balancer's address"),
     "--priority": ("N", "keepalived-config: VRRP priority"),
     "--router-id": ("N", "keepalived-config: VRRP router id"),
+    "--host": ("HOST", "history: runs that targeted HOST"),
+    "--script": ("SCRIPT", "history: runs of SCRIPT"),
+    "--since": ("DUR|ISO", "history: runs started since 30m, 2h, 7d ago, or an ISO 8601 time"),
+    "--user": ("USER", "history: runs by USER (certificate CN, Unix user or SUDO_USER)"),
+    "--limit": ("N", "history: at most N runs (20; 1..1000)"),
 }
 
 SHORT = {"--output-dir": "-o", "--yes": "-y"}
@@ -129,6 +134,19 @@ DOCS: dict[str, VerbDoc] = {
         "Poll an async run until complete: exit 0 all ok, 1 some failed, 2 timed out.",
         ("--timeout", "--json", *AUTH),
         ("ced run --async db1 backup && ced wait <reqid> --timeout 600",),
+    ),
+    "history": VerbDoc(
+        "",
+        "Runs of every instance, newest first (the job history).",
+        ("--host", "--script", "--since", "--user", "--limit", "--json"),
+        ("ced history --since 2h --script restart-nginx", "ced history --host web1 --json"),
+    ),
+    "show": VerbDoc(
+        "<reqid>",
+        "One run: each host's outcome, exit, stdout and stderr (from the instance that ran it; "
+        "exit 1 when that instance is unreachable).",
+        ("--json",),
+        ("ced show 3f2a9c1d5e7b8a60", "ced show 3f2a9c1d5e7b8a60 --json"),
     ),
     "pairing-mode": VerbDoc(
         "[start|stop]",

@@ -34,12 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.common import logfmt
 from agent.version import __version__
 from cluster import maintenance
-from cluster.backend import LeaderInfo, MemberInfo
+from cluster.backend import KVBackend, LeaderInfo, MemberInfo
 from cluster.election import Elector
 from cluster.errors import AccessDenied, BackendUnavailable, MemberConflict
 from cluster.locks import ClusterRunLocks
@@ -64,6 +64,9 @@ from dispatcher.runlocks import LocalRunLocks
 from dispatcher.runstore import RunStore
 from dispatcher.statewrite import set_default_writer
 
+if TYPE_CHECKING:
+    from dispatcher.history.shared import Publisher
+
 Listener = Callable[[bool], None]
 
 
@@ -74,6 +77,19 @@ def _cert_serial(path: str) -> str:
         return cert_serial_hex(path)
     except (OSError, ValueError):
         return ""
+
+
+def _history_publisher(
+    cfg: DispatcherConfig, data: KVBackend, records: Records, kind: str
+) -> Publisher | None:
+    """With etcd: what publishes this instance's job summaries (dispatcher/history)."""
+    if kind != "etcd":
+        return None
+    from dispatcher.history.shared import Publisher
+    from dispatcher.history.store import for_config
+
+    return Publisher(for_config(cfg), data, records, max_age=cfg.history_max_age,
+                     max_runs=cfg.history_max_runs)  # fmt: skip
 
 
 def _under(path: Path, root: str) -> bool:
@@ -133,6 +149,7 @@ class HANode:
             if self.kind == "etcd"
             else RunStore(cfg.runs_dir)
         )
+        self.history = _history_publisher(cfg, self.data, self.records, self.kind)
         self._members: list[MemberInfo] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -473,6 +490,8 @@ class HANode:
                 self.sync.refresh_member()
             elif cycle % 10 == 0:
                 self._refresh_member()
+            if self.history is not None:
+                self.history.step()  # this host's new job summaries (dispatcher/history)
         except BackendUnavailable as exc:
             if self.health.mark_failed(exc):
                 logfmt.event("cluster-store", logging.WARNING, instance=self.instance_id,

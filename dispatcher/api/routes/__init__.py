@@ -7,7 +7,9 @@
   and callable on every instance (:mod:`dispatcher.api.leadergate`);
 * :mod:`.cluster_control`: ``POST /cluster/switchover``;
 * :mod:`.cluster_files`: ``GET /cluster/files/{path}``, the peers' file route (not in
-  the OpenAPI document).
+  the OpenAPI document);
+* :mod:`.history`: ``GET /runs``, ``GET /runs/{reqid}`` (job history) and the peers'
+  ``GET /cluster/runs/{reqid}`` (not in the OpenAPI document).
 
 :func:`~dispatcher.api.app.create_app` adds the routers' routes in this order, which is
 the order of the paths in the OpenAPI document. This module is the route table the rest of
@@ -24,6 +26,8 @@ TAG_RUN = "run"
 TAG_STATUS = "status"
 TAG_CLUSTER = "cluster"
 PEER_PREFIX = "/cluster/files/"  # peer routes: dispatcher certificate, no auth hook
+PEER_RUNS = "/cluster/runs/"  # the peers' job history route (dispatcher/api/routes/history.py)
+PEER_PREFIXES = (PEER_PREFIX, PEER_RUNS)
 
 TAGS: list[dict[str, Any]] = [
     {"name": TAG_API, "description": "Service description, health and specification"},
@@ -43,6 +47,8 @@ ENDPOINTS: list[dict[str, str]] = [
     {"method": "GET", "path": "/discovery"},
     {"method": "POST", "path": "/discovery"},
     {"method": "GET", "path": "/status/{reqid}"},
+    {"method": "GET", "path": "/runs"},
+    {"method": "GET", "path": "/runs/{reqid}"},
     {"method": "GET", "path": "/openapi.json"},
     {"method": "GET", "path": "/openapi-live.json"},
     {"method": "GET", "path": "/pairing"},
@@ -59,8 +65,12 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/status/"):
         return "/status/{reqid}"
+    if path.startswith("/runs/"):
+        return "/runs/{reqid}"
     if path.startswith(PEER_PREFIX):
         return PEER_PREFIX + "{path}"
+    if path.startswith(PEER_RUNS):
+        return PEER_RUNS + "{reqid}"
     if path.startswith("/pairing/"):
         for verb in ("approve", "deny"):
             if path.endswith(f"/{verb}"):

@@ -29,6 +29,9 @@ def test_spec_documents_every_upstream_operation() -> None:
         ("GET", "/discovery"): "discovery_get",
         ("POST", "/discovery"): "discovery",
         ("GET", "/status/{reqid}"): "status",
+        # the job history of every instance (dispatcher/api/routes/history.py)
+        ("GET", "/runs"): "runs",
+        ("GET", "/runs/{reqid}"): "run_record",
         ("GET", "/openapi-live.json"): "openapi_live",
         # leader-only cluster actions, callable on every instance (dispatcher/api/routes/pairing.py)
         ("GET", "/pairing"): "pairing_list",
