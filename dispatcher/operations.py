@@ -92,9 +92,9 @@ class Denied(CtrlExecError):
 def _dispatcher_serial(d: Dispatcher) -> str:
     """Serial of the dispatcher cert for the hook context; "" when unreadable."""
     try:
-        from dispatcher.pki.ca import cert_serial_hex  # cryptography: only when a hook runs
+        from agent.common.dercert import serial_hex  # stdlib DER walk, no cryptography
 
-        return cert_serial_hex(d.cfg.cert)
+        return serial_hex(d.cfg.cert)
     except Exception:
         return ""
 
