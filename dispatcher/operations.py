@@ -92,7 +92,7 @@ class Denied(CtrlExecError):
 def _dispatcher_serial(d: Dispatcher) -> str:
     """Serial of the dispatcher cert for the hook context; "" when unreadable."""
     try:
-        from agent.common.dercert import serial_hex  # stdlib DER walk, no cryptography
+        from agent.certinfo import serial_hex  # a stdlib DER walk, no cryptography
 
         return serial_hex(d.cfg.cert)
     except Exception:

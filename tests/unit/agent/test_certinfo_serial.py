@@ -1,4 +1,4 @@
-"""The stdlib DER walk reads the serial ``cryptography`` reads, and refuses garbage."""
+"""certinfo's stdlib DER walk reads the serial ``cryptography`` reads, and refuses garbage."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.common.dercert import der_serial, first_pem_der, serial_hex
+from agent.certinfo import first_pem_der, identity_der, serial_hex
 
 
 def _cert(serial: int, rsa_key: bool = False) -> bytes:
-    key = rsa.generate_private_key(65537, 2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if rsa_key
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t" * 60)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -26,7 +30,9 @@ def _cert(serial: int, rsa_key: bool = False) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-@pytest.mark.parametrize("serial", [1, 0x7F, 0x80, 0xFF, 0x1234, (1 << 119) | 0xABC, (1 << 159) - 1])
+@pytest.mark.parametrize(
+    "serial", [1, 0x7F, 0x80, 0xFF, 0x1234, (1 << 119) | 0xABC, (1 << 159) - 1]
+)
 def test_serial_matches_cryptography(tmp_path: Path, serial: int) -> None:
     pem = _cert(serial, rsa_key=serial == 0x80)
     path = tmp_path / "c.pem"
@@ -50,6 +56,6 @@ def test_garbage_is_a_value_error(tmp_path: Path, pem: bytes) -> None:
 
 def test_truncated_der_is_refused() -> None:
     der = first_pem_der(_cert(0x1234))
-    for cut in (1, 2, 5, 9, 12):
+    for cut in (1, 2, 5, 9, 12, 20, 200):
         with pytest.raises(ValueError):
-            der_serial(der[:cut])
+            identity_der(der[:cut])
