@@ -156,7 +156,7 @@ async def authorise(
 def _reach(d: Dispatcher, io: AgentIO | None) -> fanout.Reach:
     """The dispatcher's client context, ``read_timeout`` per host and fan-out limits."""
     return fanout.Reach(d.client_ctx(), float(d.cfg.read_timeout), d.cfg.max_parallel,
-                        d.cfg.max_hosts, io=io)  # fmt: skip
+                        d.cfg.max_hosts, io=io, max_output=d.cfg.max_result_output)  # fmt: skip
 
 
 async def _resolve(
