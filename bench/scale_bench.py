@@ -87,7 +87,7 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
     conf.write_text(
         f"ca_dir = {ca_dir}\nstate_dir = {tmp / 'state'}\nmax_hosts = {max(count, 500)}\n"
         f"max_parallel = {parallel}\nread_timeout = 30\nlog_target = stderr\n"
-        f"run_lock_without_etcd = local\n"
+        f"run_lock_without_etcd = local\nmax_result_output = 65536\n"
     )
     return conf
 
@@ -150,13 +150,15 @@ def main() -> int:
         raise SystemExit(f"benchmark exceeded {args.max_seconds} s; aborted")
 
     signal.signal(signal.SIGALRM, overrun)
+    signal.signal(signal.SIGTERM, lambda n, f: sys.exit("stopped (SIGTERM)"))  # clean up
     signal.alarm(args.max_seconds)
     tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     proc = None
     try:
         t0 = time.monotonic()
         s = prepare(tmp, args.port, "ec-p256")
-        proc = start_sim(s, args.count, args.port, tmp / "agentsim.log", 600)
+        proc = start_sim(s, args.count, args.port, tmp / "agentsim.log", 600,
+                         ("--lifetime", str(args.max_seconds + 60)))  # fmt: skip
         print(f"agentsim up in {time.monotonic() - t0:.1f} s; {os.cpu_count()} CPUs; "
               f"max_parallel {args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         conf = dispatcher_state(tmp, s, args.count, args.run_count, args.port, args.parallel)
