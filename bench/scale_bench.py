@@ -108,7 +108,12 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
         p = subprocess.Popen([*cmd, "--config", str(conf), "--json", *words],
                              stdout=subprocess.PIPE, stderr=devnull)  # fmt: skip
         assert p.stdout is not None
-        data = p.stdout.read()
+        try:
+            data = p.stdout.read()
+        except BaseException:  # stopped (SIGTERM, --max-seconds): do not leave ced running
+            p.kill()
+            p.wait()
+            raise
         _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     sim = proc_cpu(sim_pid) - s0
