@@ -60,6 +60,9 @@ class DispatcherConfig:
     read_timeout: float = 60.0
     max_parallel: int = 256
     max_hosts: int = 5000
+    # characters of each host's stdout and of its stderr kept in a run's results (0: all,
+    # as upstream); bounds a large fan-out's memory (agents cap each at their max_output)
+    max_result_output: int = 0
     cert_days: int = 365
     cert_renewal_days: int = 90
     cert_overlap_days: int = 30
@@ -360,6 +363,11 @@ def _parse(path: str, required: bool) -> tuple[DispatcherConfig, list[ConfigErro
                                 "api_header_timeout must be between 0 and 3600 seconds"))  # fmt: skip
     if cfg.api_max_conns_per_ip < 1:
         errors.append(cfg.error("api_max_conns_per_ip", "api_max_conns_per_ip must be at least 1"))
+    for key in ("max_parallel", "max_hosts"):
+        if getattr(cfg, key) < 1:
+            errors.append(cfg.error(key, f"{key} must be at least 1"))
+    if cfg.max_result_output < 0:
+        errors.append(cfg.error("max_result_output", "max_result_output must be 0 (all) or more"))
     for key in ("api_port", "health_port", "pairing_port"):
         if not 0 < getattr(cfg, key) < 65536:
             errors.append(cfg.error(key, f"{key} must be a port number (1-65535)"))

@@ -83,23 +83,51 @@ class Dispatcher:
         return self.run_locks
 
     def client_ctx(self) -> ssl.SSLContext:
-        """mTLS client context presenting the dispatcher cert (read from disk each call).
+        """mTLS client context presenting the dispatcher cert.
 
-        Rotation installs the new key and cert as two atomic writes; a reader caught
-        between them sees a mismatched pair, so try again briefly before giving up.
+        Loaded once per version of the files (their inode, size and mtime): a rotation
+        replaces them, so the next request loads the new pair. Loading is 2-4 ms, most of
+        an API run on one agent before this cache. Rotation installs the new key and
+        cert as two atomic writes; a reader caught between them sees a mismatched pair,
+        so try again briefly before giving up.
         """
         import time
 
         from agent.common.tlsconf import client_context
 
+        paths = (self.cfg.ca, self.cfg.cert, self.cfg.key)
         for attempt in range(5):
+            before = _stamps(paths)
+            cached = _CLIENT_CTX.get(paths)
+            if cached is not None and before is not None and cached[0] == before:
+                return cached[1]
             try:
-                return client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+                ctx = client_context(*paths)
             except ssl.SSLError:
                 if attempt == 4:
                     raise
                 time.sleep(0.05)
+                continue
+            if before is not None and _stamps(paths) == before:
+                _CLIENT_CTX[paths] = (before, ctx)
+            return ctx
         raise AssertionError("unreachable")
+
+
+#: (ca, cert, key) -> (their stamps when loaded, the context)
+_CLIENT_CTX: dict[tuple[str, str, str], tuple[tuple[tuple[int, ...], ...], ssl.SSLContext]] = {}
+
+
+def _stamps(paths: tuple[str, ...]) -> tuple[tuple[int, ...], ...] | None:
+    """(device, inode, size, mtime_ns) of each file; None if one cannot be read."""
+    import os
+
+    try:
+        return tuple(
+            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)
+        )
+    except OSError:
+        return None
 
 
 def open_dispatcher(path: str = DEFAULT_CONFIG, required: bool = True) -> Dispatcher:

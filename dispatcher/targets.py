@@ -12,9 +12,11 @@ or, with ``strict`` (upstream's all-or-nothing), a :class:`RegistryError` before
 work. Nothing selected at all is always a RegistryError.
 
 ``max_hosts`` is checked on the raw references before anything else, and again on the
-expanded list before any record is read (with tags: once the tags have filtered, since
-reading the records is what filtering costs). Each record is read at most twice (tags,
-then the target) and the registry directory is listed at most once.
+expanded list before any record is read (with tags: once the tags have filtered). Tags
+are looked up in the registry's tag index (:mod:`dispatcher.tagindex`), so only the
+records of the agents that carry them are read: each at most twice (its tags checked
+again, then the target), and the registry directory is listed at most once per run
+(the index is rebuilt with one scan only after the registry changed).
 
 Standard library only (``ced run`` imports this module).
 """
@@ -26,6 +28,7 @@ import re
 from collections.abc import Sequence
 
 from agent.common.records import record
+from dispatcher import tagindex
 from dispatcher.registry import DEFAULT_PORT, Registry, RegistryError, Target, resolve, valid_name
 
 GLOB_CHARS = frozenset("*?[")
@@ -163,7 +166,12 @@ def select(
         raise RegistryError("no agents given (names, globs, --tags or --all)")
     if sel.plain and sel.strict:  # upstream's path, unchanged
         return Resolved(resolve(registry, refs, default_port), [])
-    names = registry.names()
+    carry: set[str] | None = None
+    listed: list[str] | None = None
+    if sel.tags:  # the index first: a rebuild lists the directory, once for both
+        tag_map, listed = tagindex.load(registry)
+        carry = tagindex.matching(tag_map, sel.tags)
+    names = listed if listed is not None else registry.names()
     if sel.all or not refs:
         wanted: dict[str, None] = dict.fromkeys(names)
         unknown: list[str] = []
@@ -175,8 +183,10 @@ def select(
     if sel.strict and unknown:
         raise unknown_error(unknown)
     chosen = list(wanted)
-    if sel.tags:
-        chosen = [ref for ref in chosen if _has_tags(registry, ref, sel.tags)]
+    if carry is not None:
+        chosen = [ref for ref in chosen if _split_port(ref)[0] in carry]
+        if listed is None:  # a saved index: re-check its answer on the records
+            chosen = [ref for ref in chosen if _has_tags(registry, ref, sel.tags)]
     _limit(len(chosen), max_hosts)
     if not chosen:
         if unknown:

@@ -64,7 +64,9 @@ class Reach:
     ``ctx`` and ``timeout`` (per host, from the start of its request) go into every
     :class:`~dispatcher.client.wire.AgentRequest`; at most ``max_parallel`` requests are in
     flight; run, ping and result refuse more than ``max_hosts`` targets; ``sessions`` is the
-    TLS session cache (None: the context's own); ``io`` the client (None: asyncio).
+    TLS session cache (None: the context's own); ``io`` the client (None: asyncio);
+    ``max_output`` (0: no limit) the characters of each host's stdout and of its stderr
+    kept in the results (the rest is dropped, ``stdout_truncated``/``stderr_truncated``).
     """
 
     ctx: ssl.SSLContext
@@ -74,6 +76,7 @@ class Reach:
     sessions: SessionCache | None = None
     io: AgentIO | None = None
     observed: dict[str, tuple[str, str]] | None = None
+    max_output: int = 0
 
     async def call(
         self, t: TargetLike, method: str, path: str, body: dict[str, Any] | None
@@ -299,7 +302,19 @@ async def _run_one(
     res["rtt"] = r.rtt
     if res.get("reqid") is None:
         res["reqid"] = reqid
+    if reach.max_output > 0:
+        cap_output(res, reach.max_output)
     return canonicalise(res, t.name), run_outcome(res, r, async_)
+
+
+def cap_output(res: Result, limit: int) -> None:
+    """Keep at most ``limit`` characters of ``stdout`` and of ``stderr`` (memory per host
+    stays bounded however many hosts a run has); flag what was cut as the agent does."""
+    for key in ("stdout", "stderr"):
+        text = res.get(key)
+        if isinstance(text, str) and len(text) > limit:
+            res[key] = text[:limit]
+            res[f"{key}_truncated"] = True
 
 
 async def run_all(

@@ -140,3 +140,24 @@ def test_dispatch_verbs_import_no_asyncio_nor_crypto(conf: Path, verb: list[str]
     print(f"ced {verb[0]}: imports {total / 1000:.1f} ms (cumulative, top-level)")
     assert "dispatcher" in names
     assert not names & NOT_ON_RUN_PATH, names & NOT_ON_RUN_PATH
+
+
+@pytest.mark.parametrize("verb", [["run", "h1", "s"], ["ping", "h1"]])
+def test_hook_path_imports_no_crypto(
+    conf: Path, tmp_path: Path, dispatcher_cert: Issued, verb: list[str]
+) -> None:
+    # With an auth hook the context carries the dispatcher serial: read without cryptography.
+    seen = tmp_path / "hook-context.json"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ncat > {seen}\nexit 0\n")
+    hook.chmod(0o755)
+    conf.write_text(conf.read_text() + f"auth_hook = {hook}\n")
+    env = {"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-X", "importtime", "-m", "dispatcher.ced", "--config", str(conf),
+           "--json", *verb]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    names, _total = _names(p.stderr)
+    assert not names & NOT_ON_RUN_PATH, names & NOT_ON_RUN_PATH
+    context = json.loads(seen.read_text())
+    assert context["dispatcher_serial"] == dispatcher_cert.serial_hex

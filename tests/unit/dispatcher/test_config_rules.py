@@ -312,3 +312,16 @@ def test_connection_bound_keys(tmp_path: Path) -> None:
     assert msg.endswith(":3: api_header_timeout must be between 0 and 3600 seconds")
     msg = error_of(write(tmp_path, "api_max_conns_per_ip = 0\n"))
     assert msg.endswith(":3: api_max_conns_per_ip must be at least 1")
+
+
+# ----- fan-out limits ----------------------------------------------------------------------
+
+
+def test_fanout_limits(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "max_hosts = 10000\nmax_result_output = 65536\n"))
+    assert (cfg.max_hosts, cfg.max_result_output, cfg.max_parallel) == (10000, 65536, 256)
+    assert load(write(tmp_path, "")).max_result_output == 0  # all output, as upstream
+    for text, key in (("max_parallel = 0\n", "max_parallel"), ("max_hosts = -5\n", "max_hosts"),
+                      ("max_result_output = -1\n", "max_result_output")):  # fmt: skip
+        msg = error_of(write(tmp_path, text))
+        assert key in msg and "ctrl-exec.conf:3" in msg, msg
