@@ -80,6 +80,11 @@ class Publisher:
         self._published_rev = 0
         self._dirty = False
         self._last_change = 0.0
+        # Every write marks the state dirty after it is on disk and bumps _changes; a
+        # publish notes the count before it scans, so _covered = (changes, number) says
+        # which writes the generation last published certainly carries (see ticket()).
+        self._changes = 0
+        self._covered = (0, 0)
         self._next_rescan = 0.0
         self._store_due = 0.0
         self._chunks_due = 0.0
@@ -133,7 +138,21 @@ class Publisher:
     def mark_dirty(self, _path: object = None) -> None:
         with self._lock:
             self._dirty = True
+            self._changes += 1
             self._last_change = self._clock()
+
+    def ticket(self) -> int:
+        """The writes made so far (each counted once it is on disk). A generation carries
+        them all once :meth:`covered` reaches this ticket: a publish that was already
+        scanning when a change was written does not count for that change."""
+        with self._lock:
+            return self._changes
+
+    def covered(self) -> tuple[int, int]:
+        """``(ticket, generation)``: the newest published generation and the writes its
+        scan certainly saw (every write counted before the scan began)."""
+        with self._lock:
+            return self._covered
 
     def publish_soon(self) -> None:
         """A leader-only operation ended and waits for its generation: publish as soon
@@ -145,6 +164,8 @@ class Publisher:
     def step_down(self) -> None:
         self.lead_epoch = None
         self.caught_up = False
+        with self._lock:
+            self._covered = (0, 0)  # a waiter counts only generations this epoch published
 
     # -- the leader loop -----------------------------------------------------------------------
 
@@ -155,6 +176,8 @@ class Publisher:
             self.caught_up = False
             self._catch_up_deadline = now + self.catch_up_limit
             self._published_rev = 0
+            with self._lock:
+                self._covered = (0, 0)
         if not self.caught_up:
             self.catch_up(epoch)
             return
@@ -241,12 +264,14 @@ class Publisher:
         now = self._clock()
         with self._lock:
             self._dirty = False
+            seen = self._changes  # every write counted here is on disk before the scan
         self._next_rescan = now + self.RESCAN
         files = self.scanner.scan()
         mh = manifest_hash(files)
         mine = self.state.applied
         same = mine is not None and mine.manifest_sha256 == mh and mine.epoch == epoch
         if not force and same and now < self._store_due:
+            self._cover(seen, mine)  # the published generation holds exactly these files
             return None  # nothing changed; the store is checked every STORE_CHECK s
         self._store_due = now + self.STORE_CHECK
         kv = self.backend.get_kv(self.key)
@@ -259,6 +284,7 @@ class Publisher:
                     ev("generation-repair", logging.WARNING, generation=mine.number,
                        chunks=fixed, instance=self.me,
                        reason="chunks in the store did not match their names")  # fmt: skip
+            self._cover(seen, mine)
             return None
         current: Generation | None = None
         if kv is not None:
@@ -270,11 +296,18 @@ class Publisher:
         detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
         self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
         self.state.record(g)
+        self._cover(seen, g)
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
            manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,
            certs_changed=certs, instance=self.me)  # fmt: skip
         return g
+
+    def _cover(self, seen: int, g: Generation | None) -> None:
+        if g is None:
+            return
+        with self._lock:
+            self._covered = max(self._covered, (seen, g.number))
 
 
 def _material_paths(g: Generation) -> dict[str, str]:

@@ -182,6 +182,12 @@ class Syncer:
     def publish_soon(self) -> None:
         self.publisher.publish_soon()
 
+    def ticket(self) -> int:
+        return self.publisher.ticket()
+
+    def covered(self) -> tuple[int, int]:
+        return self.publisher.covered()
+
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         return self.publisher.publish(epoch, force)
 
