@@ -203,6 +203,8 @@ class HANode:
         from dispatcher.ha.sync import adopt
 
         if self.cfg.sync_ack != "none":
+            if self.sync is not None:  # on this disk too: a deleted record is not forgotten
+                self.sync.acked_mark.note(generation)
             adopt.record_acked(self.data, self.records, generation)
 
     def _generation(self) -> int:

@@ -190,3 +190,71 @@ class EpochRecord:
             self._failed = True
             return
         self.saved, self._failed = epoch, False
+
+
+class AckedMark:
+    """The newest generation this instance knows was acknowledged to an operator, kept on
+    its disk (``<state_dir>/sync/acked.json``) with the identity of the store it belongs to.
+
+    The sealed ``/<cluster>/acked`` record says the same in etcd, but a writer with etcd
+    access can delete it (and the generation head): a new leader that lacks the
+    acknowledged generation would then publish its older files over it. Every member keeps
+    the mark it has seen (the leader when it acknowledges, followers when they read the
+    record), so such a leader still waits (``sync-behind``). A rebuilt etcd (a new cluster
+    id) starts its generations again: the mark of the old one is forgotten then."""
+
+    def __init__(self, state_dir: str, store_id: Callable[[], str] | None = None) -> None:
+        self.path = Path(state_dir) / "sync" / "acked.json"
+        self._store_id = store_id
+        self.store = ""
+        self.generation = 0
+        self._failed = False
+        self._load()
+
+    def _current_store(self) -> str:
+        if self._store_id is None:
+            return ""
+        try:
+            return self._store_id()
+        except Exception:  # unreachable now: judged by the id on disk alone
+            return ""
+
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.path.read_bytes())
+            value = d.get("generation") if isinstance(d, dict) else None
+            store = str(d.get("store", "")) if isinstance(d, dict) else ""
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            return
+        generation = value if isinstance(value, int) and value > 0 else 0
+        current = self._current_store()
+        if generation and store and current and store != current:
+            ev("sync-state", logging.WARNING, path=self.path, forgotten_acked=generation,
+               reason=f"the store is a new one ({current}, was {store}): its generations "
+                      "start again")  # fmt: skip
+            self.store = current
+            return
+        self.store = current or store
+        self.generation = generation
+
+    def note(self, generation: int) -> bool:
+        """Keep ``generation`` if newer than the mark (fsynced: an operator is told it is
+        kept); False when it cannot be written now (the caller may retry)."""
+        if generation <= self.generation:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            store = self.store or self._current_store()
+            atomic_write_json(self.path, {"generation": generation, "store": store}, 0o600)
+            self.store = store
+        except OSError as exc:
+            if not self._failed:
+                ev("sync-state", logging.WARNING, path=self.path, generation=generation,
+                   error=exc)  # fmt: skip
+            self._failed = True
+            return False
+        self.generation, self._failed = generation, False
+        return True

@@ -32,7 +32,7 @@ from dispatcher.ha.sync.follower import Follower
 from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
-from dispatcher.ha.sync.state import AppliedState, EpochRecord
+from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord
 from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
 
@@ -79,14 +79,16 @@ class Syncer:
         self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
         self.store = GenerationStore(backend, records)
+        self.acked_mark = AckedMark(cfg.state_dir, backend.store_id)
         self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
                                  self.store, EpochRecord(cfg.state_dir, backend.store_id), mode=self.mode,
-                                 clock=clock)  # fmt: skip
+                                 clock=clock, acked_mark=self.acked_mark)  # fmt: skip
         self.publisher = Publisher(
             backend, elector, self.state, self.scanner, health, self.follower.handle, records,
             self.store,
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
+            acked_mark=self.acked_mark, members=lambda: members(True),
         )  # fmt: skip
         self.follower.bootstrap = lambda raw: bootstrap_key(
             records, self.fetcher, self.layout, backend.keys.generation, raw, self.store
