@@ -145,6 +145,7 @@ class HANode:
         self.orders: OrderWatcher | None = None
         self.work: LeaderWork | None = None
         self.replication: Replication | None = None
+        self._acked_recorded = 0  # the newest generation this process recorded as acked
         self.paused: maintenance.Pause | None = None  # maintenance mode, read by the monitor
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
@@ -203,9 +204,13 @@ class HANode:
         from dispatcher.ha.sync import adopt
 
         if self.cfg.sync_ack != "none":
+            if generation <= self._acked_recorded:
+                return  # this leader recorded it already (several changes, one generation)
             if self.sync is not None:  # on this disk too: a deleted record is not forgotten
                 self.sync.acked_mark.note(generation)
-            adopt.record_acked(self.data, self.records, generation)
+            # no read first: a generation this leader publishes is newer than any before it
+            adopt.record_acked(self.data, self.records, generation, known_newer=True)
+            self._acked_recorded = generation
 
     def _generation(self) -> int:
         member = self.session.member

@@ -356,13 +356,19 @@ class Publisher:
         if kv is not None:
             current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
         store_n = current.number if current is not None else 0
-        number = max(store_n, mine.number if mine is not None else 0) + 1
+        marked = self.acked_mark.generation if self.acked_mark is not None else 0
+        # above every acknowledged generation too (a head deleted, then adopt-local)
+        number = max(store_n, mine.number if mine is not None else 0, marked) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
         certs = mine is None or _material_paths(mine) != _material_paths(g)
         detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
-        self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
-        self.state.record(g)
-        self._cover(seen, g)
+        self.state.pending = g  # served to followers from the moment the txn commits
+        try:
+            self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
+            self._cover(seen, g)  # a waiter counts members now; the leader counts itself
+            self.state.record(g)  # applied.json and this member's record
+        finally:
+            self.state.pending = None
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
            manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,

@@ -42,6 +42,9 @@ class AppliedState:
         self.me = me
         self.on_record = on_record  # the coordinator refreshes the member key
         self.applied: Generation | None = None
+        # being published by this leader: its files may be fetched as soon as the
+        # transaction commits, before it is recorded (see PeerFiles.serve)
+        self.pending: Generation | None = None
         self.unsaved: Generation | None = None  # recorded, not yet written to applied.json
         self.write_error = ""
 
