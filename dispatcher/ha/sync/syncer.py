@@ -79,10 +79,12 @@ class Syncer:
         self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
         self.store = GenerationStore(backend, records)
-        self.acked_mark = AckedMark(cfg.state_dir, backend.store_id)
+        epochs = EpochRecord(cfg.state_dir, backend.store_id)
+        # the store id read once at start (by the epoch record): no second etcd call here
+        self.acked_mark = AckedMark(cfg.state_dir, lambda: epochs.store)
         self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
-                                 self.store, EpochRecord(cfg.state_dir, backend.store_id), mode=self.mode,
-                                 clock=clock, acked_mark=self.acked_mark)  # fmt: skip
+                                 self.store, epochs, mode=self.mode, clock=clock,
+                                 acked_mark=self.acked_mark)  # fmt: skip
         self.publisher = Publisher(
             backend, elector, self.state, self.scanner, health, self.follower.handle, records,
             self.store,
