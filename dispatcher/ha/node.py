@@ -206,8 +206,8 @@ class HANode:
         if self.cfg.sync_ack != "none":
             if generation <= self._acked_recorded:
                 return  # this leader recorded it already (several changes, one generation)
-            if self.sync is not None:  # on this disk too: a deleted record is not forgotten
-                self.sync.acked_mark.note(generation)
+            # (the leader holds the generation itself; the followers keep the mark on
+            # their disks: :class:`~dispatcher.ha.sync.state.AckedMark`)
             # no read first: a generation this leader publishes is newer than any before it
             adopt.record_acked(self.data, self.records, generation, known_newer=True)
             self._acked_recorded = generation

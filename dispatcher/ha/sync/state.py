@@ -244,14 +244,16 @@ class AckedMark:
         self.generation = generation
 
     def note(self, generation: int) -> bool:
-        """Keep ``generation`` if newer than the mark (fsynced: an operator is told it is
-        kept); False when it cannot be written now (the caller may retry)."""
+        """Keep ``generation`` if newer than the mark; False when it cannot be written now
+        (the caller retries). Atomic, without fsync (as ``applied.json``): it is written
+        on every acknowledged change, by the thread that applies generations."""
         if generation <= self.generation:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             store = self.store or self._current_store()
-            atomic_write_json(self.path, {"generation": generation, "store": store}, 0o600)
+            _replace(self.path, json.dumps({"generation": generation, "store": store},
+                                           sort_keys=True))  # fmt: skip
             self.store = store
         except OSError as exc:
             if not self._failed:
