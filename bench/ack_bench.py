@@ -17,6 +17,7 @@ loopback. Every process is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -75,20 +76,27 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=30, help="approvals per mode")
     ap.add_argument("--modes", default="none,one,majority")
     ap.add_argument("--sync-mode", default="push", choices=("push", "shared-fs"))
+    ap.add_argument("--keep", default="", help="keep the clusters (logs) under this dir")
     ns = ap.parse_args()
     if ETCD is None:
         print("etcd is not installed (apt-get install etcd-server)", file=sys.stderr)
         return 2
     print(f"acknowledged-change latency: {ns.n} approvals per mode, 3 instances, "
-          f"sync_mode = {ns.sync_mode}")  # fmt: skip
+          f"sync_mode = {ns.sync_mode}; load average {_load()}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ctrl-exec-ack-bench-") as tmp:
         for mode in ns.modes.split(","):
-            res = one_mode(mode, ns.n, ns.sync_mode, Path(tmp))
+            top = Path(ns.keep) if ns.keep else Path(tmp)
+            res = one_mode(mode, ns.n, ns.sync_mode, top)
             target = " (target < 50 ms)" if mode == "majority" else ""
             print(f"  sync_ack = {mode:<8} approve median {res['median_ms']} ms, "
                   f"p90 {res['p90_ms']} ms, max {res['max_ms']} ms; members on the new "
-                  f"generation at the answer: >= {res['min_members_applied']} of 3{target}")  # fmt: skip
+                  f"generation at the answer: >= {res['min_members_applied']} of 3{target}; "
+                  f"load average {_load()}")  # fmt: skip
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

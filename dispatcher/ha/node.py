@@ -162,6 +162,7 @@ class HANode:
         self.orders: OrderWatcher | None = None
         self.work: LeaderWork | None = None
         self.replication: Replication | None = None
+        self._acked_recorded = 0  # the newest generation this process recorded as acked
         self.paused: maintenance.Pause | None = None  # maintenance mode, read by the monitor
         self.on_restart: Callable[[str], None] | None = None
         if self.kind == "etcd":
@@ -220,7 +221,13 @@ class HANode:
         from dispatcher.ha.sync import adopt
 
         if self.cfg.sync_ack != "none":
-            adopt.record_acked(self.data, self.records, generation)
+            if generation <= self._acked_recorded:
+                return  # this leader recorded it already (several changes, one generation)
+            # (the leader holds the generation itself; the followers keep the mark on
+            # their disks: :class:`~dispatcher.ha.sync.state.AckedMark`)
+            # no read first: a generation this leader publishes is newer than any before it
+            adopt.record_acked(self.data, self.records, generation, known_newer=True)
+            self._acked_recorded = generation
 
     def _generation(self) -> int:
         member = self.session.member

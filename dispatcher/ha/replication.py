@@ -44,6 +44,10 @@ class Published(Protocol):
 
     def publish_soon(self) -> None: ...
 
+    def ticket(self) -> int: ...
+
+    def covered(self) -> tuple[int, int]: ...
+
 
 def needed(mode: str, members: int) -> int:
     """Members (the leader included) that must have applied a generation."""
@@ -98,9 +102,20 @@ class Replication:
                 self._changes += 1
 
     def acknowledge(self, after: int) -> int:
+        """Wait until a generation carrying every write made so far is applied by the
+        members ``sync_ack`` asks for; that generation.
+
+        A generation newer than ``after`` (the one current when the action began) is not
+        enough: a publish already scanning when the action wrote its files would count
+        without carrying them (a new leader's first publish races the first action it
+        lets in). It must be one whose scan began after the writes (:meth:`covered`)."""
         deadline = self._clock() + self.timeout
+        ticket = self.published.ticket()  # after the action's writes: they are counted
         self.published.publish_soon()
-        while self.published.generation <= after:
+        while True:
+            seen, generation = self.published.covered()
+            if seen >= ticket and generation > after:
+                break
             if self._clock() > deadline:
                 raise NotAcknowledged(
                     f"the change is made on the leader, but no generation carrying it was "
@@ -108,7 +123,6 @@ class Replication:
                     "dies now"
                 )
             time.sleep(self.POLL_LOCAL)
-        generation = self.published.generation
         if self.mode == "none":
             return generation
         while True:

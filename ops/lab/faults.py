@@ -218,9 +218,10 @@ class Faults:
     # -- a follower's disk ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def read_only(self, inst: Inst) -> Iterator[list[Path]]:
-        """``inst``'s state, CA and registry dirs read-only inside the block."""
-        dirs = sorted({inst.state, inst.ca_dir, inst.registry_dir})
+    def read_only(self, inst: Inst, state: bool = True) -> Iterator[list[Path]]:
+        """``inst``'s state (unless not ``state``), CA and registry dirs read-only inside
+        the block."""
+        dirs = sorted({inst.ca_dir, inst.registry_dir} | ({inst.state} if state else set()))
         with contextlib.ExitStack() as stack:
             for d in dirs:
                 stack.enter_context(self._undoing(functools.partial(_umount, d)))

@@ -353,14 +353,6 @@ def test_never_two_epochs_acting_at_once(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="1 pass in 3 at 5ac0f05+ (CTRL_EXEC_FAULT_SEED=168643855, lane 0 run 3: SIGTERM of "
-    "b, then c, then b again, with approvals and a rotation under load): 6 acknowledged "
-    "changes missing at the end (an approved agent's registry entry gone: a later edit of it "
-    "answered 'no registry entry'). The deterministic case (both members that applied a "
-    "change killed) now passes. Flip once this sequence is found and fixed.",
-)  # fmt: skip
 def test_no_acknowledged_change_lost(results: Results) -> None:
     _no_violations(results, "changes")
 
@@ -388,14 +380,6 @@ def test_every_instance_converged_on_one_generation(results: Results) -> None:
 
 @needs_stack
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="found at 5ac0f05+ (lane 1, faults sigterm:b, readonly:b, sigstop:c during a "
-    "rotation): an agent missed the broadcast of the new serial (8d16af...) and trusted only "
-    "the previous one while every instance presented the new one: every run to it answered "
-    "'forbidden: serial mismatch' until the end of the pass. The pending agent is not "
-    "re-told with the old pair soon enough. Flip once pending agents are retried at once.",
-)  # fmt: skip
 def test_every_agent_answers_after_the_faults_healed(results: Results) -> None:
     _no_violations(results, "liveness")
 

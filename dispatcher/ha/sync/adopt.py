@@ -62,9 +62,11 @@ def acked(backend: KVBackend, records: Records) -> int:
         return 0
 
 
-def record_acked(backend: KVBackend, records: Records, generation: int) -> None:
-    """Remember that ``generation`` was acknowledged (kept if newer than the one on record)."""
-    if generation <= acked(backend, records):
+def record_acked(backend: KVBackend, records: Records, generation: int,
+                 known_newer: bool = False) -> None:  # fmt: skip
+    """Remember that ``generation`` was acknowledged (kept if newer than the one on record;
+    ``known_newer``: the caller knows it is, no read first)."""
+    if not known_newer and generation <= acked(backend, records):
         return
     k = acked_key(backend)
     backend.put_value(k, records.seal(ACKED, k, {"generation": generation, "at": time.time()}))

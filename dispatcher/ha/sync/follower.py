@@ -24,7 +24,7 @@ from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
-from dispatcher.ha.sync.state import AppliedState, EpochRecord, SyncError
+from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord, SyncError
 from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
 
@@ -35,6 +35,7 @@ class Follower:
     WATCH = 0.25  # longest wait on the generation key before looking again
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
     BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
+    ACKED_READ = 0.2  # read the acknowledged-generation record this often (kept on disk)
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Follower:
         *,
         mode: str,
         clock: Callable[[], float],
+        acked_mark: AckedMark | None = None,
     ) -> None:
         self.backend = backend
         self.key = backend.keys.generation
@@ -76,6 +78,8 @@ class Follower:
         self._backoff = 0.25
         self._refused_rev = 0
         self._boot_next = 0.0
+        self.acked_mark = acked_mark  # the newest acknowledged generation, on this disk
+        self._acked_next = 0.0
         # fetch the cluster key from a verified peer when this instance has none
         self.bootstrap: Callable[[bytes], bool] | None = None
 
@@ -99,6 +103,7 @@ class Follower:
                 self.retry_at = None
                 self.handle(kv.value, kv.mod_rev)
         self.epochs.save(max(self.guard.newest, self.leader_guard.newest))
+        self._keep_acked(now)
         wait = self.WATCH
         if self.retry_at is not None:
             wait = max(0.01, min(wait, self.retry_at - self._clock()))
@@ -114,6 +119,18 @@ class Follower:
             self.handle(event.value, event.mod_rev)
         else:
             self._need_read = True
+
+    def _keep_acked(self, now: float) -> None:
+        """Keep the newest acknowledged generation on disk: should the record and the head
+        be deleted from etcd, this member, once leader, still knows what it must not lose."""
+        if self.acked_mark is None or now < self._acked_next:
+            return
+        if not self.records.signer.available:  # the record cannot be verified yet
+            return
+        self._acked_next = now + self.ACKED_READ
+        from dispatcher.ha.sync import adopt
+
+        self.acked_mark.note(adopt.acked(self.backend, self.records))
 
     def handle(self, raw: bytes, rev: int = 0, *, as_leader: bool = False) -> bool:
         """Apply the generation document ``raw``; True when this instance now runs it."""

@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 
 from agent.common import logfmt
-from cluster.backend import KVBackend
+from cluster.backend import KVBackend, MemberInfo
 from cluster.election import Elector
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
-from dispatcher.ha.sync.state import AppliedState
+from dispatcher.ha.sync.state import AckedMark, AppliedState
 from dispatcher.ha.sync.store import GenerationStore
 
 ev = logfmt.event
@@ -54,6 +54,8 @@ class Publisher:
         active_operations: Callable[[], int],
         clock: Callable[[], float],
         stop: threading.Event,
+        acked_mark: AckedMark | None = None,
+        members: Callable[[], list[MemberInfo]] = lambda: [],
     ) -> None:
         self.backend = backend
         self.key = backend.keys.generation
@@ -70,6 +72,8 @@ class Publisher:
         self.active_operations = active_operations
         self._clock = clock
         self._stop = stop
+        self.acked_mark = acked_mark  # the newest acknowledged generation, on this disk
+        self.members = members  # live member records (a handover to one that has it)
         self._soon = threading.Event()  # publish_soon(): skip the debounce once
         self._lock = threading.Lock()
         self.caught_up = False
@@ -80,6 +84,11 @@ class Publisher:
         self._published_rev = 0
         self._dirty = False
         self._last_change = 0.0
+        # Every write marks the state dirty after it is on disk and bumps _changes; a
+        # publish notes the count before it scans, so _covered = (changes, number) says
+        # which writes the generation last published certainly carries (see ticket()).
+        self._changes = 0
+        self._covered = (0, 0)
         self._next_rescan = 0.0
         self._store_due = 0.0
         self._chunks_due = 0.0
@@ -101,13 +110,25 @@ class Publisher:
             return "the leader is catching up with the published generation; retry shortly"
         return None
 
+    def known_acked(self) -> int:
+        """The newest generation acknowledged to an operator: the sealed etcd record or the
+        mark on this disk, whichever is newer (a writer that deletes the record cannot make
+        a leader forget it); the record, when newer, is kept on disk too. Raises when the
+        record cannot be read."""
+        from dispatcher.ha.sync import adopt
+
+        stored = adopt.acked(self.backend, self.records)
+        mark = self.acked_mark
+        if mark is None:
+            return stored
+        mark.note(stored)
+        return max(stored, mark.generation)
+
     def _acked_beyond(self, mine: int) -> bool:
         """A generation newer than ``mine`` was acknowledged to an operator (or the record
         cannot be read: assume so). A newer one never acknowledged may be superseded."""
-        from dispatcher.ha.sync import adopt
-
         try:
-            return adopt.acked(self.backend, self.records) > mine
+            return self.known_acked() > mine
         except Exception:
             return True
 
@@ -133,7 +154,21 @@ class Publisher:
     def mark_dirty(self, _path: object = None) -> None:
         with self._lock:
             self._dirty = True
+            self._changes += 1
             self._last_change = self._clock()
+
+    def ticket(self) -> int:
+        """The writes made so far (each counted once it is on disk). A generation carries
+        them all once :meth:`covered` reaches this ticket: a publish that was already
+        scanning when a change was written does not count for that change."""
+        with self._lock:
+            return self._changes
+
+    def covered(self) -> tuple[int, int]:
+        """``(ticket, generation)``: the newest published generation and the writes its
+        scan certainly saw (every write counted before the scan began)."""
+        with self._lock:
+            return self._covered
 
     def publish_soon(self) -> None:
         """A leader-only operation ended and waits for its generation: publish as soon
@@ -145,6 +180,8 @@ class Publisher:
     def step_down(self) -> None:
         self.lead_epoch = None
         self.caught_up = False
+        with self._lock:
+            self._covered = (0, 0)  # a waiter counts only generations this epoch published
 
     # -- the leader loop -----------------------------------------------------------------------
 
@@ -155,6 +192,8 @@ class Publisher:
             self.caught_up = False
             self._catch_up_deadline = now + self.catch_up_limit
             self._published_rev = 0
+            with self._lock:
+                self._covered = (0, 0)
         if not self.caught_up:
             self.catch_up(epoch)
             return
@@ -193,6 +232,13 @@ class Publisher:
                 if head is not None and head.manifest_sha256 == manifest_hash(files):
                     store_g = dataclasses.replace(head, files=files)  # ours: repaired below
                 ev("sync-refused", logging.WARNING, instance=self.me, reason=f"malformed: {exc}")
+        if self.mode == "push":
+            verdict = self._against_acked(store_g)
+            if verdict == "wait":
+                self._wait_behind(epoch, self._behind, head_missing=True)
+                return
+            if verdict == "own":  # never applied over files holding a newer acked generation
+                store_g = None
         if store_g is not None and self.mode == "push":
             mh = manifest_hash(self.scanner.scan())
             if mh != store_g.manifest_sha256:
@@ -205,17 +251,7 @@ class Publisher:
                     if behind and self._acked_beyond(mine) and not self._adopted(store_g.number):
                         # Publishing our files now would erase changes acknowledged in the
                         # generations we never applied: wait for a member that has them.
-                        self._behind = store_g.number
-                        now = self._clock()
-                        if now >= self._behind_logged + 30:
-                            self._behind_logged = now
-                            ev("sync-behind", logging.ERROR, instance=self.me, epoch=epoch,
-                               generation=store_g.number,
-                               applied=self.state.applied.number if self.state.applied else 0,
-                               reason="no member that applied the published generation is "
-                                      "reachable; leader-only work waits for one (or for "
-                                      f"'ced cluster adopt-local {self.me}')")  # fmt: skip
-                        self._stop.wait(0.5)
+                        self._wait_behind(epoch, store_g.number)
                         return
                     ev("sync-diverged", logging.WARNING, instance=self.me, epoch=epoch,
                        generation=store_g.number,
@@ -236,17 +272,72 @@ class Publisher:
             self.gstore.repair(epoch, self.state.applied)
             self._chunks_due = self._clock() + self.CHUNK_CHECK
 
+    def _against_acked(self, store_g: Generation | None) -> str:
+        """``"usual"``: the head is at least the newest acknowledged generation (catch-up
+        fetches it as always). Otherwise the head was deleted or replaced by an older
+        sealed one: ``"own"`` when this leader's files hold that generation (they are
+        published over the head, never the head applied over them), ``"wait"`` (the
+        generation in :attr:`_behind`) when they are older too, unless an operator
+        adopted this leader's files."""
+        head = store_g.number if store_g is not None else 0
+        try:
+            known = self.known_acked()
+        except Exception:  # unreadable: the mark on disk alone
+            known = self.acked_mark.generation if self.acked_mark is not None else 0
+        if known <= head:
+            return "usual"
+        mine = self.state.applied.number if self.state.applied is not None else 0
+        if mine >= known:
+            ev("sync-refused", logging.WARNING, instance=self.me, head=head, acked=known,
+               applied=mine, reason="the published head is missing or older than the newest "
+               "acknowledged generation, which this leader holds: publishing its files")  # fmt: skip
+            return "own"
+        if self._adopted(head):
+            return "own"
+        self._behind = known
+        return "wait"
+
+    def _wait_behind(self, epoch: int, generation: int, head_missing: bool = False) -> None:
+        """Leader-only work waits: a generation this leader lacks was acknowledged. Without
+        a head to fetch it by, a live member that applied it is handed the leadership."""
+        self._behind = generation
+        now = self._clock()
+        if now >= self._behind_logged + 30:
+            self._behind_logged = now
+            ev("sync-behind", logging.ERROR, instance=self.me, epoch=epoch,
+               generation=generation,
+               applied=self.state.applied.number if self.state.applied else 0,
+               head="missing or older" if head_missing else "present",
+               reason="no member that applied the acknowledged generation is "
+                      "reachable; leader-only work waits for one (or for "
+                      f"'ced cluster adopt-local {self.me}')")  # fmt: skip
+        if head_missing and now >= self._catch_up_deadline:
+            holders = sorted((m for m in self.members()
+                              if m.instance_id != self.me and m.generation >= generation
+                              and m.state == "serving"),
+                             key=lambda m: (-m.generation, m.instance_id))  # fmt: skip
+            if holders:
+                to = holders[0].instance_id
+                ev("sync-handover", logging.WARNING, instance=self.me, epoch=epoch, to=to,
+                   generation=generation, reason=f"{to} applied the acknowledged generation "
+                   "this leader lacks, and no head names it: it takes over")  # fmt: skip
+                self.elector.resign(reason="sync-behind", to=to)
+                return
+        self._stop.wait(0.5)
+
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         """Publish the local files as a new generation if they changed (or ``force``)."""
         now = self._clock()
         with self._lock:
             self._dirty = False
+            seen = self._changes  # every write counted here is on disk before the scan
         self._next_rescan = now + self.RESCAN
         files = self.scanner.scan()
         mh = manifest_hash(files)
         mine = self.state.applied
         same = mine is not None and mine.manifest_sha256 == mh and mine.epoch == epoch
         if not force and same and now < self._store_due:
+            self._cover(seen, mine)  # the published generation holds exactly these files
             return None  # nothing changed; the store is checked every STORE_CHECK s
         self._store_due = now + self.STORE_CHECK
         kv = self.backend.get_kv(self.key)
@@ -259,22 +350,36 @@ class Publisher:
                     ev("generation-repair", logging.WARNING, generation=mine.number,
                        chunks=fixed, instance=self.me,
                        reason="chunks in the store did not match their names")  # fmt: skip
+            self._cover(seen, mine)
             return None
         current: Generation | None = None
         if kv is not None:
             current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
         store_n = current.number if current is not None else 0
-        number = max(store_n, mine.number if mine is not None else 0) + 1
+        marked = self.acked_mark.generation if self.acked_mark is not None else 0
+        # above every acknowledged generation too (a head deleted, then adopt-local)
+        number = max(store_n, mine.number if mine is not None else 0, marked) + 1
         g = Generation(number, epoch, self.me, mh, files, time.time(), self.mode)
         certs = mine is None or _material_paths(mine) != _material_paths(g)
         detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
-        self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
-        self.state.record(g)
+        self.state.pending = g  # served to followers from the moment the txn commits
+        try:
+            self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
+            self._cover(seen, g)  # a waiter counts members now; the leader counts itself
+            self.state.record(g)  # applied.json and this member's record
+        finally:
+            self.state.pending = None
         reason = "forced" if force else ("store-changed" if not ours else "files-changed")
         ev("generation-publish", generation=number, epoch=epoch, files=len(files),
            manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,
            certs_changed=certs, instance=self.me)  # fmt: skip
         return g
+
+    def _cover(self, seen: int, g: Generation | None) -> None:
+        if g is None:
+            return
+        with self._lock:
+            self._covered = max(self._covered, (seen, g.number))
 
 
 def _material_paths(g: Generation) -> dict[str, str]:

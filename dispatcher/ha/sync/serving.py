@@ -79,6 +79,9 @@ class PeerFiles:
     def serve(self, logical: str, number: int) -> tuple[int, bytes | str, Entry | None]:
         """``(200, bytes, entry)`` for a file of generation ``number``, else an error."""
         g = self.state.applied
+        pending = self.state.pending
+        if pending is not None and pending.number == number:
+            g = pending
         if g is None or g.number != number:
             have = g.number if g is not None else 0
             return 409, f"generation {number} is not served here (this instance runs {have})", None

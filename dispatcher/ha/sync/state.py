@@ -42,6 +42,9 @@ class AppliedState:
         self.me = me
         self.on_record = on_record  # the coordinator refreshes the member key
         self.applied: Generation | None = None
+        # being published by this leader: its files may be fetched as soon as the
+        # transaction commits, before it is recorded (see PeerFiles.serve)
+        self.pending: Generation | None = None
         self.unsaved: Generation | None = None  # recorded, not yet written to applied.json
         self.write_error = ""
 
@@ -190,3 +193,73 @@ class EpochRecord:
             self._failed = True
             return
         self.saved, self._failed = epoch, False
+
+
+class AckedMark:
+    """The newest generation this instance knows was acknowledged to an operator, kept on
+    its disk (``<state_dir>/sync/acked.json``) with the identity of the store it belongs to.
+
+    The sealed ``/<cluster>/acked`` record says the same in etcd, but a writer with etcd
+    access can delete it (and the generation head): a new leader that lacks the
+    acknowledged generation would then publish its older files over it. Every member keeps
+    the mark it has seen (the leader when it acknowledges, followers when they read the
+    record), so such a leader still waits (``sync-behind``). A rebuilt etcd (a new cluster
+    id) starts its generations again: the mark of the old one is forgotten then."""
+
+    def __init__(self, state_dir: str, store_id: Callable[[], str] | None = None) -> None:
+        self.path = Path(state_dir) / "sync" / "acked.json"
+        self._store_id = store_id
+        self.store = ""
+        self.generation = 0
+        self._failed = False
+        self._load()
+
+    def _current_store(self) -> str:
+        if self._store_id is None:
+            return ""
+        try:
+            return self._store_id()
+        except Exception:  # unreachable now: judged by the id on disk alone
+            return ""
+
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.path.read_bytes())
+            value = d.get("generation") if isinstance(d, dict) else None
+            store = str(d.get("store", "")) if isinstance(d, dict) else ""
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            ev("sync-state", logging.WARNING, path=self.path, error=exc)
+            return
+        generation = value if isinstance(value, int) and value > 0 else 0
+        current = self._current_store()
+        if generation and store and current and store != current:
+            ev("sync-state", logging.WARNING, path=self.path, forgotten_acked=generation,
+               reason=f"the store is a new one ({current}, was {store}): its generations "
+                      "start again")  # fmt: skip
+            self.store = current
+            return
+        self.store = current or store
+        self.generation = generation
+
+    def note(self, generation: int) -> bool:
+        """Keep ``generation`` if newer than the mark; False when it cannot be written now
+        (the caller retries). Atomic, without fsync (as ``applied.json``): it is written
+        on every acknowledged change, by the thread that applies generations."""
+        if generation <= self.generation:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            store = self.store or self._current_store()
+            _replace(self.path, json.dumps({"generation": generation, "store": store},
+                                           sort_keys=True))  # fmt: skip
+            self.store = store
+        except OSError as exc:
+            if not self._failed:
+                ev("sync-state", logging.WARNING, path=self.path, generation=generation,
+                   error=exc)  # fmt: skip
+            self._failed = True
+            return False
+        self.generation, self._failed = generation, False
+        return True

@@ -32,7 +32,7 @@ from dispatcher.ha.sync.follower import Follower
 from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
-from dispatcher.ha.sync.state import AppliedState, EpochRecord
+from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord
 from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
 
@@ -79,14 +79,18 @@ class Syncer:
         self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
         self.store = GenerationStore(backend, records)
+        epochs = EpochRecord(cfg.state_dir, backend.store_id)
+        # the store id read once at start (by the epoch record): no second etcd call here
+        self.acked_mark = AckedMark(cfg.state_dir, lambda: epochs.store)
         self.follower = Follower(backend, self.state, self.swapper, health, guard, records,
-                                 self.store, EpochRecord(cfg.state_dir, backend.store_id), mode=self.mode,
-                                 clock=clock)  # fmt: skip
+                                 self.store, epochs, mode=self.mode, clock=clock,
+                                 acked_mark=self.acked_mark)  # fmt: skip
         self.publisher = Publisher(
             backend, elector, self.state, self.scanner, health, self.follower.handle, records,
             self.store,
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
+            acked_mark=self.acked_mark, members=lambda: members(True),
         )  # fmt: skip
         self.follower.bootstrap = lambda raw: bootstrap_key(
             records, self.fetcher, self.layout, backend.keys.generation, raw, self.store
@@ -181,6 +185,12 @@ class Syncer:
 
     def publish_soon(self) -> None:
         self.publisher.publish_soon()
+
+    def ticket(self) -> int:
+        return self.publisher.ticket()
+
+    def covered(self) -> tuple[int, int]:
+        return self.publisher.covered()
 
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         return self.publisher.publish(epoch, force)
