@@ -222,6 +222,7 @@ class ClusterCall(ApiCall):
                 node.records.signer, by=node.instance_id, who=who,
                 username=body.username if body is not None else "", ip=self.source_ip,
                 method=request.method, path=request.url.path, body=payload,
+                reqid=logfmt.current_reqid(),
             )  # fmt: skip
         except ClusterError as exc:  # no cluster key: nothing can be asserted
             return not_leader(f"cannot forward to the leader: {exc}", info.instance_id, url)
