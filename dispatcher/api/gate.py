@@ -139,10 +139,12 @@ class ApiGate:
         der = state_of(state).get("peer_cert_der")
         cert = self.operators.identify(der) if der else None
         if cert is None:
-            # a peer forwarding to the leader: its reqid (checked with the assertion later)
-            assertion = _header(scope, HEADER.encode()) if _header(scope, FORWARDED_BY) else None
-            reqid[0] = (assertion and claimed_reqid(assertion)) or reqid[0]
-            with logfmt.request(reqid[0]):
+            # a peer forwarding to the leader: its reqid, and its name until the assertion
+            # is checked (then the lines name the operator it asserts: leadergate)
+            by = _header(scope, FORWARDED_BY)
+            claimed = claimed_reqid(_header(scope, HEADER.encode()) or "") if by else ""
+            reqid[0] = claimed or reqid[0]
+            with logfmt.request(reqid[0], **({"forwarded_by": by} if claimed else {})):
                 await self._checked(scope, receive, send, der, None)
             return
         state[OPERATOR_KEY] = cert
