@@ -368,8 +368,10 @@ def _run(argv: list[str]) -> int:
         return ExitCode.USAGE
     inv = Invocation(ns, script_args)
     try:
-        # every line names who ran ced, and the reqid of the run or ping it starts
-        with logfmt.request(new_reqid(), **local_user()):
+        # every line names who ran ced, and (but for the listener, which serves many
+        # agents' requests, each logged with its own reqid) the reqid of what it starts
+        rid = {} if mode == "pairing-mode" else {"reqid": new_reqid()}
+        with logfmt.context(**rid, **local_user()):
             return verb(mode)(inv)
     except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
             ModuleNotFoundError) as exc:  # fmt: skip
