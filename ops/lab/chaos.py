@@ -9,9 +9,13 @@ virtual IP from the operator's host, and the probes the chaos test reads.
   the test reads back as a :class:`~ops.lab.hacluster.LoadReport`. The clocks agree:
   ``time.monotonic`` is the machine's, in every namespace. Bounded in time and count; it
   stops on SIGTERM.
-* :func:`leaders`: which dispatcher hosts answer ``/leader`` 200 (one probe command on the
-  operator's host, every dispatcher in parallel); :func:`wait_leader`.
-* :func:`api_status`: the HTTP status of one API request straight to one instance.
+* :func:`leaders`: which dispatcher hosts answer ``/leader`` 200 (one probe command on a
+  host the dispatchers' firewall lets in: a load balancer; every dispatcher in parallel);
+  :func:`wait_leader`; :func:`api_status`: one API request straight to one instance, as
+  the operator (:func:`give_operator_cert` copies its certificate to the probing host);
+* :func:`cut` and :func:`heal`: a host's packets to and from others dropped (iptables rules
+  inserted first in its own namespace, and exactly those deleted again: the guide's
+  firewall stays as it was).
 """
 
 from __future__ import annotations
@@ -164,26 +168,51 @@ class VipLoad:
             time.sleep(0.1)
 
 
-# ----- probes, from the operator's host ---------------------------------------------------------
+# ----- probes, from a host the dispatchers' firewall lets in ------------------------------------
 
 
-def leaders(ops: Host, dispatchers: Sequence[Host]) -> list[str]:
+def give_operator_cert(ops: Host, probe: Host) -> None:
+    """Copy the operator's CA, certificate and key from ``ops`` to ``probe`` (same paths)."""
+    for path in OPERATOR_TLS:
+        dst = probe.path(path)
+        dst.write_bytes(ops.path(path).read_bytes())
+        dst.chmod(0o600)
+
+
+def _rules(others: Sequence[Host]) -> list[list[str]]:
+    return [r for o in others for r in (["INPUT", "-s", o.address, "-j", "DROP"],
+                                        ["OUTPUT", "-d", o.address, "-j", "DROP"])]  # fmt: skip
+
+
+def cut(host: Host, others: Sequence[Host]) -> None:
+    """Drop every packet between ``host`` and ``others`` (rules first in its chains)."""
+    for rule in _rules(others):
+        host.run(["iptables", "-w", "-I", *rule])
+
+
+def heal(host: Host, others: Sequence[Host]) -> None:
+    """Undo :func:`cut` (its rules only)."""
+    for rule in _rules(others):
+        host.run(["iptables", "-w", "-D", *rule], check=False)
+
+
+def leaders(probe: Host, dispatchers: Sequence[Host]) -> list[str]:
     """The dispatcher hosts whose ``/leader`` answers 200 now (probed in parallel)."""
     probes = " ".join(
         f"( code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 1 "
         f"http://{h.fqdn}:{HEALTH_PORT}/leader); echo {h.name} $code ) &"
         for h in dispatchers
     )
-    got = ops.run(f"{probes} wait", check=False, timeout=10)
+    got = probe.run(f"{probes} wait", check=False, timeout=10)
     return sorted(ln.split()[0] for ln in got.stdout.splitlines() if ln.split()[1:] == ["200"])
 
 
-def wait_leader(ops: Host, dispatchers: Sequence[Host], timeout: float,
+def wait_leader(probe: Host, dispatchers: Sequence[Host], timeout: float,
                 not_: str = "") -> tuple[str, float]:  # fmt: skip
     """The one leader (other than ``not_``) and the seconds it took to see it."""
     t0 = time.monotonic()
     while True:
-        got = [n for n in leaders(ops, dispatchers) if n != not_]
+        got = [n for n in leaders(probe, dispatchers) if n != not_]
         if len(got) == 1:
             return got[0], time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
@@ -191,10 +220,10 @@ def wait_leader(ops: Host, dispatchers: Sequence[Host], timeout: float,
         time.sleep(0.05)
 
 
-def api_status(ops: Host, host: Host, method: str, path: str) -> tuple[int, dict[str, Any]]:
+def api_status(probe: Host, host: Host, method: str, path: str) -> tuple[int, dict[str, Any]]:
     """One API request straight to ``host``'s instance as the operator: status and body."""
     ca, cert, key = OPERATOR_TLS
-    got = ops.run(["curl", "-sS", "--max-time", "10", "-X", method, "--cacert", ca, "--cert",
+    got = probe.run(["curl", "-sS", "--max-time", "10", "-X", method, "--cacert", ca, "--cert",
                    cert, "--key", key, "-w", "\n%{http_code}",
                    f"https://{host.fqdn}:{API_PORT}{path}"], check=False, timeout=20)  # fmt: skip
     body, _, code = got.stdout.rpartition("\n")

@@ -33,7 +33,16 @@ from typing import Any
 import pytest
 
 from ops.lab import deployment, vrrp
-from ops.lab.chaos import HEALTH_PORT, VipLoad, api_status, leaders, wait_leader
+from ops.lab.chaos import (
+    HEALTH_PORT,
+    VipLoad,
+    api_status,
+    cut,
+    give_operator_cert,
+    heal,
+    leaders,
+    wait_leader,
+)
 from ops.lab.hacluster import LoadReport
 from ops.lab.hosts import Host, Lab, LabError, available
 
@@ -78,11 +87,19 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Roles]]
         the_lab, roles, _report,
     ):  # fmt: skip
         print(f"[lab-chaos] deployed in {time.monotonic() - t0:.1f} s")
+        give_operator_cert(roles["operator"][0], probe_host(roles))
         yield the_lab, roles
 
 
-def status(ops: Host, host: Host) -> dict[str, Any]:
-    got = ops.run(["curl", "-sS", "--max-time", "2", f"http://{host.fqdn}:{HEALTH_PORT}/status"],
+def probe_host(roles: Roles) -> Host:
+    """Where the probes run: the dispatchers' firewall lets the load balancers in (health
+    and API ports), not the operator's host (which uses the VIP). The second load
+    balancer: the first holds the VIP until the last test stops it."""
+    return roles["lb"][1]
+
+
+def status(probe: Host, host: Host) -> dict[str, Any]:
+    got = probe.run(["curl", "-sS", "--max-time", "2", f"http://{host.fqdn}:{HEALTH_PORT}/status"],
                   check=False, timeout=10)  # fmt: skip
     try:
         doc = json.loads(got.stdout)
@@ -103,17 +120,17 @@ def wait_for(what: str, timeout: float, check: Any) -> Any:
         time.sleep(0.2)
 
 
-def start_api(host: Host, ops: Host, leader: str) -> None:
+def start_api(host: Host, probe: Host, leader: str) -> None:
     """Start the instance on ``host`` again; wait until it follows ``leader``."""
     host.run("systemctl start ctrl-exec-api", env=host.env(), timeout=60)
     wait_for(f"{host.name} to follow {leader}", 30,
-             lambda: status(ops, host).get("role") == "follower"
-             and status(ops, host).get("leader_id") == leader)  # fmt: skip
+             lambda: status(probe, host).get("role") == "follower"
+             and status(probe, host).get("leader_id") == leader)  # fmt: skip
 
 
-def one_leader_at_the_end(ops: Host, disps: list[Host]) -> str:
+def one_leader_at_the_end(probe: Host, disps: list[Host]) -> str:
     got = wait_for("one leader", 15, lambda: (lambda ls: ls if len(ls) == 1 else None)(
-        leaders(ops, disps)))  # fmt: skip
+        leaders(probe, disps)))  # fmt: skip
     return str(got[0])
 
 
@@ -124,18 +141,18 @@ def assert_served(rep: LoadReport, at_least: int) -> None:
 
 def _failover(lab: tuple[Lab, Roles], command: str) -> tuple[str, str, float, float, LoadReport]:
     the_lab, roles = lab
-    ops, disps = roles["operator"][0], roles["dispatcher"]
-    old, _ = wait_leader(ops, disps, 15)
+    ops, disps, probe = roles["operator"][0], roles["dispatcher"], probe_host(roles)
+    old, _ = wait_leader(probe, disps, 15)
     host = the_lab.hosts[old]
     with VipLoad(ops, URL, deployment.AGENTS, max_seconds=90) as load:
         load.wait_requests(20, 30)
         t0 = time.monotonic()
         host.run(command, env=host.env(), timeout=30)
-        new, _ = wait_leader(ops, disps, TTL + 10, not_=old)
+        new, _ = wait_leader(probe, disps, TTL + 10, not_=old)
         took = time.monotonic() - t0
         load.wait_requests(30, 40)  # HAProxy has taken the victim out meanwhile
     rep = load.report()
-    start_api(host, ops, new)
+    start_api(host, probe, new)
     return old, new, t0, took, rep
 
 
@@ -151,8 +168,7 @@ def test_kill9_of_the_leaders_api_process(
     assert rep.requests >= 50, rep.summary()
     bad = rep.unexplained(t0, TTL, script="disk-usage")
     assert not bad, f"{len(bad)} failed after one retry: {LoadReport(bad).describe()}"
-    ops, disps = lab[1]["operator"][0], lab[1]["dispatcher"]
-    assert one_leader_at_the_end(ops, disps) == new
+    assert one_leader_at_the_end(probe_host(lab[1]), lab[1]["dispatcher"]) == new
 
 
 def test_sigterm_of_the_leader(lab: tuple[Lab, Roles], capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,8 +177,7 @@ def test_sigterm_of_the_leader(lab: tuple[Lab, Roles], capsys: pytest.CaptureFix
         {"old": old, "new": new, "failover_ms": round(took * 1000), **rep.summary()})  # fmt: skip
     assert took < 2.0, took
     assert_served(rep, 50)
-    ops, disps = lab[1]["operator"][0], lab[1]["dispatcher"]
-    assert one_leader_at_the_end(ops, disps) == new
+    assert one_leader_at_the_end(probe_host(lab[1]), lab[1]["dispatcher"]) == new
 
 
 def test_the_leaders_host_cut_off_from_etcd(
@@ -170,30 +185,31 @@ def test_the_leaders_host_cut_off_from_etcd(
 ) -> None:
     the_lab, roles = lab
     ops, disps, etcds = roles["operator"][0], roles["dispatcher"], roles["etcd"]
-    old, _ = wait_leader(ops, disps, 15)
+    probe = probe_host(roles)
+    old, _ = wait_leader(probe, disps, 15)
     host = the_lab.hosts[old]
     refused: tuple[int, dict[str, Any]] = (0, {})
     with VipLoad(ops, URL, deployment.AGENTS, max_seconds=120) as load:
         load.wait_requests(20, 30)
         t_cut = time.monotonic()
-        host.block(*etcds)
+        cut(host, etcds)
         try:
-            new, _ = wait_leader(ops, disps, 3 * TTL + 5, not_=old)
+            new, _ = wait_leader(probe, disps, 3 * TTL + 5, not_=old)
             took = time.monotonic() - t_cut
-            assert old not in leaders(ops, disps)
-            old_status = status(ops, host)
-            refused = api_status(ops, host, "GET", "/pairing")  # leader-only
+            assert old not in leaders(probe, disps)
+            old_status = status(probe, host)
+            refused = api_status(probe, host, "GET", "/pairing")  # leader-only
             load.wait_requests(20, 40)
         finally:
             t_heal = time.monotonic()
-            host.unblock()
+            heal(host, etcds)
         wait_for(f"{old} to follow {new}", 30,
-                 lambda: status(ops, host).get("role") == "follower"
-                 and status(ops, host).get("leader_id") == new)  # fmt: skip
+                 lambda: status(probe, host).get("role") == "follower"
+                 and status(probe, host).get("leader_id") == new)  # fmt: skip
         rejoined = time.monotonic() - t_heal
         gens = wait_for("every instance on one generation", 30, lambda: (
             lambda g: g if len(set(g.values())) == 1 and None not in g.values() else None)(
-                {h.name: status(ops, h).get("generation") for h in disps}))  # fmt: skip
+                {h.name: status(probe, h).get("generation") for h in disps}))  # fmt: skip
         load.wait_requests(20, 30)
     t_end = time.monotonic()
     before, during = load.report(None, t_cut), load.report(t_cut, t_heal + TTL)
@@ -214,7 +230,7 @@ def test_the_leaders_host_cut_off_from_etcd(
     unexplained = [o for o in during.failures if o not in explained]
     assert not unexplained, LoadReport(unexplained).describe()
     assert_served(after, 10)
-    assert one_leader_at_the_end(ops, disps) == new
+    assert one_leader_at_the_end(probe, disps) == new
 
 
 def test_a_load_balancer_stopped(
@@ -242,4 +258,4 @@ def test_a_load_balancer_stopped(
         {"vip_moved_ms": round(moved * 1000), "to": other.name, **rep.summary()})  # fmt: skip
     assert moved < 5, moved
     assert_served(rep, 50)
-    one_leader_at_the_end(ops, disps)
+    one_leader_at_the_end(probe_host(roles), disps)
