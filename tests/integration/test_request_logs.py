@@ -97,7 +97,16 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
     assert got.returncode == 0, got.stderr
     ced_lines = parse_log("ced", got.stderr, only_ident="ctrl-exec-dispatcher")
     ced_run = next(ln.fields["REQID"] for ln in ced_lines if ln.action == "dispatch")
-    assert len({forwarded, api_run, ced_run}) == 3
+    # a leader-only action from the follower's host: ced -> etcd -> the leader's loop
+    got = subprocess.run(
+        [sys.executable, "-m", "dispatcher.ced", "--config", str(follower.config), "--json",
+         "list-requests"], capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    sent = parse_log("ced", got.stderr, only_ident="ctrl-exec-dispatcher")
+    ced_action = next(ln.fields["REQID"] for ln in sent if ln.action == "leader-request-sent")
+    ced_lines += sent
+    assert len({forwarded, api_run, ced_run, ced_action}) == 4
 
     agent = c.agents["node1"]
 
@@ -110,13 +119,18 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
         return any(ln.action == action and reqid in ln.text for ln in logs()[process])
 
     # the instances' and the agent's loggers write from a queue: wait for the last lines
-    wait_until(lambda: has("agent", "run", ced_run) and has("follower", "dispatch", api_run),
-               10, "the last log lines")  # fmt: skip
+    wait_until(lambda: has("agent", "run", ced_run) and has("follower", "dispatch", api_run)
+               and has("leader", "leader-request", ced_action), 10, "the last log lines")  # fmt: skip
     every = logs()
 
     def carrying(reqid: str) -> dict[str, list[Line]]:
         return {p: [ln for ln in lines if reqid in ln.text] for p, lines in every.items()}
 
+    # ced's leader-only action: carried out by the leader's loop under ced's reqid and epoch
+    la = carrying(ced_action)
+    assert any(ln.action == "leader-request" and ln.fields.get("EPOCH") == epoch
+               for ln in la["leader"]), la  # fmt: skip
+    assert not la["follower"] and not la["agent"]
     # the leader-only request: follower (auth, forward) and leader (auth, epoch) share it
     f = carrying(forwarded)
     assert {"api-request", "auth", "cluster-forward"} <= {ln.action for ln in f["follower"]}, f
@@ -137,7 +151,7 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
         for ln in (x for p in lines.values() for x in p):
             # the request's reqid is its REQID (or REQUEST, beside a pairing request's own)
             assert reqid in (ln.fields.get("REQID"), ln.fields.get("REQUEST")), ln.text
-            others = {forwarded, api_run, ced_run} - {reqid}
+            others = {forwarded, api_run, ced_run, ced_action} - {reqid}
             assert not any(o in ln.text for o in others), ln.text
         for ln in lines["follower"] + lines["leader"]:
             if ln.process == "leader" and "IDENTITY" not in ln.fields:
@@ -151,5 +165,6 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
             if "IDENTITY" in ln.fields:
                 assert ln.fields.get("REQID"), ln.text
     print(f"[logs] lines per request: forwarded {sum(map(len, f.values()))}, "
+          f"ced leader action {sum(map(len, la.values()))}, "
           f"api run {sum(map(len, a.values()))}, ced run {sum(map(len, d.values()))}; "
           f"total lines read {sum(map(len, every.values()))}")  # fmt: skip
