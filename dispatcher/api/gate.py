@@ -142,7 +142,9 @@ class ApiGate:
             # a peer forwarding to the leader: its reqid, and its name until the assertion
             # is checked (then the lines name the operator it asserts: leadergate)
             by = _header(scope, FORWARDED_BY)
-            claimed = claimed_reqid(_header(scope, HEADER.encode()) or "") if by else ""
+            claimed = ""
+            if by and await self._from_peer(state, der):
+                claimed = claimed_reqid(_header(scope, HEADER.encode()) or "")
             reqid[0] = claimed or reqid[0]
             with logfmt.request(reqid[0], **({"forwarded_by": by} if claimed else {})):
                 await self._checked(scope, receive, send, der, None)
@@ -150,6 +152,14 @@ class ApiGate:
         state[OPERATOR_KEY] = cert
         with logfmt.request(reqid[0], identity=cert.cn, cert_serial=cert.serial):
             await self._checked(scope, receive, send, der, cert)
+
+    async def _from_peer(self, state: dict[str, object], der: bytes | None) -> bool:
+        """Whether a request may name its reqid (a forwarding peer's): on TLS only with a
+        dispatcher serial of the cluster; on a plain-HTTP API (loopback set-ups) always."""
+        if der is None:
+            return not state_of(state).get("tls_version")
+        serial = serial_to_hex(describe(der)[1])
+        return bool(serial) and serial in await asyncio.to_thread(self.peer_serials)
 
     async def _checked(
         self, scope: Scope, receive: Receive, send: Send, der: bytes | None,

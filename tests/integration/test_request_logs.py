@@ -14,6 +14,8 @@ a run through the follower's API, and a ``ced run``. Then every process's log is
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import subprocess
 import sys
@@ -21,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.common import logfmt
 from ops.lab.etcd import ETCD
 from ops.lab.etcd import SKIP_REASON as ETCD_SKIP
 from ops.lab.hacluster import ENV, Cluster, ClusterSpec, running_cluster, wait_until
+from ops.lab.net import client_ssl
 
 pytestmark = [
     pytest.mark.integration,
@@ -168,3 +172,34 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
           f"ced leader action {sum(map(len, la.values()))}, "
           f"api run {sum(map(len, a.values()))}, ced run {sum(map(len, d.values()))}; "
           f"total lines read {sum(map(len, every.values()))}")  # fmt: skip
+
+
+def test_a_forged_forwarding_claim_names_no_reqid_in_the_logs(cluster: Cluster) -> None:
+    """A client that is no dispatcher peer (no certificate, or an operator's) sends the
+    forwarding header with an unsealed assertion naming a reqid: refused (403), and the
+    chosen reqid is on no line of the instance; the refusal is logged under the
+    instance's own reqid (the one it answered)."""
+    c = cluster
+    leader = c.one_leader()
+    chosen = "0123456789abcdef"
+    enc = base64.urlsafe_b64encode(json.dumps({"reqid": chosen}).encode()).decode()
+    headers = {"x-ctrl-exec-forwarded-by": "inst-b", "x-ctrl-exec-assertion": f"{enc}.00"}
+    answered = []
+    for who, verify in (("no certificate", client_ssl(c.ca_cert, None)),
+                        ("operator certificate", c.verify())):  # fmt: skip
+        with httpx.Client(base_url=leader.url, verify=verify, trust_env=False,
+                          timeout=20) as client:  # fmt: skip
+            r = client.get("/pairing", headers=headers)
+        assert r.status_code == 403, (who, r.status_code, r.text)
+        answered.append(r.headers["x-ctrl-exec-reqid"])
+        assert answered[-1] != chosen
+    wait_until(lambda: all(rid in leader.log.read_text() for rid in answered), 10,
+               "the refusals logged")  # fmt: skip
+    text = leader.log.read_text(errors="replace")
+    assert chosen not in text
+    refusals = [ln for ln in parse_log("leader", text) if ln.fields.get("REQID") in answered]
+    assert refusals, answered
+    print(
+        f"[attack] forged forwarding reqid: refused (403; logged under {answered}, "
+        f"{len(refusals)} lines, the chosen reqid on none)"
+    )
