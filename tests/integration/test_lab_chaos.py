@@ -4,8 +4,8 @@ virtual IP, two agents, the operator's host), under a steady client load through
 IP from the operator's host with the operator certificate (:class:`ops.lab.chaos.VipLoad`:
 ``POST /ping`` and ``POST /run``, a new connection per attempt, one retry):
 
-* kill -9 of the leader's ``ctrl-exec-api`` on its host: a new leader within the lease TTL
-  (+ 2 s); nothing fails after one retry but explicit 409 ``locked`` answers for the
+* kill -9 of the leader's ``ctrl-exec-api`` on its host: a new leader once its lease ran
+  out (within 2 x TTL, probing included); nothing fails after one retry but explicit 409 ``locked`` answers for the
   host:script of a run the kill cut short (its lock lives until the victim's lease expires);
 * SIGTERM of the leader (``systemctl stop``): a new leader sooner than the lease TTL (it
   hands over at once; it does not wait for its lease to expire); nothing fails after one
@@ -168,7 +168,7 @@ def test_kill9_of_the_leaders_api_process(
     )
     say(capsys, "kill -9 of the leader's ctrl-exec-api",
         {"old": old, "new": new, "failover_ms": round(took * 1000), **rep.summary()})  # fmt: skip
-    assert took < TTL + 2, took
+    assert took < 2 * TTL, took  # the lease runs out (TTL), then the next election
     assert rep.requests >= 50, rep.summary()
     bad = rep.unexplained(t0, TTL, script="disk-usage")
     assert not bad, f"{len(bad)} failed after one retry: {LoadReport(bad).describe()}"
