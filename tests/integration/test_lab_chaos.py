@@ -56,7 +56,7 @@ URL = f"https://{deployment.VIP_NAME}:7445"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.chaos,
-    pytest.mark.timeout(400),
+    pytest.mark.timeout(900),  # the deployment included; ~3 min on a quiet machine
     pytest.mark.skipif(available() is not None, reason=f"no lab: {available()}"),
     pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING}"),
 ]
