@@ -223,10 +223,13 @@ def wait_leader(probe: Host, dispatchers: Sequence[Host], timeout: float,
 def api_status(probe: Host, host: Host, method: str, path: str) -> tuple[int, dict[str, Any]]:
     """One API request straight to ``host``'s instance as the operator: status and body."""
     ca, cert, key = OPERATOR_TLS
-    got = probe.run(["curl", "-sS", "--max-time", "10", "-X", method, "--cacert", ca, "--cert",
+    t0 = time.monotonic()
+    got = probe.run(["curl", "-sS", "--max-time", "30", "-X", method, "--cacert", ca, "--cert",
                    cert, "--key", key, "-w", "\n%{http_code}",
-                   f"https://{host.fqdn}:{API_PORT}{path}"], check=False, timeout=20)  # fmt: skip
+                   f"https://{host.fqdn}:{API_PORT}{path}"], check=False, timeout=45)  # fmt: skip
     body, _, code = got.stdout.rpartition("\n")
+    if not code.isdigit() or code == "000":  # no answer: say why
+        return 0, {"curl": got.stderr.strip()[-300:], "seconds": round(time.monotonic() - t0, 1)}
     try:
         doc = json.loads(body) if body.strip() else {}
     except ValueError:
