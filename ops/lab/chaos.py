@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ops.lab.deployment import VIP_NAME
 from ops.lab.hacluster import Load, LoadReport, Outcome
 from ops.lab.hosts import Host, LabError
 from ops.lab.proc import ROOT
@@ -225,8 +226,9 @@ def api_status(probe: Host, host: Host, method: str, path: str) -> tuple[int, di
     ca, cert, key = OPERATOR_TLS
     t0 = time.monotonic()
     got = probe.run(["curl", "-sS", "--max-time", "30", "-X", method, "--cacert", ca, "--cert",
-                   cert, "--key", key, "-w", "\n%{http_code}",
-                   f"https://{host.fqdn}:{API_PORT}{path}"], check=False, timeout=45)  # fmt: skip
+                   cert, "--key", key, "-w", "\n%{http_code}", "--connect-to",
+                   f"{VIP_NAME}:{API_PORT}:{host.fqdn}:{API_PORT}",  # the name its cert carries
+                   f"https://{VIP_NAME}:{API_PORT}{path}"], check=False, timeout=45)  # fmt: skip
     body, _, code = got.stdout.rpartition("\n")
     if not code.isdigit() or code == "000":  # no answer: say why
         return 0, {"curl": got.stderr.strip()[-300:], "seconds": round(time.monotonic() - t0, 1)}
