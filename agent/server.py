@@ -37,7 +37,7 @@ from agent.common.tlsconf import server_context
 from agent.common.wire import RequestError, read_request, response_bytes
 from agent.config import AgentConfig
 from agent.handlers import asyncrun, run, status, trust
-from agent.handlers.base import Handler, Peer, Reply
+from agent.handlers.base import REQID_RE, Handler, Peer, Reply, parse_json, reqid_of
 from agent.version import __version__
 
 ev = logfmt.event
@@ -316,6 +316,15 @@ class AgentServer:
         ev("ca-reload", path=self.cfg.ca)
 
     async def route(self, method: str, path: str, body: bytes, peer: Peer) -> Reply:
+        """The request's handler, every line it logs carrying the request's reqid (of the
+        body, or of ``/result/<reqid>``), so one grep joins them with the dispatcher's."""
+        reqid = _reqid(method, path, body)
+        if not reqid:
+            return await self._route(method, path, body, peer)
+        with logfmt.request(reqid):
+            return await self._route(method, path, body, peer)
+
+    async def _route(self, method: str, path: str, body: bytes, peer: Peer) -> Reply:
         handler = ROUTES.get((method, path))
         if handler is not None:
             return await handler(self, peer, body, "")
@@ -323,6 +332,17 @@ class AgentServer:
             if method == m and path.startswith(prefix):
                 return await h(self, peer, body, path[len(prefix) :])
         return 404, {"error": "not found"}
+
+
+def _reqid(method: str, path: str, body: bytes) -> str:
+    """The reqid a request names, if it is one the handlers accept (else ``""``)."""
+    if method == "GET" and path.startswith("/result/"):
+        rid = path[len("/result/") :]
+    elif b'"reqid"' in body:
+        rid = reqid_of(parse_json(body))
+    else:
+        return ""
+    return rid if REQID_RE.match(rid) else ""
 
 
 ROUTES: dict[tuple[str, str], Handler] = {

@@ -30,7 +30,7 @@ from dispatcher.client.io import AgentIO, resolve_io
 from dispatcher.core import Dispatcher
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.registry import DEFAULT_PORT, RegistryError, Target, resolve
-from dispatcher.reqid import new_reqid
+from dispatcher.reqid import request_reqid as new_reqid  # the current request's, if any
 from dispatcher.rolling import OnWave, Rolling, in_waves
 from dispatcher.runoutcome import report, report_all
 from dispatcher.targets import Selection, select

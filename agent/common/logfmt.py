@@ -32,7 +32,13 @@ under its own lower-case name (a field that would shadow one of those is prefixe
 
 :func:`context` adds fields to every event logged in a block (and in tasks and threads
 started from it, which copy the context): the dispatcher puts the leader's epoch on every
-line of a leader-only action this way.
+line of a leader-only action this way. :func:`request` is the same for a request id: set
+where a request enters a process (the API gate, ``ced``, the agent's request, a request a
+peer forwarded with its reqid), every line logged for the request carries ``REQID=``, free
+text of other loggers included, so one ``grep REQID`` over every process's log follows
+it; :func:`current_reqid` is that id (the dispatcher uses it as the run's reqid). A line
+that names a different ``reqid`` of its own (a pairing request's id) keeps it and carries
+the request's under ``REQUEST=``.
 """
 
 from __future__ import annotations
@@ -269,6 +275,33 @@ def context(**fields: Any) -> Iterator[None]:
         pop_context(token)
 
 
+@contextlib.contextmanager
+def request(reqid: str, **fields: Any) -> Iterator[None]:
+    """Every event logged inside the block carries ``reqid`` (and ``fields``)."""
+    with context(reqid=reqid, **fields):
+        yield
+
+
+def current_reqid() -> str:
+    """The reqid of the request being handled in this context (:func:`request`), or ``""``."""
+    for key, value in reversed(_context.get()):
+        if key == "reqid":
+            return str(value)
+    return ""
+
+
+def _with_context(extra: tuple[tuple[str, Any], ...], fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` plus the context's (explicit fields win; a different own ``reqid`` keeps
+    the request's as ``request``)."""
+    merged = {**dict(extra), **fields}
+    own = fields.get("reqid")
+    if own is not None and "request" not in fields:
+        ctx = current_reqid()
+        if ctx and str(own) != ctx:
+            merged["request"] = ctx
+    return merged
+
+
 def event(action: str, level: int = INFO, **fields: Any) -> None:
     """Log one upstream-format event line."""
     sink, log = _direct, None
@@ -281,7 +314,7 @@ def event(action: str, level: int = INFO, **fields: Any) -> None:
             return
     extra = _context.get()
     if extra:
-        fields = {**dict(extra), **fields}
+        fields = _with_context(extra, fields)
     if log is not None:
         line = format_fields(action, fields) if _format == "kv" else action
         log.log(level, "%s", line, extra={"ce_event": (action, fields)})
@@ -331,14 +364,34 @@ def setup(
     from logging.handlers import QueueHandler, QueueListener
 
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    queued_handler = QueueHandler(q)
+    queued_handler.addFilter(_keep_context)  # free text keeps the request's fields too
     log = logger()
     for h in list(log.handlers):
         log.removeHandler(h)
-    log.addHandler(QueueHandler(q))
+    log.addHandler(queued_handler)
     log.setLevel(level)
     log.propagate = False
+    for name in ADOPTED:  # their warnings as events, not free text on stderr
+        other = logging.getLogger(name)
+        for h in list(other.handlers):
+            if isinstance(h, QueueHandler):
+                other.removeHandler(h)
+        other.addHandler(queued_handler)
+        other.propagate = False
     _listener = QueueListener(q, handler)
     _listener.start()
+
+
+#: Libraries whose records (warnings and up, their default level) become ``log`` events.
+ADOPTED = ("uvicorn", "asyncio")
+
+
+def _keep_context(record: logging.LogRecord) -> bool:
+    """Give a free-text record the context it was logged in (formatted in another thread)."""
+    if not hasattr(record, "ce_event"):
+        record.ce_context = _context.get()
+    return True
 
 
 def _formatter(ident: str, stamped: bool) -> logging.Formatter:
@@ -355,8 +408,10 @@ def _formatter(ident: str, stamped: bool) -> logging.Formatter:
                 text = record.getMessage()
                 if record.exc_info:
                     text += "\n" + self.formatException(record.exc_info)
-                event = ("log", {"level": _LEVEL_NAMES.get(record.levelno, record.levelname),
-                                 "logger": record.name, "msg": text})  # fmt: skip
+                fields = {"level": _LEVEL_NAMES.get(record.levelno, record.levelname),
+                          "logger": record.name, "msg": text}  # fmt: skip
+                extra = getattr(record, "ce_context", ())
+                event = ("log", {**dict(extra), **fields} if extra else fields)
             return render(ident, pid, record.levelno, event[0], event[1], record.created,
                           stamped)  # fmt: skip
 

@@ -519,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         logfmt.shutdown()
         raise
-    if instance.fatal:
-        print(f"{IDENT}: {instance.fatal}", file=sys.stderr)
+    if instance.fatal:  # a KEY=value line like every other (logging still runs)
+        logfmt.event("api-fatal", logging.ERROR, reason=instance.fatal)
     if rc == 0 and instance.restart_requested:
         reexec(instance.restart_reason)  # does not return
     logfmt.shutdown()

@@ -11,6 +11,9 @@ check do, as a plain ASGI middleware in front of FastAPI.
   and serial (``api-refused``), except on the peer routes and for the cluster's own
   dispatcher serials (a peer forwarding to the leader); with ``api_require_client_cert``
   a request without an operator certificate is refused;
+* every log line of a request carries its ``REQID`` (a new one, or, for a request a peer
+  forwarded, the one its assertion names: the follower's), answered as the
+  ``X-Ctrl-Exec-Reqid`` header; a run or ping the request starts has that reqid;
 * every log line of a request with an operator certificate carries ``IDENTITY`` (its CN)
   and ``CERT_SERIAL``; its CN is the username (a different body ``username`` is ignored,
   logged as ``username-ignored``);
@@ -42,12 +45,16 @@ from dispatcher.api.operatorcerts import CertIdentity, OperatorTrust, describe
 from dispatcher.api.peercert import state_of
 from dispatcher.api.routes import PEER_PREFIXES, route_label
 from dispatcher.core import Dispatcher
+from dispatcher.ha.forwarding import HEADER, claimed_reqid
 from dispatcher.operations import Denied, authorise
+from dispatcher.reqid import new_reqid
 
 MAX_BODY = 1024 * 1024
 MAX_HEADERS = 32
 DEPTH_SCAN_INLINE = 64 * 1024  # bodies larger than this are depth-checked in a thread
 UNGATED = frozenset({"/health", "/metrics"})
+REQID_HEADER = b"x-ctrl-exec-reqid"
+FORWARDED_BY = b"x-ctrl-exec-forwarded-by"  # leadergate.FORWARDED_BY (not imported: FastAPI)
 
 
 def outcome_label(status: int) -> str:
@@ -106,10 +113,14 @@ class ApiGate:
             await self.app(scope, receive, send)
             return
         status = [500]
+        reqid = [new_reqid()]
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []),
+                                      (REQID_HEADER, reqid[0].encode())]  # fmt: skip
                 if self.draining():  # the client reconnects, through the balancer, elsewhere
                     message = dict(message)
                     message["headers"] = [
@@ -119,20 +130,36 @@ class ApiGate:
             await send(message)
 
         try:
-            await self._gate(scope, receive, counting_send)
+            await self._gate(scope, receive, counting_send, reqid)
         finally:
             self.requests.labels(route_label(scope["path"]), outcome_label(status[0])).inc()
 
-    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _gate(self, scope: Scope, receive: Receive, send: Send, reqid: list[str]) -> None:
         state = scope.setdefault("state", {})
         der = state_of(state).get("peer_cert_der")
         cert = self.operators.identify(der) if der else None
         if cert is None:
-            await self._checked(scope, receive, send, der, None)
+            # a peer forwarding to the leader: its reqid, and its name until the assertion
+            # is checked (then the lines name the operator it asserts: leadergate)
+            by = _header(scope, FORWARDED_BY)
+            claimed = ""
+            if by and await self._from_peer(state, der):
+                claimed = claimed_reqid(_header(scope, HEADER.encode()) or "")
+            reqid[0] = claimed or reqid[0]
+            with logfmt.request(reqid[0], **({"forwarded_by": by} if claimed else {})):
+                await self._checked(scope, receive, send, der, None)
             return
         state[OPERATOR_KEY] = cert
-        with logfmt.context(identity=cert.cn, cert_serial=cert.serial):
+        with logfmt.request(reqid[0], identity=cert.cn, cert_serial=cert.serial):
             await self._checked(scope, receive, send, der, cert)
+
+    async def _from_peer(self, state: dict[str, object], der: bytes | None) -> bool:
+        """Whether a request may name its reqid (a forwarding peer's): on TLS only with a
+        dispatcher serial of the cluster; on a plain-HTTP API (loopback set-ups) always."""
+        if der is None:
+            return not state_of(state).get("tls_version")
+        serial = serial_to_hex(describe(der)[1])
+        return bool(serial) and serial in await asyncio.to_thread(self.peer_serials)
 
     async def _checked(
         self, scope: Scope, receive: Receive, send: Send, der: bytes | None,

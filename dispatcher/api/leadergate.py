@@ -141,6 +141,10 @@ class ClusterCall(ApiCall):
         forwarded_by = self.request.headers.get(FORWARDED_BY)
         if forwarded_by:  # a peer's assertion of who asked, never credentials
             caller = await self._asserted(node)
+            # the rest of the request's lines name the asserted operator (the gate's
+            # request context, which ends with the request, drops this too)
+            logfmt.push_context(identity=caller.identity, cert_serial=caller.cert_serial)
+            logfmt.event("forward-accepted", by=forwarded_by, reqid=logfmt.current_reqid())
             try:
                 await authorise(self.d, caller, action, reqid=reqid)
             except Denied as exc:
@@ -222,6 +226,7 @@ class ClusterCall(ApiCall):
                 node.records.signer, by=node.instance_id, who=who,
                 username=body.username if body is not None else "", ip=self.source_ip,
                 method=request.method, path=request.url.path, body=payload,
+                reqid=logfmt.current_reqid(),
             )  # fmt: skip
         except ClusterError as exc:  # no cluster key: nothing can be asserted
             return not_leader(f"cannot forward to the leader: {exc}", info.instance_id, url)

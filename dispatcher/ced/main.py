@@ -19,6 +19,7 @@ from cluster.errors import ClusterError
 from dispatcher.ced.invocation import Invocation, local_user
 from dispatcher.ced.output import PROG, err, out, out_json
 from dispatcher.errors import ConfigError, CtrlExecError, ExitCode, Fail, UsageError
+from dispatcher.reqid import new_reqid
 
 USAGE = """\
 Usage: ced [options] <mode> [args] [-- script-args...]
@@ -409,7 +410,10 @@ def _run(argv: list[str]) -> int:
         return ExitCode.USAGE
     inv = Invocation(ns, script_args)
     try:
-        with logfmt.context(**local_user()):  # every line names who ran ced
+        # every line names who ran ced, and (but for the listener, which serves many
+        # agents' requests, each logged with its own reqid) the reqid of what it starts
+        rid = {} if mode == "pairing-mode" else {"reqid": new_reqid()}
+        with logfmt.context(**rid, **local_user()):
             return verb(mode)(inv)
     except (CtrlExecError, ClusterError, KeyboardInterrupt, BrokenPipeError,
             ModuleNotFoundError) as exc:  # fmt: skip

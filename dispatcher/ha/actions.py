@@ -375,6 +375,7 @@ def request(
     action = lookup(name)
     if not d.cfg.etcd_endpoints:
         return _local(d, action, args)
+    from agent.common import logfmt
     from cluster.errors import BackendUnavailable
     from cluster.signing import NoClusterKey
     from dispatcher.ha import leader_requests
@@ -389,6 +390,7 @@ def request(
                 return _local(d, action, args)  # no instance runs yet: bootstrap here
             raise ActionFailed("Error: the cluster has no leader right now; try again shortly")
         rid = leader_requests.post(backend, signer, name, dict(args or {}), requested_by)
+        logfmt.event("leader-request-sent", id=rid, kind=name)  # the leader logs the same REQID
         doc = leader_requests.wait(backend, signer, rid, timeout)
     except NoClusterKey as exc:
         raise ActionFailed(

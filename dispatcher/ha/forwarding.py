@@ -5,7 +5,11 @@ A follower never forwards an operator's credentials (``Authorization`` header, b
 an assertion sealed with the cluster key (:meth:`cluster.signing.RecordSigner.mac`):
 
 ``{"by", "who": {"cn", "serial", "issuer"}, "username", "ip", "method", "path",
-"body_sha256", "ts", "nonce"}``
+"body_sha256", "ts", "nonce", "reqid"}``
+
+``reqid`` is the request's id on the follower: the leader logs the request under it, so
+one grep follows the request across both (:func:`claimed_reqid` reads it before the
+assertion is checked, for the lines logged until then).
 
 The leader accepts it only when the MAC verifies, it is less than :data:`VALID` seconds
 old (or at most :data:`SKEW` in the future), its nonce was not seen before, and method,
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.signing import RecordSigner, canonical
+from dispatcher.reqid import REQID_RE
 
 HEADER = "x-ctrl-exec-assertion"
 PURPOSE = "forward"
@@ -48,6 +53,7 @@ class Asserted:
     issuer: str  # SHA256:<hex> of the CA that issued the operator certificate
     username: str
     ip: str
+    reqid: str = ""
 
 
 def body_hash(body: bytes | None) -> str:
@@ -55,11 +61,14 @@ def body_hash(body: bytes | None) -> str:
 
 
 def make(signer: RecordSigner, *, by: str, who: dict[str, str], username: str, ip: str,
-         method: str, path: str, body: bytes | None, now: float | None = None) -> str:  # fmt: skip
+         method: str, path: str, body: bytes | None, now: float | None = None,
+         reqid: str = "") -> str:  # fmt: skip
     """The header value: ``base64url(canonical JSON) "." hex MAC``."""
     doc = {"by": by, "who": who, "username": username, "ip": ip, "method": method.upper(),
            "path": path, "body_sha256": body_hash(body),
            "ts": time.time() if now is None else now, "nonce": secrets.token_hex(16)}  # fmt: skip
+    if reqid:
+        doc["reqid"] = reqid
     raw = canonical(doc)
     return base64.urlsafe_b64encode(raw).decode() + "." + signer.mac(PURPOSE, raw)
 
@@ -121,4 +130,22 @@ def check(signer: RecordSigner, value: str, *, method: str, path: str, body: byt
         raise AssertionRefused("assertion replayed")
     return Asserted(by=str(doc.get("by", "")), cn=str(who.get("cn", "")),
                     serial=str(who.get("serial", "")), issuer=str(who.get("issuer", "")),
-                    username=str(doc.get("username", "")), ip=str(doc.get("ip", "")))  # fmt: skip
+                    username=str(doc.get("username", "")), ip=str(doc.get("ip", "")),
+                    reqid=_reqid(doc.get("reqid")))  # fmt: skip
+
+
+def _reqid(value: object) -> str:
+    return value if isinstance(value, str) and REQID_RE.fullmatch(value) else ""
+
+
+def claimed_reqid(value: str) -> str:
+    """The reqid an assertion names, NOT checked (only to label log lines until
+    :func:`check` runs); ``""`` when there is none or it is malformed."""
+    enc = value.strip().partition(".")[0]
+    if not enc or len(enc) > 8192:
+        return ""
+    try:
+        doc: Any = json.loads(base64.urlsafe_b64decode(enc.encode()))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return ""
+    return _reqid(doc.get("reqid")) if isinstance(doc, dict) else ""

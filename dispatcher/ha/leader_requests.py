@@ -27,6 +27,7 @@ import socket
 import time
 from typing import Any
 
+from agent.common import logfmt
 from agent.common.errors import CtrlExecError
 from cluster.backend import KVBackend
 from cluster.signing import RecordRejected, RecordSigner
@@ -49,6 +50,8 @@ def post(backend: KVBackend, signer: RecordSigner, kind: str, args: dict[str, An
     rid = f"{int(time.time() * 1000):x}-{secrets.token_hex(6)}"
     doc = {"id": rid, "kind": kind, "args": args, "at": time.time(),
            "requested_by": requested_by or f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
+    if reqid := logfmt.current_reqid():  # the leader logs the request under the asker's id
+        doc["reqid"] = reqid
     key = backend.keys.request(rid)
     sealed = signer.seal(REQUEST, key, doc)  # before the lease: no key, nothing written
     lease = backend.lease_grant(REQUEST_TTL)

@@ -35,6 +35,7 @@ from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from cluster.signing import RecordRejected
 from dispatcher.ha import actions, leader_requests
 from dispatcher.ha.records import RESULT
+from dispatcher.reqid import REQID_RE
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
@@ -140,7 +141,10 @@ class LeaderWork:
                 self._drop(kv.key, epoch, "expired or replayed request")
                 continue
             self._remember(rid)
-            self._request(epoch, rid, kind, args, str(doc.get("requested_by", "")))
+            asker = doc.get("reqid")  # the asking ced's reqid: one grep joins both logs
+            ours = isinstance(asker, str) and REQID_RE.fullmatch(asker) is not None
+            with logfmt.context(**({"reqid": asker} if ours else {})):
+                self._request(epoch, rid, kind, args, str(doc.get("requested_by", "")))
 
     def _remember(self, rid: str) -> None:
         """Request ids carried out recently: a sealed request replayed is refused."""

@@ -136,3 +136,52 @@ def test_json_lines(capfd: pytest.CaptureFixture[str], queued: bool) -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="log format must be one of kv, json"):
         logfmt.setup("x", "stderr", queued=False, fmt="yaml")
+
+
+# ----- the request's reqid on every line ----------------------------------------------------
+
+
+@pytest.mark.usefixtures("restore_logfmt")
+@pytest.mark.parametrize("fmt", ["kv", "json"])
+def test_every_line_of_a_request_carries_its_reqid(
+    capfd: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """Events, free text of the project's loggers and of adopted libraries (in another
+    thread's formatter), and a line with a reqid of its own (kept, the request's as
+    REQUEST) all carry the request's reqid; a line logged outside the request does not."""
+    import threading
+
+    logfmt.setup("api-test", "stderr", logfmt.INFO, fmt=fmt)
+    try:
+        assert logfmt.current_reqid() == ""
+        with logfmt.request("00112233aabbccdd", identity="alice"):
+            assert logfmt.current_reqid() == "00112233aabbccdd"
+            logfmt.event("auth", result="pass")
+            logfmt.event("pair-approve-api", reqid="pairing-1")
+            logging.getLogger("ctrl-exec.cluster").warning("free text")
+            logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+            t = threading.Thread(target=lambda: logfmt.event("in-thread"))
+            t.start()  # a plain thread does not copy the context: no reqid there
+            t.join()
+        logfmt.event("after")
+    finally:
+        logfmt.shutdown()
+        logfmt.setup("ced-test", "stderr", queued=False)
+    lines = capfd.readouterr().err.splitlines()
+    got = []
+    for line in lines:
+        if fmt == "json":
+            doc = json.loads(line)
+            got.append((doc["action"], {k.upper(): str(v) for k, v in doc.items()}))
+        else:
+            action, fields = logfmt.parse_line(line.split("]: ", 1)[1])
+            got.append((action, fields))
+    by = {a if a != "log" else f["LOGGER"]: f for a, f in got}
+    assert set(by) == {"auth", "pair-approve-api", "ctrl-exec.cluster", "uvicorn.error",
+                       "in-thread", "after"}, lines  # fmt: skip
+    for name in ("auth", "ctrl-exec.cluster", "uvicorn.error"):
+        assert by[name]["REQID"] == "00112233aabbccdd", by[name]
+        assert by[name]["IDENTITY"] == "alice", by[name]
+    assert by["pair-approve-api"]["REQID"] == "pairing-1"
+    assert by["pair-approve-api"]["REQUEST"] == "00112233aabbccdd"
+    assert "REQID" not in by["after"] and "REQID" not in by["in-thread"]

@@ -81,3 +81,21 @@ def test_without_the_key_nothing_is_accepted_nor_made() -> None:
                  body=BODY, nonces=fw.Nonces(), now=1001.0)  # fmt: skip
     with pytest.raises(Exception, match="no cluster key"):
         make(signer=RecordSigner(None))
+
+
+def test_the_reqid_is_sealed_with_the_assertion() -> None:
+    """The follower's reqid travels in the assertion: the leader logs under it. Changed,
+    the assertion is refused; :func:`claimed_reqid` (for the lines before the check) reads
+    only a well-formed one."""
+    value = make(reqid="00112233aabbccdd")
+    assert check(value).reqid == "00112233aabbccdd"
+    assert fw.claimed_reqid(value) == "00112233aabbccdd"
+    assert check(make()).reqid == "" and fw.claimed_reqid(make()) == ""
+    enc, mac = value.split(".")
+    doc = json.loads(base64.urlsafe_b64decode(enc))
+    doc["reqid"] = "ffffffffffffffff"
+    forged = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode() + "." + mac
+    with pytest.raises(fw.AssertionRefused, match="not sealed"):
+        check(forged)
+    for junk in ("", ".", "!!!.x", base64.urlsafe_b64encode(b'{"reqid":"a b"}').decode() + ".x"):
+        assert fw.claimed_reqid(junk) == ""
