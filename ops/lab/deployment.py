@@ -48,8 +48,6 @@ def site(lab: Lab) -> str:
     ])  # fmt: skip
 
 
-
-
 def run_via_vip(ops: Host) -> dict[str, object]:
     """``POST /run`` of ``disk-usage`` on both agents through the virtual IP, as the
     operator ``alice`` (the certificate the guide copied to the operator's machine)."""

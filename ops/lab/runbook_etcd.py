@@ -12,22 +12,25 @@ To rehearse on a lab that stays up (as root; Ctrl-C stops it)::
 
     .venv/bin/python -m ops.lab.runbook_etcd serve /tmp/rb-lab
     echo ops/runbooks/etcd-quorum-loss.md > /tmp/rb-lab/commands     # in another shell
+    echo "nosim ops/runbooks/etcd-quorum-loss.md" > /tmp/rb-lab/commands  # no failure made
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops.lab import deployment, guide_exec
-from ops.lab.hosts import Host
+from ops.lab.hosts import Host, LabError
 from ops.lab.proc import ROOT
 
 RUNBOOKS = ROOT / "ops" / "runbooks"
@@ -56,6 +59,7 @@ class Result:
     name: str
     seconds: float  # first Procedure block to the end of Verify
     blocks: int
+    printed: list[str] = field(default_factory=list)  # the "[runbook] ..." lines it printed
 
     def line(self) -> str:
         return f"[runbook] {self.name.removesuffix('.md')}: {self.seconds:.1f} s"
@@ -63,11 +67,12 @@ class Result:
 
 def run(
     path: Path, roles: Roles, site: str, *, log: Callable[[str], None] = print,
-    timeout: float = 120,
+    timeout: float = 120, simulate: bool = True,
 ) -> Result:  # fmt: skip
     """Run the runbook at ``path``; raises :class:`guide_exec.GuideStepFailed` on a failed
-    block (its title, host and output)."""
-    blocks = guide_exec.parse(path)
+    block (its title, host and output). ``simulate=False`` leaves out the failure (it
+    happened already)."""
+    blocks = [b for b in guide_exec.parse(path) if simulate or not b.simulate]
     first = next((i for i, b in enumerate(blocks) if b.section == "Procedure"), None)
     last = max((i for i, b in enumerate(blocks) if b.section in ("Procedure", "Verify")),
                default=None)  # fmt: skip
@@ -75,12 +80,41 @@ def run(
         raise guide_exec.GuideFormatError(f"{path}: no block under Procedure")
     guide_exec.run(blocks[:first], roles, site, timeout=timeout, log=log)
     t0 = time.monotonic()
-    guide_exec.run(blocks[first : last + 1], roles, site, timeout=timeout, log=log)
+    report = guide_exec.run(blocks[first : last + 1], roles, site, timeout=timeout, log=log)
     took = time.monotonic() - t0
     guide_exec.run(blocks[last + 1 :], roles, site, timeout=timeout, log=log)
-    result = Result(path.name, took, len(blocks))
-    log(result.line())
+    printed = [ln for _, _, out in report.outputs for ln in out.splitlines()
+               if ln.startswith("[runbook] ")]  # fmt: skip
+    result = Result(path.name, took, len(blocks), printed)
+    for line in [*printed, result.line()]:
+        log(line)
     return result
+
+
+def forged_ping(host: Host, leaked: str = "/root/leaked") -> dict[str, str]:
+    """What each agent answers to a certificate an attacker signs with the leaked CA key
+    (``leaked``/ca.key, ca.crt on ``host``, a dispatcher host: the agents' firewall admits
+    it) with the dispatcher certificate's current, public serial and name:
+    ``{agent: HTTP status}``, ``000`` when the TLS handshake is refused."""
+    script = f"""
+set -eu
+d=$(mktemp -d /root/forged.XXXXXX)
+serial=$(openssl x509 -in /etc/ctrl-exec/dispatcher.crt -noout -serial | cut -d= -f2)
+subject=$(openssl x509 -in /etc/ctrl-exec/dispatcher.crt -noout -subject -nameopt compat | sed 's/^subject=//')
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/key" \
+    -out "$d/csr" -subj "$subject" 2>/dev/null
+printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\n' > "$d/ext"
+openssl x509 -req -in "$d/csr" -CA {leaked}/ca.crt -CAkey {leaked}/ca.key \
+    -set_serial "0x$serial" -days 1 -extfile "$d/ext" -out "$d/crt" 2>/dev/null
+for a in {" ".join(deployment.AGENTS)}; do
+    code=$(curl -sk -m 10 -o /dev/null -w '%{{http_code}}' --cert "$d/crt" --key "$d/key" \
+        -H 'Content-Type: application/json' -d '{{}}' "https://$a:7443/ping" || true)
+    echo "$a $code"
+done
+rm -rf "$d"
+"""
+    got = host.run(["bash", "-c", script], env=host.env(), timeout=60)
+    return dict(line.split() for line in got.stdout.splitlines() if line.strip())
 
 
 def _sh(host: Host, cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -108,7 +142,9 @@ def baseline_problem(roles: Roles) -> str | None:
     if not status.get("leader") or len(members) != len(roles["dispatcher"]):
         return f"cluster status: leader {status.get('leader')}, {len(members)} members"
     if not all(m.get("state") == "serving" for m in members):
-        return f"not every member serving: {[(m.get('instance_id'), m.get('state')) for m in members]}"
+        return (
+            f"not every member serving: {[(m.get('instance_id'), m.get('state')) for m in members]}"
+        )
     leaders = set()
     for h in roles["dispatcher"]:
         got = _sh(h, "curl -fsS -m 3 http://127.0.0.1:7446/status")
@@ -122,7 +158,7 @@ def baseline_problem(roles: Roles) -> str | None:
         return f"leaders by /status: {sorted(leaders)}"
     try:
         doc = deployment.run_via_vip(ops)
-    except Exception as exc:  # noqa: BLE001 - reported, the caller retries
+    except (LabError, ValueError) as exc:  # reported; the caller retries
         return f"run through the VIP: {exc}"
     results = doc.get("results")
     if not isinstance(results, list) or sorted(r.get("host") for r in results) != sorted(
@@ -161,6 +197,7 @@ def diagnostics(roles: Roles) -> str:
 def serve(root: Path) -> int:
     """Deploy a lab and run the runbooks named on ``root/commands`` (a FIFO) against it;
     ``baseline`` checks the baseline."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the lab is stopped on the way out
     root.mkdir(parents=True, exist_ok=True)
     fifo = root / "commands"
     if not fifo.exists():
@@ -174,13 +211,17 @@ def serve(root: Path) -> int:
                     what = line.strip()
                     if what in ("quit", ""):
                         return 0
+                    importlib.reload(guide_exec)  # edits to the runbooks' code apply now
+                    mod = importlib.reload(importlib.import_module("ops.lab.runbook_etcd"))
                     try:
                         if what == "baseline":
-                            print(f"baseline after {baseline(roles):.1f} s", flush=True)
+                            print(f"baseline after {mod.baseline(roles):.1f} s", flush=True)
+                        elif what.startswith("nosim "):
+                            mod.run(Path(what.split()[1]), roles, site, simulate=False)
                         else:
-                            run(Path(what), roles, site)
-                    except (AssertionError, guide_exec.GuideFormatError) as exc:
-                        print(f"FAILED: {exc}\n{diagnostics(roles)}", flush=True)
+                            mod.run(Path(what), roles, site)
+                    except (AssertionError, ValueError) as exc:
+                        print(f"FAILED: {exc}\n{mod.diagnostics(roles)}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
