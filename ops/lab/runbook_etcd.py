@@ -121,6 +121,27 @@ def _sh(host: Host, cmd: str, timeout: float = 30) -> subprocess.CompletedProces
     return host.run(["bash", "-c", cmd], env=host.env(), timeout=timeout, check=False)
 
 
+def forged_operator_call(host: Host, leaked: str = "/root/leaked") -> str:
+    """The HTTP status of ``POST /ping`` through the virtual IP with an operator
+    certificate an attacker signs with the leaked operator CA key (``leaked``/operator-ca.*
+    on ``host``); ``000`` when the TLS handshake is refused."""
+    hosts = ",".join(f'"{a}"' for a in deployment.AGENTS)
+    script = f"""
+set -eu
+d=$(mktemp -d /root/forged-op.XXXXXX)
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/key" \
+    -out "$d/csr" -subj /CN=mallory 2>/dev/null
+printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' > "$d/ext"
+openssl x509 -req -in "$d/csr" -CA {leaked}/operator-ca.crt -CAkey {leaked}/operator-ca.key \
+    -CAcreateserial -days 1 -extfile "$d/ext" -out "$d/crt" 2>/dev/null
+curl -sk -m 20 -o /dev/null -w '%{{http_code}}' --cert "$d/crt" --key "$d/key" \
+    -H 'Content-Type: application/json' -d '{{"hosts":[{hosts}]}}' \
+    "https://{deployment.VIP_NAME}:7445/ping" || true
+rm -rf "$d"
+"""
+    return host.run(["bash", "-c", script], env=host.env(), timeout=60).stdout.strip()
+
+
 def baseline_problem(roles: Roles) -> str | None:
     """None when the lab is at its baseline: every etcd member healthy, one leader and
     every instance serving, both agents answering through the virtual IP; else what is

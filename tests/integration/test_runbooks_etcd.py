@@ -95,13 +95,19 @@ def test_ca_compromise(deployed: Deployed) -> None:
     # every agent (so the check after the runbook can fail)
     before = runbook_etcd.forged_ping(disp1, leaked="/etc/ctrl-exec")
     assert before == dict.fromkeys(deployment.AGENTS, "200"), before
+    assert runbook_etcd.forged_operator_call(disp1, leaked="/etc/ctrl-exec") == "200"
     result = _run(deployed, "ca-compromise.md")
     print(result.line())
-    # the leaked key (copied by the runbook's simulate block) no longer opens any agent
+    # the leaked keys (copied by the runbook's simulate block) no longer open anything
     after = runbook_etcd.forged_ping(disp1)
-    print(f"[attack] forged dispatcher certificate from the leaked CA key: {after}")
+    print(f"[attack] dispatcher certificate signed with the leaked CA key: refused ({after})")
     assert sorted(after) == sorted(deployment.AGENTS)
     assert all(code == "000" for code in after.values()), after
+    codes = [runbook_etcd.forged_operator_call(disp1) for _ in range(3)]  # every instance
+    print(
+        f"[attack] operator certificate signed with the leaked operator CA key: refused ({codes})"
+    )
+    assert codes == ["000"] * 3, codes
 
 
 @pytest.mark.timeout(400)
