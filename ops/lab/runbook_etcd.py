@@ -67,7 +67,7 @@ class Result:
 
 def run(
     path: Path, roles: Roles, site: str, *, log: Callable[[str], None] = print,
-    timeout: float = 300, simulate: bool = True,
+    timeout: float = 420, simulate: bool = True,
 ) -> Result:  # fmt: skip
     """Run the runbook at ``path``; raises :class:`guide_exec.GuideStepFailed` on a failed
     block (its title, host and output). ``simulate=False`` leaves out the failure (it

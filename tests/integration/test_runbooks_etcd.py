@@ -88,7 +88,7 @@ def test_cert_rotation_ha(deployed: Deployed) -> None:
     print(_run(deployed, "cert-rotation-ha.md").line())
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_ca_compromise(deployed: Deployed) -> None:
     disp1 = deployed.roles["dispatcher"][0]
     # control: with the CA key, a certificate with the dispatcher's public serial opens
