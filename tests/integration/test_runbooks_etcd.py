@@ -69,21 +69,22 @@ def test_the_runbooks_are_the_ones_this_test_runs() -> None:
         sections = [b.section for b in blocks]
         for section in ("Pre-flight", "Procedure", "Verify", "When this fails"):
             assert section in sections, (name, section)
-        assert any(b.simulate for b in blocks), name
+        planned = name == "cert-rotation-ha.md"  # no failure to make happen
+        assert any(b.simulate for b in blocks) != planned, name
         assert all(b.diagnose == (b.section == "When this fails") for b in blocks), name
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the first test also deploys the lab (~30 s idle, minutes loaded)
 def test_etcd_quorum_loss(deployed: Deployed) -> None:
     print(_run(deployed, "etcd-quorum-loss.md").line())
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_replace_etcd_member(deployed: Deployed) -> None:
     print(_run(deployed, "replace-etcd-member.md").line())
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_cert_rotation_ha(deployed: Deployed) -> None:
     print(_run(deployed, "cert-rotation-ha.md").line())
 
@@ -110,7 +111,7 @@ def test_ca_compromise(deployed: Deployed) -> None:
     assert codes == ["000"] * 3, codes
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_disaster_recovery(deployed: Deployed) -> None:
     result = _run(deployed, "disaster-recovery.md")
     print(result.line())
