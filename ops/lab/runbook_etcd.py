@@ -189,7 +189,7 @@ def baseline_problem(roles: Roles) -> str | None:
     return None
 
 
-def baseline(roles: Roles, timeout: float = 60) -> float:
+def baseline(roles: Roles, timeout: float = 120) -> float:
     """Wait (at most ``timeout`` s) for :func:`baseline_problem` to clear; seconds taken."""
     t0 = time.monotonic()
     deadline = t0 + timeout
