@@ -45,6 +45,7 @@ Modes:
                              revoke tokens (--all: every unused one)
   setup-ca                   one-time CA initialisation
   setup-operator-ca          one-time operator CA initialisation (the API trusts it)
+                             [--replace] a new one: every operator cert is revoked
   issue-operator <name>      client certificate for an operator or automation account
                              [--days n] [--out dir] (writes dir/name.crt, dir/name.key)
   setup-ctrl-exec            generate the dispatcher key and certificate [--yes]
@@ -235,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true")
     p.add_argument("--status", action="store_true")
     p.add_argument("--finish", action="store_true")
+    p.add_argument("--replace", action="store_true")  # setup-operator-ca
     p.add_argument("--version", action="store_true")
     p.add_argument("--host")  # history: filters
     p.add_argument("--script")

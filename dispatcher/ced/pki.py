@@ -30,8 +30,18 @@ def cmd_setup_ca(inv: Invocation) -> ExitCode:
 
 
 def cmd_setup_operator_ca(inv: Invocation) -> ExitCode:
-    out("Setting up the operator CA...")
-    doc = inv.leader_action("setup-operator-ca", {}, failed="Error: ").data
+    replace = bool(inv.ns.replace)
+    if (
+        replace
+        and sys.stdin.isatty()
+        and not inv.ns.yes
+        and not inv.confirm("Replace the operator CA (every operator certificate stops working)?")
+    ):
+        out("Aborted.")
+        return ExitCode.OK
+    out("Replacing the operator CA..." if replace else "Setting up the operator CA...")
+    doc = inv.leader_action("setup-operator-ca", {"replace": True} if replace else {},
+                            failed="Error: ").data  # fmt: skip
     out("Operator CA created:")
     out(f"  Key:         {doc['key']}")
     out(f"  Cert:        {doc['cert']}")

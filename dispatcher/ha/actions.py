@@ -194,12 +194,13 @@ def setup_ca(d: Dispatcher) -> dict[str, Any]:
             "cluster_key": _cluster_key(d)}  # fmt: skip
 
 
-def setup_operator_ca(d: Dispatcher) -> dict[str, Any]:
-    """The operators' own CA under ``ca_dir`` (:mod:`dispatcher.pki.operatorca`)."""
+def setup_operator_ca(d: Dispatcher, *, replace: bool = False) -> dict[str, Any]:
+    """The operators' own CA under ``ca_dir`` (:mod:`dispatcher.pki.operatorca`);
+    ``replace``: a new one instead of the existing one (revokes every operator cert)."""
     from dispatcher.pki import operatorca
     from dispatcher.pki.ca import fingerprint
 
-    ca = operatorca.create_operator_ca(d.cfg.ca_dir, writer=d.writer)
+    ca = operatorca.create_operator_ca(d.cfg.ca_dir, writer=d.writer, replace=replace)
     return {"key": str(operatorca.key_path(d.cfg.ca_dir)), "cert": str(ca.cert_path),
             "fingerprint": fingerprint(ca.cert)}  # fmt: skip
 

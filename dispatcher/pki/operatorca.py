@@ -34,7 +34,7 @@ from dispatcher.pki.ca import (
     leaf,
     load_ca,
 )
-from dispatcher.statewrite import StateWriter
+from dispatcher.statewrite import StateWriter, default_writer
 
 OPERATOR_CA_CN = "ctrl-exec operator CA"
 OPERATOR_CA_CERT = "operator-ca.crt"
@@ -55,9 +55,17 @@ def key_path(ca_dir: str | Path) -> Path:
 
 
 def create_operator_ca(
-    ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None
-) -> CA:
-    """Write the operator CA key and cert under ``ca_dir``; refuses to overwrite the key."""
+    ca_dir: str | Path, days: int = 3650, writer: StateWriter | None = None,
+    replace: bool = False,
+) -> CA:  # fmt: skip
+    """Write the operator CA key and cert under ``ca_dir``; refuses to overwrite the key
+    unless ``replace`` (``setup-operator-ca --replace``: a new operator CA, so every
+    operator certificate the old one issued stops working, as after a suspected
+    compromise of ``ca_dir``)."""
+    if replace:
+        w = writer or default_writer()
+        w.delete(key_path(ca_dir))
+        w.delete(cert_path(ca_dir))
     return create_self_signed(key_path(ca_dir), cert_path(ca_dir), OPERATOR_CA_CN, days, writer)
 
 

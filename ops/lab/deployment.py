@@ -33,15 +33,19 @@ def deployed(
     """The lab with ``guide`` run on it; everything stopped on the way out."""
     with Lab(root, binds={"/opt/ctrl-exec/venv": ROOT / ".venv"}) as lab:
         roles = {role: [lab.add(n) for n in names] for role, names in ROLES.items()}
-        vip = lab.address(200)
-        lab.add_name(VIP_NAME, vip)
-        site = "\n".join([
-            "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
-            'LBS="lb1 lb2"', f"VIP={vip}", "VIP_PREFIX=24", f"VIP_NAME={VIP_NAME}",
-            "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
-        ])  # fmt: skip
-        report = guide_exec.run(guide_exec.parse(guide), roles, site, timeout=240, log=log)
+        lab.add_name(VIP_NAME, lab.address(200))
+        report = guide_exec.run(guide_exec.parse(guide), roles, site(lab), timeout=240, log=log)
         yield lab, roles, report
+
+
+def site(lab: Lab) -> str:
+    """The guide's site values (its ``sh site`` block) for ``lab``: also what the runbooks
+    run with."""
+    return "\n".join([
+        "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
+        'LBS="lb1 lb2"', f"VIP={lab.address(200)}", "VIP_PREFIX=24", f"VIP_NAME={VIP_NAME}",
+        "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
+    ])  # fmt: skip
 
 
 def run_via_vip(ops: Host) -> dict[str, object]:

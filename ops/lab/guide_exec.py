@@ -104,6 +104,7 @@ def parse(path: Path) -> list[Block]:
 @dataclass
 class Report:
     timings: list[tuple[Block, str, float]] = field(default_factory=list)
+    outputs: list[tuple[Block, str, str]] = field(default_factory=list)  # block, host, stdout
 
     def lines(self) -> list[str]:
         return [f"[guide] {b.title} on {h}: {t:.2f} s" for b, h, t in self.timings]
@@ -138,6 +139,7 @@ def run(
                                  timeout=timeout)  # fmt: skip
             took = time.monotonic() - t0
             report.timings.append((block, host.name, took))
+            report.outputs.append((block, host.name, got.stdout))
             log(f"[guide] {block.title} on {host.name}: {took:.2f} s")
             if got.returncode != 0:
                 raise GuideStepFailed(

@@ -33,12 +33,13 @@ ORDER = (
     "switchover.md",
     "failover.md",
     "add-remove-instance.md",
-    "etcd-quorum-loss.md",
-    "disaster-recovery.md",
-    "cert-rotation-ha.md",
 )
 # multi-host-lab runbooks (```sh on=HOST```), each run by its own live test
-ON_THE_LAB = {"onboard-agents.md": "tests/integration/test_runbook_onboarding.py"}
+ON_THE_LAB = {"onboard-agents.md": "tests/integration/test_runbook_onboarding.py"} | {
+    name: "tests/integration/test_runbooks_etcd.py"
+    for name in ("etcd-quorum-loss.md", "replace-etcd-member.md", "cert-rotation-ha.md",
+                 "ca-compromise.md", "disaster-recovery.md")
+}  # fmt: skip
 CLUSTER_VERBS = set(subverbs())
 _CED = re.compile(r'\bced --config "\$[A-Z_]+" ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?')
 _VAR = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")

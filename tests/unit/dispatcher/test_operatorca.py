@@ -65,6 +65,37 @@ def test_setup_operator_ca_is_a_leader_action_and_refuses_to_overwrite(d: Dispat
     assert key.read_bytes() == before
 
 
+def test_replacing_the_operator_ca_revokes_every_operator_certificate(
+    d: Dispatcher, tmp_path: Path
+) -> None:
+    first = actions.request(d, "setup-operator-ca").data
+    out = tmp_path / "out"
+    out.mkdir()
+    old = operatorca.issue_operator(d.cfg.ca_dir, "alice", 30, out)
+    old_der = x509.load_pem_x509_certificate(old.cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert OperatorTrust.from_config(d.cfg).identify(old_der) is not None
+    with pytest.raises(actions.ActionFailed, match="unknown argument"):
+        actions.request(d, "setup-operator-ca", {"replce": True})
+    with pytest.raises(actions.ActionFailed, match="wrong type"):
+        actions.request(d, "setup-operator-ca", {"replace": "yes"})
+    second = actions.request(d, "setup-operator-ca", {"replace": True}).data
+    assert second["fingerprint"] != first["fingerprint"]
+    assert Path(second["key"]).stat().st_mode & 0o777 == 0o600
+    assert (
+        OperatorTrust.from_config(d.cfg).identify(old_der) is None
+    )  # the old certificate: no operator
+    new_out = tmp_path / "new"
+    new_out.mkdir()
+    new = operatorca.issue_operator(d.cfg.ca_dir, "alice", 30, new_out)
+    new_der = x509.load_pem_x509_certificate(new.cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    ident = OperatorTrust.from_config(d.cfg).identify(new_der)
+    assert ident is not None and ident.cn == "alice"
+
+
 def test_issue_operator_writes_a_client_only_certificate(d: Dispatcher, tmp_path: Path) -> None:
     actions.request(d, "setup-operator-ca")
     out = tmp_path / "out"
@@ -129,6 +160,10 @@ def test_ced_verbs(d: Dispatcher, tmp_path: Path) -> None:
                   "SUDO_USER=carol"):  # fmt: skip
         assert field in line, line
     assert _ced("--config", conf, "issue-operator").returncode == 2  # NAME missing: usage
+    before = (Path(d.cfg.ca_dir) / "operator-ca.crt").read_bytes()
+    r = _ced("--config", conf, "setup-operator-ca", "--replace", "--yes")
+    assert r.returncode == 0 and "Replacing the operator CA" in r.stdout, r.stderr
+    assert (Path(d.cfg.ca_dir) / "operator-ca.crt").read_bytes() != before
 
 
 def _cfg(d: Dispatcher, **kw: str) -> DispatcherConfig:
