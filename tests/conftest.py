@@ -9,6 +9,10 @@ import pytest
 
 from ops.lab.pki import Issued, TestCA
 
+# the attack suite's summary: here, not in tests/security/, so that the controller of a
+# parallel run (pytest -n) loads it too
+pytest_plugins = ["tests.support.attack_summary"]
+
 SCRIPTS = {
     "echo-args": """#!/bin/sh
 echo "argc=$#"

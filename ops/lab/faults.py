@@ -186,7 +186,7 @@ class Faults:
             with contextlib.ExitStack() as stack:
                 for r in rules:
                     stack.enter_context(self._undoing(functools.partial(_iptables_delete, r)))
-                    subprocess.run(["iptables", "-I", *r], check=True, capture_output=True)
+                    subprocess.run(["iptables", "-w", "-I", *r], check=True, capture_output=True)
                 f.detail["cut_connections"] = len(rules) - 1
                 f.detail["new_leader"], f.detail["failover_s"] = self._successor(
                     old, self.hold + 10
@@ -251,7 +251,7 @@ def _signal(inst: Inst, sig: int) -> None:
 
 def _iptables_delete(rule: list[str]) -> None:
     for _ in range(5):  # every copy, should one have been inserted twice
-        if subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode != 0:
+        if subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode != 0:
             return
 
 
