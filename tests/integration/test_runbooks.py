@@ -188,9 +188,7 @@ def baseline(roles: dict[str, list[Host]], limit: float = 90) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ORDER)
-def test_runbook_on_the_multi_host_lab(
-    lab: tuple[Lab, dict[str, list[Host]]], name: str
-) -> None:
+def test_runbook_on_the_multi_host_lab(lab: tuple[Lab, dict[str, list[Host]]], name: str) -> None:
     the_lab, roles = lab
     baseline(roles)
     vip = the_lab.names[deployment.VIP_NAME]
