@@ -221,7 +221,7 @@ class Session:
             if not self._claim(lease_id, member).created:  # ours again meanwhile: write it
                 self.backend.update_member(lease_id, member)
         except MemberConflict as exc:
-            self._conflicted(exc)
+            self._conflicted(exc, lease_id)
 
     def _check_member(self, lease_id: int) -> None:
         member = self.member
@@ -230,9 +230,14 @@ class Session:
         try:
             self._claim(lease_id, member)
         except MemberConflict as exc:
-            self._conflicted(exc)
+            self._conflicted(exc, lease_id)
 
-    def _conflicted(self, exc: MemberConflict) -> None:
+    def _conflicted(self, exc: MemberConflict, lease_id: int) -> None:
+        if not self.is_current(lease_id):
+            # written under a lease since replaced (lost, then granted again while another
+            # thread still wrote under the old one): the key is ours under the new lease
+            log.info("member write under replaced lease %x ignored", lease_id)
+            return
         with self._lock:
             new = self._conflict is None or str(self._conflict) != str(exc)
             self._conflict = exc

@@ -1,7 +1,7 @@
 """A local lab on loopback: real etcd members, ``ctrl-exec-api`` instances, agents and a real
 HAProxy, started as subprocesses.
 
-The one home of the fixtures: the demo (``ops/demo/cluster_demo.py``), the runbook lab,
+The one home of the fixtures: the demo (``ops/demo/cluster_demo.py``), the runbook tests,
 the benchmarks and the tests import them from here, so none of them keeps its own copy
 (``tests/support`` holds only pytest glue). Every process is started with its own data
 and config files under a directory the caller owns, on free loopback ports, and is
@@ -23,5 +23,7 @@ stopped by its PID.
   :mod:`~ops.lab.etcdpki`), a real HAProxy;
 * :mod:`~ops.lab.hacluster`: a whole HA cluster (etcd, instances, agents, HAProxy);
 * :mod:`~ops.lab.elector_proc`: one elector in its own process (election tests);
-* :mod:`~ops.lab.runbook_lab`: the cluster the runbooks run against.
+* :mod:`~ops.lab.hosts`, :mod:`~ops.lab.deployment`, :mod:`~ops.lab.guide_exec`: the
+  multi-host lab (namespace hosts with the real default paths), ``docs/deploy.md``
+  deployed on it, and the runner of the guide's and the runbooks' command blocks.
 """

@@ -1,7 +1,9 @@
 """The deployment of ``docs/deploy.md`` on eleven lab hosts (:mod:`ops.lab.hosts`), shared by
 ``tests/integration/test_deploy_guide.py`` and ``ops/demo/lab_demo.py``: three etcd members,
 three dispatcher hosts, two load balancers sharing a virtual IP, two agents, an operator's
-machine; the guide's site values set for the lab."""
+machine; the guide's site values set for the lab. With ``spare=True`` a fourth dispatcher host
+(``disp4``, role ``new-dispatcher``, named by the site variable ``NEW_DISPATCHER``) stands
+by, untouched by the guide, for the runbook that adds an instance."""
 
 from __future__ import annotations
 
@@ -26,26 +28,39 @@ ROLES = {
 }
 
 
+SPARE = "disp4"  # the spare dispatcher host of ``deployed(spare=True)``
+
+
+def site(lab: Lab | str, spare: bool = False) -> str:
+    """The deployment guide's ``sh site`` block with the values of ``lab`` (or of a lab whose
+    virtual IP is ``lab``): also what the runbooks run with. With ``spare``,
+    ``NEW_DISPATCHER``: the host the add-instance runbook adds."""
+    vip = lab if isinstance(lab, str) else lab.address(200)
+    lines = [
+        "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
+        'LBS="lb1 lb2"', f"VIP={vip}", "VIP_PREFIX=24", f"VIP_NAME={VIP_NAME}",
+        "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
+    ]  # fmt: skip
+    if spare:
+        lines.append(f"NEW_DISPATCHER={SPARE}")
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def deployed(
-    root: Path, guide: Path = GUIDE, log: Callable[[str], None] = print
+    root: Path, guide: Path = GUIDE, log: Callable[[str], None] = print, *, spare: bool = False
 ) -> Iterator[tuple[Lab, dict[str, list[Host]], guide_exec.Report]]:
-    """The lab with ``guide`` run on it; everything stopped on the way out."""
+    """The lab with ``guide`` run on it; everything stopped on the way out. ``spare``: one
+    more dispatcher host, role ``new-dispatcher``, that the guide leaves alone."""
     with Lab(root, binds={"/opt/ctrl-exec/venv": ROOT / ".venv"}) as lab:
         roles = {role: [lab.add(n) for n in names] for role, names in ROLES.items()}
-        lab.add_name(VIP_NAME, lab.address(200))
-        report = guide_exec.run(guide_exec.parse(guide), roles, site(lab), timeout=240, log=log)
+        if spare:
+            roles["new-dispatcher"] = [lab.add(SPARE)]
+        vip = lab.address(200)
+        lab.add_name(VIP_NAME, vip)
+        report = guide_exec.run(guide_exec.parse(guide), roles, site(vip, spare), timeout=240,
+                                log=log)  # fmt: skip
         yield lab, roles, report
-
-
-def site(lab: Lab) -> str:
-    """The guide's site values (its ``sh site`` block) for ``lab``: also what the runbooks
-    run with."""
-    return "\n".join([
-        "DOMAIN=lab.test", 'ETCD_HOSTS="etcd1 etcd2 etcd3"', 'DISPATCHERS="disp1 disp2 disp3"',
-        'LBS="lb1 lb2"', f"VIP={lab.address(200)}", "VIP_PREFIX=24", f"VIP_NAME={VIP_NAME}",
-        "LB_IFACE=eth0", 'AGENTS="web1 web2"', "OPERATOR=alice", "OPERATOR_HOST=ops",
-    ])  # fmt: skip
 
 
 def run_via_vip(ops: Host) -> dict[str, object]:
