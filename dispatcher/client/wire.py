@@ -125,28 +125,41 @@ class AgentReply:
 
 
 class SessionCache:
-    """TLS sessions by ``(address, port)``, least recently used dropped first.
+    """TLS sessions by ``(address, port)``, least recently used dropped first, each with the
+    serial of the certificate its full handshake showed: a resumed session shows that
+    certificate again, so it is offered only while the registry pins that serial alone (a
+    pending renewal, or a promoted one, makes the next handshake a full one and the new
+    certificate seen).
 
     Safe to share between the blocking client's threads (each step is one dict call).
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
-        self._items: OrderedDict[tuple[str, int], ssl.SSLSession] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int], tuple[ssl.SSLSession, str | None]] = OrderedDict()
         self.offered = 0
         self.resumed = 0
 
-    def get(self, address: str, port: int) -> ssl.SSLSession | None:
+    def get(
+        self, address: str, port: int, pinned: tuple[str, ...] | None = None
+    ) -> ssl.SSLSession | None:
+        """The session for ``address:port``; with ``pinned`` (the registry's serials), only
+        one made with the single pinned serial."""
         key = (address, port)
-        s = self._items.get(key)
-        if s is not None:
-            with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
-                self._items.move_to_end(key)
-        return s
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if pinned is not None and (len(pinned) != 1 or item[1] != pinned[0]):
+            return None
+        with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
+            self._items.move_to_end(key)
+        return item[0]
 
-    def put(self, address: str, port: int, session: ssl.SSLSession) -> None:
+    def put(
+        self, address: str, port: int, session: ssl.SSLSession, serial: str | None = None
+    ) -> None:
         key = (address, port)
-        self._items[key] = session
+        self._items[key] = (session, serial)
         with contextlib.suppress(KeyError):
             self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
@@ -220,7 +233,8 @@ class Attempt:
         address, port, ctx = req.address, req.port, req.ctx
         self.phase = "tls"
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        session = sessions.get(address, port) if sessions is not None else None
+        pinned = req.pins.serials if req.pins is not None else None
+        session = sessions.get(address, port, pinned) if sessions is not None else None
         try:
             sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, session=session)
         except ValueError:  # a session from another context
@@ -290,7 +304,7 @@ class Attempt:
             # 0.25 ms), and the agent issues a fresh one whenever it refuses the old one.
             s = sslobj.session
             if s is not None and (s.has_ticket or version == "TLSv1.2"):
-                sessions.put(address, port, s)
+                sessions.put(address, port, s, self.peer[0] if self.peer else None)
         return bytes(buf)
 
     def _check_peer(self, der: bytes | None) -> None:
