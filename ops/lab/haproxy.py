@@ -28,7 +28,7 @@ HAPROXY = shutil.which("haproxy")
 SKIP_REASON = "haproxy is not installed (apt-get install haproxy); CI installs it"
 API_BACKEND = "be_ctrl_exec_api"
 PAIRING_BACKEND = "be_ctrl_exec_pairing"
-_SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
+_SUN_PATH_MAX = 96  # sockaddr_un.sun_path is 108 bytes; HAProxy refuses paths over 97
 
 
 class HAProxyError(RuntimeError):
