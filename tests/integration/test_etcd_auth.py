@@ -76,10 +76,10 @@ def test_a_wrong_password_stops_the_daemon_with_a_clear_error(
     p = subprocess.run([sys.executable, "-m", "dispatcher.api.daemon", "--config", str(d.config)],
                        capture_output=True, text=True, env=ENV, timeout=60)  # fmt: skip
     assert p.returncode == 78, p.stderr
-    want = (f"ctrl-exec-api: {d.config}: refusing to start: etcd at {etcd.endpoints[0]} "
-            "refused user 'ctrl-exec': etcdserver: authentication failed, invalid user ID or "
-            "password (check etcd_user and etcd_password_file)")  # fmt: skip
-    assert want in p.stderr.splitlines(), p.stderr
+    want = (f'ACTION=api-fatal REASON="{d.config}: refusing to start: etcd at '
+            f"{etcd.endpoints[0]} refused user 'ctrl-exec': etcdserver: authentication failed, "
+            'invalid user ID or password (check etcd_user and etcd_password_file)"')  # fmt: skip
+    assert any(line.endswith(want) for line in p.stderr.splitlines()), p.stderr
     assert "Traceback" not in p.stderr and "not-the-password" not in p.stderr
 
 

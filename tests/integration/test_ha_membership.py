@@ -97,9 +97,9 @@ def test_second_process_with_a_taken_instance_id_is_refused(cluster: Cluster) ->
     took = time.monotonic() - t0
     assert took > TTL, took  # it waited a lease TTL for a crashed predecessor's key to go
     assert a.proc is not None
-    expected = (
-        f"ctrl-exec-api: {dup.config}: refusing to start: instance_id 'inst-a' is already a "
-        f"live member of this cluster (advertising {a.url}, pid {a.proc.pid} on host "
+    expected = (  # the api-fatal log line (KEY=value like every other line)
+        f"ACTION=api-fatal REASON=\"{dup.config}: refusing to start: instance_id 'inst-a' is "
+        f"already a live member of this cluster (advertising {a.url}, pid {a.proc.pid} on host "
         f"{socket.gethostname()}, since "
     )
     assert expected in dup.logtext(), dup.logtext()
