@@ -15,11 +15,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from agent.common import logfmt
-from agent.common.serial import serial_to_hex
-from dispatcher.api.deps import StateDep, peer_ip
+from dispatcher.api.deps import StateDep
 from dispatcher.api.errors import error
-from dispatcher.api.peercert import state_of
+from dispatcher.api.peerroute import refused_peer
 from dispatcher.api.routes import PEER_PREFIX
 
 router = APIRouter()
@@ -32,15 +30,9 @@ async def cluster_file(
     sync = state.ha.sync if state.ha is not None else None
     if sync is None:
         return error(404, "not found", "this instance publishes no generations")
-    peer = state_of(request.scope.get("state"))
-    if not peer["tls_version"]:
-        return error(403, "forbidden", "peer routes need TLS")
-    serial = serial_to_hex(peer["peer_serial"] or "")
-    allowed = await asyncio.to_thread(sync.peer_serials)
-    if not serial or serial not in allowed:
-        logfmt.event("peer-denied", path=request.url.path, peer=peer_ip(request.scope),
-                     serial=serial or "-", reason="not a dispatcher serial of the cluster")  # fmt: skip
-        return error(403, "forbidden", "a dispatcher certificate of this cluster is required")
+    refused = await refused_peer(request, sync)
+    if refused is not None:
+        return refused
     status, data, entry = await asyncio.to_thread(sync.serve, path, generation)
     if status != 200 or entry is None or not isinstance(data, bytes):
         err = "conflict" if status == 409 else "not found"

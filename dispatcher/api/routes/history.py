@@ -17,13 +17,11 @@ import asyncio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from agent.common import logfmt
-from agent.common.serial import serial_to_hex
 from cluster.errors import BackendUnavailable
 from dispatcher.api import models as m
-from dispatcher.api.deps import ApiCall, CallDep, StateDep, peer_ip
+from dispatcher.api.deps import ApiCall, CallDep, StateDep
 from dispatcher.api.errors import BAD_REQUEST, ERR, FORBIDDEN, NOT_FOUND, denial, error
-from dispatcher.api.peercert import state_of
+from dispatcher.api.peerroute import refused_peer
 from dispatcher.api.routes import PEER_RUNS, TAG_STATUS
 from dispatcher.history import records as hr
 from dispatcher.history.owner import OwnerUnreachable, RecordGone
@@ -103,15 +101,9 @@ async def peer_run(reqid: str, request: Request, state: StateDep) -> Response:
     sync = state.ha.sync if state.ha is not None else None
     if sync is None:
         return error(404, "not found", "this instance keeps no cluster history")
-    peer = state_of(request.scope.get("state"))
-    if not peer["tls_version"]:
-        return error(403, "forbidden", "peer routes need TLS")
-    serial = serial_to_hex(peer["peer_serial"] or "")
-    allowed = await asyncio.to_thread(sync.peer_serials)
-    if not serial or serial not in allowed:
-        logfmt.event("peer-denied", path=request.url.path, peer=peer_ip(request.scope),
-                     serial=serial or "-", reason="not a dispatcher serial of the cluster")  # fmt: skip
-        return error(403, "forbidden", "a dispatcher certificate of this cluster is required")
+    refused = await refused_peer(request, sync)
+    if refused is not None:
+        return refused
     rec = await asyncio.to_thread(for_config(state.d.cfg).load, reqid)
     if rec is None:
         return error(404, "not found", f"no run {reqid} here")

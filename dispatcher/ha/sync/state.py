@@ -30,6 +30,17 @@ from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_
 ev = logfmt.event
 
 
+def current_store(store_id: Callable[[], str] | None) -> str:
+    """The etcd cluster id the marks on disk are tied to ("" when unknown or unreachable
+    now: a mark is then judged by the id on disk alone)."""
+    if store_id is None:
+        return ""
+    try:
+        return store_id()
+    except Exception:
+        return ""
+
+
 class SyncError(CtrlExecError):
     """A generation could not be applied now (the follower retries)."""
 
@@ -150,12 +161,7 @@ class EpochRecord:
         self._failed = False
 
     def _current_store(self) -> str:
-        if self._store_id is None:
-            return ""
-        try:
-            return self._store_id()
-        except Exception:  # unreachable now: judged by the id on disk alone
-            return ""
+        return current_store(self._store_id)
 
     def _load(self) -> int:
         try:
@@ -215,12 +221,7 @@ class AckedMark:
         self._load()
 
     def _current_store(self) -> str:
-        if self._store_id is None:
-            return ""
-        try:
-            return self._store_id()
-        except Exception:  # unreachable now: judged by the id on disk alone
-            return ""
+        return current_store(self._store_id)
 
     def _load(self) -> None:
         try:
