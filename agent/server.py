@@ -28,7 +28,7 @@ from typing import Any
 
 from agent import allowlist, certinfo, revocation, trustmap
 from agent.childwatch import use_pidfd_watcher
-from agent.common import logfmt
+from agent.common import logfmt, sdnotify
 from agent.common.datefmt import openssl_date
 from agent.common.errors import ConfigError
 from agent.common.ratelimit import RateLimiter
@@ -163,9 +163,11 @@ class AgentServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         ev("start", port=self.cfg.port, bind=self.cfg.bind, version=__version__)
+        sdnotify.notify("READY=1", f"STATUS=listening on {self.cfg.bind}:{self.cfg.port}")
         if ready is not None:
             ready.set()
         await self._stopping.wait()
+        sdnotify.notify("STOPPING=1")
         ev("stop", live=self.live)
         self.server.close()
         # Give in-flight requests a moment to finish; scripts keep their own timeouts.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import allowlist, config, profiles
-from agent.common import logfmt
+from agent.common import logfmt, sdnotify
 from agent.common.errors import ConfigError
 from agent.executor import protocol
 from agent.executor.sandbox import (
@@ -146,9 +146,11 @@ class ExecutorServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         ev("exec-start", socket=self.socket_path, agent_uid=self.agent_uid)
+        sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         if ready is not None:
             ready.set()
         await self._stopping.wait()
+        sdnotify.notify("STOPPING=1")
         ev("exec-stop", live=self.live)
         server.close()
         with contextlib.suppress(OSError):

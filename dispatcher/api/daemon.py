@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from agent.common import logfmt
+from agent.common import logfmt, sdnotify
 from agent.common.errors import ConfigError
 from agent.version import __version__
 from cluster.errors import AccessDenied, MemberConflict
@@ -445,6 +445,7 @@ class Instance:
                 if self.ctx and self.ctx.verify_mode != ssl.CERT_NONE else "no",
                 health_port=cfg.health_port, instance=cfg.instance_id,
             )  # fmt: skip
+            sdnotify.notify("READY=1", f"STATUS=serving on port {cfg.api_port}")
             done, _ = await asyncio.wait(
                 {api_task, health_task, stopper}, return_when=asyncio.FIRST_COMPLETED
             )
@@ -452,6 +453,8 @@ class Instance:
                 rc = 1  # a server ended by itself
         else:
             rc = 1
+        # an in-place restart (same PID, execv) says READY=1 again once it serves
+        sdnotify.notify("RELOADING=1" if self.restart_requested else "STOPPING=1")
         await self._drain(graceful=rc == 0 and not self.restart_requested)
         why = "restart" if self.restart_requested else ("signal" if rc == 0 else "error")
         logfmt.event("api-stop", port=cfg.api_port, reason=why)

@@ -144,12 +144,28 @@ def run(
             if got.returncode != 0:
                 raise GuideStepFailed(
                     f"{block.title} failed on {host.name} (exit {got.returncode}):\n"
-                    f"{(got.stdout + got.stderr)[-3000:]}"
+                    f"{(got.stdout + got.stderr)[-3000:]}{_abandon(pending)}"
                 )
         if not block.background:
             _collect(pending, timeout, log)
     _collect(pending, timeout, log)
     return report
+
+
+def _abandon(pending: list[tuple[Block, Host, subprocess.Popen[str]]]) -> str:
+    """Stop the async blocks still running (a later step failed) and return what the
+    failed or unfinished ones printed, for the failure's report (a step that waits on
+    async work usually fails because of it)."""
+    parts = []
+    while pending:
+        block, host, p = pending.pop(0)
+        if p.poll() is None:
+            p.kill()
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            state = "killed" if p.returncode < 0 else f"exit {p.returncode}"
+            parts.append(f"\n--- async {block.title} on {host.name} ({state}):\n{out[-1500:]}")
+    return "".join(parts[:5]) + (f"\n... {len(parts) - 5} more" if len(parts) > 5 else "")
 
 
 def _collect(

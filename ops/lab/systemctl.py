@@ -243,7 +243,7 @@ def start(name: str) -> None:
                              start_new_session=True)  # fmt: skip
     pidfile.write_text(str(p.pid))
     if sock is not None:
-        _wait_ready(unit, sock, p, float(unit.get("TimeoutStartSec", "30").rstrip("s")))
+        _wait_ready(unit, sock, p, float(unit.get("TimeoutStartSec", "90").rstrip("s")))
         sock.close()
     else:
         time.sleep(0.1)
@@ -257,9 +257,14 @@ def start(name: str) -> None:
 QUIET_READY = 5.0
 
 
+#: Units that must say READY=1 themselves (ours): no QUIET_READY shortcut for them.
+STRICT_READY = ("ctrl-exec-",)
+
+
 def _wait_ready(unit: Unit, sock: socket.socket, p: subprocess.Popen[bytes], limit: float) -> None:
     deadline = time.monotonic() + limit
-    quiet = time.monotonic() + QUIET_READY
+    strict = unit.name.startswith(STRICT_READY)
+    quiet = time.monotonic() + (limit if strict else QUIET_READY)
     while time.monotonic() < deadline:
         if time.monotonic() > quiet and p.poll() is None:
             return

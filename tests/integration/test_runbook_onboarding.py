@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.lab import deployment, guide_exec
+from ops.lab import deployment, guide_exec, runbook_etcd
 from ops.lab.hosts import Host, Lab, available
 
 RUNBOOK = Path(__file__).resolve().parents[2] / "ops" / "runbooks" / "onboard-agents.md"
@@ -81,7 +81,10 @@ def test_runbook_onboards_200_agents_with_tokens(
     )
     guide_exec.run(first, roles, values, timeout=240)
     t0 = time.monotonic()
-    guide_exec.run(middle, roles, values, timeout=900)
+    try:
+        guide_exec.run(middle, roles, values, timeout=900)
+    except guide_exec.GuideStepFailed as exc:
+        pytest.fail(f"{exc}\n{runbook_etcd.diagnostics(roles)}")
     took = time.monotonic() - t0
     guide_exec.run(last, roles, values, timeout=120)
     total = FLEET_HOSTS * PER_HOST
