@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,20 @@ HONEST_SOURCE = "127.0.0.5"
 
 
 # ----- helpers -------------------------------------------------------------------------------
+
+
+def settled_snapshot(*dirs: str | Path, within: float = 5.0) -> str:
+    """:func:`snapshot` once two taken 0.2 s apart agree (an earlier test's refusal or
+    delivery may still be landing: the listener writes off its event loop)."""
+    deadline = time.monotonic() + within
+    last = snapshot(*dirs)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = snapshot(*dirs)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{dirs} still changing after {within} s")
 
 
 def snapshot(*dirs: str | Path) -> str:
@@ -241,7 +256,7 @@ def test_resubmission_is_the_same_request(dispatcher: Dispatcher, events: Events
     back, pending under the same reqid: no second request, and its first connection
     going away does not withdraw it."""
     replay = {k: v for k, v in dispatcher.honest.items() if k not in ("key", "reqid")}
-    before = snapshot(dispatcher.cfg.pairing_dir)
+    before = settled_snapshot(dispatcher.cfg.pairing_dir)
     s, fh, again = open_pairing(dispatcher.port, replay, HONEST_SOURCE)
     with s, fh:
         assert again == {"status": "pending", "reqid": dispatcher.honest["reqid"]}
