@@ -83,6 +83,7 @@ def test_one_grep_follows_a_request_across_every_process(cluster: Cluster) -> No
     leader = c.one_leader()
     follower = next(i for i in c.insts.values() if i is not leader)
     epoch = str(leader.status()["epoch"])
+    c.converged()  # else a leader-only request may get 503 "catching up" (retry shortly)
     with c.client(follower) as client:
         r = client.get("/pairing")  # leader-only: the follower forwards it
         assert r.status_code == 200, r.text
