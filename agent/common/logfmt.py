@@ -121,8 +121,10 @@ _ESCAPED = (
     '\x00-\x1f\x7f-\xa0"\\\\\xad\u061c\u1680\u180e\u2000-\u200f\u2028-\u202f'
     "\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\ud800-\udfff"
 )
-_NEEDS_QUOTES = re.compile(f"[ {_ESCAPED}]")
-_NEEDS_ESCAPES = re.compile(f"[{_ESCAPED}]")
+# Compiled on first use (re's own cache): plain values (_plain) never need them, so a
+# short-lived ``ced run`` does not pay for compiling these large classes (~1 ms).
+_NEEDS_QUOTES = f"[ {_ESCAPED}]"
+_NEEDS_ESCAPES = f"[{_ESCAPED}]"
 _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _KEY_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _KEYS: dict[str, str] = {}  # field name -> rendered key, for names that need no renaming
@@ -143,18 +145,26 @@ def _quote(value: Any) -> str:
     if value is True or value is False:
         return "1" if value else "0"
     s = value if type(value) is str else str(value)
-    if _NEEDS_QUOTES.search(s) is None:
+    if _plain(s):
+        return f'"{s}"' if " " in s else s
+    if re.search(_NEEDS_QUOTES, s) is None:
         return s
-    if _NEEDS_ESCAPES.search(s) is None:
+    if re.search(_NEEDS_ESCAPES, s) is None:
         return f'"{s}"'
-    return '"' + _NEEDS_ESCAPES.sub(_escape_char, s) + '"'
+    return '"' + re.sub(_NEEDS_ESCAPES, _escape_char, s) + '"'
+
+
+def _plain(s: str) -> bool:
+    """Printable ASCII without a quote or a backslash: nothing to escape (the space only
+    quotes). The common case, decided without the regular expressions."""
+    return s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
 
 
 def escape_text(text: str) -> str:
     """``text`` on one line: what :func:`_quote` escapes, escaped, without the quotes."""
-    if _NEEDS_ESCAPES.search(text) is None:
+    if _plain(text) or re.search(_NEEDS_ESCAPES, text) is None:
         return text
-    return _NEEDS_ESCAPES.sub(_escape_char, text)
+    return re.sub(_NEEDS_ESCAPES, _escape_char, text)
 
 
 def _safe_keys(fields: dict[str, Any]) -> dict[Any, str]:
