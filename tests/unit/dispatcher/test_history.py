@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -51,7 +52,7 @@ def test_record_fields_counts_and_summary() -> None:
                  outcomes={"a": "ok", "b": "unreachable", "c": "unknown"}, started=T0,
                  finished=T0 + 2, instance="i1", output_max=100)  # fmt: skip
     assert "args" not in r
-    assert r["args_sha256"] == hr.hashlib.sha256(json.dumps(["a b", "c"]).encode()).hexdigest()
+    assert r["args_sha256"] == hashlib.sha256(json.dumps(["a b", "c"]).encode()).hexdigest()
     assert r["counts"] == {"ok": 1, "failed": 0, "unreachable": 1, "denied": 0, "locked": 0,
                            "unknown": 1, "skipped": 0}  # fmt: skip
     assert r["hosts"]["a"]["stdout"] == "x" * 100 and r["hosts"]["a"]["truncated"] == ["stdout"]
