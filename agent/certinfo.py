@@ -38,6 +38,12 @@ def _time(tag: int, raw: bytes) -> dt.datetime:
     if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
         year = int(text[:2])
         text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+    if len(text) == 15 and text[14] == "Z" and text[:14].isascii() and text[:14].isdigit():
+        try:  # the fixed-width form every certificate has, without _strptime (~0.4 MB RSS)
+            return dt.datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]),
+                               int(text[10:12]), int(text[12:14]), tzinfo=dt.UTC)  # fmt: skip
+        except ValueError:
+            pass  # strptime decides
     return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.UTC)
 
 

@@ -39,8 +39,16 @@ defaults: --config {DEFAULT_CONFIG}  --allowlist {DEFAULT_ALLOWLIST}
 """
 
 
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=80)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctrl-exec-agent", add_help=False, usage=USAGE)
+    # a fixed width spares argparse's terminal probe: shutil, and with it zlib, bz2 and
+    # lzma, would stay in the daemon's memory (~0.5 MB RSS)
+    p = argparse.ArgumentParser(prog="ctrl-exec-agent", add_help=False, usage=USAGE,
+                                formatter_class=_Formatter)  # fmt: skip
     p.add_argument("mode", nargs="?")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--allowlist", default=DEFAULT_ALLOWLIST)

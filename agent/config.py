@@ -5,7 +5,6 @@ Errors name the file and line; ``ctrl-exec-agent serve`` exits 78 on any of them
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import socket
@@ -141,6 +140,8 @@ def load(path: str = DEFAULT_CONFIG) -> AgentConfig:
     for e in entries:
         if e.section == "":
             if e.key not in KNOWN_KEYS:
+                import difflib  # only for a typo: not held in the daemon's memory
+
                 hint = difflib.get_close_matches(e.key, sorted(KNOWN_KEYS), n=1)
                 extra = f" (did you mean '{hint[0]}'?)" if hint else ""
                 warnings.append(f"{path}:{e.line}: unknown key '{e.key}' ignored{extra}")
