@@ -14,6 +14,7 @@ Usage: .venv/bin/python bench/agent_bench.py [--requests 300] [--load 1000]
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import ssl
 import statistics
@@ -59,6 +60,30 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def _kb_fields(path: Path) -> dict[str, int]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        words = rest.split()
+        if len(words) == 2 and words[1] == "kB":
+            out[key] = int(words[0])
+    return out
+
+
+def memory_split(pid: int) -> str:
+    """RSS as anonymous (the agent's own) and file pages (shared libraries: libpython,
+    libcrypto, libc, counted once on the host), and PSS (shared pages divided among the
+    processes mapping them)."""
+    status = _kb_fields(Path(f"/proc/{pid}/status"))
+    rollup = _kb_fields(Path(f"/proc/{pid}/smaps_rollup"))
+    return (f"anonymous {status.get('RssAnon', 0) / 1024:.1f} MiB + files "
+            f"{status.get('RssFile', 0) / 1024:.1f} MiB; PSS {rollup.get('Pss', 0) / 1024:.1f} MiB")  # fmt: skip
+
+
+IDLE_RSS_TARGET_MB = 20.0  # issue 12 item 6 (upstream 32 MB)
+RUN_TARGET_MS = 3.0  # raw agent /run, resumed session
+
+
 def latency(client: Client, method: str, path: str, body: object, n: int) -> tuple[float, float]:
     client.call(method, path, body)  # warm-up (and first session)
     samples = []
@@ -93,7 +118,12 @@ def main() -> int:
     try:
         time.sleep(0.5)
         idle = rss_kb(pid)
-        print(f"agent idle RSS: {idle / 1024:.1f} MiB (target < 30 MiB)")
+        mb = idle * 1024 / 1e6
+        verdict = "PASS" if mb < IDLE_RSS_TARGET_MB else "FAIL"
+        print(f"load average {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
+        print(f"agent idle RSS: {idle / 1024:.1f} MiB = {mb:.1f} MB "
+              f"(target < {IDLE_RSS_TARGET_MB:.0f} MB: {verdict}; upstream 32 MB)")  # fmt: skip
+        print(f"  {memory_split(pid)}")
         for resume in (False, True):
             label = "resumed session" if resume else "fresh handshake"
             c = Client(agent, disp, resume)
@@ -102,9 +132,9 @@ def main() -> int:
             print(
                 f"[{label}] /ping median {pm:.2f} ms p99 {pp:.2f} ms (target < 5 ms; upstream 148 ms)"
             )
-            print(
-                f"[{label}] /run  median {rm:.2f} ms p99 {rp:.2f} ms (target < 15 ms; upstream 73 ms)"
-            )
+            verdict = "PASS" if rm < RUN_TARGET_MS else "FAIL"
+            print(f"[{label}] /run  median {rm:.2f} ms p99 {rp:.2f} ms "
+                  f"(target < {RUN_TARGET_MS:.0f} ms: {verdict}; upstream 73 ms)")  # fmt: skip
             if resume:
                 print(f"[{label}] sessions resumed: {c.resumed} of {2 * a.requests + 2}")
         peak = [idle]
@@ -142,6 +172,9 @@ def main() -> int:
         print(f"{a.clients} concurrent clients: {total} runs in {wall:.2f} s = {total / wall:.0f} runs/s, "
               f"errors {len(errors)}")  # fmt: skip
         print(f"agent peak RSS under load: {max(peak) / 1024:.1f} MiB")
+        time.sleep(0.5)
+        print(f"agent RSS after the load: {rss_kb(pid) / 1024:.1f} MiB ({memory_split(pid)})")
+        print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
     finally:
         agent.stop()
     return 0
