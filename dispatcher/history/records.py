@@ -79,7 +79,7 @@ def _epoch_of_iso(v: str) -> float | None:
     y, mo, d = int(v[0:4]), int(v[5:7]), int(v[8:10])
     h, mi, s, ms = int(v[11:13]), int(v[14:16]), int(v[17:19]), int(v[20:23])
     leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
-    if not (1 <= y and 1 <= mo <= 12 and h < 24 and mi < 60 and s < 60):
+    if not (y >= 1 and 1 <= mo <= 12 and h < 24 and mi < 60 and s < 60):
         return None
     if not 1 <= d <= _MONTH_DAYS[mo - 1] + (1 if mo == 2 and leap else 0):
         return None
