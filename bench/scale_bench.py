@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -93,11 +94,12 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
+WRAP: list[str] = []
 
 
 def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str) -> dict:
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
-    cmd = ced_cmd()
+    cmd = [*WRAP, *ced_cmd()]
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
         cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "dispatcher.ced"]
@@ -145,9 +147,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-seconds", type=int, default=900)
     p.add_argument("--profile", type=Path, help="cProfile every ced run into this directory")
+    p.add_argument("--wrap", default="", help="a command ced runs under (e.g. 'perf record -o F --')")
+    p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
     PROFILE = args.profile
+    WRAP[:] = shlex.split(args.wrap)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -180,6 +185,8 @@ def main() -> int:
         for r in range(args.rounds):
             print(f"round {r + 1}:")
             for label, words, target in cases:
+                if args.only not in label:
+                    continue
                 ced(conf, words, proc.pid, target, label)
                 time.sleep(1.0)  # let the simulator close its connections
     finally:
