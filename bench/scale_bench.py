@@ -28,6 +28,7 @@ import resource
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agentsim import addresses  # noqa: E402
-from fanout_bench import Setup, prepare, proc_cpu, start_sim  # noqa: E402
+from agentsim import addresses, tree_cpu  # noqa: E402
+from fanout_bench import Setup, prepare, start_sim  # noqa: E402
 
+from agent.certinfo import identity_der  # noqa: E402
 from dispatcher.registry import Registry  # noqa: E402
 from ops.lab.proc import terminate  # noqa: E402
 
@@ -71,6 +73,14 @@ def ced_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.ced"]
 
 
+def agent_identity(s: Setup) -> tuple[str, str]:
+    """The simulated agents' certificate serial and key hash: each record pins them, as
+    approval does, so every connection is checked against the registry."""
+    conf = dict(line.split(" = ", 1) for line in s.config.read_text().splitlines() if " = " in line)
+    der = ssl.PEM_cert_to_DER_cert(Path(conf["cert"]).read_text())
+    return identity_der(der)
+
+
 def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, parallel: int) -> Path:
     """A ca_dir + state_dir with ``count`` registered agents; returns the config path."""
     ca_dir = tmp / "ca"
@@ -78,11 +88,12 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
     for src, name in ((s.cert, "dispatcher.crt"), (s.key, "dispatcher.key"), (s.ca, "ca.crt")):
         shutil.copy(src, ca_dir / name)
     reg = Registry(tmp / "state" / "agents", BenchWriter())
+    serial, pubkey = agent_identity(s)
     t0 = time.monotonic()
     for i, addr in enumerate(addresses(count)):
         reg.register(f"sim-{i:05d}", ip=addr, port=port, lookup_by="ip",
-                     tags={"role": "web", "shard": str(i % 10),
-                           "group": f"g{i // group}"})  # fmt: skip
+                     tags={"role": "web", "shard": str(i % 10), "group": f"g{i // group}"},
+                     cert_serial=serial, pubkey_sha256=pubkey)  # fmt: skip
     print(f"registry: {count} records written in {time.monotonic() - t0:.1f} s")
     conf = tmp / "ctrl-exec.conf"
     conf.write_text(
@@ -104,7 +115,7 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
         cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "dispatcher.ced"]
     load = os.getloadavg()[0]
-    s0 = proc_cpu(sim_pid)
+    s0 = tree_cpu(sim_pid)
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         p = subprocess.Popen([*cmd, "--config", str(conf), "--json", *words],
@@ -118,7 +129,7 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
             raise
         _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    sim = proc_cpu(sim_pid) - s0
+    sim = tree_cpu(sim_pid) - s0
     rc = os.waitstatus_to_exitcode(status)
     try:
         doc = json.loads(data)
@@ -127,6 +138,11 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     counts = doc.get("counts") or {}
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or doc.get("error", "")
     rss = ru.ru_maxrss / 1024
+    rtts = sorted(int(str(r.get("rtt", "0ms")).removesuffix("ms") or 0)
+                  for r in doc.get("results") or [] if isinstance(r, dict))  # fmt: skip
+    if rtts:
+        shown += (f"; rtt p50 {rtts[len(rtts) // 2]} ms, p90 {rtts[len(rtts) * 9 // 10]} ms, "
+                  f"max {rtts[-1]} ms")  # fmt: skip
     verdict = ""
     if target is not None:
         verdict = f"   target < {target:.0f} s: {'PASS' if wall < target else 'FAIL'}"
@@ -148,6 +164,9 @@ def main() -> int:
     p.add_argument("--max-seconds", type=int, default=900)
     p.add_argument("--profile", type=Path, help="cProfile every ced run into this directory")
     p.add_argument("--wrap", default="", help="a command ced runs under (e.g. 'perf record -o F --')")
+    p.add_argument("--per-process", type=int, default=250,
+                   help="agents per simulator process (0: all in one, as before)")
+    p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
@@ -168,7 +187,9 @@ def main() -> int:
         t0 = time.monotonic()
         s = prepare(tmp, args.port, "ec-p256")
         proc = start_sim(s, args.count, args.port, tmp / "agentsim.log", 600,
-                         ("--lifetime", str(args.max_seconds + 60)))  # fmt: skip
+                         ("--lifetime", str(args.max_seconds + 60),
+                          "--per-process", str(args.per_process),
+                          *(("--profile", args.sim_profile) if args.sim_profile else ())))  # fmt: skip
         print(f"agentsim up in {time.monotonic() - t0:.1f} s; {os.cpu_count()} CPUs; "
               f"max_parallel {args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         conf = dispatcher_state(tmp, s, args.count, args.run_count, args.port, args.parallel)

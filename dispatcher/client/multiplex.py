@@ -49,6 +49,12 @@ from dispatcher.client.wire import (
 
 R = TypeVar("R")
 
+#: requests at most in their CPU-bound part (connect, TLS handshake, writing the request)
+#: at once; the others in flight wait for their answers. New requests start only below
+#: it, so thousands in flight (a 1 s script) never queue thousands of handshakes, each
+#: one's deadline ticking, behind one another.
+OPENING = 128
+
 #: descriptors kept free for everything else the process has open (logs, the registry)
 FD_RESERVE = 64
 
@@ -84,6 +90,7 @@ class _Conn:
         self.steps: Exchange | None = None
         self.out = b""  # bytes still to send
         self.connecting = False
+        self.opening = True  # until the request is written
         self.finished = False
 
 
@@ -99,9 +106,13 @@ class _Job:
 class _Loop:
     """Runs jobs, at most ``limit`` at a time, until every one has finished."""
 
-    def __init__(self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> None:
+    def __init__(
+        self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int, opening: int = OPENING
+    ) -> None:
         self.jobs = jobs
         self.limit = max(1, limit)
+        self.max_opening = max(1, opening)
+        self.opening = 0
         self.results: list[Any] = [None] * len(jobs)
         self.sel = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, _Job, _Conn | None]] = []
@@ -126,7 +137,8 @@ class _Loop:
     # ----- jobs ---------------------------------------------------------------------------
 
     def _start_more(self) -> None:
-        while self.running < self.limit and self.next < len(self.jobs):
+        while (self.running < self.limit and self.opening < self.max_opening
+               and self.next < len(self.jobs)):  # fmt: skip
             i = self.next
             self.next += 1
             self.running += 1
@@ -166,6 +178,7 @@ class _Loop:
 
     def _open(self, job: _Job, req: AgentRequest) -> None:
         conn = _Conn(job, req)
+        self.opening += 1
         self._timer(conn.deadline, job, conn)
         try:
             conn.infos = blocking._addrinfo(req.address, req.port)
@@ -241,6 +254,8 @@ class _Loop:
             if not self._send(conn):
                 return
             want = conn.steps.send(b"")
+        if conn.opening and conn.attempt.phase == "response":
+            self._opened(conn)
         self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def _send(self, conn: _Conn) -> bool:
@@ -255,6 +270,10 @@ class _Loop:
             return False
         return True
 
+    def _opened(self, conn: _Conn) -> None:
+        conn.opening = False
+        self.opening -= 1
+
     def _fail(self, conn: _Conn, exc: BaseException) -> None:
         self._done(conn, conn.attempt.failed(exc))
 
@@ -263,6 +282,8 @@ class _Loop:
             return
         self._close(conn)
         conn.finished = True
+        if conn.opening:
+            self._opened(conn)
         self._step(conn.job, reply)
 
     def _close(self, conn: _Conn) -> None:
