@@ -131,9 +131,24 @@ def spread(args: argparse.Namespace) -> int:
     try:
         for i in range(0, len(addrs), n):
             part = addrs[i : i + n]
-            cmd = [sys.executable, __file__, "--config", args.config, "--allowlist",
-                   args.allowlist, "--count", str(len(part)), "--first", part[0], "--port",
-                   str(args.port), "--lifetime", str(args.lifetime), "--per-process", "0"]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--config",
+                args.config,
+                "--allowlist",
+                args.allowlist,
+                "--count",
+                str(len(part)),
+                "--first",
+                part[0],
+                "--port",
+                str(args.port),
+                "--lifetime",
+                str(args.lifetime),
+                "--per-process",
+                "0",
+            ]
             if args.thread_watcher:
                 cmd.append("--thread-watcher")
             workers.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
@@ -179,8 +194,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--thread-watcher", action="store_true",
                    help="keep Python 3.11's thread-per-child watcher")  # fmt: skip
     p.add_argument("--profile", help="write cProfile stats of the whole run to this file")
-    p.add_argument("--per-process", type=int, default=0,
-                   help="at most this many agents per worker process (0: all in this one)")
+    p.add_argument(
+        "--per-process",
+        type=int,
+        default=0,
+        help="at most this many agents per worker process (0: all in this one)",
+    )
     return p
 
 

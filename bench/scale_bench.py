@@ -163,9 +163,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-seconds", type=int, default=900)
     p.add_argument("--profile", type=Path, help="cProfile every ced run into this directory")
-    p.add_argument("--wrap", default="", help="a command ced runs under (e.g. 'perf record -o F --')")
-    p.add_argument("--per-process", type=int, default=250,
-                   help="agents per simulator process (0: all in one, as before)")
+    p.add_argument(
+        "--wrap", default="", help="a command ced runs under (e.g. 'perf record -o F --')"
+    )
+    p.add_argument(
+        "--per-process",
+        type=int,
+        default=250,
+        help="agents per simulator process (0: all in one, as before)",
+    )
     p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()

@@ -58,6 +58,7 @@ OPENING = 128
 #: descriptors kept free for everything else the process has open (logs, the registry)
 FD_RESERVE = 64
 
+
 class _Wait:
     """What a job yields to the loop: a request to make, or a pause (seconds)."""
 
@@ -95,7 +96,7 @@ class _Conn:
 
 
 class _Job:
-    __slots__ = ("index", "coro", "ctx")
+    __slots__ = ("coro", "ctx", "index")
 
     def __init__(self, index: int, coro: Coroutine[Any, Any, Any]) -> None:
         self.index = index
@@ -311,9 +312,9 @@ class _Loop:
             return
         timeout = max(0.0, self.timers[0][0] - now) if self.timers else None
         for key, events in self.sel.select(timeout):
-            conn: _Conn = key.data
-            if not conn.finished:
-                self._ready(conn, events)
+            ready: _Conn = key.data
+            if not ready.finished:
+                self._ready(ready, events)
 
 
 async def _await(job: Callable[[], Awaitable[R]]) -> R:
@@ -366,13 +367,13 @@ class MultiplexIO(blocking.BlockingIO):
     Outside :meth:`gather` (one request, the auth hook) it is the blocking client.
     """
 
-    async def call(self, req: AgentRequest) -> AgentReply:  # type: ignore[override]
+    async def call(self, req: AgentRequest) -> AgentReply:
         if _in_loop():
             reply: AgentReply = await _Wait(req)
             return reply
         return blocking.call(req)
 
-    async def gather(  # type: ignore[override]
+    async def gather(
         self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int
     ) -> list[R | BaseException]:
         return gather(jobs, limit)

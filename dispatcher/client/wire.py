@@ -158,13 +158,15 @@ class SessionCache:
             return None
         if pinned is not None and (len(pinned) != 1 or item[1] != pinned[0]):
             return None
-        session = item[0]
-        if isinstance(session, ssl.SSLObject):
-            session = _session_of(session)
+        kept = item[0]
+        if isinstance(kept, ssl.SSLObject):
+            session = _session_of(kept)
             if session is None:
                 self._items.pop(key, None)
                 return None
             self._items[key] = (session, item[1])
+        else:
+            session = kept
         with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
             self._items.move_to_end(key)
         return session
