@@ -122,7 +122,7 @@ def test_requests_overlap_on_one_thread(agents: Agents, cctx: ssl.SSLContext) ->
     print(f"[multiplex] {n} requests of {DELAY} s each in {wall:.2f} s, peak {agents.peak}")
     assert [r["status"] for r in out] == ["ok"] * n
     assert [r["host"] for r in out] == [f"h{i}" for i in range(n)]
-    assert wall < DELAY * 4  # one after another would take n * DELAY = 24 s
+    assert wall < n * DELAY / 4  # one after another: n * DELAY = 24 s (loose: a busy machine)
     assert agents.peak > n // 2
     assert max(seen) == threads_before  # no thread was started for them
 
