@@ -1,11 +1,14 @@
 """Scale benchmark: ``ced ping`` and ``ced run`` of a 1 s script to 2,000 and 10,000 agents.
 
-The agents are ``bench/agentsim.py`` (real ``AgentServer`` instances in one other process,
-127.0.1.1 upwards, one port); the dispatcher is the real ``ced`` in a child process with a
-registry of ``--count`` records (tags ``role=web`` on every agent, ``shard=<i mod 10>``),
-run once per case, so its CPU (user+sys) and peak RSS come from ``wait4``. Each case
-prints wall time, the dispatcher's CPU and peak RSS, the simulator's CPU, the counts
-and the target beside it:
+The agents are ``bench/agentsim.py`` (real ``AgentServer`` instances, ``--per-process``
+of them in each of its worker processes, 127.0.1.1 upwards, one port); the dispatcher is
+the real ``ced`` in a child process with ``max_parallel = --parallel`` and a registry of
+``--count`` records (tags ``role=web`` on every agent, ``shard=<i mod 10>``, each pinning
+the agents' certificate as approval does), run once per case, so its CPU (user+sys) and
+peak RSS come from ``wait4``. Each case prints wall time, the dispatcher's CPU and peak
+RSS, the simulator's CPU (all its processes), the counts, the agents' round-trip times,
+the target beside it, and the CPU floor: (dispatcher + simulator CPU) / cores, the wall
+time no scheduling can beat while both share this machine's cores:
 
 * ``ping --all`` to 10,000 agents: under 15 s;
 * ``run --tags role=web sleep1`` (``exec sleep 1``) to 2,000 agents: under 4 s;
@@ -16,7 +19,10 @@ index) to show that choosing a tenth of 10,000 agents reads a tenth of the recor
 
 The machine's load average is printed with every figure: the simulator and the
 dispatcher share the cores with whatever else runs. Bounded (``--max-seconds``); it
-cleans up after itself. Run: ``.venv/bin/python bench/scale_bench.py [--count 10000]``.
+cleans up after itself. Run: ``.venv/bin/python bench/scale_bench.py [--count 10000]``
+(``--only LABEL`` for some cases; ``--profile DIR`` cProfiles ``ced`` in CPU time,
+``--wrap 'perf record -o F --'`` runs it under another tool, ``--sim-profile F`` the
+simulator).
 """
 
 from __future__ import annotations
@@ -105,6 +111,18 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
+#: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
+#: process waited for a core on a busy machine); the file is argv[1]
+PROFILED = (
+    "import cProfile, runpy, sys, time\n"
+    "out = sys.argv.pop(1)\n"
+    "sys.argv[0] = 'ced'\n"
+    "prof = cProfile.Profile(time.process_time)\n"
+    "try:\n"
+    "    prof.runcall(runpy.run_module, 'dispatcher.ced', run_name='__main__')\n"
+    "finally:\n"
+    "    prof.dump_stats(out)\n"
+)
 WRAP: list[str] = []
 
 
@@ -113,7 +131,7 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     cmd = [*WRAP, *ced_cmd()]
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "dispatcher.ced"]
+        cmd = [sys.executable, "-c", PROFILED, str(out)]
     load = os.getloadavg()[0]
     s0 = tree_cpu(sim_pid)
     t0 = time.perf_counter()
@@ -151,6 +169,11 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
           f"{rss:6.1f} MB (target < {RSS_TARGET_MB:.0f} MB: "
           f"{'PASS' if rss < RSS_TARGET_MB else 'FAIL'}); simulator CPU {sim:5.2f} s; "
           f"exit {rc}; {shown}; load average {load:.2f}", flush=True)  # fmt: skip
+    cores = os.cpu_count() or 1
+    cpu = ru.ru_utime + ru.ru_stime
+    print(f"  {'':<34} CPU floor on {cores} cores: (dispatcher {cpu:.2f} + simulator {sim:.2f}) "
+          f"/ {cores} = {(cpu + sim) / cores:.2f} s; simulator alone {sim / cores:.2f} s",
+          flush=True)  # fmt: skip
     return doc
 
 
@@ -159,7 +182,7 @@ def main() -> int:
     p.add_argument("--count", type=int, default=10000, help="agents simulated and registered")
     p.add_argument("--run-count", type=int, default=2000, help="agents the 1 s script runs on")
     p.add_argument("--port", type=int, default=17643)
-    p.add_argument("--parallel", type=int, default=256, help="the dispatcher's max_parallel")
+    p.add_argument("--parallel", type=int, default=2000, help="the dispatcher's max_parallel")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-seconds", type=int, default=900)
     p.add_argument("--profile", type=Path, help="cProfile every ced run into this directory")
