@@ -9,7 +9,6 @@ once need no recursion; the descriptor budget follows the soft limit.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 import ssl
@@ -23,7 +22,6 @@ from typing import Any
 import pytest
 
 from agent.common.tlsconf import client_context, server_context
-from agent.common.wire import read_request, response_bytes
 from dispatcher.client import fanout
 from dispatcher.client import multiplex as mx
 from dispatcher.client.blocking import BLOCKING
@@ -32,54 +30,9 @@ from dispatcher.client.wire import NO_DATA, AgentReply, AgentRequest
 from dispatcher.registry import Target
 from ops.lab.pki import TestCA
 from ops.lab.proc import ROOT
+from ops.lab.tlsagents import Listener, TlsAgents
 
 DELAY = 0.4
-
-
-class Agents:
-    """A TLS listener answering every request after ``DELAY``; counts connections."""
-
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        self.live = self.peak = self.handled = 0
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.live += 1
-        self.peak = max(self.peak, self.live)
-        try:
-            req = await read_request(reader)
-            await asyncio.sleep(DELAY)
-            writer.write(response_bytes(200, {"status": "ok", "path": req.path}))
-            await writer.drain()
-            self.handled += 1
-        finally:
-            self.live -= 1
-            writer.close()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            srv = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx,
-                                             backlog=512)  # fmt: skip
-            self.port = int(srv.sockets[0].getsockname()[1])
-            self.ready.set()
-            async with srv:
-                await srv.serve_forever()
-
-        try:
-            self.loop.run_until_complete(main())
-        except (asyncio.CancelledError, RuntimeError):
-            pass
-
-    def stop(self) -> None:
-        for task in asyncio.all_tasks(self.loop):
-            self.loop.call_soon_threadsafe(task.cancel)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +47,20 @@ def cctx(pki: TestCA) -> ssl.SSLContext:
 
 
 @pytest.fixture()
-def agents(pki: TestCA) -> Iterator[Agents]:
+def agents(pki: TestCA) -> Iterator[Listener]:
     a = pki.issue("agent", cn="agent.test")
-    srv = Agents(server_context(str(a.cert), str(a.key), str(pki.cert_path)))
-    srv.thread.start()
-    assert srv.ready.wait(10)
-    yield srv
-    srv.stop()
+    lab = TlsAgents()
+    try:
+        yield lab.add(server_context(str(a.cert), str(a.key), str(pki.cert_path)), delay=DELAY)
+    finally:
+        lab.stop()
 
 
 def _targets(n: int, port: int) -> list[Target]:
     return [Target(f"h{i}", "127.0.0.1", port) for i in range(n)]
 
 
-def test_requests_overlap_on_one_thread(agents: Agents, cctx: ssl.SSLContext) -> None:
+def test_requests_overlap_on_one_thread(agents: Listener, cctx: ssl.SSLContext) -> None:
     n = 60
     reach = fanout.Reach(cctx, 10, n, io=BLOCKING)
     threads_before = threading.active_count()
@@ -127,14 +80,14 @@ def test_requests_overlap_on_one_thread(agents: Agents, cctx: ssl.SSLContext) ->
     assert max(seen) == threads_before  # no thread was started for them
 
 
-def test_at_most_limit_in_flight(agents: Agents, cctx: ssl.SSLContext) -> None:
+def test_at_most_limit_in_flight(agents: Listener, cctx: ssl.SSLContext) -> None:
     reach = fanout.Reach(cctx, 10, 5, io=BLOCKING)
     out = run_blocking(fanout.ping_all(_targets(15, agents.port), "r2", reach))
     assert all(r["status"] == "ok" for r in out)
     assert agents.peak == 5
 
 
-def test_opening_cap_bounds_connections_in_handshake(agents: Agents,
+def test_opening_cap_bounds_connections_in_handshake(agents: Listener,
                                                      cctx: ssl.SSLContext) -> None:  # fmt: skip
     opened: list[int] = []
 
@@ -152,7 +105,7 @@ def test_opening_cap_bounds_connections_in_handshake(agents: Agents,
     assert agents.peak > 3  # the others kept waiting for their answers meanwhile
 
 
-def test_connect_tries_every_address(monkeypatch: pytest.MonkeyPatch, agents: Agents,
+def test_connect_tries_every_address(monkeypatch: pytest.MonkeyPatch, agents: Listener,
                                      cctx: ssl.SSLContext) -> None:  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
