@@ -206,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     logging.getLogger("ctrl-exec").setLevel(logging.ERROR)
     opts = parser().parse_args()
+    if opts.nice:
+        os.nice(opts.nice)
     if 0 < opts.per_process < opts.count:
         sys.exit(spread(opts))
     if opts.profile:

@@ -195,6 +195,13 @@ def main() -> int:
         default=250,
         help="agents per simulator process (0: all in one, as before)",
     )
+    p.add_argument(
+        "--sim-nice",
+        type=int,
+        default=0,
+        help="the simulator's niceness (10: the dispatcher keeps its core, as "
+        "on a real fleet whose agents run elsewhere)",
+    )
     p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
@@ -217,10 +224,11 @@ def main() -> int:
         s = prepare(tmp, args.port, "ec-p256")
         proc = start_sim(s, args.count, args.port, tmp / "agentsim.log", 600,
                          ("--lifetime", str(args.max_seconds + 60),
-                          "--per-process", str(args.per_process),
+                          "--per-process", str(args.per_process), "--nice", str(args.sim_nice),
                           *(("--profile", args.sim_profile) if args.sim_profile else ())))  # fmt: skip
-        print(f"agentsim up in {time.monotonic() - t0:.1f} s; {os.cpu_count()} CPUs; "
-              f"max_parallel {args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+        print(f"agentsim up in {time.monotonic() - t0:.1f} s ({args.per_process or args.count} "
+              f"agents per process, nice {args.sim_nice}); {os.cpu_count()} CPUs; max_parallel "
+              f"{args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         conf = dispatcher_state(tmp, s, args.count, args.run_count, args.port, args.parallel)
         small = min(args.run_count, args.count)
         cases = [  # (label, words, target seconds)
