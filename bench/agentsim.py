@@ -200,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="at most this many agents per worker process (0: all in this one)",
     )
+    p.add_argument("--nice", type=int, default=0,
+                   help="run the simulator (and its workers) at this niceness: a real fleet's "
+                   "agents do not take the dispatcher's cores")  # fmt: skip
     return p
 
 
