@@ -111,6 +111,15 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
+#: ``ced`` with the blocking client's thread per request instead of the multiplexer
+#: (``--client threads``: the comparison, under the same load)
+THREADED = (
+    "import runpy, sys\n"
+    "import dispatcher.client.blocking as b, dispatcher.client.multiplex as m\n"
+    "m.MULTIPLEX = b.BlockingIO()\n"
+    "sys.argv[0] = 'ced'\n"
+    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
+)
 #: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
 #: process waited for a core on a busy machine); the file is argv[1]
 PROFILED = (
@@ -126,9 +135,13 @@ PROFILED = (
 WRAP: list[str] = []
 
 
-def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str) -> dict:
+def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str,
+        client: str = "multiplex") -> dict:  # fmt: skip
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
     cmd = [*WRAP, *ced_cmd()]
+    if client == "threads":
+        cmd = [*WRAP, sys.executable, "-c", THREADED]
+        label = f"{label} (threads)"
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
         cmd = [sys.executable, "-c", PROFILED, str(out)]
@@ -203,6 +216,11 @@ def main() -> int:
         "on a real fleet whose agents run elsewhere)",
     )
     p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
+    p.add_argument(
+        "--client",
+        default="multiplex",
+        help="multiplex, threads (ced with a thread per request), or both",
+    )
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
@@ -245,8 +263,9 @@ def main() -> int:
             for label, words, target in cases:
                 if args.only not in label:
                     continue
-                ced(conf, words, proc.pid, target, label)
-                time.sleep(1.0)  # let the simulator close its connections
+                for client in ("multiplex", "threads") if args.client == "both" else (args.client,):
+                    ced(conf, words, proc.pid, target, label, client)
+                    time.sleep(1.0)  # let the simulator close its connections
     finally:
         signal.alarm(0)
         if proc is not None:
