@@ -140,6 +140,31 @@ def test_connect_tries_every_address(monkeypatch: pytest.MonkeyPatch, agents: Li
     assert r.code is None and r.error == NO_DATA
 
 
+def test_loops_share_the_jobs_and_the_limit(pki: TestCA, cctx: ssl.SSLContext) -> None:
+    a = pki.issue("agent2", cn="agent.test")
+    lab = TlsAgents()
+    try:
+        lst = lab.add(server_context(str(a.cert), str(a.key), str(pki.cert_path)), delay=0.2)
+        reqs = [AgentRequest("127.0.0.1", lst.port, "POST", f"/ping/{i}", {}, cctx, 10, f"h{i}")
+                for i in range(40)]  # fmt: skip
+        threads: set[str] = set()
+
+        async def job(r: AgentRequest) -> AgentReply:
+            threads.add(threading.current_thread().name)
+            return await mx.MULTIPLEX.call(r)
+
+        out = mx.drive([lambda r=r: job(r) for r in reqs], 8, loops=2)  # type: ignore[misc]
+    finally:
+        lab.stop()
+    assert [r.body["path"] for r in out if isinstance(r, AgentReply) and r.body] == [
+        f"/ping/{i}" for i in range(40)
+    ]
+    assert lst.peak <= 8  # 4 per loop
+    assert len(threads) == 2
+    assert mx.loops_for(60, 1000) == 1  # a small fan-out stays on the calling thread
+    assert mx.loops_for(10_000, 1) == 1
+
+
 def test_job_exceptions_and_order() -> None:
     async def job(i: int) -> int:
         await mx.MULTIPLEX.sleep(0.01 * (5 - i))
