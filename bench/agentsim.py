@@ -174,11 +174,12 @@ def spread(args: argparse.Namespace) -> int:
         for w in workers:
             if w.poll() is None:
                 w.terminate()
+        deadline = time.monotonic() + 5  # the caller may kill this process soon after
         for w in workers:
             try:
-                w.wait(10)
+                w.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                w.kill()
+                w.kill()  # a worker with runs in flight may linger in its loop's shutdown
                 w.wait()
     return 0
 
