@@ -74,6 +74,16 @@ class BenchWriter:
         return True
 
 
+#: ``ced`` with another cap on the requests being opened at once (``--client opening=N``)
+OPENING = (
+    "import runpy, sys\n"
+    "import dispatcher.client.multiplex as m\n"
+    "m.OPENING = N\n"
+    "sys.argv[0] = 'ced'\n"
+    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
+)
+
+
 def ced_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "ced"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.ced"]
@@ -142,6 +152,9 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     if client == "threads":
         cmd = [*WRAP, sys.executable, "-c", THREADED]
         label = f"{label} (threads)"
+    elif client.startswith("opening="):
+        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
+        label = f"{label} ({client})"
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
         cmd = [sys.executable, "-c", PROFILED, str(out)]
@@ -263,7 +276,10 @@ def main() -> int:
             for label, words, target in cases:
                 if args.only not in label:
                     continue
-                for client in ("multiplex", "threads") if args.client == "both" else (args.client,):
+                clients = (
+                    ("multiplex", "threads") if args.client == "both" else args.client.split(",")
+                )
+                for client in clients:
                     ced(conf, words, proc.pid, target, label, client)
                     time.sleep(1.0)  # let the simulator close its connections
     finally:

@@ -51,10 +51,12 @@ from dispatcher.client.wire import (
 R = TypeVar("R")
 
 #: requests at most in their CPU-bound part (connect, TLS handshake, writing the request)
-#: at once; the others in flight wait for their answers. New requests start only below
-#: it, so thousands in flight (a 1 s script) never queue thousands of handshakes, each
-#: one's deadline ticking, behind one another.
-OPENING = 128
+#: at once, over all the loops of a fan-out; the others in flight wait for their answers.
+#: New requests start only below it, so tens of thousands in flight never queue all
+#: their handshakes (about 1 ms of CPU each), deadlines ticking, behind one another:
+#: 1,024 is about a second of queued handshakes against a ``read_timeout`` of 60 s. (128
+#: throttled a ping of 2,000 slow simulated agents to half the speed of no cap.)
+OPENING = 1024
 
 #: at most this many loops (threads) for one fan-out, and at least this many jobs each
 MAX_LOOPS = 4
@@ -134,14 +136,14 @@ class _Loop:
         self,
         jobs: Sequence[Callable[[], Awaitable[R]]],
         limit: int,
-        opening: int = OPENING,
+        opening: int | None = None,
         queue: _Queue | None = None,
         results: list[Any] | None = None,
         base: contextvars.Context | None = None,
     ) -> None:
         self.jobs = jobs
         self.limit = max(1, limit)
-        self.max_opening = max(1, opening)
+        self.max_opening = max(1, OPENING if opening is None else opening)
         self.opening = 0
         self.queue = queue if queue is not None else _Queue(len(jobs))
         self.results: list[Any] = results if results is not None else [None] * len(jobs)
