@@ -184,6 +184,13 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     rss = ru.ru_maxrss / 1024
     rtts = sorted(int(str(r.get("rtt", "0ms")).removesuffix("ms") or 0)
                   for r in doc.get("results") or [] if isinstance(r, dict))  # fmt: skip
+    errors: dict[str, int] = {}
+    for r in doc.get("results") or []:
+        if isinstance(r, dict) and r.get("error"):
+            errors[str(r["error"])[:90]] = errors.get(str(r["error"])[:90], 0) + 1
+    if errors:
+        shown += "; errors: " + ", ".join(f"{n} x {e!r}" for e, n in
+                                          sorted(errors.items(), key=lambda x: -x[1])[:3])  # fmt: skip
     if rtts:
         shown += (f"; rtt p50 {rtts[len(rtts) // 2]} ms, p90 {rtts[len(rtts) * 9 // 10]} ms, "
                   f"max {rtts[-1]} ms")  # fmt: skip
