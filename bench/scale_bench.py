@@ -1,11 +1,14 @@
 """Scale benchmark: ``ced ping`` and ``ced run`` of a 1 s script to 2,000 and 10,000 agents.
 
-The agents are ``bench/agentsim.py`` (real ``AgentServer`` instances in one other process,
-127.0.1.1 upwards, one port); the dispatcher is the real ``ced`` in a child process with a
-registry of ``--count`` records (tags ``role=web`` on every agent, ``shard=<i mod 10>``),
-run once per case, so its CPU (user+sys) and peak RSS come from ``wait4``. Each case
-prints wall time, the dispatcher's CPU and peak RSS, the simulator's CPU, the counts
-and the target beside it:
+The agents are ``bench/agentsim.py`` (real ``AgentServer`` instances, ``--per-process``
+of them in each of its worker processes, 127.0.1.1 upwards, one port); the dispatcher is
+the real ``ced`` in a child process with ``max_parallel = --parallel`` and a registry of
+``--count`` records (tags ``role=web`` on every agent, ``shard=<i mod 10>``, each pinning
+the agents' certificate as approval does), run once per case, so its CPU (user+sys) and
+peak RSS come from ``wait4``. Each case prints wall time, the dispatcher's CPU and peak
+RSS, the simulator's CPU (all its processes), the counts, the agents' round-trip times,
+the target beside it, and the CPU floor: (dispatcher + simulator CPU) / cores, the wall
+time no scheduling can beat while both share this machine's cores:
 
 * ``ping --all`` to 10,000 agents: under 15 s;
 * ``run --tags role=web sleep1`` (``exec sleep 1``) to 2,000 agents: under 4 s;
@@ -16,7 +19,10 @@ index) to show that choosing a tenth of 10,000 agents reads a tenth of the recor
 
 The machine's load average is printed with every figure: the simulator and the
 dispatcher share the cores with whatever else runs. Bounded (``--max-seconds``); it
-cleans up after itself. Run: ``.venv/bin/python bench/scale_bench.py [--count 10000]``.
+cleans up after itself. Run: ``.venv/bin/python bench/scale_bench.py [--count 10000]``
+(``--only LABEL`` for some cases; ``--profile DIR`` cProfiles ``ced`` in CPU time,
+``--wrap 'perf record -o F --'`` runs it under another tool, ``--sim-profile F`` the
+simulator).
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agentsim import addresses  # noqa: E402
-from fanout_bench import Setup, prepare, proc_cpu, start_sim  # noqa: E402
+from agentsim import addresses, tree_cpu  # noqa: E402
+from fanout_bench import Setup, prepare, start_sim  # noqa: E402
 
+from agent.certinfo import identity_der  # noqa: E402
 from dispatcher.registry import Registry  # noqa: E402
 from ops.lab.proc import terminate  # noqa: E402
 
@@ -65,9 +74,27 @@ class BenchWriter:
         return True
 
 
+#: ``ced`` with another cap on the requests being opened at once (``--client opening=N``)
+OPENING = (
+    "import runpy, sys\n"
+    "import dispatcher.client.multiplex as m\n"
+    "m.OPENING = N\n"
+    "sys.argv[0] = 'ced'\n"
+    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
+)
+
+
 def ced_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "ced"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.ced"]
+
+
+def agent_identity(s: Setup) -> tuple[str, str]:
+    """The simulated agents' certificate serial and key hash: each record pins them, as
+    approval does, so every connection is checked against the registry."""
+    conf = dict(line.split(" = ", 1) for line in s.config.read_text().splitlines() if " = " in line)
+    der = ssl.PEM_cert_to_DER_cert(Path(conf["cert"]).read_text())
+    return identity_der(der)
 
 
 def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, parallel: int) -> Path:
@@ -77,11 +104,12 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
     for src, name in ((s.cert, "dispatcher.crt"), (s.key, "dispatcher.key"), (s.ca, "ca.crt")):
         shutil.copy(src, ca_dir / name)
     reg = Registry(tmp / "state" / "agents", BenchWriter())
+    serial, pubkey = agent_identity(s)
     t0 = time.monotonic()
     for i, addr in enumerate(addresses(count)):
         reg.register(f"sim-{i:05d}", ip=addr, port=port, lookup_by="ip",
-                     tags={"role": "web", "shard": str(i % 10),
-                           "group": f"g{i // group}"})  # fmt: skip
+                     tags={"role": "web", "shard": str(i % 10), "group": f"g{i // group}"},
+                     cert_serial=serial, pubkey_sha256=pubkey)  # fmt: skip
     print(f"registry: {count} records written in {time.monotonic() - t0:.1f} s")
     conf = tmp / "ctrl-exec.conf"
     conf.write_text(
@@ -93,16 +121,45 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
+#: ``ced`` with the blocking client's thread per request instead of the multiplexer
+#: (``--client threads``: the comparison, under the same load)
+THREADED = (
+    "import runpy, sys\n"
+    "import dispatcher.client.blocking as b, dispatcher.client.multiplex as m\n"
+    "m.MULTIPLEX = b.BlockingIO()\n"
+    "sys.argv[0] = 'ced'\n"
+    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
+)
+#: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
+#: process waited for a core on a busy machine); the file is argv[1]
+PROFILED = (
+    "import cProfile, runpy, sys, time\n"
+    "out = sys.argv.pop(1)\n"
+    "sys.argv[0] = 'ced'\n"
+    "prof = cProfile.Profile(time.process_time)\n"
+    "try:\n"
+    "    prof.runcall(runpy.run_module, 'dispatcher.ced', run_name='__main__')\n"
+    "finally:\n"
+    "    prof.dump_stats(out)\n"
+)
+WRAP: list[str] = []
 
 
-def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str) -> dict:
+def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str,
+        client: str = "multiplex") -> dict:  # fmt: skip
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
-    cmd = ced_cmd()
+    cmd = [*WRAP, *ced_cmd()]
+    if client == "threads":
+        cmd = [*WRAP, sys.executable, "-c", THREADED]
+        label = f"{label} (threads)"
+    elif client.startswith("opening="):
+        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
+        label = f"{label} ({client})"
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "dispatcher.ced"]
+        cmd = [sys.executable, "-c", PROFILED, str(out)]
     load = os.getloadavg()[0]
-    s0 = proc_cpu(sim_pid)
+    s0 = tree_cpu(sim_pid)
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         p = subprocess.Popen([*cmd, "--config", str(conf), "--json", *words],
@@ -116,7 +173,7 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
             raise
         _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    sim = proc_cpu(sim_pid) - s0
+    sim = tree_cpu(sim_pid) - s0
     rc = os.waitstatus_to_exitcode(status)
     try:
         doc = json.loads(data)
@@ -125,6 +182,18 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     counts = doc.get("counts") or {}
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or doc.get("error", "")
     rss = ru.ru_maxrss / 1024
+    rtts = sorted(int(str(r.get("rtt", "0ms")).removesuffix("ms") or 0)
+                  for r in doc.get("results") or [] if isinstance(r, dict))  # fmt: skip
+    errors: dict[str, int] = {}
+    for r in doc.get("results") or []:
+        if isinstance(r, dict) and r.get("error"):
+            errors[str(r["error"])[:90]] = errors.get(str(r["error"])[:90], 0) + 1
+    if errors:
+        shown += "; errors: " + ", ".join(f"{n} x {e!r}" for e, n in
+                                          sorted(errors.items(), key=lambda x: -x[1])[:3])  # fmt: skip
+    if rtts:
+        shown += (f"; rtt p50 {rtts[len(rtts) // 2]} ms, p90 {rtts[len(rtts) * 9 // 10]} ms, "
+                  f"max {rtts[-1]} ms")  # fmt: skip
     verdict = ""
     if target is not None:
         verdict = f"   target < {target:.0f} s: {'PASS' if wall < target else 'FAIL'}"
@@ -133,6 +202,11 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
           f"{rss:6.1f} MB (target < {RSS_TARGET_MB:.0f} MB: "
           f"{'PASS' if rss < RSS_TARGET_MB else 'FAIL'}); simulator CPU {sim:5.2f} s; "
           f"exit {rc}; {shown}; load average {load:.2f}", flush=True)  # fmt: skip
+    cores = os.cpu_count() or 1
+    cpu = ru.ru_utime + ru.ru_stime
+    print(f"  {'':<34} CPU floor on {cores} cores: (dispatcher {cpu:.2f} + simulator {sim:.2f}) "
+          f"/ {cores} = {(cpu + sim) / cores:.2f} s; simulator alone {sim / cores:.2f} s",
+          flush=True)  # fmt: skip
     return doc
 
 
@@ -141,13 +215,37 @@ def main() -> int:
     p.add_argument("--count", type=int, default=10000, help="agents simulated and registered")
     p.add_argument("--run-count", type=int, default=2000, help="agents the 1 s script runs on")
     p.add_argument("--port", type=int, default=17643)
-    p.add_argument("--parallel", type=int, default=256, help="the dispatcher's max_parallel")
+    p.add_argument("--parallel", type=int, default=2000, help="the dispatcher's max_parallel")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-seconds", type=int, default=900)
     p.add_argument("--profile", type=Path, help="cProfile every ced run into this directory")
+    p.add_argument(
+        "--wrap", default="", help="a command ced runs under (e.g. 'perf record -o F --')"
+    )
+    p.add_argument(
+        "--per-process",
+        type=int,
+        default=250,
+        help="agents per simulator process (0: all in one, as before)",
+    )
+    p.add_argument(
+        "--sim-nice",
+        type=int,
+        default=0,
+        help="the simulator's niceness (10: the dispatcher keeps its core, as "
+        "on a real fleet whose agents run elsewhere)",
+    )
+    p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
+    p.add_argument(
+        "--client",
+        default="multiplex",
+        help="multiplex, threads (ced with a thread per request), or both",
+    )
+    p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
     PROFILE = args.profile
+    WRAP[:] = shlex.split(args.wrap)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -163,9 +261,12 @@ def main() -> int:
         t0 = time.monotonic()
         s = prepare(tmp, args.port, "ec-p256")
         proc = start_sim(s, args.count, args.port, tmp / "agentsim.log", 600,
-                         ("--lifetime", str(args.max_seconds + 60)))  # fmt: skip
-        print(f"agentsim up in {time.monotonic() - t0:.1f} s; {os.cpu_count()} CPUs; "
-              f"max_parallel {args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+                         ("--lifetime", str(args.max_seconds + 60),
+                          "--per-process", str(args.per_process), "--nice", str(args.sim_nice),
+                          *(("--profile", args.sim_profile) if args.sim_profile else ())))  # fmt: skip
+        print(f"agentsim up in {time.monotonic() - t0:.1f} s ({args.per_process or args.count} "
+              f"agents per process, nice {args.sim_nice}); {os.cpu_count()} CPUs; max_parallel "
+              f"{args.parallel}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         conf = dispatcher_state(tmp, s, args.count, args.run_count, args.port, args.parallel)
         small = min(args.run_count, args.count)
         cases = [  # (label, words, target seconds)
@@ -180,8 +281,14 @@ def main() -> int:
         for r in range(args.rounds):
             print(f"round {r + 1}:")
             for label, words, target in cases:
-                ced(conf, words, proc.pid, target, label)
-                time.sleep(1.0)  # let the simulator close its connections
+                if args.only not in label:
+                    continue
+                clients = (
+                    ("multiplex", "threads") if args.client == "both" else args.client.split(",")
+                )
+                for client in clients:
+                    ced(conf, words, proc.pid, target, label, client)
+                    time.sleep(1.0)  # let the simulator close its connections
     finally:
         signal.alarm(0)
         if proc is not None:

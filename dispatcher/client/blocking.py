@@ -3,7 +3,9 @@
 The same request as :mod:`dispatcher.client.aio` (the protocol, TLS and error strings
 are :mod:`dispatcher.client.wire`'s), without asyncio: ``ced`` starts tens of milliseconds
 faster. :data:`BLOCKING` is the :class:`~dispatcher.client.io.AgentIO` the CLI runs its
-dispatch verbs on, through :func:`dispatcher.client.io.run_blocking`.
+dispatch verbs on, through :func:`dispatcher.client.io.run_blocking`: this client for one
+request, and for a fan-out :mod:`dispatcher.client.multiplex` (every request in flight on
+one thread); :class:`BlockingIO` alone runs a fan-out on a thread per request.
 
 Connecting follows ``asyncio.open_connection``: every address ``getaddrinfo`` gives is
 tried in turn, with ``TCP_NODELAY``; when all fail the error is the only one, the first
@@ -32,6 +34,7 @@ from dispatcher.client.wire import (
 
 if TYPE_CHECKING:
     from agent.common.authhook import Decision
+    from dispatcher.client.multiplex import MultiplexIO
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -192,4 +195,12 @@ class BlockingIO:
         return fn()  # no event loop to keep free, nothing cancels it
 
 
-BLOCKING = BlockingIO()
+def __getattr__(name: str) -> MultiplexIO:
+    """``BLOCKING``: the one-shot ``ced``'s :class:`AgentIO`, whose fan-outs multiplex
+    their requests on one thread (:mod:`dispatcher.client.multiplex`, which builds on
+    this module); :class:`BlockingIO` itself keeps a thread per request in flight."""
+    if name == "BLOCKING":
+        from dispatcher.client.multiplex import MULTIPLEX
+
+        return MULTIPLEX
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,8 +5,9 @@ are written once, as coroutines, over an :class:`AgentIO`. Two implementations e
 
 * :data:`dispatcher.client.aio.ASYNCIO` (the default): asyncio connections, a
   semaphore-bounded ``gather``, the auth hook as an asyncio subprocess;
-* :data:`dispatcher.client.blocking.BLOCKING`: blocking sockets, one thread per parallel
-  request, the hook through ``subprocess``. None of its coroutines ever suspends, so
+* :data:`dispatcher.client.blocking.BLOCKING`: blocking sockets for one request, every
+  request of a fan-out multiplexed on the calling thread (:mod:`dispatcher.client.multiplex`),
+  the hook through ``subprocess``. Its coroutines never suspend towards the caller, so
   :func:`run_blocking` runs an operation to completion without an event loop, and the
   CLI never imports asyncio (about 50 ms of start-up on a small machine).
 """
