@@ -460,24 +460,26 @@ def test_sigterm_keeps_serving_new_requests_for_drain_wait(env: Env) -> None:
     ``drain_wait`` seconds (the load balancer's health check needs that long to move
     them elsewhere); only then do the listeners close."""
     d = make_daemon(env.tmp, "graceful", env.tmp / "ca", env.registry_dir,
-                    {"api_auth_default": "allow", "drain_wait": "1.5"})  # fmt: skip
+                    {"api_auth_default": "allow", "drain_wait": "3"})  # fmt: skip
     d.start()
     try:
         d.wait_healthy()
         assert d.proc is not None
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
-        answered = 0
+        answered: list[float] = []  # seconds after SIGTERM of each answered new connection
         with httpx.Client(base_url=d.health_url, trust_env=False, timeout=5) as h:
-            while time.monotonic() - t0 < 1.2:
+            while time.monotonic() - t0 < 2.5:
                 assert h.get("/ready").status_code == 503
                 with httpx.Client(base_url=d.url, trust_env=False, timeout=5) as c:
                     assert c.get("/health").status_code in (200, 503)  # answered, not refused
-                answered += 1
+                answered.append(time.monotonic() - t0)
                 time.sleep(0.1)
-        assert answered >= 5
+        # still answering new connections well after the signal (a busy machine makes
+        # each round slow, so the count is not the point: the time of the last one is)
+        assert len(answered) >= 2 and answered[-1] >= 1.0, answered
         assert d.proc.wait(15) == 0
-        assert time.monotonic() - t0 >= 1.5
-        assert "ACTION=api-drain DRAIN_WAIT=1.5" in d.logtext()
+        assert time.monotonic() - t0 >= 3.0
+        assert "ACTION=api-drain DRAIN_WAIT=3" in d.logtext()
     finally:
         d.stop()
