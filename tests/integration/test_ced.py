@@ -215,7 +215,8 @@ def test_ping_table_and_json(env: Env) -> None:
 
 def test_async_status_wait(env: Env) -> None:
     fast = {"CED_WAIT_INTERVAL": "0.2"}
-    p = ced("run", "--async", "web1", "web2", "sleep1", conf=env.conf,
+    # a 3 s script: still pending when `wait --timeout 0` asks, even on a busy machine
+    p = ced("run", "--async", "web1", "web2", "sleep-script", conf=env.conf,
             env={"SUDO_USER": "carol"})  # fmt: skip
     assert p.returncode == 0, p.stderr
     m = re.match(r"^Submitted async run  req:([0-9a-f]{16})$", p.stdout.splitlines()[0])
@@ -231,8 +232,8 @@ def test_async_status_wait(env: Env) -> None:
     assert s.returncode == 0 and one_json(s)["ok"] == 1
     w = ced("wait", reqid, "--timeout", "20", conf=env.conf, env=fast)
     assert w.returncode == 0, w.stdout + w.stderr
-    assert w.stdout.splitlines()[0] == f"Request {reqid}  (script: sleep1)  [COMPLETE]"
-    assert "==> web1  [done  exit:0]\nslept\n==> web2  [done  exit:0]\nslept\n" in w.stdout
+    assert w.stdout.splitlines()[0] == f"Request {reqid}  (script: sleep-script)  [COMPLETE]"
+    assert "==> web1  [done  exit:0]\nslept-3\n==> web2  [done  exit:0]\nslept-3\n" in w.stdout
     wj = ced("--json", "wait", reqid, conf=env.conf)
     doc = one_json(wj)
     assert doc["complete"] is True and doc["hosts"]["web2"]["exit"] == 0 and wj.returncode == 0
