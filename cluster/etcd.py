@@ -70,6 +70,15 @@ def _etcd_error(exc: gw_exc.Etcd3Exception) -> str:
     return text
 
 
+def _session(ca: str | None, cert: str | None, key: str | None) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # never let REQUESTS_CA_BUNDLE & co. replace the CA
+    s.verify = ca if ca else True
+    if cert and key:
+        s.cert = (cert, key)
+    return s
+
+
 def _b64(data: str | bytes) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return base64.b64encode(raw).decode("ascii")
@@ -164,13 +173,13 @@ class EtcdClient:
         self._token: str | None = None  # None: authenticate before the next call
         self.probe_key = probe_key  # read for the revision: a role may cover only a prefix
         self.timeout = timeout
-        self._session = requests.Session()
-        self._session.trust_env = False  # never let REQUESTS_CA_BUNDLE & co. replace the CA
-        self._session.verify = ca if ca else True
-        if cert and key:
-            self._session.cert = (cert, key)
-        elif cert or key:
+        if bool(cert) != bool(key):
             raise ValueError("etcd client cert and key go together")
+        self._session = _session(ca, cert, key)
+        # Watches have their own pool: a watch ends by closing its connection (the stream
+        # never ends by itself), so on the shared pool every watch would cost the next
+        # request a new TCP+TLS handshake (about 10 ms: on the path of every generation).
+        self._watch_session = _session(ca, cert, key)
         self._clients: list[etcd3gw.Etcd3Client] = []
         for url in endpoints:
             parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -324,6 +333,7 @@ class EtcdClient:
 
     def close(self) -> None:
         self._session.close()
+        self._watch_session.close()
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -544,7 +554,7 @@ class EtcdClient:
         self, client: etcd3gw.Etcd3Client, request: Mapping[str, Any], deadline: float
     ) -> WatchEvent | None:
         left = max(deadline - time.monotonic(), 0.01)
-        resp = self._session.post(
+        resp = self._watch_session.post(
             client.get_url("/watch"),
             json=request,
             headers=self._auth_headers(),

@@ -44,8 +44,8 @@ generations from an epoch older than the newest they have seen, follow the new l
 
 Follower (``sync_mode = push``): for each new generation it diffs the manifest against its
 files, fetches every changed file from the leader (then from any member that applied the
-generation) with ``GET /cluster/files/<path>?generation=N`` over mTLS, verifies size and
-sha256, writes each into a stage directory next to its target (same filesystem) and fsyncs
+generation) with ``GET /cluster/files/<path>?generation=N`` over mTLS (up to four files at
+once, each lane on its own kept-alive connection), verifies size and sha256, writes each into a stage directory next to its target (same filesystem) and fsyncs
 it; only when *every* file is staged does it rename each into place (keys first), remove
 the files the generation no longer has, fsync the directories and verify the whole manifest
 again. A crash leaves old files, new files or leftover stage directories, never a partial

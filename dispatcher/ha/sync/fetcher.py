@@ -21,6 +21,7 @@ import copy
 import hashlib
 import http.client
 import os
+import threading
 from collections.abc import Callable
 
 from cluster.backend import MemberInfo
@@ -35,6 +36,7 @@ Conns = dict[str, http.client.HTTPConnection]
 
 class Fetcher:
     TIMEOUT = 10.0
+    WORKERS = 4  # files fetched at once, each lane on its own kept-alive connection
 
     def __init__(self, cfg: DispatcherConfig, me: str, members: MembersFn,
                  allowed: Callable[[], set[str]]) -> None:  # fmt: skip
@@ -44,11 +46,24 @@ class Fetcher:
         self.allowed = allowed  # the cluster's dispatcher serials
         self.identity: dict[str, int] = {}  # instance id -> index in identities() that works
         self.conns: Conns = {}  # kept between generations (no TLS handshake per apply)
+        self._lanes: list[Conns] = [self.conns]  # one set of connections per fetch lane
+        self._lanes_lock = threading.Lock()
+
+    def lane(self, i: int) -> Conns:
+        """The connections of fetch lane ``i`` (lane 0: :attr:`conns`), kept between
+        generations; a lane is used by one thread at a time."""
+        with self._lanes_lock:
+            while len(self._lanes) <= i:
+                self._lanes.append({})
+            return self._lanes[i]
 
     def close(self) -> None:
-        for c in self.conns.values():
-            c.close()
-        self.conns.clear()
+        with self._lanes_lock:
+            lanes = list(self._lanes)
+        for conns in lanes:
+            for c in list(conns.values()):
+                c.close()
+            conns.clear()
 
     def identities(self) -> list[DispatcherConfig]:
         """The config to connect with: the dispatcher pair, then the kept previous pair,

@@ -95,8 +95,10 @@ class AppliedState:
     def record(self, g: Generation, **detail: Any) -> None:
         self.applied = g
         self.unsaved = g
-        self.flush()
+        # the member key first: the leader counts it for ``sync_ack`` (the files are in
+        # place and synced already; applied.json only saves a restart its diff)
         self.on_record()
+        self.flush()
         if detail:
             ev("sync-applied", generation=g.number, epoch=g.epoch, leader=g.leader,
                instance=self.me, **detail)  # fmt: skip

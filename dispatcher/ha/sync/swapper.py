@@ -14,12 +14,15 @@ import contextlib
 import ctypes
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.common import logfmt
 from agent.common.fsutil import fsync_dir
+from cluster.backend import MemberInfo
 from dispatcher.ha.manifest import STAGE_DIR, Entry, Generation, Layout, Scanner
 from dispatcher.ha.sync.fetcher import Conns, Fetcher
 from dispatcher.ha.sync.state import SyncError
@@ -138,39 +141,77 @@ class Swapper:
     def _stage(
         self, g: Generation, todo: list[Entry], targets: dict[str, Path]
     ) -> tuple[dict[str, Path], list[str]]:
+        """Fetch every file of ``todo`` and write it into its stage directory: up to
+        :attr:`Fetcher.WORKERS` files at once, each worker on its own kept-alive
+        connection (a generation's few changed files cost one round trip, not one each)."""
         sources = self.fetcher.sources(g)
         if not sources:
             raise SyncError(f"no member can serve generation {g.number}")
-        conns: Conns = self.fetcher.conns
-        fresh = False
-        used: list[str] = []
-        staged: dict[str, Path] = {}
         each = len(todo) <= self.MANY
-        try:
-            for e in todo:
+        for e in todo:
+            sdir = targets[e.path].parent / STAGE_DIR
+            sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lanes = min(self.fetcher.WORKERS, len(todo))
+        share = [todo[i::lanes] for i in range(lanes)]
+        staged: dict[str, Path] = {}
+        used: list[str] = []
+        src = _Sources(self.fetcher, g, sources)
+
+        def lane(i: int) -> list[tuple[Entry, Path, str]]:
+            conns = self.fetcher.lane(i)
+            out = []
+            for e in share[i]:
+                data, who = src.fetch(conns, e)
                 target = targets[e.path]
-                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                sdir = target.parent / STAGE_DIR
-                sdir.mkdir(mode=0o700, exist_ok=True)
-                try:
-                    data, who = self.fetcher.fetch(sources, conns, e, g.number)
-                except SyncError:
-                    if fresh:
-                        raise
-                    fresh = True  # the members last read may be stale: read them again
-                    sources = self.fetcher.sources(g, fresh=True)
-                    data, who = self.fetcher.fetch(sources, conns, e, g.number)
-                if who not in used:
-                    used.append(who)
-                staged[e.path] = _write_staged(sdir / target.name, data, e.mode, each)
+                out.append((e, _write_staged(target.parent / STAGE_DIR / target.name, data,
+                                             e.mode, each), who))  # fmt: skip
+            return out
+
+        try:
+            if lanes == 1:
+                results = [lane(0)]
+            else:
+                with ThreadPoolExecutor(lanes, thread_name_prefix="ha-fetch") as pool:
+                    results = list(pool.map(lane, range(lanes)))
         except BaseException:
             self.fetcher.close()  # the next attempt starts from fresh connections
             raise
+        for e, path, who in (r for rs in results for r in rs):
+            staged[e.path] = path
+            if who not in used:
+                used.append(who)
         if not each:
             _sync_filesystems(list(staged.values()))
         # no fsync of the stage directories: the renames are made durable by the fsync of
         # each target directory after the swap, and the contents were synced above
         return staged, used
+
+
+class _Sources:
+    """The members a generation's files are fetched from, shared by the fetch lanes: when
+    a file cannot be fetched from them, the member records are read again once (they may
+    be stale) and every lane goes on with the fresh list."""
+
+    def __init__(self, fetcher: Fetcher, g: Generation, sources: list[MemberInfo]) -> None:
+        self.fetcher = fetcher
+        self.g = g
+        self.sources = sources
+        self.fresh = False
+        self._lock = threading.Lock()
+
+    def fetch(self, conns: Conns, e: Entry) -> tuple[bytes, str]:
+        sources = self.sources
+        try:
+            return self.fetcher.fetch(sources, conns, e, self.g.number)
+        except SyncError:
+            with self._lock:
+                if self.fresh and self.sources is sources:
+                    raise
+                if not self.fresh:
+                    self.fresh = True
+                    self.sources = self.fetcher.sources(self.g, fresh=True)
+                sources = self.sources
+        return self.fetcher.fetch(sources, conns, e, self.g.number)
 
 
 def _write_staged(dest: Path, data: bytes, mode: int, fsync: bool = True) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,7 @@ def test_apply_fetches_swaps_removes_and_records(tmp_path: Path) -> None:
 
 def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     rig = Rig(tmp_path, fail_after=2)
+    rig.syncer.fetcher.WORKERS = 1  # one lane: the files are fetched in order
     populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(5)})
     populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(5)})
     g = generation_of(rig.leader_cfg)
@@ -211,6 +213,60 @@ def test_a_crash_while_staging_leaves_no_partial_file(tmp_path: Path) -> None:
     assert fresh.follower.handle(rig.sealed(g))
     assert [(f / f"f{i}").read_bytes() for i in range(5)] == [f"new-{i}".encode()
                                                               for i in range(5)]  # fmt: skip
+
+
+def test_changed_files_are_fetched_at_once_each_lane_on_its_own_connections(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"agents/web1.json": b'{"n":2}', "etc/approved/x.json": b"{}"})
+    populate(tmp_path / "follower", {"agents/web1.json": b'{"n":1}'})
+    both = threading.Barrier(2, timeout=5)  # sequential fetches never meet: BrokenBarrierError
+    lanes: list[int] = []
+    fetch = rig.syncer.fetcher.fetch
+
+    def meeting(sources: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
+        lanes.append(id(conns))
+        both.wait()
+        return fetch(sources, conns, e, number)
+
+    rig.syncer.fetcher.fetch = meeting  # type: ignore[method-assign]
+    assert rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg)))
+    f = tmp_path / "follower"
+    assert (f / "agents" / "web1.json").read_bytes() == b'{"n":2}'
+    assert (f / "etc" / "approved" / "x.json").read_bytes() == b"{}"
+    assert len(set(lanes)) == 2  # two connection sets: no two threads on one connection
+    assert rig.syncer.fetcher.lane(0) is rig.syncer.fetcher.conns
+    assert not list(rig.syncer.layout.stage_dirs())
+
+
+def test_a_lane_that_fails_stops_the_apply_and_members_are_read_again_once(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {f"etc/f{i}": f"new-{i}".encode() for i in range(6)})
+    populate(tmp_path / "follower", {f"etc/f{i}": f"old-{i}".encode() for i in range(6)})
+    fresh_reads: list[bool] = []
+    sources = rig.syncer.fetcher.sources
+    fetch = rig.syncer.fetcher.fetch
+
+    def counted(g: Generation, fresh: bool = False) -> list[MemberInfo]:
+        fresh_reads.append(fresh)
+        return sources(g, fresh)
+
+    def failing(src: Any, conns: Any, e: Entry, number: int) -> tuple[bytes, str]:
+        if e.path == "ca/f3":
+            raise SyncError("the leader went away")
+        return fetch(src, conns, e, number)
+
+    rig.syncer.fetcher.sources = counted  # type: ignore[method-assign]
+    rig.syncer.fetcher.fetch = failing  # type: ignore[method-assign]
+    assert not rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg)))
+    f = tmp_path / "follower" / "etc"
+    assert [(f / f"f{i}").read_bytes() for i in range(6)] == [f"old-{i}".encode()
+                                                              for i in range(6)]  # fmt: skip
+    assert fresh_reads.count(True) == 1  # one fresh read of the members, not one per lane
+    assert rig.syncer.generation == 0 and rig.syncer.follower.retry_at is not None
 
 
 def test_generation_from_an_older_epoch_is_refused(tmp_path: Path) -> None:

@@ -93,3 +93,28 @@ def test_only_writes_to_files_a_generation_carries_count_as_changes(tmp_path: Pa
         before = rep.changes
         rep.note(path)
         assert (rep.changes == before + 1) is counted, path
+
+
+def test_members_are_read_often_while_an_answer_is_due_then_less(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after the publish the records are read every POLL_FAST s (a follower applies
+    within tens of ms: it is noticed about 1 ms later, not up to POLL later); after FAST_FOR
+    every POLL s."""
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        now[0] += s
+
+    monkeypatch.setattr("dispatcher.ha.replication.time.sleep", sleep)
+    rep = Replication("m0", Published(3), lambda: members(3, 2, 2), timeout=1.0,
+                      clock=lambda: now[0])  # fmt: skip
+    with pytest.raises(NotAcknowledged):
+        rep.acknowledge(2)
+    fast = [s for s in sleeps if s == Replication.POLL_FAST]
+    assert Replication.POLL_FAST < Replication.POLL
+    assert sleeps[: len(fast)] == fast  # the fast reads come first
+    assert len(fast) == pytest.approx(Replication.FAST_FOR / Replication.POLL_FAST, abs=2)
+    assert set(sleeps[len(fast) :]) == {Replication.POLL}
