@@ -32,7 +32,7 @@ from ops.lab.tlsagents import TlsAgents
 pytestmark = pytest.mark.integration
 
 HONEST = 20
-DEADLINE = 2.0
+DEADLINE = 5.0  # the honest agents answer in well under it, even on a busy machine
 
 
 def attack(name: str, detail: str) -> None:
