@@ -2,13 +2,15 @@
 
 Every error is ``{"ok": false, "error": ..., ["detail": ...], ...}`` (:func:`error`).
 FastAPI's own failures are rewritten to it: a validation error answers 400 with
-upstream's message for the field (never 422), an unknown route or method 404, anything
+upstream's message for the field (never 422), an unknown route or method 404, a disk
+refusing a write (read-only, full) 503 ``storage unavailable`` naming the file, anything
 unexpected 500 ``internal error`` with an ``api-error`` log line. A dependency or helper
 that has to end a request early raises :class:`Answer` with the response to send.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -20,6 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agent.common import logfmt
 from dispatcher.api.models import ErrorResponse
 from dispatcher.operations import Denied
+
+#: errnos of a disk that refuses writes: answered 503 ``storage unavailable``, not 500
+STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 Responses = dict[int | str, dict[str, Any]]
 ERR: dict[str, Any] = {"model": ErrorResponse}
@@ -102,6 +107,12 @@ async def on_internal(request: Request, exc: Exception) -> Response:
     if isinstance(exc, BackendUnavailable):  # etcd down or restarting: try again, not a bug
         logfmt.event("api-unavailable", logging.WARNING, path=request.url.path, error=exc)
         return error(503, "cluster unavailable", str(exc))
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        # this host's disk refused a write (read-only, full): not a bug, and another
+        # instance may serve it; say what and where, as the log does
+        where = f" ({exc.filename})" if exc.filename else ""
+        logfmt.event("api-storage", logging.ERROR, path=request.url.path, error=exc)
+        return error(503, "storage unavailable", f"{exc.strerror}{where}")
     logfmt.event("api-error", logging.ERROR, path=request.url.path, error=exc)
     return error(500, "internal error", type(exc).__name__)
 
