@@ -8,6 +8,7 @@ the test's cluster prefix. "Two clients" are two backend objects, as two instanc
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -480,7 +481,9 @@ def test_a_member_that_lost_its_key_to_another_never_deletes_it(make_backend: Fa
         assert admin.members() == [taken]  # closing deleted only what was its own
     finally:
         sa.close()
-        bb.resign(lb.id)
+        # clean-up only: a revoke lost to a busy etcd lets the lease expire (5 s) instead
+        with contextlib.suppress(BackendUnavailable):
+            bb.resign(lb.id)
 
 
 def test_election_waits_for_the_member_key(make_backend: Factory) -> None:
