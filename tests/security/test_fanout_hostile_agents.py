@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,12 @@ from dispatcher.client.wire import SessionCache
 from dispatcher.registry import Target
 from ops.lab.pki import Issued, TestCA
 from ops.lab.tlsagents import TlsAgents
+from tests.support.attacks import attack, show_attacks  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.integration
 
 HONEST = 8
 DEADLINE = 10.0  # the honest agents answer far within it, even on a machine at load 100
-
-
-def attack(name: str, detail: str) -> None:
-    print(f"[attack] {name}: refused ({detail})")
-
-
-@pytest.fixture(autouse=True)
-def _show_attacks(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
-    yield
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[attack]")]
-    if lines:
-        with capsys.disabled():
-            print("", *lines, sep="\n")
 
 
 def pins_of(cert: Issued) -> Pins:

@@ -42,6 +42,11 @@ def test_epoch_of_iso_as_datetime_computes_it(ts: float) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.text(alphabet="0123456789-T:.Zz +", min_size=20, max_size=26))
 def test_epoch_refuses_or_agrees(text: str) -> None:
+    _agrees(text)
+
+
+def _agrees(text: str) -> None:
+    """``epoch`` refuses what ``datetime`` refuses and agrees with it on the rest."""
     try:
         want: float | None = _epoch_reference(text.strip())
     except ValueError:
@@ -56,12 +61,4 @@ def test_epoch_refuses_or_agrees(text: str) -> None:
 def test_epoch_edges() -> None:
     for text in ("2024-02-29T23:59:59.999Z", "2023-02-29T00:00:00.000Z", "1970-01-01T00:00:00.000Z",
                  "2000-12-31T12:00:00.500z", "2026-13-01T00:00:00.000Z", "0001-01-01T00:00:00.000Z"):  # fmt: skip
-        try:
-            want: float | None = _epoch_reference(text)
-        except ValueError:
-            want = None
-        try:
-            got: float | None = epoch(text)
-        except ValueError:
-            got = None
-        assert got == want, text
+        _agrees(text)
