@@ -11,7 +11,7 @@ from ops.lab.pki import Issued, TestCA
 
 # the attack suite's summary: here, not in tests/security/, so that the controller of a
 # parallel run (pytest -n) loads it too
-pytest_plugins = ["tests.support.attack_summary"]
+pytest_plugins = ["tests.support.attack_summary", "tests.support.machine_share"]
 
 SCRIPTS = {
     "echo-args": """#!/bin/sh
@@ -60,3 +60,18 @@ def clean_env() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(old)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """A failure digest as the run's last lines: one short line a failed test, its crash
+    message first (a CI log that keeps only the head and the tail still says what failed;
+    the long reports above keep their diagnostics)."""
+    failed = [r for key in ("failed", "error") for r in terminalreporter.stats.get(key, [])]
+    if not failed:
+        return
+    terminalreporter.section("failure digest")
+    for report in failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = " ".join(str(crash.message if crash else report.longrepr).split())
+        terminalreporter.write_line(f"{report.nodeid.rsplit('/', 1)[-1]}: {message[:400]}")

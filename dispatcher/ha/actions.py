@@ -251,6 +251,16 @@ def rotate_ca(d: Dispatcher, *, mode: str = "run") -> dict[str, Any]:
     return asyncio.run(carotation.advance(d, finish=mode == "finish"))
 
 
+def broadcast(d: Dispatcher) -> dict[str, Any]:
+    """Tell the agents that have not acknowledged the current serial (after a rotation
+    some could not be reached) with the credentials they still trust."""
+    import asyncio
+
+    from dispatcher.pki import rotation
+
+    return asyncio.run(rotation.broadcast(d))
+
+
 def maintain(d: Dispatcher) -> dict[str, Any]:
     import asyncio
 
@@ -275,6 +285,7 @@ ACTIONS: dict[str, Action] = {
         Action("setup-ctrl-exec", "setup-dispatcher", setup_dispatcher, bootstrap=True),
         Action("rotate-cert", "cert-rotate", rotate_cert, phased=True),
         Action("rotate-ca", "ca-rotate", rotate_ca, phased=True),
+        Action("broadcast", "serial-broadcast", broadcast),
         Action("maintain", "maintain", maintain),
     )
 }

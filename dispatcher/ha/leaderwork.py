@@ -8,6 +8,9 @@ One thread, active only while this instance leads:
   as soon as every live member presents the new serial (and every agent acknowledged it,
   or the overlap is over): every second for ten minutes after the rotation, then every
   minute;
+* after a rotation, the broadcast of the new serial again to the agents that have not
+  acknowledged it (unreachable during the rotation, or the rotation was cut short): every
+  ten seconds for ten minutes after the rotation, then every minute, until retirement;
 * at start-up (once caught up) and every ten seconds while one remains: an unfinished
   rotation left by a previous leader is finished or its orphan serial retired
   (:func:`dispatcher.ha.rotation_intent.recover`);
@@ -58,6 +61,7 @@ class LeaderWork:
         self._thread = threading.Thread(target=self._run, name="ha-leader-work", daemon=True)
         self._epoch: int | None = None
         self._next_retire = 0.0
+        self._next_broadcast = 0.0
         self._next_maintain = 0.0
         self._next_prune = 0.0
         self._next_recover = 0.0
@@ -247,12 +251,27 @@ class LeaderWork:
         rotated = rs.parse_iso(state.rotated_at) or 0.0
         recent = time.time() - rotated < 600
         self._next_retire = now + (1.0 if recent else 60.0)
+        if now >= self._next_broadcast:
+            self._next_broadcast = now + (10.0 if recent else 60.0)
+            self._broadcast_check(rotation, state)
         if self.converged(state.current_serial) is not None:
             return
         res = self._busy(lambda: self._retire(rotation))
         if res.get("retired"):
             ev("serial-retired-ha", serial=res.get("serial"), reason=res.get("reason"),
                removed=len(res.get("removed") or []), instance=self.node.instance_id)  # fmt: skip
+
+    def _broadcast_check(self, rotation: Any, state: Any) -> None:
+        """Tell the agents still behind the current serial again (with the previous
+        credentials they trust); an agent that answers becomes reachable with the new."""
+        if state.unfinished or not rotation.unacknowledged(self.d, state):
+            return
+        res = self._busy(lambda: actions.perform(self.d, "broadcast"))
+        data = res.data if isinstance(res.data, dict) else {}
+        if data.get("updated"):
+            ev("serial-rebroadcast", serial=data.get("serial"),
+               updated=len(data.get("updated") or []), failed=len(data.get("failed") or []),
+               instance=self.node.instance_id)  # fmt: skip
 
     def _retire(self, rotation: Any) -> dict[str, Any]:
         with self.node.writer.operation("serial-retire"):

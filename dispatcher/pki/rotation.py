@@ -351,7 +351,7 @@ async def _broadcast(d: Dispatcher, state: RotationState, now: float,
 # ----- public operations -------------------------------------------------------------------
 
 
-def _unacknowledged(d: Dispatcher, state: RotationState) -> list[str]:
+def unacknowledged(d: Dispatcher, state: RotationState) -> list[str]:
     """Registered agents that have not acknowledged ``state.current_serial``."""
     return sorted(str(r.get("hostname")) for r in d.registry.all()
                   if not acknowledged(r, state.current_serial))  # fmt: skip
@@ -379,9 +379,9 @@ async def prepare(d: Dispatcher, now: float | None = None) -> tuple[RotationStat
         # pair this rotation is about to drop: it would be cut off for good. Tell them
         # first (with the kept previous pair); refuse while any still cannot be told.
         if not state.overlap_over(now):
-            if _unacknowledged(d, state):
+            if unacknowledged(d, state):
                 await broadcast(d, now)
-            behind = _unacknowledged(d, state)
+            behind = unacknowledged(d, state)
             if behind:
                 shown = ", ".join(behind[:10]) + (" ..." if len(behind) > 10 else "")
                 error = (f"{len(behind)} agent(s) have not acknowledged serial "

@@ -58,6 +58,9 @@ ROTATE_P = 0.5  # the share of runs with a certificate rotation
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# two lanes of real clusters under faults: timing-sensitive, and loads the machine
+pytestmark = pytest.mark.exclusive
+
 
 def needs_stack(fn: F) -> F:
     """The marks of a test on the real stack (the checker's own tests need none)."""

@@ -178,12 +178,19 @@ def test_fenced_writer_on_a_follower_refuses(cluster: Cluster) -> None:
         backend.close()
 
     # a real follower: discovery runs, but caching agent tags (a registry write) is refused
+    # (an agent that did not answer in time on a loaded machine returns no tags to cache:
+    # ask again, at most three times, until one answered)
     follower = cluster.followers()[0]
-    with cluster.client(follower) as c:
-        r = c.get("/discovery")
-    assert r.status_code == 200 and sorted(r.json()["hosts"]) == ["web1", "web2"]
+    for _ in range(3):
+        with cluster.client(follower) as c:
+            r = c.get("/discovery")
+        assert r.status_code == 200 and sorted(r.json()["hosts"]) == ["web1", "web2"], r.text
+        if any(h.get("status") == "ok" for h in r.json()["hosts"].values()):
+            break
+    answered = r.json()["hosts"]
+    assert any(h.get("status") == "ok" for h in answered.values()), answered
     assert any("ACTION=discovery-tags" in ln and "not the leader" in ln
-               for ln in follower.logtext().splitlines())  # fmt: skip
+               for ln in follower.logtext().splitlines()), follower.logtext()[-2000:]  # fmt: skip
 
 
 def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) -> None:

@@ -265,3 +265,37 @@ def test_rotate_ca_in_the_cluster(plain: Cluster, capsys: pytest.CaptureFixture[
             agent.call("POST", "/ping", {}, c.dispatcher, timeout=10)
     say(capsys, "rotate-ca in a 3-member cluster", {"seconds": round(took, 1),
                                                     "generation": g.number})  # fmt: skip
+
+
+# ----- an agent down during the rotation is told later, without an operator -------------------
+
+
+def test_agent_down_during_rotate_cert_is_told_once_back(
+    plain: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rotate-cert`` while web3 is stopped: the others acknowledge, web3 stays pending and
+    trusts only the old serial. Once web3 is back, the leader tells it again by itself (every
+    10 s after a rotation), so it answers the cluster's new cert with no ``ced maintain``."""
+    c = plain
+    web3 = c.agents["web3"]
+    web3.stop()
+    try:
+        rc, doc = ced_json(c, c.running()[0], "rotate-cert")
+    finally:
+        web3.start()
+    assert rc == 0, doc
+    new = serial_to_hex(str(doc.get("new_serial") or ""))
+    assert new and "web3" in {f["host"] for f in doc.get("failed", [])}, doc
+    assert new not in trusted(c)["web3"]
+    t0 = time.monotonic()
+    wait_until(lambda: new in trusted(c)["web3"], 60, "web3 told the new serial")
+    told = time.monotonic() - t0
+    leader = c.one_leader()
+    assert any("ACTION=serial-rebroadcast" in ln for ln in leader.logtext().splitlines())
+
+    def answers() -> bool:
+        p = c.ced(leader, "ping", "web3", "--json")
+        return p.returncode == 0 and '"ok"' in p.stdout
+
+    wait_until(answers, 60, "web3 to answer a ping with the cluster's cert")
+    say(capsys, "agent back after missing rotate-cert", {"told_after_s": round(told, 1)})

@@ -32,6 +32,7 @@ MISSING = [t for t in NEEDS if shutil.which(t) is None]
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.exclusive,  # 200 agents pairing at once: load past 100 on 2 cores
     pytest.mark.timeout(2400),  # the deployment included; a loaded machine is slow
     pytest.mark.skipif(available() is not None, reason=f"no lab: {available()}"),
     pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING}"),
