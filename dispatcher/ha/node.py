@@ -230,6 +230,10 @@ class HANode:
             self._acked_recorded = generation
 
     def _generation(self) -> int:
+        """The generation this instance runs: what its syncer applied (``/ready`` judges by
+        the same), else what its member record says."""
+        if self.sync is not None:
+            return self.sync.generation
         member = self.session.member
         return member.generation if member is not None else 0
 
