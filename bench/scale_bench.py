@@ -121,15 +121,16 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
-#: ``ced`` with the blocking client's thread per request instead of the multiplexer
-#: (``--client threads``: the comparison, under the same load)
-THREADED = (
+#: ``ced`` with another fan-out engine in place of the multiplexer (``--client NAME``:
+#: the comparison, under the same load): a thread per request, or asyncio
+ENGINE = (
     "import runpy, sys\n"
     "import dispatcher.client.blocking as b, dispatcher.client.multiplex as m\n"
-    "m.MULTIPLEX = b.BlockingIO()\n"
+    "m.MULTIPLEX = b.CLASS()\n"
     "sys.argv[0] = 'ced'\n"
     "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
 )
+ENGINES = {"threads": "BlockingIO", "asyncio": "LoopIO"}
 #: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
 #: process waited for a core on a busy machine); the file is argv[1]
 PROFILED = (
@@ -149,9 +150,9 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
         client: str = "multiplex") -> dict:  # fmt: skip
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
     cmd = [*WRAP, *ced_cmd()]
-    if client == "threads":
-        cmd = [*WRAP, sys.executable, "-c", THREADED]
-        label = f"{label} (threads)"
+    if client in ENGINES:
+        cmd = [*WRAP, sys.executable, "-c", ENGINE.replace("CLASS", ENGINES[client])]
+        label = f"{label} ({client})"
     elif client.startswith("opening="):
         cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
         label = f"{label} ({client})"
@@ -239,7 +240,8 @@ def main() -> int:
     p.add_argument(
         "--client",
         default="multiplex",
-        help="multiplex, threads (ced with a thread per request), or both",
+        help="multiplex, threads (a thread per request), asyncio, comma-separated (each "
+        "case runs with each in turn), or both (multiplex,asyncio)",
     )
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
@@ -284,9 +286,10 @@ def main() -> int:
                 if args.only not in label:
                     continue
                 clients = (
-                    ("multiplex", "threads") if args.client == "both" else args.client.split(",")
+                    ("multiplex", "asyncio") if args.client == "both" else args.client.split(",")
                 )
-                for client in clients:
+                turn = r % len(clients)  # each engine goes first in turn: no order bias
+                for client in (*clients[turn:], *clients[:turn]):
                     ced(conf, words, proc.pid, target, label, client)
                     time.sleep(1.0)  # let the simulator close its connections
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -204,3 +205,47 @@ def __getattr__(name: str) -> MultiplexIO:
 
         return MULTIPLEX
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _loop_running() -> bool:
+    """An asyncio loop runs on this thread (never imports asyncio to find out)."""
+    aio = sys.modules.get("asyncio")
+    return aio is not None and aio._get_running_loop() is not None
+
+
+class LoopIO(BlockingIO):
+    """:class:`BlockingIO` whose fan-outs of more than one host run on an asyncio loop of
+    their own (:func:`dispatcher.client.aio.drive`); one request, the auth hook and
+    offloaded work stay blocking (asyncio is imported only for a fan-out)."""
+
+    async def call(self, req: AgentRequest) -> AgentReply:
+        if _loop_running():
+            from dispatcher.client import aio
+
+            return await aio.call(req)
+        return call(req)
+
+    async def gather(
+        self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int
+    ) -> list[R | BaseException]:
+        from dispatcher.client.multiplex import fd_budget
+
+        if _loop_running():
+            from dispatcher.client import aio
+
+            return await aio.drive(jobs, limit)
+        if len(jobs) == 1 or limit <= 1:
+            return gather(jobs, limit)
+        import asyncio
+
+        from dispatcher.client import aio
+
+        return asyncio.run(aio.drive(jobs, fd_budget(limit)))
+
+    async def sleep(self, seconds: float) -> None:
+        if _loop_running():
+            import asyncio
+
+            await asyncio.sleep(seconds)
+        else:
+            time.sleep(seconds)

@@ -250,7 +250,7 @@ def test_unreachable(
     def fail_blocking(*a: Any, **kw: Any) -> Any:
         raise OSError(err, "unreachable")
 
-    monkeypatch.setattr(agentclient.asyncio, "open_connection", fail)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_connection", fail)
     monkeypatch.setattr(blockingclient, "connect", fail_blocking)
     monkeypatch.setattr(multiplexclient.socket.socket, "connect_ex", lambda sock, addr: err)
     r = asyncio.run(client("192.0.2.1", 7443, "POST", "/ping", {}, cctx, 5, "x"))
