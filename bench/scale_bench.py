@@ -135,6 +135,7 @@ ENGINES = {"threads": "BlockingIO", "asyncio": "LoopIO"}
 #: process waited for a core on a busy machine); the file is argv[1]
 PROFILED = (
     "import cProfile, runpy, sys, time\n"
+    "SETUP\n"
     "out = sys.argv.pop(1)\n"
     "sys.argv[0] = 'ced'\n"
     "prof = cProfile.Profile(time.process_time)\n"
@@ -157,8 +158,10 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
         cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
         label = f"{label} ({client})"
     if PROFILE is not None:
-        out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
-        cmd = [sys.executable, "-c", PROFILED, str(out)]
+        name = "-".join([client, *(w.replace("=", "") for w in words if w[0] != "-")])
+        setup = ENGINE.split("\n")[1:3] if client in ENGINES else ["pass"]
+        code = PROFILED.replace("SETUP", "\n".join(setup)).replace("CLASS", ENGINES.get(client, ""))
+        cmd = [sys.executable, "-c", code, str(PROFILE / f"{name}.prof")]
     load = os.getloadavg()[0]
     s0 = tree_cpu(sim_pid)
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from agent.common import authhook
 from dispatcher.client.wire import (
     NO_DATA,
+    READ_CHUNK,
     TRANSPORT_ERRORS,
     AgentReply,
     AgentRequest,
@@ -68,7 +69,12 @@ _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore
 )
 
 
-class _Exchange(asyncio.Protocol):
+#: what every connection reads into (each chunk is fed to its TLS object at once, which
+#: copies it): no buffer allocated per read
+_INTO = memoryview(bytearray(READ_CHUNK))
+
+
+class _Exchange(asyncio.BufferedProtocol):
     """One connection: feeds what arrives to the exchange, writes what it asks to send."""
 
     def __init__(self, a: Attempt, done: asyncio.Future[bytes], opened: Callable[[], None]) -> None:
@@ -84,8 +90,11 @@ class _Exchange(asyncio.Protocol):
         self.steps = self.a.exchange()
         self._step(None)
 
-    def data_received(self, data: bytes) -> None:
-        self._step(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _INTO
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._step(_INTO[:nbytes])
 
     def eof_received(self) -> bool:
         self._step(b"")
@@ -95,7 +104,7 @@ class _Exchange(asyncio.Protocol):
         if not self.done.done():
             self._end(exc if exc is not None else ConnectionResetError("connection lost"))
 
-    def _step(self, data: bytes | None) -> None:
+    def _step(self, data: bytes | memoryview | None) -> None:
         if self.done.done():
             return
         steps, transport = self.steps, self.transport
