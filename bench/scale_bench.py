@@ -74,10 +74,10 @@ class BenchWriter:
         return True
 
 
-#: ``ced`` with another cap on the requests being opened at once (``--client opening=N``)
+#: ``ced`` with another cap on the requests being opened at once (``--opening N``)
 OPENING = (
     "import runpy, sys\n"
-    "import dispatcher.client.multiplex as m\n"
+    "import dispatcher.client.aio as m\n"
     "m.OPENING = N\n"
     "sys.argv[0] = 'ced'\n"
     "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
@@ -121,21 +121,10 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
-#: ``ced`` with another fan-out engine in place of the multiplexer (``--client NAME``:
-#: the comparison, under the same load): a thread per request, or asyncio
-ENGINE = (
-    "import runpy, sys\n"
-    "import dispatcher.client.blocking as b, dispatcher.client.multiplex as m\n"
-    "m.MULTIPLEX = b.CLASS()\n"
-    "sys.argv[0] = 'ced'\n"
-    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
-)
-ENGINES = {"threads": "BlockingIO", "asyncio": "LoopIO"}
 #: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
 #: process waited for a core on a busy machine); the file is argv[1]
 PROFILED = (
     "import cProfile, runpy, sys, time\n"
-    "SETUP\n"
     "out = sys.argv.pop(1)\n"
     "sys.argv[0] = 'ced'\n"
     "prof = cProfile.Profile(time.process_time)\n"
@@ -148,20 +137,15 @@ WRAP: list[str] = []
 
 
 def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str,
-        client: str = "multiplex") -> dict:  # fmt: skip
+        opening: int = 0) -> dict:  # fmt: skip
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
     cmd = [*WRAP, *ced_cmd()]
-    if client in ENGINES:
-        cmd = [*WRAP, sys.executable, "-c", ENGINE.replace("CLASS", ENGINES[client])]
-        label = f"{label} ({client})"
-    elif client.startswith("opening="):
-        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
-        label = f"{label} ({client})"
+    if opening:
+        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", str(opening))]
+        label = f"{label} (opening={opening})"
     if PROFILE is not None:
-        name = "-".join([client, *(w.replace("=", "") for w in words if w[0] != "-")])
-        setup = ENGINE.split("\n")[1:3] if client in ENGINES else ["pass"]
-        code = PROFILED.replace("SETUP", "\n".join(setup)).replace("CLASS", ENGINES.get(client, ""))
-        cmd = [sys.executable, "-c", code, str(PROFILE / f"{name}.prof")]
+        out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
+        cmd = [sys.executable, "-c", PROFILED, str(out)]
     load = os.getloadavg()[0]
     s0 = tree_cpu(sim_pid)
     t0 = time.perf_counter()
@@ -240,12 +224,9 @@ def main() -> int:
         "on a real fleet whose agents run elsewhere)",
     )
     p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
-    p.add_argument(
-        "--client",
-        default="multiplex",
-        help="multiplex, threads (a thread per request), asyncio, comma-separated (each "
-        "case runs with each in turn), or both (multiplex,asyncio)",
-    )
+    p.add_argument("--opening", default="",
+                   help="comma-separated caps on requests being opened at once (each case "
+                   "runs with each in turn; default: aio.OPENING)")  # fmt: skip
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
@@ -288,12 +269,10 @@ def main() -> int:
             for label, words, target in cases:
                 if args.only not in label:
                     continue
-                clients = (
-                    ("multiplex", "asyncio") if args.client == "both" else args.client.split(",")
-                )
-                turn = r % len(clients)  # each engine goes first in turn: no order bias
-                for client in (*clients[turn:], *clients[:turn]):
-                    ced(conf, words, proc.pid, target, label, client)
+                caps = [int(c) for c in args.opening.split(",") if c] or [0]
+                turn = r % len(caps)  # each cap goes first in turn: no order bias
+                for cap in (*caps[turn:], *caps[:turn]):
+                    ced(conf, words, proc.pid, target, label, cap)
                     time.sleep(1.0)  # let the simulator close its connections
     finally:
         signal.alarm(0)

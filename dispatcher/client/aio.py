@@ -50,6 +50,7 @@ __all__ = [
     "SessionCache",
     "call",
     "drive",
+    "fd_budget",
     "fmt_seconds",
     "sessions_for",
 ]
@@ -62,6 +63,9 @@ T = TypeVar("T")
 #: 1,024 queued handshakes are about a second of CPU against a ``read_timeout`` of 60 s
 #: (128 throttled a ping of 2,000 slow simulated agents to half the speed of no cap).
 OPENING = 1024
+
+#: descriptors kept free for everything else the process has open (logs, the registry)
+FD_RESERVE = 64
 
 #: each loop's opening slots (kept with the loop)
 _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
@@ -183,12 +187,15 @@ async def _await(job: Callable[[], Awaitable[R]]) -> R:
 async def drive(
     jobs: Sequence[Callable[[], Awaitable[R]]], limit: int, opening: int | None = None
 ) -> list[R | BaseException]:
-    """Every job, at most ``limit`` running; results (or the exception each raised) in job
-    order. Each job is a task in a copy of the caller's context, started as another ends
-    (from the loop's callbacks: no recursion however many end at once); cancelling the
-    caller cancels the running ones and starts no more. ``opening`` sets this loop's
+    """Every job, at most ``limit`` running (and no more than the descriptors
+    :func:`fd_budget` allows); results (or the exception each raised) in job order.
+
+    Each job is a task in a copy of the caller's context, started as another ends (from
+    the loop's callbacks: no recursion however many end at once); cancelling the caller
+    cancels the running ones and starts no more. ``opening`` sets this loop's
     :data:`OPENING`."""
     loop = asyncio.get_running_loop()
+    limit = fd_budget(max(1, limit))
     if opening is not None or loop not in _opening:
         _opening[loop] = asyncio.Semaphore(max(1, OPENING if opening is None else opening))
     results: list[Any] = [None] * len(jobs)
@@ -196,7 +203,6 @@ async def drive(
     todo = iter(range(len(jobs)))
     running: dict[asyncio.Task[R], int] = {}
     all_done: asyncio.Future[None] = loop.create_future()
-    limit = max(1, limit)
 
     def finished(task: asyncio.Task[R]) -> None:
         i = running.pop(task)
@@ -226,6 +232,25 @@ async def drive(
             task.cancel()
         raise
     return results
+
+
+def fd_budget(wanted: int) -> int:
+    """Requests that may be in flight at once: ``wanted``, raising the soft descriptor
+    limit towards it (never past the hard one), less :data:`FD_RESERVE`."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - FD_RESERVE))
 
 
 class AsyncioIO:
