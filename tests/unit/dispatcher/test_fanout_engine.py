@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import socket
 import ssl
 import subprocess
@@ -21,12 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from agent.common.tlsconf import client_context, server_context
-from dispatcher.client import aio, fanout
+from dispatcher.client import aio, blocking, fanout
 from dispatcher.client.blocking import BLOCKING
 from dispatcher.client.io import run_blocking
 from dispatcher.client.wire import NO_DATA, AgentReply, AgentRequest
@@ -99,7 +100,7 @@ class Counting(asyncio.Semaphore):
         self.taken = 0
         self.peak = 0
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         await super().acquire()
         self.taken += 1
         self.peak = max(self.peak, self.taken)
@@ -250,3 +251,16 @@ def test_fd_budget_follows_the_soft_limit() -> None:
     assert small == 100  # 164 descriptors were enough: the limit is left alone
     assert soft == 300  # raised to the hard limit, no further
     assert capped == 300 - aio.FD_RESERVE
+
+
+def test_collector_tuned_during_a_fan_out_and_restored() -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    seen: list[tuple[int, bool]] = []
+
+    async def job() -> int:
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count() > frozen))
+        return 1
+
+    assert run_blocking(BLOCKING.gather([job, job], 2)) == [1, 1]
+    assert seen == [(blocking.GC_YOUNG, True)] * 2
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
