@@ -142,42 +142,49 @@ class _Exchange(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-async def _exchange(a: Attempt, loop: asyncio.AbstractEventLoop) -> bytes:
+async def _exchange(
+    a: Attempt, loop: asyncio.AbstractEventLoop, opened: Callable[[], None]
+) -> bytes:
     """Connect (every address in turn, ``TCP_NODELAY``), then run the exchange."""
     done: asyncio.Future[bytes] = loop.create_future()
+    req = a.req
+    transport, _ = await loop.create_connection(lambda: _Exchange(a, done, opened),
+                                                req.address, req.port)  # fmt: skip
+    try:
+        return await done
+    finally:
+        transport.abort()
+
+
+async def call(req: AgentRequest) -> AgentReply:
+    """One request to one agent; never raises for transport or HTTP failures.
+
+    Inside :func:`drive` it first waits for one of the loop's opening slots (given back
+    once the request is written, or the request ends); its deadline starts after that,
+    as the request does."""
+    loop = asyncio.get_running_loop()
     sem = _opening.get(loop)
-    released = False
+    released = sem is None
 
     def opened() -> None:
         nonlocal released
-        if sem is not None and not released:
+        if not released:
             released = True
+            assert sem is not None
             sem.release()
 
     if sem is not None:
         await sem.acquire()
     try:
-        req = a.req
-        transport, _ = await loop.create_connection(lambda: _Exchange(a, done, opened),
-                                                    req.address, req.port)  # fmt: skip
+        a = Attempt(req)
         try:
-            return await done
-        finally:
-            transport.abort()
+            async with asyncio.timeout(req.timeout):
+                raw = await _exchange(a, loop, opened)
+        except TRANSPORT_ERRORS as exc:
+            return a.failed(exc)
+        return a.done(raw)
     finally:
         opened()
-
-
-async def call(req: AgentRequest) -> AgentReply:
-    """One request to one agent; never raises for transport or HTTP failures."""
-    a = Attempt(req)
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(req.timeout):
-            raw = await _exchange(a, loop)
-    except TRANSPORT_ERRORS as exc:
-        return a.failed(exc)
-    return a.done(raw)
 
 
 async def _await(job: Callable[[], Awaitable[R]]) -> R:

@@ -264,3 +264,26 @@ def test_collector_tuned_during_a_fan_out_and_restored() -> None:
     assert run_blocking(BLOCKING.gather([job, job], 2)) == [1, 1]
     assert seen == [(blocking.GC_YOUNG, True)] * 2
     assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+
+def test_deadline_starts_when_the_request_gets_its_opening_slot(pki: TestCA,
+                                                                cctx: ssl.SSLContext) -> None:  # fmt: skip
+    a = pki.issue("agent3", cn="agent.test")
+    lab = TlsAgents()
+    try:
+        honest = lab.add(server_context(str(a.cert), str(a.key), str(pki.cert_path)))
+        silent = lab.add(None, "silent")  # holds the only slot until its own deadline
+        stalled = AgentRequest("127.0.0.1", silent.port, "POST", "/ping", {}, cctx, 1.5, "s")
+        quick = AgentRequest("127.0.0.1", honest.port, "POST", "/ping", {}, cctx, 1.0, "h")
+
+        async def main() -> list[AgentReply | BaseException]:
+            jobs = [lambda: aio.call(stalled), lambda: aio.call(quick)]
+            return await aio.drive(jobs, 2, opening=1)
+
+        out = asyncio.run(main())
+    finally:
+        lab.stop()
+    first, second = out
+    assert isinstance(first, AgentReply) and "timed out" in first.error
+    # waited 1.5 s for the slot, longer than its own 1 s deadline, and still answered
+    assert isinstance(second, AgentReply) and second.code == 200, second
