@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -73,9 +74,16 @@ _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore
 )
 
 
-#: what every connection reads into (each chunk is fed to its TLS object at once, which
-#: copies it): no buffer allocated per read
-_INTO = memoryview(bytearray(READ_CHUNK))
+#: what the connections of a thread's loop read into (each chunk is fed to its TLS object
+#: at once, which copies it): no buffer allocated per read, none shared between threads
+_into = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    view: memoryview | None = getattr(_into, "view", None)
+    if view is None:
+        view = _into.view = memoryview(bytearray(READ_CHUNK))
+    return view
 
 
 class _Exchange(asyncio.BufferedProtocol):
@@ -87,6 +95,7 @@ class _Exchange(asyncio.BufferedProtocol):
         self.opened: Callable[[], None] | None = opened
         self.steps: Exchange | None = None
         self.transport: asyncio.Transport | None = None
+        self.into = _read_buffer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -95,10 +104,10 @@ class _Exchange(asyncio.BufferedProtocol):
         self._step(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _INTO
+        return self.into
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._step(_INTO[:nbytes])
+        self._step(self.into[:nbytes])
 
     def eof_received(self) -> bool:
         self._step(b"")
