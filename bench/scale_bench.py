@@ -22,7 +22,9 @@ dispatcher share the cores with whatever else runs. Bounded (``--max-seconds``);
 cleans up after itself. Run: ``.venv/bin/python bench/scale_bench.py [--count 10000]``
 (``--only LABEL`` for some cases; ``--profile DIR`` cProfiles ``ced`` in CPU time,
 ``--wrap 'perf record -o F --'`` runs it under another tool, ``--sim-profile F`` the
-simulator).
+simulator; ``--trees ,DIR`` runs every case with this tree's ``ced`` and with the one of
+another checkout in ``DIR``, each first in turn, for a side-by-side comparison under the
+same load; ``--opening N,M`` likewise with other caps on handshakes at once).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -74,10 +77,10 @@ class BenchWriter:
         return True
 
 
-#: ``ced`` with another cap on the requests being opened at once (``--client opening=N``)
+#: ``ced`` with another cap on the requests being opened at once (``--opening N``)
 OPENING = (
     "import runpy, sys\n"
-    "import dispatcher.client.multiplex as m\n"
+    "import dispatcher.client.aio as m\n"
     "m.OPENING = N\n"
     "sys.argv[0] = 'ced'\n"
     "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
@@ -121,15 +124,6 @@ def dispatcher_state(tmp: Path, s: Setup, count: int, group: int, port: int, par
 
 
 PROFILE: Path | None = None
-#: ``ced`` with the blocking client's thread per request instead of the multiplexer
-#: (``--client threads``: the comparison, under the same load)
-THREADED = (
-    "import runpy, sys\n"
-    "import dispatcher.client.blocking as b, dispatcher.client.multiplex as m\n"
-    "m.MULTIPLEX = b.BlockingIO()\n"
-    "sys.argv[0] = 'ced'\n"
-    "runpy.run_module('dispatcher.ced', run_name='__main__')\n"
-)
 #: ``ced`` under cProfile timed in CPU seconds (wall time would count the time the
 #: process waited for a core on a busy machine); the file is argv[1]
 PROFILED = (
@@ -146,15 +140,16 @@ WRAP: list[str] = []
 
 
 def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label: str,
-        client: str = "multiplex") -> dict:  # fmt: skip
+        opening: int = 0, tree: str = "") -> dict:  # fmt: skip
     """One ``ced --json`` in a child process; prints its wall, CPU, peak RSS and counts."""
     cmd = [*WRAP, *ced_cmd()]
-    if client == "threads":
-        cmd = [*WRAP, sys.executable, "-c", THREADED]
-        label = f"{label} (threads)"
-    elif client.startswith("opening="):
-        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", client.split("=")[1])]
-        label = f"{label} ({client})"
+    if opening:
+        cmd = [*WRAP, sys.executable, "-c", OPENING.replace("N", str(opening))]
+        label = f"{label} (opening={opening})"
+    env = None
+    if tree:  # another checkout's ced (its packages first on the path), for a comparison
+        env = dict(os.environ, PYTHONPATH=tree)
+        label = f"{label} ({Path(tree).name})"
     if PROFILE is not None:
         out = PROFILE / ("-".join(w.replace("=", "") for w in words if w[0] != "-") + ".prof")
         cmd = [sys.executable, "-c", PROFILED, str(out)]
@@ -163,7 +158,7 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         p = subprocess.Popen([*cmd, "--config", str(conf), "--json", *words],
-                             stdout=subprocess.PIPE, stderr=devnull)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=devnull, env=env)  # fmt: skip
         assert p.stdout is not None
         try:
             data = p.stdout.read()
@@ -187,7 +182,8 @@ def ced(conf: Path, words: list[str], sim_pid: int, target: float | None, label:
     errors: dict[str, int] = {}
     for r in doc.get("results") or []:
         if isinstance(r, dict) and r.get("error"):
-            errors[str(r["error"])[:90]] = errors.get(str(r["error"])[:90], 0) + 1
+            e = re.sub(r"'[\d.]+'", "'<ip>'", str(r["error"]))[:90]  # grouped whatever the host
+            errors[e] = errors.get(e, 0) + 1
     if errors:
         shown += "; errors: " + ", ".join(f"{n} x {e!r}" for e, n in
                                           sorted(errors.items(), key=lambda x: -x[1])[:3])  # fmt: skip
@@ -236,11 +232,12 @@ def main() -> int:
         "on a real fleet whose agents run elsewhere)",
     )
     p.add_argument("--sim-profile", default="", help="cProfile the simulator into this file")
-    p.add_argument(
-        "--client",
-        default="multiplex",
-        help="multiplex, threads (ced with a thread per request), or both",
-    )
+    p.add_argument("--opening", default="",
+                   help="comma-separated caps on requests being opened at once (each case "
+                   "runs with each in turn; default: aio.OPENING)")  # fmt: skip
+    p.add_argument("--trees", default="",
+                   help="comma-separated source trees whose ced runs each case in turn (an "
+                   "empty entry: this one), e.g. ',/tmp/old' to compare with another checkout")  # fmt: skip
     p.add_argument("--only", default="", help="run only the cases whose label contains this")
     args = p.parse_args()
     global PROFILE
@@ -283,11 +280,11 @@ def main() -> int:
             for label, words, target in cases:
                 if args.only not in label:
                     continue
-                clients = (
-                    ("multiplex", "threads") if args.client == "both" else args.client.split(",")
-                )
-                for client in clients:
-                    ced(conf, words, proc.pid, target, label, client)
+                caps = [int(c) for c in args.opening.split(",") if c] or [0]
+                variants = [(c, t) for c in caps for t in args.trees.split(",")]
+                turn = r % len(variants)  # each variant goes first in turn: no order bias
+                for cap, tree in (*variants[turn:], *variants[:turn]):
+                    ced(conf, words, proc.pid, target, label, cap, tree)
                     time.sleep(1.0)  # let the simulator close its connections
     finally:
         signal.alarm(0)

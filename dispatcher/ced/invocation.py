@@ -183,11 +183,11 @@ def arun(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def dispatch(op: Callable[[AgentIO], Coroutine[Any, Any, T]]) -> T:
-    """Run an operation over the blocking client: no asyncio in a one-shot ``ced``.
+    """Run an operation over the blocking client: no asyncio for one host.
 
-    The operation code is the API daemon's; requests run on at most ``max_parallel``
-    threads (as fast as asyncio up to hundreds of hosts, and ``import asyncio`` alone
-    costs more than a small run).
+    The operation code is the API daemon's; a fan-out of more than one host runs on the
+    daemon's asyncio engine, on a loop of its own, at most ``max_parallel`` in flight
+    (``import asyncio`` alone costs more than a run to one host).
     """
     from dispatcher.client.blocking import BLOCKING
     from dispatcher.client.io import run_blocking

@@ -1,11 +1,12 @@
-"""One mTLS request to one agent over a blocking socket; threads for a fan-out.
+"""One mTLS request to one agent over a blocking socket; ``ced``'s fan-outs on asyncio.
 
 The same request as :mod:`dispatcher.client.aio` (the protocol, TLS and error strings
-are :mod:`dispatcher.client.wire`'s), without asyncio: ``ced`` starts tens of milliseconds
-faster. :data:`BLOCKING` is the :class:`~dispatcher.client.io.AgentIO` the CLI runs its
-dispatch verbs on, through :func:`dispatcher.client.io.run_blocking`: this client for one
-request, and for a fan-out :mod:`dispatcher.client.multiplex` (every request in flight on
-one thread); :class:`BlockingIO` alone runs a fan-out on a thread per request.
+are :mod:`dispatcher.client.wire`'s), without asyncio: ``ced run`` to one host starts
+tens of milliseconds faster (``import asyncio`` alone is about 50 ms here).
+:data:`BLOCKING` is the :class:`~dispatcher.client.io.AgentIO` the CLI runs its dispatch
+verbs on, through :func:`dispatcher.client.io.run_blocking`: this client for one request,
+and for a fan-out the asyncio engine of the API daemon (:func:`dispatcher.client.aio.drive`)
+on an event loop of its own, so every host count above one takes one code path.
 
 Connecting follows ``asyncio.open_connection``: every address ``getaddrinfo`` gives is
 tried in turn, with ``TCP_NODELAY``; when all fail the error is the only one, the first
@@ -16,12 +17,13 @@ response; name resolution itself cannot be interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dispatcher.client.io import run_blocking
 from dispatcher.client.wire import (
@@ -34,11 +36,9 @@ from dispatcher.client.wire import (
 
 if TYPE_CHECKING:
     from agent.common.authhook import Decision
-    from dispatcher.client.multiplex import MultiplexIO
 
 R = TypeVar("R")
 T = TypeVar("T")
-P = ParamSpec("P")
 
 
 def _left(deadline: float) -> float:
@@ -119,69 +119,109 @@ def call(req: AgentRequest) -> AgentReply:
     return a.done(raw)
 
 
-def gather(jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R | BaseException]:
-    """Run every job (a coroutine that never suspends) on up to ``limit`` threads.
+def one_by_one(jobs: Sequence[Callable[[], Awaitable[R]]]) -> list[R | BaseException]:
+    """Every job (a coroutine that never suspends) in turn on the calling thread, each in a
+    copy of the caller's context (as asyncio tasks are); results or exceptions in order."""
+    out: list[R | BaseException] = []
+    for job in jobs:
+        try:
+            out.append(contextvars.copy_context().run(run_blocking, _await(job)))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
-    As with asyncio tasks, each job runs in a copy of the caller's context (the log
-    context of :mod:`agent.common.logfmt` included). A single job runs on the calling thread.
-    Worker threads are daemons, so an interrupted ``ced`` exits without waiting for
-    them (the main thread only joins).
-    """
-    contexts = [contextvars.copy_context() for _ in jobs]
 
-    def run(i: int) -> R:
-        return contexts[i].run(run_blocking, _await(jobs[i]))
+#: set inside the jobs of a fan-out :class:`BlockingIO` runs on its event loop
+_ON_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("ced_fanout_loop", default=False)
 
-    if len(jobs) == 1 or limit <= 1:
-        out: list[R | BaseException] = []
-        for i in range(len(jobs)):
-            try:
-                out.append(run(i))
-            except Exception as exc:
-                out.append(exc)
-        return out
-    results: dict[int, R | BaseException] = {}
-    todo = iter(range(len(jobs)))
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            try:
-                results[i] = run(i)
-            except BaseException as exc:
-                results[i] = exc
+#: the cyclic collector's first threshold while a fan-out runs (Python's default: 700)
+GC_YOUNG = 20_000
 
-    threads = [threading.Thread(target=worker, name=f"ced-fanout-{n}", daemon=True)
-               for n in range(min(limit, len(jobs)))]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [results[i] for i in range(len(jobs))]
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """The collector leaves what existed before the fan-out alone (``gc.freeze``: the
+    registry's records, the modules) and runs less often during it: thousands of hosts in
+    flight allocate fast, and a full collection walks every live object. Restored after."""
+    import gc
+
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+def on_a_loop(jobs: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R | BaseException]:
+    """Every job on an asyncio event loop of its own (:func:`dispatcher.client.aio.drive`:
+    at most ``limit`` at once), run to its end before this returns; on a thread of its own
+    when the calling thread already runs a loop (a caller blocking it)."""
+    import asyncio
+
+    from dispatcher.client import aio
+
+    async def main() -> list[R | BaseException]:
+        _ON_LOOP.set(True)
+        return await aio.drive(jobs, limit)
+
+    if asyncio._get_running_loop() is None:
+        with _fewer_collections():
+            return asyncio.run(main())
+    done: list[list[R | BaseException]] = []
+    failed: list[BaseException] = []
+    ctx = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            done.append(ctx.run(asyncio.run, main()))
+        except BaseException as exc:  # raised on the calling thread below
+            failed.append(exc)
+
+    t = threading.Thread(target=run, name="ced-fanout", daemon=True)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 async def _await(job: Callable[[], Awaitable[R]]) -> R:
     return await job()
 
 
-def _nonsuspending(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """``fn`` as a coroutine function whose coroutines complete without suspending."""
-
-    async def co(*args: P.args, **kwargs: P.kwargs) -> R:
-        return fn(*args, **kwargs)
-
-    return co
-
-
 class BlockingIO:
-    """:class:`~dispatcher.client.io.AgentIO` whose coroutines never suspend."""
+    """The one-shot ``ced``'s :class:`~dispatcher.client.io.AgentIO`: outside a fan-out its
+    coroutines never suspend (one request is :func:`call`, on a blocking socket; the auth
+    hook is ``subprocess``; offloaded work runs in place), so
+    :func:`~dispatcher.client.io.run_blocking` runs an operation without an event loop.
 
-    call = staticmethod(_nonsuspending(call))
-    gather = staticmethod(_nonsuspending(gather))
+    A fan-out of more than one host (``limit`` above 1) runs on an event loop
+    (:func:`on_a_loop`), where the same coroutines then await
+    :func:`dispatcher.client.aio.call` and ``asyncio.sleep``; the hook and offloaded
+    work still complete at once, holding the loop. asyncio is imported only then.
+    """
+
+    async def call(self, req: AgentRequest) -> AgentReply:
+        if _ON_LOOP.get():
+            from dispatcher.client import aio
+
+            return await aio.call(req)
+        return call(req)
+
+    async def gather(
+        self, jobs: Sequence[Callable[[], Awaitable[R]]], limit: int
+    ) -> list[R | BaseException]:
+        if _ON_LOOP.get():  # a fan-out inside a fan-out's job: on the same loop
+            from dispatcher.client import aio
+
+            return await aio.drive(jobs, limit)
+        if len(jobs) <= 1 or limit <= 1:
+            return one_by_one(jobs)
+        return on_a_loop(jobs, limit)
 
     async def hook(self, hook: str, ctx: dict[str, Any], timeout: float) -> Decision:
         from agent.common.authhook import call_sync
@@ -189,18 +229,15 @@ class BlockingIO:
         return call_sync(hook, ctx, timeout)
 
     async def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
+        if _ON_LOOP.get():
+            import asyncio
+
+            await asyncio.sleep(seconds)
+        else:
+            time.sleep(seconds)
 
     async def offload(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
-        return fn()  # no event loop to keep free, nothing cancels it
+        return fn()  # nothing cancels it; on a fan-out's loop it holds the loop, briefly
 
 
-def __getattr__(name: str) -> MultiplexIO:
-    """``BLOCKING``: the one-shot ``ced``'s :class:`AgentIO`, whose fan-outs multiplex
-    their requests on one thread (:mod:`dispatcher.client.multiplex`, which builds on
-    this module); :class:`BlockingIO` itself keeps a thread per request in flight."""
-    if name == "BLOCKING":
-        from dispatcher.client.multiplex import MULTIPLEX
-
-        return MULTIPLEX
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+BLOCKING = BlockingIO()

@@ -3,13 +3,15 @@
 :mod:`dispatcher.operations`, :mod:`dispatcher.client.fanout` and :mod:`dispatcher.pki.renewal`
 are written once, as coroutines, over an :class:`AgentIO`. Two implementations exist:
 
-* :data:`dispatcher.client.aio.ASYNCIO` (the default): asyncio connections, a
-  semaphore-bounded ``gather``, the auth hook as an asyncio subprocess;
-* :data:`dispatcher.client.blocking.BLOCKING`: blocking sockets for one request, every
-  request of a fan-out multiplexed on the calling thread (:mod:`dispatcher.client.multiplex`),
-  the hook through ``subprocess``. Its coroutines never suspend towards the caller, so
-  :func:`run_blocking` runs an operation to completion without an event loop, and the
-  CLI never imports asyncio (about 50 ms of start-up on a small machine).
+* :data:`dispatcher.client.aio.ASYNCIO` (the default, the API daemon's): asyncio
+  connections, :func:`~dispatcher.client.aio.drive` for a fan-out (bounded, each job a
+  task), the auth hook as an asyncio subprocess;
+* :data:`dispatcher.client.blocking.BLOCKING` (the one-shot ``ced``'s): a blocking socket
+  for one request, the hook through ``subprocess``, and a fan-out of more than one host on
+  the same asyncio engine, on a loop of its own. Outside a fan-out its coroutines never
+  suspend, so :func:`run_blocking` runs an operation to completion without an event
+  loop, and ``ced run`` to one host never imports asyncio (about 50 ms of start-up on a
+  small machine).
 """
 
 from __future__ import annotations

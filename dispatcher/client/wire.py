@@ -53,7 +53,7 @@ NO_DATA = "500 Server closed connection without sending any data back"
 
 
 #: What :meth:`Attempt.exchange` yields: bytes to send, or None to ask for input.
-Exchange = Generator[bytes | None, bytes, bytes]
+Exchange = Generator[bytes | None, bytes | memoryview, bytes]
 
 
 class TargetLike(Protocol):
@@ -417,7 +417,7 @@ class Attempt:
         return reply
 
 
-def _feed(incoming: ssl.MemoryBIO, data: bytes) -> None:
+def _feed(incoming: ssl.MemoryBIO, data: bytes | memoryview) -> None:
     if data:
         incoming.write(data)
     else:

@@ -1,6 +1,6 @@
 """Hostile agents in a fan-out: each must fail to hold up or fool the others.
 
-``ced`` fans out on one thread (:mod:`dispatcher.client.multiplex`): one agent that
+``ced`` fans out on one asyncio loop (:func:`dispatcher.client.aio.drive`): one agent that
 trickles a response byte by byte, one that never speaks TLS and one that presents another
 CA-signed certificate than the registry pins must each cost only their own deadline or
 an error, while honest agents on the same fan-out answer at once. The impostor never

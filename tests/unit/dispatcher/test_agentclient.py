@@ -1,4 +1,4 @@
-"""dispatcher.client.aio, .blocking and .multiplex against local asyncio servers.
+"""dispatcher.client.aio, .blocking and ``ced``'s fan-out against local asyncio servers.
 
 The three clients run every framing, error-string and session test (the ``client``
 fixture): they share dispatcher.client.wire and must give the same replies.
@@ -27,7 +27,6 @@ from agent.common.wire import read_request, response_bytes
 from dispatcher.client import aio as agentclient
 from dispatcher.client import blocking as blockingclient
 from dispatcher.client import fanout
-from dispatcher.client import multiplex as multiplexclient
 from dispatcher.client.aio import NO_DATA, AgentRequest, SessionCache, call
 from dispatcher.client.blocking import BLOCKING
 from dispatcher.client.io import AgentIO, run_blocking
@@ -55,12 +54,12 @@ async def _blocking_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
     return await asyncio.to_thread(blockingclient.call, AgentRequest(*args, **kw))
 
 
-async def _multiplex_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
-    """The request as a job of the multiplexing loop (on a worker thread)."""
+async def _fanout_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
+    """The request as a job of ``ced``'s fan-out (its own loop, on a worker thread)."""
     req = AgentRequest(*args, **kw)
 
     def run() -> agentclient.AgentReply:
-        out = multiplexclient.drive([lambda: multiplexclient.MULTIPLEX.call(req)], 1)[0]
+        out = blockingclient.on_a_loop([lambda: BLOCKING.call(req)], 1)[0]
         if isinstance(out, BaseException):
             raise out
         return out
@@ -68,7 +67,7 @@ async def _multiplex_call(*args: Any, **kw: Any) -> agentclient.AgentReply:
     return await asyncio.to_thread(run)
 
 
-_CLIENTS = {"asyncio": _asyncio_call, "blocking": _blocking_call, "multiplex": _multiplex_call}
+_CLIENTS = {"asyncio": _asyncio_call, "blocking": _blocking_call, "fan-out": _fanout_call}
 
 
 @pytest.fixture(params=list(_CLIENTS))
@@ -250,9 +249,8 @@ def test_unreachable(
     def fail_blocking(*a: Any, **kw: Any) -> Any:
         raise OSError(err, "unreachable")
 
-    monkeypatch.setattr(agentclient.asyncio, "open_connection", fail)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_connection", fail)
     monkeypatch.setattr(blockingclient, "connect", fail_blocking)
-    monkeypatch.setattr(multiplexclient.socket.socket, "connect_ex", lambda sock, addr: err)
     r = asyncio.run(client("192.0.2.1", 7443, "POST", "/ping", {}, cctx, 5, "x"))
     assert r.error == "host '192.0.2.1' is unreachable - no route to host or network down"
 

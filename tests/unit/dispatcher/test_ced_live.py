@@ -27,14 +27,15 @@ Result = dict[str, Any]
 
 
 class FakeAgents(BlockingIO):
-    """Each host answers after its own delay with a canned reply (threads, as ``ced``)."""
+    """Each host answers after its own delay with a canned reply (on the fan-out's loop,
+    as ``ced``)."""
 
     def __init__(self, replies: dict[str, tuple[float, AgentReply]]) -> None:
         self.replies = replies
 
         async def call(req: AgentRequest) -> AgentReply:
             delay, reply = self.replies[req.name]
-            time.sleep(delay)
+            await self.sleep(delay)
             return reply
 
         self.call = call  # type: ignore[method-assign]
