@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -81,6 +81,8 @@ class Replication:
         covers: Callable[[Path], bool] = lambda _p: True,
         clock: Callable[[], float] = time.monotonic,
         on_acknowledged: Callable[[int], None] = lambda _g: None,
+        confirmed: Callable[[], Mapping[str, int]] = dict,
+        wait_confirmed: Callable[[float], bool] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.covers = covers  # whether a generation carries a file
@@ -92,6 +94,10 @@ class Replication:
         self.timeout = timeout
         self._clock = clock
         self.on_acknowledged = on_acknowledged  # recorded before the operator is answered
+        # members that answered the leader's push of a generation (applied, synced, in
+        # their member record): counted at once, without waiting for the next read
+        self.confirmed = confirmed
+        self.wait_confirmed = wait_confirmed
 
     @property
     def generation(self) -> int:
@@ -133,11 +139,12 @@ class Replication:
         if self.mode == "none":
             return generation
         fast_until = self._clock() + self.FAST_FOR
+        members = list(self.members())
         while True:
-            members = list(self.members())
-            applied = sorted(m.instance_id for m in members if m.generation >= generation)
-            if self.instance_id not in applied:
-                applied.append(self.instance_id)
+            live = {m.instance_id for m in members}
+            pushed = {i for i, g in self.confirmed().items() if g >= generation and i in live}
+            applied = sorted({m.instance_id for m in members if m.generation >= generation}
+                             | pushed | {self.instance_id})  # fmt: skip
             want = needed(self.mode, max(len(members), 1))
             if len(applied) >= want:
                 self.on_acknowledged(generation)
@@ -150,4 +157,9 @@ class Replication:
                     "it is made on the leader and keeps replicating, but may be lost if the "
                     "leader dies now"
                 )
-            time.sleep(self.POLL_FAST if self._clock() < fast_until else self.POLL)
+            pause = self.POLL_FAST if self._clock() < fast_until else self.POLL
+            if self.wait_confirmed is not None and self.wait_confirmed(pause):
+                continue  # a member answered a push: count again with the same records
+            if self.wait_confirmed is None:
+                time.sleep(pause)
+            members = list(self.members())

@@ -14,6 +14,7 @@ applied generation (:meth:`Follower.in_sync`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.push import Pushed, PushRefused
 from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord, SyncError
 from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
@@ -36,6 +38,8 @@ class Follower:
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
     BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
     ACKED_READ = 0.2  # read the acknowledged-generation record this often (kept on disk)
+    PUSH_WAIT = 0.05  # a watched head, while the leader pushes: wait this long for its push
+    PUSHING = 30.0  # the leader pushes if one of its pushes arrived within this many s
 
     def __init__(
         self,
@@ -82,6 +86,10 @@ class Follower:
         self._acked_next = 0.0
         # fetch the cluster key from a verified peer when this instance has none
         self.bootstrap: Callable[[bytes], bool] | None = None
+        # one apply at a time: the sync thread's (watch) and a push's (API thread)
+        self._apply_lock = threading.RLock()
+        self._pushed = threading.Condition()  # notified when a push was applied
+        self._push_at: float | None = None  # when the last push was applied
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -111,6 +119,9 @@ class Follower:
         event = self.backend.watch_key(self.key, wait, start)
         if event is None:
             return
+        if event.kind == "PUT" and event.mod_rev > self._seen_rev and self._pushing():
+            with self._pushed:  # the leader's push carries the files: no fetch then
+                self._pushed.wait_for(lambda: self._seen_rev >= event.mod_rev, self.PUSH_WAIT)
         if event.kind == "PUT" and event.mod_rev > self._seen_rev:
             # the event carries the new head: apply it without reading the key again
             self.health.mark_ok()
@@ -132,9 +143,53 @@ class Follower:
 
         self.acked_mark.note(adopt.acked(self.backend, self.records))
 
-    def handle(self, raw: bytes, rev: int = 0, *, as_leader: bool = False) -> bool:
-        """Apply the generation document ``raw``; True when this instance now runs it."""
-        g = self._accept(raw, rev, as_leader)
+    def pushed(self, p: Pushed, leading: Callable[[], bool] = lambda: False) -> int:
+        """Apply a generation the leader pushed (:mod:`~dispatcher.ha.sync.push`); the
+        generation this instance runs then. Only the head etcd holds now is taken, then
+        verified exactly as a watched one; pushed chunks and files only save reading and
+        fetching them, under the same checks. :class:`PushRefused` says why not."""
+        if self.mode != "push":
+            raise PushRefused("this instance does not sync files (sync_mode = shared-fs)")
+        with self._apply_lock:
+            if leading():
+                raise PushRefused("this instance leads")
+            kv = self.backend.get_kv(self.key)
+            self.health.mark_ok()
+            if kv is None or kv.value != p.head:
+                raise PushRefused("not the generation head the store holds now")
+            head = self.gstore.head(kv.value, kv.mod_rev)
+            if head is None:
+                raise PushRefused("the generation head does not verify")
+            self.swapper.fetcher.offer(head.number, p.files)
+            try:
+                if not self.handle(kv.value, kv.mod_rev, chunks=p.chunks):
+                    raise PushRefused(self.last_error or "generation refused")
+            finally:
+                self.swapper.fetcher.offer(0, {})
+            with self._pushed:
+                self._seen_rev = max(self._seen_rev, kv.mod_rev)  # the watch need not apply it
+                self._push_at = self._clock()
+                self._pushed.notify_all()
+            return self.state.number
+
+    def _pushing(self) -> bool:
+        """The leader pushes its generations here (one arrived lately)."""
+        at = self._push_at
+        return at is not None and self._clock() - at < self.PUSHING
+
+    def handle(
+        self, raw: bytes, rev: int = 0, *, as_leader: bool = False,
+        chunks: dict[str, bytes] | None = None,
+    ) -> bool:  # fmt: skip
+        """Apply the generation document ``raw``; True when this instance now runs it
+        (``chunks``: manifest chunks at hand, checked as read ones are)."""
+        with self._apply_lock:
+            return self._handle(raw, rev, as_leader, chunks)
+
+    def _handle(
+        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None
+    ) -> bool:
+        g = self._accept(raw, rev, as_leader, chunks)
         if g is None:
             return False
         cur = self.state.applied
@@ -155,7 +210,9 @@ class Follower:
         self.state.record(g, took_ms=took, mode=self.mode, **report)
         return True
 
-    def _accept(self, raw: bytes, rev: int, as_leader: bool) -> Generation | None:
+    def _accept(
+        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None = None
+    ) -> Generation | None:
         """The generation in ``raw`` unless it fails verification (not sealed with the
         cluster key: logged once, counted, ignored; it never moves the epoch guard), its
         chunks fail their hash check (logged once, the current state kept), or (for a
@@ -173,7 +230,7 @@ class Follower:
         if not as_leader:
             self.head = head
         try:
-            g = self.gstore.decode(raw, rev)
+            g = self.gstore.decode(raw, rev, chunks)
         except ManifestError as exc:
             self.last_error = f"refused: {exc}"
             if not as_leader:

@@ -14,6 +14,7 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from cluster.election import Elector
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.push import Pusher
 from dispatcher.ha.sync.state import AckedMark, AppliedState
 from dispatcher.ha.sync.store import GenerationStore
 
@@ -56,6 +58,7 @@ class Publisher:
         stop: threading.Event,
         acked_mark: AckedMark | None = None,
         members: Callable[[], list[MemberInfo]] = lambda: [],
+        pusher: Pusher | None = None,
     ) -> None:
         self.backend = backend
         self.key = backend.keys.generation
@@ -74,6 +77,7 @@ class Publisher:
         self._stop = stop
         self.acked_mark = acked_mark  # the newest acknowledged generation, on this disk
         self.members = members  # live member records (a handover to one that has it)
+        self.pusher = pusher  # sends each new generation to the followers (push mode)
         self._soon = threading.Event()  # publish_soon(): skip the debounce once
         self._lock = threading.Lock()
         self.caught_up = False
@@ -180,6 +184,8 @@ class Publisher:
     def step_down(self) -> None:
         self.lead_epoch = None
         self.caught_up = False
+        if self.pusher is not None:
+            self.pusher.forget()
         with self._lock:
             self._covered = (0, 0)  # a waiter counts only generations this epoch published
 
@@ -190,6 +196,8 @@ class Publisher:
         if epoch != self.lead_epoch:
             self.lead_epoch = epoch
             self.caught_up = False
+            if self.pusher is not None:
+                self.pusher.forget()
             self._catch_up_deadline = now + self.catch_up_limit
             self._published_rev = 0
             with self._lock:
@@ -365,6 +373,7 @@ class Publisher:
         self.state.pending = g  # served to followers from the moment the txn commits
         try:
             self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
+            self._push(g, mine)
             self._cover(seen, g)  # a waiter counts members now; the leader counts itself
             self.state.record(g)  # applied.json and this member's record
         finally:
@@ -374,6 +383,26 @@ class Publisher:
            manifest=mh[:16], bytes=self.gstore.last_write.get("bytes", 0), reason=reason,
            certs_changed=certs, instance=self.me)  # fmt: skip
         return g
+
+    def _push(self, g: Generation, before: Generation | None) -> None:
+        """Send the followers ``g`` with the files that changed since ``before`` (read back
+        and checked against the manifest: a file edited since the scan is left out and
+        fetched); in the background, never failing the publish."""
+        if self.pusher is None or self.mode != "push":
+            return
+        try:
+            old = before.files if before is not None else {}
+            files: dict[str, bytes] = {}
+            for path, e in g.files.items():
+                if old.get(path) == e or e.size > self.pusher.MAX_FILES_BYTES:
+                    continue
+                data = self.scanner.layout.local(path).read_bytes()
+                if len(data) == e.size and hashlib.sha256(data).hexdigest() == e.sha256:
+                    files[path] = data
+            self.pusher.push(g, self.gstore.last_head, self._published_rev,
+                             self.gstore.last_new, files)  # fmt: skip
+        except Exception as exc:  # the followers' watch brings the generation anyway
+            ev("sync-push", logging.WARNING, generation=g.number, error=exc)
 
     def _cover(self, seen: int, g: Generation | None) -> None:
         if g is None:
