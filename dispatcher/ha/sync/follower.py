@@ -38,8 +38,7 @@ class Follower:
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
     BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
     ACKED_READ = 0.2  # read the acknowledged-generation record this often (kept on disk)
-    PUSH_WAIT = 0.05  # a watched head, while the leader pushes: wait this long for its push
-    PUSHING = 30.0  # the leader pushes if one of its pushes arrived within this many s
+    PUSH_WAIT = 0.1  # a watched head, while the leader pushes: wait this long for its push
 
     def __init__(
         self,
@@ -89,7 +88,9 @@ class Follower:
         # one apply at a time: the sync thread's (watch) and a push's (API thread)
         self._apply_lock = threading.RLock()
         self._pushed = threading.Condition()  # notified when a push was applied
-        self._push_at: float | None = None  # when the last push was applied
+        # the leader pushes its generations here: until a wait for one was in vain (an
+        # older leader, a push that failed), then again from the next push that arrives
+        self._expect_push = True
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -119,9 +120,11 @@ class Follower:
         event = self.backend.watch_key(self.key, wait, start)
         if event is None:
             return
-        if event.kind == "PUT" and event.mod_rev > self._seen_rev and self._pushing():
+        if event.kind == "PUT" and event.mod_rev > self._seen_rev and self._expect_push:
             with self._pushed:  # the leader's push carries the files: no fetch then
-                self._pushed.wait_for(lambda: self._seen_rev >= event.mod_rev, self.PUSH_WAIT)
+                self._expect_push = self._pushed.wait_for(
+                    lambda: self._seen_rev >= event.mod_rev, self.PUSH_WAIT
+                )
         if event.kind == "PUT" and event.mod_rev > self._seen_rev:
             # the event carries the new head: apply it without reading the key again
             self.health.mark_ok()
@@ -168,14 +171,9 @@ class Follower:
                 self.swapper.fetcher.offer(0, {})
             with self._pushed:
                 self._seen_rev = max(self._seen_rev, kv.mod_rev)  # the watch need not apply it
-                self._push_at = self._clock()
+                self._expect_push = True
                 self._pushed.notify_all()
             return self.state.number
-
-    def _pushing(self) -> bool:
-        """The leader pushes its generations here (one arrived lately)."""
-        at = self._push_at
-        return at is not None and self._clock() - at < self.PUSHING
 
     def handle(
         self, raw: bytes, rev: int = 0, *, as_leader: bool = False,

@@ -186,6 +186,7 @@ class Publisher:
         self.caught_up = False
         if self.pusher is not None:
             self.pusher.forget()
+            self.pusher.reap(0)
         with self._lock:
             self._covered = (0, 0)  # a waiter counts only generations this epoch published
 
@@ -193,6 +194,8 @@ class Publisher:
 
     def step(self, epoch: int) -> None:
         now = self._clock()
+        if self.pusher is not None:
+            self.pusher.reap()
         if epoch != self.lead_epoch:
             self.lead_epoch = epoch
             self.caught_up = False

@@ -26,6 +26,7 @@ import http.client
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ class Pusher:
 
     TIMEOUT = 5.0
     MAX_FILES_BYTES = 512 * 1024  # file bytes per push (the API takes 1 MiB bodies)
+    # a connection idle this long is closed: a member shutting down closes its side with
+    # a TLS close_notify that an idle client never answers, and its server would wait
+    # for that answer (its graceful-shutdown timeout) before it exits
+    IDLE = 1.0
 
     def __init__(
         self,
@@ -107,6 +112,7 @@ class Pusher:
         self.members = members  # live member records (as last read)
         self.allowed = allowed  # the cluster's dispatcher serials
         self._conns: dict[str, http.client.HTTPSConnection] = {}
+        self._used: dict[str, float] = {}  # instance id -> when its connection was last used
         self._busy: set[str] = set()  # members a push is in flight to
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="ha-push")
@@ -209,10 +215,21 @@ class Pusher:
             with self._lock:
                 old = self._conns.pop(m.instance_id, None)
                 self._conns[m.instance_id] = conn
+                self._used[m.instance_id] = time.monotonic()
             if old is not None:
                 old.close()
             return resp.status, text
         return 0, "not sent"
+
+    def reap(self, idle: float | None = None) -> int:
+        """Close the connections idle for ``idle`` s (:attr:`IDLE`); how many."""
+        limit = time.monotonic() - (self.IDLE if idle is None else idle)
+        with self._lock:
+            old = [i for i in self._conns if i not in self._busy and self._used.get(i, 0) < limit]
+            conns = [self._conns.pop(i) for i in old]
+        for c in conns:
+            c.close()
+        return len(conns)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
