@@ -14,6 +14,11 @@ edit-agent, setup, rotate-cert, maintain that renewed or retired something) only
   ``one``: the leader and at least one other member (when there is one);
   ``none``: the leader alone (asynchronous, as before).
 
+A member has applied a generation when its member record says so, or when it answered
+the leader's push of it (:mod:`dispatcher.ha.sync.push`: it answers only once the files
+are swapped in, synced, and its member record written): the answer is counted as soon as
+it arrives, without waiting for the next read of the records.
+
 Not reached within ``sync_ack_timeout`` seconds, the action fails with
 :class:`NotAcknowledged`, which says how far it got. The change is not rolled back (it is
 committed on the leader and its effect recorded in etcd) and keeps replicating; the
