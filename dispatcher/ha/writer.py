@@ -29,7 +29,7 @@ Inside it each write or delete is only staged (nothing in the store, nothing on 
 when the batch ends, the effect records of all of them commit in **one** fenced
 transaction (the same compare on the leader key's create revision: a paused or
 partitioned ex-leader's batch is refused as a whole and writes nothing), and only then
-are the files written and deleted, in order. A batch that raises commits and writes
+are the files written and deleted, in order (synced together: :mod:`.localbatch`). A batch that raises commits and writes
 nothing. Staged writes are not visible on disk until the batch ends, so a batch belongs
 where the code holds the locks that cover what it read (above: the registry lock, so no
 other writer updates the record in between) and never reads back what it wrote. More
@@ -61,6 +61,7 @@ from agent.common import logfmt
 from cluster.election import Elector
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from dispatcher.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.ha import localbatch
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.statewrite import LocalWriter, StateWriter
 
@@ -256,11 +257,15 @@ class FencedWriter:
         for i in range(0, len(staged), self.BATCH_MAX):
             part = staged[i : i + self.BATCH_MAX]
             self._commit_all([(s.effect, s.epoch, s.detail) for s in part])
+            if type(self.local) is LocalWriter:  # the files synced together, not one by one
+                localbatch.apply([(s.path, s.data, s.mode) for s in part])
+            else:
+                for s in part:
+                    if s.data is None:
+                        self.local.delete(s.path)
+                    else:
+                        self.local.write(s.path, s.data, s.mode)
             for s in part:
-                if s.data is None:
-                    self.local.delete(s.path)
-                else:
-                    self.local.write(s.path, s.data, s.mode)
                 self._changed(s.path)
 
     def _exists(self, path: Path, staged: list[_Staged] | None) -> bool:
