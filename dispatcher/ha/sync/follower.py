@@ -165,7 +165,8 @@ class Follower:
                 raise PushRefused("the generation head does not verify")
             self.swapper.fetcher.offer(head.number, p.files)
             try:
-                if not self.handle(kv.value, kv.mod_rev, chunks=p.chunks):
+                # applied.json is written by the sync thread: the leader waits for this answer
+                if not self.handle(kv.value, kv.mod_rev, chunks=p.chunks, save=False):
                     raise PushRefused(self.last_error or "generation refused")
             finally:
                 self.swapper.fetcher.offer(0, {})
@@ -177,16 +178,18 @@ class Follower:
 
     def handle(
         self, raw: bytes, rev: int = 0, *, as_leader: bool = False,
-        chunks: dict[str, bytes] | None = None,
+        chunks: dict[str, bytes] | None = None, save: bool = True,
     ) -> bool:  # fmt: skip
         """Apply the generation document ``raw``; True when this instance now runs it
-        (``chunks``: manifest chunks at hand, checked as read ones are)."""
+        (``chunks``: manifest chunks at hand, checked as read ones are; ``save``: see
+        :meth:`AppliedState.record`)."""
         with self._apply_lock:
-            return self._handle(raw, rev, as_leader, chunks)
+            return self._handle(raw, rev, as_leader, chunks, save)
 
     def _handle(
-        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None
-    ) -> bool:
+        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None,
+        save: bool,
+    ) -> bool:  # fmt: skip
         g = self._accept(raw, rev, as_leader, chunks)
         if g is None:
             return False
@@ -205,7 +208,7 @@ class Follower:
         self._backoff = 0.25
         self.last_error = ""
         took = round((self._clock() - t0) * 1000)
-        self.state.record(g, took_ms=took, mode=self.mode, **report)
+        self.state.record(g, save, took_ms=took, mode=self.mode, **report)
         return True
 
     def _accept(
