@@ -361,7 +361,8 @@ def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> Act
         data = action.fn(d, **kwargs)
     generation = None
     if rep is not None:  # a replicated change is acknowledged once applied (sync_ack)
-        generation = rep.acknowledge(before) if rep.changes != changes else rep.generation
+        generation = (rep.acknowledge(before, epoch) if rep.changes != changes
+                      else rep.generation)  # fmt: skip
     return ActionResult(name, data, leader=d.cfg.instance_id, epoch=epoch, generation=generation)
 
 

@@ -53,6 +53,8 @@ class Published(Protocol):
 
     def covered(self) -> tuple[int, int]: ...
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None: ...
+
 
 def needed(mode: str, members: int) -> int:
     """Members (the leader included) that must have applied a generation."""
@@ -119,19 +121,29 @@ class Replication:
             with self._lock:
                 self._changes += 1
 
-    def acknowledge(self, after: int) -> int:
+    def acknowledge(self, after: int, epoch: int | None = None) -> int:
         """Wait until a generation carrying every write made so far is applied by the
         members ``sync_ack`` asks for; that generation.
 
         A generation newer than ``after`` (the one current when the action began) is not
         enough: a publish already scanning when the action wrote its files would count
         without carrying them (a new leader's first publish races the first action it
-        lets in). It must be one whose scan began after the writes (:meth:`covered`)."""
+        lets in). It must be one whose scan began after the writes (:meth:`covered`), and
+        with ``epoch`` (the epoch the writes were committed under) one published under
+        that epoch: should this instance lose the leadership before such a generation is
+        published, its writes may be wiped by the next leader's generation, and no
+        generation it publishes when it leads again vouches for them (refused at once)."""
         deadline = self._clock() + self.timeout
         ticket = self.published.ticket()  # after the action's writes: they are counted
         self.published.publish_soon()
         while True:
-            seen, generation = self.published.covered()
+            got = self.published.covered() if epoch is None else self.published.covered_in(epoch)
+            if got is None:
+                raise NotAcknowledged(
+                    f"the change is made on the leader, but its leadership (epoch {epoch}) "
+                    "ended before a generation carrying it was published; it may be lost"
+                )
+            seen, generation = got
             if seen >= ticket and generation > after:
                 break
             if self._clock() > deadline:

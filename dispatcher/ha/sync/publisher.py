@@ -93,6 +93,7 @@ class Publisher:
         # which writes the generation last published certainly carries (see ticket()).
         self._changes = 0
         self._covered = (0, 0)
+        self._covered_epoch: int | None = None  # the epoch _covered was published under
         self._next_rescan = 0.0
         self._store_due = 0.0
         self._chunks_due = 0.0
@@ -174,6 +175,16 @@ class Publisher:
         with self._lock:
             return self._covered
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        """:meth:`covered`, counting only generations published under ``epoch``; None once
+        this instance no longer leads under it. A write made under an epoch that ended may
+        have been wiped since (the instance applied another leader's generation before it
+        led again): no later generation of a new epoch vouches for it."""
+        with self._lock:
+            if self._covered_epoch == epoch:
+                return self._covered
+        return (0, 0) if self.elector.epoch == epoch else None
+
     def publish_soon(self) -> None:
         """A leader-only operation ended and waits for its generation: publish as soon
         as no operation is active, without the debounce meant for bursts of hand edits, and
@@ -189,6 +200,7 @@ class Publisher:
             self.pusher.reap(0)
         with self._lock:
             self._covered = (0, 0)  # a waiter counts only generations this epoch published
+            self._covered_epoch = None
 
     # -- the leader loop -----------------------------------------------------------------------
 
@@ -205,6 +217,7 @@ class Publisher:
             self._published_rev = 0
             with self._lock:
                 self._covered = (0, 0)
+                self._covered_epoch = None
         if not self.caught_up:
             self.catch_up(epoch)
             return
@@ -411,6 +424,8 @@ class Publisher:
         if g is None:
             return
         with self._lock:
+            if self._covered_epoch != g.epoch:
+                self._covered, self._covered_epoch = (0, 0), g.epoch
             self._covered = max(self._covered, (seen, g.number))
 
 

@@ -195,6 +195,9 @@ class Syncer:
     def covered(self) -> tuple[int, int]:
         return self.publisher.covered()
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        return self.publisher.covered_in(epoch)
+
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         return self.publisher.publish(epoch, force)
 

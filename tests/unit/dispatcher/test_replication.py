@@ -27,6 +27,9 @@ class Published:
     def covered(self) -> tuple[int, int]:
         return 0, self.generation
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        return self.covered()
+
 
 def members(*gens: int) -> list[MemberInfo]:
     return [MemberInfo(instance_id=f"m{i}", generation=g) for i, g in enumerate(gens)]
