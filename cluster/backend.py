@@ -11,7 +11,8 @@ directory) when it is empty. Keys, under ``/<cluster_name>/``::
     locks/<host>--<script>  run lock JSON (host, script, token, owner), bound to a lease
     generation              the published config generation's head (leader-only, fenced)
     generation-chunks/<sha> a chunk of a generation's manifest, named by its sha256 (fenced)
-    effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch
+    effects/<epoch>-<uuid>  the history of leader-only effects, each with its epoch (the
+                            records of one transaction: ``<epoch>-<uuid>-<index>``)
     runs/<reqid>            metadata of an async run (any instance), bound to a day-long lease
     switchover              a request that the leader of a given epoch resign, short lease
     orders/<instance_id>    an order of the leader to one member (restart), fenced, with its epoch
@@ -169,6 +170,12 @@ class ClusterKeys:
     def effect(self, epoch: int) -> str:
         return f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
 
+    def effect_batch(self, epoch: int, count: int) -> list[str]:
+        """Keys of ``count`` effect records committed in one transaction: they share its
+        revision, and their keys (``<epoch>-<uuid>-<index>``) keep their order."""
+        base = f"{self.effects}{epoch:012d}-{uuid.uuid4().hex}"
+        return [f"{base}-{i:03d}" for i in range(count)]
+
     def history_term(self, epoch: int) -> str:
         return f"{self.history}{epoch:012d}"
 
@@ -229,6 +236,13 @@ class Backend(Protocol):
         deletes: Sequence[str] = (),
     ) -> EffectRecord | None:
         """Commit ``puts``/``deletes`` plus an effect record under ``epoch``; None if fenced."""
+        ...
+
+    def record_effects(
+        self, epoch: int, instance_id: str, items: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[EffectRecord] | None:
+        """Commit one effect record per ``(effect, detail)`` of ``items`` in one transaction
+        under ``epoch`` (all or none; in this order); None if fenced."""
         ...
 
     def effects(self) -> list[EffectRecord]: ...
@@ -343,6 +357,28 @@ class KVBackend:
             return None
         return EffectRecord(key, effect, epoch, instance_id, rev, at, dict(detail or {}))
 
+    MAX_EFFECTS = 100  # effect records per transaction (etcd allows 128 operations)
+
+    def record_effects(
+        self, epoch: int, instance_id: str, items: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[EffectRecord] | None:
+        if not items:
+            return []
+        if len(items) > self.MAX_EFFECTS:
+            raise ValueError(f"more than {self.MAX_EFFECTS} effects in one transaction")
+        keys = self.keys.effect_batch(epoch, len(items))
+        at = time.time()
+        writes: dict[str, str | bytes] = {}
+        for key, (effect, detail) in zip(keys, items, strict=True):
+            writes[key] = json.dumps({"effect": effect, "epoch": epoch,
+                                      "instance_id": instance_id, "at": at,
+                                      "detail": dict(detail)}, sort_keys=True)  # fmt: skip
+        ok, rev = self.store.txn_put_if_epoch(self.keys.leader, epoch, writes)
+        if not ok:
+            return None
+        return [EffectRecord(key, effect, epoch, instance_id, rev, at, dict(detail))
+                for key, (effect, detail) in zip(keys, items, strict=True)]  # fmt: skip
+
     def effects(self) -> list[EffectRecord]:
         out: list[EffectRecord] = []
         for kv in self.store.get_prefix(self.keys.effects):
@@ -358,7 +394,8 @@ class KVBackend:
                     detail=dict(d.get("detail") or {}),
                 )
             )
-        return sorted(out, key=lambda e: e.revision)
+        # one transaction's records share a revision; their keys keep their order
+        return sorted(out, key=lambda e: (e.revision, e.key))
 
     # -- membership ----------------------------------------------------------------------------
 

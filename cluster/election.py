@@ -208,6 +208,27 @@ class Elector:
             epoch = self._require_leader(effect)
         return self._commit(effect, epoch, puts, deletes, detail)
 
+    def commit_effects(
+        self, epoch: int, items: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[EffectRecord]:
+        """Commit one effect record per ``(effect, detail)`` in **one** transaction under
+        ``epoch``, fenced as :meth:`commit` is: refused as a whole with :class:`NotLeader`
+        unless this instance still leads under exactly that epoch, and with :class:`Fenced`
+        if the store knows a newer one."""
+        what = ",".join(sorted({effect for effect, _ in items})) or "effects"
+        if self.epoch != epoch:
+            log.warning("leader-only action %s not committed, epoch=%d: no longer leader",
+                        what, epoch)  # fmt: skip
+            raise NotLeader(f"{what}: leadership of epoch {epoch} ended")
+        recs = self.backend.record_effects(epoch, self.instance_id, items)
+        if recs is None:
+            log.warning("leader-only action %s fenced, epoch=%d is not current", what, epoch)
+            raise Fenced(what, epoch)
+        if recs:
+            log.info("leader-only action %s committed, epoch=%d revision=%d effects=%d",
+                     what, epoch, recs[0].revision, len(recs))  # fmt: skip
+        return recs
+
     def _require_leader(self, effect: str) -> int:
         epoch = self.epoch
         if epoch is None:

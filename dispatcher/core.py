@@ -25,9 +25,10 @@ class Replication(Protocol):
         """Writes so far to files a generation carries (a change happened when it grew)."""
         ...
 
-    def acknowledge(self, after: int) -> int:
-        """Wait until a generation newer than ``after`` is published and applied by the
-        members the cluster's ``sync_ack`` asks for; that generation (raises when not)."""
+    def acknowledge(self, after: int, epoch: int | None = None) -> int:
+        """Wait until a generation newer than ``after`` (published under ``epoch``, the
+        epoch of the writes, when given) is applied by the members the cluster's
+        ``sync_ack`` asks for; that generation (raises when not)."""
         ...
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,20 @@ class LocalWriter:
         with contextlib.suppress(OSError):
             fsync_dir(Path(path).parent)
         return True
+
+
+@contextlib.contextmanager
+def batched(writer: StateWriter) -> Iterator[None]:
+    """The writer's batch when it has one (the fenced writer: the writes inside commit in
+    one transaction when it ends, :meth:`dispatcher.ha.writer.FencedWriter.batch`), else
+    nothing: each write is done at once. Use it only where the locks held cover what was
+    read, and never read back inside what was written inside."""
+    batch = getattr(writer, "batch", None)
+    if batch is None:
+        yield
+        return
+    with batch():
+        yield
 
 
 def write_json(writer: StateWriter, path: str | Path, obj: Any, mode: int = 0o644) -> None:

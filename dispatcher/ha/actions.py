@@ -153,15 +153,21 @@ def edit_agent(
 ) -> dict[str, Any]:  # fmt: skip
     """Rename and/or change address fields of a registered agent; the new record."""
     from agent.common import logfmt
+    from dispatcher.statewrite import batched
 
     changes = {k: v for k, v in (("ip", ip), ("port", port), ("lookup_by", lookup_by))
                if v is not None}  # fmt: skip
     if rename is None and not changes:
         raise ActionFailed("nothing to change")
     reg = d.registry
+    record: dict[str, Any] | None
     with reg.locked():
-        record = reg.rename(name, rename) if rename is not None else reg.get(name)
-        if changes:
+        if rename is not None:
+            with batched(d.writer):  # the new record and the old one's removal: one commit
+                record = reg.rename(name, rename)
+        else:
+            record = reg.get(name)
+        if changes:  # reads the record back: after the batch
             record = reg.update(rename or name, **changes)
     if record is None:
         raise ActionFailed(f"no registry entry for '{name}'")
@@ -366,7 +372,8 @@ def perform(d: Dispatcher, name: str, args: dict[str, Any] | None = None) -> Act
         data = action.fn(d, **kwargs)
     generation = None
     if rep is not None:  # a replicated change is acknowledged once applied (sync_ack)
-        generation = rep.acknowledge(before) if rep.changes != changes else rep.generation
+        generation = (rep.acknowledge(before, epoch) if rep.changes != changes
+                      else rep.generation)  # fmt: skip
     return ActionResult(name, data, leader=d.cfg.instance_id, epoch=epoch, generation=generation)
 
 

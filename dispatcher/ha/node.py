@@ -180,7 +180,8 @@ class HANode:
             self.replication = Replication(
                 self.instance_id, self.sync, lambda: self.members(fresh=True),
                 mode=cfg.sync_ack, timeout=cfg.sync_ack_timeout, covers=self.sync.layout.covers,
-                on_acknowledged=self._acknowledged,
+                on_acknowledged=self._acknowledged, confirmed=self.sync.pusher.confirmed,
+                wait_confirmed=self.sync.pusher.wait_confirmed,
             )  # fmt: skip
             self.writer.on_change = self._changed
             self.writer.gate = self.sync.gate_reason

@@ -14,6 +14,11 @@ edit-agent, setup, rotate-cert, maintain that renewed or retired something) only
   ``one``: the leader and at least one other member (when there is one);
   ``none``: the leader alone (asynchronous, as before).
 
+A member has applied a generation when its member record says so, or when it answered
+the leader's push of it (:mod:`dispatcher.ha.sync.push`: it answers only once the files
+are swapped in, synced, and its member record written): the answer is counted as soon as
+it arrives, without waiting for the next read of the records.
+
 Not reached within ``sync_ack_timeout`` seconds, the action fails with
 :class:`NotAcknowledged`, which says how far it got. The change is not rolled back (it is
 committed on the leader and its effect recorded in etcd) and keeps replicating; the
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +52,8 @@ class Published(Protocol):
     def ticket(self) -> int: ...
 
     def covered(self) -> tuple[int, int]: ...
+
+    def covered_in(self, epoch: int) -> tuple[int, int] | None: ...
 
 
 def needed(mode: str, members: int) -> int:
@@ -81,6 +88,8 @@ class Replication:
         covers: Callable[[Path], bool] = lambda _p: True,
         clock: Callable[[], float] = time.monotonic,
         on_acknowledged: Callable[[int], None] = lambda _g: None,
+        confirmed: Callable[[], Mapping[str, int]] = dict,
+        wait_confirmed: Callable[[float], bool] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.covers = covers  # whether a generation carries a file
@@ -92,6 +101,10 @@ class Replication:
         self.timeout = timeout
         self._clock = clock
         self.on_acknowledged = on_acknowledged  # recorded before the operator is answered
+        # members that answered the leader's push of a generation (applied, synced, in
+        # their member record): counted at once, without waiting for the next read
+        self.confirmed = confirmed
+        self.wait_confirmed = wait_confirmed
 
     @property
     def generation(self) -> int:
@@ -108,19 +121,29 @@ class Replication:
             with self._lock:
                 self._changes += 1
 
-    def acknowledge(self, after: int) -> int:
+    def acknowledge(self, after: int, epoch: int | None = None) -> int:
         """Wait until a generation carrying every write made so far is applied by the
         members ``sync_ack`` asks for; that generation.
 
         A generation newer than ``after`` (the one current when the action began) is not
         enough: a publish already scanning when the action wrote its files would count
         without carrying them (a new leader's first publish races the first action it
-        lets in). It must be one whose scan began after the writes (:meth:`covered`)."""
+        lets in). It must be one whose scan began after the writes (:meth:`covered`), and
+        with ``epoch`` (the epoch the writes were committed under) one published under
+        that epoch: should this instance lose the leadership before such a generation is
+        published, its writes may be wiped by the next leader's generation, and no
+        generation it publishes when it leads again vouches for them (refused at once)."""
         deadline = self._clock() + self.timeout
         ticket = self.published.ticket()  # after the action's writes: they are counted
         self.published.publish_soon()
         while True:
-            seen, generation = self.published.covered()
+            got = self.published.covered() if epoch is None else self.published.covered_in(epoch)
+            if got is None:
+                raise NotAcknowledged(
+                    f"the change is made on the leader, but its leadership (epoch {epoch}) "
+                    "ended before a generation carrying it was published; it may be lost"
+                )
+            seen, generation = got
             if seen >= ticket and generation > after:
                 break
             if self._clock() > deadline:
@@ -133,11 +156,12 @@ class Replication:
         if self.mode == "none":
             return generation
         fast_until = self._clock() + self.FAST_FOR
+        members = list(self.members())
         while True:
-            members = list(self.members())
-            applied = sorted(m.instance_id for m in members if m.generation >= generation)
-            if self.instance_id not in applied:
-                applied.append(self.instance_id)
+            live = {m.instance_id for m in members}
+            pushed = {i for i, g in self.confirmed().items() if g >= generation and i in live}
+            applied = sorted({m.instance_id for m in members if m.generation >= generation}
+                             | pushed | {self.instance_id})  # fmt: skip
             want = needed(self.mode, max(len(members), 1))
             if len(applied) >= want:
                 self.on_acknowledged(generation)
@@ -150,4 +174,9 @@ class Replication:
                     "it is made on the leader and keeps replicating, but may be lost if the "
                     "leader dies now"
                 )
-            time.sleep(self.POLL_FAST if self._clock() < fast_until else self.POLL)
+            pause = self.POLL_FAST if self._clock() < fast_until else self.POLL
+            if self.wait_confirmed is not None and self.wait_confirmed(pause):
+                continue  # a member answered a push: count again with the same records
+            if self.wait_confirmed is None:
+                time.sleep(pause)
+            members = list(self.members())

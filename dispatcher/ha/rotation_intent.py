@@ -100,8 +100,17 @@ def _writer(d: Dispatcher) -> FencedWriter:
 
 
 def _acknowledge(d: Dispatcher, before: int) -> int | None:
+    """Acknowledged under the epoch the operation just ended under (-1 when this instance
+    leads no more: refused at once)."""
+    from dispatcher.ha.writer import FencedWriter
+
     rep = d.replication
-    return rep.acknowledge(before) if rep is not None else None
+    if rep is None:
+        return None
+    if not isinstance(d.writer, FencedWriter):
+        return rep.acknowledge(before)
+    epoch = d.writer.epoch()
+    return rep.acknowledge(before, epoch if epoch is not None else -1)
 
 
 def _generation(d: Dispatcher) -> int:

@@ -19,6 +19,24 @@ stops the rest of the operation. A write outside any operation is its own operat
 The current operation lives in a :class:`contextvars.ContextVar`, so it follows
 ``asyncio.to_thread`` into worker threads.
 
+A *batch* folds several writes into one transaction::
+
+    with registry.locked(), writer.batch():
+        registry.register(name, ...)
+        writer.write(approval, ...)
+
+Inside it each write or delete is only staged (nothing in the store, nothing on disk);
+when the batch ends, the effect records of all of them commit in **one** fenced
+transaction (the same compare on the leader key's create revision: a paused or
+partitioned ex-leader's batch is refused as a whole and writes nothing), and only then
+are the files written and deleted, in order (synced together: :mod:`.localbatch`). A batch that raises commits and writes
+nothing. Staged writes are not visible on disk until the batch ends, so a batch belongs
+where the code holds the locks that cover what it read (above: the registry lock, so no
+other writer updates the record in between) and never reads back what it wrote. More
+than :attr:`FencedWriter.BATCH_MAX` writes commit in several transactions, each followed
+by its files (as many writes in a row do without a batch). Batches nest (the outermost
+commits).
+
 Residual window (documented, bounded): between a successful commit and the local rename
 the instance could lose the lease; the elector stops leading ``margin`` seconds before
 the lease can expire, and a commit is only attempted while leading, so a newer leader
@@ -35,6 +53,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +61,7 @@ from agent.common import logfmt
 from cluster.election import Elector
 from cluster.errors import BackendUnavailable, Fenced, NotLeader
 from dispatcher.errors import ClusterUnavailableError, NotLeaderError
+from dispatcher.ha import localbatch
 from dispatcher.ha.storehealth import ClusterHealth
 from dispatcher.statewrite import LocalWriter, StateWriter
 
@@ -52,6 +72,23 @@ _current: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVa
 LeaderHint = Callable[[], tuple[str | None, str | None]]
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """A write (``data``) or delete (``data`` None) of a batch, with its effect record."""
+
+    effect: str
+    epoch: int
+    detail: dict[str, Any]
+    path: Path
+    data: bytes | str | None
+    mode: int
+
+
+_batch: contextvars.ContextVar[list[_Staged] | None] = contextvars.ContextVar(
+    "ctrl_exec_fenced_batch", default=None
+)
+
+
 def _no_hint() -> tuple[str | None, str | None]:
     return None, None
 
@@ -60,6 +97,7 @@ class FencedWriter:
     """:class:`StateWriter` that commits every change as a fenced effect first."""
 
     PRUNE_EVERY = 200  # commits between two prunings of the effect history
+    BATCH_MAX = 100  # effect records per transaction of a batch (etcd allows 128 operations)
     KEEP_EFFECTS = 2000  # newest effect records kept in the store
 
     def __init__(
@@ -176,17 +214,66 @@ class FencedWriter:
         return kind, self.require(kind), kind
 
     def _commit(self, effect: str, epoch: int, detail: dict[str, Any]) -> None:
+        self._commit_all([(effect, epoch, detail)])
+
+    def _commit_all(self, items: list[tuple[str, int, dict[str, Any]]]) -> None:
+        """Commit the effect records of ``items`` (one epoch) in one fenced transaction."""
+        effect, epoch = items[0][0], items[0][1]
         try:
-            rec = self.elector.commit(effect, detail=detail, epoch=epoch)
+            if any(e != epoch for _, e, _ in items):  # never: a batch keeps one epoch
+                raise NotLeader(f"{effect}: writes of one batch under several epochs")
+            if len(items) == 1:
+                recs = [self.elector.commit(effect, detail=items[0][2], epoch=epoch)]
+            else:
+                recs = self.elector.commit_effects(epoch, [(e, d) for e, _, d in items])
         except Fenced as exc:
             raise self._not_leader(effect, f"fenced: epoch {epoch} is no longer current") from exc
         except NotLeader as exc:
             raise self._not_leader(effect, f"leadership of epoch {epoch} ended") from exc
         except BackendUnavailable as exc:
             raise self._unavailable(effect, exc) from exc
-        logfmt.event("leader-effect", effect=effect, epoch=epoch, revision=rec.revision,
-                     **{k: v for k, v in detail.items() if k != "mode"})  # fmt: skip
-        self._maybe_prune(epoch)
+        for rec in recs:
+            logfmt.event("leader-effect", effect=rec.effect, epoch=epoch, revision=rec.revision,
+                         **{k: v for k, v in rec.detail.items() if k != "mode"})  # fmt: skip
+        self._maybe_prune(epoch, len(recs))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Fold the writes and deletes made inside into one fenced transaction, committed
+        (then written) when the outermost batch ends; nothing at all if it raises. See the
+        module docstring."""
+        if _batch.get() is not None:  # nested: the outermost batch commits
+            yield
+            return
+        staged: list[_Staged] = []
+        token = _batch.set(staged)
+        try:
+            yield
+        finally:
+            _batch.reset(token)
+        self._flush(staged)  # not reached when the body raised: nothing committed
+
+    def _flush(self, staged: list[_Staged]) -> None:
+        for i in range(0, len(staged), self.BATCH_MAX):
+            part = staged[i : i + self.BATCH_MAX]
+            self._commit_all([(s.effect, s.epoch, s.detail) for s in part])
+            if type(self.local) is LocalWriter:  # the files synced together, not one by one
+                localbatch.apply([(s.path, s.data, s.mode) for s in part])
+            else:
+                for s in part:
+                    if s.data is None:
+                        self.local.delete(s.path)
+                    else:
+                        self.local.write(s.path, s.data, s.mode)
+            for s in part:
+                self._changed(s.path)
+
+    def _exists(self, path: Path, staged: list[_Staged] | None) -> bool:
+        """Whether ``path`` exists once the batch's staged writes are done."""
+        for s in reversed(staged or []):
+            if s.path == path:
+                return s.data is not None
+        return os.path.lexists(path)
 
     def write(self, path: str | Path, data: bytes | str, mode: int = 0o644) -> None:
         p = Path(path)
@@ -195,6 +282,10 @@ class FencedWriter:
         detail = {"op": "write", "kind": kind, "path": str(p),
                   "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw),
                   "mode": f"{mode:o}"}  # fmt: skip
+        staged = _batch.get()
+        if staged is not None:
+            staged.append(_Staged(effect, epoch, detail, p, data, mode))
+            return
         self._commit(effect, epoch, detail)
         self.local.write(p, data, mode)
         self._changed(p)
@@ -202,9 +293,14 @@ class FencedWriter:
     def delete(self, path: str | Path) -> bool:
         p = Path(path)
         effect, epoch, kind = self._effect(p)  # refuses on a follower even for absent files
-        if not os.path.lexists(p):
+        staged = _batch.get()
+        if not self._exists(p, staged):
             return False
-        self._commit(effect, epoch, {"op": "delete", "kind": kind, "path": str(p)})
+        detail: dict[str, Any] = {"op": "delete", "kind": kind, "path": str(p)}
+        if staged is not None:
+            staged.append(_Staged(effect, epoch, detail, p, None, 0))
+            return True
+        self._commit(effect, epoch, detail)
         done = self.local.delete(p)
         self._changed(p)
         return done
@@ -218,10 +314,11 @@ class FencedWriter:
 
     # -- history housekeeping --------------------------------------------------------------
 
-    def _maybe_prune(self, epoch: int) -> None:
+    def _maybe_prune(self, epoch: int, records: int = 1) -> None:
         with self._count_lock:
-            self._commits += 1
-            due = self._commits % self.prune_every == 0
+            before = self._commits
+            self._commits += records
+            due = self._commits // self.prune_every > before // self.prune_every
         if due:
             self.prune(epoch)
 

@@ -76,7 +76,7 @@ from dispatcher.config import DispatcherConfig
 from dispatcher.errors import LeaderOnlyRefused
 from dispatcher.pki import ca as pki
 from dispatcher.registry import Registry, RegistryError
-from dispatcher.statewrite import StateWriter, default_writer
+from dispatcher.statewrite import StateWriter, batched, default_writer
 
 STALE_AFTER = 600.0
 DEFAULT_AGENT_PORT = 7443
@@ -602,14 +602,6 @@ def approve(
         serial = _dispatcher_serial(cfg, warnings)
         expiry = pki.cert_not_after(cert)
         cert_serial, pubkey = identity_der(ssl.PEM_cert_to_DER_cert(cert))  # the pins
-        try:
-            record = Registry(cfg.registry_dir, w).register(
-                name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
-                expiry=expiry, dispatcher_serial=serial, cert_serial=cert_serial,
-                pubkey_sha256=pubkey, tags=tags,
-            )  # fmt: skip
-        except (RegistryError, LeaderOnlyRefused) as exc:
-            raise PairingQueueError(f"cannot register '{name}': {exc}") from None
         approval = {
             "status": "approved",
             "cert": cert,
@@ -618,8 +610,19 @@ def approve(
             "dispatcher_serial": serial,
             "dispatcher_id": cfg.dispatcher_id,
         }
-        _keep_approval(cfg, w, rec, approval)
-        w.write(apath, dumps(approval), FILE_MODE)
+        registry = Registry(cfg.registry_dir, w)
+        # one fenced transaction for the three writes, under the queue and registry locks
+        try:
+            with registry.locked(), batched(w):
+                record = registry.register(
+                    name, ip=eff_ip, port=eff_port, lookup_by=eff_lookup, reqid=reqid,
+                    expiry=expiry, dispatcher_serial=serial, cert_serial=cert_serial,
+                    pubkey_sha256=pubkey, tags=tags,
+                )  # fmt: skip
+                _keep_approval(cfg, w, rec, approval)
+                w.write(apath, dumps(approval), FILE_MODE)
+        except (RegistryError, LeaderOnlyRefused) as exc:  # nothing written at all
+            raise PairingQueueError(f"cannot register '{name}': {exc}") from None
     for msg in warnings:
         event("pair-warn", logging.WARNING, reqid=reqid, reason=msg)
     event("pair-approve", agent=name, ip=eff_ip, lookup_by=eff_lookup, port=eff_port,
@@ -654,6 +657,7 @@ def deny(
     qpath, _, dpath = paths(d, _check(reqid))
     with _locked(d):
         rec = _undecided(d, reqid)
-        w.write(dpath, dumps({"status": "denied", "reason": reason}), FILE_MODE)
-        w.delete(qpath)
+        with batched(w):  # one fenced transaction for both
+            w.write(dpath, dumps({"status": "denied", "reason": reason}), FILE_MODE)
+            w.delete(qpath)
     event("pair-deny", agent=rec.get("hostname", ""), ip=rec.get("ip", ""), reqid=reqid)

@@ -6,6 +6,11 @@ dispatcher serial, verified by the TLS handshake against the dispatcher CA; neve
 the auth hook (the gate skips it for :data:`~dispatcher.api.routes.PEER_PREFIX`), never
 on plain HTTP. 409 when this instance does not run generation N (or the file changed
 since), 404 when the file is not part of it.
+
+``POST /cluster/files/``: the leader pushes a generation it just published, with the
+changed files (:mod:`dispatcher.ha.sync.push`); the same peer check. 200 with the
+generation this instance runs once it is applied, 409 when it is refused (the member then
+fetches it as usual).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from dispatcher.api.deps import StateDep
 from dispatcher.api.errors import error
@@ -21,6 +26,24 @@ from dispatcher.api.peerroute import refused_peer
 from dispatcher.api.routes import PEER_PREFIX
 
 router = APIRouter()
+
+
+@router.post(PEER_PREFIX, include_in_schema=False)
+async def cluster_push(request: Request, state: StateDep) -> Response:
+    from dispatcher.ha.sync.push import PushRefused
+
+    sync = state.ha.sync if state.ha is not None else None
+    if sync is None:
+        return error(404, "not found", "this instance applies no generations")
+    refused = await refused_peer(request, sync)
+    if refused is not None:
+        return refused
+    body = await request.body()
+    try:
+        generation = await asyncio.to_thread(sync.receive_push, body)
+    except PushRefused as exc:
+        return error(409, "conflict", str(exc))
+    return JSONResponse({"generation": generation})
 
 
 @router.get(PEER_PREFIX + "{path:path}", include_in_schema=False)

@@ -8,8 +8,12 @@ One module per job; the rest of the instance uses :class:`Syncer` only.
   through a fenced transaction;
 * :mod:`~dispatcher.ha.sync.follower`: follower: watch the generation key, refuse
   generations from an older epoch, apply new ones with backoff;
+* :mod:`~dispatcher.ha.sync.push`: the leader pushes each new generation (sealed head, new
+  chunks, changed files) to the followers over the mTLS peer route right after publishing;
+  a follower applies it only when it is the head etcd holds, under the checks a fetch
+  passes, and answers once it is applied (``sync_ack`` counts the answer at once);
 * :mod:`~dispatcher.ha.sync.fetcher`: fetch changed files from a peer over mTLS and verify
-  size and sha256 against the manifest;
+  size and sha256 against the manifest (pushed files are checked the same way);
 * :mod:`~dispatcher.ha.sync.swapper`: stage next to each target, fsync, rename into place
   keys first, remove what the generation no longer has, clean leftover stage directories;
 * :mod:`~dispatcher.ha.sync.serving`: serve this member's generation files to peers;
@@ -42,8 +46,9 @@ can serve it within three lease TTLs the leader publishes its own files (logged
 ``sync-diverged``). Then it publishes N+1 under its own epoch, so followers, which refuse
 generations from an epoch older than the newest they have seen, follow the new leader.
 
-Follower (``sync_mode = push``): for each new generation it diffs the manifest against its
-files, fetches every changed file from the leader (then from any member that applied the
+Follower (``sync_mode = push``): for each new generation (pushed by the leader, else
+brought by its watch) it diffs the manifest against its files, takes the pushed files
+that match the manifest, fetches every other changed file from the leader (then from any member that applied the
 generation) with ``GET /cluster/files/<path>?generation=N`` over mTLS (up to four files at
 once, each lane on its own kept-alive connection), verifies size and sha256, writes each into a stage directory next to its target (same filesystem) and fsyncs
 it; only when *every* file is staged does it rename each into place (keys first), remove

@@ -48,6 +48,14 @@ class Fetcher:
         self.conns: Conns = {}  # kept between generations (no TLS handshake per apply)
         self._lanes: list[Conns] = [self.conns]  # one set of connections per fetch lane
         self._lanes_lock = threading.Lock()
+        # files of a generation the leader pushed (:mod:`~.push`): used instead of a
+        # fetch when they pass the same check
+        self._offered: tuple[int, dict[str, bytes]] = (0, {})
+
+    def offer(self, number: int, files: dict[str, bytes]) -> None:
+        """Files pushed for generation ``number`` (unverified: :meth:`fetch` checks them
+        against the manifest as it checks a fetched file); ``offer(0, {})`` forgets them."""
+        self._offered = (number, files)
 
     def lane(self, i: int) -> Conns:
         """The connections of fetch lane ``i`` (lane 0: :attr:`conns`), kept between
@@ -94,6 +102,12 @@ class Fetcher:
     ) -> tuple[bytes, str]:
         """``(content, instance_id)`` of file ``e`` of generation ``number``, verified."""
         errors: list[str] = []
+        offered_for, offered = self._offered
+        data = offered.get(e.path) if offered_for == number else None
+        if data is not None:
+            if len(data) == e.size and hashlib.sha256(data).hexdigest() == e.sha256:
+                return data, "push"
+            errors.append(f"push: {e.path} does not match the manifest")
         for m in sources:
             if not m.advertise_url.startswith("https://"):
                 errors.append(f"{m.instance_id}: no TLS on {m.advertise_url}")

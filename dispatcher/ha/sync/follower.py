@@ -14,6 +14,7 @@ applied generation (:meth:`Follower.in_sync`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from cluster.errors import StaleEpoch
 from dispatcher.ha.manifest import Generation, ManifestError
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.push import Pushed, PushRefused
 from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord, SyncError
 from dispatcher.ha.sync.store import GenerationStore
 from dispatcher.ha.sync.swapper import Swapper
@@ -36,6 +38,7 @@ class Follower:
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
     BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
     ACKED_READ = 0.2  # read the acknowledged-generation record this often (kept on disk)
+    PUSH_WAIT = 0.1  # a watched head, while the leader pushes: wait this long for its push
 
     def __init__(
         self,
@@ -82,6 +85,12 @@ class Follower:
         self._acked_next = 0.0
         # fetch the cluster key from a verified peer when this instance has none
         self.bootstrap: Callable[[bytes], bool] | None = None
+        # one apply at a time: the sync thread's (watch) and a push's (API thread)
+        self._apply_lock = threading.RLock()
+        self._pushed = threading.Condition()  # notified when a push was applied
+        # the leader pushes its generations here: until a wait for one was in vain (an
+        # older leader, a push that failed), then again from the next push that arrives
+        self._expect_push = True
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -111,6 +120,11 @@ class Follower:
         event = self.backend.watch_key(self.key, wait, start)
         if event is None:
             return
+        if event.kind == "PUT" and event.mod_rev > self._seen_rev and self._expect_push:
+            with self._pushed:  # the leader's push carries the files: no fetch then
+                self._expect_push = self._pushed.wait_for(
+                    lambda: self._seen_rev >= event.mod_rev, self.PUSH_WAIT
+                )
         if event.kind == "PUT" and event.mod_rev > self._seen_rev:
             # the event carries the new head: apply it without reading the key again
             self.health.mark_ok()
@@ -132,9 +146,51 @@ class Follower:
 
         self.acked_mark.note(adopt.acked(self.backend, self.records))
 
-    def handle(self, raw: bytes, rev: int = 0, *, as_leader: bool = False) -> bool:
-        """Apply the generation document ``raw``; True when this instance now runs it."""
-        g = self._accept(raw, rev, as_leader)
+    def pushed(self, p: Pushed, leading: Callable[[], bool] = lambda: False) -> int:
+        """Apply a generation the leader pushed (:mod:`~dispatcher.ha.sync.push`); the
+        generation this instance runs then. Only the head etcd holds now is taken, then
+        verified exactly as a watched one; pushed chunks and files only save reading and
+        fetching them, under the same checks. :class:`PushRefused` says why not."""
+        if self.mode != "push":
+            raise PushRefused("this instance does not sync files (sync_mode = shared-fs)")
+        with self._apply_lock:
+            if leading():
+                raise PushRefused("this instance leads")
+            kv = self.backend.get_kv(self.key)
+            self.health.mark_ok()
+            if kv is None or kv.value != p.head:
+                raise PushRefused("not the generation head the store holds now")
+            head = self.gstore.head(kv.value, kv.mod_rev)
+            if head is None:
+                raise PushRefused("the generation head does not verify")
+            self.swapper.fetcher.offer(head.number, p.files)
+            try:
+                # applied.json is written by the sync thread: the leader waits for this answer
+                if not self.handle(kv.value, kv.mod_rev, chunks=p.chunks, save=False):
+                    raise PushRefused(self.last_error or "generation refused")
+            finally:
+                self.swapper.fetcher.offer(0, {})
+            with self._pushed:
+                self._seen_rev = max(self._seen_rev, kv.mod_rev)  # the watch need not apply it
+                self._expect_push = True
+                self._pushed.notify_all()
+            return self.state.number
+
+    def handle(
+        self, raw: bytes, rev: int = 0, *, as_leader: bool = False,
+        chunks: dict[str, bytes] | None = None, save: bool = True,
+    ) -> bool:  # fmt: skip
+        """Apply the generation document ``raw``; True when this instance now runs it
+        (``chunks``: manifest chunks at hand, checked as read ones are; ``save``: see
+        :meth:`AppliedState.record`)."""
+        with self._apply_lock:
+            return self._handle(raw, rev, as_leader, chunks, save)
+
+    def _handle(
+        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None,
+        save: bool,
+    ) -> bool:  # fmt: skip
+        g = self._accept(raw, rev, as_leader, chunks)
         if g is None:
             return False
         cur = self.state.applied
@@ -152,10 +208,12 @@ class Follower:
         self._backoff = 0.25
         self.last_error = ""
         took = round((self._clock() - t0) * 1000)
-        self.state.record(g, took_ms=took, mode=self.mode, **report)
+        self.state.record(g, save, took_ms=took, mode=self.mode, **report)
         return True
 
-    def _accept(self, raw: bytes, rev: int, as_leader: bool) -> Generation | None:
+    def _accept(
+        self, raw: bytes, rev: int, as_leader: bool, chunks: dict[str, bytes] | None = None
+    ) -> Generation | None:
         """The generation in ``raw`` unless it fails verification (not sealed with the
         cluster key: logged once, counted, ignored; it never moves the epoch guard), its
         chunks fail their hash check (logged once, the current state kept), or (for a
@@ -173,7 +231,7 @@ class Follower:
         if not as_leader:
             self.head = head
         try:
-            g = self.gstore.decode(raw, rev)
+            g = self.gstore.decode(raw, rev, chunks)
         except ManifestError as exc:
             self.last_error = f"refused: {exc}"
             if not as_leader:

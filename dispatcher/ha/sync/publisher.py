@@ -14,6 +14,7 @@ leader-only work is refused (:meth:`Publisher.gate_reason`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from cluster.election import Elector
 from dispatcher.ha.manifest import Generation, ManifestError, Scanner, manifest_hash
 from dispatcher.ha.records import Records
 from dispatcher.ha.storehealth import ClusterHealth
+from dispatcher.ha.sync.push import Pusher
 from dispatcher.ha.sync.state import AckedMark, AppliedState
 from dispatcher.ha.sync.store import GenerationStore
 
@@ -56,6 +58,7 @@ class Publisher:
         stop: threading.Event,
         acked_mark: AckedMark | None = None,
         members: Callable[[], list[MemberInfo]] = lambda: [],
+        pusher: Pusher | None = None,
     ) -> None:
         self.backend = backend
         self.key = backend.keys.generation
@@ -74,6 +77,7 @@ class Publisher:
         self._stop = stop
         self.acked_mark = acked_mark  # the newest acknowledged generation, on this disk
         self.members = members  # live member records (a handover to one that has it)
+        self.pusher = pusher  # sends each new generation to the followers (push mode)
         self._soon = threading.Event()  # publish_soon(): skip the debounce once
         self._lock = threading.Lock()
         self.caught_up = False
@@ -89,6 +93,7 @@ class Publisher:
         # which writes the generation last published certainly carries (see ticket()).
         self._changes = 0
         self._covered = (0, 0)
+        self._covered_epoch: int | None = None  # the epoch _covered was published under
         self._next_rescan = 0.0
         self._store_due = 0.0
         self._chunks_due = 0.0
@@ -170,6 +175,16 @@ class Publisher:
         with self._lock:
             return self._covered
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        """:meth:`covered`, counting only generations published under ``epoch``; None once
+        this instance no longer leads under it. A write made under an epoch that ended may
+        have been wiped since (the instance applied another leader's generation before it
+        led again): no later generation of a new epoch vouches for it."""
+        with self._lock:
+            if self._covered_epoch == epoch:
+                return self._covered
+        return (0, 0) if self.elector.epoch == epoch else None
+
     def publish_soon(self) -> None:
         """A leader-only operation ended and waits for its generation: publish as soon
         as no operation is active, without the debounce meant for bursts of hand edits, and
@@ -180,20 +195,29 @@ class Publisher:
     def step_down(self) -> None:
         self.lead_epoch = None
         self.caught_up = False
+        if self.pusher is not None:
+            self.pusher.forget()
+            self.pusher.reap(0)
         with self._lock:
             self._covered = (0, 0)  # a waiter counts only generations this epoch published
+            self._covered_epoch = None
 
     # -- the leader loop -----------------------------------------------------------------------
 
     def step(self, epoch: int) -> None:
         now = self._clock()
+        if self.pusher is not None:
+            self.pusher.reap()
         if epoch != self.lead_epoch:
             self.lead_epoch = epoch
             self.caught_up = False
+            if self.pusher is not None:
+                self.pusher.forget()
             self._catch_up_deadline = now + self.catch_up_limit
             self._published_rev = 0
             with self._lock:
                 self._covered = (0, 0)
+                self._covered_epoch = None
         if not self.caught_up:
             self.catch_up(epoch)
             return
@@ -365,6 +389,7 @@ class Publisher:
         self.state.pending = g  # served to followers from the moment the txn commits
         try:
             self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
+            self._push(g, mine)
             self._cover(seen, g)  # a waiter counts members now; the leader counts itself
             self.state.record(g)  # applied.json and this member's record
         finally:
@@ -375,10 +400,32 @@ class Publisher:
            certs_changed=certs, instance=self.me)  # fmt: skip
         return g
 
+    def _push(self, g: Generation, before: Generation | None) -> None:
+        """Send the followers ``g`` with the files that changed since ``before`` (read back
+        and checked against the manifest: a file edited since the scan is left out and
+        fetched); in the background, never failing the publish."""
+        if self.pusher is None or self.mode != "push":
+            return
+        try:
+            old = before.files if before is not None else {}
+            files: dict[str, bytes] = {}
+            for path, e in g.files.items():
+                if old.get(path) == e or e.size > self.pusher.MAX_FILES_BYTES:
+                    continue
+                data = self.scanner.layout.local(path).read_bytes()
+                if len(data) == e.size and hashlib.sha256(data).hexdigest() == e.sha256:
+                    files[path] = data
+            self.pusher.push(g, self.gstore.last_head, self._published_rev,
+                             self.gstore.last_new, files)  # fmt: skip
+        except Exception as exc:  # the followers' watch brings the generation anyway
+            ev("sync-push", logging.WARNING, generation=g.number, error=exc)
+
     def _cover(self, seen: int, g: Generation | None) -> None:
         if g is None:
             return
         with self._lock:
+            if self._covered_epoch != g.epoch:
+                self._covered, self._covered_epoch = (0, 0), g.epoch
             self._covered = max(self._covered, (seen, g.number))
 
 

@@ -92,13 +92,16 @@ class AppliedState:
             return
         self.applied = g
 
-    def record(self, g: Generation, **detail: Any) -> None:
+    def record(self, g: Generation, save: bool = True, **detail: Any) -> None:
+        """``g`` is in place: the member key, then ``applied.json`` (``save`` False: left
+        to the sync thread's next :meth:`flush`, within its next tick)."""
         self.applied = g
         self.unsaved = g
         # the member key first: the leader counts it for ``sync_ack`` (the files are in
         # place and synced already; applied.json only saves a restart its diff)
         self.on_record()
-        self.flush()
+        if save:
+            self.flush()
         if detail:
             ev("sync-applied", generation=g.number, epoch=g.epoch, leader=g.leader,
                instance=self.me, **detail)  # fmt: skip

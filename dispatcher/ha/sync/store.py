@@ -51,6 +51,8 @@ class GenerationStore:
         self._parsed: dict[str, list[Entry]] = {}  # rows of the last verified head's chunks
         self._older: set[str] = set()  # chunks of the head the current one replaced
         self.last_write: dict[str, int] = {}  # bytes and transactions of the last publish
+        self.last_new: dict[str, bytes] = {}  # the chunks the last publish added
+        self.last_head = b""  # the sealed head it wrote
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -91,16 +93,25 @@ class GenerationStore:
                                                f"malformed: {exc}"), f"@{rev}")  # fmt: skip
             return None
 
-    def decode(self, raw: bytes, rev: int = 0) -> Generation | None:
+    def decode(
+        self, raw: bytes, rev: int = 0, given: Mapping[str, bytes] | None = None
+    ) -> Generation | None:
         """The verified generation of the head ``raw`` (its chunks read as needed, each
         checked against its sha256 in the sealed head); None when the seal is refused,
-        ManifestError when a chunk is missing or fails its check."""
+        ManifestError when a chunk is missing or fails its check. ``given``: chunks at
+        hand (pushed by the leader), used instead of reading them, checked the same way."""
         head = self._open(raw, rev)
         if head is None:
             return None
         with self._lock:
             parsed = dict(self._parsed)
-        g = decode_generation(head, self._get_chunks, parsed)
+
+        def get(shas: Sequence[str]) -> Mapping[str, bytes]:
+            have = {s: given[s] for s in shas if given is not None and s in given}
+            rest = [s for s in shas if s not in have]
+            return {**have, **self._get_chunks(rest)} if rest else have
+
+        g = decode_generation(head, get, parsed)
         with self._lock:
             self._parsed = parsed
         return g
@@ -138,6 +149,7 @@ class GenerationStore:
         )  # fmt: skip
         self._delete(epoch, stale[room:])
         self._older = present - set(chunks)
+        self.last_head, self.last_new = head.encode(), new  # pushed to the followers
         self.last_write = {
             "bytes": len(head) + sum(len(d) for d in new.values()),
             "chunks_written": len(new),

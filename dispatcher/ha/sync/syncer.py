@@ -31,6 +31,7 @@ from dispatcher.ha.sync.fetcher import Fetcher
 from dispatcher.ha.sync.follower import Follower
 from dispatcher.ha.sync.keyboot import bootstrap_key
 from dispatcher.ha.sync.publisher import Publisher
+from dispatcher.ha.sync.push import Pusher, decode
 from dispatcher.ha.sync.serving import PeerFiles, cert_serial
 from dispatcher.ha.sync.state import AckedMark, AppliedState, EpochRecord
 from dispatcher.ha.sync.store import GenerationStore
@@ -77,6 +78,7 @@ class Syncer:
         self.records = records
         self.files = PeerFiles(cfg, self.layout, self.state, clock)
         self.fetcher = Fetcher(cfg, self.me, members, self.files.server_serials)
+        self.pusher = Pusher(cfg, self.me, lambda: members(False), self.files.server_serials)
         self.swapper = Swapper(self.layout, self.scanner, self.fetcher)
         self.store = GenerationStore(backend, records)
         epochs = EpochRecord(cfg.state_dir, backend.store_id)
@@ -91,6 +93,7 @@ class Syncer:
             mode=self.mode, catch_up_limit=3 * max(1.0, cfg.lease_ttl),
             active_operations=active_operations, clock=clock, stop=self._stop,
             acked_mark=self.acked_mark, members=lambda: members(True),
+            pusher=self.pusher if self.mode == "push" else None,
         )  # fmt: skip
         self.follower.bootstrap = lambda raw: bootstrap_key(
             records, self.fetcher, self.layout, backend.keys.generation, raw, self.store
@@ -192,6 +195,9 @@ class Syncer:
     def covered(self) -> tuple[int, int]:
         return self.publisher.covered()
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        return self.publisher.covered_in(epoch)
+
     def publish(self, epoch: int, force: bool = False) -> Generation | None:
         return self.publisher.publish(epoch, force)
 
@@ -209,6 +215,17 @@ class Syncer:
         """``(200, bytes, entry)`` for a file of generation ``number``, else an error."""
         return self.files.serve(logical, number)
 
+    def receive_push(self, body: bytes) -> int:
+        """A generation the leader pushed (``POST /cluster/files/``, the peer checked): the
+        generation this instance runs once it is applied; :class:`PushRefused` when not."""
+        from dispatcher.ha.sync.push import PushRefused
+
+        number = self.follower.pushed(decode(body), leading=lambda: self.elector.epoch is not None)
+        view = self._member_view
+        if view is None or view[0] < number:  # the leader counts only what etcd says too
+            raise PushRefused(f"generation {number} is applied, but not yet in the member record")
+        return number
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> Syncer:
@@ -219,6 +236,7 @@ class Syncer:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.FETCH_TIMEOUT + 2)
+        self.pusher.close()
         if not self._thread.is_alive():
             self.fetcher.close()
 

@@ -67,6 +67,9 @@ class Adapter:
     def covered(self) -> tuple[int, int]:
         return self.pub.covered()
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        return self.pub.covered_in(epoch)
+
 
 def test_an_action_racing_an_inflight_publish_is_acknowledged_with_a_generation_carrying_it(
     tmp_path: Path,
@@ -131,3 +134,55 @@ def test_an_action_racing_an_inflight_publish_is_acknowledged_with_a_generation_
     assert "registry/web9.json" in carrying[0].files, (
         f"the change was acknowledged with generation {acked}, which does not carry it"
     )
+
+
+def test_a_change_whose_epoch_ended_before_it_was_published_is_never_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """The leader wrote its files under epoch 7, then was paused past its lease before
+    publishing them; as a follower it applied the new leader's generation (its files
+    gone), then led again under epoch 9 and published. That generation's scan began after
+    the writes, yet does not carry them: the action must not be acknowledged with it."""
+    import pytest
+
+    from dispatcher.ha.replication import NotAcknowledged
+
+    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
+                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state"),
+                           registry_dir=str(tmp_path / "agents"), instance_id="m0",
+                           sync_mode="push").finish()  # fmt: skip
+    reg = Path(cfg.registry_dir)
+    reg.mkdir(parents=True)
+    (reg / "web1.json").write_text('{"hostname": "web1"}\n')
+    layout = Layout(cfg)
+    state = AppliedState(cfg.state_dir, "m0", on_record=lambda: None)
+    store = SlowStore()
+    store.release.set()
+    elector = SimpleNamespace(instance_id="m0", epoch=EPOCH)
+    backend = SimpleNamespace(keys=SimpleNamespace(generation="/c/generation"),
+                              get_kv=lambda _k: None)  # fmt: skip
+    pub = Publisher(
+        backend, elector, state, Scanner(layout), SimpleNamespace(mark_ok=lambda: None),  # type: ignore[arg-type]
+        lambda *_a, **_k: True, None, store, mode="push", catch_up_limit=1.0,  # type: ignore[arg-type]
+        active_operations=lambda: 0, clock=time.monotonic, stop=threading.Event(),
+    )  # fmt: skip
+    pub.lead_epoch, pub.caught_up = EPOCH, True
+    pub.publish(EPOCH, force=True)  # generation 1 under epoch 7
+    rep = Replication("m0", Adapter(pub, state), lambda: [], mode="none", timeout=2.0,
+                      covers=layout.covers)  # fmt: skip
+    before = rep.generation
+    new = reg / "web9.json"
+    new.write_text('{"hostname": "web9"}\n')  # the action's write under epoch 7
+    pub.mark_dirty(new)
+    rep.note(new)
+    elector.epoch = None  # paused past its lease: it follows
+    pub.step_down()
+    new.unlink()  # the new leader's generation, applied, does not have it
+    elector.epoch = EPOCH + 2  # it leads again, caught up, and publishes
+    pub.lead_epoch, pub.caught_up = EPOCH + 2, True
+    pub.publish(EPOCH + 2, force=True)
+    assert "registry/web9.json" not in store.published[-1].files
+    with pytest.raises(NotAcknowledged, match=f"epoch {EPOCH}\\) ended"):
+        rep.acknowledge(before, EPOCH)
+    # counted without its epoch, the new epoch's generation would have vouched for it
+    assert rep.acknowledge(before) == store.published[-1].number

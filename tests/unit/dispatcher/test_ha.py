@@ -153,6 +153,87 @@ def test_stale_epoch_commit_is_fenced_in_the_store(pair: Pair) -> None:
     assert not (pair.root / "late").exists()
 
 
+def test_batch_commits_every_write_in_one_transaction_then_writes(pair: Pair) -> None:
+    old = pair.root / "old"
+    pair.wa.write(old, "0")
+    before = len(pair.ba.effects())
+    x, y = pair.root / "x", pair.root / "y"
+    with pair.wa.operation("pairing-approve") as epoch, pair.wa.batch():
+        pair.wa.write(x, "1")
+        pair.wa.write(y, "2")
+        assert pair.wa.delete(old) is True
+        assert pair.wa.delete(pair.root / "absent") is False  # nothing staged for it
+        assert pair.wa.delete(x) is True  # staged write, then its delete: exists logically
+        pair.wa.write(x, "3")
+        with pair.wa.batch():  # nested: joins the outer one
+            pair.wa.write(pair.root / "z", "4")
+        # staged only: nothing on disk, nothing in the store yet
+        assert not x.exists() and not y.exists() and old.exists()
+        assert len(pair.ba.effects()) == before
+    new = pair.ba.effects()[before:]
+    assert len({e.revision for e in new}) == 1  # one transaction
+    assert [(e.detail["op"], Path(e.detail["path"]).name) for e in new] == [
+        ("write", "x"), ("write", "y"), ("delete", "old"), ("delete", "x"), ("write", "x"),
+        ("write", "z")]  # fmt: skip
+    assert {(e.effect, e.epoch, e.instance_id) for e in new} == {("pairing-approve", epoch, "a")}
+    assert x.read_text() == "3" and y.read_text() == "2" and not old.exists()
+    assert (pair.root / "z").read_text() == "4"
+
+
+def test_batch_that_raises_commits_and_writes_nothing(pair: Pair) -> None:
+    target = pair.root / "never"
+    with pytest.raises(RuntimeError, match="action failed"), pair.wa.batch():
+        pair.wa.write(target, "1")
+        raise RuntimeError("action failed")
+    assert not target.exists() and pair.ba.effects() == []
+
+
+def test_batch_of_a_follower_is_refused_at_the_first_write(pair: Pair) -> None:
+    with pytest.raises(NotLeaderError), pair.wb.batch():
+        pair.wb.write(pair.root / "x", "1")
+    assert not (pair.root / "x").exists() and pair.ba.effects() == []
+
+
+class _Paused(Elector):
+    """An ex-leader that still believes it leads under its old epoch (a paused process
+    resumed before its elector thread noticed): only the store's compare can stop it."""
+
+    stale: int = 0
+
+    @property
+    def epoch(self) -> int | None:
+        return self.stale
+
+
+def test_batch_of_a_paused_ex_leader_is_fenced_as_a_whole(pair: Pair) -> None:
+    old = pair.a.epoch
+    assert old is not None
+    pair.ba.resign(pair.a._lease.id if pair.a._lease else 0)  # the lease vanished under it
+    wait_for(pair.b.is_leader)
+    assert pair.ba.record_effects(old, "a", [("late", {}), ("late", {})]) is None
+    pair.a.__class__ = _Paused
+    pair.a.stale = old  # type: ignore[attr-defined]
+    first, second = pair.root / "first", pair.root / "second"
+    with pytest.raises(NotLeaderError, match="fenced"), pair.wa.operation(
+        "pairing-approve", verify=False
+    ), pair.wa.batch():  # fmt: skip
+        pair.wa.write(first, "1")
+        pair.wa.write(second, "2")
+    assert not first.exists() and not second.exists()
+    assert pair.ba.effects() == []
+
+
+def test_batch_of_many_writes_commits_in_several_transactions(pair: Pair) -> None:
+    pair.wa.BATCH_MAX = 3
+    with pair.wa.batch():
+        for i in range(7):
+            pair.wa.write(pair.root / f"f{i}", str(i))
+    effects = pair.ba.effects()
+    assert [Path(e.detail["path"]).name for e in effects] == [f"f{i}" for i in range(7)]
+    assert len({e.revision for e in effects}) == 3
+    assert all((pair.root / f"f{i}").read_text() == str(i) for i in range(7))
+
+
 def test_prune_keeps_the_newest_effects(pair: Pair) -> None:
     for i in range(7):
         pair.wa.write(pair.root / f"f{i}", str(i))

@@ -16,6 +16,7 @@ from cluster.session import Session
 from cluster.signing import RecordSigner, write_key
 from dispatcher.config import DispatcherConfig
 from dispatcher.ha.manifest import (
+    STAGE_DIR,
     Entry,
     Generation,
     Layout,
@@ -440,3 +441,89 @@ def test_a_follower_without_the_key_takes_it_only_when_it_seals_the_generation(
         tmp_path / "leader" / "etc" / "cluster.key").read_bytes()  # fmt: skip
     assert os.stat(follower_ca / "cluster.key").st_mode & 0o777 == 0o600
     assert rig.records.problem is None and rig.syncer.generation == 2
+
+
+# ----- the leader's push -----------------------------------------------------------------------
+
+
+def pushed_rig(tmp_path: Path) -> tuple[Rig, Generation, bytes, dict[str, bytes], int]:
+    """A follower whose files lag generation 1 of the leader's directory, the head of which
+    is published in the store; its fetcher is the real one, and nobody serves files (a
+    fetch fails): only pushed files can bring it there."""
+    rig = Rig(tmp_path)
+    del rig.syncer.fetcher.fetch  # the real fetch: the "leader" at 127.0.0.1:1 answers nothing
+    rig.syncer.fetcher.TIMEOUT = 1.0
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca-new", "agents/web1.json": b'{"n":2}'})
+    populate(tmp_path / "follower", {"etc/ca.crt": b"ca-old", "agents/web1.json": b'{"n":1}'})
+    g = generation_of(rig.leader_cfg)
+    head, chunks = rig.leader_records.seal_generation(rig.backend.keys.generation, g)
+    rev = rig.backend.put_value(rig.backend.keys.generation, head)
+    files = {p: Layout(rig.leader_cfg).local(p).read_bytes() for p in g.files}
+    return rig, g, head.encode(), {**chunks, **files}, rev
+
+
+def test_a_pushed_generation_is_applied_without_reading_chunks_or_fetching(
+    tmp_path: Path,
+) -> None:
+    from dispatcher.ha.sync.push import decode, encode
+
+    rig, g, head, both, rev = pushed_rig(tmp_path)
+    chunks = {k: v for k, v in both.items() if k not in g.files}
+    files = {k: v for k, v in both.items() if k in g.files}
+    read: list[str] = []
+    real = rig.backend.get_value
+    rig.backend.get_value = lambda key: read.append(key) or real(key)  # type: ignore[method-assign, func-returns-value]
+    assert rig.syncer.follower.pushed(decode(encode(head, rev, chunks, files))) == 1
+    assert not [k for k in read if "generation-chunks" in k]  # the pushed chunks served
+    f = tmp_path / "follower"
+    assert (f / "etc" / "ca.crt").read_bytes() == b"ca-new"
+    assert (f / "agents" / "web1.json").read_bytes() == b'{"n":2}'
+    assert rig.syncer.follower.in_sync() or rig.syncer.generation == 1
+    # the watch brings the same head afterwards: nothing to do
+    assert rig.syncer.follower.handle(head, rev)
+
+
+def test_a_push_is_refused_unless_it_is_the_head_the_store_holds(tmp_path: Path) -> None:
+    from dispatcher.ha.sync.push import Pushed, PushRefused
+
+    rig, g, head, both, rev = pushed_rig(tmp_path)
+    files = {k: v for k, v in both.items() if k in g.files}
+    f = tmp_path / "follower"
+    # a sealed head of a generation the store never published (a replay, or a leader
+    # whose transaction failed): refused before anything is read or written
+    other = generation_of(rig.leader_cfg, 7)
+    forged, _ = rig.leader_records.seal_generation(rig.backend.keys.generation, other)
+    with pytest.raises(PushRefused, match="not the generation head the store holds"):
+        rig.syncer.follower.pushed(Pushed(forged.encode(), rev, {}, files))
+    with pytest.raises(PushRefused, match="leads"):
+        rig.syncer.follower.pushed(Pushed(head, rev, {}, files), leading=lambda: True)
+    assert (f / "etc" / "ca.crt").read_bytes() == b"ca-old" and rig.syncer.generation == 0
+
+
+def test_a_pushed_file_that_is_not_the_manifests_is_never_written(tmp_path: Path) -> None:
+    from dispatcher.ha.sync.push import Pushed, PushRefused
+
+    rig, g, head, both, rev = pushed_rig(tmp_path)
+    files = {k: v for k, v in both.items() if k in g.files}
+    chunks = {k: v for k, v in both.items() if k not in g.files}
+    ca = next(p for p in files if p.endswith("ca.crt"))
+    files[ca] = b"forged-ca"  # not the sha256 the sealed manifest names
+    before = {p: p.read_bytes() for p in (tmp_path / "follower").rglob("*") if p.is_file()}
+    with pytest.raises(PushRefused, match="does not match the manifest"):
+        rig.syncer.follower.pushed(Pushed(head, rev, chunks, files))
+    after = {p: p.read_bytes() for p in (tmp_path / "follower").rglob("*") if p.is_file()}
+    # (a stage directory may be left: removed at the next apply, never read)
+    assert {p: v for p, v in after.items() if not {"sync", STAGE_DIR} & set(p.parts)} == {
+        p: v for p, v in before.items() if "sync" not in p.parts}  # fmt: skip
+    assert rig.syncer.generation == 0
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"head": 1, "rev": 1}', b'{"head": "!!", "rev": 1}',
+    b'{"head": "aGVhZA==", "rev": true}', b'{"head": "aGVhZA==", "rev": 1, "files": {"a": 1}}',
+])  # fmt: skip
+def test_a_malformed_push_is_refused(body: bytes) -> None:
+    from dispatcher.ha.sync.push import PushRefused, decode
+
+    with pytest.raises(PushRefused):
+        decode(body)

@@ -27,6 +27,9 @@ class Published:
     def covered(self) -> tuple[int, int]:
         return 0, self.generation
 
+    def covered_in(self, epoch: int) -> tuple[int, int] | None:
+        return self.covered()
+
 
 def members(*gens: int) -> list[MemberInfo]:
     return [MemberInfo(instance_id=f"m{i}", generation=g) for i, g in enumerate(gens)]
@@ -118,3 +121,38 @@ def test_members_are_read_often_while_an_answer_is_due_then_less(
     assert sleeps[: len(fast)] == fast  # the fast reads come first
     assert len(fast) == pytest.approx(Replication.FAST_FOR / Replication.POLL_FAST, abs=2)
     assert set(sleeps[len(fast) :]) == {Replication.POLL}
+
+
+def test_a_members_answer_to_the_push_counts_at_once() -> None:
+    """A follower that answered the leader's push of the generation has applied it (and
+    its member record says so): counted without waiting for the next read of the records;
+    an answer from an instance that is no live member counts for nothing."""
+    reads: list[int] = []
+    news = threading.Condition()
+    confirmed: dict[str, int] = {"gone": 9}
+
+    def wait(timeout: float) -> bool:
+        with news:
+            return news.wait(timeout)
+
+    def records() -> list[MemberInfo]:
+        reads.append(1)
+        return members(5, 4, 4)
+
+    rep = Replication("m0", Published(5), records, timeout=5, confirmed=lambda: dict(confirmed),
+                      wait_confirmed=wait)  # fmt: skip
+
+    def answer() -> None:
+        threading.Event().wait(0.2)
+        with news:
+            confirmed["m2"] = 5
+            news.notify_all()
+
+    t = threading.Thread(target=answer)
+    t.start()
+    assert rep.acknowledge(4) == 5
+    t.join()
+    assert reads  # the records were read, and m2 counted from its answer alone
+    with pytest.raises(NotAcknowledged, match=r"applied by 1 of 3"):
+        Replication("m0", Published(5), lambda: members(5, 4, 4), timeout=0.2,
+                    confirmed=lambda: {"gone": 9, "m1": 4}, wait_confirmed=wait).acknowledge(4)  # fmt: skip

@@ -54,7 +54,7 @@ class FakeReplication:
     def changes(self) -> int:
         return 0
 
-    def acknowledge(self, after: int) -> int:
+    def acknowledge(self, after: int, epoch: int | None = None) -> int:
         if self.fail:
             self.events.log.append(("ack-failed",))
             raise NotAcknowledged("generation not applied by a majority in time")
