@@ -290,9 +290,11 @@ def test_agent_down_during_rotate_cert_is_told_once_back(
     t0 = time.monotonic()
     wait_until(lambda: new in trusted(c)["web3"], 60, "web3 told the new serial")
     told = time.monotonic() - t0
-    # told by the leader of the moment (the rotation's restarts may have moved leadership)
-    assert any("ACTION=serial-rebroadcast" in ln
-               for i in c.insts.values() for ln in i.logtext().splitlines())  # fmt: skip
+    # told by the leader of the moment (the rotation's restarts may have moved leadership);
+    # it logs once its operation ended, a moment after the agent wrote its trust map
+    wait_until(lambda: any("ACTION=serial-rebroadcast" in ln for i in c.insts.values()
+                           for ln in i.logtext().splitlines()),
+               30, "the leader's serial-rebroadcast line")  # fmt: skip
     leader = c.one_leader()
 
     def answers() -> bool:

@@ -248,6 +248,9 @@ class Syncer:
                 if epoch is not None:
                     self.publisher.step(epoch)
                 else:
+                    if self.publisher.lead_epoch is not None:  # leadership just ended
+                        self.follower.seed(self.state.applied if self.publisher.caught_up
+                                           else None)  # fmt: skip
                     self.publisher.step_down()
                     self.follower.step()
             except BackendUnavailable as exc:
