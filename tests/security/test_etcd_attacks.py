@@ -25,6 +25,7 @@ import pytest
 
 from cluster.signing import RecordSigner
 from dispatcher.ha.manifest import Generation, manifest_hash
+from dispatcher.ha.sync.push import Pusher
 from dispatcher.pairing import queue as pq
 from dispatcher.statewrite import LocalWriter
 from ops.lab.etcd import ETCD, SKIP_REASON
@@ -410,7 +411,9 @@ def test_forged_member_record_gets_no_fetch_no_forward_no_credentials(steady: Cl
                            json={"username": "alice", "token": "s3cret-operator-token"})  # fmt: skip
             assert r.status_code == 503, r.text
             # a genuine change while the record is forged: nobody fetches from the impostor
-            (leader.ca_dir / "during-member-attack.txt").write_text("x\n")
+            # (larger than a push carries, so the follower must fetch it from "the leader")
+            big = Pusher.MAX_FILES_BYTES + 64 * 1024
+            (leader.ca_dir / "during-member-attack.txt").write_bytes(b"x" * big)
             wait_until(lambda: logged(follower, "ACTION=peer-refused", "PURPOSE=fetch"), 20,
                        "a fetch refused")  # fmt: skip
         finally:
