@@ -12,9 +12,11 @@ read it.
   them no agent call can succeed) and, in a cluster, the instance runs the cluster's
   current generation (never on a timer: a diverged instance stays out until it converges;
   ``/status`` says why under ``sync``). ``/ready?drain=404`` answers 404 instead of 503 while
-  the instance drains: with HAProxy's ``http-check disable-on-404`` the server then
-  takes no new connections while established ones finish (a 503 would mark it down and
-  ``on-marked-down shutdown-sessions`` would cut requests in flight).
+  the instance drains or is not in sync: with HAProxy's ``http-check disable-on-404`` the
+  server then takes no new connections while established ones finish (a 503 would mark it
+  down and ``on-marked-down shutdown-sessions`` would cut requests in flight: an ex-leader
+  cut off from etcd did so to its runs). A broken instance (event loop stalled, certificate
+  unreadable) still answers 503: its sessions are cut.
 * ``/leader``: 200 only while this instance holds the lease with time to spare.
 * ``/metrics``: the API's Prometheus registry (:mod:`dispatcher.api.opsmetrics`), so
   Prometheus scrapes without an operator certificate; 404 when the daemon gave none.
@@ -230,10 +232,12 @@ async def ready(request: Request, port: PortDep) -> JSONResponse:
         missing = _readable(cfg.cert, cfg.key)
         if missing is not None:
             problem = f"cannot read {missing}"
+    soft = problem == "draining"
     if problem is None and state.not_ready is not None:
         problem = state.not_ready()
+        soft = problem is not None  # not in sync: the runs it serves now are still sound
     answer = _answer(problem, "ready")
-    if problem == "draining" and request.query_params.get("drain") == "404":
+    if soft and request.query_params.get("drain") == "404":
         answer.status_code = 404  # HAProxy disable-on-404: soft stop, sessions finish
     return answer
 

@@ -185,8 +185,6 @@ class HANode:
             )  # fmt: skip
             self.writer.on_change = self._changed
             self.writer.gate = self.sync.gate_reason
-            sync = self.sync  # /ready judges an ex-leader by what it published, at once
-            self.add_listener(lambda leading: None if leading else sync.leadership_ended())
             self.session.update_member(cert_serial=self.sync.loaded_serial,
                                        generation=self.sync.generation)  # fmt: skip
             self.restarts = RestartCoordinator(

@@ -92,18 +92,6 @@ class Follower:
         # older leader, a push that failed), then again from the next push that arrives
         self._expect_push = True
 
-    def seed(self, published: Generation | None) -> None:
-        """Leadership just ended (lease lost, etcd unreachable, resigned): the generation
-        this instance published and runs is the newest head it knows until it reads the
-        store again. Without this an ex-leader cut off from etcd would answer ``/ready``
-        503 ("waiting to read", or a head older than its own) and the load balancer would
-        cut its runs in flight, though run and ping never depend on etcd."""
-        if published is None:
-            return
-        if self.head is None or published.number >= self.head.number:
-            self.head = published
-        self.read_once = True
-
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
         a failed apply is due again); apply it if it is new; then watch the key."""

@@ -240,14 +240,6 @@ class Syncer:
         if not self._thread.is_alive():
             self.fetcher.close()
 
-    def leadership_ended(self) -> None:
-        """Leadership just ended: the generation this instance published and runs is the
-        newest head its follower knows until it reads the store again (:meth:`Follower.seed`).
-        Called on the elector's thread at the demotion (this sync thread may be waiting on an
-        unreachable store) and by the sync loop (idempotent)."""
-        if self.publisher.lead_epoch is not None:
-            self.follower.seed(self.state.applied if self.publisher.caught_up else None)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -256,7 +248,6 @@ class Syncer:
                 if epoch is not None:
                     self.publisher.step(epoch)
                 else:
-                    self.leadership_ended()  # (the demotion listener may have been first)
                     self.publisher.step_down()
                     self.follower.step()
             except BackendUnavailable as exc:

@@ -414,6 +414,9 @@ def test_ready_while_draining_is_404_for_the_balancer_and_503_otherwise(tmp_path
 
     r = asyncio.run(get("/ready"))
     assert r.status_code == 503 and r.json()["reason"].startswith("initial sync")
+    # to HAProxy not in sync is a soft stop (sessions finish), as draining is
+    r = asyncio.run(get("/ready?drain=404"))
+    assert r.status_code == 404 and r.json()["reason"].startswith("initial sync")
     syncing[0] = None
     assert code("/ready") == 200 and code("/ready?drain=404") == 200
     state.draining = True
