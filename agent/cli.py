@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 
 from agent import allowlist
 from agent.common import logfmt
@@ -194,8 +195,10 @@ def cmd_request_pairing(args: argparse.Namespace) -> int:
             hints[pairing.TOKEN_FIELD] = token
             print("Presenting a pairing token: approval needs no operator if it is valid.",
                   flush=True)  # fmt: skip
-        session = pairing.Session(args.dispatcher, args.port, timeout=timeout + 60, ca_pin=pin)
-        reqid = session.submit(req, hints)
+        started = time.monotonic()
+        session, reqid = pairing.submit_retrying(args.dispatcher, args.port, req, hints,
+                                                 timeout, ca_pin=pin)  # fmt: skip
+        timeout = max(1, timeout - int(time.monotonic() - started))
         if args.background:
             print(reqid, flush=True)
             if os.fork() != 0:

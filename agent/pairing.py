@@ -27,12 +27,21 @@ pending, or approved (an approval survives the leader), so an acknowledged appro
 ends with the agent holding its certificate. After a failover a request that was still
 pending is new to the new leader and waits for the operator again. An upstream (Perl)
 agent does not reconnect: its ``request-pairing`` fails and must be run again.
+
+The first connection is retried too (:func:`submit_retrying`): when nothing answered yet
+(the TLS handshake or the request met a closed connection, a reset or a refusal to take
+requests now: a load balancer with no leader in its pool for a moment, a leader under
+load whose health check lapsed, a listener restarting), the agent asks again with a
+growing, jittered pause until the approval timeout ends, instead of failing at once. What
+is final stays final at once: a CA that does not match the pin, a refused or denied
+request, a name that does not resolve, nothing listening on a direct address.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import socket
 import ssl
@@ -297,6 +306,68 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _attempt(
+    host: str,
+    port: int,
+    pin: str | None,
+    req: PairingRequest,
+    hints: dict[str, Any],
+    deadline: float,
+) -> tuple[Session, str]:
+    """One connection carrying ``req``: the session and its reqid once the dispatcher
+    answered ``pending``. ConnectionLost when asking again may succeed (nothing answered,
+    or "try again later"); PairingError when it is final."""
+    try:
+        session = Session(host, port, timeout=max(1.0, deadline - time.monotonic()),
+                          ca_pin=pin)  # fmt: skip
+    except PairingError:
+        raise
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionLost(f"cannot connect: {exc}") from None
+    try:
+        return session, session.submit(req, hints)
+    except PairingError:
+        session.close()
+        raise
+    except (OSError, ssl.SSLError) as exc:
+        session.close()
+        raise ConnectionLost(f"pairing connection lost: {exc}") from None
+
+
+def submit_retrying(
+    host: str,
+    port: int,
+    req: PairingRequest,
+    hints: dict[str, Any],
+    timeout: float,
+    *,
+    ca_pin: str | None = None,
+    say: Callable[[str], None] = _say,
+    sleep: Callable[[float], None] = time.sleep,
+    jitter: Callable[[], float] = random.random,
+) -> tuple[Session, str]:
+    """A session on which ``req`` is pending, and its reqid: the first connection, asked
+    again while nothing answered (see the module docstring) with pauses growing from
+    ``BACKOFF_FIRST`` to ``BACKOFF_MAX`` (each 0.75-1.25 times that, so agents cut off
+    together do not come back together), until ``timeout`` s have passed. PairingError when
+    it is final or the time is up (naming what the last attempt met)."""
+    deadline = time.monotonic() + timeout
+    pause = BACKOFF_FIRST
+    tries = 0
+    while True:
+        try:
+            return _attempt(host, port, ca_pin, req, hints, deadline)
+        except ConnectionLost as exc:
+            lost = exc
+        tries += 1
+        wait = pause * (0.75 + jitter() / 2)
+        if deadline - time.monotonic() <= wait:
+            raise PairingError(f"{lost} (gave up after {tries} attempts in {timeout:.0f} s)")
+        say(f"{lost}; asking again in {wait:.1f} s (attempt {tries + 1})...")
+        sleep(wait)
+        pause = min(pause * 2, BACKOFF_MAX)
+
+
 def wait_reconnecting(
     session: Session,
     req: PairingRequest,
@@ -328,25 +399,11 @@ def wait_reconnecting(
             sleep(pause)
             pause = min(pause * 2, BACKOFF_MAX)
             try:
-                session = Session(session.host, session.port,
-                                  timeout=max(1.0, deadline - time.monotonic()),
-                                  ca_pin=session.ca_pin)  # fmt: skip
-            except (OSError, ssl.SSLError) as exc:
-                lost = ConnectionLost(f"cannot reconnect: {exc}")
-                continue
-            try:
-                reqid = session.submit(req, hints)
+                session, reqid = _attempt(session.host, session.port, session.ca_pin, req,
+                                          hints, deadline)  # fmt: skip
             except ConnectionLost as exc:
-                session.close()
                 lost = exc
                 continue
-            except (OSError, ssl.SSLError) as exc:
-                session.close()
-                lost = ConnectionLost(f"pairing connection lost: {exc}")
-                continue
-            except PairingError:
-                session.close()
-                raise
             say(f"Reconnected: request {reqid} is waiting for approval.")
             break
 

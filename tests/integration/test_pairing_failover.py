@@ -8,6 +8,11 @@ operator approves with ``ced approve`` from a follower's host, which returns onc
 approval is acknowledged (replicated, ``sync_ack``); the leader then still holds it, and is
 killed with -9. The agent's connection drops; it reconnects through HAProxy with the same
 request, and the new leader answers with the approval kept in the replicated ``ca_dir``.
+
+And a request made while HAProxy has no leader in its pairing pool (every server in
+maintenance: what a failover, or a leader whose health check lapses under load, looks
+like from the agent: the connection closes before TLS) waits for one instead of failing:
+the agent asks again until a leader is back in the pool, then its token approves it.
 """
 
 from __future__ import annotations
@@ -109,3 +114,54 @@ def test_acknowledged_approval_survives_the_leader(held: tuple[Cluster, Path],
     assert f"PROXY_PORT={new.pairing_proxy_port}" in new.logtext()
     assert "pairing-proxy-reject" not in new.logtext() + leader.logtext()
     c.ensure_all_running()
+
+
+def test_request_made_while_no_leader_is_in_the_pool_waits_for_one(
+    tmp_path: Path,
+) -> None:
+    spec = ClusterSpec(agents={}, scripts={}, ttl=TTL, haproxy=True, pairing_proxy=True)
+    with running_cluster(tmp_path / "ha", spec) as c:
+        assert c.haproxy is not None
+        leader = c.one_leader()
+        c.haproxy.wait_status(PAIRING_BACKEND, {leader.id: "UP"})
+        made = c.ced(leader, "pairing-token", "create", "--count", "1", "--expires", "10m")
+        assert made.returncode == 0, made.stdout + made.stderr
+        token = tmp_path / "token"
+        token.write_text(made.stdout.strip().splitlines()[-1] + "\n")
+        for i in c.insts.values():  # nobody in the pairing pool
+            c.haproxy.set_state(PAIRING_BACKEND, i.id, "maint")
+        c.haproxy.wait_status(PAIRING_BACKEND, {i.id: "MAINT" for i in c.insts.values()})
+        agent = PairingAgent("patient.example", "127.0.0.2", 7443, tmp_path / "agent")
+        agent.write("")
+        log = open(agent.dir / "pairing.log", "ab")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "request-pairing", "--config", str(agent.conf),
+             "--dispatcher", "127.0.0.1", "--port", str(c.haproxy.pairing_port),
+             "--timeout", "60", "--token-file", str(token)],
+            stdout=subprocess.PIPE, stderr=log, env=ENV, cwd=str(ROOT), start_new_session=True,
+        )  # fmt: skip
+        try:
+            errs = agent.dir / "pairing.log"
+            wait_until(lambda: errs.read_text().count("asking again") >= 2 or proc.poll(), 30,
+                       "the agent to ask twice")  # fmt: skip
+            # on the old code request-pairing failed here: "Pairing failed: ... EOF"
+            assert proc.poll() is None, errs.read_text()
+            assert not list((leader.state / "pairing").glob("*.json"))  # nothing arrived
+            t0 = time.monotonic()
+            for i in c.insts.values():
+                c.haproxy.set_state(PAIRING_BACKEND, i.id, "ready")
+            out, _ = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+        said = errs.read_text()
+        print(f"[pairing] no leader in the pool: the agent asked "
+              f"{said.count('asking again') + 1} times, paired {took:.2f} s after the "
+              "leader was back in the pool")  # fmt: skip
+        assert proc.returncode == 0, out.decode() + said
+        assert "Pairing complete" in out.decode() and agent.paired
+        assert "cannot connect" in said and "Pairing failed" not in said
+        assert "ACTION=pair-auto" in c.one_leader().logtext()

@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ class Scripted:
                 with self.ctx.wrap_socket(raw, server_side=True) as s:
                     head = b""
                     while b"\r\n\r\n" not in head:
-                        head += s.recv(65536)
+                        chunk = s.recv(65536)
+                        if not chunk:  # the client left before sending a request
+                            raise ValueError("closed")
+                        head += chunk
                     h, _, body = head.partition(b"\r\n\r\n")
                     length = int(h.lower().split(b"content-length:")[1].split(b"\r\n")[0])
                     while len(body) < length:
@@ -167,3 +171,119 @@ def test_a_refusal_or_a_denial_is_not_retried(
     with pytest.raises(pairing.PairingError, match="pairing refused: duplicate request"):
         pairing.wait_reconnecting(session, req, {}, 30, say=lambda m: None, sleep=lambda p: None)
     assert len(srv2.requests) == 2
+
+
+def close_before_answering(s: ssl.SSLSocket, req: dict[str, Any]) -> None:
+    """The request arrived but nothing is answered: a listener going away."""
+
+
+class Unreachable:
+    """A TCP listener that closes every connection before TLS (HAProxy with no server in
+    its pairing backend), then, from connection ``after`` on, hands over to ``then``."""
+
+    def __init__(self, after: int, then: Scripted) -> None:
+        self.then, self.after, self.seen = then, after, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.seen += 1
+            if self.seen < self.after:
+                raw.close()
+                continue
+            with socket.create_connection(("127.0.0.1", self.then.port)) as up:
+                raw.settimeout(5)
+                up.settimeout(5)
+                pipe = threading.Thread(target=_copy, args=(up, raw), daemon=True)
+                pipe.start()
+                _copy(raw, up)
+                pipe.join(5)
+            raw.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def test_the_first_connection_is_asked_again_while_nothing_answers(
+    ca: pki.CA, listener: Callable[[list[Behaviour]], Scripted]
+) -> None:
+    # three connections closed before TLS, one that takes the request but never answers,
+    # one "try again later", then the approval: one request in the end, the same each time
+    srv = listener([close_before_answering, unavailable, approving(ca)])
+    front = Unreachable(after=4, then=srv)
+    try:
+        req = pairing.prepare("agent.example", "ec-p256")
+        said: list[str] = []
+        pauses: list[float] = []
+        session, reqid = pairing.submit_retrying(
+            "127.0.0.1",
+            front.port,
+            req,
+            {"port": 7443},
+            60,
+            say=said.append,
+            sleep=pauses.append,
+            jitter=lambda: 0.5,
+        )
+        result = session.wait(req)
+        session.close()
+    finally:
+        front.close()
+    assert reqid == "r1" and result["status"] == "approved"
+    assert front.seen == 6 and len(srv.requests) == 3
+    assert {(r["csr"], r["nonce"]) for r in srv.requests} == {(req.csr, req.nonce)}
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0]  # growing, capped at BACKOFF_MAX
+    assert all("asking again" in m for m in said) and len(said) == 5
+    assert "cannot connect" in said[0] and "pairing unavailable" in said[-1]
+
+
+def test_the_first_connection_gives_up_when_the_time_is_up(
+    listener: Callable[[list[Behaviour]], Scripted],
+) -> None:
+    srv = listener([unavailable])
+    req = pairing.prepare("agent.example", "ec-p256")
+    with pytest.raises(pairing.PairingError, match=r"pairing unavailable.*gave up after \d+ "
+                                                   r"attempts in 3 s"):  # fmt: skip
+        pairing.submit_retrying("127.0.0.1", srv.port, req, {}, 3, say=lambda m: None,
+                                sleep=lambda p: time.sleep(min(p, 0.6)))  # fmt: skip
+    assert 2 <= len(srv.requests) <= 5
+
+
+def test_the_first_connection_is_not_asked_again_when_final(
+    listener: Callable[[list[Behaviour]], Scripted],
+) -> None:
+    def duplicate(s: ssl.SSLSocket, req: dict[str, Any]) -> None:
+        s.sendall(response_bytes(200, {"status": "error", "reason": "duplicate request"}))
+
+    srv = listener([duplicate])
+    req = pairing.prepare("agent.example", "ec-p256")
+    pauses: list[float] = []
+    with pytest.raises(pairing.PairingError, match="pairing refused: duplicate request"):
+        pairing.submit_retrying("127.0.0.1", srv.port, req, {}, 60, say=lambda m: None,
+                                sleep=pauses.append)  # fmt: skip
+    assert pauses == [] and len(srv.requests) == 1
+    # a pinned CA that does not match: nothing is sent, nothing asked again
+    with pytest.raises(pairing.PairingError, match="nothing was sent"):
+        pairing.submit_retrying("127.0.0.1", srv.port, req, {}, 60, ca_pin="AA" * 32,
+                                say=lambda m: None, sleep=pauses.append)  # fmt: skip
+    assert pauses == [] and len(srv.requests) == 1
