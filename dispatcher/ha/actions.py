@@ -257,14 +257,20 @@ def rotate_ca(d: Dispatcher, *, mode: str = "run") -> dict[str, Any]:
     return asyncio.run(carotation.advance(d, finish=mode == "finish"))
 
 
+REBROADCAST_TIMEOUT = 5.0  # per agent: the leader's work loop waits for the round
+
+
 def broadcast(d: Dispatcher) -> dict[str, Any]:
     """Tell the agents that have not acknowledged the current serial (after a rotation
-    some could not be reached) with the credentials they still trust."""
+    some could not be reached) with the credentials they still trust. Each agent gets
+    ``REBROADCAST_TIMEOUT`` s, not ``read_timeout``: the leader's request loop waits for
+    the round (a powered-off agent would hold approvals up for a minute every 10 s), and
+    an agent missed now is told at the next round."""
     import asyncio
 
     from dispatcher.pki import rotation
 
-    return asyncio.run(rotation.broadcast(d))
+    return asyncio.run(rotation.broadcast(d, timeout=min(REBROADCAST_TIMEOUT, d.cfg.read_timeout)))
 
 
 def maintain(d: Dispatcher) -> dict[str, Any]:

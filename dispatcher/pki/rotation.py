@@ -289,7 +289,7 @@ def _reply_error(reply: AgentReply) -> str:
 
 async def _send_serial(
     d: Dispatcher, targets: Sequence[Target], serial: str, action: str,
-    ctxs: Sequence[ssl.SSLContext],
+    ctxs: Sequence[ssl.SSLContext], timeout: float | None = None,
 ) -> dict[str, str]:  # fmt: skip
     """``/rotate-serial`` to every target in parallel; ``{name: error}`` ("" = success).
 
@@ -304,7 +304,7 @@ async def _send_serial(
         err = "no credentials"
         for ctx in ctxs:
             reply = await call(AgentRequest.to(t, "POST", "/rotate-serial", body, ctx,
-                                               d.cfg.read_timeout))  # fmt: skip
+                                               timeout or d.cfg.read_timeout))  # fmt: skip
             err = _reply_error(reply)
             if not err or reply.code != 403:
                 break
@@ -318,7 +318,7 @@ async def _send_serial(
 
 
 async def _broadcast(d: Dispatcher, state: RotationState, now: float,
-                     pause: bool = False) -> dict[str, Any]:  # fmt: skip
+                     pause: bool = False, timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
     records = d.registry.all()
     names = [
         str(r["hostname"]) for r in records
@@ -333,7 +333,7 @@ async def _broadcast(d: Dispatcher, state: RotationState, now: float,
     ctxs = [c for c in (_prev_ctx(d, state), _current_ctx(d, serial)) if c is not None]
     if not ctxs:  # no .prev kept (an old rotation's leftovers): what is installed
         ctxs = [c for c in (_ctx(d, d.cfg.cert, d.cfg.key),) if c is not None]
-    outcome = await _send_serial(d, targets, serial, "add", ctxs)
+    outcome = await _send_serial(d, targets, serial, "add", ctxs, timeout)
     if pause and any(not err for err in outcome.values()):
         pause_point("rotation-told")
     updated = [n for n, err in outcome.items() if not err]
@@ -533,7 +533,9 @@ def _prev_any_ctx(d: Dispatcher, orphan: str) -> ssl.SSLContext | None:
     return _ctx(d, cert, key)
 
 
-async def broadcast(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
+async def broadcast(
+    d: Dispatcher, now: float | None = None, timeout: float | None = None
+) -> dict[str, Any]:
     """Retry the ``add`` for agents still pending/unknown; ``{serial, updated, failed}``.
 
     Uses the kept previous credentials first (what those agents still trust), then the
@@ -553,7 +555,7 @@ async def broadcast(d: Dispatcher, now: float | None = None) -> dict[str, Any]:
         if serial is None:
             return {"serial": None, "updated": [], "failed": []}
         state = RotationState(serial, None, format_iso(now), format_iso(now), 0)
-    return await _broadcast(d, state, now)
+    return await _broadcast(d, state, now, timeout=timeout)
 
 
 async def retire(d: Dispatcher, now: float | None = None, force: bool = False) -> dict[str, Any]:

@@ -16,6 +16,7 @@ fetches it as usual).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,14 +29,20 @@ from dispatcher.api.routes import PEER_PREFIX
 router = APIRouter()
 
 
+async def _peer_sync(request: Request, state: Any, verb: str) -> tuple[Any, Response | None]:
+    """This instance's syncer and None, or None and the answer refusing the request (no
+    syncer: 404; not a peer presenting the cluster's dispatcher serial: the peer check's)."""
+    sync = state.ha.sync if state.ha is not None else None
+    if sync is None:
+        return None, error(404, "not found", f"this instance {verb} no generations")
+    return sync, await refused_peer(request, sync)
+
+
 @router.post(PEER_PREFIX, include_in_schema=False)
 async def cluster_push(request: Request, state: StateDep) -> Response:
     from dispatcher.ha.sync.push import PushRefused
 
-    sync = state.ha.sync if state.ha is not None else None
-    if sync is None:
-        return error(404, "not found", "this instance applies no generations")
-    refused = await refused_peer(request, sync)
+    sync, refused = await _peer_sync(request, state, "applies")
     if refused is not None:
         return refused
     body = await request.body()
@@ -50,10 +57,7 @@ async def cluster_push(request: Request, state: StateDep) -> Response:
 async def cluster_file(
     path: str, request: Request, state: StateDep, generation: int = -1
 ) -> Response:
-    sync = state.ha.sync if state.ha is not None else None
-    if sync is None:
-        return error(404, "not found", "this instance publishes no generations")
-    refused = await refused_peer(request, sync)
+    sync, refused = await _peer_sync(request, state, "publishes")
     if refused is not None:
         return refused
     status, data, entry = await asyncio.to_thread(sync.serve, path, generation)

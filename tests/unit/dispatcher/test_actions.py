@@ -98,3 +98,22 @@ def test_edit_and_unpair_locally(d: Dispatcher) -> None:
     with pytest.raises(actions.ActionFailed) as info:
         actions.request(d, "unpair", {"name": "web9"})
     assert isinstance(info.value.__cause__, RegistryError)
+
+
+def test_the_leaders_rebroadcast_gives_each_agent_a_short_deadline(
+    d: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's request loop waits for a rebroadcast round: an agent that does not
+    answer (powered off) must not hold it for ``read_timeout`` (60 s) every 10 s."""
+    from dispatcher.pki import rotation
+
+    seen: list[float | None] = []
+
+    async def fake(d: Dispatcher, now: float | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
+        seen.append(timeout)
+        return {"serial": None, "updated": [], "failed": []}
+
+    monkeypatch.setattr(rotation, "broadcast", fake)
+    assert actions.perform(d, "broadcast").data["updated"] == []
+    assert seen == [actions.REBROADCAST_TIMEOUT] and actions.REBROADCAST_TIMEOUT < 60

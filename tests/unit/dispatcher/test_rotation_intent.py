@@ -72,7 +72,7 @@ class FakeAgents:
         self.down: set[str] = set()
 
     async def send(self, d: Dispatcher, targets: Sequence[Target], serial: str, action: str,
-                   ctxs: Sequence[Any]) -> dict[str, str]:  # fmt: skip
+                   ctxs: Sequence[Any], timeout: float | None = None) -> dict[str, str]:  # fmt: skip
         out: dict[str, str] = {}
         for t in targets:
             if t.name in self.down:
