@@ -74,8 +74,12 @@ def test_an_altered_chunk_changes_no_file_and_is_rewritten(cluster: Cluster) -> 
         b.close()
     victim.start()
     wait_until(lambda: "fails its hash check" in victim.logtext(), 30, "the refusal")
-    code, body = get(f"{victim.health_url}/ready", 2)
-    assert code == 503 and "not in sync" in str(body.get("reason")), body
+    def out_of_sync() -> bool:  # "starting" first on a slow machine, then "not in sync"
+        code, body = get(f"{victim.health_url}/ready", 2)
+        assert code != 200, f"the victim is ready with a forged chunk: {body}"
+        return code == 503 and "not in sync" in str(body.get("reason"))
+
+    wait_until(out_of_sync, 30, "/ready to say not in sync")
     assert snapshot(victim.ca_dir, victim.registry_dir) == before  # nothing changed
     assert (victim.ca_dir / "ca.key").stat().st_mode & 0o7777 == 0o600
     assert not (victim.ca_dir / "genuine-change.txt").exists()
