@@ -74,6 +74,7 @@ def test_an_altered_chunk_changes_no_file_and_is_rewritten(cluster: Cluster) -> 
         b.close()
     victim.start()
     wait_until(lambda: "fails its hash check" in victim.logtext(), 30, "the refusal")
+
     def out_of_sync() -> bool:  # "starting" first on a slow machine, then "not in sync"
         code, body = get(f"{victim.health_url}/ready", 2)
         assert code != 200, f"the victim is ready with a forged chunk: {body}"
