@@ -8,7 +8,12 @@ a new one is applied by the :class:`~dispatcher.ha.sync.swapper.Swapper`
 backoff (0.25 s doubling up to 5 s).
 
 :attr:`Follower.head` is the head last read from the store: ``/ready`` compares it with the
-applied generation (:meth:`Follower.in_sync`).
+applied generation (:meth:`Follower.in_sync`). A follower that ran the head and reads a
+newer one is applying it, not diverged: for :attr:`Follower.LAG_GRACE` s, while nothing
+fails, it stays ready (:meth:`Follower.applying`), so an ordinary publish does not take
+every follower out of the load balancer at once for the 10-100 ms each takes to apply it.
+One that was not in sync when the head came (a restarted instance, one whose apply fails,
+an ex-leader ahead of the head it last read) gets no grace.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Follower:
     RECHECK = 5.0  # read the generation at least this often (besides the watch)
     BOOT_RETRY = 2.0  # without the cluster key: ask a peer for it at most this often
     ACKED_READ = 0.2  # read the acknowledged-generation record this often (kept on disk)
+    LAG_GRACE = 3.0  # ready while applying a head read this recently, having run the one before
     PUSH_WAIT = 0.1  # a watched head, while the leader pushes: wait this long for its push
 
     def __init__(
@@ -70,6 +76,7 @@ class Follower:
         if epochs.saved > leader_guard.newest:
             leader_guard.check(epochs.saved)
         self.head: Generation | None = None  # the head last read from the store (no files)
+        self._behind_since: float | None = None  # it read a head newer than the one it ran
         self.read_once = False  # the store has been read since start
         self.last_error = ""
         self._clock = clock
@@ -229,7 +236,7 @@ class Follower:
             self.last_error = "refused: the generation record does not verify"
             return None
         if not as_leader:
-            self.head = head
+            self._note_head(head)
         try:
             g = self.gstore.decode(raw, rev, chunks)
         except ManifestError as exc:
@@ -262,6 +269,31 @@ class Follower:
     def _retry_later(self) -> None:
         self.retry_at = self._clock() + self._backoff
         self._backoff = min(self._backoff * 2, 5.0)
+
+    def _note_head(self, head: Generation) -> None:
+        """Take ``head`` as the head last read; when it ran the one read before (a head,
+        not the first read after a start), its lag starts now. Already behind: it started
+        then (or, never in sync since the start, there is none)."""
+        before = self.head
+        if before is not None and (before.number, before.manifest_sha256) != (
+            head.number,
+            head.manifest_sha256,
+        ):
+            if self.in_sync():
+                self._behind_since = self._clock()
+        elif before is None:
+            self._behind_since = None
+        self.head = head
+
+    def applying(self) -> bool:
+        """Behind the head only because it is applying it: it ran the head before, read a
+        newer one less than :attr:`LAG_GRACE` s ago, and no apply has failed since."""
+        head, cur, since = self.head, self.state.applied, self._behind_since
+        if head is None or cur is None or since is None or self.last_error:
+            return False
+        if self.retry_at is not None or head.number <= cur.number:
+            return False
+        return self._clock() - since < self.LAG_GRACE
 
     def in_sync(self) -> bool:
         """The applied generation is the head last read (or nothing is published)."""

@@ -115,6 +115,11 @@ class Publisher:
             return "the leader is catching up with the published generation; retry shortly"
         return None
 
+    @property
+    def behind(self) -> bool:
+        """This leader lacks an acknowledged generation and waits for a member that has it."""
+        return bool(self._behind)
+
     def known_acked(self) -> int:
         """The newest generation acknowledged to an operator: the sealed etcd record or the
         mark on this disk, whichever is newer (a writer that deletes the record cannot make

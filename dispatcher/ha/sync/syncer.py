@@ -132,15 +132,22 @@ class Syncer:
     def ready_problem(self) -> str | None:
         """``/ready`` waits until this instance runs the cluster's current generation.
 
-        Leading: once caught up. Following: once the applied generation is the head last
-        read from the store (while the store is unreachable, the last one read). Never on a
+        Leading: once caught up, or while catching up if it ran the published head it
+        read as a follower (elected in sync: it serves runs as it did a moment before; one
+        that lacks an acknowledged generation does not). Following: once the applied
+        generation is the head last read from the store (while the store is unreachable,
+        the last one read), or while it applies a newer head, having run the one before
+        (:meth:`Follower.applying`: at most ``LAG_GRACE`` s, nothing failing). Never on a
         timer: a diverged instance stays out of the load balancer until it converges."""
-        if self.elector.epoch is not None:
-            return self.publisher.gate_reason()
         f = self.follower
+        if self.elector.epoch is not None:
+            reason = self.publisher.gate_reason()
+            if reason is not None and not self.publisher.behind and f.read_once and f.in_sync():
+                return None
+            return reason
         if not f.read_once:
             return "waiting to read the published generation"
-        if f.in_sync():
+        if f.in_sync() or f.applying():
             return None
         head = f.head
         have = self.state.number

@@ -249,3 +249,79 @@ def test_the_kept_epoch_belongs_to_its_store(tmp_path: Path) -> None:
     assert fresh.saved == 0
     fresh.save(3)
     assert EpochRecord(str(tmp_path), lambda: "etcd-B").saved == 3
+
+
+def test_a_follower_applying_the_next_head_stays_ready_briefly_and_only_then(
+    tmp_path: Path,
+) -> None:
+    """An ordinary publish must not take every follower out of the load balancer while it
+    applies the new head (HAProxy checks every 500 ms; both live instances caught at once
+    left a ping with no server). Only a follower that ran the head before gets the grace,
+    only for LAG_GRACE s, and never while an apply fails."""
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    s = rig.syncer
+    f = s.follower
+    publish(rig, 1, 5)
+    f.step()
+    assert s.ready_problem() is None and s.generation == 1
+    # the watch brings head 2; the apply is under way (the head is read, not yet applied)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca-2"})
+    raw = publish(rig, 2, 5)
+    head2 = f.gstore.head(raw, 0)
+    assert head2 is not None
+    f._note_head(head2)
+    assert not f.in_sync() and f.applying()
+    assert s.ready_problem() is None  # applying: still ready
+    rig.now += f.LAG_GRACE + 0.1  # too long: out until it has applied
+    assert "runs generation 1, the cluster published 2" in (s.ready_problem() or "")
+    f.step()  # applied
+    assert s.ready_problem() is None and s.generation == 2
+    # an apply that fails: no grace, at once
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca-3"})
+    rig.fail_after = rig.fetched
+    publish(rig, 3, 5)
+    f.step()
+    f.step()
+    assert f.last_error and not f.applying()
+    assert "runs generation 2, the cluster published 3" in (s.ready_problem() or "")
+    # a restarted follower whose first read is a newer head: it never ran it, no grace
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca-4"})
+    raw4 = publish(rig, 4, 5)
+    restarted = rig.make()
+    head4 = restarted.follower.gstore.head(raw4, 0)
+    assert head4 is not None
+    restarted.follower.read_once = True
+    restarted.follower._note_head(head4)
+    assert not restarted.follower.applying()
+    assert restarted.ready_problem() is not None
+
+
+def test_a_new_leader_elected_in_sync_stays_ready_while_it_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leader-only work waits while a new leader catches up; run and ping need not: elected
+    in sync, it serves as it did a moment before. One that lacks an acknowledged
+    generation, or was not in sync, stays out."""
+    from cluster.election import Elector
+
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    s = rig.syncer
+    publish(rig, 1, 5)
+    s.follower.step()
+    assert s.ready_problem() is None
+    monkeypatch.setattr(Elector, "epoch", property(lambda self: 6))  # elected, epoch 6
+    assert "catching up" in (s.publisher.gate_reason() or "")
+    assert s.ready_problem() is None  # in sync when elected: serves run and ping
+    s.publisher._behind = 9  # it lacks an acknowledged generation: out
+    assert "lacks generation 9" in (s.ready_problem() or "")
+    s.publisher._behind = 0
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca-2"})
+    rig.fail_after = rig.fetched
+    monkeypatch.setattr(Elector, "epoch", property(lambda self: None))
+    publish(rig, 2, 5)
+    s.follower.step()
+    s.follower.step()  # behind, its apply failing
+    monkeypatch.setattr(Elector, "epoch", property(lambda self: 6))
+    assert "catching up" in (s.ready_problem() or "")  # elected out of sync: out
