@@ -10,7 +10,9 @@ One thread, active only while this instance leads:
   minute;
 * after a rotation, the broadcast of the new serial again to the agents that have not
   acknowledged it (unreachable during the rotation, or the rotation was cut short): every
-  ten seconds for ten minutes after the rotation, then every minute, until retirement;
+  ten seconds for ten minutes after the rotation, then every minute, until retirement.
+  Each round runs on its own thread (one at a time, each agent given a few seconds), so
+  agents that do not answer never hold up the requests above; retirement waits for it;
 * at start-up (once caught up) and every ten seconds while one remains: an unfinished
   rotation left by a previous leader is finished or its orphan serial retired
   (:func:`dispatcher.ha.rotation_intent.recover`);
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
     from dispatcher.ha.node import HANode
 
 ev = logfmt.event
+# actions that change or tell the serials: one at a time with a rebroadcast round
+SERIAL_ACTIONS = frozenset({"rotate-cert", "rotate-ca", "broadcast", "maintain", "setup-ca",
+                            "setup-ctrl-exec"})  # fmt: skip
 REQUEST_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,127}")  # what post() makes, bounded
 T = TypeVar("T")
 
@@ -66,6 +71,8 @@ class LeaderWork:
         self._next_prune = 0.0
         self._next_recover = 0.0
         self.busy = False  # carrying out a request or a maintenance run right now
+        self._round: threading.Thread | None = None  # a rebroadcast round in progress
+        self._serials = threading.Lock()  # held by a round and by SERIAL_ACTIONS
         self.rejected = 0  # request records dropped as malformed
         self._dropped: set[str] = set()  # their keys, each logged once
         self._done: dict[str, float] = {}  # request ids carried out (replays are refused)
@@ -78,6 +85,8 @@ class LeaderWork:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10)
+        if self._round is not None:  # a round gives each agent a few seconds at most
+            self._round.join(10)
 
     def _run(self) -> None:
         while not self._stop.wait(self.PERIOD):
@@ -105,7 +114,7 @@ class LeaderWork:
                     self._retire_check(now)
                 if now >= self._next_maintain:
                     self._next_maintain = now + max(60, self.d.cfg.cert_check_interval)
-                    self._busy(lambda: actions.perform(self.d, "maintain"))
+                    self._serial_work(lambda: actions.perform(self.d, "maintain"))
                 if now >= self._next_prune:
                     self._next_prune = now + 60
                     self._prune_results(epoch)
@@ -197,6 +206,11 @@ class LeaderWork:
         finally:
             self.busy = False
 
+    def _serial_work(self, fn: Callable[[], T]) -> T:
+        """``fn`` once no rebroadcast round is in progress (it changes or tells serials)."""
+        with self._serials:
+            return self._busy(fn)
+
     def _busy(self, fn: Callable[[], T]) -> T:
         was, self.busy = self.busy, True
         try:
@@ -207,7 +221,10 @@ class LeaderWork:
     def execute(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         """Carry out one request through :func:`dispatcher.ha.actions.perform`: the
         action's document plus the generation carrying the change."""
-        res = actions.perform(self.d, kind, args)
+        if kind in SERIAL_ACTIONS:
+            res = self._serial_work(lambda: actions.perform(self.d, kind, args))
+        else:
+            res = actions.perform(self.d, kind, args)
         self._next_retire = min(self._next_retire, self._clock() + 1.0)
         return {"result": res.data, "generation": res.generation}
 
@@ -217,7 +234,7 @@ class LeaderWork:
         from dispatcher.ha import rotation_intent
 
         self._next_recover = now + rotation_intent.RECHECK
-        res = self._busy(lambda: rotation_intent.recover(self.d))
+        res = self._serial_work(lambda: rotation_intent.recover(self.d))
         if res is not None and res.get("outcome") != "retiring":
             self._next_retire = min(self._next_retire, now + 1.0)
 
@@ -254,19 +271,37 @@ class LeaderWork:
         if now >= self._next_broadcast:
             self._next_broadcast = now + (10.0 if recent else 60.0)
             self._broadcast_check(rotation, state)
-        if self.converged(state.current_serial) is not None:
+        if self.rebroadcasting() or self.converged(state.current_serial) is not None:
             return
-        res = self._busy(lambda: self._retire(rotation))
+        res = self._serial_work(lambda: self._retire(rotation))
         if res.get("retired"):
             ev("serial-retired-ha", serial=res.get("serial"), reason=res.get("reason"),
                removed=len(res.get("removed") or []), instance=self.node.instance_id)  # fmt: skip
 
+    def rebroadcasting(self) -> bool:
+        """A rebroadcast round is in progress."""
+        return self._round is not None and self._round.is_alive()
+
     def _broadcast_check(self, rotation: Any, state: Any) -> None:
         """Tell the agents still behind the current serial again (with the previous
-        credentials they trust); an agent that answers becomes reachable with the new."""
+        credentials they trust); an agent that answers becomes reachable with the new. The
+        round runs on its own thread: this one goes on serving requests meanwhile."""
+        if self.rebroadcasting():
+            return
         if state.unfinished or not rotation.unacknowledged(self.d, state):
             return
-        res = self._busy(lambda: actions.perform(self.d, "broadcast"))
+        self._round = threading.Thread(target=self._broadcast_round, name="ha-rebroadcast",
+                                       daemon=True)  # fmt: skip
+        self._round.start()
+
+    def _broadcast_round(self) -> None:
+        try:
+            with self._serials:
+                res = actions.perform(self.d, "broadcast")
+        except Exception as exc:  # fenced, not leading, etcd away: the next round retries
+            ev("serial-rebroadcast", logging.WARNING, result="failed",
+               error=f"{type(exc).__name__}: {exc}", instance=self.node.instance_id)  # fmt: skip
+            return
         data = res.data if isinstance(res.data, dict) else {}
         if data.get("updated"):
             ev("serial-rebroadcast", serial=data.get("serial"),
