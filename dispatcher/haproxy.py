@@ -6,8 +6,10 @@
   disable-on-404`` turns into a soft stop: no new connections, established ones finish
   (a rolling restart loses no request in flight);
 * the pairing port goes only to the instance whose ``/leader`` answers 200;
-* fast checks (``inter 500 fall 2 rise 1``; ``fall 1`` for the leader-only backend, so a
-  demoted leader leaves the pool within one check), ``retries`` + ``option redispatch``,
+* fast checks (``inter 500 fall 2 rise 1``, the leader-only backend too: one check slower
+  than ``timeout check`` on a busy leader, 200 agents starting at once, must not cut every
+  agent waiting for its approval; a demoted leader stops taking pairing requests by itself,
+  so the extra half second in the pool costs nothing), ``retries`` + ``option redispatch``,
   and ``on-marked-down shutdown-sessions`` so sessions on a dead server are cut at once;
 * with ``proxy_protocol`` HAProxy prefixes each connection with a PROXY v2 header sent to
   the instance's proxy port, so the instance logs and authorises the real client address;
@@ -116,7 +118,7 @@ def render(
     lines += [
         "    option httpchk GET /leader",
         "    http-check expect status 200",
-        "    default-server inter 500 fall 1 rise 1 on-marked-down shutdown-sessions",
+        "    default-server inter 500 fall 2 rise 1 on-marked-down shutdown-sessions",
     ]
     for m in members:
         proxied = proxy_protocol and m.pairing_proxy_port

@@ -21,6 +21,9 @@ def test_render_shape() -> None:
     assert "server node_two 127.0.0.2:17444 check port 17446" in text
     assert text.count("GET /leader") == 1 and text.count("GET /ready") == 1
     assert "on-marked-down shutdown-sessions" in text
+    # one slow check of a busy leader must not cut every agent waiting for its approval
+    pairing = text.split("backend be_ctrl_exec_pairing", 1)[1]
+    assert "default-server inter 500 fall 2 rise 1" in pairing
     proxied = render(MEMBERS, proxy_protocol=True)
     assert "server d1 127.0.0.1:17447 send-proxy-v2 check port 17446" in proxied
 
