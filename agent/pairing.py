@@ -22,7 +22,10 @@ Reconnection (beyond upstream): when the connection drops while the agent waits 
 decision (the dispatcher that held it died or stopped leading; behind a load balancer the
 next connection reaches the new leader), :func:`wait_reconnecting` connects again and
 sends the same request (same CSR, same nonce) up to ``RECONNECTS`` times with a growing
-pause, within the approval timeout. Our dispatcher answers it as the same request: still
+pause (capped at ``BACKOFF_MAX``), within the approval timeout: the time is the bound, so
+an outage longer than a few tries (a pairing rate limit blocking the agent's address for
+minutes after a storm of reconnections, a load balancer whose leader check flaps) is
+waited out when it ends in time. Our dispatcher answers it as the same request: still
 pending, or approved (an approval survives the leader), so an acknowledged approval
 ends with the agent holding its certificate. After a failover a request that was still
 pending is new to the new leader and waits for the operator again. An upstream (Perl)
@@ -72,7 +75,7 @@ class ConnectionLost(PairingError):
     """The pairing connection ended without a decision: asking again may succeed."""
 
 
-RECONNECTS = 8
+RECONNECTS = 128  # more than the approval timeout (600 s at most) allows at BACKOFF_MAX
 TOKEN_FIELD = "pairing_token"  # in the request body; upstream dispatchers ignore it
 TOKEN_ENV = "CTRL_EXEC_PAIRING_TOKEN"
 MAX_TOKEN = 256

@@ -287,3 +287,20 @@ def test_the_first_connection_is_not_asked_again_when_final(
         pairing.submit_retrying("127.0.0.1", srv.port, req, {}, 60, ca_pin="AA" * 32,
                                 say=lambda m: None, sleep=pauses.append)  # fmt: skip
     assert pauses == [] and len(srv.requests) == 1
+
+
+def test_reconnects_are_bounded_by_the_time_not_a_few_tries(
+    ca: pki.CA, listener: Callable[[list[Behaviour]], Scripted]
+) -> None:
+    # twelve refusals in a row (a rate limit or a flapping leader check), then the approval:
+    # within the approval timeout the agent waits it out
+    srv = listener([pending_then_hang_up] + [unavailable] * 12 + [approving(ca)])
+    req = pairing.prepare("agent.example", "ec-p256")
+    session = pairing.Session("127.0.0.1", srv.port, timeout=10)
+    session.submit(req, {})
+    pauses: list[float] = []
+    result, last = pairing.wait_reconnecting(session, req, {}, 600, say=lambda m: None,
+                                             sleep=pauses.append)  # fmt: skip
+    last.close()
+    assert result["status"] == "approved" and len(srv.requests) == 14
+    assert len(pauses) == 13 and max(pauses) == pairing.BACKOFF_MAX
