@@ -457,13 +457,21 @@ class HANode:
                                 self._signer())  # fmt: skip
         return {"leader": info.instance_id, "epoch": info.epoch, "action": "requested", "to": to}
 
-    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
-        if to:
-            gen = self.sync.generation if self.sync is not None else 0
-            problem = (f"{to} leads already" if to == self.instance_id
-                       else switchover.target_problem(self.members(fresh=True), to, gen))  # fmt: skip
-            if problem is not None:
-                raise ValueError(f"cannot switch over to {to}: {problem}")
+    def _switchover_problem(self, to: str) -> str | None:
+        """Why ``to`` cannot take over now (None: it can, or no target was named). Reads
+        the live members: BackendUnavailable when the store does not answer."""
+        if not to:
+            return None
+        gen = self.sync.generation if self.sync is not None else 0
+        problem = (f"{to} leads already" if to == self.instance_id
+                   else switchover.target_problem(self.members(fresh=True), to, gen))  # fmt: skip
+        return None if problem is None else f"cannot switch over to {to}: {problem}"
+
+    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str,
+                               checked: bool = False) -> None:  # fmt: skip
+        problem = None if checked else self._switchover_problem(to)
+        if problem is not None:
+            raise ValueError(problem)
         logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
                      reason="switchover", to=to, requested_by=requested_by)  # fmt: skip
         self.elector.resign(reason="switchover", to=to, requested_by=requested_by)
@@ -527,13 +535,17 @@ class HANode:
         epoch = self.elector.epoch
         wanted = req.get("epoch")
         if epoch is not None and wanted == epoch:
+            to = str(req.get("to") or "")
+            # checked before the request is taken: should the store not answer, the
+            # request stays for the next look instead of vanishing unanswered
+            problem = self._switchover_problem(to)
             self.data.delete_value(self.data.keys.switchover)
-            try:
-                self._resign_for_switchover(epoch, str(req.get("to") or ""),
-                                            str(req.get("requested_by") or ""))  # fmt: skip
-            except ValueError as exc:
+            if problem is not None:
                 logfmt.event("switchover-refused", logging.WARNING, instance=self.instance_id,
-                             epoch=epoch, reason=exc)  # fmt: skip
+                             epoch=epoch, reason=problem)  # fmt: skip
+                return
+            self._resign_for_switchover(epoch, to, str(req.get("requested_by") or ""),
+                                        checked=True)  # fmt: skip
         elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
             self.data.delete_value(self.data.keys.switchover)  # stale request
 

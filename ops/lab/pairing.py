@@ -45,8 +45,10 @@ def read_response(fh: IO[bytes]) -> tuple[int, bytes, bytes]:
         line = fh.readline()
         assert line, f"connection closed after {head!r}"
         head += line
-    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-    return int(head.split()[1]), head, fh.read(length)
+    m = re.search(rb"Content-Length: (\d+)", head)
+    if m is None:  # a ValueError the callers count as a failed request, with what came
+        raise ValueError(f"a response without Content-Length: {head[:300]!r}")
+    return int(head.split()[1]), head, fh.read(int(m.group(1)))
 
 
 def read_framed(fh: IO[bytes]) -> dict[str, Any]:
