@@ -320,11 +320,9 @@ def _attempt(
     """One connection carrying ``req``: the session and its reqid once the dispatcher
     answered ``pending``. ConnectionLost when asking again may succeed (nothing answered,
     or "try again later"); PairingError when it is final."""
-    try:
+    try:  # a pinned CA that does not match raises PairingError: final
         session = Session(host, port, timeout=max(1.0, deadline - time.monotonic()),
                           ca_pin=pin)  # fmt: skip
-    except PairingError:
-        raise
     except (OSError, ssl.SSLError) as exc:
         raise ConnectionLost(f"cannot connect: {exc}") from None
     try:

@@ -257,15 +257,15 @@ def rotate_ca(d: Dispatcher, *, mode: str = "run") -> dict[str, Any]:
     return asyncio.run(carotation.advance(d, finish=mode == "finish"))
 
 
-REBROADCAST_TIMEOUT = 5.0  # per agent: the leader's work loop waits for the round
+REBROADCAST_TIMEOUT = 5.0  # per agent: serial-changing actions wait for the round
 
 
 def broadcast(d: Dispatcher) -> dict[str, Any]:
     """Tell the agents that have not acknowledged the current serial (after a rotation
     some could not be reached) with the credentials they still trust. Each agent gets
-    ``REBROADCAST_TIMEOUT`` s, not ``read_timeout``: the leader's request loop waits for
-    the round (a powered-off agent would hold approvals up for a minute every 10 s), and
-    an agent missed now is told at the next round."""
+    ``REBROADCAST_TIMEOUT`` s, not ``read_timeout``: rotations and the other actions that
+    change serials wait for the round (:mod:`dispatcher.ha.leaderwork`), and an agent
+    missed now (powered off) is told at the next round."""
     import asyncio
 
     from dispatcher.pki import rotation

@@ -446,6 +446,9 @@ class HANode:
         Raises LookupError on no leader, ValueError when ``to`` cannot take over."""
         epoch = self.elector.epoch
         if epoch is not None:
+            problem = self._switchover_problem(to)
+            if problem is not None:
+                raise ValueError(problem)
             self._resign_for_switchover(epoch, to, requested_by)
             return {"leader": self.instance_id, "epoch": epoch, "action": "resigned", "to": to}
         info = self.data.leader()
@@ -467,11 +470,8 @@ class HANode:
                    else switchover.target_problem(self.members(fresh=True), to, gen))  # fmt: skip
         return None if problem is None else f"cannot switch over to {to}: {problem}"
 
-    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str,
-                               checked: bool = False) -> None:  # fmt: skip
-        problem = None if checked else self._switchover_problem(to)
-        if problem is not None:
-            raise ValueError(problem)
+    def _resign_for_switchover(self, epoch: int, to: str, requested_by: str) -> None:
+        """Resign in favour of ``to`` (checked by :meth:`_switchover_problem` first)."""
         logfmt.event("leader-resign", instance=self.instance_id, epoch=epoch,
                      reason="switchover", to=to, requested_by=requested_by)  # fmt: skip
         self.elector.resign(reason="switchover", to=to, requested_by=requested_by)
@@ -544,8 +544,7 @@ class HANode:
                 logfmt.event("switchover-refused", logging.WARNING, instance=self.instance_id,
                              epoch=epoch, reason=problem)  # fmt: skip
                 return
-            self._resign_for_switchover(epoch, to, str(req.get("requested_by") or ""),
-                                        checked=True)  # fmt: skip
+            self._resign_for_switchover(epoch, to, str(req.get("requested_by") or ""))
         elif epoch is not None and (not isinstance(wanted, int) or wanted < epoch):
             self.data.delete_value(self.data.keys.switchover)  # stale request
 

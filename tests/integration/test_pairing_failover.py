@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,24 @@ pytestmark = [
 TTL = 2
 
 
+@contextmanager
+def requesting(agent: PairingAgent, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``ctrl-exec-agent request-pairing`` through HAProxy's pairing port (stderr in the
+    agent's ``pairing.log``); killed on the way out if still running."""
+    with open(agent.dir / "pairing.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "request-pairing", "--config", str(agent.conf),
+             "--dispatcher", "127.0.0.1", "--port", str(port), *extra],
+            stdout=subprocess.PIPE, stderr=log, env=ENV, cwd=str(ROOT), start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
 @pytest.fixture
 def held(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
     hold = tmp_path / "hold-delivery"
@@ -75,13 +94,7 @@ def test_acknowledged_approval_survives_the_leader(held: tuple[Cluster, Path],
     agent = PairingAgent("survivor.example", "127.0.0.2", 7443, tmp_path / "agent")
     agent.write("")
     hold.touch()
-    log = open(agent.dir / "pairing.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "request-pairing", "--config", str(agent.conf),
-         "--dispatcher", "127.0.0.1", "--port", str(c.haproxy.pairing_port), "--timeout", "90"],
-        stdout=subprocess.PIPE, stderr=log, env=ENV, cwd=str(ROOT), start_new_session=True,
-    )  # fmt: skip
-    try:
+    with requesting(agent, c.haproxy.pairing_port, "--timeout", "90") as proc:
         queue = leader.state / "pairing"
         pending = wait_until(lambda: list(queue.glob("*.json")), 20, "the request queued")
         reqid = pending[0].stem
@@ -98,11 +111,6 @@ def test_acknowledged_approval_survives_the_leader(held: tuple[Cluster, Path],
         new, took = new_leader(c, leader, t0, 15)
         out, _ = proc.communicate(timeout=90)
         done = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
     errs = (agent.dir / "pairing.log").read_text()
     print(f"[pairing] leader killed after the acknowledged approval: new leader in {took:.2f} s, "
           f"agent holds its certificate {done:.2f} s after the kill")  # fmt: skip
@@ -133,15 +141,9 @@ def test_request_made_while_no_leader_is_in_the_pool_waits_for_one(
         c.haproxy.wait_status(PAIRING_BACKEND, {i.id: "MAINT" for i in c.insts.values()})
         agent = PairingAgent("patient.example", "127.0.0.2", 7443, tmp_path / "agent")
         agent.write("")
-        log = open(agent.dir / "pairing.log", "ab")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "request-pairing", "--config", str(agent.conf),
-             "--dispatcher", "127.0.0.1", "--port", str(c.haproxy.pairing_port),
-             "--timeout", "60", "--token-file", str(token)],
-            stdout=subprocess.PIPE, stderr=log, env=ENV, cwd=str(ROOT), start_new_session=True,
-        )  # fmt: skip
-        try:
-            errs = agent.dir / "pairing.log"
+        errs = agent.dir / "pairing.log"
+        with requesting(agent, c.haproxy.pairing_port, "--timeout", "60", "--token-file",
+                        str(token)) as proc:  # fmt: skip
             wait_until(lambda: errs.read_text().count("asking again") >= 2 or proc.poll(), 30,
                        "the agent to ask twice")  # fmt: skip
             # on the old code request-pairing failed here: "Pairing failed: ... EOF"
@@ -152,11 +154,6 @@ def test_request_made_while_no_leader_is_in_the_pool_waits_for_one(
                 c.haproxy.set_state(PAIRING_BACKEND, i.id, "ready")
             out, _ = proc.communicate(timeout=60)
             took = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            log.close()
         said = errs.read_text()
         print(f"[pairing] no leader in the pool: the agent asked "
               f"{said.count('asking again') + 1} times, paired {took:.2f} s after the "

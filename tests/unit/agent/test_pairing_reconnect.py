@@ -27,13 +27,10 @@ from dispatcher.pki import ca as pki
 Behaviour = Callable[[ssl.SSLSocket, dict[str, Any]], None]
 
 
-class Scripted:
-    """Serves connection n with ``script[n]`` (the last one again after the end)."""
+class Listener:
+    """A loopback TCP listener serving each connection with :meth:`serve` on its thread."""
 
-    def __init__(self, ctx: ssl.SSLContext, script: list[Behaviour]) -> None:
-        self.ctx = ctx
-        self.script = script
-        self.requests: list[dict[str, Any]] = []
+    def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port = int(self.sock.getsockname()[1])
@@ -47,30 +44,46 @@ class Scripted:
                 raw, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            raw.settimeout(5)
-            try:
-                with self.ctx.wrap_socket(raw, server_side=True) as s:
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        chunk = s.recv(65536)
-                        if not chunk:  # the client left before sending a request
-                            raise ValueError("closed")
-                        head += chunk
-                    h, _, body = head.partition(b"\r\n\r\n")
-                    length = int(h.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    while len(body) < length:
-                        body += s.recv(65536)
-                    req = json.loads(body)
-                    self.requests.append(req)
-                    n = min(len(self.requests), len(self.script)) - 1
-                    self.script[n](s, req)
-            except (OSError, ValueError, IndexError):
-                continue
+            self.serve(raw)
+
+    def serve(self, raw: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
         self.sock.close()
+
+
+class Scripted(Listener):
+    """Serves connection n with ``script[n]`` (the last one again after the end)."""
+
+    def __init__(self, ctx: ssl.SSLContext, script: list[Behaviour]) -> None:
+        self.ctx = ctx
+        self.script = script
+        self.requests: list[dict[str, Any]] = []
+        super().__init__()
+
+    def serve(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(65536)
+                    if not chunk:  # the client left before sending a request
+                        raise ValueError("closed")
+                    head += chunk
+                h, _, body = head.partition(b"\r\n\r\n")
+                length = int(h.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += s.recv(65536)
+                req = json.loads(body)
+                self.requests.append(req)
+                n = min(len(self.requests), len(self.script)) - 1
+                self.script[n](s, req)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def pending_then_hang_up(s: ssl.SSLSocket, req: dict[str, Any]) -> None:
@@ -177,42 +190,27 @@ def close_before_answering(s: ssl.SSLSocket, req: dict[str, Any]) -> None:
     """The request arrived but nothing is answered: a listener going away."""
 
 
-class Unreachable:
-    """A TCP listener that closes every connection before TLS (HAProxy with no server in
-    its pairing backend), then, from connection ``after`` on, hands over to ``then``."""
+class Unreachable(Listener):
+    """Closes every connection before TLS (HAProxy with no server in its pairing backend),
+    then, from connection ``after`` on, hands over to ``then``."""
 
     def __init__(self, after: int, then: Scripted) -> None:
         self.then, self.after, self.seen = then, after, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.seen += 1
-            if self.seen < self.after:
-                raw.close()
-                continue
-            with socket.create_connection(("127.0.0.1", self.then.port)) as up:
-                raw.settimeout(5)
-                up.settimeout(5)
-                pipe = threading.Thread(target=_copy, args=(up, raw), daemon=True)
-                pipe.start()
-                _copy(raw, up)
-                pipe.join(5)
+    def serve(self, raw: socket.socket) -> None:
+        self.seen += 1
+        if self.seen < self.after:
             raw.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
+            return
+        with socket.create_connection(("127.0.0.1", self.then.port)) as up:
+            raw.settimeout(5)
+            up.settimeout(5)
+            pipe = threading.Thread(target=_copy, args=(up, raw), daemon=True)
+            pipe.start()
+            _copy(raw, up)
+            pipe.join(5)
+        raw.close()
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
