@@ -622,6 +622,9 @@ class PairingServer:
                 if found is not None and found[0] == "approved" and not await self._hold(reader):
                     return
                 if found is None and not await asyncio.to_thread(qpath.exists):
+                    if await asyncio.to_thread(pq.outcome, self.pairing_dir, reqid):
+                        continue  # decided between the two looks (the decision is written
+                        # before the request is deleted): delivered on the next pass
                     # decided and delivered on another connection of the same agent:
                     # an approval is kept, so this connection gets it too
                     kept = await asyncio.to_thread(self._kept_approval, record)

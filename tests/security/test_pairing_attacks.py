@@ -299,6 +299,29 @@ def test_a_key_seen_before_is_refused_after_its_request_ended(dispatcher: Dispat
                        r"submitted before")  # fmt: skip
 
 
+def test_a_decision_made_between_the_listeners_two_looks_is_delivered(
+    dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A denial written right after the listener looked for a decision (the decision is
+    written before the request is deleted) still reaches the agent; the listener took the
+    deleted request for one delivered on another connection and hung up (a full run)."""
+    s, fh, first = open_pairing(dispatcher.port, body_for("race.example"))
+    real = pq.outcome
+    raced: list[str] = []
+
+    def racing(pairing_dir: str | Path, reqid: str) -> tuple[str, bytes] | None:
+        got = real(pairing_dir, reqid)
+        if got is None and reqid == first["reqid"] and not raced:
+            raced.append(reqid)
+            pq.deny(dispatcher.cfg, reqid)  # the operator decides right after this look
+        return got
+
+    monkeypatch.setattr(pq, "outcome", racing)
+    with s, fh:
+        assert json.loads(read_response(fh)[2])["status"] == "denied"
+    assert raced == [first["reqid"]]
+
+
 def test_a_code_equal_to_a_pending_code_is_refused(
     dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
