@@ -23,21 +23,24 @@ not cover a key raise :class:`EtcdAccessDenied`, naming the endpoint and the use
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import etcd3gw
 import requests
 from etcd3gw import exceptions as gw_exc
+from urllib3.exceptions import ReadTimeoutError
 
 from cluster import retry
 from cluster.errors import AccessDenied, BackendUnavailable
 from cluster.store import KeyValue, WatchEvent
+from cluster.watchstream import KeyStream
 
 log = logging.getLogger("ctrl-exec.cluster")
 
@@ -176,9 +179,9 @@ class EtcdClient:
         if bool(cert) != bool(key):
             raise ValueError("etcd client cert and key go together")
         self._session = _session(ca, cert, key)
-        # Watches have their own pool: a watch ends by closing its connection (the stream
-        # never ends by itself), so on the shared pool every watch would cost the next
-        # request a new TCP+TLS handshake (about 10 ms: on the path of every generation).
+        # Watches have their own pool: a watch ends only by closing its connection, so on
+        # the shared pool each would cost the next request a new TCP+TLS handshake. Each
+        # watched key keeps one long-lived watch (:class:`KeyStream`) on this pool.
         self._watch_session = _session(ca, cert, key)
         self._clients: list[etcd3gw.Etcd3Client] = []
         for url in endpoints:
@@ -198,6 +201,8 @@ class EtcdClient:
         self.endpoints = [c.base_url for c in self._clients]
         self._current = 0
         self._lock = threading.Lock()
+        self._streams: dict[str, KeyStream] = {}  # key -> its long-lived watch
+        self._streams_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -332,6 +337,10 @@ class EtcdClient:
         )
 
     def close(self) -> None:
+        with self._streams_lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
         self._session.close()
         self._watch_session.close()
 
@@ -514,84 +523,161 @@ class EtcdClient:
     def watch_once(
         self, key: str, timeout: float, start_revision: int | None = None
     ) -> WatchEvent | None:
-        """The first change of ``key`` (from ``start_revision`` on), or None after ``timeout``."""
+        """The first change of ``key`` (from ``start_revision`` on), or None after ``timeout``:
+        taken from the key's long-lived watch (:class:`~cluster.watchstream.KeyStream`), so
+        successive waits share one connection and see each change as it commits."""
         deadline = time.monotonic() + timeout
-        create: dict[str, Any] = {"key": _b64(key)}
-        if start_revision:
-            create["start_revision"] = start_revision
-        if self.user is None:
-            return self._watch_members(create, deadline)
-        return retry.reauth_call(
-            lambda: self._watch_members(create, deadline),
-            expired=lambda exc: isinstance(exc, _TokenExpired),
-            renew=self._forget_token,
-        )
+        with self._streams_lock:
+            stream = self._streams.get(key)
+            if stream is None or not stream.serves(start_revision):
+                if stream is not None:
+                    stream.close()
+                stream = KeyStream(key, start_revision, functools.partial(self._watch_events, key))
+                self._streams[key] = stream
+        return stream.next(start_revision, deadline)
 
-    def _watch_members(self, create: Mapping[str, Any], deadline: float) -> WatchEvent | None:
+    def _watch_events(
+        self,
+        key: str,
+        resume: int | None,
+        on_created: Callable[[int], None],
+        stop: threading.Event,
+        quiet: float,
+    ) -> Iterator[WatchEvent]:
+        """The events of a watch of ``key`` from ``resume`` on one member (failing over
+        once around the list, renewing a lapsed token once), until the stream is quiet for
+        ``quiet`` s or ``stop`` is set (returns: the caller opens it again from the
+        revision after the last event), or fails (raises)."""
+        create: dict[str, Any] = {"key": _b64(key)}
+        if resume:
+            create["start_revision"] = resume
+
+        def created(revision: int) -> None:  # a watch from now, opened again: from then on
+            create.setdefault("start_revision", revision + 1)
+            on_created(revision)
+
         with self._lock:
             start = self._current
         n = len(self._clients)
         last: Exception | None = None
         for i in range(n):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
             client = self._clients[(start + i) % n]
+            delivered = False
             try:
-                self._ensure_token(client)
-                return self._watch_on(client, {"create_request": create}, deadline)
-            except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError) as exc:
-                last = exc
-                log.debug("etcd watch on %s failed: %r", client.base_url, exc)
-            except (requests.RequestException, ValueError, KeyError) as exc:
-                if time.monotonic() >= deadline - 0.01:
-                    return None  # the read timeout is how a quiet watch ends
+                opened = self._watch_open(client, create, quiet)
+                for event in self._watch_stream(client, opened, created, stop):
+                    delivered = True
+                    yield event
+                return
+            except _TokenExpired:  # lapsed while the stream was open: opened again
+                self._forget_token()
+                if delivered:
+                    return
+                raise
+            except (gw_exc.ConnectionFailedError, gw_exc.ConnectionTimeoutError,
+                    requests.RequestException, ValueError, KeyError) as exc:  # fmt: skip
+                if delivered:
+                    return  # opened again from the revision after the last event delivered
                 last = exc
                 log.debug("etcd watch on %s failed: %r", client.base_url, exc)
         raise EtcdUnavailable(f"etcd watch: no member answered ({last!r})")
 
-    def _watch_on(
-        self, client: etcd3gw.Etcd3Client, request: Mapping[str, Any], deadline: float
-    ) -> WatchEvent | None:
-        left = max(deadline - time.monotonic(), 0.01)
-        resp = self._watch_session.post(
-            client.get_url("/watch"),
-            json=request,
-            headers=self._auth_headers(),
-            stream=True,
-            timeout=(min(self.timeout, left), left),
-        )
+    def _watch_open(
+        self, client: etcd3gw.Etcd3Client, create: Mapping[str, Any], quiet: float
+    ) -> tuple[requests.Response, Iterator[bytes], bytes]:
+        """The watch opened on ``client``: the response, its chunks and the first message
+        (etcd's answer to the create: created, or canceled with the reason, such as a
+        lapsed auth token, renewed once here)."""
+
+        def post() -> tuple[requests.Response, Iterator[bytes], bytes]:
+            self._ensure_token(client)
+            resp = self._watch_session.post(
+                client.get_url("/watch"),
+                json={"create_request": create},
+                headers=self._auth_headers(),
+                stream=True,
+                timeout=(self.timeout, quiet),
+            )
+            try:
+                if resp.status_code != 200:
+                    error = _etcd_error(gw_exc.Etcd3Exception(resp.text))
+                    refusal = self._refusal("watch", client, error)
+                    if refusal is not None:
+                        raise refusal
+                    raise ValueError(f"watch answered HTTP {resp.status_code}: {error}")
+                chunks = resp.iter_content(chunk_size=None)
+                buf = b""
+                while b"\n" not in buf:
+                    buf += next(chunks)  # StopIteration: closed before it answered
+                first = buf.split(b"\n", 1)[0]
+                result = json.loads(first).get("result", {})
+                if result.get("canceled"):
+                    reason = str(result.get("cancel_reason", ""))
+                    refusal = self._refusal("watch", client, reason)
+                    if refusal is not None:
+                        raise refusal
+                    raise ValueError(f"watch canceled: {reason}")
+            except BaseException:
+                resp.close()
+                raise
+            return resp, chunks, buf
+
         try:
-            if resp.status_code != 200:
-                error = _etcd_error(gw_exc.Etcd3Exception(resp.text))
-                refusal = self._refusal("watch", client, error)
-                if refusal is not None:
-                    raise refusal
-                raise ValueError(f"watch answered HTTP {resp.status_code}: {error}")
-            buf = b""
-            for chunk in resp.iter_content(chunk_size=None):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    result = json.loads(line).get("result", {})
-                    if result.get("canceled"):
-                        reason = str(result.get("cancel_reason", ""))
-                        refusal = self._refusal("watch", client, reason)
-                        if refusal is not None:
-                            raise refusal
-                        raise ValueError(f"watch canceled: {reason}")
-                    for ev in result.get("events") or []:
-                        kv = _kv(ev["kv"])
-                        return WatchEvent(
-                            kind="DELETE" if ev.get("type") == "DELETE" else "PUT",
-                            key=kv.key,
-                            value=kv.value,
-                            mod_rev=kv.mod_rev,
-                        )
-                if time.monotonic() >= deadline:
-                    return None
-            return None
+            if self.user is None:
+                return post()
+            return retry.reauth_call(
+                post, expired=lambda exc: isinstance(exc, _TokenExpired), renew=self._forget_token
+            )
+        except StopIteration:
+            raise ValueError("the watch stream closed before etcd answered") from None
+
+    def _watch_stream(
+        self,
+        client: etcd3gw.Etcd3Client,
+        opened: tuple[requests.Response, Iterator[bytes], bytes],
+        on_created: Callable[[int], None],
+        stop: threading.Event,
+    ) -> Iterator[WatchEvent]:
+        """The events of the open stream until it is quiet (its read timeout) or ``stop``
+        is set."""
+        resp, chunks, buf = opened
+        try:
+            try:
+                while True:
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if line.strip():
+                            yield from self._watch_message(client, line, on_created)
+                    if stop.is_set():
+                        return
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        raise ValueError("the watch stream ended")
+                    buf += chunk
+            except requests.ConnectionError as exc:
+                if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+                    return  # quiet: opened again (a dead socket never errs by itself)
+                raise
         finally:
             resp.close()
+
+    def _watch_message(
+        self, client: etcd3gw.Etcd3Client, line: bytes, on_created: Callable[[int], None]
+    ) -> Iterator[WatchEvent]:
+        result = json.loads(line).get("result", {})
+        if result.get("canceled"):
+            reason = str(result.get("cancel_reason", ""))
+            refusal = self._refusal("watch", client, reason)
+            if refusal is not None:
+                raise refusal
+            raise ValueError(f"watch canceled: {reason}")
+        if result.get("created"):
+            on_created(_header_rev(result))
+        for ev in result.get("events") or []:
+            kv = _kv(ev["kv"])
+            yield WatchEvent(
+                kind="DELETE" if ev.get("type") == "DELETE" else "PUT",
+                key=kv.key,
+                value=kv.value,
+                mod_rev=kv.mod_rev,
+            )

@@ -98,6 +98,9 @@ class Follower:
         # the leader pushes its generations here: until a wait for one was in vain (an
         # older leader, a push that failed), then again from the next push that arrives
         self._expect_push = True
+        # (revision, value) of the head the watch delivered last: a push of exactly it is
+        # etcd's head without reading the key again
+        self._watched: tuple[int, bytes] | None = None
 
     def step(self) -> None:
         """Read the generation when the watch saw a change (or every ``RECHECK`` s, or when
@@ -127,6 +130,8 @@ class Follower:
         event = self.backend.watch_key(self.key, wait, start)
         if event is None:
             return
+        with self._pushed:  # a push of exactly this head need not read it again
+            self._watched = (event.mod_rev, event.value) if event.kind == "PUT" else None
         if event.kind == "PUT" and event.mod_rev > self._seen_rev and self._expect_push:
             with self._pushed:  # the leader's push carries the files: no fetch then
                 self._expect_push = self._pushed.wait_for(
@@ -163,22 +168,28 @@ class Follower:
         with self._apply_lock:
             if leading():
                 raise PushRefused("this instance leads")
-            kv = self.backend.get_kv(self.key)
-            self.health.mark_ok()
-            if kv is None or kv.value != p.head:
-                raise PushRefused("not the generation head the store holds now")
-            head = self.gstore.head(kv.value, kv.mod_rev)
+            with self._pushed:
+                watched = self._watched
+            if watched != (p.rev, p.head):  # the watch has not shown it (yet): read it
+                kv = self.backend.get_kv(self.key)
+                self.health.mark_ok()
+                if kv is None or kv.value != p.head:
+                    raise PushRefused("not the generation head the store holds now")
+                watched = (kv.mod_rev, kv.value)
+            # else etcd's watch delivered this very head (value and revision) a moment ago:
+            # a newer one, should there be one, comes the same way and is applied after it
+            head = self.gstore.head(p.head, watched[0])
             if head is None:
                 raise PushRefused("the generation head does not verify")
             self.swapper.fetcher.offer(head.number, p.files)
             try:
                 # applied.json is written by the sync thread: the leader waits for this answer
-                if not self.handle(kv.value, kv.mod_rev, chunks=p.chunks, save=False):
+                if not self.handle(p.head, watched[0], chunks=p.chunks, save=False):
                     raise PushRefused(self.last_error or "generation refused")
             finally:
                 self.swapper.fetcher.offer(0, {})
             with self._pushed:
-                self._seen_rev = max(self._seen_rev, kv.mod_rev)  # the watch need not apply it
+                self._seen_rev = max(self._seen_rev, watched[0])  # the watch need not apply it
                 self._expect_push = True
                 self._pushed.notify_all()
             return self.state.number

@@ -86,6 +86,9 @@ class Publisher:
         self._behind = 0  # the published generation this leader lacks and waits for (0: none)
         self._behind_logged = -1e9
         self._published_rev = 0
+        # (epoch, head) this leader published last, while the store holds it as far as it
+        # knows (the last read found its revision): the head a publish writes over
+        self._own_head: tuple[int, Generation] | None = None
         self._dirty = False
         self._last_change = 0.0
         # Every write marks the state dirty after it is on disk and bumps _changes; a
@@ -220,6 +223,7 @@ class Publisher:
                 self.pusher.forget()
             self._catch_up_deadline = now + self.catch_up_limit
             self._published_rev = 0
+            self._own_head = None
             with self._lock:
                 self._covered = (0, 0)
                 self._covered_epoch = None
@@ -368,9 +372,22 @@ class Publisher:
         if not force and same and now < self._store_due:
             self._cover(seen, mine)  # the published generation holds exactly these files
             return None  # nothing changed; the store is checked every STORE_CHECK s
-        self._store_due = now + self.STORE_CHECK
-        kv = self.backend.get_kv(self.key)
-        ours = kv is not None and kv.mod_rev == self._published_rev
+        current: Generation | None = None
+        own = self._own_head
+        if now < self._store_due and own is not None and own[0] == epoch:
+            # the store was read less than STORE_CHECK s ago and held this leader's head:
+            # publish over it without reading it again (one etcd round trip less on the
+            # path of every acknowledged change). Only this epoch's leader can write the
+            # head (fenced); a head altered by a writer without the cluster key is read
+            # and replaced at the next check, as before.
+            ours, current = True, own[1]
+        else:
+            self._store_due = now + self.STORE_CHECK
+            kv = self.backend.get_kv(self.key)
+            ours = kv is not None and kv.mod_rev == self._published_rev
+            if kv is not None:
+                current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
+            self._own_head = (epoch, current) if ours and current is not None else None
         if not force and ours and mine is not None and mine.manifest_sha256 == mh:
             if now >= self._chunks_due:  # chunks altered or deleted in the store: rewrite
                 self._chunks_due = now + self.CHUNK_CHECK
@@ -381,9 +398,6 @@ class Publisher:
                        reason="chunks in the store did not match their names")  # fmt: skip
             self._cover(seen, mine)
             return None
-        current: Generation | None = None
-        if kv is not None:
-            current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
         store_n = current.number if current is not None else 0
         marked = self.acked_mark.generation if self.acked_mark is not None else 0
         # above every acknowledged generation too (a head deleted, then adopt-local)
@@ -393,7 +407,10 @@ class Publisher:
         detail = {"generation": number, "manifest_sha256": mh, "files": len(files)}
         self.state.pending = g  # served to followers from the moment the txn commits
         try:
+            self._own_head = None  # unknown until the transaction answers
             self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
+            written = self.gstore.last_published  # the head with its chunk names
+            self._own_head = (epoch, written) if written is not None else None
             self._push(g, mine)
             self._cover(seen, g)  # a waiter counts members now; the leader counts itself
             self.state.record(g)  # applied.json and this member's record

@@ -18,6 +18,7 @@ them the head and the chunks that changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -53,6 +54,7 @@ class GenerationStore:
         self.last_write: dict[str, int] = {}  # bytes and transactions of the last publish
         self.last_new: dict[str, bytes] = {}  # the chunks the last publish added
         self.last_head = b""  # the sealed head it wrote
+        self.last_published: Generation | None = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class GenerationStore:
         self._delete(epoch, stale[room:])
         self._older = present - set(chunks)
         self.last_head, self.last_new = head.encode(), new  # pushed to the followers
+        self.last_published = dataclasses.replace(g, chunks=tuple(chunks))  # the head written
         self.last_write = {
             "bytes": len(head) + sum(len(d) for d in new.values()),
             "chunks_written": len(new),

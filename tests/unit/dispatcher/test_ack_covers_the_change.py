@@ -36,12 +36,16 @@ class SlowStore:
         self.release = threading.Event()
         self.published: list[Generation] = []
         self.last_write: dict[str, int] = {}
+        self.last_head = b""
+        self.last_new: dict[str, bytes] = {}
+        self.last_published: Generation | None = None
 
     def publish(self, _elector: Any, _epoch: int, g: Generation, _cur: Any, _d: Any) -> int:
         if not self.published and not self.release.is_set():
             self.entered.set()
             assert self.release.wait(10), "the test never released the first publish"
         self.published.append(g)
+        self.last_published = g
         return len(self.published)
 
     def head(self, _raw: bytes, _rev: int = 0) -> None:

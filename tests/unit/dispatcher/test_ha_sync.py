@@ -503,6 +503,36 @@ def test_a_push_is_refused_unless_it_is_the_head_the_store_holds(tmp_path: Path)
     assert (f / "etc" / "ca.crt").read_bytes() == b"ca-old" and rig.syncer.generation == 0
 
 
+def test_a_push_of_the_head_the_watch_delivered_is_applied_without_reading_it_again(
+    tmp_path: Path,
+) -> None:
+    """The follower's watch delivered the head (value and revision) before the push came:
+    etcd's head is known, no read. A push of any other head is read and checked as ever."""
+    from dispatcher.ha.sync.push import Pushed, PushRefused
+
+    rig, g, head, both, rev = pushed_rig(tmp_path)
+    chunks = {k: v for k, v in both.items() if k not in g.files}
+    files = {k: v for k, v in both.items() if k in g.files}
+    follower = rig.syncer.follower
+    reads: list[str] = []
+    real = rig.backend.get_kv
+    rig.backend.get_kv = lambda key: reads.append(key) or real(key)  # type: ignore[method-assign, func-returns-value]
+    # a sealed head the store never held, pushed right after the watch delivered the real
+    # one: it is not the watched head, so it is read, and refused
+    other = generation_of(rig.leader_cfg, 7)
+    forged, _ = rig.leader_records.seal_generation(rig.backend.keys.generation, other)
+    follower._watched = (rev, head)  # what Follower.step keeps of the event it watched
+    with pytest.raises(PushRefused, match="not the generation head the store holds"):
+        follower.pushed(Pushed(forged.encode(), rev, chunks, files))
+    assert reads == [rig.backend.keys.generation] and rig.syncer.generation == 0
+    # the watched head itself: applied, nothing read
+    reads.clear()
+    follower._watched = (rev, head)
+    assert follower.pushed(Pushed(head, rev, chunks, files)) == 1
+    assert reads == [] and rig.syncer.generation == 1
+    assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca-new"
+
+
 def test_a_pushed_file_that_is_not_the_manifests_is_never_written(tmp_path: Path) -> None:
     from dispatcher.ha.sync.push import Pushed, PushRefused
 
