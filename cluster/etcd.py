@@ -140,6 +140,15 @@ def _delete_op(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": _b64(key)}}
 
 
+def _cancel_reason(result: Mapping[str, Any]) -> str:
+    """Why etcd canceled a watch (a compacted start revision comes without a reason)."""
+    reason = str(result.get("cancel_reason", ""))
+    compacted = result.get("compact_revision")
+    if not reason and compacted not in (None, "", "0", 0):
+        reason = f"the start revision is compacted (etcd keeps revisions from {compacted} on)"
+    return reason
+
+
 def _header_rev(resp: Mapping[str, Any]) -> int:
     return int(resp.get("header", {}).get("revision", 0))
 
@@ -612,7 +621,7 @@ class EtcdClient:
                 first = buf.split(b"\n", 1)[0]
                 result = json.loads(first).get("result", {})
                 if result.get("canceled"):
-                    reason = str(result.get("cancel_reason", ""))
+                    reason = _cancel_reason(result)
                     refusal = self._refusal("watch", client, reason)
                     if refusal is not None:
                         raise refusal
@@ -666,7 +675,7 @@ class EtcdClient:
     ) -> Iterator[WatchEvent]:
         result = json.loads(line).get("result", {})
         if result.get("canceled"):
-            reason = str(result.get("cancel_reason", ""))
+            reason = _cancel_reason(result)
             refusal = self._refusal("watch", client, reason)
             if refusal is not None:
                 raise refusal

@@ -94,6 +94,10 @@ class KeyStream:
         self.dead = True
         self._stop.set()
 
+    def _idle(self) -> bool:
+        """Nobody waits on the stream, and nobody did for :attr:`IDLE` seconds."""
+        return not self._taking.locked() and time.monotonic() - self._used > self.IDLE
+
     def _created(self, revision: int) -> None:
         if self._resume is None:  # from now: the changes after the creation revision
             self._resume = revision + 1
@@ -102,7 +106,7 @@ class KeyStream:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if time.monotonic() - self._used > self.IDLE:
+                if self._idle():
                     break
                 self.opened += 1
                 events = self._opener(self._resume, self._created, self._stop, self.QUIET)
@@ -113,7 +117,7 @@ class KeyStream:
                             raise StreamOverflow(f"watch of {self.key}: {self.MAX_QUEUED} "
                                                  "events queued and not taken")  # fmt: skip
                         self._events.put(event)
-                        if self._stop.is_set() or time.monotonic() - self._used > self.IDLE:
+                        if self._stop.is_set() or self._idle():
                             break
                 finally:
                     events.close()  # type: ignore[attr-defined]
