@@ -108,11 +108,12 @@ class Follower:
         now = self._clock()
         retry_due = self.retry_at is not None and now >= self.retry_at
         if self._need_read or retry_due or now >= self._next_read:
-            self._need_read = False
-            self._next_read = now + self.RECHECK
             # watch from the store's revision of this read (recent, so never compacted away)
             self._watch_rev = self.backend.revision()
             kv = self.backend.get_kv(self.key)
+            # (a read that failed is made again at the next step, not RECHECK s later)
+            self._need_read = False
+            self._next_read = now + self.RECHECK
             self.health.mark_ok()
             self.read_once = True
             if kv is None:
@@ -145,6 +146,15 @@ class Follower:
             self.handle(event.value, event.mod_rev)
         else:
             self._need_read = True
+
+    def stepped_down(self) -> None:
+        """This instance led until now: the head it knows is at best the one it published,
+        and a newer leader may have published since (a leader cut off from etcd steps
+        down without seeing it). Ready again only once it read the store."""
+        self.read_once = False
+        self.head = None
+        self._behind_since = None
+        self._need_read = True
 
     def _keep_acked(self, now: float) -> None:
         """Keep the newest acknowledged generation on disk: should the record and the head

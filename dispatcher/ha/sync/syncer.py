@@ -247,16 +247,26 @@ class Syncer:
         if not self._thread.is_alive():
             self.fetcher.close()
 
+    _led = False  # the sync thread last ran as the leader
+
+    def tick(self) -> None:
+        """One step of the sync thread: publish as the leader, follow otherwise."""
+        self.state.flush()  # applied.json, until a failed write succeeds
+        epoch = self.elector.epoch
+        if epoch is not None:
+            self._led = True
+            self.publisher.step(epoch)
+            return
+        if self._led:  # it led until now: not ready before it read the store
+            self._led = False
+            self.follower.stepped_down()
+        self.publisher.step_down()
+        self.follower.step()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.state.flush()  # applied.json, until a failed write succeeds
-                epoch = self.elector.epoch
-                if epoch is not None:
-                    self.publisher.step(epoch)
-                else:
-                    self.publisher.step_down()
-                    self.follower.step()
+                self.tick()
             except BackendUnavailable as exc:
                 self.health.mark_failed(exc)
                 self._stop.wait(0.5)

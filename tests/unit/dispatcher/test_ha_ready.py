@@ -325,3 +325,35 @@ def test_a_new_leader_elected_in_sync_stays_ready_while_it_catches_up(
     s.follower.step()  # behind, its apply failing
     monkeypatch.setattr(Elector, "epoch", property(lambda self: 6))
     assert "catching up" in (s.ready_problem() or "")  # elected out of sync: out
+
+
+def test_an_ex_leader_is_not_ready_before_it_read_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader cut off from etcd steps down without seeing what a newer leader
+    published: it cannot know the head, so ``/ready`` is 503 until it reads the store
+    (runbook leader-partition), even if it never read a head as a follower."""
+    from cluster.election import Elector
+    from cluster.errors import BackendUnavailable
+
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    s = rig.syncer
+    publish(rig, 1, 5)
+    s.follower.step()
+    assert s.ready_problem() is None
+    s._led = True  # it led (the sync thread ran as the leader) ...
+    monkeypatch.setattr(Elector, "epoch", property(lambda self: None))  # ... and lost it
+
+    def unreachable(*_a: object) -> int:
+        raise BackendUnavailable("etcd: no member answered")
+
+    monkeypatch.setattr(rig.backend, "revision", unreachable)
+    with pytest.raises(BackendUnavailable):
+        s.tick()
+    assert s.ready_problem() == "waiting to read the published generation"
+    assert s.sync_view()["state"] == "unknown"
+    monkeypatch.undo()
+    monkeypatch.setattr(Elector, "epoch", property(lambda self: None))
+    s.tick()  # the store answers again: read, in sync
+    assert s.ready_problem() is None and s.sync_view()["state"] == "in-sync"
