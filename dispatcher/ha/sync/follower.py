@@ -144,6 +144,10 @@ class Follower:
             self._watch_rev = self._seen_rev = event.mod_rev
             self.retry_at = None
             self.handle(event.value, event.mod_rev)
+        elif event.kind == "PUT":
+            # a push applied this head (or a newer one) already: watch on from it (the
+            # key's watch stays open: nothing is read again, no change is missed)
+            self._watch_rev = max(self._watch_rev, event.mod_rev)
         else:
             self._need_read = True
 

@@ -261,7 +261,7 @@ def test_a_lane_that_fails_stops_the_apply_and_members_are_read_again_once(
         return fetch(src, conns, e, number)
 
     rig.syncer.fetcher.sources = counted  # type: ignore[method-assign]
-    rig.syncer.fetcher.fetch = failing  # type: ignore[method-assign]
+    rig.syncer.fetcher.fetch = failing  # type: ignore[method-assign, assignment]
     assert not rig.syncer.follower.handle(rig.sealed(generation_of(rig.leader_cfg)))
     f = tmp_path / "follower" / "etc"
     assert [(f / f"f{i}").read_bytes() for i in range(6)] == [f"old-{i}".encode()
@@ -531,6 +531,35 @@ def test_a_push_of_the_head_the_watch_delivered_is_applied_without_reading_it_ag
     assert follower.pushed(Pushed(head, rev, chunks, files)) == 1
     assert reads == [] and rig.syncer.generation == 1
     assert (tmp_path / "follower" / "etc" / "ca.crt").read_bytes() == b"ca-new"
+
+
+def test_the_watched_event_of_a_pushed_head_is_not_read_again(tmp_path: Path) -> None:
+    """The push applied the head; its watch event then comes: the follower watches on
+    after it (the key's watch is one long-lived stream), reading nothing."""
+    from cluster.store import WatchEvent
+    from dispatcher.ha.sync.push import Pushed
+
+    rig, g, head, both, rev = pushed_rig(tmp_path)
+    chunks = {k: v for k, v in both.items() if k not in g.files}
+    files = {k: v for k, v in both.items() if k in g.files}
+    follower = rig.syncer.follower
+    follower._watched = (rev, head)
+    assert follower.pushed(Pushed(head, rev, chunks, files)) == 1
+    follower._need_read, follower._next_read = False, rig.now + 3600  # read at start
+    reads: list[str] = []
+    rig.backend.revision = lambda: reads.append("revision") or 0  # type: ignore[method-assign, func-returns-value]
+    rig.backend.get_kv = lambda key: reads.append(key)  # type: ignore[method-assign]
+    starts: list[int | None] = []
+    events = [WatchEvent("PUT", rig.backend.keys.generation, head, rev)]
+
+    def watch(key: str, timeout: float, start_revision: int | None = None) -> WatchEvent | None:
+        starts.append(start_revision)
+        return events.pop(0) if events else None
+
+    rig.backend.watch_key = watch  # type: ignore[method-assign]
+    follower.step()  # the event of the head the push applied
+    follower.step()  # the next wait starts after it
+    assert reads == [] and starts[1] == rev + 1 and rig.syncer.generation == 1
 
 
 def test_a_pushed_file_that_is_not_the_manifests_is_never_written(tmp_path: Path) -> None:
