@@ -618,14 +618,7 @@ class EtcdClient:
                 buf = b""
                 while b"\n" not in buf:
                     buf += next(chunks)  # StopIteration: closed before it answered
-                first = buf.split(b"\n", 1)[0]
-                result = json.loads(first).get("result", {})
-                if result.get("canceled"):
-                    reason = _cancel_reason(result)
-                    refusal = self._refusal("watch", client, reason)
-                    if refusal is not None:
-                        raise refusal
-                    raise ValueError(f"watch canceled: {reason}")
+                self._watch_result(client, buf.split(b"\n", 1)[0])  # raises if canceled
             except BaseException:
                 resp.close()
                 raise
@@ -670,9 +663,9 @@ class EtcdClient:
         finally:
             resp.close()
 
-    def _watch_message(
-        self, client: etcd3gw.Etcd3Client, line: bytes, on_created: Callable[[int], None]
-    ) -> Iterator[WatchEvent]:
+    def _watch_result(self, client: etcd3gw.Etcd3Client, line: bytes) -> dict[str, Any]:
+        """The ``result`` of one message of a watch stream; raises when etcd canceled the
+        watch (an auth refusal as :meth:`_refusal` names it, else ValueError)."""
         result = json.loads(line).get("result", {})
         if result.get("canceled"):
             reason = _cancel_reason(result)
@@ -680,6 +673,12 @@ class EtcdClient:
             if refusal is not None:
                 raise refusal
             raise ValueError(f"watch canceled: {reason}")
+        return dict(result)
+
+    def _watch_message(
+        self, client: etcd3gw.Etcd3Client, line: bytes, on_created: Callable[[int], None]
+    ) -> Iterator[WatchEvent]:
+        result = self._watch_result(client, line)
         if result.get("created"):
             on_created(_header_rev(result))
         for ev in result.get("events") or []:

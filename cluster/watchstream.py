@@ -23,6 +23,7 @@ unchanged: every change from its start revision on, in order, or an error.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,9 @@ from cluster.store import WatchEvent
 # from now; ``on_created`` gets the store revision the watch was created at), until the
 # stream is quiet for ``quiet`` seconds (it returns) or fails (it raises)
 Opener = Callable[[int | None, Callable[[int], None], threading.Event, float], Iterator[WatchEvent]]
+
+
+NOT_CREATED = sys.maxsize  # the floor of a watch from now before etcd created it
 
 
 class StreamOverflow(RuntimeError):
@@ -47,8 +51,9 @@ class KeyStream:
     def __init__(self, key: str, start: int | None, opener: Opener) -> None:
         self.key = key
         # every change from this revision on is still to come (earlier ones were taken,
-        # skipped, or are before the start): a wait from an older revision needs a new stream
-        self.floor = start or 0
+        # skipped, or are before the start): a wait from an older revision needs a new
+        # stream. A watch from now covers nothing known until etcd says when it began.
+        self.floor = start if start is not None else NOT_CREATED
         self._resume = start  # where a reopened watch starts: after the last queued event
         self._opener = opener
         self._events: queue.Queue[WatchEvent | BaseException] = queue.Queue()
@@ -80,8 +85,8 @@ class KeyStream:
                 except queue.Empty:
                     return None
                 if isinstance(item, BaseException):
-                    self.dead = True
-                    raise item
+                    self.dead = True  # now, not when the reader's thread ends: the
+                    raise item  # caller's next wait must get a new stream
                 self.floor = max(self.floor, item.mod_rev + 1)
                 if start is not None and item.mod_rev < start:
                     continue  # older than the wait asks for
@@ -100,8 +105,7 @@ class KeyStream:
 
     def _created(self, revision: int) -> None:
         if self._resume is None:  # from now: the changes after the creation revision
-            self._resume = revision + 1
-            self.floor = max(self.floor, revision + 1)
+            self._resume = self.floor = revision + 1
 
     def _run(self) -> None:
         try:

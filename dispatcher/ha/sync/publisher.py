@@ -86,9 +86,9 @@ class Publisher:
         self._behind = 0  # the published generation this leader lacks and waits for (0: none)
         self._behind_logged = -1e9
         self._published_rev = 0
-        # (epoch, head) this leader published last, while the store holds it as far as it
-        # knows (the last read found its revision): the head a publish writes over
-        self._own_head: tuple[int, Generation] | None = None
+        # the head this leader published last (with its chunk names), while the store holds
+        # it as far as it knows (the last read found its revision): what a publish writes over
+        self._own_head: Generation | None = None
         self._dirty = False
         self._last_change = 0.0
         # Every write marks the state dirty after it is on disk and bumps _changes; a
@@ -374,20 +374,20 @@ class Publisher:
             return None  # nothing changed; the store is checked every STORE_CHECK s
         current: Generation | None = None
         own = self._own_head
-        if now < self._store_due and own is not None and own[0] == epoch:
+        if now < self._store_due and own is not None and own.epoch == epoch:
             # the store was read less than STORE_CHECK s ago and held this leader's head:
             # publish over it without reading it again (one etcd round trip less on the
             # path of every acknowledged change). Only this epoch's leader can write the
             # head (fenced); a head altered by a writer without the cluster key is read
             # and replaced at the next check, as before.
-            ours, current = True, own[1]
+            ours, current = True, own
         else:
             self._store_due = now + self.STORE_CHECK
             kv = self.backend.get_kv(self.key)
             ours = kv is not None and kv.mod_rev == self._published_rev
             if kv is not None:
                 current = self.gstore.head(kv.value, kv.mod_rev)  # number and chunk names
-            self._own_head = (epoch, current) if ours and current is not None else None
+            self._own_head = current if ours else None
         if not force and ours and mine is not None and mine.manifest_sha256 == mh:
             if now >= self._chunks_due:  # chunks altered or deleted in the store: rewrite
                 self._chunks_due = now + self.CHUNK_CHECK
@@ -409,8 +409,7 @@ class Publisher:
         try:
             self._own_head = None  # unknown until the transaction answers
             self._published_rev = self.gstore.publish(self.elector, epoch, g, current, detail)
-            written = self.gstore.last_published  # the head with its chunk names
-            self._own_head = (epoch, written) if written is not None else None
+            self._own_head = self.gstore.last_published  # the head with its chunk names
             self._push(g, mine)
             self._cover(seen, g)  # a waiter counts members now; the leader counts itself
             self.state.record(g)  # applied.json and this member's record

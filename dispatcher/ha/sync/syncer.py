@@ -247,19 +247,15 @@ class Syncer:
         if not self._thread.is_alive():
             self.fetcher.close()
 
-    _led = False  # the sync thread last ran as the leader
-
     def tick(self) -> None:
         """One step of the sync thread: publish as the leader, follow otherwise."""
         self.state.flush()  # applied.json, until a failed write succeeds
         epoch = self.elector.epoch
         if epoch is not None:
-            self._led = True
             self.publisher.step(epoch)
             return
-        if self._led:  # it led until now: not ready before it read the store
-            self._led = False
-            self.follower.stepped_down()
+        if self.publisher.lead_epoch is not None:  # it led until now: not ready before
+            self.follower.stepped_down()  # it read the store (step_down forgets the epoch)
         self.publisher.step_down()
         self.follower.step()
 

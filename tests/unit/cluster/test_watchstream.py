@@ -109,6 +109,13 @@ def streams() -> Iterator[list[KeyStream]]:
         assert not s._thread.is_alive()
 
 
+@pytest.fixture
+def short_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream closes after 0.3 s unused, and reopens a watch quiet for 0.05 s."""
+    monkeypatch.setattr(KeyStream, "IDLE", 0.3)
+    monkeypatch.setattr(KeyStream, "QUIET", 0.05)
+
+
 def stream(streams: list[KeyStream], start: int | None, opener: FakeOpener) -> KeyStream:
     s = KeyStream(KEY, start, opener)
     streams.append(s)
@@ -187,7 +194,9 @@ def test_from_now_reopens_after_the_creation_revision(streams: list[KeyStream]) 
     opener = FakeOpener()
     s = stream(streams, None, opener)
     assert opener.next_call() is None  # from now
-    assert s.floor == 0 and not s.serves(None)
+    # before etcd created it, it covers no revision: a wait from revision 5 may ask for
+    # changes before the watch began, so it gets a stream of its own
+    assert not s.serves(None) and not s.serves(5) and not s.serves(10**6)
     opener.feed.put(Created(20))
     opener.feed.put(QUIET)
     assert opener.next_call() == 21  # from the change after the one it was created at
@@ -249,11 +258,7 @@ def test_an_overflowing_queue_fails_the_waiter(
     assert not s.serves(4)
 
 
-def test_an_unused_stream_closes_itself(
-    streams: list[KeyStream], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(KeyStream, "IDLE", 0.3)
-    monkeypatch.setattr(KeyStream, "QUIET", 0.05)
+def test_an_unused_stream_closes_itself(streams: list[KeyStream], short_idle: None) -> None:
     opener = FakeOpener()
     s = stream(streams, 1, opener)
     s._thread.join(timeout=WAIT)
@@ -262,11 +267,7 @@ def test_an_unused_stream_closes_itself(
     assert s.opened >= 2  # it was quiet (reopened) before it was idle
 
 
-def test_a_stream_in_use_stays_open(
-    streams: list[KeyStream], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(KeyStream, "IDLE", 0.3)
-    monkeypatch.setattr(KeyStream, "QUIET", 0.05)
+def test_a_stream_in_use_stays_open(streams: list[KeyStream], short_idle: None) -> None:
     opener = FakeOpener()
     s = stream(streams, 1, opener)
     until = time.monotonic() + 0.9  # three IDLEs, each bridged by short waits
@@ -278,12 +279,10 @@ def test_a_stream_in_use_stays_open(
 
 
 def test_a_wait_longer_than_idle_keeps_its_stream(
-    streams: list[KeyStream], monkeypatch: pytest.MonkeyPatch
+    streams: list[KeyStream], short_idle: None
 ) -> None:
     """One wait that lasts longer than IDLE: the stream is in use all along, so a change
     that comes late in the wait is delivered to it."""
-    monkeypatch.setattr(KeyStream, "IDLE", 0.3)
-    monkeypatch.setattr(KeyStream, "QUIET", 0.05)
     opener = FakeOpener()
     s = stream(streams, 1, opener)
     timer = threading.Timer(0.8, lambda: opener.feed.put(ev(5)))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,6 +54,44 @@ class SlowStore:
         return None
 
 
+@dataclass
+class LeaderRig:
+    """A leader's real :class:`Publisher` over a registry holding web1; etcd faked."""
+
+    pub: Publisher
+    state: AppliedState
+    layout: Layout
+    reg: Path
+    elector: SimpleNamespace
+
+
+def leader_rig(
+    tmp_path: Path,
+    store: Any,
+    *,
+    get_kv: Callable[[str], Any] = lambda _k: None,
+    clock: Callable[[], float] = time.monotonic,
+    stop: threading.Event | None = None,
+) -> LeaderRig:
+    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
+                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state"),
+                           registry_dir=str(tmp_path / "agents"), instance_id="m0",
+                           sync_mode="push").finish()  # fmt: skip
+    reg = Path(cfg.registry_dir)
+    reg.mkdir(parents=True)
+    (reg / "web1.json").write_text('{"hostname": "web1"}\n')
+    layout = Layout(cfg)
+    state = AppliedState(cfg.state_dir, "m0", on_record=lambda: None)
+    backend = SimpleNamespace(keys=SimpleNamespace(generation="/c/generation"), get_kv=get_kv)
+    elector = SimpleNamespace(instance_id="m0", epoch=EPOCH)
+    pub = Publisher(
+        backend, elector, state, Scanner(layout), SimpleNamespace(mark_ok=lambda: None),  # type: ignore[arg-type]
+        lambda *_a, **_k: True, None, store, mode="push", catch_up_limit=1.0,  # type: ignore[arg-type]
+        active_operations=lambda: 0, clock=clock, stop=stop or threading.Event(),
+    )  # fmt: skip
+    return LeaderRig(pub, state, layout, reg, elector)
+
+
 class Adapter:
     """What :class:`Replication` sees of the syncer (as :class:`Syncer` forwards it)."""
 
@@ -78,25 +118,10 @@ class Adapter:
 def test_an_action_racing_an_inflight_publish_is_acknowledged_with_a_generation_carrying_it(
     tmp_path: Path,
 ) -> None:
-    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
-                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state"),
-                           registry_dir=str(tmp_path / "agents"), instance_id="m0",
-                           sync_mode="push").finish()  # fmt: skip
-    reg = Path(cfg.registry_dir)
-    reg.mkdir(parents=True)
-    (reg / "web1.json").write_text('{"hostname": "web1"}\n')
-    layout = Layout(cfg)
-    state = AppliedState(cfg.state_dir, "m0", on_record=lambda: None)
     store = SlowStore()
     stop = threading.Event()
-    backend = SimpleNamespace(keys=SimpleNamespace(generation="/c/generation"),
-                              get_kv=lambda _k: None)  # fmt: skip
-    elector = SimpleNamespace(instance_id="m0", epoch=EPOCH)
-    pub = Publisher(
-        backend, elector, state, Scanner(layout), SimpleNamespace(mark_ok=lambda: None),  # type: ignore[arg-type]
-        lambda *_a, **_k: True, None, store, mode="push", catch_up_limit=1.0,  # type: ignore[arg-type]
-        active_operations=lambda: 0, clock=time.monotonic, stop=stop,
-    )  # fmt: skip
+    rig = leader_rig(tmp_path, store, stop=stop)
+    pub, state, layout, reg = rig.pub, rig.state, rig.layout, rig.reg
     pub.lead_epoch, pub.caught_up = EPOCH, True  # a leader that has caught up
     rep = Replication("m0", Adapter(pub, state), lambda: [], mode="none", timeout=5.0,
                       covers=layout.covers)  # fmt: skip
@@ -151,25 +176,10 @@ def test_a_change_whose_epoch_ended_before_it_was_published_is_never_acknowledge
 
     from dispatcher.ha.replication import NotAcknowledged
 
-    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
-                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state"),
-                           registry_dir=str(tmp_path / "agents"), instance_id="m0",
-                           sync_mode="push").finish()  # fmt: skip
-    reg = Path(cfg.registry_dir)
-    reg.mkdir(parents=True)
-    (reg / "web1.json").write_text('{"hostname": "web1"}\n')
-    layout = Layout(cfg)
-    state = AppliedState(cfg.state_dir, "m0", on_record=lambda: None)
     store = SlowStore()
     store.release.set()
-    elector = SimpleNamespace(instance_id="m0", epoch=EPOCH)
-    backend = SimpleNamespace(keys=SimpleNamespace(generation="/c/generation"),
-                              get_kv=lambda _k: None)  # fmt: skip
-    pub = Publisher(
-        backend, elector, state, Scanner(layout), SimpleNamespace(mark_ok=lambda: None),  # type: ignore[arg-type]
-        lambda *_a, **_k: True, None, store, mode="push", catch_up_limit=1.0,  # type: ignore[arg-type]
-        active_operations=lambda: 0, clock=time.monotonic, stop=threading.Event(),
-    )  # fmt: skip
+    rig = leader_rig(tmp_path, store)
+    pub, state, layout, reg, elector = rig.pub, rig.state, rig.layout, rig.reg, rig.elector
     pub.lead_epoch, pub.caught_up = EPOCH, True
     pub.publish(EPOCH, force=True)  # generation 1 under epoch 7
     rep = Replication("m0", Adapter(pub, state), lambda: [], mode="none", timeout=2.0,

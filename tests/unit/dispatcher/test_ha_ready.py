@@ -31,6 +31,16 @@ def publish(rig: Rig, number: int, epoch: int) -> bytes:
     return head
 
 
+def in_sync_follower(tmp_path: Path) -> Rig:
+    """A follower that read generation 1 (epoch 5) and runs it: ready."""
+    rig = Rig(tmp_path)
+    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    publish(rig, 1, 5)
+    rig.syncer.follower.step()
+    assert rig.syncer.ready_problem() is None
+    return rig
+
+
 def test_ready_waits_for_the_published_generation_and_never_on_a_timer(tmp_path: Path) -> None:
     rig = Rig(tmp_path, fail_after=0)  # every fetch fails: the leader is unreachable
     populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
@@ -305,12 +315,8 @@ def test_a_new_leader_elected_in_sync_stays_ready_while_it_catches_up(
     generation, or was not in sync, stays out."""
     from cluster.election import Elector
 
-    rig = Rig(tmp_path)
-    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    rig = in_sync_follower(tmp_path)
     s = rig.syncer
-    publish(rig, 1, 5)
-    s.follower.step()
-    assert s.ready_problem() is None
     monkeypatch.setattr(Elector, "epoch", property(lambda self: 6))  # elected, epoch 6
     assert "catching up" in (s.publisher.gate_reason() or "")
     assert s.ready_problem() is None  # in sync when elected: serves run and ping
@@ -336,13 +342,9 @@ def test_an_ex_leader_is_not_ready_before_it_read_the_store(
     from cluster.election import Elector
     from cluster.errors import BackendUnavailable
 
-    rig = Rig(tmp_path)
-    populate(tmp_path / "leader", {"etc/ca.crt": b"ca", "agents/web1.json": b"{}"})
+    rig = in_sync_follower(tmp_path)
     s = rig.syncer
-    publish(rig, 1, 5)
-    s.follower.step()
-    assert s.ready_problem() is None
-    s._led = True  # it led (the sync thread ran as the leader) ...
+    s.publisher.lead_epoch = 5  # it led (the sync thread ran as the leader) ...
     monkeypatch.setattr(Elector, "epoch", property(lambda self: None))  # ... and lost it
 
     def unreachable(*_a: object) -> int:

@@ -12,22 +12,18 @@ the generation store are faked.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cluster.errors import Fenced
 from cluster.store import KeyValue
-from dispatcher.config import DispatcherConfig
-from dispatcher.ha.manifest import Generation, Layout, Scanner
+from dispatcher.ha.manifest import Generation
 from dispatcher.ha.sync.publisher import Publisher
-from dispatcher.ha.sync.state import AppliedState
+from tests.unit.dispatcher.test_ack_covers_the_change import EPOCH, leader_rig
 
-EPOCH = 7
-KEY = "/c/generation"
+KEY = "/c/generation"  # as leader_rig names it
 
 
 class Store:
@@ -69,24 +65,10 @@ class Store:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> tuple[Publisher, Store, list[float], Path]:
-    cfg = DispatcherConfig(path=str(tmp_path / "etc" / "ctrl-exec.conf"),
-                           ca_dir=str(tmp_path / "etc"), state_dir=str(tmp_path / "state"),
-                           registry_dir=str(tmp_path / "agents"), instance_id="m0",
-                           sync_mode="push").finish()  # fmt: skip
-    reg = Path(cfg.registry_dir)
-    reg.mkdir(parents=True)
-    (reg / "web1.json").write_text('{"hostname": "web1"}\n')
     store = Store()
     now = [1000.0]
-    pub = Publisher(
-        SimpleNamespace(keys=SimpleNamespace(generation=KEY), get_kv=store.get_kv),  # type: ignore[arg-type]
-        SimpleNamespace(instance_id="m0", epoch=EPOCH),  # type: ignore[arg-type]
-        AppliedState(cfg.state_dir, "m0", on_record=lambda: None),
-        Scanner(Layout(cfg)), SimpleNamespace(mark_ok=lambda: None),  # type: ignore[arg-type]
-        lambda *_a, **_k: True, None, store, mode="push", catch_up_limit=1.0,  # type: ignore[arg-type]
-        active_operations=lambda: 0, clock=lambda: now[0], stop=threading.Event(),
-    )  # fmt: skip
-    return pub, store, now, reg
+    leader = leader_rig(tmp_path, store, get_kv=store.get_kv, clock=lambda: now[0])
+    return leader.pub, store, now, leader.reg
 
 
 def _edit(reg: Path, n: int) -> None:
