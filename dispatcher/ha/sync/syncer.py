@@ -145,6 +145,8 @@ class Syncer:
             if reason is not None and not self.publisher.behind and f.read_once and f.in_sync():
                 return None
             return reason
+        if self.publisher.lead_epoch is not None:  # the sync thread has yet to step down
+            return "no longer the leader: waiting to read the published generation"
         if not f.read_once:
             return "waiting to read the published generation"
         if f.in_sync() or f.applying():

@@ -346,6 +346,9 @@ def test_an_ex_leader_is_not_ready_before_it_read_the_store(
     s = rig.syncer
     s.publisher.lead_epoch = 5  # it led (the sync thread ran as the leader) ...
     monkeypatch.setattr(Elector, "epoch", property(lambda self: None))  # ... and lost it
+    # not ready from that moment, before the sync thread (busy, say, with a call to the
+    # etcd it cannot reach) steps down
+    assert "no longer the leader" in (s.ready_problem() or "")
 
     def unreachable(*_a: object) -> int:
         raise BackendUnavailable("etcd: no member answered")
