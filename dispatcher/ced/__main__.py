@@ -2,6 +2,6 @@
 
 import sys
 
-from dispatcher.ced.main import main
+from dispatcher.ced.entry import main
 
 sys.exit(main())

@@ -9,6 +9,7 @@ or the etcd client, which no verb loads).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from collections.abc import Callable
@@ -194,6 +195,7 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, width=100)
 
 
+@functools.cache  # built once (in the command server: once for every command)
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ced", add_help=False, allow_abbrev=False, formatter_class=_Formatter)
     p.add_argument("words", nargs="*")
