@@ -44,13 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from dispatcher.registry import Registry  # noqa: E402
 from ops.lab.agentproc import make_agent  # noqa: E402
+from ops.lab.cedserver import Served, ced_cmd  # noqa: E402
 from ops.lab.net import wait_listening  # noqa: E402
 from ops.lab.pki import TestCA  # noqa: E402
-
-
-def ced_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "ced"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dispatcher.ced"]
 
 
 def timeit(cmd: list[str], env: dict[str, str], n: int) -> tuple[list[float], list[float]]:
@@ -72,40 +68,6 @@ def timeit(cmd: list[str], env: dict[str, str], n: int) -> tuple[list[float], li
 
 
 TARGET_MS = 40.0
-
-
-def _server_socket(env: dict[str, str]) -> str | None:
-    """The command server socket ``ced`` uses with ``env`` (asked of a child with it)."""
-    code = "from dispatcher.ced.entry import socket_path; print(socket_path(make=True) or '')"
-    exe = ced_cmd()[0]
-    python = Path(exe).read_text().splitlines()[0][2:] if exe.endswith("ced") else exe
-    p = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True)
-    return p.stdout.strip() or None
-
-
-def wait_server(cmd: list[str], env: dict[str, str], timeout: float = 15.0) -> bool:
-    """Start the command server (one ``ced --version``) and wait until it answers."""
-    from dispatcher.ced.cmdserver import running_pid
-
-    path = _server_socket(env)
-    if path is None:
-        return False
-    subprocess.run([*cmd, "--version"], env=env, capture_output=True)  # starts it
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if running_pid(path) is not None and os.path.exists(path):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_server(env: dict[str, str]) -> None:
-    """Stop the bench's command server."""
-    from dispatcher.ced.cmdserver import stop
-
-    path = _server_socket(env)
-    if path is not None:
-        stop(path)
 
 
 def summary(label: str, result: tuple[list[float], list[float]], target: bool = False) -> str:
@@ -144,16 +106,12 @@ def main() -> int:
         hook.chmod(0o755)
         hooked = tmp / "ctrl-exec-hook.conf"
         hooked.write_text(conf.read_text() + f"auth_hook = {hook}\n")
+        server = Served(tmp / "run")  # the bench's own command server
         agent.start(wait=False)
         try:
             wait_listening(agent.host, agent.port, agent.proc)
-            base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-            base["PYTHONPATH"] = str(ROOT)
-            runtime = tmp / "run"
-            runtime.mkdir(mode=0o700)
-            base["XDG_RUNTIME_DIR"] = str(runtime)
-            served = dict(base, CED_SERVER="1")  # no terminal here: ask for the server
-            cached = dict(base, CED_SERVER="0")
+            served = server.env()  # CED_SERVER=1: no terminal here, so ask for the server
+            cached = server.env(CED_SERVER="0")
             src = tmp / "src"  # no __pycache__: compiled on every start
             for pkg in ("agent", "dispatcher", "cluster"):
                 shutil.copytree(ROOT / pkg, src / pkg,
@@ -170,7 +128,7 @@ def main() -> int:
             if opts.importtime:
                 for verb in (["run", "bench1", "hello"], ["ping", "bench1"]):
                     p = subprocess.run([sys.executable, "-X", "importtime", *cmd, *verb],
-                                       env=base, capture_output=True, text=True)  # fmt: skip
+                                       env=cached, capture_output=True, text=True)  # fmt: skip
                     rows = [r.split("|") for r in p.stderr.splitlines() if "|" in r]
                     rows = [r for r in rows if r[1].strip().isdigit()]
                     rows.sort(key=lambda r: -int(r[1]))
@@ -179,11 +137,10 @@ def main() -> int:
                         print(f"{int(r[1]):>8}  {r[2].rstrip()}")
             print(f"ced: {' '.join(cmd[:1])}; agent 127.0.0.2:{agent.port}; {os.cpu_count()} CPUs")
             print(summary("python -c pass", timeit([sys.executable, "-c", "pass"], cached, n)))
-            print(summary("ced --version (cached)", timeit([*cmd, "--version"], cached, n)))
+            print(summary("ced --version (direct)", timeit([*cmd, "--version"], cached, n)))
             print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
             hcmd = [*ced_cmd(), "--config", str(hooked)]
-            server_up = wait_server(cmd, served)
-            print(f"command server: {'ready' if server_up else 'NOT RUNNING (served = direct)'}")
+            print(f"command server: pid {server.start()}")
             for label, env in (("served", served), ("direct", cached), ("direct no-pyc", nopyc)):
                 for verb in (["run", "bench1", "hello"], ["ping", "bench1"]):
                     print(summary(f"ced {verb[0]} ({label})", timeit([*cmd, *verb], env, n),
@@ -192,7 +149,7 @@ def main() -> int:
                                   label == "served"))  # fmt: skip
         finally:
             agent.stop()
-            stop_server(base)
+            server.stop()
     print("upstream 0.12.3: run 235 ms, ping 265 ms; target < 40 ms with or without a hook")
     return 0
 

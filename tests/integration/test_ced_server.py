@@ -22,11 +22,11 @@ import pytest
 
 from dispatcher.registry import Registry
 from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.cedserver import Served, ced_cmd, ced_python, log_pids
 from ops.lab.net import wait_listening
 from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ROOT
 from tests.integration.test_ced import WEIRD_ARG, ced, write_conf
-from tests.support.cedserver import Served, ced_cmd, ced_python, log_pids
 
 pytestmark = pytest.mark.integration
 

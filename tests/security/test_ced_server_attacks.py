@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from ops.lab.cedserver import Served, ced_cmd, ced_python, log_pids
 from tests.integration.test_ced_server import Fleet, fleet, wait_for
 from tests.support.attacks import attack, show_attacks
-from tests.support.cedserver import Served, ced_cmd, ced_python, log_pids
 
 __all__ = ["fleet", "show_attacks"]
 

@@ -1,4 +1,4 @@
-"""Run ``ced`` through its command server (:mod:`dispatcher.ced.cmdserver`) in tests.
+"""Run ``ced`` through its command server (:mod:`dispatcher.ced.cmdserver`): tests, bench.
 
 A :class:`Served` owns a private ``XDG_RUNTIME_DIR``, so its server is the test's alone,
 started by the first command (``CED_SERVER=1``: tests have no terminal) and stopped at the
