@@ -128,6 +128,12 @@ Options:
   --version                  print the version
   -h, --help                 this text; 'ced <mode> --help': the mode's options, examples
 
+Environment:
+  CTRL_EXEC_CONFIG           the config file when --config is not given
+  CED_SERVER                 auto (default): hand commands to this user's command server,
+                             started by a ced on a terminal; 1: start one without a
+                             terminal too; 0: never (CED_SERVER_IDLE: its idle seconds, 900)
+
 Examples:
   ced run web1 web2 check-disk -- /var
   ced --json ping web1
