@@ -161,3 +161,13 @@ def test_hook_path_imports_no_crypto(
     assert not names & NOT_ON_RUN_PATH, names & NOT_ON_RUN_PATH
     context = json.loads(seen.read_text())
     assert context["dispatcher_serial"] == dispatcher_cert.serial_hex
+
+
+def test_the_entry_point_imports_only_c_modules() -> None:
+    """What ``ced`` loads before it hands a command to its server: no ``ssl``, ``socket``,
+    ``signal`` (both ``enum``), ``json`` (``re``) or anything of the project but itself."""
+    base, _ = _importtime("pass")
+    names, total = _importtime("import dispatcher.ced.entry")
+    extra = names - base
+    print(f"import dispatcher.ced.entry: {total / 1000:.1f} ms, beyond start-up: {sorted(extra)}")
+    assert extra <= {"__future__", "dispatcher", "_signal", "_socket"}, extra
