@@ -208,7 +208,8 @@ def test_progress_on_a_real_terminal(fleet: Fleet) -> None:
 
     master, slave = pty.openpty()
     cmd = [str(CED)] if CED.exists() else [sys.executable, "-m", "dispatcher.ced"]
-    env = {"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT)}
+    # CED_SERVER=0: on a terminal ced would start a command server for the next commands
+    env = {"PATH": "/usr/bin:/bin", "USER": "tester", "PYTHONPATH": str(ROOT), "CED_SERVER": "0"}
     try:
         p = subprocess.run([*cmd, "--config", str(fleet.conf), "run", "web2", "web1", "race"],
                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
