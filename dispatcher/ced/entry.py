@@ -239,6 +239,8 @@ def main() -> int:
         # a server is started by an interactive ced (or when asked): one started by a
         # script would outlive it in its service's cgroup; an existing one is always used
         start = mode in ("1", "on", "yes", "true") or os.isatty(2) or os.isatty(0)
+        words = argv[: argv.index("--")] if "--" in argv else argv
+        start = start and "server" not in words  # "ced server stop" starts none
         path = socket_path(make=start)
         if path is not None:
             try:

@@ -67,6 +67,7 @@ Modes:
                              (from the instance that ran it)
   check-config               check ctrl-exec.conf as an instance reads it (exit 0 or 78)
   completion bash|zsh        print the shell completion script (eval "$(ced completion bash)")
+  server [status|stop]       this user's command server (see CED_SERVER below)
   cluster status [--json]    members, leader, epoch, generation, cert serial of each
   cluster switchover [--to MEMBER]
                              the leader resigns; a peer (or MEMBER) takes over
@@ -175,6 +176,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "history": ("history", "cmd_history"),
     "show": ("history", "cmd_show"),
     "completion": ("completion", "cmd_completion"),
+    "server": ("cmdserverctl", "cmd_server"),
     "__complete": ("completion", "cmd_candidates"),  # for the completion scripts (hidden)
 }
 

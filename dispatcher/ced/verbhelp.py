@@ -271,6 +271,15 @@ DOCS: dict[str, VerbDoc] = {
         ),
         CLUSTER_WORDS,
     ),
+    "server": VerbDoc(
+        "[status|stop]",
+        "This user's command server, which runs ced's commands from one warm process: "
+        "whether it runs (exit 0, else 1), or stop it. CED_SERVER=auto (default) lets a ced "
+        "on a terminal start one, 1 any ced, 0 none.",
+        ("--json",),
+        ("ced server", "ced server stop", "ced --json server status"),
+        ("status", "stop"),
+    ),
     "completion": VerbDoc(
         "<bash|zsh>",
         "Print the shell completion script: verbs, options, host names and tags from the "

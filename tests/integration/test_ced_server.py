@@ -277,3 +277,21 @@ def test_another_network_namespace_has_another_server(tmp_path: Path) -> None:
     if there.returncode != 0:
         pytest.skip(f"unshare --net failed: {there.stderr.strip()}")
     assert here.stdout != there.stdout
+
+
+def test_server_status_and_stop(served: Served) -> None:
+    server = served.pid()
+    _, p = served.run("server")
+    assert p.returncode == 0 and f"running, pid {server}" in p.stdout, p.stdout
+    _, p = served.run("--json", "server", "status")
+    doc = json.loads(p.stdout)
+    assert doc["running"] is True and doc["pid"] == server and doc["socket"] == served.socket
+    _, p = served.run("server", "stop")  # served by the server it stops
+    assert p.returncode == 0 and f"stopped (pid {server})" in p.stdout, p.stdout + p.stderr
+    assert wait_for(lambda: not alive(server), 5)
+    _, p = served.run("server", "status")  # ran by ced itself, and starts no server
+    assert p.returncode == 1 and "not running" in p.stdout, p.stdout
+    time.sleep(1.0)
+    assert served.pid() is None
+    _, p = served.run("server", "bogus")
+    assert p.returncode == 2
