@@ -353,6 +353,7 @@ def setup(
         _direct.close()
         _direct = None
     use_syslog = target == "syslog" or (target == "auto" and os.path.exists("/dev/log"))
+    unreachable = ""
     if not queued:
         _direct = _DirectSink(ident, SYSLOG_SOCKET if use_syslog else None, level)
         return
@@ -365,8 +366,14 @@ def setup(
         try:
             handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
             handler.setFormatter(_formatter(ident, stamped=False))
-        except OSError:
-            use_syslog = False
+            # 3.11 swallows a failed connect here, then prints a traceback for every line
+            sock = getattr(handler, "socket", None)  # (not in typeshed)
+            if sock is None or sock.fileno() < 0:
+                handler.close()
+                unreachable = f"syslog socket {SYSLOG_SOCKET} not reachable: logging to stderr"
+        except OSError as exc:
+            unreachable = f"syslog socket {SYSLOG_SOCKET}: {exc}: logging to stderr"
+        use_syslog = not unreachable
     if not use_syslog:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_formatter(ident, stamped=True))
@@ -391,6 +398,8 @@ def setup(
         other.propagate = False
     _listener = QueueListener(q, handler)
     _listener.start()
+    if target == "syslog" and not use_syslog:
+        event("log-target", WARNING, reason=unreachable)
 
 
 #: Libraries whose records (warnings and up, their default level) become ``log`` events.
