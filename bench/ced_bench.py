@@ -23,6 +23,8 @@ installed package; the run writes it, it is git-ignored) and ``no-pyc`` (every p
 module compiled from source on each start: a copy of the packages without
 ``__pycache__``, since ``PYTHONDONTWRITEBYTECODE`` only stops writing, not reading). A
 bare ``python -c pass`` is the floor.
+``--etcd`` adds ``ced run`` with etcd configured (a local member): the run lock is then
+taken in etcd, whose client a direct ``ced`` imports on every start.
 Besides wall time the child's CPU time (user+sys) is shown: on a busy 2-core machine
 wall time mostly measures the neighbours.
 """
@@ -80,11 +82,31 @@ def summary(label: str, result: tuple[list[float], list[float]], target: bool = 
             f"{verdict if target else ''}")  # fmt: skip
 
 
+def etcd_case(tmp: Path, conf: Path, ced: list[str], served: dict[str, str],
+              direct: dict[str, str], n: int) -> None:  # fmt: skip
+    """``ced run`` with ``etcd_endpoints`` set: every run takes the host:script lock in etcd
+    (its client imported by a direct ``ced``, already loaded in the server)."""
+    from ops.lab.etcd import EtcdCluster
+
+    etcd = EtcdCluster(tmp / "etcd").start()
+    try:
+        ha = tmp / "ctrl-exec-etcd.conf"
+        ha.write_text(conf.read_text() + f"etcd_endpoints = {etcd.endpoints[0]}\n"
+                      "cluster_name = bench\n")  # fmt: skip
+        verb = [*ced, "--config", str(ha), "run", "bench1", "hello"]
+        print(summary("ced run, etcd (served)", timeit(verb, served, n), True))
+        print(summary("ced run, etcd (direct)", timeit(verb, direct, n)))
+    finally:
+        etcd.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=25)
     ap.add_argument("--importtime", action="store_true", help="show what one `ced run` imports")
     ap.add_argument("--hold", action="store_true", help="keep the agent up; print the config")
+    ap.add_argument("--etcd", action="store_true",
+                    help="also with etcd configured (one local member): the cluster run lock")  # fmt: skip
     opts = ap.parse_args()
     n = opts.n
     with tempfile.TemporaryDirectory(prefix="ced-bench-") as t:
@@ -141,6 +163,8 @@ def main() -> int:
             print(f"load average {os.getloadavg()[0]:.2f} (1 min)")
             hcmd = [*ced_cmd(), "--config", str(hooked)]
             print(f"command server: pid {server.start()}")
+            if opts.etcd:
+                etcd_case(tmp, conf, cmd[:1], served, cached, n)
             for label, env in (("served", served), ("direct", cached), ("direct no-pyc", nopyc)):
                 for verb in (["run", "bench1", "hello"], ["ping", "bench1"]):
                     print(summary(f"ced {verb[0]} ({label})", timeit([*cmd, *verb], env, n),
