@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         idle = float(os.environ.get("CED_SERVER_IDLE", DEFAULT_IDLE))
     except ValueError:
         idle = DEFAULT_IDLE
+    os.chdir("/")  # hold no directory (a mount) busy; each command enters its client's
     return CommandServer(args[0], max(idle, 1.0)).run()
 
 

@@ -42,6 +42,7 @@ PROTOCOL = "ced-cmd/1"
 #: the most a request (arguments and environment) may take
 MAX_REQUEST = 4 << 20
 _INT = 4  # SCM_RIGHTS carries C ints
+MAX_SOCKET_PATH = 108  # sizeof(sockaddr_un.sun_path), with its NUL
 
 
 def code_root() -> str:
@@ -111,7 +112,8 @@ def socket_path(make: bool = False) -> str | None:
     d = runtime_dir(make)
     if d is None:
         return None
-    return f"{d}/ced-{binascii.crc32(server_key().encode()):08x}.sock"
+    path = f"{d}/ced-{binascii.crc32(server_key().encode()):08x}.sock"
+    return path if len(path.encode()) < MAX_SOCKET_PATH else None  # sun_path is 108 bytes
 
 
 def peer_uid(sock: _socket.socket) -> int:

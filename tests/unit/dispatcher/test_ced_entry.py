@@ -76,3 +76,13 @@ def test_the_key_names_the_interpreter_code_and_place() -> None:
     assert entry.code_root() in key
     if os.path.exists("/proc/self/ns/net"):
         assert os.readlink("/proc/self/ns/net") in key
+
+
+def test_a_socket_path_too_long_for_sun_path_means_no_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    deep.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    assert entry.socket_path(make=True) is None  # ced runs every command itself
