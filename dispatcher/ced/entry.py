@@ -234,10 +234,18 @@ def _relay(sock: _socket.socket) -> None:
                 return  # "stale" or an answer we do not know: run here
 
 
+def _special_interpreter() -> bool:
+    """Started with options the server's interpreter does not have (``-X importtime``,
+    ``-W``, ``-O``, dev mode, ...): such a ``ced`` runs its command itself."""
+    f = sys.flags
+    return bool(sys._xoptions or sys.warnoptions or f.optimize or f.dev_mode or f.isolated
+                or f.ignore_environment or f.no_site or f.verbose or f.debug)  # fmt: skip
+
+
 def main() -> int:
     argv = sys.argv[1:]
     mode = os.environ.get("CED_SERVER", "auto").lower()
-    if mode not in ("0", "off", "no", "false"):
+    if mode not in ("0", "off", "no", "false") and not _special_interpreter():
         # a server is started by an interactive ced (or when asked): one started by a
         # script would outlive it in its service's cgroup; an existing one is always used
         start = mode in ("1", "on", "yes", "true") or os.isatty(2) or os.isatty(0)

@@ -86,3 +86,16 @@ def test_a_socket_path_too_long_for_sun_path_means_no_server(
     deep.chmod(0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
     assert entry.socket_path(make=True) is None  # ced runs every command itself
+
+
+def test_a_ced_under_interpreter_options_runs_its_command_itself() -> None:
+    import subprocess
+    import sys
+
+    code = "from dispatcher.ced.entry import _special_interpreter as s; print(s())"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": entry.code_root()}
+    for opts, expect in (([], "False"), (["-X", "importtime"], "True"), (["-W", "error"], "True"),
+                         (["-O"], "True")):  # fmt: skip
+        p = subprocess.run([sys.executable, *opts, "-c", code], env=env, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+        assert p.stdout.strip() == expect, opts
