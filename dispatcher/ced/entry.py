@@ -257,6 +257,9 @@ def main() -> int:
                 _serve(path, argv, start)
             except _Served as done:
                 return done.code
+            except KeyboardInterrupt:  # before the child's pid came (then it gets the ^C)
+                sys.stderr.write("Interrupted.\n")
+                return 130
     from dispatcher.ced.main import main as run_here
 
     return run_here(argv)
