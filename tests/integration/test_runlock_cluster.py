@@ -179,6 +179,42 @@ def test_killed_ced_frees_its_lock_after_the_lease_ttl(lab: Lab) -> None:
     assert again.returncode == 0, again.stderr
 
 
+def test_a_served_ced_takes_the_cluster_lock_and_its_killed_client_frees_it(lab: Lab) -> None:
+    """Through the command server (the etcd client preloaded in its parent, forked into
+    the child before any connection): the run holds the cluster lock; ``kill -9`` of the
+    ``ced`` process interrupts the command, which releases the lock itself (direct, the
+    lock waits for its lease to expire: the test above)."""
+    from ops.lab.cedserver import Served, ced_cmd, log_pids
+
+    served = Served(lab.tmp / "run")
+    served.start()
+    # a lease of 30 s: a lock freed within 5 s was released by the command, not expired
+    long_lease = lab.tmp / "host-a-30s.conf"
+    long_lease.write_text(lab.confs[0].read_text().replace(f"lease_ttl = {TTL}\n",
+                                                           "lease_ttl = 30\n"))  # fmt: skip
+    assert "lease_ttl = 30" in long_lease.read_text()
+    first = subprocess.Popen([*ced_cmd(), "--config", str(long_lease), "run", "web1", "slow"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=served.env())  # fmt: skip
+    try:
+        wait_for(lambda: lab.held() == [("web1", "slow")], 10, "the served run's lock in etcd")
+        refused = ced(lab.confs[1], "--json", "run", "web1", "slow")
+        assert json.loads(refused.stdout)["error"] == "locked"
+        first.kill()
+        first.wait(10)
+        # within 5 s: before the lease (30 s) and before read_timeout (10 s) could end it
+        took = wait_for(lambda: lab.held() == [], 5, "the interrupted command's release")
+        print(f"[lock] served ced killed: its command released the lock in {took:.2f} s")
+        lab.release.touch()
+        pid, again = served.run("--config", str(lab.confs[0]), "--json", "run", "web1", "slow")
+        assert again.returncode == 0 and pid not in log_pids(again.stderr), again.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+        served.stop()
+
+
 def test_etcd_unreachable_ced_runs_under_the_local_lock(lab: Lab) -> None:
     lab.etcd.pause()  # SIGSTOP: connections hang until the client's timeout
     try:
