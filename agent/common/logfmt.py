@@ -312,6 +312,19 @@ def _with_context(extra: tuple[tuple[str, Any], ...], fields: dict[str, Any]) ->
     return merged
 
 
+class _Line:
+    """An event's ``ACTION=... KEY=...`` text, made only when a record's message is read
+    (``getMessage``: other handlers, pytest's caplog); our handlers render the event."""
+
+    __slots__ = ("action", "fields")
+
+    def __init__(self, action: str, fields: dict[str, Any]) -> None:
+        self.action, self.fields = action, fields
+
+    def __str__(self) -> str:
+        return format_fields(self.action, self.fields)
+
+
 def event(action: str, level: int = INFO, **fields: Any) -> None:
     """Log one upstream-format event line."""
     sink, log = _direct, None
@@ -326,8 +339,8 @@ def event(action: str, level: int = INFO, **fields: Any) -> None:
     if extra:
         fields = _with_context(extra, fields)
     if log is not None:
-        line = format_fields(action, fields) if _format == "kv" else action
-        log.log(level, "%s", line, extra={"ce_event": (action, fields)})
+        line = _Line(action, fields) if _format == "kv" else action
+        log.log(level, line, extra={"ce_event": (action, fields)})
     elif sink is not None:
         sink.emit(level, action, fields)
 
@@ -380,8 +393,14 @@ def setup(
     import queue
     from logging.handlers import QueueHandler, QueueListener
 
+    class EventQueueHandler(QueueHandler):
+        def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+            # an event's fields are its own dict of plain values: the listener's handler
+            # renders it, once (QueueHandler renders every record in the caller's thread)
+            return record if hasattr(record, "ce_event") else super().prepare(record)
+
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    queued_handler = QueueHandler(q)
+    queued_handler = EventQueueHandler(q)
     queued_handler.addFilter(_keep_context)  # free text keeps the request's fields too
     log = logger()
     for h in list(log.handlers):
