@@ -140,9 +140,11 @@ def as_nobody_send(path: str, request: bytes, who: pwd.struct_passwd) -> bytes:
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.connect(path)
             fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
-            c.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            c.settimeout(10)
-            with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+            # the server may close (refuse) before, while or after the request is sent:
+            # a broken pipe or a reset is that refusal, as is an end without an answer
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                c.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                c.settimeout(10)
                 while chunk := c.recv(4096):
                     os.write(w, chunk)
             os._exit(0)
