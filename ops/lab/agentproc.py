@@ -10,6 +10,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,20 @@ def user_env(user: str | None) -> dict[str, str]:
     import site
 
     return dict(ENV, PYTHONPATH=os.pathsep.join([str(ROOT), *site.getsitepackages()]))
+
+
+@contextmanager
+def running_agents(agents: Sequence[AgentProc]) -> Iterator[Sequence[AgentProc]]:
+    """Start every agent (at once), wait until each listens; stop them all on the way out."""
+    try:
+        for a in agents:
+            a.start(wait=False)
+        for a in agents:
+            wait_listening(a.host, a.port, a.proc)
+        yield agents
+    finally:
+        for a in agents:
+            a.stop()
 
 
 def make_agent(tmp: Path, ca: TestCA, dispatchers: dict[str, Issued], scripts: dict[str, str],

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from dispatcher.pairing import queue as pq
 from dispatcher.registry import Registry
-from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.agentproc import AgentProc, make_agent, running_agents
 from ops.lab.net import free_port, wait_listening
 from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ROOT
@@ -101,15 +101,8 @@ def env(
             f"web{i + 1}", ip=a.host, port=a.port, lookup_by="ip", expiry="Jan  1 00:00:00 2099 GMT"
         )
     conf = write_conf(tmp / "ctrl-exec.conf", pki.dir, state)
-    try:
-        for a in agents:
-            a.start(wait=False)
-        for a in agents:
-            wait_listening(a.host, a.port, a.proc)
+    with running_agents(agents):
         yield Env(tmp, conf, state, agents, script_dir)
-    finally:
-        for a in agents:
-            a.stop()
 
 
 # ----- run -------------------------------------------------------------------------------

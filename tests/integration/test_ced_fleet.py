@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.registry import Registry
-from ops.lab.agentproc import AgentProc, make_agent
-from ops.lab.net import wait_listening
+from ops.lab.agentproc import AgentProc, make_agent, running_agents
 from ops.lab.pki import Issued, TestCA
 from tests.integration.test_ced import ced, one_json, write_conf
 
@@ -64,15 +63,8 @@ def fleet(
     reg.register("db1", ip=fast.host, port=fast.port, lookup_by="ip", expiry=exp,
                  tags={"role": "db"})  # fmt: skip
     conf = write_conf(tmp / "ctrl-exec.conf", pki.dir, state)
-    try:
-        for a in agents:
-            a.start(wait=False)
-        for a in agents:
-            wait_listening(a.host, a.port, a.proc)
+    with running_agents(agents):
         yield Fleet(tmp, conf, agents)
-    finally:
-        for a in agents:
-            a.stop()
 
 
 def heads(stdout: str) -> list[tuple[str, str]]:

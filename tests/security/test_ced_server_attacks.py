@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from ops.lab.cedserver import Served, ced_cmd, ced_python, log_pids
-from tests.integration.test_ced_server import Fleet, fleet, wait_for
+from tests.integration.test_ced_server import Fleet, fleet, served, wait_for
 from tests.support.attacks import attack, show_attacks
 
-__all__ = ["fleet", "show_attacks"]
+__all__ = ["fleet", "served", "show_attacks"]
 
 pytestmark = pytest.mark.integration
 
@@ -43,16 +43,6 @@ def nobody() -> pwd.struct_passwd:
         return pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user 'nobody'")
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    s = Served(tmp_path / "run")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def history_count(fleet: Fleet) -> int:
@@ -174,12 +164,10 @@ def reachable() -> Iterator[Served]:
     """A server whose runtime directory another user could reach (pytest's is private)."""
     base = Path(tempfile.mkdtemp(prefix="ced-attack-"))
     base.chmod(0o711)
-    s = Served(base / "run")
-    s.start()
     try:
-        yield s
+        with Served(base / "run") as s:
+            yield s
     finally:
-        s.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
