@@ -64,6 +64,8 @@ PRELOAD = (
     "cluster.etcd",  # the etcd client (the dispatcher extra): 120-190 ms a command otherwise
 )
 DEFAULT_IDLE = 900.0
+#: how often a waiting child looks whether its server is still there (else it exits)
+ORPHAN_CHECK = 1.0
 _INT = 4
 
 
@@ -218,9 +220,16 @@ class CommandServer:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            listener.settimeout(None)
+            parent = os.getppid()
+            listener.settimeout(ORPHAN_CHECK)
             while True:
-                conn, _ = listener.accept()
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    if os.getppid() != parent:  # the server was killed: nobody reaps us
+                        os._exit(0)
+                    continue
+                conn.settimeout(None)
                 request = self._take(conn)
                 if request is None:
                     conn.close()

@@ -8,8 +8,8 @@ itself when it ran the command, a child of the server when the server did.
 
 from __future__ import annotations
 
-import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -66,10 +66,19 @@ class Served:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid = self.pid()
-            if pid is not None and os.path.exists(self.socket):
+            if pid is not None and self.listening():
                 return pid
             time.sleep(0.05)
         raise AssertionError("the command server did not start")
+
+    def listening(self) -> bool:
+        """A server accepts on the socket (a file left by a killed one refuses)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.socket)
+            except OSError:
+                return False
+        return True
 
     def run(
         self, *args: str, stdin: str = "", cwd: Path | None = None, timeout: float = 30,
@@ -84,3 +93,10 @@ class Served:
 
     def stop(self) -> None:
         assert stop(self.socket, timeout=10), "the command server did not stop"
+
+    def __enter__(self) -> Served:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from dispatcher.registry import Registry
-from ops.lab.agentproc import AgentProc, make_agent
+from ops.lab.agentproc import AgentProc, make_agent, running_agents
 from ops.lab.cedserver import Served, ced_cmd, ced_python, log_pids
-from ops.lab.net import wait_listening
 from ops.lab.pki import Issued, TestCA
 from ops.lab.proc import ROOT
 from tests.integration.test_ced import WEIRD_ARG, ced, write_conf
@@ -62,25 +61,14 @@ def fleet(
         reg.register(f"web{i + 1}", ip=a.host, port=a.port, lookup_by="ip",
                      expiry="Jan  1 00:00:00 2099 GMT")  # fmt: skip
     conf = write_conf(tmp / "ctrl-exec.conf", pki.dir, state)
-    try:
-        for a in agents:
-            a.start(wait=False)
-        for a in agents:
-            wait_listening(a.host, a.port, a.proc)
+    with running_agents(agents):
         yield Fleet(tmp, conf, state)
-    finally:
-        for a in agents:
-            a.stop()
 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    s = Served(tmp_path / "run")
-    s.start()
-    try:
+    with Served(tmp_path / "run") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def normal(text: str) -> str:
@@ -282,6 +270,7 @@ def test_another_network_namespace_has_another_server(tmp_path: Path) -> None:
 
 def test_server_status_and_stop(served: Served) -> None:
     server = served.pid()
+    assert server is not None
     _, p = served.run("server")
     assert p.returncode == 0 and f"running, pid {server}" in p.stdout, p.stdout
     _, p = served.run("--json", "server", "status")
@@ -296,3 +285,36 @@ def test_server_status_and_stop(served: Served) -> None:
     assert served.pid() is None
     _, p = served.run("server", "bogus")
     assert p.returncode == 2
+
+
+def test_a_config_edit_applies_to_the_next_served_command(fleet: Fleet, served: Served) -> None:
+    """Every command reads the config afresh: a typo is reported (file:line, exit 2) by the
+    very next command, and its fix applies as soon, with no server restart."""
+    server = served.pid()
+    conf = served.runtime.parent / "edited.conf"
+    good = fleet.conf.read_text()
+    conf.write_text(good + "etcd_endpoint = http://10.0.0.9:2379\n")
+    pid, p = served.run("--config", str(conf), "ping", "web1")
+    assert p.returncode == 2 and f"{conf}:" in p.stderr and "etcd_endpoints" in p.stderr, p.stderr
+    conf.write_text(good)
+    pid, p = served.run("--config", str(conf), "ping", "web1")
+    assert p.returncode == 0 and pid not in log_pids(p.stderr), p.stderr
+    assert served.pid() == server
+
+
+def test_a_server_killed_mid_command_lets_the_command_finish(fleet: Fleet, served: Served) -> None:
+    """kill -9 of the server: the running command is its own process and ends normally;
+    the child waiting for the next command exits; the next server replaces the socket."""
+    server = served.pid()
+    assert server is not None
+    assert wait_for(lambda: children(server), 5)
+    proc = _start_sleeper(fleet, served)
+    waiting = children(server)
+    os.kill(server, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "slept" in out, err
+    assert wait_for(lambda: not any(alive(c) for c in waiting), 10), "orphans stayed"
+    replaced = served.start()  # the socket file is stale: a new server takes its place
+    assert replaced != server
+    pid, p = served.run("--config", str(fleet.conf), "ping", "web1")
+    assert p.returncode == 0 and pid not in log_pids(p.stderr), p.stderr
