@@ -35,6 +35,10 @@ drops, with the same CSR and nonce) is the same request, recognised by its CSR a
 ``"pending"`` while it waits in this queue, ``"approved"`` once approved (the record then
 carries the ``approval`` to deliver). A pending request is resumed only from the address
 that sent it; the same key with another nonce, or from another address, is still refused.
+A request withdrawn undecided because its connection was gone (:func:`withdraw`) may be
+queued again, once, by that very request (same CSR, nonce and address): the agent was
+still asking, nobody had decided, and refusing it as a reused key would fail an honest
+agent whose connection dropped at the wrong moment.
 
 Approvals survive the leader: :func:`approve` also writes the approval document to
 ``<ca_dir>/pairing-approved/<key sha256>.json`` (before ``<reqid>.approved``), a file the
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import logging
@@ -92,6 +97,9 @@ LOCK_NAME = ".queue.lock"
 SEEN_KEYS = ".seen-keys"  # JSON {sha256: time}; not *.json, which are requests
 SEEN_KEYS_FOR = 30 * 86400.0
 SEEN_KEYS_MAX = 5_000
+# JSON {key sha256: {"request": fingerprint, "t": time}}: requests withdrawn because their
+# agent was gone before a decision; only that very request may come back (:func:`withdraw`)
+WITHDRAWN = ".withdrawn"
 DEFAULT_MAX_PER_SOURCE = 3
 APPROVED_DIR = "pairing-approved"  # under ca_dir: carried by the cluster's generations
 APPROVED_KEEP = 86400.0
@@ -267,8 +275,6 @@ def approval_path(approvals: str | Path, key: str) -> Path | None:
 
 
 def _csr_sha256(csr: str) -> str:
-    import hashlib
-
     return hashlib.sha256(csr.encode()).hexdigest()
 
 
@@ -369,7 +375,7 @@ def _seen_keys(pairing_dir: str | Path, now: float) -> dict[str, float]:
 
 def _refuse_duplicates(
     pairing_dir: str | Path, *, source_ip: str, csr: str, key: str, code: str,
-    max_per_source: int, now: float,
+    max_per_source: int, now: float, was_withdrawn: bool,
 ) -> dict[str, float]:  # fmt: skip
     """Raise :class:`Refused` for a request that must not be queued (call under the
     lock); returns the seen-keys table to extend."""
@@ -383,7 +389,7 @@ def _refuse_duplicates(
             raise Refused("duplicate request: this key is already waiting for approval",
                           "duplicate-key")  # fmt: skip
     seen = _seen_keys(pairing_dir, now)
-    if key in seen:
+    if key in seen and not was_withdrawn:
         raise Refused("duplicate request: this key was submitted before - run "
                       "request-pairing again for a new key", "reused-key")  # fmt: skip
     if any(str(rec.get("code", "")) == code for rec in pending):
@@ -460,17 +466,75 @@ def submit(
                 return {**rec, "resumed": "pending"}
         if count(pairing_dir) >= max_queue:
             raise QueueFull()
+        withdrawn = _withdrawn(pairing_dir, t)
+        back = withdrawn.get(key, {}).get("request")
+        was_withdrawn = back is not None and back == _fingerprint(csr, nonce, source_ip)
         seen = _refuse_duplicates(pairing_dir, source_ip=source_ip, csr=csr, key=key,
-                                  code=code, max_per_source=max_per_source, now=t)  # fmt: skip
+                                  code=code, max_per_source=max_per_source, now=t,
+                                  was_withdrawn=was_withdrawn)  # fmt: skip
         qpath = paths(pairing_dir, rid)[0]
         if qpath.exists():
             raise PairingQueueError(f"request '{rid}' already queued")
         seen[key] = t
         if len(seen) > SEEN_KEYS_MAX:
             seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-SEEN_KEYS_MAX:])
-        w.write(Path(pairing_dir) / SEEN_KEYS, dumps(seen), 0o640)
-        w.write(qpath, dumps(record), FILE_MODE)
+        with batched(w):  # one fenced transaction
+            w.write(Path(pairing_dir) / SEEN_KEYS, dumps(seen), 0o640)
+            if key in withdrawn:  # queued again: its way back is used up
+                del withdrawn[key]
+                w.write(Path(pairing_dir) / WITHDRAWN, dumps(withdrawn), 0o640)
+            w.write(qpath, dumps(record), FILE_MODE)
     return record
+
+
+def withdraw(
+    pairing_dir: str | Path, reqid: str, writer: StateWriter | None = None,
+    now: float | None = None,
+) -> bool:  # fmt: skip
+    """Drop a request whose agent is gone (its files, decided or not); returns whether it
+    had been decided. An undecided request with a nonce is remembered in ``.withdrawn``,
+    so that very request (same CSR, nonce and address) may be queued again by
+    :func:`submit`; any other use of its key stays refused."""
+    w = writer or default_writer()
+    t = time.time() if now is None else now
+    qpath, apath, dpath = paths(pairing_dir, reqid)
+    with _locked(pairing_dir):
+        rec = _read_json(qpath)
+        decided = apath.exists() or dpath.exists()
+        key = fp = None
+        if rec is not None and not decided:
+            key = key_of(rec)
+            fp = _fingerprint(str(rec.get("csr", "")), rec.get("nonce"),
+                              str(rec.get("source_ip", "")))  # fmt: skip
+        with batched(w):
+            if key and fp is not None:
+                withdrawn = _withdrawn(pairing_dir, t)
+                withdrawn[key] = {"request": fp, "t": t}
+                if len(withdrawn) > SEEN_KEYS_MAX:
+                    withdrawn = dict(sorted(withdrawn.items(),
+                                            key=lambda kv: kv[1]["t"])[-SEEN_KEYS_MAX:])  # fmt: skip
+                w.write(Path(pairing_dir) / WITHDRAWN, dumps(withdrawn), 0o640)
+            for p in (qpath, apath, dpath):
+                w.delete(p)
+    return decided
+
+
+def _fingerprint(csr: str, nonce: object, source_ip: str) -> str | None:
+    """One request's identity: its CSR, nonce and client address (None without a nonce:
+    such a request cannot be told from a replay)."""
+    if not isinstance(nonce, str) or not nonce:
+        return None
+    return hashlib.sha256(json.dumps([csr, nonce, source_ip]).encode()).hexdigest()
+
+
+def _withdrawn(pairing_dir: str | Path, now: float) -> dict[str, dict[str, Any]]:
+    obj = _read_json(Path(pairing_dir) / WITHDRAWN) or {}
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in obj.items():
+        if (isinstance(v, dict) and isinstance(v.get("request"), str)
+                and isinstance(v.get("t"), int | float) and now - v["t"] < SEEN_KEYS_FOR):  # fmt: skip
+            out[k] = v
+    return out
 
 
 def get_request(pairing_dir: str | Path, reqid: str) -> dict[str, Any] | None:

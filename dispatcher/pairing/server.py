@@ -598,10 +598,7 @@ class PairingServer:
 
     def _withdraw_now(self, reqid: str, reason: str) -> None:
         """Drop an undecided request whose agent is gone (blocking: the state writer)."""
-        qpath, apath, dpath = pq.paths(self.pairing_dir, reqid)
-        decided = apath.exists() or dpath.exists()
-        for p in (qpath, apath, dpath):
-            self.writer.delete(p)
+        decided = pq.withdraw(self.pairing_dir, reqid, self.writer)
         event("pair-abandon", logging.WARNING, reqid=reqid, reason=reason,
               decided=int(decided))  # fmt: skip
 

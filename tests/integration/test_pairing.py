@@ -457,10 +457,21 @@ def test_agent_disconnect_withdraws_and_stop_answers(
     cfg: DispatcherConfig, listen: Callable[..., Listener]
 ) -> None:
     lst = listen(cfg)
-    s, fh, first = pair_raw(lst.port, request_body("gone.test"))
+    body = request_body("gone.test")
+    s, fh, first = pair_raw(lst.port, body)
     fh.close()
     s.close()
     wait_until(lambda: pq.get_request(cfg.pairing_dir, first["reqid"]) is None, 5, "withdrawal")
+    # the agent was still asking: its very request, sent again, is queued again (our
+    # agent reconnects with the same CSR and nonce); another nonce for that key is not
+    s, fh, back = pair_raw(lst.port, body)
+    assert back["status"] == "pending" and back["reqid"] != first["reqid"], back
+    fh.close()
+    s.close()
+    wait_until(lambda: pq.get_request(cfg.pairing_dir, back["reqid"]) is None, 5, "withdrawal")
+    assert one_shot(lst.port, frame(dumps({**body, "nonce": "cd" * 16}))) == {
+        "status": "error", "reason": "duplicate request: this key was submitted before - run "
+        "request-pairing again for a new key"}  # fmt: skip
     s, fh, first = pair_raw(lst.port, request_body("waiting.test"))
     with s, fh:
         stopping = asyncio.run_coroutine_threadsafe(lst.server.stop(), lst.loop)

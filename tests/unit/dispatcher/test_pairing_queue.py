@@ -302,6 +302,40 @@ def test_a_key_is_never_queued_twice(cfg: DispatcherConfig, csr: str) -> None:
     assert info.value.log_reason == "reused-key"
 
 
+def test_a_withdrawn_request_may_come_back_once(cfg: DispatcherConfig) -> None:
+    """The agent's connection dropped before a decision (the request was withdrawn): the
+    very same request (CSR, nonce, address) is queued again; no other use of the key is,
+    and once it is queued again the way back is used up."""
+    csr = _fresh()
+    first = _submit(cfg, csr)
+    assert pq.withdraw(cfg.pairing_dir, first["id"]) is False
+    assert pq.get_request(cfg.pairing_dir, first["id"]) is None
+    for kw in ({"nonce": "cd" * 16}, {"source_ip": "10.0.0.99"}):
+        with pytest.raises(pq.Refused) as info:
+            _submit(cfg, csr, **kw)
+        assert info.value.log_reason == "reused-key"
+    again = _submit(cfg, csr)
+    assert again["id"] != first["id"] and "resumed" not in again
+    assert [r["id"] for r in pq.list_pending(cfg.pairing_dir)] == [again["id"]]
+    pq.deny(cfg, again["id"])
+    with pytest.raises(pq.Refused) as info:  # denied: the key is done for
+        _submit(cfg, csr)
+    assert info.value.log_reason == "reused-key"
+
+
+def test_a_decided_or_nonceless_withdrawal_gives_no_way_back(cfg: DispatcherConfig) -> None:
+    csr = _fresh()
+    rid = _submit(cfg, csr)["id"]
+    pq.approve(cfg, rid)
+    assert pq.withdraw(cfg.pairing_dir, rid) is True  # decided: nothing is remembered
+    assert not (Path(cfg.pairing_dir) / pq.WITHDRAWN).exists()
+    bare = _fresh()
+    rid = _submit(cfg, bare, nonce="")["id"]  # an upstream agent sends no nonce
+    assert pq.withdraw(cfg.pairing_dir, rid) is False
+    with pytest.raises(pq.Refused, match="submitted before"):
+        _submit(cfg, bare, nonce="")
+
+
 def test_a_resubmission_is_the_same_request(cfg: DispatcherConfig) -> None:
     csr = _fresh()
     first = _submit(cfg, csr, max_per_source=1)
