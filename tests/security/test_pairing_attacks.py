@@ -537,3 +537,30 @@ def test_bad_fingerprint_argument(tmp_path: Path) -> None:
     a = agent_dirs(tmp_path)
     rc, _, err = run_agent(a, 9, "--ca-fingerprint", "SHA256:abcd")
     assert rc == 2 and "not a SHA-256 fingerprint" in err
+
+
+def test_a_withdrawn_request_comes_back_only_as_itself(dispatcher: Dispatcher) -> None:
+    """An agent whose connection dropped before a decision may send its very request
+    again (its request was withdrawn, nobody decided): from its own address, with its
+    own nonce. Anyone replaying the CSR from another address, or with another nonce, is
+    refused and changes nothing."""
+    source = "127.0.0.8"
+    body = body_for("dropped.example", csr_for(new_key(), "dropped.example"))
+    s, fh, first = open_pairing(dispatcher.port, body, source)
+    fh.close()
+    s.close()
+    wait_until(lambda: pq.get_request(dispatcher.cfg.pairing_dir, first["reqid"]) is None, 5,
+               "the request withdrawn")  # fmt: skip
+    dispatcher.refused("withdrawn-request-from-another-address", body,
+                       r"^duplicate request: this key was submitted before", "127.0.0.9")  # fmt: skip
+    dispatcher.refused("withdrawn-request-new-nonce", {**body, "nonce": "cd" * 16},
+                       r"^duplicate request: this key was submitted before", source)  # fmt: skip
+    s, fh, back = open_pairing(dispatcher.port, body, source)
+    with s, fh:
+        assert back["status"] == "pending" and back["reqid"] != first["reqid"], back
+        pq.deny(dispatcher.cfg, back["reqid"])
+        assert json.loads(read_response(fh)[2])["status"] == "denied"
+    wait_until(lambda: not list(Path(dispatcher.cfg.pairing_dir).glob(f"{back['reqid']}.*")),
+               5, "the denial delivered")  # fmt: skip
+    dispatcher.refused("denied-request-once-withdrawn", body,
+                       r"^duplicate request: this key was submitted before", source)  # fmt: skip
