@@ -25,7 +25,7 @@ import contextvars
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from agent.common import authhook
 from dispatcher.client.wire import (
@@ -98,8 +98,8 @@ class _Exchange(asyncio.BufferedProtocol):
         self.into = _read_buffer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not a subclass of asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         self.steps = self.a.exchange()
         self._step(None)
 
