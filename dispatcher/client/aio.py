@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import threading
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -68,10 +69,44 @@ OPENING = 1024
 #: descriptors kept free for everything else the process has open (logs, the registry)
 FD_RESERVE = 64
 
+
+class Slots:
+    """At most ``n`` holders at once; a released slot goes to the longest waiter, in O(1).
+
+    Not :class:`asyncio.Semaphore`: Python 3.11's wakes a waiter by scanning its queue
+    from the front, past every waiter already woken but not yet resumed, and each resumed
+    one then removes itself from that queue; when many requests end in one pass of the
+    loop, that is quadratic (a ping of 10,000 agents made 2.9 million
+    ``Future.done()`` calls, about a tenth of the dispatcher's CPU, under cProfile)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.free > 0:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a slot as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():  # a cancelled waiter gave up its place
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
 #: each loop's opening slots (kept with the loop)
-_opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+_opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Slots] = weakref.WeakKeyDictionary()
 
 
 #: what the connections of a thread's loop read into (each chunk is fed to its TLS object
@@ -213,7 +248,7 @@ async def drive(
     loop = asyncio.get_running_loop()
     limit = fd_budget(max(1, limit))
     if opening is not None or loop not in _opening:
-        _opening[loop] = asyncio.Semaphore(max(1, OPENING if opening is None else opening))
+        _opening[loop] = Slots(max(1, OPENING if opening is None else opening))
     results: list[Any] = [None] * len(jobs)
     base = contextvars.copy_context()
     todo = iter(range(len(jobs)))
