@@ -7,8 +7,9 @@ the real ``ced`` in a child process with ``max_parallel = --parallel`` and a reg
 the agents' certificate as approval does), run once per case, so its CPU (user+sys) and
 peak RSS come from ``wait4``. Each case prints wall time, the dispatcher's CPU and peak
 RSS, the simulator's CPU (all its processes, and the scripts they ran), the counts, the
-agents' round-trip times, the target beside it, and the CPU floor: (dispatcher + simulator CPU) / cores, the wall
-time no scheduling can beat while both share this machine's cores:
+agents' round-trip times, the target beside it, and the CPU floor: (dispatcher +
+simulator CPU) / cores, the wall time no scheduling can beat while both share this
+machine's cores:
 
 * ``ping --all`` to 10,000 agents: under 15 s;
 * ``run --tags role=web sleep1`` (``exec sleep 1``) to 2,000 agents: under 4 s;
