@@ -78,6 +78,7 @@ class Elector:
         self._next_keepalive = 0.0
         self._leading = False
         self._epoch: int | None = None
+        self._since: float | None = None  # wall-clock time this lead began
         self._last_leader: LeaderInfo | None = None
         self._hold_until = 0.0
         # when this instance began leaving the campaign to a handover target (None: not
@@ -109,6 +110,11 @@ class Elector:
         """The leader this instance saw last (itself included)."""
         with self._lock:
             return self._last_leader
+
+    def leading_since(self) -> float | None:
+        """The Unix time this instance took the lead it holds, None when not leading."""
+        with self._lock:
+            return self._since if self.is_leader() else None
 
     def lease_time_left(self) -> float | None:
         """Seconds until the lease can expire, None when not leading."""
@@ -280,6 +286,7 @@ class Elector:
             was, epoch = self._leading, self._epoch
             self._leading = False
             self._epoch = None
+            self._since = None
         if was:
             log.warning("stepping down as leader, epoch=%s: %s", epoch, reason)
             if self.on_demoted is not None:
@@ -384,6 +391,7 @@ class Elector:
                 self._next_keepalive = sent + self.interval
             self._leading = True
             self._epoch = epoch
+            self._since = time.time()
             self._last_leader = LeaderInfo(self.instance_id, epoch, lease.id)
         log.info("elected leader, epoch=%d, lease %x ttl=%d", epoch, lease.id, self.ttl)
         if self.on_elected is not None:

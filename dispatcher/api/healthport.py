@@ -2,8 +2,9 @@
 
 ``GET /health``, ``/ready``, ``/leader`` answer 200 or 503 with a small JSON body saying
 why; ``GET /status`` is one JSON object with at least ``instance_id``, ``role``,
-``leader_id``, ``epoch``, ``lease_ttl``, ``lease_time_left``, ``generation``,
-``cert_serial``, ``etcd`` and ``last_tick_at``. No secrets, no auth: HAProxy and runbooks
+``leader_id``, ``epoch``, ``lease_ttl``, ``lease_time_left``, ``leader_since`` (when this
+instance took the lead, ISO 8601 UTC with milliseconds; null unless it leads),
+``generation``, ``cert_serial``, ``etcd`` and ``last_tick_at``. No secrets, no auth: HAProxy and runbooks
 read it.
 
 * ``/health``: the instance can serve run/ping: the API listener is up, the instance is
@@ -52,6 +53,11 @@ def iso_utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def iso_utc_ms(t: float) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` (ISO 8601, UTC) of a Unix time."""
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z"
+
+
 class RoleProvider(Protocol):
     """The coordination backend as the health port sees it (local or etcd)."""
 
@@ -73,6 +79,7 @@ class LocalRole:
         self.instance_id = instance_id
         self.lease_ttl = lease_ttl
         self.resigned = False
+        self.started = time.time()  # the embedded backend leads from the start
 
     def snapshot(self) -> RoleSnapshot:
         leading = not self.resigned
@@ -86,6 +93,7 @@ class LocalRole:
             generation=0,
             etcd="ok",
             backend="local",
+            leader_since=self.started if leading else None,
         )
 
     def tick(self) -> None:
@@ -157,6 +165,7 @@ def status_document(
         "epoch": snap.epoch,
         "lease_ttl": snap.lease_ttl,
         "lease_time_left": snap.lease_time_left,
+        "leader_since": iso_utc_ms(snap.leader_since) if snap.leader_since else None,
         "generation": snap.generation,
         "cert_serial": serial or cert_serial(cfg.cert, state._serial_cache),
         "etcd": snap.etcd,

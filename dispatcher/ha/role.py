@@ -9,6 +9,7 @@ health port's view of an :class:`~cluster.election.Elector`:
   second); null while the store is unreachable.
 * ``epoch``: the newest epoch this instance has seen, kept across outages.
 * ``lease_ttl``/``lease_time_left``: only while leading.
+* ``leader_since``: the Unix time this instance took the lead, only while leading.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RoleSnapshot:
     generation: int
     etcd: str  # "ok" or "unreachable"
     backend: str  # "local" or "etcd"
+    leader_since: float | None = None  # Unix time this instance took the lead; None else
 
 
 class ClusterRole:
@@ -145,6 +147,7 @@ class ClusterRole:
             generation=int(self.generation()),
             etcd="ok" if reachable else "unreachable",
             backend=self.backend_kind,
+            leader_since=self.elector.leading_since() if leading else None,
         )
 
     def tick(self) -> None:

@@ -13,6 +13,7 @@ client certs. Daemons:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -354,6 +355,8 @@ def test_health_port(env: Env) -> None:
     # create revision, lease time left counts down between keep-alives (every TTL/3)
     assert isinstance(st["epoch"], int) and st["epoch"] >= 1
     assert st["lease_ttl"] == 5 and 5 * 2 / 3 - 0.5 < st["lease_time_left"] <= 5
+    since = dt.datetime.strptime(st["leader_since"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    assert time.time() - 300 < since <= time.time(), st["leader_since"]
     assert st["backend"] == "local"
     assert st["generation"] == 0 and isinstance(st["generation"], int)
     assert st["cert_serial"] == env.dispatcher_cert.serial_hex

@@ -257,10 +257,11 @@ def test_role_of_leader_and_follower(pair: Pair) -> None:
     assert sa.lease_ttl == TTL and sa.lease_time_left is not None
     assert 0 < sa.lease_time_left <= TTL
     assert (sa.generation, sa.etcd, sa.backend) == (3, "ok", "local")
+    assert sa.leader_since is not None and time.time() - 60 < sa.leader_since <= time.time()
     rb.observe(pair.bb.leader())
     sb = rb.snapshot()
     assert (sb.role, sb.leader_id, sb.epoch) == ("follower", "a", pair.a.epoch)
-    assert sb.lease_ttl is None and sb.lease_time_left is None
+    assert sb.lease_ttl is None and sb.lease_time_left is None and sb.leader_since is None
     # store unreachable: a follower cannot tell; it keeps the epoch it saw
     pair.hb.mark_failed("timeout")
     sb = rb.snapshot()
