@@ -26,9 +26,45 @@ class CertKey(Protocol):
     key: Path
 
 
+#: where :func:`free_port` picks: below the kernel's ephemeral range (32768 up by default),
+#: above the well-known ports the tests and the product use (7443-7448, 2379-2380)
+PICK_FROM = 20000
+_picked: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's choice)."""
-    with socket.socket() as s:
+    """A port nothing listens on right now, outside the kernel's ephemeral range.
+
+    Not the kernel's choice (``bind`` to port 0): that comes from the ephemeral range, the
+    one the kernel also takes the source port of every outgoing connection from, so
+    between this call and the listener's ``bind`` a connection made by anything else
+    running (a parallel test worker) could take it ("is not a free port number", seen in
+    a full run). A port below that range is never handed out by the kernel; it is picked
+    at random, checked by binding it, and never given twice by this process."""
+    import random
+
+    low = _ephemeral_low()
+    if low - PICK_FROM >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):  # bounded: most of the range is free
+            port = rng.randrange(PICK_FROM, low)
+            if port in _picked:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _picked.add(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

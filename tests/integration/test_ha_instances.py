@@ -189,8 +189,12 @@ def test_fenced_writer_on_a_follower_refuses(cluster: Cluster) -> None:
             break
     answered = r.json()["hosts"]
     assert any(h.get("status") == "ok" for h in answered.values()), answered
-    assert any("ACTION=discovery-tags" in ln and "not the leader" in ln
-               for ln in follower.logtext().splitlines()), follower.logtext()[-2000:]  # fmt: skip
+    # the instance writes its log from a queue on a thread of its own: the line may land
+    # just after the answer
+    wait_until(lambda: any("ACTION=discovery-tags" in ln and "not the leader" in ln
+                           for ln in follower.logtext().splitlines()),
+               10, "the refused tag write logged",
+               error=lambda m: AssertionError(f"{m}\n{follower.logtext()[-2000:]}"))  # fmt: skip
 
 
 def test_pairing_through_the_leader_decided_from_a_follower(cluster: Cluster) -> None:
