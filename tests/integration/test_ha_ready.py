@@ -109,8 +109,13 @@ def test_an_ex_leader_with_an_unpublished_rotation_stays_out_then_converges(
     # the peers refused the unpublished certificate, then served the kept one
     assert any("ACTION=peer-denied" in i.logtext() for i in cluster.running() if i is not victim)
     g2 = cluster.converged(60)  # its certificate changed on disk: restarted, back in sync
+    # the leader orders the restarts one member at a time, each after its drain: slow on a
+    # loaded machine (a full run once waited past 60 s); the logs say where it stood
     wait_until(lambda: (st := status(victim)) is not None and not st["restart_pending"]
-               and ready(victim)[0] == 200, 60, "the restart")  # fmt: skip
+               and ready(victim)[0] == 200, 120, "the restart",
+               error=lambda m: AssertionError(
+                   f"{m}: status {status(victim)}\n--- victim\n{victim.logtext()[-2500:]}"
+                   f"\n--- leader\n{cluster.one_leader().logtext()[-2500:]}"))  # fmt: skip
     assert victim.status()["generation"] >= g2.number
     print(f"\n[ready] diverged instance held out {NO_TIMER:.0f} s; converged and ready "
           f"{took:.2f} s after the kept pair appeared")  # fmt: skip
