@@ -4,8 +4,8 @@
 why; ``GET /status`` is one JSON object with at least ``instance_id``, ``role``,
 ``leader_id``, ``epoch``, ``lease_ttl``, ``lease_time_left``, ``leader_since`` (when this
 instance took the lead, ISO 8601 UTC with milliseconds; null unless it leads),
-``generation``, ``cert_serial``, ``etcd`` and ``last_tick_at``. No secrets, no auth: HAProxy and runbooks
-read it.
+``generation``, ``cert_serial``, ``etcd`` and ``last_tick_at``. No secrets, no auth:
+HAProxy and runbooks read it.
 
 * ``/health``: the instance can serve run/ping: the API listener is up, the instance is
   not draining, and the event loop ticked recently.
@@ -48,14 +48,11 @@ STALE_TICKS = 5  # /health fails when the loop has not ticked for this many inte
 LEADER_SPARE = 0.25  # /leader needs more than this fraction of the TTL left
 
 
-def iso_utc(t: float) -> str:
-    """``YYYY-MM-DDTHH:MM:SSZ`` (ISO 8601, UTC) of a Unix time."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def iso_utc_ms(t: float) -> str:
-    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` (ISO 8601, UTC) of a Unix time."""
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z"
+def iso_utc(t: float, ms: bool = False) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` (ISO 8601, UTC) of a Unix time; ``.mmm`` before the ``Z``
+    with ``ms``."""
+    frac = f".{int(t * 1000) % 1000:03d}" if ms else ""
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}{frac}Z"
 
 
 class RoleProvider(Protocol):
@@ -165,7 +162,7 @@ def status_document(
         "epoch": snap.epoch,
         "lease_ttl": snap.lease_ttl,
         "lease_time_left": snap.lease_time_left,
-        "leader_since": iso_utc_ms(snap.leader_since) if snap.leader_since else None,
+        "leader_since": iso_utc(snap.leader_since, ms=True) if snap.leader_since else None,
         "generation": snap.generation,
         "cert_serial": serial or cert_serial(cfg.cert, state._serial_cache),
         "etcd": snap.etcd,
